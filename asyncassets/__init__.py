@@ -1,0 +1,90 @@
+"""asyncassets: an async MongoDB object-document mapper whose documents carry files.
+
+Declare documents with mongoengine's fields, ``await`` every database call, and
+attach files with :class:`~asyncassets.fields.FileField`, stored in GridFS.
+
+.. code-block:: python
+
+    import asyncassets
+    from asyncassets import Document
+    from asyncassets.fields import FileField, StringField
+
+    class Animal(Document):
+        genus = StringField()
+        photo = FileField()
+
+    asyncassets.connect("mongodb://127.0.0.1:27017/zoo")
+    marmot = Animal(genus="Marmota")
+    await marmot.photo.put(b"...", content_type="image/jpeg")
+    await marmot.save()
+"""
+
+from mongoengine.errors import (
+    DoesNotExist,
+    FieldDoesNotExist,
+    InvalidQueryError,
+    MultipleObjectsReturned,
+    NotUniqueError,
+    OperationError,
+    SaveConditionError,
+    ValidationError,
+)
+
+from .connection import connect, disconnect, disconnect_all, get_client, get_db
+from .document import (
+    Document,
+    DynamicDocument,
+    DynamicEmbeddedDocument,
+    EmbeddedDocument,
+)
+from .errors import (
+    AsyncAssetsError,
+    CorruptFile,
+    FileAlreadyExists,
+    FileNotFound,
+    FileNotLoaded,
+    FileValidationError,
+    GridFSError,
+    IntegrityError,
+    UploadClosed,
+)
+from .fields import FileField, FileProxy
+from .files.proxy import FileConflict
+from .queryset import Q, QuerySet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncAssetsError",
+    "CorruptFile",
+    "DoesNotExist",
+    "Document",
+    "DynamicDocument",
+    "DynamicEmbeddedDocument",
+    "EmbeddedDocument",
+    "FieldDoesNotExist",
+    "FileAlreadyExists",
+    "FileConflict",
+    "FileField",
+    "FileNotFound",
+    "FileNotLoaded",
+    "FileProxy",
+    "FileValidationError",
+    "GridFSError",
+    "IntegrityError",
+    "InvalidQueryError",
+    "MultipleObjectsReturned",
+    "NotUniqueError",
+    "OperationError",
+    "Q",
+    "QuerySet",
+    "SaveConditionError",
+    "UploadClosed",
+    "ValidationError",
+    "__version__",
+    "connect",
+    "disconnect",
+    "disconnect_all",
+    "get_client",
+    "get_db",
+]

@@ -1,0 +1,78 @@
+"""The one place where PyMongo's async API and Motor differ.
+
+Everything else in asyncassets talks to collections through the small set of calls
+that both drivers share (``await coll.insert_one(...)``, ``coll.find(...)`` with
+``async for``, ...). The few calls whose shape differs go through here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from pymongo import AsyncMongoClient
+
+__all__ = [
+    "aggregate",
+    "close_client",
+    "is_motor_client",
+    "list_indexes",
+    "make_client",
+    "validate_client",
+]
+
+
+def is_motor_client(client: Any) -> bool:
+    """True for a Motor ``AsyncIOMotorClient`` (without importing Motor when absent)."""
+    return type(client).__module__.startswith("motor.")
+
+
+def validate_client(client: Any) -> None:
+    """Raise ``TypeError`` unless ``client`` is a client asyncassets can drive."""
+    if isinstance(client, AsyncMongoClient) or is_motor_client(client):
+        return
+    raise TypeError(
+        f"connect(client=...) takes a pymongo.AsyncMongoClient or a Motor "
+        f"AsyncIOMotorClient, not {type(client).__name__}. A synchronous "
+        "pymongo.MongoClient cannot be awaited: pass host= instead."
+    )
+
+
+def make_client(host: str | None, kwargs: Mapping[str, Any]) -> AsyncMongoClient[Any]:
+    """Build an ``AsyncMongoClient``; it does no I/O until its first operation."""
+    return AsyncMongoClient(host, **kwargs)
+
+
+async def close_client(client: Any) -> None:
+    """Close either driver's client (PyMongo's ``close`` is a coroutine, Motor's is not)."""
+    result = client.close()
+    if inspect.isawaitable(result):
+        await result
+
+
+async def list_indexes(collection: Any) -> list[dict[str, Any]]:
+    """Return a collection's index documents.
+
+    PyMongo's ``list_indexes`` is a coroutine returning a cursor; Motor's returns the
+    cursor directly.
+    """
+    cursor = collection.list_indexes()
+    if inspect.isawaitable(cursor):
+        cursor = await cursor
+    return [index async for index in cursor]
+
+
+async def aggregate(
+    collection: Any, pipeline: Sequence[Mapping[str, Any]], **kwargs: Any
+) -> AsyncIterator[dict[str, Any]]:
+    """Run an aggregation and yield its documents.
+
+    PyMongo's ``aggregate`` is a coroutine returning a cursor; Motor's returns the
+    cursor directly.
+    """
+    cursor = collection.aggregate(list(pipeline), **kwargs)
+    if inspect.isawaitable(cursor):
+        cursor = await cursor
+    async for document in cursor:
+        yield document

@@ -1,0 +1,366 @@
+"""``Document`` and ``EmbeddedDocument``: mongoengine's declarations, awaited persistence.
+
+Declaration, ``meta``, validation, defaults, ``to_mongo``/``_from_son`` and change
+tracking are mongoengine's own, inherited unchanged. What differs is every call that
+touches the database: here it is a coroutine that goes through PyMongo's async API
+(or Motor), never through mongoengine's synchronous connection.
+
+>>> class Animal(Document):
+...     genus = StringField(required=True)
+>>> marmot = Animal(genus="Marmota")
+>>> await marmot.save()                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import mongoengine
+import pymongo
+from bson import DBRef
+from mongoengine import signals
+from mongoengine.base import BaseList, get_document
+from mongoengine.errors import (
+    InvalidDocumentError,
+    InvalidQueryError,
+    NotUniqueError,
+    OperationError,
+    SaveConditionError,
+)
+from mongoengine.queryset import transform
+
+from .connection import DEFAULT_ALIAS, get_client, get_db
+from .queryset import QuerySet, QuerySetManager
+
+if TYPE_CHECKING:
+    from pymongo.asynchronous.collection import AsyncCollection
+
+__all__ = ["Document", "DynamicDocument", "DynamicEmbeddedDocument", "EmbeddedDocument"]
+
+D = TypeVar("D", bound="Document")
+
+# EmbeddedDocument has no database I/O of its own, so mongoengine's class is used
+# as it is: EmbeddedDocumentField checks issubclass against it.
+EmbeddedDocument = mongoengine.EmbeddedDocument
+DynamicEmbeddedDocument = mongoengine.DynamicEmbeddedDocument
+
+# Indexes are ensured once per (client, database, collection); see ensure_indexes.
+_indexed: set[tuple[int, str, str]] = set()
+
+
+def _disable_auto_dereference(field: Any) -> None:
+    # mongoengine dereferences ReferenceFields on attribute access with blocking I/O.
+    # For classes declared here that is switched off, field by field, so reading an
+    # attribute never touches the database: references are fetched with
+    # ``await doc.fetch_related(...)`` instead. Sync mongoengine classes are untouched.
+    field.set_auto_dereferencing(False)
+    inner = getattr(field, "field", None)
+    if inner is not None:
+        _disable_auto_dereference(inner)
+
+
+class Document(mongoengine.Document):
+    """Base class of top-level documents, stored in their own collection.
+
+    Subclass it with mongoengine's field classes exactly as with
+    ``mongoengine.Document``; every method that touches the database is a coroutine.
+
+    .. code-block:: python
+
+        class Animal(Document):
+            genus = StringField(required=True)
+            photo = FileField()
+            meta = {"collection": "animals", "indexes": ["genus"]}
+
+        marmot = await Animal(genus="Marmota").save()
+        same = await Animal.objects(genus="Marmota").first()
+    """
+
+    meta: ClassVar[dict[str, Any]] = {"abstract": True}
+
+    #: The async :class:`~asyncassets.queryset.QuerySet` of this class.
+    objects: ClassVar[QuerySetManager] = QuerySetManager()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for field in cls._fields.values():
+            _disable_auto_dereference(field)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _bind_files(self)
+
+    # -- where the data lives ---------------------------------------------------
+
+    @classmethod
+    def _alias(cls) -> str:
+        return cls._meta.get("db_alias") or DEFAULT_ALIAS
+
+    @classmethod
+    def _get_db(cls) -> Any:
+        """The async database of this class's alias."""
+        return get_db(cls._alias())
+
+    @classmethod
+    def _get_collection(cls) -> AsyncCollection[Any]:
+        """The async collection of this class (no I/O, no index creation)."""
+        return cls._get_db()[cls._get_collection_name()]
+
+    @property
+    def _qs(self) -> QuerySet[Any]:
+        return QuerySet(type(self))
+
+    # -- indexes ----------------------------------------------------------------
+
+    @classmethod
+    async def ensure_indexes(cls) -> None:
+        """Create the indexes declared in ``meta`` (and ``_cls`` for inheritance).
+
+        Called lazily before the first write of each class on each client and
+        database, unless ``meta = {"auto_create_index": False}``.
+        """
+        collection = cls._get_collection()
+        background = cls._meta.get("index_background", False)
+        index_opts = cls._meta.get("index_opts") or {}
+        cls_indexed = False
+        for spec in cls._meta["index_specs"]:
+            spec = dict(spec)
+            fields = spec.pop("fields")
+            cls_indexed = cls_indexed or bool(fields and fields[0][0] == "_cls")
+            opts = {**index_opts, **spec}
+            opts.pop("cls", None)
+            await collection.create_index(fields, background=background, **opts)
+        if cls._meta.get("index_cls", True) and not cls_indexed and cls._meta.get(
+            "allow_inheritance"
+        ):
+            opts = {k: v for k, v in index_opts.items() if k != "cls"}
+            await collection.create_index("_cls", background=background, **opts)
+        _indexed.add(cls._index_key())
+
+    @classmethod
+    def _index_key(cls) -> tuple[int, str, str]:
+        db = cls._get_db()
+        return (id(get_client(cls._alias())), db.name, cls._get_collection_name())
+
+    @classmethod
+    async def _ensure_indexes_once(cls) -> None:
+        if not cls._meta.get("auto_create_index", True):
+            return
+        if cls._index_key() not in _indexed:
+            await cls.ensure_indexes()
+
+    @classmethod
+    async def drop_collection(cls) -> None:
+        """Drop this class's collection (its files are not touched)."""
+        _indexed.discard(cls._index_key())
+        await cls._get_collection().drop()
+
+    # -- persistence ------------------------------------------------------------
+
+    async def save(
+        self: D,
+        force_insert: bool = False,
+        validate: bool = True,
+        clean: bool = True,
+        write_concern: dict[str, Any] | None = None,
+        save_condition: dict[str, Any] | None = None,
+        signal_kwargs: dict[str, Any] | None = None,
+    ) -> D:
+        """Insert the document, or ``$set``/``$unset`` the fields that changed.
+
+        :param force_insert: only insert; an existing ``_id`` raises ``NotUniqueError``.
+        :param validate: run field validation (and ``clean()`` when ``clean``) first.
+        :param write_concern: e.g. ``{"w": "majority"}``.
+        :param save_condition: update only if the stored document matches these
+            mongoengine-style conditions, e.g. ``{"version": 3}``.
+        :returns: the document itself.
+        :raises ValidationError: a field is invalid; nothing was written.
+        :raises NotUniqueError: a unique index refused the write.
+        :raises SaveConditionError: ``save_condition`` did not match.
+        :raises OperationError: the server refused the write for another reason.
+        """
+        signal_kwargs = signal_kwargs or {}
+        if self._meta.get("abstract"):
+            raise InvalidDocumentError("Cannot save an abstract document.")
+        signals.pre_save.send(self.__class__, document=self, **signal_kwargs)
+        if validate:
+            self.validate(clean=clean)
+        doc_id = self.to_mongo(fields=[self._meta["id_field"]])
+        created = "_id" not in doc_id or self._created or force_insert
+        signals.pre_save_post_validation.send(
+            self.__class__, document=self, created=created, **signal_kwargs
+        )
+        doc = self.to_mongo()
+        await type(self)._ensure_indexes_once()
+        collection = self._get_collection()
+        if write_concern:
+            collection = collection.with_options(
+                write_concern=pymongo.WriteConcern(**write_concern)
+            )
+        try:
+            if created:
+                if force_insert or "_id" not in doc:
+                    object_id = (await collection.insert_one(doc)).inserted_id
+                else:
+                    # A new document with a chosen _id replaces what is stored
+                    # under that id, as mongoengine does.
+                    await collection.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+                    object_id = doc["_id"]
+            else:
+                object_id = doc["_id"]
+                select: dict[str, Any] = {}
+                if save_condition is not None:
+                    select = transform.query(self.__class__, **save_condition)
+                select["_id"] = object_id
+                update_doc = self._get_update_doc()
+                if update_doc:
+                    upsert = save_condition is None
+                    result = await collection.update_one(select, update_doc, upsert=upsert)
+                    if not upsert and result.matched_count == 0:
+                        raise SaveConditionError(
+                            "Race condition preventing document update detected"
+                        )
+        except pymongo.errors.DuplicateKeyError as err:
+            raise NotUniqueError(f"Tried to save duplicate unique keys ({err})") from err
+        except pymongo.errors.OperationFailure as err:
+            if re.match("^E1100[01] duplicate key", str(err)):
+                raise NotUniqueError(f"Tried to save duplicate unique keys ({err})") from err
+            raise OperationError(f"Could not save document ({err})") from err
+
+        id_field = self._meta["id_field"]
+        self[id_field] = self._fields[id_field].to_python(object_id)
+        signals.post_save.send(self.__class__, document=self, created=created, **signal_kwargs)
+        self._clear_changed_fields()
+        self._created = False
+        _bind_files(self)
+        return self
+
+    async def delete(
+        self, signal_kwargs: dict[str, Any] | None = None, **write_concern: Any
+    ) -> None:
+        """Delete the document, then the files of its ``FileField``\\ s.
+
+        The document goes first, so a failure part-way never leaves it pointing at
+        a deleted file; a file left behind by such a failure is an orphan that
+        :func:`~asyncassets.sweep_orphans` removes. Fields declared with
+        ``cascade=False`` keep their files.
+
+        :raises OperationError: the server refused the delete.
+        """
+        signal_kwargs = signal_kwargs or {}
+        signals.pre_delete.send(self.__class__, document=self, **signal_kwargs)
+        if self.pk is None:
+            raise OperationError("Cannot delete a document that has not been saved.")
+        await type(self).objects._delete_one_by_id(self.pk, write_concern or None)
+        signals.post_delete.send(self.__class__, document=self, **signal_kwargs)
+
+    async def reload(self: D, *fields: str) -> D:
+        """Reload all fields (or only ``fields``) from the database.
+
+        :raises DoesNotExist: the document is no longer stored.
+        """
+        if self.pk is None:
+            raise self.DoesNotExist("Document does not exist")
+        qs = self._qs.filter(**self._object_key)
+        if fields:
+            qs = qs.only(*fields)
+        obj = await qs.first()
+        if obj is None:
+            raise self.DoesNotExist("Document does not exist")
+        for name in obj._data:
+            if not fields or name in fields:
+                try:
+                    setattr(self, name, self._reload(name, obj[name]))
+                except (KeyError, AttributeError):
+                    setattr(self, name, self._reload(name, obj._data.get(name)))
+        self._changed_fields = (
+            list(set(self._changed_fields) - set(fields)) if fields else []
+        )
+        self._created = False
+        _bind_files(self)
+        return self
+
+    async def modify(self, query: dict[str, Any] | None = None, **update: Any) -> bool:
+        """Atomically update this document and load the result into it.
+
+        :param query: apply only if the stored document also matches this query.
+        :returns: ``True`` if updated, ``False`` if the query did not match.
+        """
+        if self.pk is None:
+            raise InvalidDocumentError("The document does not have a primary key.")
+        query = dict(query or {})
+        id_field = self._meta["id_field"]
+        if id_field not in query:
+            query[id_field] = self.pk
+        elif query[id_field] != self.pk:
+            raise InvalidQueryError(
+                "Invalid document modify query: it must modify only this document."
+            )
+        query.update(self._object_key)
+        updated = await self._qs.filter(**query).modify(new=True, **update)
+        if updated is None:
+            return False
+        for name in self._fields_ordered:
+            setattr(self, name, self._reload(name, updated[name]))
+        self._changed_fields = []
+        self._created = False
+        _bind_files(self)
+        return True
+
+    async def update(self, **kwargs: Any) -> int:
+        """Update this stored document with mongoengine update syntax.
+
+        ``await doc.update(inc__views=1, set__title="x")``; the instance is not
+        reloaded (use :meth:`modify` for that).
+
+        :returns: the number of documents updated (0 or 1).
+        :raises OperationError: the document was never saved.
+        """
+        if self.pk is None:
+            raise OperationError("attempt to update a document not yet saved")
+        return await self._qs.filter(**self._object_key).update_one(**kwargs)
+
+    async def fetch_related(self, *names: str) -> None:
+        """Load the documents that ``ReferenceField``\\ s point to, in place.
+
+        Reading a reference attribute never does I/O: it returns the stored
+        ``DBRef`` until this is awaited.
+
+        :raises DoesNotExist: a reference points at a missing document.
+        """
+        for name in names or tuple(self._fields):
+            field = self._fields[name]
+            value = self._data.get(name)
+            if isinstance(value, DBRef):
+                self._data[name] = await _fetch_ref(field, value)
+            elif isinstance(value, list) and any(isinstance(v, DBRef) for v in value):
+                loaded = [
+                    await _fetch_ref(field.field, v) if isinstance(v, DBRef) else v
+                    for v in value
+                ]
+                self._data[name] = BaseList(loaded, self, name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self.pk!r}>"
+
+
+async def _fetch_ref(field: Any, ref: DBRef) -> Any:
+    doc_type = get_document(ref.cls) if hasattr(ref, "cls") else field.document_type
+    found = await doc_type.objects(pk=ref.id).first()
+    if found is None:
+        raise doc_type.DoesNotExist(f"Trying to dereference unknown document {ref}")
+    return found
+
+
+class DynamicDocument(Document, mongoengine.DynamicDocument):  # type: ignore[misc]
+    """A :class:`Document` that also stores attributes not declared as fields."""
+
+    meta: ClassVar[dict[str, Any]] = {"abstract": True}
+
+
+def _bind_files(document: Any) -> None:
+    """Tell the file proxies inside ``document`` which document owns them."""
+    from .files.tree import bind_proxies
+
+    bind_proxies(document)

@@ -1,0 +1,87 @@
+"""One exception hierarchy for everything asyncassets raises.
+
+Every class derives from :class:`AsyncAssetsError`, so ``except AsyncAssetsError``
+catches anything the library raises on purpose. Where mongoengine already has the
+right class (``ValidationError``, ``DoesNotExist``, ``NotUniqueError``...) the
+library raises that one, so code written for mongoengine keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mongoengine.errors import ValidationError
+
+__all__ = [
+    "AsyncAssetsError",
+    "ConnectionNotRegistered",
+    "CorruptFile",
+    "EmbeddedServerError",
+    "FileAlreadyExists",
+    "FileNotFound",
+    "FileNotLoaded",
+    "FileValidationError",
+    "GridFSError",
+    "IntegrityError",
+    "UploadClosed",
+    "WrongEventLoop",
+]
+
+
+class AsyncAssetsError(Exception):
+    """Base class of every error asyncassets raises on purpose."""
+
+
+class ConnectionNotRegistered(AsyncAssetsError, LookupError):
+    """No connection was registered under the alias a document or call asked for."""
+
+
+class WrongEventLoop(AsyncAssetsError, RuntimeError):
+    """A client handed to :func:`~asyncassets.connect` is used from another event loop."""
+
+
+class EmbeddedServerError(AsyncAssetsError, RuntimeError):
+    """The local database server could not be started, reached or stopped."""
+
+
+class GridFSError(AsyncAssetsError):
+    """Base class of file errors (named after PyMongo's ``gridfs.errors.GridFSError``)."""
+
+
+class FileAlreadyExists(GridFSError):
+    """``put`` or ``new_file`` was called on a proxy that already holds a file."""
+
+
+class FileNotFound(GridFSError, LookupError):
+    """A document references a file that is missing from its bucket."""
+
+    def __init__(self, file_id: Any, bucket: str, alias: str | None = None) -> None:
+        self.file_id = file_id
+        self.bucket = bucket
+        self.alias = alias
+        where = f"bucket {bucket!r}" + (f" (alias {alias!r})" if alias else "")
+        super().__init__(
+            f"File {file_id!r} is referenced but missing from {where}; "
+            "it was deleted behind the document's back. Run asyncassets.check() "
+            "to list dangling references."
+        )
+
+
+class CorruptFile(GridFSError):
+    """A stored file's chunks do not match its files document (missing, short or extra)."""
+
+
+class FileNotLoaded(GridFSError, AttributeError):
+    """A metadata attribute was read before the file's metadata was loaded."""
+
+
+class UploadClosed(GridFSError, ValueError):
+    """``write`` was called on a streaming upload that is closed or aborted."""
+
+
+class IntegrityError(GridFSError):
+    """A file's bytes no longer match the checksum recorded when it was written."""
+
+
+class FileValidationError(ValidationError, AsyncAssetsError):
+    """A file was refused by a field's validation options (size, type, name, image)."""

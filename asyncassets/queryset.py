@@ -1,0 +1,471 @@
+"""The async ``QuerySet``: mongoengine's query syntax, every database call awaited.
+
+``Doc.objects`` is a :class:`QuerySet`. Building one (``filter``, ``order_by``,
+``limit``...) does no I/O and returns a new queryset; the methods that touch the
+database are coroutines (``first``, ``get``, ``count``, ``to_list``, ``delete``,
+``update``...) or async iterators (``async for doc in qs``).
+
+.. code-block:: python
+
+    big = await Animal.objects(weight__gte=10).order_by("-weight").limit(5).to_list()
+    async for animal in Animal.objects.filter(Q(genus="Marmota") | Q(genus="Sciurus")):
+        ...
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import pymongo
+from mongoengine.errors import NotUniqueError, OperationError
+from mongoengine.queryset import transform
+from mongoengine.queryset.visitor import Q, QNode
+from pymongo import ReturnDocument
+
+from . import _driver
+
+if TYPE_CHECKING:
+    from .document import Document
+
+__all__ = ["Q", "QuerySet", "QuerySetManager"]
+
+T = TypeVar("T", bound="Document")
+
+#: Documents fetched per cascade-delete batch and per ``load_files`` round trip.
+BATCH_SIZE = 500
+
+
+class QuerySet(Generic[T]):
+    """A lazily built query over one :class:`~asyncassets.Document` class.
+
+    Chaining methods return a new queryset and never touch the database.
+    """
+
+    def __init__(self, document: type[T]) -> None:
+        self._document = document
+        self._query_obj: QNode = Q()
+        self._ordering: list[tuple[str, int]] | None = None
+        self._limit: int | None = None
+        self._skip: int | None = None
+        self._projection: dict[str, int] | None = None
+        self._only_fields: list[str] | None = None
+        self._as_pymongo = False
+        self._file_fields: tuple[str, ...] = ()
+        self._batch_size: int | None = None
+
+    # -- building ---------------------------------------------------------------
+
+    def _clone(self) -> QuerySet[T]:
+        clone = copy.copy(self)
+        clone._query_obj = copy.deepcopy(self._query_obj)
+        return clone
+
+    def __call__(self, q_obj: QNode | None = None, **query: Any) -> QuerySet[T]:
+        """Same as :meth:`filter`."""
+        return self.filter(q_obj, **query)
+
+    def filter(self, q_obj: QNode | None = None, **query: Any) -> QuerySet[T]:
+        """Narrow the query, with mongoengine syntax (``name__in=[...]``) or ``Q`` objects."""
+        clone = self._clone()
+        node: QNode = Q(**query)
+        if q_obj is not None:
+            if not isinstance(q_obj, QNode):
+                raise TypeError(f"filter() takes Q objects and keywords, not {q_obj!r}")
+            node = node & q_obj
+        clone._query_obj = clone._query_obj & node
+        return clone
+
+    def order_by(self, *keys: str) -> QuerySet[T]:
+        """Sort by fields; prefix ``-`` for descending. No keys clears the ordering."""
+        clone = self._clone()
+        ordering = []
+        for key in keys:
+            if not key:
+                continue
+            direction = pymongo.DESCENDING if key.startswith("-") else pymongo.ASCENDING
+            name = key.lstrip("+-")
+            if name == "pk":
+                name = self._document._meta["id_field"]
+            ordering.append((self._document._translate_field_name(name), direction))
+        clone._ordering = ordering
+        return clone
+
+    def limit(self, n: int) -> QuerySet[T]:
+        """Return at most ``n`` documents."""
+        if n < 0:
+            raise ValueError(f"limit() takes a count >= 0, not {n}")
+        clone = self._clone()
+        clone._limit = n
+        return clone
+
+    def skip(self, n: int) -> QuerySet[T]:
+        """Skip the first ``n`` documents."""
+        if n < 0:
+            raise ValueError(f"skip() takes a count >= 0, not {n}")
+        clone = self._clone()
+        clone._skip = n
+        return clone
+
+    def only(self, *fields: str) -> QuerySet[T]:
+        """Load only these fields (and the id)."""
+        clone = self._clone()
+        clone._projection = {self._db_name(f): 1 for f in fields}
+        if self._document._meta.get("allow_inheritance"):
+            clone._projection["_cls"] = 1
+        clone._only_fields = list(fields)
+        return clone
+
+    def exclude(self, *fields: str) -> QuerySet[T]:
+        """Load every field except these."""
+        clone = self._clone()
+        clone._projection = {self._db_name(f): 0 for f in fields}
+        clone._only_fields = None
+        return clone
+
+    def as_pymongo(self) -> QuerySet[Any]:
+        """Return raw ``dict`` documents instead of :class:`Document` instances."""
+        clone = self._clone()
+        clone._as_pymongo = True
+        return clone  # type: ignore[return-value]
+
+    def batch_size(self, n: int) -> QuerySet[T]:
+        """Ask the server for ``n`` documents per round trip."""
+        clone = self._clone()
+        clone._batch_size = n
+        return clone
+
+    def load_files(self, *field_names: str) -> QuerySet[T]:
+        """Also load the file metadata of these ``FileField``\\ s (all when none given).
+
+        One query per field and bucket for the whole result of :meth:`to_list`
+        (per batch of ``async for``), instead of one per document, so listing
+        pages can show ``doc.photo.length`` without N+1 queries.
+        """
+        from .files.tree import file_field_names
+
+        available = file_field_names(self._document)
+        names = field_names or tuple(available)
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(
+                f"load_files() takes FileField names of {self._document.__name__}; "
+                f"{', '.join(unknown)} is not one (file fields: {', '.join(available) or 'none'})"
+            )
+        clone = self._clone()
+        clone._file_fields = tuple(names)
+        return clone
+
+    def _db_name(self, name: str) -> str:
+        if name == "pk":
+            return "_id"
+        return str(self._document._translate_field_name(name))
+
+    # -- the query --------------------------------------------------------------
+
+    @property
+    def _collection(self) -> Any:
+        return self._document._get_collection()
+
+    @property
+    def _query(self) -> dict[str, Any]:
+        query: dict[str, Any] = self._query_obj.to_query(self._document)
+        meta = self._document._meta
+        if meta.get("allow_inheritance") is True:
+            subclasses = self._document._subclasses
+            cls_query = (
+                {"_cls": subclasses[0]} if len(subclasses) == 1 else {"_cls": {"$in": subclasses}}
+            )
+            query = {"$and": [cls_query, query]} if query else cls_query
+        return query
+
+    def _sort(self) -> list[tuple[str, int]] | None:
+        if self._ordering is not None:
+            return self._ordering or None
+        default = self._document._meta.get("ordering") or []
+        if not default:
+            return None
+        return self.order_by(*default)._ordering
+
+    def _cursor(self) -> Any:
+        kwargs: dict[str, Any] = {}
+        if self._projection is not None:
+            kwargs["projection"] = self._projection
+        sort = self._sort()
+        if sort:
+            kwargs["sort"] = sort
+        if self._skip:
+            kwargs["skip"] = self._skip
+        if self._limit:
+            kwargs["limit"] = self._limit
+        if self._batch_size:
+            kwargs["batch_size"] = self._batch_size
+        return self._collection.find(self._query, **kwargs)
+
+    def _build(self, son: dict[str, Any]) -> Any:
+        if self._as_pymongo:
+            return son
+        return self._document._from_son(son, created=False)
+
+    # -- reading ----------------------------------------------------------------
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        if self._limit == 0:
+            return
+        batch: list[T] = []
+        async for son in self._cursor():
+            doc = self._build(son)
+            if not self._file_fields:
+                yield doc
+                continue
+            batch.append(doc)
+            if len(batch) >= BATCH_SIZE:
+                await self._load_files(batch)
+                for doc in batch:
+                    yield doc
+                batch = []
+        if batch:
+            await self._load_files(batch)
+            for doc in batch:
+                yield doc
+
+    async def _load_files(self, docs: Sequence[Any]) -> None:
+        if self._file_fields and not self._as_pymongo:
+            from .files.tree import load_files
+
+            await load_files(docs, self._file_fields)
+
+    async def to_list(self, length: int | None = None) -> list[T]:
+        """Every matching document (at most ``length``), as a list."""
+        qs = self if length is None else self.limit(length)
+        if qs._limit == 0:
+            return []
+        docs = [qs._build(son) async for son in qs._cursor()]
+        await qs._load_files(docs)
+        return docs
+
+    async def first(self) -> T | None:
+        """The first matching document, or ``None``."""
+        docs = await self.limit(1).to_list()
+        return docs[0] if docs else None
+
+    async def get(self, q_obj: QNode | None = None, **query: Any) -> T:
+        """The one document matching the query.
+
+        :raises DoesNotExist: nothing matched (``Doc.DoesNotExist``).
+        :raises MultipleObjectsReturned: more than one matched.
+        """
+        docs = await self.filter(q_obj, **query).limit(2).to_list()
+        if not docs:
+            raise self._document.DoesNotExist(
+                f"{self._document._class_name} matching query does not exist."
+            )
+        if len(docs) > 1:
+            raise self._document.MultipleObjectsReturned(
+                "2 or more items returned, instead of 1"
+            )
+        return docs[0]
+
+    async def count(self, with_limit_and_skip: bool = False) -> int:
+        """Count matching documents (ignoring ``limit``/``skip`` unless asked)."""
+        kwargs: dict[str, Any] = {}
+        if with_limit_and_skip:
+            if self._limit == 0:
+                return 0
+            if self._skip:
+                kwargs["skip"] = self._skip
+            if self._limit:
+                kwargs["limit"] = self._limit
+        return int(await self._collection.count_documents(self._query, **kwargs))
+
+    async def distinct(self, field: str) -> list[Any]:
+        """The distinct values of ``field`` among matching documents."""
+        return list(await self._collection.distinct(self._db_name(field), self._query))
+
+    async def aggregate(
+        self, pipeline: Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run an aggregation pipeline after this queryset's match, sort, skip and limit.
+
+        ``async for row in Doc.objects(kind="a").aggregate([{"$group": ...}])``
+        """
+        stages: list[Mapping[str, Any]] = []
+        query = self._query
+        if query:
+            stages.append({"$match": query})
+        sort = self._sort()
+        if sort:
+            stages.append({"$sort": dict(sort)})
+        if self._skip:
+            stages.append({"$skip": self._skip})
+        if self._limit:
+            stages.append({"$limit": self._limit})
+        async for row in _driver.aggregate(self._collection, [*stages, *pipeline], **kwargs):
+            yield row
+
+    # -- writing ----------------------------------------------------------------
+
+    async def insert(self, docs: T | Iterable[T], load_bulk: bool = True) -> Any:
+        """Insert new documents in one round trip (validated first).
+
+        :returns: the documents with their ids set (or the ids, with ``load_bulk=False``).
+        :raises NotUniqueError: a unique index refused one of them.
+        """
+        single = not isinstance(docs, Iterable) or isinstance(docs, Mapping)
+        items = [docs] if single else list(docs)  # type: ignore[list-item]
+        for doc in items:
+            if not isinstance(doc, self._document):
+                raise TypeError(
+                    f"insert() takes {self._document.__name__} instances, "
+                    f"not {type(doc).__name__}"
+                )
+            if doc.pk is not None and not doc._created:
+                raise OperationError("Some documents have ObjectIds, use doc.update() instead")
+            doc.validate()
+        if not items:
+            return [] if not single else None
+        await self._document._ensure_indexes_once()
+        raw = [doc.to_mongo() for doc in items]
+        try:
+            result = await self._collection.insert_many(raw)
+        except pymongo.errors.BulkWriteError as err:
+            if any(e.get("code") in (11000, 11001) for e in err.details.get("writeErrors", [])):
+                raise NotUniqueError(f"Bulk insert hit a unique index ({err})") from err
+            raise OperationError(f"Could not save documents ({err})") from err
+        from .files.tree import bind_proxies
+
+        for doc, object_id in zip(items, result.inserted_ids, strict=True):
+            doc.pk = object_id
+            doc._clear_changed_fields()
+            doc._created = False
+            bind_proxies(doc)
+        if not load_bulk:
+            ids = list(result.inserted_ids)
+            return ids[0] if single else ids
+        return items[0] if single else items
+
+    def _update_doc(self, update: dict[str, Any]) -> dict[str, Any]:
+        if not update:
+            raise OperationError("No update parameters, would remove data")
+        doc: dict[str, Any] = transform.update(self._document, **update)
+        return doc
+
+    async def update(self, upsert: bool = False, **update: Any) -> int:
+        """Update every matching document: ``await qs.update(inc__views=1)``.
+
+        :returns: the number of documents matched.
+        """
+        result = await self._collection.update_many(
+            self._query, self._update_doc(update), upsert=upsert
+        )
+        return int(result.matched_count)
+
+    async def update_one(self, upsert: bool = False, **update: Any) -> int:
+        """Update the first matching document. :returns: 0 or 1."""
+        result = await self._collection.update_one(
+            self._query, self._update_doc(update), upsert=upsert
+        )
+        return int(result.matched_count)
+
+    async def modify(
+        self, upsert: bool = False, remove: bool = False, new: bool = False, **update: Any
+    ) -> T | None:
+        """Update (or remove) one matching document atomically and return it.
+
+        :param new: return the document as it is after the update (default: before).
+        :returns: the document, or ``None`` when nothing matched.
+        """
+        sort = self._sort()
+        if remove:
+            son = await self._collection.find_one_and_delete(self._query, sort=sort)
+        else:
+            son = await self._collection.find_one_and_update(
+                self._query,
+                self._update_doc(update),
+                upsert=upsert,
+                sort=sort,
+                return_document=ReturnDocument.AFTER if new else ReturnDocument.BEFORE,
+            )
+        return None if son is None else self._build(son)
+
+    async def delete(self, write_concern: dict[str, Any] | None = None) -> int:
+        """Delete every matching document, then the files their ``FileField``\\ s hold.
+
+        Documents go first, in batches; their files are deleted once the documents
+        that referenced them are gone, so no stored document ever points at a
+        missing file. Fields declared ``cascade=False`` keep their files.
+
+        :returns: the number of documents deleted.
+        """
+        from .files.tree import cascade_paths, delete_files_of
+
+        collection = self._collection
+        if write_concern:
+            collection = collection.with_options(write_concern=pymongo.WriteConcern(**write_concern))
+        paths = cascade_paths(self._document)
+        if not paths:
+            return int((await collection.delete_many(self._query)).deleted_count)
+
+        deleted = 0
+        projection = dict.fromkeys(paths, 1)
+        if self._document._meta.get("allow_inheritance"):
+            projection["_cls"] = 1
+        qs = self._clone()
+        qs._projection = projection
+        batch: list[dict[str, Any]] = []
+
+        async def flush() -> None:
+            nonlocal deleted
+            ids = [son["_id"] for son in batch]
+            result = await collection.delete_many({"_id": {"$in": ids}})
+            deleted += int(result.deleted_count)
+            await delete_files_of(self._document, batch)
+            batch.clear()
+
+        # Ids are read ahead of deleting them, so a cursor over what is being deleted
+        # is never relied on.
+        sons = [son async for son in qs._cursor()]
+        for son in sons:
+            batch.append(son)
+            if len(batch) >= BATCH_SIZE:
+                await flush()
+        if batch:
+            await flush()
+        return deleted
+
+    async def _delete_one_by_id(
+        self, pk: Any, write_concern: dict[str, Any] | None = None
+    ) -> bool:
+        """Delete one document atomically and cascade to the files it held then."""
+        from .files.tree import cascade_paths, delete_files_of
+
+        collection = self._collection
+        if write_concern:
+            collection = collection.with_options(write_concern=pymongo.WriteConcern(**write_concern))
+        paths = cascade_paths(self._document)
+        db_id = self._document._fields[self._document._meta["id_field"]].to_mongo(pk)
+        if not paths:
+            result = await collection.delete_one({"_id": db_id})
+            return bool(result.deleted_count)
+        projection = dict.fromkeys(paths, 1)
+        projection["_cls"] = 1
+        son = await collection.find_one_and_delete({"_id": db_id}, projection=projection)
+        if son is None:
+            return False
+        await delete_files_of(self._document, [son])
+        return True
+
+    def __repr__(self) -> str:
+        return f"<QuerySet {self._document.__name__} {self._query!r}>"
+
+
+class QuerySetManager:
+    """The ``objects`` descriptor: ``Doc.objects`` is a fresh :class:`QuerySet` of ``Doc``."""
+
+    def __get__(self, instance: Any, owner: type[T]) -> QuerySet[T]:
+        if instance is not None:
+            raise AttributeError(
+                "objects is reached through the class (Doc.objects), not an instance."
+            )
+        return QuerySet(owner)
