@@ -1,0 +1,575 @@
+"""The file proxy: what ``doc.photo`` is when ``photo`` is a ``FileField``.
+
+Every method that touches the database is awaited. Operations on a document that is
+already saved take effect in the database at once, with a conditional update on
+the document (see :doc:`/guarantees`); on a new document they take effect with its
+first ``save()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator, Generator, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..connection import DEFAULT_ALIAS, get_db
+from ..errors import FileAlreadyExists, FileNotFound, FileNotLoaded, GridFSError, UploadClosed
+from .bucket import GridBucket
+
+if TYPE_CHECKING:
+    from ..fields import FileField
+    from .bucket import UploadStream
+
+__all__ = ["FileConflict", "FileProxy", "NewFile"]
+
+# Keys of a files document that the GridFS spec defines; anything else at the top
+# level was written by mongoengine / mongomotor 0.17 as file metadata.
+_SPEC_KEYS = frozenset(
+    {"_id", "length", "chunkSize", "uploadDate", "filename", "metadata", "md5", "aliases",
+     "contentType"}
+)
+# Metadata keys asyncassets keeps for itself; exposed as attributes, not in .metadata.
+_INTERNAL_KEYS = frozenset({"sha256"})
+
+
+class FileConflict(GridFSError):
+    """The document's file changed (or the document vanished) since it was loaded.
+
+    Raised by ``put``/``replace``/``delete``/``close`` on a saved document when
+    another task or process changed the same file reference first. Nothing was
+    lost: the file this call uploaded was removed again. Reload and retry.
+    """
+
+
+class _Missing:
+    """Marks a proxy whose files document was looked up and not found."""
+
+
+_MISSING = _Missing()
+
+
+class FileProxy:
+    """Handle on one GridFS file referenced by a document field.
+
+    Holds the file id (``file_id``, no I/O); the file's metadata once something
+    loaded it (``read``, ``stream``, ``put``, ``close``, ``replace``, ``load`` or
+    ``QuerySet.load_files``); and at most one streaming upload in progress.
+    """
+
+    def __init__(
+        self,
+        grid_id: Any = None,
+        *,
+        field: FileField | None = None,
+        instance: Any = None,
+        key: str | None = None,
+        collection_name: str | None = None,
+        db_alias: str | None = None,
+    ) -> None:
+        self.grid_id = grid_id
+        self._field = field
+        self._collection_name = collection_name or (field.collection_name if field else "fs")
+        self._db_alias = db_alias if db_alias is not None else (field.db_alias if field else None)
+        self._instance = instance
+        self._key = key
+        self._files_doc: dict[str, Any] | _Missing | None = None
+        self._upload: UploadStream | None = None
+        self._upload_replaces: bool = False
+        self._encoding: str | None = None
+        self._position = 0
+
+    # -- where it lives ---------------------------------------------------------
+
+    def _bind(self, instance: Any, key: str | None) -> None:
+        self._instance = instance
+        self._key = key
+
+    @property
+    def collection_name(self) -> str:
+        """The bucket name (``fs`` unless the field says otherwise)."""
+        return self._collection_name
+
+    @property
+    def db_alias(self) -> str:
+        """The connection alias of the bucket: the field's, else the document's."""
+        if self._db_alias is not None:
+            return self._db_alias
+        root = self._root()
+        if root is not None:
+            return str(root._meta.get("db_alias") or DEFAULT_ALIAS)
+        return DEFAULT_ALIAS
+
+    def _bucket(self) -> GridBucket:
+        chunk_size = self._field.chunk_size if self._field and self._field.chunk_size else None
+        kwargs = {"chunk_size": chunk_size} if chunk_size else {}
+        return GridBucket(get_db(self.db_alias), self._collection_name, **kwargs)
+
+    def _root(self) -> Any:
+        from .tree import root_document
+
+        return root_document(self._instance)
+
+    # -- metadata ---------------------------------------------------------------
+
+    @property
+    def file_id(self) -> Any:
+        """The GridFS ``_id`` of the file, or ``None`` when the field is empty. No I/O."""
+        return self.grid_id
+
+    def _doc(self) -> dict[str, Any] | None:
+        if self.grid_id is None:
+            return None
+        if isinstance(self._files_doc, _Missing):
+            raise FileNotFound(self.grid_id, self._collection_name, self.db_alias)
+        if self._files_doc is None:
+            raise FileNotLoaded(
+                f"The metadata of file {self.grid_id!r} is not loaded yet: "
+                "`await doc.<field>.load()` first (or read it, or use "
+                "Doc.objects.load_files(...) when listing)."
+            )
+        return self._files_doc
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """``content_type`` and the extra keywords given at upload, as a new dict."""
+        doc = self._doc()
+        if doc is None:
+            return {}
+        merged = {k: v for k, v in doc.items() if k not in _SPEC_KEYS}
+        merged.update(doc.get("metadata") or {})
+        for key in _INTERNAL_KEYS:
+            merged.pop(key, None)
+        content_type = self._content_type(doc)
+        merged.pop("contentType", None)
+        if content_type is not None:
+            merged["content_type"] = content_type
+        return merged
+
+    @staticmethod
+    def _content_type(doc: dict[str, Any]) -> str | None:
+        meta = doc.get("metadata") or {}
+        for value in (meta.get("content_type"), meta.get("contentType"), doc.get("contentType"),
+                      doc.get("content_type")):
+            if value is not None:
+                return str(value)
+        return None
+
+    @property
+    def content_type(self) -> str | None:
+        """The MIME type given at upload (``None`` when none was)."""
+        doc = self._doc()
+        return None if doc is None else self._content_type(doc)
+
+    @property
+    def filename(self) -> str | None:
+        """The file name stored with the file."""
+        doc = self._doc()
+        return None if doc is None else doc.get("filename")
+
+    @property
+    def length(self) -> int | None:
+        """Size in bytes."""
+        doc = self._doc()
+        return None if doc is None else int(doc["length"])
+
+    @property
+    def upload_date(self) -> dt.datetime | None:
+        """When the upload completed (server time, as stored)."""
+        doc = self._doc()
+        return None if doc is None else doc.get("uploadDate")
+
+    @property
+    def chunk_size(self) -> int | None:
+        """The GridFS chunk size the file was written with."""
+        doc = self._doc()
+        return None if doc is None else int(doc["chunkSize"])
+
+    @property
+    def sha256(self) -> str | None:
+        """Hex SHA-256 of the bytes, recorded at upload (``None`` for legacy files)."""
+        doc = self._doc()
+        if doc is None:
+            return None
+        value = (doc.get("metadata") or {}).get("sha256")
+        return None if value is None else str(value)
+
+    @property
+    def loaded(self) -> bool:
+        """True when the metadata attributes can be read without ``await load()``."""
+        return self.grid_id is None or isinstance(self._files_doc, dict)
+
+    async def load(self) -> FileProxy:
+        """Fetch the file's metadata from its bucket (fresh, every call).
+
+        :raises FileNotFound: the document references a file that is not there.
+        """
+        await self._fetch()
+        return self
+
+    async def _fetch(self) -> dict[str, Any] | None:
+        if self.grid_id is None:
+            return None
+        doc = await self._bucket().find(self.grid_id)
+        if doc is None:
+            self._files_doc = _MISSING
+            raise FileNotFound(self.grid_id, self._collection_name, self.db_alias)
+        self._files_doc = doc
+        return doc
+
+    # -- reading ----------------------------------------------------------------
+
+    async def read(self, size: int = -1) -> bytes | None:
+        """Read the file.
+
+        ``read()`` returns the whole content, whatever the position (a second call
+        returns it again); ``read(n)`` returns up to ``n`` bytes from the current
+        position and advances it (see :meth:`seek`).
+
+        :returns: the bytes, or ``None`` when the field holds no file.
+        :raises FileNotFound: the referenced file is missing from its bucket.
+        :raises CorruptFile: its chunks do not match its files document.
+        """
+        doc = await self._fetch()
+        if doc is None:
+            return None
+        if size is None or size < 0:
+            data = await self._bucket().read(doc)
+            self._position = len(data)
+            return data
+        start = min(self._position, int(doc["length"]))
+        end = min(start + size, int(doc["length"]))
+        data = await self._bucket().read(doc, start=start, end=end)
+        self._position = end
+        return data
+
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield the bytes ``[start, end)`` in chunk-sized pieces, in O(chunk) memory.
+
+        Only the chunks covering the range are fetched.
+
+        :raises ValueError: the range is outside the file.
+        :raises FileNotFound: the referenced file is missing.
+        """
+        doc = await self._fetch()
+        if doc is None:
+            return
+        download = self._bucket().open_download(doc, start=start, end=end)
+        try:
+            async for piece in download:
+                yield piece
+        finally:
+            await download.aclose()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.stream()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        """Move the position used by ``read(n)`` and ``readchunk()``.
+
+        ``whence`` is 0 (from the start), 1 (from the position) or 2 (from the end;
+        needs the metadata loaded).
+        """
+        if whence == 0:
+            new = pos
+        elif whence == 1:
+            new = self._position + pos
+        elif whence == 2:
+            length = self.length
+            new = (length or 0) + pos
+        else:
+            raise ValueError(f"seek() whence must be 0, 1 or 2, not {whence!r}")
+        if new < 0:
+            raise ValueError(f"seek() to a negative position ({new})")
+        self._position = new
+        return new
+
+    def tell(self) -> int:
+        """The position used by ``read(n)`` and ``readchunk()``."""
+        return self._position
+
+    async def readchunk(self) -> bytes:
+        """Read from the position to the end of its chunk; ``b""`` at the end."""
+        doc = await self._fetch()
+        if doc is None:
+            return b""
+        length, chunk_size = int(doc["length"]), int(doc["chunkSize"])
+        start = min(self._position, length)
+        end = min(length, (start // chunk_size + 1) * chunk_size)
+        if start >= end:
+            return b""
+        data = await self._bucket().read(doc, start=start, end=end)
+        self._position = end
+        return data
+
+    # -- writing ----------------------------------------------------------------
+
+    def _refuse_if_full(self, what: str) -> None:
+        if self._upload is not None:
+            raise GridFSError(
+                f"{what}: a streaming upload is already open on this field; "
+                "close() or abort() it first."
+            )
+        if self.grid_id is not None:
+            raise FileAlreadyExists(
+                "This document already has a file. Either delete it or call "
+                "replace to overwrite it."
+            )
+
+    @staticmethod
+    def _metadata(content_type: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+        for key in extra:
+            if not isinstance(key, str):
+                raise TypeError(f"file metadata keys must be strings, not {key!r}")
+        meta = dict(extra)
+        if content_type is not None:
+            meta["content_type"] = content_type
+        return meta
+
+    async def put(
+        self,
+        data: Any,
+        content_type: str | None = None,
+        filename: str | None = None,
+        **metadata: Any,
+    ) -> FileProxy:
+        """Upload ``data`` as this field's file.
+
+        :param data: ``bytes``, a binary file object (``read(n)``), an async one
+            (``await read(n)``), or an (async) iterable of bytes; read in pieces.
+        :param content_type: stored as ``metadata.content_type``.
+        :param filename: stored as the GridFS ``filename``.
+        :param metadata: further keywords, stored in the ``metadata`` sub-document.
+        :raises FileAlreadyExists: the field already holds a file (use :meth:`replace`).
+        :raises TypeError: ``data`` is not something bytes can be read from.
+        """
+        self._refuse_if_full("put()")
+        bucket = self._bucket()
+        await bucket.ensure_indexes()
+        doc = await bucket.upload(
+            data, filename=filename, metadata=self._metadata(content_type, metadata)
+        )
+        await self._commit(doc, previous=None)
+        return self
+
+    async def replace(
+        self,
+        data: Any,
+        content_type: str | None = None,
+        filename: str | None = None,
+        **metadata: Any,
+    ) -> FileProxy:
+        """Upload ``data`` as the new file, then drop the old one.
+
+        The new file is complete before the reference moves; on a saved document the
+        reference moves with a conditional update, and the old file is deleted only
+        after that succeeded. Metadata is replaced too. Same inputs as :meth:`put`.
+
+        :raises FileConflict: another task changed this file first; the upload made
+            here was removed again and the stored document is unchanged.
+        """
+        if self._upload is not None:
+            raise GridFSError("replace(): a streaming upload is open on this field; close it first.")
+        bucket = self._bucket()
+        await bucket.ensure_indexes()
+        doc = await bucket.upload(
+            data, filename=filename, metadata=self._metadata(content_type, metadata)
+        )
+        await self._commit(doc, previous=self.grid_id)
+        return self
+
+    async def delete(self) -> None:
+        """Remove the file and this field's reference to it.
+
+        On a saved document the reference is removed from the database first (a
+        conditional update), then the file; a list element is removed from its list.
+        Deleting an empty field does nothing.
+
+        :raises FileConflict: the stored document no longer references this file.
+        """
+        if self._upload is not None:
+            await self.abort()
+        old = self.grid_id
+        if old is None:
+            return
+        from .tree import persist_reference
+
+        persisted = await persist_reference(self, old, None)
+        self.grid_id = None
+        self._files_doc = None
+        self._position = 0
+        if persisted is not False:
+            await self._bucket().delete(old)
+
+    async def _commit(self, new_doc: dict[str, Any], previous: Any) -> None:
+        """Point the field at the freshly uploaded ``new_doc``, then drop ``previous``."""
+        from .tree import persist_reference
+
+        new_id = new_doc["_id"]
+        try:
+            persisted = await persist_reference(self, previous, new_id)
+        except BaseException:
+            await asyncio.shield(self._bucket().delete(new_id))
+            raise
+        self.grid_id = new_id
+        self._files_doc = new_doc
+        self._position = 0
+        if previous is not None and persisted is not False:
+            await self._bucket().delete(previous)
+
+    # -- streaming upload -------------------------------------------------------
+
+    def new_file(
+        self,
+        content_type: str | None = None,
+        filename: str | None = None,
+        encoding: str | None = None,
+        replace: bool = False,
+        **metadata: Any,
+    ) -> NewFile:
+        """Start a streaming upload; ``await`` it or use it with ``async with``.
+
+        .. code-block:: python
+
+            async with doc.photo.new_file(content_type="text/plain"):
+                doc.photo.write(b"some-data")      # awaiting write() is optional here
+            await doc.save()
+
+        The block closes the file when it ends normally, and aborts it (removing
+        every chunk written) on an exception or cancellation.
+
+        :param encoding: lets :meth:`write` take ``str``, encoded with it.
+        :param replace: allow it on a field that holds a file; the old file goes
+            when the new one is closed, as with :meth:`replace`.
+        :raises FileAlreadyExists: the field holds a file and ``replace`` is false.
+        """
+        if self._upload is not None:
+            raise GridFSError("new_file(): a streaming upload is already open on this field.")
+        if self.grid_id is not None and not replace:
+            self._refuse_if_full("new_file()")
+        meta = self._metadata(content_type, metadata)
+        bucket = self._bucket()
+        self._upload = bucket.open_upload(filename=filename, metadata=meta)
+        self._upload_replaces = self.grid_id is not None
+        self._encoding = encoding
+        return NewFile(self, bucket)
+
+    def _stream(self, what: str) -> UploadStream:
+        if self._upload is None:
+            raise UploadClosed(f"{what}: no upload is open; call new_file() first.")
+        return self._upload
+
+    def _as_bytes(self, data: Any) -> bytes | bytearray | memoryview:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            return data
+        if isinstance(data, str):
+            if self._encoding is None:
+                raise TypeError(
+                    "write() got str but new_file() was given no encoding: pass "
+                    "bytes, or new_file(encoding='utf-8')."
+                )
+            return data.encode(self._encoding)
+        raise TypeError(f"write() takes bytes (or str with an encoding), not {type(data).__name__}")
+
+    def write(self, data: bytes | bytearray | memoryview | str) -> _Flush:
+        """Append ``data`` to the open upload.
+
+        The bytes are buffered at once; awaiting the result sends complete chunks
+        to the server, which keeps memory bounded for long streams.
+
+        :raises UploadClosed: no upload is open.
+        :raises TypeError: ``data`` is not bytes (or ``str`` with an encoding).
+        """
+        stream = self._stream("write()")
+        stream.write_nowait(self._as_bytes(data))
+        return _Flush(stream)
+
+    async def writelines(self, lines: Iterable[bytes | str]) -> None:
+        """Write every item of ``lines``, flushing as it goes."""
+        for line in lines:
+            await self.write(line)
+
+    async def close(self) -> FileProxy:
+        """Finish the upload and point the field at the new file.
+
+        :raises UploadClosed: no upload is open.
+        :raises FileConflict: see :meth:`replace`; the new file was removed.
+        """
+        stream = self._stream("close()")
+        try:
+            doc = await stream.close()
+        except BaseException:
+            self._upload = None
+            await asyncio.shield(stream.abort())
+            raise
+        self._upload = None
+        await self._commit(doc, previous=self.grid_id if self._upload_replaces else None)
+        return self
+
+    async def abort(self) -> None:
+        """Abandon the upload and remove every chunk it wrote."""
+        stream = self._stream("abort()")
+        self._upload = None
+        await asyncio.shield(stream.abort())
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def __bool__(self) -> bool:
+        return self.grid_id is not None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FileProxy):
+            return NotImplemented
+        return (self.grid_id, self._collection_name, self.db_alias) == (
+            other.grid_id, other._collection_name, other.db_alias
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.grid_id, self._collection_name))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self._collection_name} {self.grid_id!r}>"
+
+    __str__ = __repr__
+
+
+class _Flush:
+    """What ``write()`` returns: awaiting it flushes; not awaiting it is fine too."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: UploadStream) -> None:
+        self._stream = stream
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._stream.flush().__await__()
+
+
+class NewFile:
+    """What ``new_file()`` returns: awaitable, and an async context manager."""
+
+    def __init__(self, proxy: FileProxy, bucket: GridBucket) -> None:
+        self._proxy = proxy
+        self._bucket = bucket
+
+    async def _open(self) -> FileProxy:
+        await self._bucket.ensure_indexes()
+        return self._proxy
+
+    def __await__(self) -> Generator[Any, None, FileProxy]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> FileProxy:
+        try:
+            return await self._open()
+        except BaseException:
+            await self._proxy.abort()
+            raise
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._proxy._upload is None:
+            return  # closed or aborted inside the block
+        if exc_type is None:
+            await self._proxy.close()
+        else:
+            await self._proxy.abort()

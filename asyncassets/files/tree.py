@@ -1,0 +1,251 @@
+"""Finding file proxies inside documents: top level, embedded, lists and dicts.
+
+Documents use this to cascade deletes and batch-load metadata; proxies use it to
+find where in their top-level document they are stored, so that a change to a
+saved document's file is written with one conditional update.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import mongoengine
+from mongoengine.base import get_document
+from mongoengine.fields import DictField, EmbeddedDocumentField, ListField
+
+from .bucket import GridBucket
+from .proxy import _MISSING, FileConflict, FileProxy
+
+__all__ = [
+    "bind_proxies",
+    "cascade_paths",
+    "delete_files_of",
+    "file_field_names",
+    "iter_proxies",
+    "load_files",
+    "persist_reference",
+    "root_document",
+]
+
+# A path segment: (db field name or dict key, True when the hop goes into an array).
+Segment = tuple[str, bool]
+
+
+def _file_field_type() -> type:
+    from ..fields import FileField
+
+    return FileField
+
+
+def _holds_files(field: Any, cascade_only: bool = False, _seen: frozenset[int] = frozenset()) -> bool:
+    file_field = _file_field_type()
+    if isinstance(field, file_field):
+        return field.cascade or not cascade_only
+    if isinstance(field, (ListField, DictField)) and getattr(field, "field", None) is not None:
+        return _holds_files(field.field, cascade_only, _seen)
+    if isinstance(field, EmbeddedDocumentField):
+        doc_type = field.document_type
+        if id(doc_type) in _seen:
+            return False
+        seen = _seen | {id(doc_type)}
+        classes = [doc_type, *(_subclass(doc_type, n) for n in doc_type._subclasses[1:])]
+        return any(
+            _holds_files(f, cascade_only, seen)
+            for cls in classes if cls is not None
+            for f in cls._fields.values()
+        )
+    return False
+
+
+def _subclass(base: type, name: str) -> type | None:
+    try:
+        return get_document(name)  # type: ignore[no-any-return]
+    except mongoengine.errors.NotRegistered:
+        return None
+
+
+def _classes(doc_cls: type) -> list[type]:
+    names = getattr(doc_cls, "_subclasses", (doc_cls._class_name,))
+    found = [_subclass(doc_cls, n) for n in names]
+    return [c for c in found if c is not None] or [doc_cls]
+
+
+def file_field_names(doc_cls: type) -> list[str]:
+    """Top-level fields that are a ``FileField`` or a list/dict of them."""
+    file_field = _file_field_type()
+    names = []
+    for name, field in doc_cls._fields.items():
+        inner = getattr(field, "field", None)
+        if isinstance(field, file_field) or isinstance(inner, file_field):
+            names.append(name)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def cascade_paths(doc_cls: type) -> tuple[str, ...]:
+    """Top-level db field names (of the class and its subclasses) holding cascading files."""
+    paths: dict[str, None] = {}
+    for cls in _classes(doc_cls):
+        for field in cls._fields.values():
+            if _holds_files(field, cascade_only=True):
+                paths[field.db_field] = None
+    return tuple(paths)
+
+
+def root_document(obj: Any) -> Any:
+    """The top-level ``Document`` that ``obj`` (a document or embedded one) sits in."""
+    try:
+        while obj is not None and not isinstance(obj, mongoengine.Document):
+            obj = getattr(obj, "_instance", None)
+            if obj is not None:
+                obj.__class__  # noqa: B018  (raises ReferenceError on a dead weakref.proxy)
+    except ReferenceError:
+        return None
+    return obj
+
+
+def iter_proxies(
+    doc: Any, prefix: tuple[Segment, ...] = ()
+) -> Iterator[tuple[FileProxy, tuple[Segment, ...], Any, str]]:
+    """Yield ``(proxy, path, owner, field name)`` for every proxy inside ``doc``."""
+    for name, field in doc._fields.items():
+        value = doc._data.get(name)
+        if value is None:
+            continue
+        yield from _walk(value, field, (*prefix, (field.db_field, False)), doc, name)
+
+
+def _walk(
+    value: Any, field: Any, path: tuple[Segment, ...], owner: Any, name: str
+) -> Iterator[tuple[FileProxy, tuple[Segment, ...], Any, str]]:
+    if isinstance(value, FileProxy):
+        yield value, path, owner, name
+    elif isinstance(value, mongoengine.EmbeddedDocument):
+        yield from iter_proxies(value, path)
+    elif isinstance(value, (list, tuple)):
+        inner = getattr(field, "field", None)
+        head, last = path[:-1], path[-1]
+        for item in value:
+            yield from _walk(item, inner, (*head, (last[0], True)), owner, name)
+    elif isinstance(value, dict):
+        inner = getattr(field, "field", None)
+        for key, item in value.items():
+            yield from _walk(item, inner, (*path, (str(key), False)), owner, name)
+
+
+def bind_proxies(doc: Any) -> None:
+    """Tell every proxy inside ``doc`` which (embedded) document holds it."""
+    if not _classes_with_files(type(doc)):
+        return
+    for proxy, _path, owner, name in iter_proxies(doc):
+        proxy._bind(owner, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _classes_with_files(doc_cls: type) -> bool:
+    return any(_holds_files(f) for f in doc_cls._fields.values())
+
+
+def _locate(root: Any, proxy: FileProxy) -> tuple[Segment, ...] | None:
+    for found, path, _owner, _name in iter_proxies(root):
+        if found is proxy:
+            return path
+    return None
+
+
+async def persist_reference(proxy: FileProxy, old: Any, new: Any) -> bool | None:
+    """Move a saved document's reference from file ``old`` to ``new`` (None: remove it).
+
+    :returns: ``True`` when the stored document was updated; ``None`` when there is
+        no stored document to update (a new document: ``save()`` will write it);
+        ``False`` when the path is too deep for one positional update (two arrays):
+        the change is then marked for the next ``save()`` and ``old`` must be kept
+        for the orphan sweep.
+    :raises FileConflict: the stored document no longer holds ``old`` there.
+    """
+    root = root_document(proxy._instance)
+    if root is None or root.pk is None or root._created:
+        return None
+    path = _locate(root, proxy)
+    if path is None:
+        return None
+    if sum(1 for _, is_array in path if is_array) > 1:
+        owner = proxy._instance
+        if owner is not None and proxy._key:
+            owner._mark_as_changed(proxy._key)
+        return False
+    filter_path = ".".join(name for name, _ in path)
+    update_path = ".".join(f"{name}.$" if is_array else name for name, is_array in path)
+    id_field = root._meta["id_field"]
+    query = {"_id": root._fields[id_field].to_mongo(root.pk), filter_path: old}
+    element = path[-1][1]
+    if new is not None:
+        update: dict[str, Any] = {"$set": {update_path: new}}
+    elif element:
+        update = {"$pull": {filter_path: old}}
+    else:
+        update = {"$unset": {update_path: ""}}
+    result = await type(root)._get_collection().update_one(query, update)
+    if result.matched_count == 0:
+        raise FileConflict(
+            f"The stored {type(root).__name__} {root.pk!r} no longer references file "
+            f"{old!r} at {filter_path!r} (changed by another task, or deleted). "
+            "Reload the document and retry."
+        )
+    if new is None and element:
+        _remove_from_list(proxy)
+    return True
+
+
+def _remove_from_list(proxy: FileProxy) -> None:
+    owner, key = proxy._instance, proxy._key
+    values = owner._data.get(key) if owner is not None and key else None
+    if isinstance(values, list):
+        for i, item in enumerate(values):
+            if item is proxy:
+                # Straight on the underlying list: the database already has this.
+                list.__delitem__(values, i)
+                break
+
+
+def _bucket_for(proxy: FileProxy) -> GridBucket:
+    return proxy._bucket()
+
+
+async def load_files(docs: Sequence[Any], field_names: Sequence[str]) -> None:
+    """Load the files documents of ``field_names`` for all ``docs``: one query per bucket."""
+    groups: dict[tuple[str, str], list[FileProxy]] = defaultdict(list)
+    for doc in docs:
+        for name in field_names:
+            value = getattr(doc, name)
+            proxies = value if isinstance(value, (list, tuple)) else [value]
+            for proxy in proxies:
+                if isinstance(proxy, FileProxy) and proxy.grid_id is not None:
+                    groups[(proxy.db_alias, proxy.collection_name)].append(proxy)
+    for proxies in groups.values():
+        found = await _bucket_for(proxies[0]).find_many([p.grid_id for p in proxies])
+        for proxy in proxies:
+            proxy._files_doc = found.get(proxy.grid_id, _MISSING)
+
+
+async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None:
+    """Delete the cascading files held by these raw (deleted) documents."""
+    groups: dict[tuple[str, str], set[Any]] = defaultdict(set)
+    proxies: dict[tuple[str, str], FileProxy] = {}
+    for son in sons:
+        cls = _subclass(doc_cls, son["_cls"]) if "_cls" in son else doc_cls
+        doc = (cls or doc_cls)._from_son(son, created=False)
+        for proxy, _path, _owner, _name in iter_proxies(doc):
+            field = proxy._field
+            if proxy.grid_id is None or (field is not None and not field.cascade):
+                continue
+            key = (proxy.db_alias, proxy.collection_name)
+            groups[key].add(proxy.grid_id)
+            proxies[key] = proxy
+    for key, ids in groups.items():
+        bucket = _bucket_for(proxies[key])
+        for file_id in ids:
+            await bucket.delete(file_id)
