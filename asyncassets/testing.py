@@ -1,0 +1,184 @@
+"""A pytest plugin: one database server per session, a fresh database per test.
+
+Load it from your top-level ``conftest.py``::
+
+    pytest_plugins = ["asyncassets.testing"]
+
+then ask for a database::
+
+    import pytest
+
+    @pytest.mark.asyncio          # not needed with asyncio_mode = "auto"
+    async def test_save(asyncassets_db):
+        await asyncassets_db.animals.insert_one({"genus": "Marmota"})
+        assert await asyncassets_db.animals.count_documents({}) == 1
+
+Where the server comes from: the ``MONGODB_URI`` environment variable when it
+is set (a real ``mongod``, say ``mongodb://127.0.0.1:27017/``), else an
+in-memory :class:`~asyncassets.embedded.EmbeddedServer` started at the first
+test that needs it and stopped when the session ends (``mongod`` if it is on
+``PATH``, else SecantusDB from ``pip install 'asyncassets[embedded]'``).
+
+Fixtures:
+
+``asyncassets_server_uri`` (session)
+    The server's URI.
+``asyncassets_server`` (session)
+    The :class:`~asyncassets.embedded.EmbeddedServer` itself, for tests that
+    stop or ``kill()`` it; they must ``start()`` it again before they end, as
+    every other test shares it. Skipped when ``MONGODB_URI`` is set: that
+    server is not ours to kill.
+``asyncassets_db`` (function, async)
+    Registers ``asyncassets.connect(alias="default")`` to a database of its own
+    with a unique name, yields that database (``asyncassets.get_db()``), then
+    drops it and disconnects. Documents without a ``db_alias`` use it.
+``asyncassets_connect`` (function, async)
+    A factory ``connect_alias(alias) -> database`` that registers another alias,
+    each to a fresh database, for documents with ``meta = {"db_alias": ...}``;
+    all are dropped and disconnected after the test.
+
+The async fixtures are declared with ``pytest_asyncio.fixture``, so they work in
+pytest-asyncio's ``auto`` and ``strict`` modes alike; in strict mode mark the
+tests themselves with ``@pytest.mark.asyncio``. They run in the test's event
+loop (the default ``function`` loop scope); PyMongo's async client belongs to
+one loop, so a test with another ``loop_scope`` should call
+``asyncassets.get_db()`` rather than use a database made in another loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from .connection import DEFAULT_ALIAS, connect, disconnect, get_client, get_db, registered_aliases
+from .embedded import EmbeddedServer
+from .errors import EmbeddedServerError
+
+__all__ = [
+    "asyncassets_connect",
+    "asyncassets_db",
+    "asyncassets_server",
+    "asyncassets_server_uri",
+    "unique_db_name",
+]
+
+_URI_ENV = "MONGODB_URI"
+# MongoDB caps database names at 63 bytes; keep room for the unique suffix.
+_MAX_SLUG = 36
+
+
+def unique_db_name(hint: str = "test") -> str:
+    """A database name no other test uses: ``aa_<hint>_<12 hex digits>``.
+
+    ``hint`` (usually the test's name) is cut down to characters MongoDB
+    accepts in a database name, so a leftover database says where it came from.
+    """
+    slug = re.sub(r"[^A-Za-z0-9_]+", "_", hint).strip("_")[:_MAX_SLUG] or "test"
+    return f"aa_{slug}_{uuid.uuid4().hex[:12]}"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say in the session header which server the tests will use."""
+    if os.environ.get(_URI_ENV):
+        return f"asyncassets: server from ${_URI_ENV}"
+    try:
+        kind = EmbeddedServer().kind
+    except EmbeddedServerError as exc:
+        return f"asyncassets: no server available ({exc})"
+    return f"asyncassets: in-memory {kind} server, started on first use"
+
+
+@pytest.fixture(scope="session")
+def asyncassets_server() -> Iterator[EmbeddedServer]:
+    """The session's in-memory :class:`~asyncassets.embedded.EmbeddedServer`.
+
+    Started on first use, stopped when the session ends. A test that stops or
+    kills it must start it again. Skipped when ``MONGODB_URI`` is set.
+    """
+    if os.environ.get(_URI_ENV):
+        pytest.skip(
+            f"{_URI_ENV} is set, so the tests use that server, which they do not own "
+            "and cannot stop or kill; unset it to run this test on an embedded server."
+        )
+    server = EmbeddedServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def asyncassets_server_uri(request: pytest.FixtureRequest) -> str:
+    """``MONGODB_URI`` when set, else the URI of the session's embedded server."""
+    uri = os.environ.get(_URI_ENV)
+    if uri:
+        return uri
+    server: EmbeddedServer = request.getfixturevalue("asyncassets_server")
+    return server.uri
+
+
+async def _drop_and_disconnect(alias: str, db_name: str) -> None:
+    try:
+        await get_client(alias).drop_database(db_name)
+    finally:
+        await disconnect(alias)
+
+
+@pytest_asyncio.fixture
+async def asyncassets_db(
+    asyncassets_server_uri: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Any]:
+    """A fresh, empty database registered as the ``"default"`` alias.
+
+    Any connection already registered as ``"default"`` (say, by your app at
+    import time) is replaced for the test and is gone afterwards. The database
+    is dropped and the alias disconnected when the test ends.
+    """
+    if DEFAULT_ALIAS in registered_aliases():
+        await disconnect(DEFAULT_ALIAS)
+    name = unique_db_name(request.node.name)
+    connect(host=asyncassets_server_uri, alias=DEFAULT_ALIAS, db=name)
+    try:
+        yield get_db(DEFAULT_ALIAS)
+    finally:
+        await _drop_and_disconnect(DEFAULT_ALIAS, name)
+
+
+@pytest_asyncio.fixture
+async def asyncassets_connect(
+    asyncassets_server_uri: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[[str], Any]]:
+    """A factory that registers extra aliases, each to a fresh database.
+
+    >>> async def test_two(asyncassets_db, asyncassets_connect):
+    ...     archive = asyncassets_connect("archive")   # no await: no I/O yet
+    ...     await archive.things.insert_one({"x": 1})
+
+    :raises ValueError: (from the factory) the alias is already registered.
+    """
+    made: list[tuple[str, str]] = []
+
+    def connect_alias(alias: str) -> Any:
+        name = unique_db_name(f"{request.node.name}_{alias}")
+        connect(host=asyncassets_server_uri, alias=alias, db=name)
+        made.append((alias, name))
+        return get_db(alias)
+
+    try:
+        yield connect_alias
+    finally:
+        errors: list[BaseException] = []
+        for alias, name in reversed(made):
+            try:
+                await _drop_and_disconnect(alias, name)
+            except Exception as exc:  # one dead alias must not leak the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]

@@ -1,0 +1,145 @@
+"""The pytest plugin, run the way users run it: an inner suite in a pytest subprocess."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import asyncassets.testing
+
+pytest_plugins = ["pytester"]
+
+_REPO = Path(asyncassets.testing.__file__).resolve().parents[1]
+
+_CONFTEST = 'pytest_plugins = ["asyncassets.testing"]\n'
+
+# Two tests in file order: the first writes, the second must see none of it.
+_ISOLATION_SUITE = """
+import pytest
+
+from asyncassets.connection import get_db, registered_aliases
+
+seen = {}
+
+MARK
+async def test_saves_a_document(asyncassets_db):
+    await asyncassets_db.animals.insert_one({"genus": "Marmota"})
+    assert await asyncassets_db.animals.count_documents({}) == 1
+    assert get_db().name == asyncassets_db.name
+    seen["first"] = asyncassets_db.name
+
+MARK
+async def test_gets_a_fresh_empty_database(asyncassets_db):
+    assert asyncassets_db.name != seen["first"]
+    assert await asyncassets_db.list_collection_names() == []
+    names = await asyncassets_db.client.list_database_names()
+    assert seen["first"] not in names, "the previous test's database was not dropped"
+
+MARK
+async def test_extra_aliases_get_their_own_databases(asyncassets_db, asyncassets_connect):
+    archive = asyncassets_connect("archive")
+    assert archive.name != asyncassets_db.name
+    assert get_db("archive").name == archive.name
+    await archive.things.insert_one({"x": 1})
+    assert await asyncassets_db.things.count_documents({}) == 0
+    seen["archive"] = archive.name
+
+MARK
+async def test_extra_aliases_are_dropped_and_disconnected(asyncassets_db):
+    assert "archive" not in registered_aliases()
+    assert seen["archive"] not in await asyncassets_db.client.list_database_names()
+
+def test_no_connection_outlives_its_test():
+    assert registered_aliases() == []
+"""
+
+
+def _run(pytester: pytest.Pytester, mode: str, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider",
+        "-o", f"asyncio_mode={mode}",
+        "-o", "asyncio_default_fixture_loop_scope=function",
+        *args,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A pytester whose subprocess can import asyncassets from this checkout."""
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(_REPO) + (os.pathsep + path if path else ""))
+    pytester.makeconftest(_CONFTEST)
+    return pytester
+
+
+@pytest.fixture
+def shared_server(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, asyncassets_server_uri):
+    """Point the inner run at this session's server instead of starting another."""
+    monkeypatch.setenv("MONGODB_URI", asyncassets_server_uri)
+    return inner
+
+
+@pytest.mark.parametrize(
+    ("mode", "mark"),
+    [("auto", ""), ("auto", "@pytest.mark.asyncio"), ("strict", "@pytest.mark.asyncio")],
+)
+def test_each_test_gets_a_fresh_database_in_auto_and_strict_mode(shared_server, mode, mark):
+    shared_server.makepyfile(test_inner=_ISOLATION_SUITE.replace("MARK", mark))
+    result = _run(shared_server, mode)
+    result.assert_outcomes(passed=5)
+
+
+def test_server_fixture_is_skipped_with_a_reason_under_mongodb_uri(shared_server):
+    shared_server.makepyfile(
+        test_inner="""
+        def test_kills_its_server(asyncassets_server):
+            asyncassets_server.kill()
+        """
+    )
+    result = _run(shared_server, "auto", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*MONGODB_URI is set*"])
+
+
+def test_plugin_starts_its_own_server_and_stops_it_at_session_end(inner, monkeypatch, tmp_path):
+    monkeypatch.delenv("MONGODB_URI", raising=False)
+    pid_file = tmp_path / "pid"
+    inner.makepyfile(
+        test_inner=textwrap.dedent(
+            f"""
+            from pathlib import Path
+
+            async def test_the_embedded_server_serves(asyncassets_server, asyncassets_db):
+                Path({str(pid_file)!r}).write_text(str(asyncassets_server.pid))
+                await asyncassets_db.animals.insert_one({{"genus": "Marmota"}})
+                assert await asyncassets_db.animals.count_documents({{}}) == 1
+
+            async def test_it_survives_a_crash_and_restart(asyncassets_server, asyncassets_db):
+                asyncassets_server.kill()
+                asyncassets_server.start()
+                await asyncassets_db.animals.insert_one({{"genus": "Castor"}})
+                assert await asyncassets_db.animals.count_documents({{}}) == 1
+            """
+        )
+    )
+    result = _run(inner, "auto")
+    result.assert_outcomes(passed=2)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the session's server is gone with the session
+
+
+def test_strict_mode_without_marks_does_not_run_async_tests_silently(shared_server):
+    # Documented: strict mode needs @pytest.mark.asyncio. pytest-asyncio must
+    # not hand such a test the fixture; whatever it reports, it is not a pass.
+    shared_server.makepyfile(
+        test_inner="""
+        async def test_unmarked(asyncassets_db):
+            await asyncassets_db.animals.insert_one({"genus": "Marmota"})
+        """
+    )
+    result = _run(shared_server, "strict")
+    assert result.parseoutcomes().get("passed", 0) == 0
