@@ -31,7 +31,7 @@ from mongoengine.errors import (
 from mongoengine.queryset import transform
 
 from .connection import DEFAULT_ALIAS, get_client, get_db
-from .queryset import QuerySet, QuerySetManager
+from .queryset import QuerySet, QuerySetManager, with_write_concern
 
 if TYPE_CHECKING:
     from pymongo.asynchronous.collection import AsyncCollection
@@ -131,8 +131,10 @@ class Document(mongoengine.Document):
             opts = {**index_opts, **spec}
             opts.pop("cls", None)
             await collection.create_index(fields, background=background, **opts)
-        if cls._meta.get("index_cls", True) and not cls_indexed and cls._meta.get(
-            "allow_inheritance"
+        if (
+            cls._meta.get("index_cls", True)
+            and not cls_indexed
+            and cls._meta.get("allow_inheritance")
         ):
             opts = {k: v for k, v in index_opts.items() if k != "cls"}
             await collection.create_index("_cls", background=background, **opts)
@@ -193,11 +195,7 @@ class Document(mongoengine.Document):
         )
         doc = self.to_mongo()
         await type(self)._ensure_indexes_once()
-        collection = self._get_collection()
-        if write_concern:
-            collection = collection.with_options(
-                write_concern=pymongo.WriteConcern(**write_concern)
-            )
+        collection = with_write_concern(self._get_collection(), write_concern)
         try:
             if created:
                 if force_insert or "_id" not in doc:
@@ -274,9 +272,7 @@ class Document(mongoengine.Document):
                     setattr(self, name, self._reload(name, obj[name]))
                 except (KeyError, AttributeError):
                     setattr(self, name, self._reload(name, obj._data.get(name)))
-        self._changed_fields = (
-            list(set(self._changed_fields) - set(fields)) if fields else []
-        )
+        self._changed_fields = list(set(self._changed_fields) - set(fields)) if fields else []
         self._created = False
         _bind_files(self)
         return self
@@ -336,10 +332,32 @@ class Document(mongoengine.Document):
                 self._data[name] = await _fetch_ref(field, value)
             elif isinstance(value, list) and any(isinstance(v, DBRef) for v in value):
                 loaded = [
-                    await _fetch_ref(field.field, v) if isinstance(v, DBRef) else v
-                    for v in value
+                    await _fetch_ref(field.field, v) if isinstance(v, DBRef) else v for v in value
                 ]
                 self._data[name] = BaseList(loaded, self, name)
+
+    async def add_file(
+        self,
+        field_name: str,
+        data: Any,
+        content_type: str | None = None,
+        filename: str | None = None,
+        **metadata: Any,
+    ) -> Any:
+        r"""Upload ``data`` and append it to a ``ListField(FileField())``.
+
+        On a saved document the new id is ``$push``\ ed at once; on a new one it is
+        written by the first ``save()``. Remove an element with
+        ``await proxy.delete()``, which also takes it out of the list.
+
+        :returns: the new element's :class:`~asyncassets.files.proxy.FileProxy`.
+        :raises ValueError: ``field_name`` is not a list of files.
+        """
+        from .files.tree import add_to_list
+
+        return await add_to_list(
+            self, field_name, data, content_type=content_type, filename=filename, **metadata
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.pk!r}>"

@@ -20,8 +20,12 @@ from mongoengine.fields import __all__ as _mongoengine_fields
 
 from .files.proxy import FileProxy
 
-__all__ = [*(n for n in _mongoengine_fields if n not in {"FileField", "GridFSProxy"}),
-           "FileField", "FileProxy", "GridFSProxy"]
+__all__ = [
+    *(n for n in _mongoengine_fields if n not in {"FileField", "GridFSProxy"}),
+    "FileField",
+    "FileProxy",
+    "GridFSProxy",
+]
 
 #: mongoengine's name for the proxy class, for code that imports it.
 GridFSProxy = FileProxy
@@ -65,14 +69,18 @@ class FileField(BaseField):
         if not isinstance(collection_name, str) or not collection_name:
             raise ValueError("FileField(collection_name=...) must be a non-empty string.")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(f"FileField(chunk_size=...) must be a positive int, not {chunk_size!r}")
+            raise ValueError(
+                f"FileField(chunk_size=...) must be a positive int, not {chunk_size!r}"
+            )
         super().__init__(**kwargs)
         self.collection_name = collection_name
         self.db_alias = db_alias
         self.chunk_size = chunk_size
         self.cascade = cascade
 
-    def _proxy(self, grid_id: Any = None, instance: Any = None, key: str | None = None) -> FileProxy:
+    def _proxy(
+        self, grid_id: Any = None, instance: Any = None, key: str | None = None
+    ) -> FileProxy:
         return self.proxy_class(grid_id=grid_id, field=self, instance=instance, key=key)
 
     def __get__(self, instance: Any, owner: Any) -> Any:

@@ -262,9 +262,7 @@ class QuerySet(Generic[T]):
                 f"{self._document._class_name} matching query does not exist."
             )
         if len(docs) > 1:
-            raise self._document.MultipleObjectsReturned(
-                "2 or more items returned, instead of 1"
-            )
+            raise self._document.MultipleObjectsReturned("2 or more items returned, instead of 1")
         return docs[0]
 
     async def count(self, with_limit_and_skip: bool = False) -> int:
@@ -317,8 +315,7 @@ class QuerySet(Generic[T]):
         for doc in items:
             if not isinstance(doc, self._document):
                 raise TypeError(
-                    f"insert() takes {self._document.__name__} instances, "
-                    f"not {type(doc).__name__}"
+                    f"insert() takes {self._document.__name__} instances, not {type(doc).__name__}"
                 )
             if doc.pk is not None and not doc._created:
                 raise OperationError("Some documents have ObjectIds, use doc.update() instead")
@@ -400,9 +397,7 @@ class QuerySet(Generic[T]):
         """
         from .files.tree import cascade_paths, delete_files_of
 
-        collection = self._collection
-        if write_concern:
-            collection = collection.with_options(write_concern=pymongo.WriteConcern(**write_concern))
+        collection = with_write_concern(self._collection, write_concern)
         paths = cascade_paths(self._document)
         if not paths:
             return int((await collection.delete_many(self._query)).deleted_count)
@@ -434,15 +429,11 @@ class QuerySet(Generic[T]):
             await flush()
         return deleted
 
-    async def _delete_one_by_id(
-        self, pk: Any, write_concern: dict[str, Any] | None = None
-    ) -> bool:
+    async def _delete_one_by_id(self, pk: Any, write_concern: dict[str, Any] | None = None) -> bool:
         """Delete one document atomically and cascade to the files it held then."""
         from .files.tree import cascade_paths, delete_files_of
 
-        collection = self._collection
-        if write_concern:
-            collection = collection.with_options(write_concern=pymongo.WriteConcern(**write_concern))
+        collection = with_write_concern(self._collection, write_concern)
         paths = cascade_paths(self._document)
         db_id = self._document._fields[self._document._meta["id_field"]].to_mongo(pk)
         if not paths:
@@ -458,6 +449,13 @@ class QuerySet(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<QuerySet {self._document.__name__} {self._query!r}>"
+
+
+def with_write_concern(collection: Any, write_concern: Mapping[str, Any] | None) -> Any:
+    """``collection`` with ``write_concern`` (e.g. ``{"w": "majority"}``) applied, if any."""
+    if not write_concern:
+        return collection
+    return collection.with_options(write_concern=pymongo.WriteConcern(**write_concern))
 
 
 class QuerySetManager:

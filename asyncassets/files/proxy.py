@@ -26,8 +26,17 @@ __all__ = ["FileConflict", "FileProxy", "NewFile"]
 # Keys of a files document that the GridFS spec defines; anything else at the top
 # level was written by mongoengine / mongomotor 0.17 as file metadata.
 _SPEC_KEYS = frozenset(
-    {"_id", "length", "chunkSize", "uploadDate", "filename", "metadata", "md5", "aliases",
-     "contentType"}
+    {
+        "_id",
+        "length",
+        "chunkSize",
+        "uploadDate",
+        "filename",
+        "metadata",
+        "md5",
+        "aliases",
+        "contentType",
+    }
 )
 # Metadata keys asyncassets keeps for itself; exposed as attributes, not in .metadata.
 _INTERNAL_KEYS = frozenset({"sha256"})
@@ -149,8 +158,12 @@ class FileProxy:
     @staticmethod
     def _content_type(doc: dict[str, Any]) -> str | None:
         meta = doc.get("metadata") or {}
-        for value in (meta.get("content_type"), meta.get("contentType"), doc.get("contentType"),
-                      doc.get("content_type")):
+        for value in (
+            meta.get("content_type"),
+            meta.get("contentType"),
+            doc.get("contentType"),
+            doc.get("content_type"),
+        ):
             if value is not None:
                 return str(value)
         return None
@@ -369,7 +382,9 @@ class FileProxy:
             here was removed again and the stored document is unchanged.
         """
         if self._upload is not None:
-            raise GridFSError("replace(): a streaming upload is open on this field; close it first.")
+            raise GridFSError(
+                "replace(): a streaming upload is open on this field; close it first."
+            )
         bucket = self._bucket()
         await bucket.ensure_indexes()
         doc = await bucket.upload(
@@ -521,7 +536,9 @@ class FileProxy:
         if not isinstance(other, FileProxy):
             return NotImplemented
         return (self.grid_id, self._collection_name, self.db_alias) == (
-            other.grid_id, other._collection_name, other.db_alias
+            other.grid_id,
+            other._collection_name,
+            other.db_alias,
         )
 
     def __hash__(self) -> int:

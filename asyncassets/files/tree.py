@@ -7,6 +7,7 @@ saved document's file is written with one conditional update.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -40,7 +41,9 @@ def _file_field_type() -> type:
     return FileField
 
 
-def _holds_files(field: Any, cascade_only: bool = False, _seen: frozenset[int] = frozenset()) -> bool:
+def _holds_files(
+    field: Any, cascade_only: bool = False, _seen: frozenset[int] = frozenset()
+) -> bool:
     file_field = _file_field_type()
     if isinstance(field, file_field):
         return field.cascade or not cascade_only
@@ -54,7 +57,8 @@ def _holds_files(field: Any, cascade_only: bool = False, _seen: frozenset[int] =
         classes = [doc_type, *(_subclass(doc_type, n) for n in doc_type._subclasses[1:])]
         return any(
             _holds_files(f, cascade_only, seen)
-            for cls in classes if cls is not None
+            for cls in classes
+            if cls is not None
             for f in cls._fields.values()
         )
     return False
@@ -84,7 +88,7 @@ def file_field_names(doc_cls: type) -> list[str]:
     return names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cascade_paths(doc_cls: type) -> tuple[str, ...]:
     """Top-level db field names (of the class and its subclasses) holding cascading files."""
     paths: dict[str, None] = {}
@@ -144,7 +148,7 @@ def bind_proxies(doc: Any) -> None:
         proxy._bind(owner, name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _classes_with_files(doc_cls: type) -> bool:
     return any(_holds_files(f) for f in doc_cls._fields.values())
 
@@ -188,10 +192,10 @@ async def persist_reference(proxy: FileProxy, old: Any, new: Any) -> bool | None
         update = {"$pull": {filter_path: old}}
     else:
         update = {"$unset": {update_path: ""}}
-    result = await type(root)._get_collection().update_one(query, update)
+    result = await root.__class__._get_collection().update_one(query, update)
     if result.matched_count == 0:
         raise FileConflict(
-            f"The stored {type(root).__name__} {root.pk!r} no longer references file "
+            f"The stored {root.__class__.__name__} {root.pk!r} no longer references file "
             f"{old!r} at {filter_path!r} (changed by another task, or deleted). "
             "Reload the document and retry."
         )
@@ -209,6 +213,55 @@ def _remove_from_list(proxy: FileProxy) -> None:
                 # Straight on the underlying list: the database already has this.
                 list.__delitem__(values, i)
                 break
+
+
+async def add_to_list(
+    doc: Any,
+    field_name: str,
+    data: Any,
+    *,
+    content_type: str | None,
+    filename: str | None,
+    **metadata: Any,
+) -> FileProxy:
+    """Upload ``data`` as a new element of the list of files ``doc.<field_name>``."""
+    file_field = _file_field_type()
+    field = doc._fields.get(field_name)
+    inner = getattr(field, "field", None)
+    if not isinstance(field, ListField) or not isinstance(inner, file_field):
+        raise ValueError(
+            f"add_file() takes the name of a ListField(FileField()) of "
+            f"{type(doc).__name__}, and {field_name!r} is not one."
+        )
+    proxy = inner._proxy(None, doc, field_name)
+    bucket = proxy._bucket()
+    await bucket.ensure_indexes()
+    files_doc = await bucket.upload(
+        data, filename=filename, metadata=proxy._metadata(content_type, metadata)
+    )
+    new_id = files_doc["_id"]
+    values = getattr(doc, field_name)
+    if doc.pk is not None and not doc._created:
+        id_field = doc._meta["id_field"]
+        query = {"_id": doc._fields[id_field].to_mongo(doc.pk)}
+        try:
+            result = await doc.__class__._get_collection().update_one(
+                query, {"$push": {field.db_field: new_id}}
+            )
+        except BaseException:
+            await asyncio.shield(bucket.delete(new_id))
+            raise
+        if result.matched_count == 0:
+            await bucket.delete(new_id)
+            raise FileConflict(
+                f"{type(doc).__name__} {doc.pk!r} is no longer stored; the file was not added."
+            )
+        proxy.grid_id, proxy._files_doc = new_id, files_doc
+        list.append(values, proxy)  # the database already has it
+    else:
+        proxy.grid_id, proxy._files_doc = new_id, files_doc
+        values.append(proxy)
+    return proxy
 
 
 def _bucket_for(proxy: FileProxy) -> GridBucket:
