@@ -1,0 +1,47 @@
+"""Sphinx configuration for the asyncassets documentation.
+
+Build it with ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
+Nothing here reaches the network: intersphinx stays off on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Document the source tree next to this directory, not whatever is installed.
+sys.path.insert(0, os.path.abspath(".."))
+
+import asyncassets
+
+project = "asyncassets"
+author = "the asyncassets developers"
+copyright = "2026, the asyncassets developers"
+release = asyncassets.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.viewcode",
+]
+
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+root_doc = "index"
+nitpicky = False
+default_role = "literal"
+pygments_style = "sphinx"
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_default_options = {
+    "show-inheritance": True,
+}
+# Optional extras must not break the build where they are not installed.
+autodoc_mock_imports: list[str] = []
+
+html_theme = "alabaster"
+html_theme_options = {
+    "description": "Async MongoDB documents that carry files",
+    "fixed_sidebar": True,
+}
+html_static_path: list[str] = []
