@@ -3,12 +3,14 @@
 :class:`EmbeddedServer` runs a real ``mongod`` when one is on ``PATH`` and
 otherwise SecantusDB (``pip install 'asyncassets[embedded]'``), a MongoDB
 wire-protocol server that installs from PyPI. Either way the server is a
-separate process listening on ``127.0.0.1`` only; asyncassets never imports it.
+separate process listening on ``127.0.0.1`` only; asyncassets never imports it::
 
->>> from asyncassets.embedded import EmbeddedServer
->>> with EmbeddedServer() as server:          # in memory: gone when stopped
-...     asyncassets.connect(server.uri + "zoo")
-...     ...
+    import asyncassets
+    from asyncassets.embedded import EmbeddedServer
+
+    with EmbeddedServer() as server:          # in memory: gone when stopped
+        asyncassets.connect(server.uri + "zoo")
+        ...
 
 For data that should outlive the process, give a directory; it is created if
 missing and reopened intact by the next start, even after a crash::
@@ -227,10 +229,12 @@ class EmbeddedServer:
         for an ephemeral server.
     :param startup_timeout: seconds :meth:`start` waits for the server to answer.
     :raises EmbeddedServerError: no server binary could be found.
+    :raises ValueError: ``port`` is not between 1 and 65535.
 
-    >>> with EmbeddedServer() as server:
-    ...     server.uri
-    'mongodb://127.0.0.1:...'
+    Usage::
+
+        with EmbeddedServer() as server:
+            client = pymongo.MongoClient(server.uri)   # mongodb://127.0.0.1:PORT/
     """
 
     def __init__(

@@ -155,11 +155,11 @@ async def asyncassets_db(
 async def asyncassets_connect(
     asyncassets_server_uri: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[[str], Any]]:
-    """A factory that registers extra aliases, each to a fresh database.
+    """A factory that registers extra aliases, each to a fresh database::
 
-    >>> async def test_two(asyncassets_db, asyncassets_connect):
-    ...     archive = asyncassets_connect("archive")   # no await: no I/O yet
-    ...     await archive.things.insert_one({"x": 1})
+        async def test_two(asyncassets_db, asyncassets_connect):
+            archive = asyncassets_connect("archive")   # no await: no I/O yet
+            await archive.things.insert_one({"x": 1})
 
     :raises ValueError: (from the factory) the alias is already registered.
     """
