@@ -17,8 +17,7 @@ import asyncio
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
-
-from pymongo.uri_parser import parse_uri
+from urllib.parse import unquote_plus
 
 from . import _driver
 from .errors import ConnectionNotRegistered, WrongEventLoop
@@ -68,9 +67,13 @@ def _db_name_from(host: str | None, db: str | None) -> str:
     if db:
         return db
     if host and "://" in host:
-        parsed = parse_uri(host, validate=False, warn=True)
-        if parsed.get("database"):
-            return str(parsed["database"])
+        # Read the path by hand: parse_uri resolves mongodb+srv:// names, which is
+        # blocking I/O that the client itself defers to first use.
+        rest = host.split("://", 1)[1]
+        path = rest.split("/", 1)[1] if "/" in rest else ""
+        name = unquote_plus(path.split("?", 1)[0])
+        if name:
+            return name
     return DEFAULT_DB
 
 
@@ -104,10 +107,8 @@ def connect(
         raise ValueError("connect() takes either client= or host=/client options, not both.")
     if client is not None:
         _driver.validate_client(client)
-        db_name = db or _db_name_from(None, None)
-        if db is None:
-            default = getattr(client, "_default_database_name", None)
-            db_name = default or db_name
+        # get_default_database does no I/O, and both drivers have it.
+        db_name = db or str(client.get_default_database(DEFAULT_DB).name)
     else:
         db_name = _db_name_from(host, db)
 
@@ -149,10 +150,9 @@ def get_client(alias: str = DEFAULT_ALIAS) -> Any:
     loop = _running_loop()
     if conn.given is not None:
         if loop is not None:
-            bound = conn.given_loop() if conn.given_loop is not None else None
-            if bound is None or bound.is_closed():
+            if conn.given_loop is None:
                 conn.given_loop = weakref.ref(loop)
-            elif bound is not loop:
+            elif conn.given_loop() is not loop:
                 raise WrongEventLoop(
                     f"The client registered as {alias!r} belongs to another event loop. "
                     "Pass host= to connect() so asyncassets builds one client per loop, "

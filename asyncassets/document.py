@@ -14,6 +14,7 @@ touches the database: here it is a coroutine that goes through PyMongo's async A
 from __future__ import annotations
 
 import re
+import weakref
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import mongoengine
@@ -40,13 +41,10 @@ __all__ = ["Document", "DynamicDocument", "DynamicEmbeddedDocument", "EmbeddedDo
 
 D = TypeVar("D", bound="Document")
 
-# EmbeddedDocument has no database I/O of its own, so mongoengine's class is used
-# as it is: EmbeddedDocumentField checks issubclass against it.
-EmbeddedDocument = mongoengine.EmbeddedDocument
-DynamicEmbeddedDocument = mongoengine.DynamicEmbeddedDocument
 
-# Indexes are ensured once per (client, database, collection); see ensure_indexes.
-_indexed: set[tuple[int, str, str]] = set()
+# Indexes are ensured once per client, database and collection; see ensure_indexes.
+# Weak on the client, so a new client reusing a dead one's id() starts afresh.
+_indexed: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
 
 
 def _disable_auto_dereference(field: Any) -> None:
@@ -58,6 +56,27 @@ def _disable_auto_dereference(field: Any) -> None:
     inner = getattr(field, "field", None)
     if inner is not None:
         _disable_auto_dereference(inner)
+
+
+class EmbeddedDocument(mongoengine.EmbeddedDocument):
+    """Base class of documents stored inside other documents.
+
+    mongoengine's class (so ``EmbeddedDocumentField`` accepts it), with reference
+    fields that never dereference on attribute access.
+    """
+
+    meta: ClassVar[dict[str, Any]] = {"abstract": True}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for field in cls._fields.values():
+            _disable_auto_dereference(field)
+
+
+class DynamicEmbeddedDocument(EmbeddedDocument, mongoengine.DynamicEmbeddedDocument):  # type: ignore[misc]
+    """An :class:`EmbeddedDocument` that also stores undeclared attributes."""
+
+    meta: ClassVar[dict[str, Any]] = {"abstract": True}
 
 
 class Document(mongoengine.Document):
@@ -90,6 +109,13 @@ class Document(mongoengine.Document):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _bind_files(self)
+
+    @classmethod
+    def _from_son(
+        cls, son: dict[str, Any], _auto_dereference: bool = False, created: bool = False
+    ) -> Any:
+        # mongoengine's default (True) would switch blocking dereferencing back on.
+        return super()._from_son(son, _auto_dereference=False, created=created)
 
     # -- where the data lives ---------------------------------------------------
 
@@ -138,24 +164,27 @@ class Document(mongoengine.Document):
         ):
             opts = {k: v for k, v in index_opts.items() if k != "cls"}
             await collection.create_index("_cls", background=background, **opts)
-        _indexed.add(cls._index_key())
+        cls._indexed_here().add(cls._index_key())
 
     @classmethod
-    def _index_key(cls) -> tuple[int, str, str]:
-        db = cls._get_db()
-        return (id(get_client(cls._alias())), db.name, cls._get_collection_name())
+    def _indexed_here(cls) -> set[tuple[str, str]]:
+        return _indexed.setdefault(get_client(cls._alias()), set())
+
+    @classmethod
+    def _index_key(cls) -> tuple[str, str]:
+        return (cls._get_db().name, cls._get_collection_name())
 
     @classmethod
     async def _ensure_indexes_once(cls) -> None:
         if not cls._meta.get("auto_create_index", True):
             return
-        if cls._index_key() not in _indexed:
+        if cls._index_key() not in cls._indexed_here():
             await cls.ensure_indexes()
 
     @classmethod
     async def drop_collection(cls) -> None:
         """Drop this class's collection (its files are not touched)."""
-        _indexed.discard(cls._index_key())
+        cls._indexed_here().discard(cls._index_key())
         await cls._get_collection().drop()
 
     # -- persistence ------------------------------------------------------------
@@ -268,10 +297,7 @@ class Document(mongoengine.Document):
             raise self.DoesNotExist("Document does not exist")
         for name in obj._data:
             if not fields or name in fields:
-                try:
-                    setattr(self, name, self._reload(name, obj[name]))
-                except (KeyError, AttributeError):
-                    setattr(self, name, self._reload(name, obj._data.get(name)))
+                setattr(self, name, self._reload(name, obj._data.get(name)))
         self._changed_fields = list(set(self._changed_fields) - set(fields)) if fields else []
         self._created = False
         _bind_files(self)
@@ -298,7 +324,7 @@ class Document(mongoengine.Document):
         if updated is None:
             return False
         for name in self._fields_ordered:
-            setattr(self, name, self._reload(name, updated[name]))
+            setattr(self, name, self._reload(name, updated._data.get(name)))
         self._changed_fields = []
         self._created = False
         _bind_files(self)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pymongo
+from mongoengine.base import BaseDocument
 from mongoengine.errors import NotUniqueError, OperationError
 from mongoengine.queryset import transform
 from mongoengine.queryset.visitor import Q, QNode
@@ -238,7 +239,9 @@ class QuerySet(Generic[T]):
 
     async def to_list(self, length: int | None = None) -> list[T]:
         """Every matching document (at most ``length``), as a list."""
-        qs = self if length is None else self.limit(length)
+        qs = self
+        if length is not None:
+            qs = self.limit(length if self._limit is None else min(length, self._limit))
         if qs._limit == 0:
             return []
         docs = [qs._build(son) async for son in qs._cursor()]
@@ -310,7 +313,8 @@ class QuerySet(Generic[T]):
         :returns: the documents with their ids set (or the ids, with ``load_bulk=False``).
         :raises NotUniqueError: a unique index refused one of them.
         """
-        single = not isinstance(docs, Iterable) or isinstance(docs, Mapping)
+        # Documents iterate over their field names, so test for one first.
+        single = isinstance(docs, BaseDocument) or not isinstance(docs, Iterable)
         items = [docs] if single else list(docs)  # type: ignore[list-item]
         for doc in items:
             if not isinstance(doc, self._document):
@@ -356,14 +360,14 @@ class QuerySet(Generic[T]):
         result = await self._collection.update_many(
             self._query, self._update_doc(update), upsert=upsert
         )
-        return int(result.matched_count)
+        return _touched(result)
 
     async def update_one(self, upsert: bool = False, **update: Any) -> int:
         """Update the first matching document. :returns: 0 or 1."""
         result = await self._collection.update_one(
             self._query, self._update_doc(update), upsert=upsert
         )
-        return int(result.matched_count)
+        return _touched(result)
 
     async def modify(
         self, upsert: bool = False, remove: bool = False, new: bool = False, **update: Any
@@ -373,6 +377,8 @@ class QuerySet(Generic[T]):
         :param new: return the document as it is after the update (default: before).
         :returns: the document, or ``None`` when nothing matched.
         """
+        if remove and new:
+            raise OperationError("Conflicting parameters: remove and new")
         sort = self._sort()
         if remove:
             son = await self._collection.find_one_and_delete(self._query, sort=sort)
@@ -399,11 +405,11 @@ class QuerySet(Generic[T]):
 
         collection = with_write_concern(self._collection, write_concern)
         paths = cascade_paths(self._document)
-        if not paths:
+        if not paths and self._limit is None and not self._skip:
             return int((await collection.delete_many(self._query)).deleted_count)
 
         deleted = 0
-        projection = dict.fromkeys(paths, 1)
+        projection = dict.fromkeys(paths or ["_id"], 1)
         if self._document._meta.get("allow_inheritance"):
             projection["_cls"] = 1
         qs = self._clone()
@@ -449,6 +455,11 @@ class QuerySet(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<QuerySet {self._document.__name__} {self._query!r}>"
+
+
+def _touched(result: Any) -> int:
+    """Documents an update matched, counting one it upserted (as mongoengine does)."""
+    return int(result.matched_count) + (1 if result.upserted_id is not None else 0)
 
 
 def with_write_concern(collection: Any, write_concern: Mapping[str, Any] | None) -> Any:

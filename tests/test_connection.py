@@ -148,11 +148,6 @@ def test_db_name_defaults_when_uri_names_none(closed_port, sync_cleanup):
     assert get_db("conn_c").name == "asyncassets"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connection._db_name_from calls pymongo.uri_parser.parse_uri, which resolves "
-    "mongodb+srv:// SRV records (blocking DNS) inside connect()",
-)
 def test_connect_with_srv_uri_does_no_dns_lookup(sync_cleanup):
     # PyMongo's own AsyncMongoClient defers SRV resolution to the first operation.
     connect(host="mongodb+srv://cluster0.example.invalid/srvdb", alias="conn_srv")
@@ -194,11 +189,6 @@ async def test_connect_with_client_takes_db_name_from_its_uri(asyncassets_server
         await client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connection.connect reads client._default_database_name, which Motor clients "
-    "do not expose (it lives on client.delegate), so the URI's database is ignored",
-)
 async def test_connect_with_motor_client_takes_db_name_from_its_uri(
     asyncassets_server_uri, cleanup
 ):
@@ -515,11 +505,6 @@ def test_given_client_used_from_another_live_loop_raises_wrong_event_loop(
         first_loop.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connection.get_client rebinds a given client to the new loop once the loop "
-    "it was bound to is closed; PyMongo then fails with a bare RuntimeError",
-)
 def test_given_client_used_after_its_loop_ended_raises_wrong_event_loop(
     asyncassets_server_uri, sync_cleanup
 ):

@@ -503,11 +503,6 @@ async def test_fetch_related_loads_reference(asyncassets_db):
     assert book._data["author"].name == "Ann"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QuerySet._build calls mongoengine's _from_son with _auto_dereference=True, "
-    "which switches auto-dereferencing back on for the class's fields",
-)
 async def test_reference_attribute_access_does_no_io_and_returns_dbref(asyncassets_db):
     author = await DocAuthor(name="Ann").save()
     await DocBook(title="B", author=author).save()
@@ -545,11 +540,6 @@ async def test_fetch_related_loads_list_of_references(asyncassets_db):
     assert all(isinstance(a, DocAuthor) for a in book._data["coauthors"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reload() reads obj[name] on a document built by _from_son with "
-    "_auto_dereference=True, so the reference is dereferenced synchronously and fails",
-)
 async def test_reload_document_with_reference(asyncassets_db):
     author = await DocAuthor(name="Ann").save()
     book = await DocBook(title="B", author=author).save()
@@ -561,11 +551,6 @@ async def test_reload_document_with_reference(asyncassets_db):
     assert book._data["author"].id == author.id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modify() reads updated[name] on a document built by _from_son with "
-    "_auto_dereference=True, so the reference is dereferenced synchronously and fails",
-)
 async def test_modify_document_with_reference(asyncassets_db):
     author = await DocAuthor(name="Ann").save()
     book = await DocBook(title="B", author=author).save()
@@ -584,11 +569,6 @@ class DocFilm(Document):
     credit = EmbeddedDocumentField(DocCredit)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EmbeddedDocument is mongoengine's class unchanged, so ReferenceFields inside "
-    "embedded documents keep auto-dereferencing (a coroutine handed to _from_son)",
-)
 async def test_reference_inside_embedded_document_access_does_no_io(asyncassets_db):
     author = await DocAuthor(name="Ann").save()
     await DocFilm(credit=DocCredit(who=author)).save()
@@ -619,11 +599,6 @@ def test_declaring_a_class_switches_reference_auto_dereferencing_off():
     assert DocFreshBook._fields["coauthors"].field._auto_dereference is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QuerySet._build calls mongoengine's _from_son with _auto_dereference=True, "
-    "which switches auto-dereferencing back on for the class's fields",
-)
 async def test_loading_a_document_keeps_reference_auto_dereferencing_off(asyncassets_db):
     class DocLoadedBook(Document):
         author = ReferenceField(DocAuthor)

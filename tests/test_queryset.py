@@ -329,11 +329,6 @@ async def test_to_list_with_length(zoo):
     assert await QsAnimal.objects.to_list(length=0) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QuerySet.to_list(length) calls self.limit(length), replacing a smaller "
-    "limit already set on the queryset",
-)
 async def test_to_list_length_never_exceeds_the_querysets_limit(zoo):
     assert len(await QsAnimal.objects.limit(2).to_list(length=4)) == 2
 
@@ -389,11 +384,6 @@ async def test_delete_returns_count_and_leaves_the_others(zoo):
     assert await QsAnimal.objects(legs=4).delete() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QuerySet.delete ignores limit/skip for classes without FileFields "
-    "(delete_many(self._query)), deleting every match",
-)
 async def test_delete_respects_limit(zoo):
     assert await QsAnimal.objects.order_by("weight").limit(2).delete() == 2
 
@@ -465,11 +455,6 @@ async def test_insert_empty_list_returns_empty_list(asyncassets_db):
     assert await QsAnimal.objects.insert([]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QuerySet.insert treats a single Document as an Iterable (BaseDocument "
-    "defines __iter__ over field names) and raises TypeError",
-)
 async def test_insert_single_document(asyncassets_db):
     doc = QsAnimal(name="solo")
 
@@ -552,11 +537,6 @@ async def test_modify_without_update_or_remove_raises_operation_error(zoo):
     assert await zoo.animals.count_documents({}) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QuerySet.modify ignores new=True when remove=True instead of raising "
-    "OperationError('Conflicting parameters: remove and new') as mongoengine does",
-)
 async def test_modify_remove_with_new_raises_operation_error(zoo):
     with pytest.raises(OperationError, match="Conflicting parameters"):
         await QsAnimal.objects(name="owl").modify(remove=True, new=True)
