@@ -1,0 +1,257 @@
+"""Shared plumbing for the benchmarks: timing, statistics, command counting, tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pymongo import monitoring
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor()
+    mem = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / MiB:.1f} GiB"
+    except OSError:
+        pass
+    import gridfs  # noqa: F401
+    import mongoengine
+    import pymongo
+
+    try:
+        secantus = subprocess.run(
+            [sys.executable, "-m", "pip", "show", "secantusdb"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        secantus_version = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in secantus.splitlines()
+                if ln.startswith("Version")
+            ),
+            "?",
+        )
+    except (OSError, subprocess.SubprocessError):
+        secantus_version = "?"
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory": mem,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "pymongo": pymongo.version,
+        "mongoengine": mongoengine.__version__
+        if hasattr(mongoengine, "__version__")
+        else mongoengine.get_version(),
+        "secantusdb": secantus_version,
+        "commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+class Timer:
+    """``with Timer() as t: ...``; then ``t.seconds``."""
+
+    def __enter__(self) -> Timer:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+
+class CommandCounter(monitoring.CommandListener):
+    """Counts commands per (name, collection) and the documents the server returned.
+
+    Register it on a client (``event_listeners=[counter]``), then ``reset()`` before
+    the part to measure. ``chunks_returned`` counts the documents in ``find``/``getMore``
+    replies on a ``*.chunks`` collection: the GridFS chunks actually transferred.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.reset()
+
+    def reset(self) -> None:
+        self.commands: Counter[tuple[str, str]] = Counter()
+        self._pending: dict[int, str] = {}
+        self.chunks_returned = 0
+        self.docs_returned: Counter[str] = Counter()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if not self.enabled:
+            return
+        name = event.command_name
+        coll = event.command.get(name)
+        if name == "getMore":
+            coll = event.command.get("collection")
+        coll = coll if isinstance(coll, str) else ""
+        self.commands[(name, coll)] += 1
+        self._pending[event.request_id] = coll
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        coll = self._pending.pop(event.request_id, None)
+        if coll is None or event.command_name not in ("find", "getMore"):
+            return
+        cursor = event.reply.get("cursor") or {}
+        batch = cursor.get("firstBatch", cursor.get("nextBatch", []))
+        self.docs_returned[coll] += len(batch)
+        if coll.endswith(".chunks"):
+            self.chunks_returned += len(batch)
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self._pending.pop(event.request_id, None)
+
+    @property
+    def total(self) -> int:
+        return sum(self.commands.values())
+
+    def summary(self) -> dict[str, int]:
+        return {f"{n} {c}".strip(): k for (n, c), k in sorted(self.commands.items())}
+
+
+class RssSampler:
+    """Samples this process's resident set size every few ms in a thread; keeps the peak."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> RssSampler:
+        self.start_rss = self.peak = self.rss()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start_rss
+
+
+def fmt_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    out = [line, "  ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
+    out.append(line)
+    return "\n".join(out)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "n/a"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+Progress = Callable[[str], None]
+
+
+def embedded_server(cache_size: str | None, storage_path: str | None = None) -> Any:
+    """An :class:`~asyncassets.embedded.EmbeddedServer`, with a bigger SecantusDB cache.
+
+    SecantusDB's in-memory store keeps everything in the WiredTiger cache, 1 GiB by
+    default, and fails writes with ``WT_CACHE_FULL`` beyond it, so a 1 GiB file (or
+    500 concurrent 1 MiB files plus the garbage of earlier rounds) does not fit.
+    EmbeddedServer has no option for it, so the server is started through a wrapper
+    script that ``exec``\\ s ``secantusd-py`` with ``--cache-size`` appended.
+    """
+    import shutil
+    import stat
+    import tempfile
+
+    from asyncassets.embedded import EmbeddedServer
+
+    plain = EmbeddedServer(storage_path)
+    if plain.kind != "secantusdb" or not cache_size:
+        return plain
+    wrapper_dir = Path(tempfile.mkdtemp(prefix="aa-bench-server-"))
+    wrapper = wrapper_dir / "secantusd-bench"
+    wrapper.write_text(
+        f'#!/bin/sh\nexec {shlex_quote(plain.binary)} "$@" --cache-size {shlex_quote(cache_size)}\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    server = EmbeddedServer(storage_path, binary=str(wrapper))
+    import weakref
+
+    weakref.finalize(server, shutil.rmtree, str(wrapper_dir), True)
+    return server
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)

@@ -1,0 +1,359 @@
+"""asyncassets benchmarks: one command, one in-memory server, a table and a JSON file.
+
+    python benchmarks/run.py                 # throughput, concurrency, ranged, listing, peers
+    python benchmarks/run.py --quick         # a fast smoke run (smaller, fewer rounds, no peers)
+    python benchmarks/run.py --memory        # also memory at 128 MiB, 512 MiB and 1 GiB
+
+Contenders alternate round by round against the same server; the results are medians
+and ratios against raw PyMongo async GridFS (``AsyncGridFSBucket``), because absolute
+MB/s on a shared machine are noise. See docs/performance.rst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # measure this tree's asyncassets
+sys.path.insert(0, str(HERE))
+
+import _harness  # noqa: E402
+from _harness import CommandCounter, MiB, fmt_table, log  # noqa: E402
+
+import asyncassets  # noqa: E402
+
+SECTIONS = ("throughput", "concurrency", "ranged", "listing", "memory", "peers")
+DB = "asyncassets_bench"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes and few rounds: a smoke run of every section but peers",
+    )
+    p.add_argument("--size-mib", type=int, default=None, help="throughput file size (64)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (7)")
+    p.add_argument("--concurrency", type=_ints, default=None, help="task counts (100,500)")
+    p.add_argument("--ranged-size-mib", type=int, default=None, help="ranged-read file (1024)")
+    p.add_argument("--listing", type=int, default=None, help="documents to list (1000)")
+    p.add_argument("--memory", action="store_true", help="run the memory section")
+    p.add_argument(
+        "--memory-sizes",
+        type=_ints,
+        default=None,
+        help="MiB streamed in and out per memory run (128,512,1024)",
+    )
+    p.add_argument(
+        "--no-memory-raw",
+        dest="memory_raw",
+        action="store_false",
+        help="skip raw PyMongo in the memory section (measured by default)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=900.0,
+        help="seconds the memory section may take; sizes left are skipped",
+    )
+    p.add_argument(
+        "--peers",
+        dest="peers",
+        action="store_true",
+        default=None,
+        help="run the peers section (default unless --quick)",
+    )
+    p.add_argument("--no-peers", dest="peers", action="store_false")
+    p.add_argument(
+        "--peer-budget", type=float, default=600.0, help="seconds for peers, installs included"
+    )
+    p.add_argument(
+        "--peer-venvs",
+        default=None,
+        help="reuse peer virtualenvs in this directory instead of a temporary one",
+    )
+    p.add_argument(
+        "--only", default=None, help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}"
+    )
+    p.add_argument(
+        "--cache-size",
+        default="8G",
+        help="SecantusDB's WiredTiger cache; its in-memory store must hold all data "
+        "(default 8G; '' for the server's own default of 1G)",
+    )
+    p.add_argument("--json", default=None, help="where to write the JSON (benchmarks/results/)")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.size_mib = a.size_mib or (16 if q else 64)
+    a.rounds = a.rounds or (3 if q else 7)
+    a.concurrency = a.concurrency or ([100] if q else [100, 500])
+    a.ranged_size_mib = a.ranged_size_mib or (64 if q else 1024)
+    a.listing = a.listing or (200 if q else 1000)
+    a.memory_sizes = a.memory_sizes or ([32, 128] if q else [128, 512, 1024])
+    if a.peers is None:
+        a.peers = not q
+    if a.only:
+        a.sections = [s.strip() for s in a.only.split(",")]
+        bad = [s for s in a.sections if s not in SECTIONS]
+        if bad:
+            p.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    else:
+        a.sections = [
+            s for s in SECTIONS if (s != "memory" or a.memory) and (s != "peers" or a.peers)
+        ]
+    return a
+
+
+async def bench(args: argparse.Namespace, uri: str, out: dict[str, Any]) -> None:
+    counter = CommandCounter()
+    asyncassets.connect(host=uri, db=DB, alias="default", event_listeners=[counter])
+    try:
+        if "throughput" in args.sections:
+            import throughput
+
+            log(f"throughput: {args.size_mib} MiB x {args.rounds} rounds")
+            out["throughput"] = await throughput.run(args.size_mib * MiB, args.rounds, log)
+        if "concurrency" in args.sections:
+            import concurrency
+
+            log(f"concurrency: {args.concurrency} tasks")
+            out["concurrency"] = await concurrency.run(
+                args.concurrency, max(1, min(args.rounds, 3)), log
+            )
+        if "ranged" in args.sections:
+            import ranged
+
+            log(f"ranged: 1 KiB from the middle of {args.ranged_size_mib} MiB")
+            out["ranged"] = await ranged.run(args.ranged_size_mib * MiB, args.rounds, counter, log)
+        if "listing" in args.sections:
+            import listing
+
+            log(f"listing: {args.listing} documents")
+            out["listing"] = await listing.run(args.listing, args.rounds, counter, log)
+        if "memory" in args.sections:
+            import memory
+
+            who = ["asyncassets", "raw"] if args.memory_raw else ["asyncassets"]
+            log(f"memory: {args.memory_sizes} MiB, {who}, budget {args.memory_budget:.0f} s")
+            out["memory"] = await asyncio.to_thread(
+                memory.run, uri, DB + "_memory", args.memory_sizes, who, args.memory_budget, log
+            )
+        if "peers" in args.sections:
+            import peers
+
+            log(f"peers: {args.size_mib} MiB, budget {args.peer_budget:.0f} s")
+            out["peers"] = await peers.run(
+                uri,
+                DB + "_peers",
+                args.size_mib,
+                args.rounds,
+                args.peer_budget,
+                args.peer_venvs,
+                log,
+            )
+    finally:
+        await asyncassets.get_client().drop_database(DB)
+        await asyncassets.disconnect()
+
+
+def report(out: dict[str, Any]) -> str:
+    parts = []
+    if "throughput" in out:
+        rows = [
+            [
+                r["op"],
+                f"{r['size_bytes'] // MiB} MiB",
+                r["raw_MBps"],
+                r["asyncassets_MBps"],
+                r["ratio"],
+            ]
+            for r in out["throughput"]
+        ]
+        parts.append(
+            "Throughput (MB/s, medians; ratio = asyncassets / raw PyMongo GridFS)\n"
+            + fmt_table(["op", "size", "raw MB/s", "asyncassets MB/s", "ratio"], rows)
+        )
+    if "concurrency" in out:
+        rows = []
+        for r in out["concurrency"]:
+            a, w = r["asyncassets"], r["raw"]
+            rows.append(
+                [
+                    r["tasks"],
+                    r["op"],
+                    w["MBps"],
+                    a["MBps"],
+                    r["ratio"],
+                    w["p50_ms"],
+                    a["p50_ms"],
+                    w["p99_ms"],
+                    a["p99_ms"],
+                    f"{w['errors']}/{a['errors']}",
+                ]
+            )
+        parts.append(
+            "Concurrency: N tasks x 1 MiB on one client (raw / asyncassets)\n"
+            + fmt_table(
+                [
+                    "tasks",
+                    "op",
+                    "raw MB/s",
+                    "aa MB/s",
+                    "ratio",
+                    "raw p50 ms",
+                    "aa p50 ms",
+                    "raw p99 ms",
+                    "aa p99 ms",
+                    "errors raw/aa",
+                ],
+                rows,
+            )
+        )
+    if "ranged" in out:
+        g = out["ranged"]
+        rows = [
+            [r["case"], r["chunks_read"], sum(r["commands"].values()), r["median_ms"]]
+            for r in g["rows"]
+        ]
+        parts.append(
+            f"Ranged read: 1 KiB at offset {g['offset']} of a {g['file_size'] // MiB} MiB "
+            f"file ({g['chunk_size'] // 1024} KiB chunks)\n"
+            + fmt_table(["case", "chunks read", "commands", "median ms"], rows)
+        )
+    if "listing" in out:
+        g = out["listing"]
+        rows = [
+            [
+                r["case"],
+                r["documents"],
+                r["files_queries"],
+                r["files_getmores"],
+                r["commands_total"],
+                r["median_ms"],
+            ]
+            for r in g["rows"]
+        ]
+        parts.append(
+            "Listing with file metadata\n"
+            + fmt_table(
+                ["case", "docs", "files find", "files getMore", "all commands", "median ms"], rows
+            )
+            + f"\nload_files speed-up: {g['speedup']:.1f}x"
+        )
+    if "memory" in out:
+        rows = []
+        for r in out["memory"]:
+            if "in" not in r:
+                rows.append(
+                    [
+                        r["size_mib"],
+                        r["contender"],
+                        r.get("skipped") or r.get("error"),
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
+                continue
+            rows.append(
+                [
+                    r["size_mib"],
+                    r["contender"],
+                    r["in"]["rss_growth_mib"],
+                    r["in"]["tracemalloc_peak_mib"],
+                    r["out"]["rss_growth_mib"],
+                    r["out"]["tracemalloc_peak_mib"],
+                    r["in"]["MBps"],
+                    r["out"]["MBps"],
+                ]
+            )
+        parts.append(
+            "Memory while streaming (MiB; RSS growth sampled every 5 ms)\n"
+            + fmt_table(
+                [
+                    "file MiB",
+                    "who",
+                    "in: RSS",
+                    "in: tracemalloc",
+                    "out: RSS",
+                    "out: tracemalloc",
+                    "in MB/s",
+                    "out MB/s",
+                ],
+                rows,
+            )
+        )
+    if "peers" in out:
+        g = out["peers"]
+        rows = [
+            [
+                r["contender"],
+                r["rounds"],
+                r["put_MBps"],
+                r["read_MBps"],
+                r["asyncassets_speedup_put"],
+                r["asyncassets_speedup_read"],
+            ]
+            for r in g["rows"]
+        ]
+        text = f"Peers, {g['size_mib']} MiB put / read (speed-up = peer time / asyncassets time)\n"
+        text += fmt_table(
+            ["contender", "rounds", "put MB/s", "read MB/s", "aa speed-up put", "aa speed-up read"],
+            rows,
+        )
+        for name, why in g["skipped"].items():
+            text += f"\nskipped {name}: {why}"
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    command = "python benchmarks/run.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    out: dict[str, Any] = {
+        "command": command.strip(),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _harness.machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+    }
+    log(f"machine: {out['machine']}")
+    t0 = time.monotonic()
+    with _harness.embedded_server(args.cache_size) as server:
+        out["machine"]["server"] = server.kind
+        out["machine"]["server_cache"] = args.cache_size
+        log(f"server: {server.kind} (in memory, cache {args.cache_size}) at {server.uri}")
+        asyncio.run(bench(args, server.uri, out))
+    out["seconds"] = time.monotonic() - t0
+    table = report(out)
+    print(table)
+    out["table"] = table
+    path = (
+        Path(args.json)
+        if args.json
+        else (HERE / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"\nJSON: {path}  ({out['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
