@@ -611,14 +611,16 @@ async def test_write_without_an_open_upload_raises_upload_closed(asyncassets_db)
         await marmot.photo.close()
 
 
-async def test_new_file_on_a_proxy_holding_a_file_raises_unless_replace(asyncassets_db):
+async def test_new_file_on_a_proxy_holding_a_file_streams_a_replacement(asyncassets_db):
+    # DESIGN.md's sketch calls new_file() on a field that already holds a file.
     marmot = FilesAnimal()
     await marmot.photo.put(b"old")
     await marmot.save()
     old_id = marmot.photo.file_id
     with pytest.raises(FileAlreadyExists):
-        marmot.photo.new_file()
-    async with marmot.photo.new_file(replace=True, content_type="text/plain"):
+        marmot.photo.new_file(replace=False)
+    assert await (await fresh(marmot)).photo.read() == b"old"
+    async with marmot.photo.new_file(content_type="text/plain"):
         marmot.photo.write(b"new")
     assert marmot.photo.file_id != old_id
     assert (await stored(marmot))["photo"] == marmot.photo.file_id
@@ -768,12 +770,6 @@ async def test_replace_and_delete_in_a_list_of_embedded_documents(asyncassets_db
     assert await bucket_state(asyncassets_db) == (1, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="persist_reference filters `pictures.image: None` and sets `pictures.$.image`: "
-    "the positional $ matches the FIRST element without a file, not the one put() was "
-    "called on (asyncassets/files/tree.py, persist_reference)",
-)
 async def test_put_into_the_second_empty_element_of_a_saved_list_of_embedded_documents(
     asyncassets_db,
 ):

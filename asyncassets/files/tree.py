@@ -31,7 +31,7 @@ __all__ = [
     "root_document",
 ]
 
-# A path segment: (db field name or dict key, True when the hop goes into an array).
+# A path segment: (db field name, dict key or list index; True for a list index).
 Segment = tuple[str, bool]
 
 
@@ -131,9 +131,8 @@ def _walk(
         yield from iter_proxies(value, path)
     elif isinstance(value, (list, tuple)):
         inner = getattr(field, "field", None)
-        head, last = path[:-1], path[-1]
-        for item in value:
-            yield from _walk(item, inner, (*head, (last[0], True)), owner, name)
+        for index, item in enumerate(value):
+            yield from _walk(item, inner, (*path, (str(index), True)), owner, name)
     elif isinstance(value, dict):
         inner = getattr(field, "field", None)
         for key, item in value.items():
@@ -163,11 +162,12 @@ def _locate(root: Any, proxy: FileProxy) -> tuple[Segment, ...] | None:
 async def persist_reference(proxy: FileProxy, old: Any, new: Any) -> bool | None:
     """Move a saved document's reference from file ``old`` to ``new`` (None: remove it).
 
+    The update names the exact path (``pages.1.image``) and is conditional on that
+    path still holding ``old``, so it can neither hit another list element nor undo
+    a concurrent change.
+
     :returns: ``True`` when the stored document was updated; ``None`` when there is
-        no stored document to update (a new document: ``save()`` will write it);
-        ``False`` when the path is too deep for one positional update (two arrays):
-        the change is then marked for the next ``save()`` and ``old`` must be kept
-        for the orphan sweep.
+        no stored document to update (a new document: ``save()`` will write it).
     :raises FileConflict: the stored document no longer holds ``old`` there.
     """
     root = root_document(proxy._instance)
@@ -176,27 +176,27 @@ async def persist_reference(proxy: FileProxy, old: Any, new: Any) -> bool | None
     path = _locate(root, proxy)
     if path is None:
         return None
-    if sum(1 for _, is_array in path if is_array) > 1:
-        owner = proxy._instance
-        if owner is not None and proxy._key:
-            owner._mark_as_changed(proxy._key)
-        return False
-    filter_path = ".".join(name for name, _ in path)
-    update_path = ".".join(f"{name}.$" if is_array else name for name, is_array in path)
+    parts = [part for part, _ in path]
+    dotted = ".".join(parts)
     id_field = root._meta["id_field"]
-    query = {"_id": root._fields[id_field].to_mongo(root.pk), filter_path: old}
+    query: dict[str, Any] = {"_id": root._fields[id_field].to_mongo(root.pk), dotted: old}
+    if old is None:
+        # A missing path matches None too: make sure the list elements exist.
+        for i, (_, is_index) in enumerate(path):
+            if is_index:
+                query[".".join(parts[: i + 1])] = {"$exists": True}
     element = path[-1][1]
     if new is not None:
-        update: dict[str, Any] = {"$set": {update_path: new}}
+        update: dict[str, Any] = {"$set": {dotted: new}}
     elif element:
-        update = {"$pull": {filter_path: old}}
+        update = {"$pull": {".".join(parts[:-1]): old}}
     else:
-        update = {"$unset": {update_path: ""}}
+        update = {"$unset": {dotted: ""}}
     result = await root.__class__._get_collection().update_one(query, update)
     if result.matched_count == 0:
         raise FileConflict(
             f"The stored {root.__class__.__name__} {root.pk!r} no longer references file "
-            f"{old!r} at {filter_path!r} (changed by another task, or deleted). "
+            f"{old!r} at {dotted!r} (changed by another task, or deleted). "
             "Reload the document and retry."
         )
     if new is None and element:
@@ -236,9 +236,7 @@ async def add_to_list(
     proxy = inner._proxy(None, doc, field_name)
     bucket = proxy._bucket()
     await bucket.ensure_indexes()
-    files_doc = await bucket.upload(
-        data, filename=filename, metadata=proxy._metadata(content_type, metadata)
-    )
+    files_doc = await proxy._store(bucket, data, content_type, filename, metadata)
     new_id = files_doc["_id"]
     values = getattr(doc, field_name)
     if doc.pk is not None and not doc._created:
