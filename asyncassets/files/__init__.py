@@ -1,0 +1,1 @@
+"""The file machinery: GridFS bucket access, streaming uploads and downloads, integrity."""
