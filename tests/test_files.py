@@ -928,17 +928,7 @@ async def test_corrupt_chunks_raise_corrupt_file(asyncassets_db, damage, problem
     "extra",
     [
         pytest.param(b"extra", id="longer-than-the-last-chunk"),
-        pytest.param(
-            b"xtra",
-            id="as-long-as-the-last-chunk",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="DownloadStream.__anext__ (asyncassets/files/bucket.py) only treats "
-                "a chunk as extra when n != the expected n; chunk n=nchunks arrives when "
-                "n == _next_n, passes the size check when it has the last chunk's size, "
-                "and its bytes are appended to what read() returns",
-            ),
-        ),
+        pytest.param(b"xtra", id="as-long-as-the-last-chunk"),
     ],
 )
 async def test_an_extra_chunk_raises_corrupt_file(asyncassets_db, extra):
