@@ -48,6 +48,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size-mib", type=int, default=None, help="throughput file size (64)")
     p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (7)")
     p.add_argument("--concurrency", type=_ints, default=None, help="task counts (100,500)")
+    p.add_argument(
+        "--concurrency-rounds",
+        type=int,
+        default=None,
+        help="rounds per task count (2; 1 with --quick)",
+    )
     p.add_argument("--ranged-size-mib", type=int, default=None, help="ranged-read file (1024)")
     p.add_argument("--listing", type=int, default=None, help="documents to list (1000)")
     p.add_argument("--memory", action="store_true", help="run the memory section")
@@ -100,6 +106,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.size_mib = a.size_mib or (16 if q else 64)
     a.rounds = a.rounds or (3 if q else 7)
     a.concurrency = a.concurrency or ([100] if q else [100, 500])
+    a.concurrency_rounds = a.concurrency_rounds or (1 if q else 2)
     a.ranged_size_mib = a.ranged_size_mib or (64 if q else 1024)
     a.listing = a.listing or (200 if q else 1000)
     a.memory_sizes = a.memory_sizes or ([32, 128] if q else [128, 512, 1024])
@@ -117,33 +124,35 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-async def bench(args: argparse.Namespace, uri: str, out: dict[str, Any]) -> None:
+async def bench_section(
+    args: argparse.Namespace, section: str, uri: str, out: dict[str, Any]
+) -> None:
     counter = CommandCounter()
     asyncassets.connect(host=uri, db=DB, alias="default", event_listeners=[counter])
     try:
-        if "throughput" in args.sections:
+        if section == "throughput":
             import throughput
 
             log(f"throughput: {args.size_mib} MiB x {args.rounds} rounds")
             out["throughput"] = await throughput.run(args.size_mib * MiB, args.rounds, log)
-        if "concurrency" in args.sections:
+        elif section == "concurrency":
             import concurrency
 
-            log(f"concurrency: {args.concurrency} tasks")
+            log(f"concurrency: {args.concurrency} tasks x {args.concurrency_rounds} rounds")
             out["concurrency"] = await concurrency.run(
-                args.concurrency, max(1, min(args.rounds, 3)), log
+                args.concurrency, args.concurrency_rounds, log
             )
-        if "ranged" in args.sections:
+        elif section == "ranged":
             import ranged
 
             log(f"ranged: 1 KiB from the middle of {args.ranged_size_mib} MiB")
             out["ranged"] = await ranged.run(args.ranged_size_mib * MiB, args.rounds, counter, log)
-        if "listing" in args.sections:
+        elif section == "listing":
             import listing
 
             log(f"listing: {args.listing} documents")
             out["listing"] = await listing.run(args.listing, args.rounds, counter, log)
-        if "memory" in args.sections:
+        elif section == "memory":
             import memory
 
             who = ["asyncassets", "raw"] if args.memory_raw else ["asyncassets"]
@@ -151,7 +160,7 @@ async def bench(args: argparse.Namespace, uri: str, out: dict[str, Any]) -> None
             out["memory"] = await asyncio.to_thread(
                 memory.run, uri, DB + "_memory", args.memory_sizes, who, args.memory_budget, log
             )
-        if "peers" in args.sections:
+        elif section == "peers":
             import peers
 
             log(f"peers: {args.size_mib} MiB, budget {args.peer_budget:.0f} s")
@@ -165,7 +174,6 @@ async def bench(args: argparse.Namespace, uri: str, out: dict[str, Any]) -> None
                 log,
             )
     finally:
-        await asyncassets.get_client().drop_database(DB)
         await asyncassets.disconnect()
 
 
@@ -335,21 +343,27 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"machine: {out['machine']}")
     t0 = time.monotonic()
-    with _harness.embedded_server(args.cache_size) as server:
-        out["machine"]["server"] = server.kind
-        out["machine"]["server_cache"] = args.cache_size
-        log(f"server: {server.kind} (in memory, cache {args.cache_size}) at {server.uri}")
-        asyncio.run(bench(args, server.uri, out))
-    out["seconds"] = time.monotonic() - t0
-    table = report(out)
-    print(table)
-    out["table"] = table
     path = (
         Path(args.json)
         if args.json
         else (HERE / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     )
     path.parent.mkdir(parents=True, exist_ok=True)
+    for section in args.sections:
+        # A fresh in-memory server per section: SecantusDB's memory only grows with the
+        # data written and deleted, and one section must not slow the next.
+        with _harness.embedded_server(args.cache_size) as server:
+            out["machine"]["server"] = server.kind
+            out["machine"]["server_cache"] = args.cache_size
+            log(f"[{section}] {server.kind} in memory, cache {args.cache_size}, {server.uri}")
+            s0 = time.monotonic()
+            asyncio.run(bench_section(args, section, server.uri, out))
+            out.setdefault("section_seconds", {})[section] = time.monotonic() - s0
+        out["seconds"] = time.monotonic() - t0
+        path.write_text(json.dumps(out, indent=2, default=str))  # partial results survive
+    table = report(out)
+    print(table)
+    out["table"] = table
     path.write_text(json.dumps(out, indent=2, default=str))
     print(f"\nJSON: {path}  ({out['seconds']:.0f} s)")
     return 0
