@@ -14,6 +14,7 @@ from mongoengine.errors import ValidationError
 
 __all__ = [
     "AsyncAssetsError",
+    "ChecksumMissing",
     "ConnectionNotRegistered",
     "CorruptFile",
     "EmbeddedServerError",
@@ -85,3 +86,10 @@ class IntegrityError(GridFSError):
 
 class FileValidationError(ValidationError, AsyncAssetsError):
     """A file was refused by a field's validation options (size, type, name, image)."""
+class ChecksumMissing(GridFSError):
+    """``verify()`` found no checksum to check a file against (legacy data).
+
+    Not an :class:`IntegrityError`: nothing is known to be wrong with the bytes.
+    """
+
+

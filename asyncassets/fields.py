@@ -11,6 +11,7 @@ Reference fields never dereference on attribute access in asyncassets documents
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from bson import ObjectId
@@ -19,6 +20,7 @@ from mongoengine.fields import *  # noqa: F403  (the re-export is the point)
 from mongoengine.fields import __all__ as _mongoengine_fields
 
 from .files.proxy import FileProxy
+from .files.validation import FilenameTemplate, UploadRules
 
 __all__ = [
     *(n for n in _mongoengine_fields if n not in {"FileField", "GridFSProxy"}),
@@ -51,6 +53,9 @@ class FileField(BaseField):
     .. code-block:: python
 
         class Animal(Document):
+    :param max_size, allowed_content_types, allowed_extensions, filename_template,
+        compress: what uploads accept and how they are stored; see
+        :class:`~asyncassets.files.validation.UploadRules` and :doc:`/validation`.
             photo = FileField(collection_name="photos")
 
         await marmot.photo.put(open("marmot.jpg", "rb"), content_type="image/jpeg")
@@ -68,8 +73,22 @@ class FileField(BaseField):
     ) -> None:
         if not isinstance(collection_name, str) or not collection_name:
             raise ValueError("FileField(collection_name=...) must be a non-empty string.")
+        *,
+        max_size: int | None = None,
+        allowed_content_types: Iterable[str] | None = None,
+        allowed_extensions: Iterable[str] | None = None,
+        filename_template: FilenameTemplate | None = None,
+        compress: str | None = None,
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(
+        # The upload options are documented in asyncassets.files.validation.UploadRules.
+        self.rules = UploadRules(
+            max_size=max_size,
+            allowed_content_types=allowed_content_types,
+            allowed_extensions=allowed_extensions,
+            filename_template=filename_template,
+            compress=compress,
+        )
                 f"FileField(chunk_size=...) must be a positive int, not {chunk_size!r}"
             )
         super().__init__(**kwargs)

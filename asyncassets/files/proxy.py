@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 from ..connection import DEFAULT_ALIAS, get_db
 from ..errors import FileAlreadyExists, FileNotFound, FileNotLoaded, GridFSError, UploadClosed
 from .bucket import GridBucket
+from .integrity import compression_of, iter_original, original_length, original_sha256
+from .integrity import read_original as _read_original
+from .integrity import verify_file as _verify_file
+from .validation import guarded_close, guarded_upload, guarded_write, make_guard
 
 if TYPE_CHECKING:
     from ..fields import FileField
@@ -39,7 +43,7 @@ _SPEC_KEYS = frozenset(
     }
 )
 # Metadata keys asyncassets keeps for itself; exposed as attributes, not in .metadata.
-_INTERNAL_KEYS = frozenset({"sha256"})
+_INTERNAL_KEYS = frozenset({"sha256", "compression"})
 
 
 class FileConflict(GridFSError):
@@ -87,6 +91,7 @@ class FileProxy:
         self._upload_replaces: bool = False
         self._encoding: str | None = None
         self._position = 0
+        self._guard: Any = None  # the checks of the streaming upload in progress
 
     # -- where it lives ---------------------------------------------------------
 
@@ -182,9 +187,9 @@ class FileProxy:
 
     @property
     def length(self) -> int | None:
-        """Size in bytes."""
+        """Size in bytes (of the original bytes, for a compressed file)."""
         doc = self._doc()
-        return None if doc is None else int(doc["length"])
+        return None if doc is None else original_length(doc)
 
     @property
     def upload_date(self) -> dt.datetime | None:
@@ -202,10 +207,18 @@ class FileProxy:
     def sha256(self) -> str | None:
         """Hex SHA-256 of the bytes, recorded at upload (``None`` for legacy files)."""
         doc = self._doc()
-        if doc is None:
-            return None
-        value = (doc.get("metadata") or {}).get("sha256")
-        return None if value is None else str(value)
+        return None if doc is None else original_sha256(doc)
+
+    async def verify(self) -> bool | None:
+        """Re-read the file and check it against the checksum recorded at upload.
+
+        :returns: ``True``; ``None`` when the field holds no file.
+        :raises IntegrityError: the bytes no longer match (the message names the file).
+        :raises ChecksumMissing: a legacy file with no checksum to check against.
+        :raises FileNotFound: the referenced file is missing.
+        """
+        doc = await self._fetch()
+        return None if doc is None else await _verify_file(self._bucket(), doc)
 
     @property
     def loaded(self) -> bool:
@@ -232,20 +245,31 @@ class FileProxy:
 
     # -- reading ----------------------------------------------------------------
 
-    async def read(self, size: int = -1) -> bytes | None:
+    async def read(self, size: int = -1, verify: bool = False) -> bytes | None:
         """Read the file.
 
         ``read()`` returns the whole content, whatever the position (a second call
         returns it again); ``read(n)`` returns up to ``n`` bytes from the current
         position and advances it (see :meth:`seek`).
 
+        :param verify: check the bytes against the recorded checksum as they are
+            read (the whole file is read, even for ``read(n)``).
         :returns: the bytes, or ``None`` when the field holds no file.
         :raises FileNotFound: the referenced file is missing from its bucket.
         :raises CorruptFile: its chunks do not match its files document.
+        :raises IntegrityError: ``verify`` and the bytes do not match.
+        :raises ChecksumMissing: ``verify`` on a file without a recorded checksum.
         """
         doc = await self._fetch()
         if doc is None:
             return None
+        if verify or compression_of(doc):
+            length = original_length(doc)
+            start = 0 if size is None or size < 0 else min(self._position, length)
+            end = length if size is None or size < 0 else min(start + size, length)
+            data = await _read_original(self._bucket(), doc, start, end, verify=verify)
+            self._position = end
+            return data
         if size is None or size < 0:
             data = await self._bucket().read(doc)
             self._position = len(data)
@@ -256,18 +280,27 @@ class FileProxy:
         self._position = end
         return data
 
-    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def stream(
+        self, start: int = 0, end: int | None = None, verify: bool = False
+    ) -> AsyncIterator[bytes]:
         """Yield the bytes ``[start, end)`` in chunk-sized pieces, in O(chunk) memory.
 
-        Only the chunks covering the range are fetched.
+        Only the chunks covering the range are fetched (a compressed file is
+        decompressed from its start).
 
+        :param verify: hash every byte of the file as it passes and raise
+            :class:`~asyncassets.errors.IntegrityError` after the last piece if it
+            does not match the recorded checksum.
         :raises ValueError: the range is outside the file.
         :raises FileNotFound: the referenced file is missing.
         """
         doc = await self._fetch()
         if doc is None:
             return
-        download = self._bucket().open_download(doc, start=start, end=end)
+        if verify or compression_of(doc):
+            download = iter_original(self._bucket(), doc, start, end, verify=verify)
+        else:
+            download = self._bucket().open_download(doc, start=start, end=end)
         try:
             async for piece in download:
                 yield piece
@@ -306,12 +339,15 @@ class FileProxy:
         doc = await self._fetch()
         if doc is None:
             return b""
-        length, chunk_size = int(doc["length"]), int(doc["chunkSize"])
+        length, chunk_size = original_length(doc), int(doc["chunkSize"])
         start = min(self._position, length)
         end = min(length, (start // chunk_size + 1) * chunk_size)
         if start >= end:
             return b""
-        data = await self._bucket().read(doc, start=start, end=end)
+        if compression_of(doc):
+            data = await _read_original(self._bucket(), doc, start, end)
+        else:
+            data = await self._bucket().read(doc, start=start, end=end)
         self._position = end
         return data
 
@@ -359,11 +395,22 @@ class FileProxy:
         self._refuse_if_full("put()")
         bucket = self._bucket()
         await bucket.ensure_indexes()
-        doc = await bucket.upload(
-            data, filename=filename, metadata=self._metadata(content_type, metadata)
-        )
+        doc = await self._store(bucket, data, content_type, filename, metadata)
         await self._commit(doc, previous=None)
         return self
+
+    async def _store(
+        self,
+        bucket: GridBucket,
+        data: Any,
+        content_type: str | None,
+        filename: str | None,
+        metadata: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Upload ``data`` through the field's checks (see :mod:`.validation`)."""
+        return await guarded_upload(
+            self, bucket, data, content_type, filename, self._metadata(None, metadata)
+        )
 
     async def replace(
         self,
@@ -387,9 +434,7 @@ class FileProxy:
             )
         bucket = self._bucket()
         await bucket.ensure_indexes()
-        doc = await bucket.upload(
-            data, filename=filename, metadata=self._metadata(content_type, metadata)
-        )
+        doc = await self._store(bucket, data, content_type, filename, metadata)
         await self._commit(doc, previous=self.grid_id)
         return self
 
@@ -462,9 +507,10 @@ class FileProxy:
             raise GridFSError("new_file(): a streaming upload is already open on this field.")
         if self.grid_id is not None and not replace:
             self._refuse_if_full("new_file()")
-        meta = self._metadata(content_type, metadata)
+        guard = make_guard(self, content_type, filename, self._metadata(None, metadata))
         bucket = self._bucket()
-        self._upload = bucket.open_upload(filename=filename, metadata=meta)
+        self._upload = bucket.open_upload(filename=guard.filename, metadata=guard.metadata)
+        self._guard = guard
         self._upload_replaces = self.grid_id is not None
         self._encoding = encoding
         return NewFile(self, bucket)
@@ -496,7 +542,7 @@ class FileProxy:
         :raises TypeError: ``data`` is not bytes (or ``str`` with an encoding).
         """
         stream = self._stream("write()")
-        stream.write_nowait(self._as_bytes(data))
+        guarded_write(self._guard, stream, self._as_bytes(data))
         return _Flush(stream)
 
     async def writelines(self, lines: Iterable[bytes | str]) -> None:
@@ -512,7 +558,7 @@ class FileProxy:
         """
         stream = self._stream("close()")
         try:
-            doc = await stream.close()
+            doc = await guarded_close(self._guard, stream, self._bucket())
         except BaseException:
             self._upload = None
             await asyncio.shield(stream.abort())

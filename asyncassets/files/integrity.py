@@ -1,0 +1,250 @@
+"""Checksums and transparent compression of stored files.
+
+Every upload records in the files document's ``metadata``:
+
+``sha256``
+    the SHA-256 (hex) of the bytes stored in the chunks, computed by the bucket
+    while the upload streams.
+``compression`` (only for files of a ``compress="gzip"`` field)
+    ``{"codec": "gzip", "length": <original length>, "sha256": <original SHA-256>}``.
+    The chunks then hold one gzip member and the files document's ``length`` is its
+    size, so the document stays valid for every GridFS driver (``gunzip`` reads
+    what they return); the proxy's ``length`` and ``sha256`` describe the original
+    bytes.
+
+This module reads those files back (decompressing, checking on the fly) and
+verifies them. Files written by others without a ``sha256`` are checked against
+their GridFS ``md5`` when they have one; with neither,
+:func:`verify_file` raises :class:`~asyncassets.errors.ChecksumMissing`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from ..errors import ChecksumMissing, CorruptFile, IntegrityError
+from .bucket import GridBucket
+
+__all__ = [
+    "compression_of",
+    "expected_digest",
+    "iter_original",
+    "original_length",
+    "original_sha256",
+    "read_original",
+    "verify_file",
+]
+
+# Decompressed output is produced in pieces of at most this size, so a small
+# stored file that inflates to gigabytes never sits in memory whole.
+_OUT_PIECE = 1024 * 1024
+
+
+def compression_of(doc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``metadata.compression`` of a files document, or ``None``."""
+    info = (doc.get("metadata") or {}).get("compression")
+    return info if isinstance(info, dict) and info.get("codec") else None
+
+
+def original_length(doc: Mapping[str, Any]) -> int:
+    """The length of the original bytes (before compression)."""
+    info = compression_of(doc)
+    return int(info["length"]) if info else int(doc["length"])
+
+
+def original_sha256(doc: Mapping[str, Any]) -> str | None:
+    """The SHA-256 of the original bytes, or ``None`` when none was recorded."""
+    info = compression_of(doc)
+    value = info.get("sha256") if info else (doc.get("metadata") or {}).get("sha256")
+    return None if value is None else str(value)
+
+
+def expected_digest(doc: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(algorithm, hex digest)`` to check the stored bytes against, or ``None``.
+
+    The recorded ``metadata.sha256``; else the GridFS ``md5`` that older drivers,
+    mongoengine and mongomotor wrote.
+    """
+    meta = doc.get("metadata") or {}
+    if meta.get("sha256"):
+        return "sha256", str(meta["sha256"])
+    if doc.get("md5") and not compression_of(doc):
+        return "md5", str(doc["md5"])
+    return None
+
+
+def _describe(bucket: GridBucket, doc: Mapping[str, Any]) -> str:
+    name = doc.get("filename")
+    named = f" ({name!r})" if name else ""
+    return f"file {doc.get('_id')!r}{named} in bucket {bucket.name!r}"
+
+
+def _mismatch(bucket: GridBucket, doc: Mapping[str, Any], what: str) -> IntegrityError:
+    exc = IntegrityError(
+        f"{_describe(bucket, doc)} failed verification: {what}. Its bytes changed "
+        "after upload; restore it from a backup or upload it again."
+    )
+    exc.file_id = doc.get("_id")  # type: ignore[attr-defined]
+    return exc
+
+
+def _nothing_to_check(bucket: GridBucket, doc: Mapping[str, Any]) -> ChecksumMissing:
+    exc = ChecksumMissing(
+        f"{_describe(bucket, doc)} has no recorded checksum (no metadata.sha256 and no "
+        "md5): it was written by another tool or an older version, so there is "
+        "nothing to verify it against. Upload it again to record one."
+    )
+    exc.file_id = doc.get("_id")  # type: ignore[attr-defined]
+    return exc
+
+
+async def _stored_pieces(bucket: GridBucket, doc: Mapping[str, Any]) -> AsyncIterator[bytes]:
+    async with bucket.open_download(doc) as download:
+        async for piece in download:
+            yield piece
+
+
+async def _inflate(
+    bucket: GridBucket, doc: Mapping[str, Any], pieces: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    decompressor = zlib.decompressobj(31)
+    try:
+        async for piece in pieces:
+            data = piece
+            while data:
+                out = decompressor.decompress(data, _OUT_PIECE)
+                data = decompressor.unconsumed_tail
+                if out:
+                    yield out
+        out = decompressor.flush()
+    except zlib.error as exc:
+        raise _mismatch(bucket, doc, f"its gzip data cannot be decompressed ({exc})") from exc
+    if out:
+        yield out
+    if not decompressor.eof or decompressor.unused_data:
+        raise _mismatch(bucket, doc, "its gzip data is truncated or followed by extra bytes")
+
+
+async def iter_original(
+    bucket: GridBucket,
+    doc: Mapping[str, Any],
+    start: int = 0,
+    end: int | None = None,
+    *,
+    verify: bool = False,
+) -> AsyncIterator[bytes]:
+    """Yield the original bytes ``[start, end)`` of a file: decompressed, checked.
+
+    With ``verify``, every byte of the file is hashed as it passes and
+    :class:`~asyncassets.errors.IntegrityError` is raised after the last piece if
+    the digest differs from the recorded one; a range read then reads the whole
+    file (the digest covers all of it) but yields only the range. A compressed
+    file is always decompressed from its first byte.
+
+    :raises ValueError: the range is outside the file.
+    :raises ChecksumMissing: ``verify`` on a file without a recorded checksum.
+    :raises IntegrityError: the bytes do not match (or, compressed, do not inflate).
+    :raises CorruptFile: chunks are missing or of the wrong size.
+    """
+    info = compression_of(doc)
+    length = original_length(doc)
+    end = length if end is None else end
+    if not 0 <= start <= end <= length:
+        raise ValueError(
+            f"invalid range start={start}, end={end} for {_describe(bucket, doc)} of "
+            f"{length} bytes: need 0 <= start <= end <= {length}"
+        )
+    expected: tuple[str, str] | None = None
+    if verify:
+        if info:
+            if info.get("sha256"):
+                expected = ("sha256", str(info["sha256"]))
+        else:
+            expected = expected_digest(doc)
+        if expected is None:
+            raise _nothing_to_check(bucket, doc)
+    if info is None and expected is None:
+        # Plain file, no check: a ranged read fetches only the chunks it needs.
+        async with bucket.open_download(doc, start=start, end=end) as download:
+            async for piece in download:
+                yield piece
+        return
+    hasher = hashlib.new(expected[0]) if expected else None
+    pieces = _stored_pieces(bucket, doc)
+    source = _inflate(bucket, doc, pieces) if info else pieces
+    pos = 0
+    try:
+        async for piece in source:
+            if hasher is not None:
+                hasher.update(piece)
+            lo, hi = pos, pos + len(piece)
+            pos = hi
+            if hi > start and lo < end:
+                yield piece[max(start - lo, 0) : min(end, hi) - lo]
+            elif lo >= end and hasher is None:
+                break  # past the range and nothing left to check
+    finally:
+        await source.aclose()  # type: ignore[attr-defined]
+        if source is not pieces:
+            await pieces.aclose()  # type: ignore[attr-defined]
+    if hasher is None:
+        return
+    if info and pos != length:
+        raise _mismatch(bucket, doc, f"it inflates to {pos} bytes, not the {length} recorded")
+    assert expected is not None
+    if hasher.hexdigest() != expected[1]:
+        raise _mismatch(
+            bucket,
+            doc,
+            f"the {expected[0]} of its bytes is {hasher.hexdigest()}, recorded {expected[1]}",
+        )
+
+
+async def read_original(
+    bucket: GridBucket,
+    doc: Mapping[str, Any],
+    start: int = 0,
+    end: int | None = None,
+    *,
+    verify: bool = False,
+) -> bytes:
+    """The original bytes ``[start, end)`` of a file; see :func:`iter_original`."""
+    return b"".join([p async for p in iter_original(bucket, doc, start, end, verify=verify)])
+
+
+async def verify_file(bucket: GridBucket, doc: Mapping[str, Any]) -> bool:
+    """Re-read a stored file and check it against its recorded checksums.
+
+    Checks the stored bytes against ``metadata.sha256`` (or the legacy ``md5``);
+    for a compressed file also that they inflate to the recorded original length
+    and SHA-256.
+
+    :returns: ``True``.
+    :raises ChecksumMissing: nothing was recorded to check against.
+    :raises IntegrityError: the bytes, or the chunks' layout, do not match.
+    """
+    stored = expected_digest(doc)
+    info = compression_of(doc)
+    if stored is None and not (info and info.get("sha256")):
+        raise _nothing_to_check(bucket, doc)
+    try:
+        if stored is not None:
+            hasher = hashlib.new(stored[0])
+            async for piece in _stored_pieces(bucket, doc):
+                hasher.update(piece)
+            if hasher.hexdigest() != stored[1]:
+                raise _mismatch(
+                    bucket,
+                    doc,
+                    f"the {stored[0]} of its stored bytes is {hasher.hexdigest()}, "
+                    f"recorded {stored[1]}",
+                )
+        if info and info.get("sha256"):
+            async for _piece in iter_original(bucket, doc, verify=True):
+                pass
+    except CorruptFile as exc:
+        raise _mismatch(bucket, doc, str(exc)) from exc
+    return True
