@@ -84,8 +84,6 @@ class IntegrityError(GridFSError):
     """A file's bytes no longer match the checksum recorded when it was written."""
 
 
-class FileValidationError(ValidationError, AsyncAssetsError):
-    """A file was refused by a field's validation options (size, type, name, image)."""
 class ChecksumMissing(GridFSError):
     """``verify()`` found no checksum to check a file against (legacy data).
 
@@ -93,3 +91,5 @@ class ChecksumMissing(GridFSError):
     """
 
 
+class FileValidationError(ValidationError, AsyncAssetsError):
+    """A file was refused by a field's validation options (size, type, name, image)."""

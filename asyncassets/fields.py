@@ -49,13 +49,13 @@ class FileField(BaseField):
     :param db_alias: the connection of the bucket; defaults to the document's.
     :param chunk_size: GridFS chunk size for new files (default 255 KiB).
     :param cascade: delete the file when its document is deleted (default).
+    :param max_size, allowed_content_types, allowed_extensions, filename_template,
+        compress: what uploads accept and how they are stored; see
+        :class:`~asyncassets.files.validation.UploadRules` and :doc:`/validation`.
 
     .. code-block:: python
 
         class Animal(Document):
-    :param max_size, allowed_content_types, allowed_extensions, filename_template,
-        compress: what uploads accept and how they are stored; see
-        :class:`~asyncassets.files.validation.UploadRules` and :doc:`/validation`.
             photo = FileField(collection_name="photos")
 
         await marmot.photo.put(open("marmot.jpg", "rb"), content_type="image/jpeg")
@@ -69,18 +69,14 @@ class FileField(BaseField):
         db_alias: str | None = None,
         chunk_size: int | None = None,
         cascade: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        if not isinstance(collection_name, str) or not collection_name:
-            raise ValueError("FileField(collection_name=...) must be a non-empty string.")
         *,
         max_size: int | None = None,
         allowed_content_types: Iterable[str] | None = None,
         allowed_extensions: Iterable[str] | None = None,
         filename_template: FilenameTemplate | None = None,
         compress: str | None = None,
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(
+        **kwargs: Any,
+    ) -> None:
         # The upload options are documented in asyncassets.files.validation.UploadRules.
         self.rules = UploadRules(
             max_size=max_size,
@@ -89,6 +85,10 @@ class FileField(BaseField):
             filename_template=filename_template,
             compress=compress,
         )
+        if not isinstance(collection_name, str) or not collection_name:
+            raise ValueError("FileField(collection_name=...) must be a non-empty string.")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise ValueError(
                 f"FileField(chunk_size=...) must be a positive int, not {chunk_size!r}"
             )
         super().__init__(**kwargs)
