@@ -745,7 +745,9 @@ FAULT_OPS = ["put", "replace", "stream write", "stream read"]
 async def _kill_during(server: Any, op: str, delay: float) -> dict[str, Any]:
     """Run ``op``, SIGKILL the server ``delay`` s in, restart it, check everything."""
     db_name = unique_db_name(f"kill_{op}")
-    fast = {"serverSelectionTimeoutMS": 3000, "connectTimeoutMS": 2000}
+    # journal=True: an acknowledged write must survive the kill (SecantusDB, like mongod,
+    # may otherwise lose the last acknowledged writes on SIGKILL).
+    fast = {"serverSelectionTimeoutMS": 3000, "connectTimeoutMS": 2000, "journal": True}
     connect(host=server.uri, db=db_name, alias=ALIAS, **fast)
     try:
         committed = await _baseline()
@@ -798,7 +800,10 @@ async def _kill_during(server: Any, op: str, delay: float) -> dict[str, Any]:
             allowed = (
                 (data, big) if pk == target_pk and op in ("replace", "stream write") else (data,)
             )
-            assert got in allowed, f"document {pk} lost its bytes after {op} + SIGKILL"
+            assert got in allowed, (
+                f"document {pk} lost its bytes after {op} + SIGKILL: reads {len(got or b'')} "
+                f"bytes, expected one of {[len(a) for a in allowed]}"
+            )
             expected[pk] = got
         for pk in set(state["docs"]) - set(committed):
             stored = await RelDoc.objects.get(pk=pk)
