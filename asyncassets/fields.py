@@ -27,6 +27,8 @@ __all__ = [
     "FileField",
     "FileProxy",
     "GridFSProxy",
+    "ImageField",
+    "ImageProxy",
 ]
 
 #: mongoengine's name for the proxy class, for code that imports it.
@@ -147,3 +149,8 @@ class FileField(BaseField):
                 f"{self.name} has a streaming upload in progress: close it "
                 "(`await proxy.close()`, or leave the `async with` block) before save()."
             )
+
+
+# Last: images.py subclasses FileField. Importing it needs no Pillow; declaring an
+# ImageField does.
+from .files.images import ImageField, ImageProxy  # noqa: E402

@@ -459,7 +459,11 @@ class FileProxy:
         self._files_doc = None
         self._position = 0
         if persisted is not False:
-            await self._bucket().delete(old)
+            await self._delete_stored(old)
+
+    async def _delete_stored(self, file_id: Any) -> None:
+        """Delete a stored file of this field (an image also deletes its thumbnail)."""
+        await self._bucket().delete(file_id)
 
     async def _commit(self, new_doc: dict[str, Any], previous: Any) -> None:
         """Point the field at the freshly uploaded ``new_doc``, then drop ``previous``."""
@@ -469,13 +473,13 @@ class FileProxy:
         try:
             persisted = await persist_reference(self, previous, new_id)
         except BaseException:
-            await asyncio.shield(self._bucket().delete(new_id))
+            await asyncio.shield(self._delete_stored(new_id))
             raise
         self.grid_id = new_id
         self._files_doc = new_doc
         self._position = 0
         if previous is not None and persisted is not False:
-            await self._bucket().delete(previous)
+            await self._delete_stored(previous)
 
     # -- streaming upload -------------------------------------------------------
 

@@ -284,8 +284,8 @@ async def load_files(docs: Sequence[Any], field_names: Sequence[str]) -> None:
 
 async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None:
     """Delete the cascading files held by these raw (deleted) documents."""
-    groups: dict[tuple[str, str], set[Any]] = defaultdict(set)
-    proxies: dict[tuple[str, str], FileProxy] = {}
+    groups: dict[tuple[str, str, type], set[Any]] = defaultdict(set)
+    proxies: dict[tuple[str, str, type], FileProxy] = {}
     for son in sons:
         cls = _subclass(doc_cls, son["_cls"]) if "_cls" in son else doc_cls
         doc = (cls or doc_cls)._from_son(son, created=False)
@@ -293,10 +293,10 @@ async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None
             field = proxy._field
             if proxy.grid_id is None or (field is not None and not field.cascade):
                 continue
-            key = (proxy.db_alias, proxy.collection_name)
+            # Keyed by proxy class too: an ImageProxy also deletes thumbnails.
+            key = (proxy.db_alias, proxy.collection_name, type(proxy))
             groups[key].add(proxy.grid_id)
             proxies[key] = proxy
     for key, ids in groups.items():
-        bucket = _bucket_for(proxies[key])
         for file_id in ids:
-            await bucket.delete(file_id)
+            await proxies[key]._delete_stored(file_id)

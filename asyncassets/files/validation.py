@@ -621,6 +621,8 @@ async def guarded_upload(
     content_type: str | None,
     filename: str | None,
     metadata: dict[str, Any],
+    *,
+    file_id: Any = None,
 ) -> dict[str, Any]:
     """Upload ``data`` to ``bucket`` through the field's checks; return the files doc.
 
@@ -633,7 +635,9 @@ async def guarded_upload(
     pieces = _read_source(data, bucket.chunk_size)
     try:
         source = await guard.wrap(pieces)
-        return await bucket.upload(source, filename=guard.filename, metadata=guard.metadata)
+        return await bucket.upload(
+            source, file_id=file_id, filename=guard.filename, metadata=guard.metadata
+        )
     finally:
         await pieces.aclose()
 

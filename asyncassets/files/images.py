@@ -1,0 +1,282 @@
+"""``ImageField``: a ``FileField`` for images, resized and thumbnailed with Pillow.
+
+Needs the ``images`` extra (``pip install 'asyncassets[images]'``)::
+
+    class Animal(Document):
+        photo = ImageField(size=(1024, 1024, False), thumbnail_size=(128, 128, True))
+
+    await marmot.photo.put(open("marmot.jpg", "rb"), filename="marmot.jpg")
+    marmot.photo.size, marmot.photo.format     # (1024, 768), "JPEG"
+    thumb = await marmot.photo.thumbnail.read()
+
+The semantics are mongoengine's: an image larger than ``size`` is shrunk to fit
+in it, keeping its aspect ratio, or, with ``force``, resized and centre-cropped
+to exactly that size; the thumbnail likewise with ``thumbnail_size``. The image
+keeps its format. The thumbnail is a GridFS file of its own in the same bucket
+(``metadata.thumbnail_of`` names its parent; the parent's
+``metadata.thumbnail_id`` names it), deleted with its parent by ``delete``,
+``replace`` and cascades.
+
+Decoding and resizing run in a worker thread (``asyncio.to_thread``), so the
+event loop keeps serving other tasks meanwhile. The upload is spooled to memory up
+to 8 MiB, then to a temporary file, as Pillow needs to seek in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+from typing import Any
+
+from bson import ObjectId
+
+from ..errors import AsyncAssetsError, FileValidationError
+from .bucket import GridBucket, _read_source
+from .proxy import FileProxy
+from .validation import guarded_upload, make_guard
+
+try:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+except ImportError:  # the `images` extra is not installed
+    Image = ImageOps = UnidentifiedImageError = None
+
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageField", "ImageProxy", "PillowMissing"]
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Largest image accepted, in pixels (width x height): about 200 MB decoded as RGBA."""
+
+_SPOOL = 8 * 1024 * 1024
+
+
+class PillowMissing(AsyncAssetsError, ImportError):
+    """``ImageField`` was declared without Pillow installed."""
+
+
+def _size_option(name: str, value: Any) -> tuple[int, int, bool] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) not in (2, 3):
+        raise ValueError(f"ImageField({name}=...) takes (width, height, force), not {value!r}")
+    width, height, *rest = value
+    force = bool(rest[0]) if rest else False
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
+        raise ValueError(f"ImageField({name}=...) needs positive int sizes, not {value!r}")
+    return width, height, force
+
+
+class ImageProxy(FileProxy):
+    """A :class:`FileProxy` that also knows the image's size, format and thumbnail."""
+
+    def _meta_value(self, key: str) -> Any:
+        doc = self._doc()
+        return None if doc is None else (doc.get("metadata") or {}).get(key)
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """``(width, height)`` of the stored image (after any resize)."""
+        width, height = self._meta_value("width"), self._meta_value("height")
+        return None if width is None else (int(width), int(height))
+
+    @property
+    def format(self) -> str | None:
+        """Pillow's name of the image format: ``"JPEG"``, ``"PNG"``, ``"WEBP"``..."""
+        return self._meta_value("format")
+
+    @property
+    def thumbnail(self) -> FileProxy | None:
+        """The thumbnail, a plain file proxy (``await proxy.thumbnail.read()``).
+
+        ``None`` when the field is empty or has no ``thumbnail_size``.
+        """
+        thumb_id = self._meta_value("thumbnail_id")
+        if thumb_id is None:
+            return None
+        return FileProxy(thumb_id, collection_name=self.collection_name, db_alias=self.db_alias)
+
+    async def _store(
+        self,
+        bucket: GridBucket,
+        data: Any,
+        content_type: str | None,
+        filename: str | None,
+        metadata: dict[str, Any],
+    ) -> dict[str, Any]:
+        field: ImageField = self._field  # type: ignore[assignment]
+        # Name and extension checks first, before reading anything.
+        guard = make_guard(self, content_type, filename, self._metadata(None, metadata))
+        spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL)
+        try:
+            pieces = _read_source(data, bucket.chunk_size)
+            try:
+                async for piece in pieces:
+                    guard.feed(piece)  # enforces max_size as the bytes arrive
+                    spool.write(piece)
+            finally:
+                await pieces.aclose()
+            image = await asyncio.to_thread(_process, spool, field, guard.field_name)
+        finally:
+            spool.close()
+        thumb_doc = None
+        if image.thumbnail is not None:
+            thumb_meta = {
+                "content_type": image.content_type,
+                "thumbnail_of": None,  # set below, once the parent's id exists
+                "width": image.thumbnail_size[0],
+                "height": image.thumbnail_size[1],
+                "format": image.format,
+            }
+        parent_id = ObjectId()  # known now, so the thumbnail can name its parent
+        if image.thumbnail is not None:
+            thumb_meta["thumbnail_of"] = parent_id
+            thumb_doc = await bucket.upload(image.thumbnail, metadata=thumb_meta)
+        meta = dict(metadata)
+        meta.update(width=image.size[0], height=image.size[1], format=image.format)
+        if thumb_doc is not None:
+            meta["thumbnail_id"] = thumb_doc["_id"]
+        try:
+            return await guarded_upload(
+                self,
+                bucket,
+                image.data,
+                content_type or image.content_type,
+                filename,
+                self._metadata(None, meta),
+                file_id=parent_id,
+            )
+        except BaseException:
+            if thumb_doc is not None:
+                await asyncio.shield(bucket.delete(thumb_doc["_id"]))
+            raise
+
+    async def _delete_stored(self, file_id: Any) -> None:
+        bucket = self._bucket()
+        doc = await bucket.find(file_id)
+        # The parent first: a crash in between leaves an orphan thumbnail, never a
+        # parent whose thumbnail is missing.
+        await bucket.delete(file_id)
+        thumb_id = ((doc or {}).get("metadata") or {}).get("thumbnail_id")
+        if thumb_id is not None:
+            await bucket.delete(thumb_id)
+
+
+class _Processed:
+    def __init__(self) -> None:
+        self.data: bytes | Any = b""
+        self.size: tuple[int, int] = (0, 0)
+        self.format: str = ""
+        self.content_type: str | None = None
+        self.thumbnail: bytes | None = None
+        self.thumbnail_size: tuple[int, int] = (0, 0)
+
+
+def _refuse(field_name: str, problem: str) -> FileValidationError:
+    return FileValidationError(f"{field_name}: {problem}", field_name=field_name)
+
+
+def _process(spool: Any, field: ImageField, field_name: str) -> _Processed:
+    """Decode, check, resize and thumbnail (in a worker thread)."""
+    out = _Processed()
+    spool.seek(0)
+    try:
+        # open() reads the header only: the size is known before any decoding.
+        img = Image.open(spool)
+        width, height = img.size
+        if width * height > field.max_pixels:
+            raise _refuse(
+                field_name,
+                f"the image is {width}x{height} = {width * height} pixels, over the "
+                f"limit of {field.max_pixels} (a decompression bomb?); raise "
+                "ImageField(max_pixels=...) if you really expect such images",
+            )
+        img.load()
+    except FileValidationError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _refuse(field_name, f"the image is too large to decode safely ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise _refuse(field_name, "the file is not an image Pillow can read") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _refuse(field_name, f"the image is truncated or damaged ({exc})") from exc
+    fmt = img.format or "PNG"
+    out.format = fmt
+    out.content_type = Image.MIME.get(fmt)
+    resized = _fit(img, field.size)
+    if resized is None:
+        spool.seek(0)
+        out.data = spool.read()  # unchanged: store the bytes as they came
+        out.size = img.size
+    else:
+        out.data = _encode(resized, fmt)
+        out.size = resized.size
+    if field.thumbnail_size is not None:
+        thumb = _fit(img, field.thumbnail_size) or img.copy()
+        out.thumbnail = _encode(thumb, fmt)
+        out.thumbnail_size = thumb.size
+    return out
+
+
+def _fit(img: Any, size: tuple[int, int, bool] | None) -> Any:
+    """``img`` shrunk as mongoengine does, or ``None`` when it already fits."""
+    if size is None:
+        return None
+    width, height, force = size
+    if img.size[0] <= width and img.size[1] <= height:
+        return None
+    if force:
+        return ImageOps.fit(img, (width, height), Image.Resampling.LANCZOS)
+    copy = img.copy()
+    copy.thumbnail((width, height), Image.Resampling.LANCZOS)
+    return copy
+
+
+def _encode(img: Any, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "JPEG" and img.mode not in ("RGB", "L", "CMYK"):
+        img = img.convert("RGB")
+    img.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _image_field_base() -> type:
+    from ..fields import FileField
+
+    return FileField
+
+
+class ImageField(_image_field_base()):  # type: ignore[misc]
+    """A ``FileField`` for images (needs ``pip install 'asyncassets[images]'``).
+
+    :param size: ``(width, height, force)``: shrink larger images to fit, or with
+        ``force`` resize and crop them to exactly this size.
+    :param thumbnail_size: ``(width, height, force)``: store a thumbnail this size.
+    :param max_pixels: refuse images with more pixels (decompression bombs).
+    :param collection_name: the bucket, ``"images"`` by default.
+    :raises PillowMissing: Pillow is not installed.
+
+    Other keywords are :class:`~asyncassets.fields.FileField`'s. Non-images and
+    truncated images raise :class:`~asyncassets.errors.FileValidationError`.
+    """
+
+    proxy_class = ImageProxy
+
+    def __init__(
+        self,
+        size: tuple[int, int, bool] | tuple[int, int] | None = None,
+        thumbnail_size: tuple[int, int, bool] | tuple[int, int] | None = None,
+        collection_name: str = "images",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **kwargs: Any,
+    ) -> None:
+        if Image is None:
+            raise PillowMissing(
+                "ImageField needs Pillow, which is not installed: pip install 'asyncassets[images]'"
+            )
+        if kwargs.get("compress"):
+            raise ValueError("ImageField does not compress: image formats already are")
+        self.size = _size_option("size", size)
+        self.thumbnail_size = _size_option("thumbnail_size", thumbnail_size)
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
+            raise ValueError(f"ImageField(max_pixels=...) must be a positive int: {max_pixels!r}")
+        self.max_pixels = max_pixels
+        super().__init__(collection_name=collection_name, **kwargs)
