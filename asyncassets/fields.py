@@ -51,9 +51,10 @@ class FileField(BaseField):
     :param db_alias: the connection of the bucket; defaults to the document's.
     :param chunk_size: GridFS chunk size for new files (default 255 KiB).
     :param cascade: delete the file when its document is deleted (default).
-    :param max_size, allowed_content_types, allowed_extensions, filename_template,
-        compress: what uploads accept and how they are stored; see
-        :class:`~asyncassets.files.validation.UploadRules` and :doc:`/validation`.
+    :param max_size: with ``allowed_content_types``, ``allowed_extensions``,
+        ``filename_template`` and ``compress``: what uploads accept and how they
+        are stored; see :class:`~asyncassets.files.validation.UploadRules` and
+        :doc:`/validation`.
 
     .. code-block:: python
 
@@ -126,7 +127,9 @@ class FileField(BaseField):
         if isinstance(value, (ObjectId, str, int)) and not isinstance(value, bool):
             if isinstance(value, str) and ObjectId.is_valid(value):
                 value = ObjectId(value)
-            return self._proxy(value, instance, self.name)
+            proxy = self._proxy(value, instance, self.name)
+            proxy._unverified = True
+            return proxy
         raise TypeError(_NOT_A_FILE_VALUE.format(field=self.name, type=type(value).__name__))
 
     def to_mongo(self, value: Any) -> Any:
