@@ -127,9 +127,7 @@ class FileField(BaseField):
         if isinstance(value, (ObjectId, str, int)) and not isinstance(value, bool):
             if isinstance(value, str) and ObjectId.is_valid(value):
                 value = ObjectId(value)
-            proxy = self._proxy(value, instance, self.name)
-            proxy._unverified = True
-            return proxy
+            return self._proxy(value, instance, self.name)
         raise TypeError(_NOT_A_FILE_VALUE.format(field=self.name, type=type(value).__name__))
 
     def to_mongo(self, value: Any) -> Any:
