@@ -222,6 +222,7 @@ class Document(mongoengine.Document):
         signals.pre_save_post_validation.send(
             self.__class__, document=self, created=created, **signal_kwargs
         )
+        await _check_assigned_files(self)
         doc = self.to_mongo()
         await type(self)._ensure_indexes_once()
         collection = with_write_concern(self._get_collection(), write_concern)
@@ -401,6 +402,12 @@ class DynamicDocument(Document, mongoengine.DynamicDocument):  # type: ignore[mi
     """A :class:`Document` that also stores attributes not declared as fields."""
 
     meta: ClassVar[dict[str, Any]] = {"abstract": True}
+
+
+async def _check_assigned_files(document: Any) -> None:
+    from .files.tree import check_assigned_ids
+
+    await check_assigned_ids(document)
 
 
 def _bind_files(document: Any) -> None:

@@ -72,8 +72,12 @@ class CorruptFile(GridFSError):
     """A stored file's chunks do not match its files document (missing, short or extra)."""
 
 
-class FileNotLoaded(GridFSError, AttributeError):
-    """A metadata attribute was read before the file's metadata was loaded."""
+class FileNotLoaded(GridFSError):
+    """A metadata attribute was read before the file's metadata was loaded.
+
+    Deliberately not an ``AttributeError``: ``getattr(proxy, "length", None)`` or a
+    template engine would otherwise hide the missing ``await proxy.load()``.
+    """
 
 
 class UploadClosed(GridFSError, ValueError):

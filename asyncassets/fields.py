@@ -22,8 +22,11 @@ from mongoengine.fields import __all__ as _mongoengine_fields
 from .files.proxy import FileProxy
 from .files.validation import FilenameTemplate, UploadRules
 
+# mongoengine's file classes do blocking I/O; asyncassets has its own.
+_NOT_REEXPORTED = {"FileField", "GridFSProxy", "GridFSError", "ImageField", "ImageGridFsProxy"}
+
 __all__ = [
-    *(n for n in _mongoengine_fields if n not in {"FileField", "GridFSProxy"}),
+    *(n for n in _mongoengine_fields if n not in _NOT_REEXPORTED),
     "FileField",
     "FileProxy",
     "GridFSProxy",
@@ -127,7 +130,9 @@ class FileField(BaseField):
         if isinstance(value, (ObjectId, str, int)) and not isinstance(value, bool):
             if isinstance(value, str) and ObjectId.is_valid(value):
                 value = ObjectId(value)
-            return self._proxy(value, instance, self.name)
+            proxy = self._proxy(value, instance, self.name)
+            proxy._unverified = True
+            return proxy
         raise TypeError(_NOT_A_FILE_VALUE.format(field=self.name, type=type(value).__name__))
 
     def to_mongo(self, value: Any) -> Any:

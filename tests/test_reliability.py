@@ -484,12 +484,6 @@ class _ReplaceShim:
     [{"$where": "sleep(1000)"}, {"a.b": 1}, {"meta": {"$set": {"x": 1}}}],
     ids=["key starting with $", "key with a dot", "nested $ key"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="FileProxy._metadata only checks that keys are str: '$'-prefixed and dotted "
-    "keys are stored as given (and cannot be queried back safely). Fix: reject them, "
-    "recursively, before any I/O with a ValueError naming the key.",
-)
 async def test_metadata_keys_with_dollar_or_dot_are_refused(
     hostile: RelDoc, metadata: dict[str, Any]
 ) -> None:
@@ -503,11 +497,6 @@ async def test_metadata_keys_with_dollar_or_dot_are_refused(
         await doc.f.delete()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="content_type is stored whatever its type (5 is kept as an int). Fix: "
-    "FileProxy._metadata raises TypeError unless content_type is None or str.",
-)
 async def test_content_type_must_be_a_str(hostile: RelDoc) -> None:
     before = await _snapshot()
     doc = RelDoc(name="new")
@@ -544,13 +533,6 @@ async def test_wrong_type_file_id_in_query_finds_nothing(hostile: RelDoc) -> Non
 
 @pytest.mark.parametrize(
     "bad", ["not-an-object-id", 12345, ObjectId()], ids=["str", "int", "unknown ObjectId"]
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="Assigning a file id that names no file (a str, an int, or an ObjectId with "
-    "no files document) is saved as is: the saved document then dangles. Fix: "
-    "Document.save() looks up the ids of changed FileFields in one $in query per "
-    "bucket and raises FileNotFound (or FileValidationError for a non-ObjectId) first.",
 )
 async def test_saving_a_reference_to_no_file_is_refused(hostile: RelDoc, bad: Any) -> None:
     doc = RelDoc(name="wrong id")

@@ -13,6 +13,8 @@ import datetime as dt
 from collections.abc import AsyncIterator, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
+import bson
+
 from ..connection import DEFAULT_ALIAS, get_db
 from ..errors import FileAlreadyExists, FileNotFound, FileNotLoaded, GridFSError, UploadClosed
 from .bucket import GridBucket
@@ -55,6 +57,35 @@ class FileConflict(GridFSError):
     """
 
 
+#: Largest encoded ``metadata`` sub-document accepted (a files document must stay
+#: under MongoDB's 16 MiB limit).
+MAX_METADATA_BYTES = 1024 * 1024
+
+
+def _check_content_type(content_type: Any) -> None:
+    if content_type is not None and not isinstance(content_type, str):
+        raise TypeError(
+            f"content_type must be a str such as 'image/png', not {type(content_type).__name__}"
+        )
+
+
+def _check_metadata_keys(value: Any, where: str = "") -> None:
+    """Refuse keys MongoDB cannot store or query safely, before any I/O."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"file metadata keys must be strings, not {key!r}")
+            if key.startswith("$") or "." in key or "\0" in key:
+                raise ValueError(
+                    f"file metadata key {where + key!r} is not allowed: keys may not start "
+                    "with '$' or contain '.' or NUL. Rename it."
+                )
+            _check_metadata_keys(item, f"{where}{key}.")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_metadata_keys(item, where)
+
+
 class _Missing:
     """Marks a proxy whose files document was looked up and not found."""
 
@@ -92,6 +123,8 @@ class FileProxy:
         self._encoding: str | None = None
         self._position = 0
         self._guard: Any = None  # the checks of the streaming upload in progress
+        #: Set for ids assigned by hand (``doc.photo = some_id``): save() checks them.
+        self._unverified = False
 
     # -- where it lives ---------------------------------------------------------
 
@@ -367,12 +400,17 @@ class FileProxy:
 
     @staticmethod
     def _metadata(content_type: str | None, extra: dict[str, Any]) -> dict[str, Any]:
-        for key in extra:
-            if not isinstance(key, str):
-                raise TypeError(f"file metadata keys must be strings, not {key!r}")
+        _check_content_type(content_type)
+        _check_metadata_keys(extra)
         meta = dict(extra)
         if content_type is not None:
             meta["content_type"] = content_type
+        size = len(bson.encode(meta))
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(
+                f"file metadata is {size} bytes encoded; the limit is {MAX_METADATA_BYTES}. "
+                "Store large data as a file of its own."
+            )
         return meta
 
     async def put(
@@ -408,6 +446,7 @@ class FileProxy:
         metadata: dict[str, Any],
     ) -> dict[str, Any]:
         """Upload ``data`` through the field's checks (see :mod:`.validation`)."""
+        _check_content_type(content_type)
         return await guarded_upload(
             self, bucket, data, content_type, filename, self._metadata(None, metadata)
         )
@@ -488,7 +527,7 @@ class FileProxy:
         content_type: str | None = None,
         filename: str | None = None,
         encoding: str | None = None,
-        replace: bool = False,
+        replace: bool = True,
         **metadata: Any,
     ) -> NewFile:
         """Start a streaming upload; ``await`` it or use it with ``async with``.
@@ -502,15 +541,18 @@ class FileProxy:
         The block closes the file when it ends normally, and aborts it (removing
         every chunk written) on an exception or cancellation.
 
+        On a field that already holds a file this is a streamed :meth:`replace`:
+        the old file goes only once the new one is closed and referenced.
+
         :param encoding: lets :meth:`write` take ``str``, encoded with it.
-        :param replace: allow it on a field that holds a file; the old file goes
-            when the new one is closed, as with :meth:`replace`.
+        :param replace: ``False`` refuses a field that already holds a file.
         :raises FileAlreadyExists: the field holds a file and ``replace`` is false.
         """
         if self._upload is not None:
             raise GridFSError("new_file(): a streaming upload is already open on this field.")
         if self.grid_id is not None and not replace:
             self._refuse_if_full("new_file()")
+        _check_content_type(content_type)
         guard = make_guard(self, content_type, filename, self._metadata(None, metadata))
         bucket = self._bucket()
         self._upload = bucket.open_upload(filename=guard.filename, metadata=guard.metadata)

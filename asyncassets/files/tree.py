@@ -17,6 +17,7 @@ import mongoengine
 from mongoengine.base import get_document
 from mongoengine.fields import DictField, EmbeddedDocumentField, ListField
 
+from ..errors import FileValidationError
 from .bucket import GridBucket
 from .proxy import _MISSING, FileConflict, FileProxy
 
@@ -264,6 +265,32 @@ async def add_to_list(
 
 def _bucket_for(proxy: FileProxy) -> GridBucket:
     return proxy._bucket()
+
+
+async def check_assigned_ids(doc: Any) -> None:
+    """Refuse to save ids assigned by hand that name no file: one query per bucket.
+
+    :raises FileValidationError: an assigned id is not in its bucket.
+    """
+    if not _classes_with_files(doc.__class__):
+        return
+    groups: dict[tuple[str, str], list[tuple[FileProxy, str]]] = defaultdict(list)
+    for proxy, path, _owner, _name in iter_proxies(doc):
+        if proxy._unverified and proxy.grid_id is not None:
+            key = (proxy.db_alias, proxy.collection_name)
+            groups[key].append((proxy, ".".join(part for part, _ in path)))
+    for (alias, bucket_name), entries in groups.items():
+        found = await entries[0][0]._bucket().find_many([p.grid_id for p, _ in entries])
+        for proxy, where in entries:
+            if proxy.grid_id not in found:
+                raise FileValidationError(
+                    f"{where} is set to {proxy.grid_id!r}, which names no file in bucket "
+                    f"{bucket_name!r} (alias {alias!r}). Assign an uploaded file's id, or "
+                    "upload with `await doc.<field>.put(...)`.",
+                    field_name=where,
+                )
+            proxy._files_doc = found[proxy.grid_id]
+            proxy._unverified = False
 
 
 async def load_files(docs: Sequence[Any], field_names: Sequence[str]) -> None:
