@@ -1,0 +1,472 @@
+"""The ``asyncassets`` command, run as a real subprocess (``python -m asyncassets``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pymongo
+import pytest
+
+from asyncassets.cli import build_parser, mask_uri, parse_duration
+from asyncassets.testing import unique_db_name
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "cli.rst"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("ASYNCASSETS_URI", "MONGODB_URI")}
+    paths = [str(REPO), *extra.pop("PYTHONPATH", "").split(os.pathsep),
+             *env.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env.update(extra)
+    return env
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess[bytes]) -> None:
+        self.code = proc.returncode
+        self.stdout = proc.stdout
+        self.out = proc.stdout.decode(errors="replace")
+        self.err = proc.stderr.decode(errors="replace")
+
+    def json(self):
+        return json.loads(self.out)
+
+    def __repr__(self) -> str:
+        return f"<exit {self.code}\nstdout: {self.out[:2000]}\nstderr: {self.err[:2000]}>"
+
+
+def run(*args: str, input: bytes | None = None, env: dict[str, str] | None = None,
+        cwd: Path | None = None, stderr=subprocess.PIPE) -> Result:
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncassets", *args],
+        input=input, stdout=subprocess.PIPE, stderr=stderr, env=env or _env(), cwd=cwd,
+        timeout=120, check=False,
+    )
+    if proc.stderr is None:
+        proc.stderr = b""
+    return Result(proc)
+
+
+def assert_one_line_error(result: Result, fragment: str) -> None:
+    assert result.code == 1, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result
+    assert lines[0].startswith("asyncassets: error: "), result
+    assert fragment in lines[0], result
+    assert "Traceback" not in result.err
+
+
+class CLI:
+    """Runs the command against the test server, in a database of its own."""
+
+    def __init__(self, uri: str, db_name: str, tmp_path: Path) -> None:
+        self.uri = uri
+        self.db_name = db_name
+        self.tmp_path = tmp_path
+        self.client: pymongo.MongoClient = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+        self.db = self.client[db_name]
+
+    def __call__(self, *args: str, **kwargs) -> Result:
+        return run("--uri", self.uri, "--db", self.db_name, "--timeout", "5", *args, **kwargs)
+
+    def file(self, name: str, data: bytes) -> Path:
+        path = self.tmp_path / name
+        path.write_bytes(data)
+        return path
+
+
+@pytest.fixture
+def cli(asyncassets_server_uri: str, request: pytest.FixtureRequest, tmp_path: Path):
+    runner = CLI(asyncassets_server_uri, unique_db_name(request.node.name), tmp_path)
+    try:
+        yield runner
+    finally:
+        runner.client.drop_database(runner.db_name)
+        runner.client.close()
+
+
+def _put(cli: CLI, *args: str) -> str:
+    result = cli("put", *args)
+    assert result.code == 0, result
+    return result.out.strip()
+
+
+# -- the everyday commands -----------------------------------------------------------
+
+
+def test_put_ls_info_cat_get_rm_round_trip(cli: CLI, tmp_path: Path):
+    text = cli.file("marmot.txt", b"Marmota marmota\n")
+    blob = cli.file("blob.bin", bytes(range(256)) * 10)
+
+    marmot = _put(cli, str(text), "--meta", "genus=Marmota", "--meta", "kind=rodent")
+    assert re.fullmatch(r"[0-9a-f]{24}", marmot)
+    other = _put(cli, str(blob), "--content-type", "application/x-test")
+
+    listing = cli("ls")
+    assert listing.code == 0 and marmot in listing.out and "marmot.txt" in listing.out
+    assert other in listing.out and "application/x-test" in listing.out
+    rows = cli("ls", "--json").json()
+    assert [row["id"] for row in rows] == [marmot, other]
+    only = cli("ls", "--filter", "genus=Marmota", "--json").json()
+    assert [row["id"] for row in only] == [marmot]
+
+    info = cli("info", marmot, "--json").json()
+    assert info["content_type"] == "text/plain"
+    assert info["metadata"] == {"genus": "Marmota", "kind": "rodent"}
+    assert info["length"] == 16
+    assert info["sha256"] == hashlib.sha256(b"Marmota marmota\n").hexdigest()
+    human = cli("info", marmot)
+    assert human.code == 0 and "marmot.txt" in human.out and "Marmota" in human.out
+
+    assert cli("cat", other).stdout == blob.read_bytes()
+    assert cli("get", marmot, "-o", "-").stdout == b"Marmota marmota\n"
+    saved = cli("get", other, "-o", str(tmp_path / "copy.bin"))
+    assert saved.code == 0 and (tmp_path / "copy.bin").read_bytes() == blob.read_bytes()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert cli("get", marmot, cwd=out_dir).code == 0
+    assert (out_dir / "marmot.txt").read_bytes() == b"Marmota marmota\n"
+    assert_one_line_error(cli("get", marmot, cwd=out_dir), "already exists")
+    assert cli("get", marmot, "--force", cwd=out_dir).code == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["marmot.txt"]  # no .part left
+
+    removed = cli("rm", marmot)
+    assert removed.code == 0 and f"deleted {marmot}" in removed.out
+    assert [row["id"] for row in cli("ls", "--json").json()] == [other]
+    assert cli.db["fs.chunks"].count_documents({}) == 1
+
+
+def test_put_takes_stdin_other_buckets_and_prints_json(cli: CLI):
+    result = cli("put", "-", "--bucket", "scans", "--json", input=b"from a pipe")
+    assert result.code == 0, result
+    [row] = result.json()
+    assert row["bucket"] == "scans" and row["length"] == 11 and row["filename"] is None
+    assert cli("cat", row["id"], "--bucket", "scans").stdout == b"from a pipe"
+    assert cli("ls", "--json").json() == []
+    assert_one_line_error(cli("cat", row["id"]), "no file with id")
+
+
+def test_verify_reports_intact_mismatched_and_unverifiable_files(cli: CLI):
+    good = _put(cli, str(cli.file("good.txt", b"good" * 100)))
+    bad = _put(cli, str(cli.file("bad.txt", b"bad!" * 100)))
+    legacy = _put(cli, str(cli.file("legacy.txt", b"old" * 100)))
+    from bson import ObjectId
+
+    cli.db["fs.chunks"].update_one({"files_id": ObjectId(bad)}, {"$set": {"data": b"x" * 400}})
+    cli.db["fs.files"].update_one({"_id": ObjectId(legacy)}, {"$unset": {"metadata.sha256": ""}})
+
+    everything = cli("verify")
+    assert everything.code == 3, everything
+    status = {line.split()[1]: line.split()[0] for line in everything.out.splitlines()}
+    assert status == {good: "OK", bad: "MISMATCH", legacy: "UNVERIFIABLE"}
+    assert cli("verify", good, legacy).code == 0
+    [row] = cli("verify", bad, "--json").json()
+    assert row["status"] == "mismatch"
+
+
+# -- sweep and check -----------------------------------------------------------------
+
+
+MODELS = '''
+from asyncassets import Document
+from asyncassets.fields import FileField, StringField
+
+
+class CliAnimal(Document):
+    name = StringField()
+    photo = FileField()
+    meta = {"collection": "cli_animals"}
+'''
+
+
+def test_sweep_and_check_use_the_imported_document_classes(cli: CLI, tmp_path: Path):
+    module = f"cli_models_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(MODELS)
+    env = _env(PYTHONPATH=str(tmp_path))
+    kept = _put(cli, str(cli.file("kept.txt", b"referenced")))
+    orphan = _put(cli, str(cli.file("orphan.txt", b"nobody's")))
+    from bson import ObjectId
+
+    cli.db["cli_animals"].insert_one({"name": "marmot", "photo": ObjectId(kept)})
+    cli.db["fs.files"].update_many(
+        {}, {"$set": {"uploadDate": dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)}}
+    )
+
+    found = cli("--import", module, "check", env=env)
+    assert found.code == 3, found
+    assert "orphaned files: 1" in found.out and orphan in found.out
+    assert cli("--import", module, "check", "--json", env=env).json()["ok"] is False
+
+    dry = cli("--import", module, "sweep", "--dry-run", "--json", env=env).json()
+    assert dry["dry_run"] and dry["files_deleted"] == 1
+    assert dry["deleted_files"][0]["file_id"] == orphan
+    assert cli.db["fs.files"].count_documents({}) == 2
+
+    # Two days old: a three-day grace period keeps it, the default one does not.
+    assert cli("--import", module, "sweep", "--grace", "3d", "--json", env=env).json()[
+        "files_deleted"] == 0
+    swept = cli("--import", module, "sweep", env=env)
+    assert swept.code == 0 and "orphaned files deleted: 1" in swept.out
+    assert [str(d["_id"]) for d in cli.db["fs.files"].find()] == [kept]
+
+    clean = cli("--import", module, "check", "--verify", env=env)
+    assert clean.code == 0 and "OK" in clean.out
+
+
+def test_sweep_refuses_to_guess_which_files_are_referenced(cli: CLI):
+    _put(cli, str(cli.file("a.txt", b"a")))
+    assert_one_line_error(cli("sweep"), "--import")
+    assert_one_line_error(cli("sweep", "--bucket", "fs"), "--force")
+    forced = cli("sweep", "--bucket", "fs", "--force", "--grace", "0", "--dry-run", "--json")
+    assert forced.code == 0 and forced.json()["files_deleted"] == 1
+    assert cli.db["fs.files"].count_documents({}) == 1
+
+
+def test_check_without_models_checks_chunks_of_every_bucket(cli: CLI):
+    file_id = _put(cli, str(cli.file("a.txt", b"abc")))
+    assert cli("check").code == 0
+    from bson import ObjectId
+
+    cli.db["fs.chunks"].delete_many({"files_id": ObjectId(file_id)})
+    broken = cli("check", "--json")
+    assert broken.code == 3
+    report = broken.json()
+    assert report["corrupt_files"] == 1 and report["orphaned_files"] == 0
+    assert report["unclaimed_buckets"] == ["default:fs"]
+
+
+# -- bad input ------------------------------------------------------------------------
+
+
+BAD_INPUT = [
+    (["put", "/no/such/file.txt"], "no such file: /no/such/file.txt"),
+    (["put", "{tmp}"], "not a regular file"),
+    (["put", "{file}", "--meta", "novalue"], "bad --meta 'novalue'"),
+    (["put", "{file}", "--meta", "$where=1"], "bad --meta"),
+    (["get", "0123456789abcdef01234567"], "no file with id '0123456789abcdef01234567'"),
+    (["get", "{known}", "-o", "/no/such/dir/out.txt"], "no such directory"),
+    (["cat", "nope"], "no file with id 'nope'"),
+    (["info", "nope", "--json"], "no file with id 'nope'"),
+    (["rm", "{known}", "nope"], "no file with id 'nope'"),
+    (["verify", "nope"], "no file with id 'nope'"),
+    (["ls", "--filter", "genus"], "bad --filter 'genus'"),
+    (["ls", "--filter", "length=big"], "bad --filter length='big'"),
+    (["sweep", "--grace", "1x"], "bad duration '1x'"),
+    (["--import", "no_such_module_here", "check"], "cannot import 'no_such_module_here'"),
+    (["--timeout", "0", "ls"], "bad --timeout"),
+]
+
+
+def test_bad_input_is_one_line_on_stderr_and_changes_nothing(cli: CLI, tmp_path: Path):
+    known = _put(cli, str(cli.file("known.txt", b"keep me")))
+    values = {"tmp": str(tmp_path), "file": str(tmp_path / "known.txt"), "known": known}
+    for args, fragment in BAD_INPUT:
+        result = cli(*(a.format(**values) for a in args))
+        assert_one_line_error(result, fragment)
+        assert result.stdout == b"", result
+    assert [row["id"] for row in cli("ls", "--json").json()] == [known]
+
+
+def test_usage_errors_exit_2():
+    assert run().code == 2
+    assert run("put").code == 2
+    assert run("frobnicate").code == 2
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_names_the_uri_without_the_password():
+    uri = f"mongodb://marmot:s3cret@127.0.0.1:{_closed_port()}/zoo"
+    result = run("--uri", uri, "--timeout", "0.5", "ls")
+    assert_one_line_error(result, f"cannot reach MongoDB at {mask_uri(uri)}")
+    assert "s3cret" not in result.err and "marmot:***@" in result.err
+
+    from_env = run("ls", "--timeout", "0.5", env=_env(ASYNCASSETS_URI=uri, MONGODB_URI="x"))
+    assert_one_line_error(from_env, "marmot:***@")
+
+    debug = run("--uri", uri, "--timeout", "0.5", "--debug", "cat", "x")
+    assert debug.code == 1 and "Traceback" in debug.err
+    assert debug.err.strip().splitlines()[-1].startswith("asyncassets: error: cannot reach")
+
+    assert_one_line_error(run("--uri", "mongodb://u:pw@[oops", "ls"), "bad URI")
+
+
+def test_parse_duration_and_mask_uri():
+    assert parse_duration("1d12h") == dt.timedelta(hours=36)
+    assert parse_duration("90") == dt.timedelta(seconds=90)
+    assert parse_duration("2w") == dt.timedelta(weeks=2)
+    assert parse_duration("0") == dt.timedelta(0)
+    assert mask_uri("mongodb+srv://a:b@h/x?y=z") == "mongodb+srv://a:***@h/x?y=z"
+    assert mask_uri("mongodb://h:27017/") == "mongodb://h:27017/"
+
+
+# -- the embedded default and the demo ---------------------------------------------------
+
+
+def _server_processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline and "pytest" not in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_leftovers(text: str) -> list[int]:
+    leftovers = _server_processes_mentioning(text)
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return leftovers
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find leftover servers")
+def test_embedded_default_on_a_fresh_data_directory(tmp_path: Path):
+    data = tmp_path / "fresh-data"
+    env = _env(ASYNCASSETS_DATA_DIR=str(data))
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8 not really a jpeg")
+    try:
+        put = run("-v", "put", str(photo), env=env, cwd=tmp_path)
+        assert put.code == 0, put
+        file_id = put.out.strip()
+        assert "embedded" in put.err and str(data) in put.err
+        assert not _server_processes_mentioning(str(data))  # stopped with the command
+
+        listing = run("ls", "--json", env=env, cwd=tmp_path)  # a new server, same data
+        assert listing.code == 0, listing
+        [row] = listing.json()
+        assert row["id"] == file_id and row["content_type"] == "image/jpeg"
+        assert listing.err == ""  # quiet without -v
+        assert run("cat", file_id, env=env).stdout == photo.read_bytes()
+        assert (data / "asyncassets-cli.lock").exists()
+    finally:
+        assert _stop_leftovers(str(data)) == []
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find leftover servers")
+def test_demo_runs_on_a_throwaway_server_and_stops_it(tmp_path: Path):
+    result = run("demo", env=_env(ASYNCASSETS_DATA_DIR=str(tmp_path / "unused")))
+    assert result.code == 0, result
+    for step in ("[1/6] put", "[2/6] read", "[3/6] stream", "[4/6] replace", "[5/6] delete",
+                 "[6/6] check"):
+        assert step in result.out
+    assert "identical" in result.out and "consistent" in result.out
+    port = int(re.search(r"server at mongodb://127\.0\.0\.1:(\d+)/", result.out)[1])
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
+    assert not (tmp_path / "unused").exists()  # the demo never touches the data directory
+
+
+def test_demo_on_a_given_server_drops_its_scratch_database(cli: CLI):
+    result = run("--uri", cli.uri, "demo")
+    assert result.code == 0, result
+    name = re.search(r"scratch database '([^']+)'", result.out)[1]
+    assert name not in cli.client.list_database_names()
+
+
+# -- progress and docs ---------------------------------------------------------------
+
+
+def test_no_progress_output_when_stderr_is_piped(cli: CLI):
+    big = cli.file("big.bin", os.urandom(5 * 1024 * 1024))
+    result = cli("put", str(big))
+    assert result.code == 0 and result.err == ""
+    got = cli("get", result.out.strip(), "-o", str(cli.tmp_path / "back.bin"))
+    assert got.err.strip() == f"asyncassets: wrote {5 * 1024 * 1024} bytes to " \
+                              f"{cli.tmp_path / 'back.bin'}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tqdm") is None, reason="tqdm is not installed")
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
+def test_progress_bar_on_a_terminal_for_big_transfers(cli: CLI):
+    import pty
+
+    big = cli.file("big.bin", os.urandom(5 * 1024 * 1024))
+    leader, follower = pty.openpty()
+    try:
+        result = cli("put", str(big), stderr=follower)
+        os.close(follower)
+        follower = -1
+        seen = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+        if follower != -1:
+            os.close(follower)
+    assert result.code == 0
+    assert b"put big.bin" in seen and b"%" in seen
+
+
+def _help_commands() -> list[str]:
+    result = run("--help")
+    assert result.code == 0
+    # argparse lists the commands under COMMAND, indented by four spaces.
+    commands = re.findall(r"^    ([a-z]+)\s", result.out, flags=re.MULTILINE)
+    assert commands, result.out
+    return commands
+
+
+def test_every_command_and_option_in_help_is_documented():
+    text = DOCS.read_text()
+    commands = _help_commands()
+    assert {"put", "get", "cat", "ls", "info", "rm", "verify", "sweep", "check", "demo"} <= set(
+        commands
+    )
+    parser = build_parser()
+    common = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    for option in common - {"--help"}:
+        assert option in text, f"docs/cli.rst does not mention the global {option}"
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name in commands:
+        # A section: its title underlined with ~, up to the next title.
+        match = re.search(rf"^asyncassets {name}\n~+\n(.*?)(?=^\S[^\n]*\n~+\n|\Z)", text,
+                          flags=re.MULTILINE | re.DOTALL)
+        assert match, f"docs/cli.rst has no section `asyncassets {name}`"
+        section = match[1]
+        for action in subparsers[name]._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option not in common:
+                    assert option in section, f"docs/cli.rst: `{name}` does not mention {option}"
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    for name in _help_commands():
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([name, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: asyncassets {name}" in capsys.readouterr().out
