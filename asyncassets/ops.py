@@ -58,6 +58,7 @@ __all__ = [
     "OrphanedChunks",
     "SweepReport",
     "check",
+    "declared_buckets",
     "sweep_orphans",
 ]
 
@@ -184,7 +185,7 @@ class SweepReport:
     duration: float = 0.0
 
     def __str__(self) -> str:
-        verb = "would delete" if self.dry_run else "deleted"
+        verb = "to delete" if self.dry_run else "deleted"
         lines = [
             f"Orphan sweep{' (dry run)' if self.dry_run else ''}: "
             f"{len(self.buckets)} bucket(s) [{', '.join(self.buckets) or 'none'}], "
@@ -409,6 +410,14 @@ def _reference_map() -> dict[_Target, list[_Source]]:
         ]
         for target, sources in merged.items()
     }
+
+
+def declared_buckets() -> list[tuple[str, str]]:
+    """The ``(alias, bucket name)`` pairs that registered Document classes store files in.
+
+    These are the buckets :func:`sweep_orphans` and :func:`check` work on by default.
+    """
+    return sorted(_reference_map())
 
 
 def _bucket_names(buckets: Iterable[str] | str | None) -> list[str] | None:

@@ -150,7 +150,7 @@ async def test_sweep_dry_run_reports_without_deleting(asyncassets_db):
     assert report.bytes_freed == 8
     assert await _exists(db, orphan)
     assert await db["fs.chunks"].count_documents({}) == 2
-    assert "(dry run)" in str(report) and "would delete" in str(report)
+    assert "(dry run)" in str(report) and "to delete: 1" in str(report)
 
 
 async def test_shared_bucket_files_are_never_swept_while_any_field_references_them(
