@@ -43,7 +43,12 @@ from typing import Any, NamedTuple
 from bson import ObjectId
 from mongoengine.base import BaseDocument
 from mongoengine.base.common import _document_registry
-from mongoengine.fields import DictField, EmbeddedDocumentField, ListField
+from mongoengine.fields import (
+    DictField,
+    EmbeddedDocumentField,
+    GenericEmbeddedDocumentField,
+    ListField,
+)
 
 from . import _driver
 from .connection import DEFAULT_ALIAS, get_db, registered_aliases
@@ -356,6 +361,15 @@ def _embedded_classes(doc_type: Any) -> list[type]:
     return list(classes.values())
 
 
+def _all_embedded() -> list[type]:
+    from mongoengine import EmbeddedDocument
+
+    return [
+        cls for cls in list(_document_registry.values())
+        if isinstance(cls, type) and issubclass(cls, EmbeddedDocument)
+    ]
+
+
 def _file_paths(
     fld: Any,
     segments: tuple[str, ...],
@@ -377,8 +391,13 @@ def _file_paths(
         inner = getattr(fld, "field", None)
         if inner is not None:
             yield from _file_paths(inner, (*segments, "*"), False, False, seen)
-    elif isinstance(fld, EmbeddedDocumentField):
-        for cls in _embedded_classes(fld.document_type):
+    elif isinstance(fld, (EmbeddedDocumentField, GenericEmbeddedDocumentField)):
+        if isinstance(fld, EmbeddedDocumentField):
+            classes = _embedded_classes(fld.document_type)
+        else:
+            # Any embedded class may sit there: the ones allowed, else every one.
+            classes = [c for t in (fld.choices or _all_embedded()) for c in _embedded_classes(t)]
+        for cls in classes:
             if id(cls) in seen:
                 continue
             for sub in cls._fields.values():

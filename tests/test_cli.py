@@ -116,8 +116,9 @@ def test_put_ls_info_cat_get_rm_round_trip(cli: CLI, tmp_path: Path):
     assert re.fullmatch(r"[0-9a-f]{24}", marmot)
     other = _put(cli, str(blob), "--content-type", "application/x-test")
 
-    listing = cli("ls")
+    listing = cli("-v", "ls")
     assert listing.code == 0 and marmot in listing.out and "marmot.txt" in listing.out
+    assert f"using {cli.uri} (from --uri), database '{cli.db_name}'" in listing.err
     assert other in listing.out and "application/x-test" in listing.out
     rows = cli("ls", "--json").json()
     assert [row["id"] for row in rows] == [marmot, other]
@@ -405,10 +406,15 @@ def test_no_progress_output_when_stderr_is_piped(cli: CLI):
 @pytest.mark.skipif(importlib.util.find_spec("tqdm") is None, reason="tqdm is not installed")
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
 def test_progress_bar_on_a_terminal_for_big_transfers(cli: CLI):
+    import fcntl
     import pty
+    import struct
+    import termios
 
     big = cli.file("big.bin", os.urandom(5 * 1024 * 1024))
     leader, follower = pty.openpty()
+    # A terminal of 24 x 100: tqdm draws nothing on a zero-width one.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     try:
         result = cli("put", str(big), stderr=follower)
         os.close(follower)

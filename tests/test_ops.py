@@ -17,6 +17,7 @@ from asyncassets.fields import (
     DictField,
     EmbeddedDocumentField,
     FileField,
+    GenericEmbeddedDocumentField,
     ListField,
     StringField,
 )
@@ -44,6 +45,7 @@ class OpsArchive(Document):
     main = EmbeddedDocumentField(OpsScan)
     scans = ListField(EmbeddedDocumentField(OpsScan))
     by_key = DictField(FileField(collection_name="ops_shared"))
+    anything = GenericEmbeddedDocumentField()
     meta = {"collection": "ops_archives"}
 
 
@@ -158,11 +160,12 @@ async def test_shared_bucket_files_are_never_swept_while_any_field_references_th
 ):
     db = asyncassets_db
     ids = {name: await _upload(db, name.encode(), bucket="ops_shared")
-           for name in ("main", "scan0", "scan1", "keyed", "letter", "orphan")}
+           for name in ("main", "scan0", "scan1", "keyed", "generic", "letter", "orphan")}
     await OpsArchive._get_collection().insert_one({
         "main": {"image": ids["main"]},
         "scans": [{"image": ids["scan0"]}, {"image": None}, {"image": ids["scan1"]}],
         "by_key": {"front": ids["keyed"]},
+        "anything": {"_cls": "OpsScan", "image": ids["generic"]},
     })
     await OpsLetter(attachment=ids["letter"]).save()
 
