@@ -123,6 +123,21 @@ def _byte_view(data: Any, what: str) -> bytes | memoryview:
     return view
 
 
+def _now_as_stored(collection: Any) -> datetime.datetime:
+    """The current time as ``collection`` would read it back.
+
+    BSON dates have millisecond precision, and come back naive (UTC) or aware
+    depending on the codec options, so a returned files document compares equal
+    to the one a later ``find`` gives.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    options = getattr(collection, "codec_options", None)
+    if options is None or not options.tz_aware:
+        return now.replace(tzinfo=None)
+    return now.astimezone(options.tzinfo) if options.tzinfo else now
+
+
 def _add_note(exc: BaseException, note: str) -> None:
     if hasattr(exc, "add_note"):  # Python >= 3.11
         exc.add_note(note)
@@ -548,9 +563,7 @@ class UploadStream:
         :raises: as :meth:`write`.
         """
         self._check_open()
-        await self._send(full_only=False)
-        async with self._lock:
-            await self._wait_inflight()
+        await self._send(full_only=False, wait=True)
 
     async def close(self) -> dict[str, Any]:
         """Insert the remaining chunks, then the files document; return the latter.
@@ -673,10 +686,12 @@ class UploadStream:
         self._ready.append({"files_id": self.file_id, "n": self._next_n, "data": data})
         self._next_n += 1
 
-    async def _send(self, *, full_only: bool) -> None:
+    async def _send(self, *, full_only: bool, wait: bool = False) -> None:
         async with self._lock:
             try:
                 await self._send_locked(full_only=full_only)
+                if wait:
+                    await self._wait_inflight()
             except asyncio.CancelledError:
                 raise  # the stream is still consistent; the caller decides
             except BaseException as exc:
@@ -731,13 +746,11 @@ class UploadStream:
         )
 
     def _make_files_doc(self) -> dict[str, Any]:
-        now = datetime.datetime.now(datetime.timezone.utc)
         doc: dict[str, Any] = {
             "_id": self.file_id,
             "length": self._length,
             "chunkSize": self.chunk_size,
-            # BSON dates have millisecond precision; return what the server stores.
-            "uploadDate": now.replace(microsecond=now.microsecond // 1000 * 1000),
+            "uploadDate": _now_as_stored(self._bucket.files),
         }
         if self.filename is not None:
             doc["filename"] = self.filename
