@@ -16,6 +16,7 @@ import pytest
 from bson import ObjectId
 from gridfs.asynchronous import AsyncGridFSBucket
 from pymongo import AsyncMongoClient, monitoring
+from pymongo.errors import BulkWriteError
 
 from asyncassets.errors import CorruptFile, FileAlreadyExists, UploadClosed
 from asyncassets.files.bucket import DEFAULT_CHUNK_SIZE, GridBucket
@@ -114,7 +115,7 @@ async def test_round_trip_at_chunk_boundaries_writes_spec_layout(asyncassets_db,
     assert doc["length"] == size and doc["chunkSize"] == CS and doc["filename"] == "f.bin"
     assert doc["metadata"] == {"owner": "marmot", "sha256": hashlib.sha256(data).hexdigest()}
     stored = await asyncassets_db["fs.files"].find_one({"_id": doc["_id"]})
-    assert stored == {**doc, "uploadDate": doc["uploadDate"].replace(tzinfo=None)}
+    assert stored == doc
     chunks = await chunks_of(asyncassets_db, doc["_id"])
     expected_sizes = [CS] * (size // CS) + ([size % CS] if size % CS else [])
     assert [c["n"] for c in chunks] == list(range(len(expected_sizes)))
@@ -133,6 +134,17 @@ async def test_custom_chunk_size_and_bucket_name(asyncassets_db):
     ] * 6 + [300]
     assert await bucket.read(doc) == data
     assert await asyncassets_db["fs.files"].count_documents({}) == 0
+
+
+async def test_upload_date_comes_back_as_the_client_reads_it(asyncassets_db):
+    naive = await GridBucket(asyncassets_db).upload(b"x")
+    assert naive["uploadDate"].tzinfo is None
+    aware_db = asyncassets_db.with_options(
+        codec_options=asyncassets_db.codec_options.with_options(tz_aware=True)
+    )
+    aware = await GridBucket(aware_db).upload(b"y")
+    assert aware["uploadDate"] == (await GridBucket(aware_db).find(aware["_id"]))["uploadDate"]
+    assert aware["uploadDate"].utcoffset() is not None
 
 
 @pytest.mark.parametrize("size", [0, CS - 1, 3 * CS + 5], ids=lambda s: f"{s}B")
@@ -361,6 +373,24 @@ async def test_cancelled_close_leaves_a_whole_file_or_nothing(asyncassets_db, de
         await assert_bucket_empty(asyncassets_db)
     else:
         assert await bucket.read(await bucket.find(stream.file_id)) == data
+
+
+async def test_an_insert_failing_mid_upload_removes_the_earlier_chunks(asyncassets_db):
+    # A validator makes the server refuse chunk 5 onwards, after chunks 0-4 went in.
+    await asyncassets_db.create_collection("fs.chunks", validator={"n": {"$lt": 5}})
+    bucket = GridBucket(asyncassets_db, chunk_size=1000, buffer_size=4000)
+    with pytest.raises(BulkWriteError, match="validation"):
+        await bucket.upload(payload(20_000))
+    await assert_bucket_empty(asyncassets_db)
+
+    stream = bucket.open_upload()
+    await stream.write(payload(4000))
+    await stream.flush()
+    with pytest.raises(BulkWriteError):
+        await stream.write(payload(6000))
+        await stream.flush()
+    assert stream.closed
+    await assert_bucket_empty(asyncassets_db)
 
 
 async def test_abort_removes_written_chunks_and_is_idempotent(asyncassets_db):
