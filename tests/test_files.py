@@ -480,12 +480,6 @@ async def test_metadata_returns_a_copy_the_caller_may_change(asyncassets_db):
     assert marmot.photo.metadata["tag"] == "a"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UploadStream._make_files_doc (asyncassets/files/bucket.py) builds uploadDate "
-    "tz-aware (UTC) and the proxy keeps that dict after put/close/replace, while a load "
-    "from a default (tz_aware=False) client gives a naive datetime: comparing them raises",
-)
 async def test_upload_date_has_the_same_kind_after_put_and_after_load(asyncassets_db):
     marmot = FilesAnimal()
     await marmot.photo.put(b"x")
