@@ -483,6 +483,7 @@ class UploadStream:
         self._tail = bytearray()  # the bytes of the chunk being filled
         self._ready: list[dict[str, Any]] = []  # full chunks not yet sent
         self._next_n = 0
+        self._yielded_n = 0
         self._inflight: asyncio.Task[Any] | None = None
         self._lock = asyncio.Lock()
         self._closing = False
@@ -533,19 +534,32 @@ class UploadStream:
         """
         self._check_open()
         view = _byte_view(data, "write() data")
-        step = self._batch_chunks * self.chunk_size
-        if len(view) <= step:
+        size = len(view)
+        chunk_size = self.chunk_size
+        if size <= chunk_size:
             self._append(view)
-            if len(self._ready) >= self._batch_chunks:
-                await self._send(full_only=True)
+            await self._after_append()
             return
         if type(view) is bytes:
             view = memoryview(view)
-        for start in range(0, len(view), step):
+        # Slices aligned on chunk boundaries, so each becomes a chunk with one copy.
+        pos = 0
+        while pos < size:
             self._check_open()
-            self._append(view[start : start + step])
-            if len(self._ready) >= self._batch_chunks:
-                await self._send(full_only=True)
+            end = pos + chunk_size - len(self._tail)
+            self._append(view[pos:end])
+            pos = end
+            await self._after_append()
+
+    async def _after_append(self) -> None:
+        if len(self._ready) >= self._batch_chunks:
+            await self._send(full_only=True)
+        elif self._inflight is not None and self._next_n != self._yielded_n:
+            # A chunk was cut while an insert is in flight: give the event loop a turn so
+            # that the insert starts and its bytes reach the socket while we fill the next
+            # batch (a synchronous source would otherwise never yield until then).
+            self._yielded_n = self._next_n
+            await asyncio.sleep(0)
 
     async def writelines(self, lines: Iterable[Any]) -> None:
         """Write each bytes-like item of ``lines`` (no separators are added).
