@@ -153,6 +153,13 @@ class GridBucket:
         uploads insert and downloads fetch in batches of half of it.
     :raises TypeError, ValueError: if ``chunk_size`` or ``buffer_size`` is not a
         positive int.
+
+    :ivar db: the database.
+    :ivar name: the bucket name.
+    :ivar files: the ``<name>.files`` collection.
+    :ivar chunks: the ``<name>.chunks`` collection.
+    :ivar chunk_size: chunk size of new files.
+    :ivar buffer_size: the per-stream memory bound.
     """
 
     def __init__(
@@ -808,6 +815,9 @@ class DownloadStream:
     not help: the server, not the client, sets the pace.)
 
     :ivar file_id: the file's ``_id``.
+    :ivar files_doc: the files document it reads.
+    :ivar length: the whole file's length.
+    :ivar chunk_size: the file's chunk size.
     :ivar start: first byte yielded.
     :ivar end: end (exclusive) of the bytes yielded.
     """
