@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
@@ -228,6 +229,12 @@ class EmbeddedServer:
         ``asyncassets-server.log`` inside ``storage_path``, or a temporary file
         for an ephemeral server.
     :param startup_timeout: seconds :meth:`start` waits for the server to answer.
+    :param extra_args: more command-line flags for the server, e.g.
+        ``["--cache-size", "4G"]`` for SecantusDB.
+
+    With persistent storage, SecantusDB is started with ``--sync-on-commit`` so an
+    acknowledged write survives a crash of the server process (``kill -9``) even
+    without ``j=True``; mongod journals by default.
     :raises EmbeddedServerError: no server binary could be found.
     :raises ValueError: ``port`` is not between 1 and 65535.
 
@@ -245,6 +252,7 @@ class EmbeddedServer:
         binary: str | os.PathLike[str] | None = None,
         log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         if storage_path is None or os.fspath(storage_path) == MEMORY:
             self._storage: Path | None = None
@@ -256,6 +264,7 @@ class EmbeddedServer:
         self._binary, self._kind = _resolve_binary(binary)
         self._log_path = Path(log_path).expanduser().resolve() if log_path is not None else None
         self.startup_timeout = startup_timeout
+        self.extra_args = list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
         self._runtime_dir: str | None = None
@@ -431,6 +440,7 @@ class EmbeddedServer:
                 "--bind_ip", _HOST,
                 "--port", str(self._port),
                 "--dbpath", str(dbpath),
+                *self.extra_args,
             ]  # fmt: skip
         # An explicit --config disables SecantusDB's auto-discovery of
         # ./secantusd.toml, ~/.secantus/... and /etc/secantus/..., so a stray file
@@ -443,6 +453,8 @@ class EmbeddedServer:
             "--host", _HOST,
             "--port", str(self._port),
             "--storage-path", str(self._storage) if self._storage is not None else MEMORY,
+            *(["--sync-on-commit"] if self._storage is not None else []),
+            *self.extra_args,
         ]  # fmt: skip
 
     def _launch_and_wait(self) -> None:

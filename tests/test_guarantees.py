@@ -308,10 +308,6 @@ async def test_cancelling_inside_an_async_with_block_aborts(asyncassets_db, repl
         assert "big" not in await stored(animal)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=_CANCEL_AFTER_APPLIED + " (hit here without any injection, by a plain cancel)",
-)
 async def test_cancelling_a_replace_at_any_point_never_dangles(asyncassets_db):
     """Cancel a replace after 0, 1, 2... loop iterations: every outcome is consistent.
 
@@ -375,7 +371,6 @@ def reply_lost(monkeypatch):
     return applied
 
 
-@pytest.mark.xfail(strict=True, reason=_CANCEL_AFTER_APPLIED)
 async def test_cancelling_a_replace_after_the_server_switched_the_reference(
     asyncassets_db, reply_lost
 ):
@@ -402,12 +397,6 @@ async def test_cancelling_a_delete_after_the_server_unset_the_reference(asyncass
     assert await loaded.photo.read() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="add_to_list (asyncassets/files/tree.py) deletes the new file on any "
-    "BaseException from the $push, including a CancelledError raised after the server "
-    "applied it: the stored list then holds the id of a deleted file",
-)
 async def test_cancelling_add_file_after_the_server_pushed_the_id(asyncassets_db, reply_lost):
     album = await GuardAlbum(title="t").save()
     task = asyncio.create_task(album.add_file("attachments", b"attached"))
@@ -532,7 +521,6 @@ async def test_concurrent_replaces_on_separately_loaded_instances(asyncassets_db
     assert loser.photo.file_id == animal.photo.file_id
 
 
-@pytest.mark.xfail(strict=True, reason=_SAME_INSTANCE_RACE)
 async def test_concurrent_replaces_on_the_same_instance(asyncassets_db):
     """Both replaces start from the old file, so the one that commits second loses.
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import bson
+from pymongo.errors import ConnectionFailure
 
 from ..connection import DEFAULT_ALIAS, get_db
 from ..errors import FileAlreadyExists, FileNotFound, FileNotLoaded, GridFSError, UploadClosed
@@ -86,6 +87,25 @@ def _check_metadata_keys(value: Any, where: str = "") -> None:
             _check_metadata_keys(item, where)
 
 
+# Switch tasks that must outlive a cancelled caller (the loop keeps weak references).
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Any) -> asyncio.Task[Any]:
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_settled)
+    return task
+
+
+def _settled(task: asyncio.Task[Any]) -> None:
+    _background.discard(task)
+    # A caller cancelled while it waited no longer wants the outcome: don't log it
+    # as "never retrieved".
+    if not task.cancelled():
+        task.exception()
+
+
 class _Missing:
     """Marks a proxy whose files document was looked up and not found."""
 
@@ -119,7 +139,8 @@ class FileProxy:
         self._key = key
         self._files_doc: dict[str, Any] | _Missing | None = None
         self._upload: UploadStream | None = None
-        self._upload_replaces: bool = False
+        #: The file a streaming upload in progress will replace when it is closed.
+        self._upload_previous: Any = None
         self._encoding: str | None = None
         self._position = 0
         self._guard: Any = None  # the checks of the streaming upload in progress
@@ -473,8 +494,9 @@ class FileProxy:
             )
         bucket = self._bucket()
         await bucket.ensure_indexes()
+        previous = self.grid_id  # what this call replaces, fixed before it uploads
         doc = await self._store(bucket, data, content_type, filename, metadata)
-        await self._commit(doc, previous=self.grid_id)
+        await self._commit(doc, previous=previous)
         return self
 
     async def delete(self) -> None:
@@ -505,14 +527,42 @@ class FileProxy:
         await self._bucket().delete(file_id)
 
     async def _commit(self, new_doc: dict[str, Any], previous: Any) -> None:
-        """Point the field at the freshly uploaded ``new_doc``, then drop ``previous``."""
+        """Point the field at the freshly uploaded ``new_doc``, then drop ``previous``.
+
+        The switch runs as a task of its own that a cancellation of the caller does
+        not interrupt: once the update is on its way, whether the database applied it
+        decides what is deleted, never the moment the caller was cancelled.
+        """
+        task = _spawn(self._switch(new_doc, previous))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Wait for the switch (one short update) so that a cancelled caller
+            # sees a settled state, then pass the cancellation on.
+            await asyncio.wait({task})
+            raise
+
+    async def _switch(self, new_doc: dict[str, Any], previous: Any) -> None:
         from .tree import persist_reference
 
         new_id = new_doc["_id"]
+        if self.grid_id != previous:
+            # Another call on this same proxy committed while this one uploaded.
+            await self._delete_stored(new_id)
+            raise FileConflict(
+                f"This field changed to file {self.grid_id!r} while the upload of "
+                f"{new_id!r} ran; the upload was removed. Retry on the current state."
+            )
         try:
             persisted = await persist_reference(self, previous, new_id)
-        except BaseException:
-            await asyncio.shield(self._delete_stored(new_id))
+        except ConnectionFailure:
+            # The outcome is unknown (the reply may be what was lost): the new file
+            # stays, for the orphan sweep should nothing reference it.
+            raise
+        except Exception:
+            # The server refused the update (or it was never sent): nothing
+            # references the new file.
+            await self._delete_stored(new_id)
             raise
         self.grid_id = new_id
         self._files_doc = new_doc
@@ -557,7 +607,7 @@ class FileProxy:
         bucket = self._bucket()
         self._upload = bucket.open_upload(filename=guard.filename, metadata=guard.metadata)
         self._guard = guard
-        self._upload_replaces = self.grid_id is not None
+        self._upload_previous = self.grid_id
         self._encoding = encoding
         return NewFile(self, bucket)
 
@@ -610,7 +660,7 @@ class FileProxy:
             await asyncio.shield(stream.abort())
             raise
         self._upload = None
-        await self._commit(doc, previous=self.grid_id if self._upload_replaces else None)
+        await self._commit(doc, previous=self._upload_previous)
         return self
 
     async def abort(self) -> None:

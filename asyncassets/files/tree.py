@@ -16,10 +16,11 @@ from typing import Any
 import mongoengine
 from mongoengine.base import get_document
 from mongoengine.fields import DictField, EmbeddedDocumentField, ListField
+from pymongo.errors import ConnectionFailure
 
 from ..errors import FileValidationError
 from .bucket import GridBucket
-from .proxy import _MISSING, FileConflict, FileProxy
+from .proxy import _MISSING, FileConflict, FileProxy, _spawn
 
 __all__ = [
     "bind_proxies",
@@ -205,6 +206,30 @@ async def persist_reference(proxy: FileProxy, old: Any, new: Any) -> bool | None
     return True
 
 
+async def _push(
+    doc: Any, list_path: str, proxy: FileProxy, files_doc: dict[str, Any], values: list[Any]
+) -> None:
+    new_id = files_doc["_id"]
+    id_field = doc._meta["id_field"]
+    query = {"_id": doc._fields[id_field].to_mongo(doc.pk)}
+    try:
+        result = await doc.__class__._get_collection().update_one(
+            query, {"$push": {list_path: new_id}}
+        )
+    except ConnectionFailure:
+        raise  # outcome unknown: the file stays, for the sweep if unreferenced
+    except Exception:
+        await proxy._delete_stored(new_id)  # refused: nothing references it
+        raise
+    if result.matched_count == 0:
+        await proxy._delete_stored(new_id)
+        raise FileConflict(
+            f"{type(doc).__name__} {doc.pk!r} is no longer stored; the file was not added."
+        )
+    proxy.grid_id, proxy._files_doc = new_id, files_doc
+    list.append(values, proxy)  # the database already has it
+
+
 def _remove_from_list(proxy: FileProxy) -> None:
     owner, key = proxy._instance, proxy._key
     values = owner._data.get(key) if owner is not None and key else None
@@ -241,22 +266,14 @@ async def add_to_list(
     new_id = files_doc["_id"]
     values = getattr(doc, field_name)
     if doc.pk is not None and not doc._created:
-        id_field = doc._meta["id_field"]
-        query = {"_id": doc._fields[id_field].to_mongo(doc.pk)}
+        # Shielded: once the $push is on its way, its outcome (not a cancellation of
+        # the caller) decides whether the new file is kept.
+        task = _spawn(_push(doc, field.db_field, proxy, files_doc, values))
         try:
-            result = await doc.__class__._get_collection().update_one(
-                query, {"$push": {field.db_field: new_id}}
-            )
-        except BaseException:
-            await asyncio.shield(bucket.delete(new_id))
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait({task})
             raise
-        if result.matched_count == 0:
-            await bucket.delete(new_id)
-            raise FileConflict(
-                f"{type(doc).__name__} {doc.pk!r} is no longer stored; the file was not added."
-            )
-        proxy.grid_id, proxy._files_doc = new_id, files_doc
-        list.append(values, proxy)  # the database already has it
     else:
         proxy.grid_id, proxy._files_doc = new_id, files_doc
         values.append(proxy)
