@@ -39,6 +39,7 @@ from .document import (
 )
 from .errors import (
     AsyncAssetsError,
+    ChecksumMissing,
     CorruptFile,
     FileAlreadyExists,
     FileNotFound,
@@ -48,14 +49,17 @@ from .errors import (
     IntegrityError,
     UploadClosed,
 )
-from .fields import FileField, FileProxy
+from .fields import FileField, FileProxy, ImageField, ImageProxy
 from .files.proxy import FileConflict
+from .ops import CheckReport, SweepReport, check, sweep_orphans
 from .queryset import Q, QuerySet
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncAssetsError",
+    "CheckReport",
+    "ChecksumMissing",
     "CorruptFile",
     "Document",
     "DoesNotExist",
@@ -71,6 +75,8 @@ __all__ = [
     "FileProxy",
     "FileValidationError",
     "GridFSError",
+    "ImageField",
+    "ImageProxy",
     "IntegrityError",
     "InvalidQueryError",
     "MultipleObjectsReturned",
@@ -79,12 +85,15 @@ __all__ = [
     "Q",
     "QuerySet",
     "SaveConditionError",
+    "SweepReport",
     "UploadClosed",
     "ValidationError",
     "__version__",
+    "check",
     "connect",
     "disconnect",
     "disconnect_all",
     "get_client",
     "get_db",
+    "sweep_orphans",
 ]
