@@ -342,11 +342,15 @@ def _server_for(args: argparse.Namespace) -> Iterator[_Target]:
                 _note("stopped the embedded server")
 
 
-def _connect(uri: str, db: str, timeout: float) -> None:
+async def _connect(uri: str, db: str, timeout: float) -> None:
     from pymongo.errors import ConfigurationError
 
-    from .connection import connect
+    from .connection import DEFAULT_ALIAS, connect, disconnect, registered_aliases
 
+    # Models loaded with --import may connect at import time: the server this
+    # command was pointed at wins.
+    if DEFAULT_ALIAS in registered_aliases():
+        await disconnect(DEFAULT_ALIAS)
     try:
         connect(host=uri, db=db, **_client_options(uri, timeout))
     except (ValueError, ConfigurationError) as exc:
@@ -724,7 +728,7 @@ _COMMANDS = {
 async def _run_command(args: argparse.Namespace, target: _Target) -> int:
     from .connection import disconnect
 
-    _connect(target.uri, target.db, args.timeout)
+    await _connect(target.uri, target.db, args.timeout)
     try:
         ctx = _Context(args, target)
         # Fail early, with the URI, when the server is not there.
@@ -789,7 +793,7 @@ async def _demo(uri: str, db_name: str, timeout: float, drop: bool) -> int:
     from .files.bucket import GridBucket
     from .ops import check
 
-    _connect(uri, db_name, timeout)
+    await _connect(uri, db_name, timeout)
     try:
         await get_db().command("ping")
         photo_cls = _demo_class()
@@ -808,8 +812,7 @@ async def _demo(uri: str, db_name: str, timeout: float, drop: bool) -> int:
         await photo.image.put(data, content_type="text/plain", filename="marmot.txt")
         await photo.save()
         first_id = photo.image.file_id
-        _result(f"Photo {photo.pk} references file {first_id}: {len(data):,} bytes, "
-                f"sha256 {photo.image.sha256[:16]}...")
+        _result(f"saved Photo {photo.pk}; its file {first_id} holds {len(data):,} bytes")
 
         _step(2, "read", 'photo = await Photo.objects(title="marmot").first()\n'
               "data = await photo.image.read()")

@@ -183,8 +183,12 @@ def test_verify_reports_intact_mismatched_and_unverifiable_files(cli: CLI):
 
 
 MODELS = '''
+import asyncassets
 from asyncassets import Document
 from asyncassets.fields import FileField, StringField
+
+# An app that connects at import time: the command's own --uri must win.
+asyncassets.connect("mongodb://127.0.0.1:9/not_this_one")
 
 
 class CliAnimal(Document):
