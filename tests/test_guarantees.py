@@ -754,7 +754,6 @@ async def own_server(tmp_path):
         server.stop()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["replace-on-saved-doc", "put-on-new-doc"])
 async def test_killing_the_server_mid_upload_keeps_the_saved_bytes(own_server, kind):
     doc = GuardCrash(name="survivor")
