@@ -29,6 +29,7 @@ Python first, then on ``PATH``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -62,6 +63,21 @@ _INSTALL_HINT = (
 )
 _POLL_INTERVAL = 0.05
 _PORT_ATTEMPTS = 3
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when its parent dies.
+
+    A test run killed by a timeout (SIGKILL/SIGTERM skip atexit and finalizers)
+    then leaves no server behind. Elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not fatal: stop() and the finalizer still stop the server
 
 
 def default_data_dir() -> Path:
@@ -477,6 +493,7 @@ class EmbeddedServer:
                 cwd=self._runtime_dir,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             log_file.close()

@@ -272,3 +272,35 @@ def test_default_data_dir_without_platformdirs(monkeypatch):
     monkeypatch.delenv("ASYNCASSETS_DATA_DIR", raising=False)
     monkeypatch.setitem(sys.modules, "platformdirs", None)  # makes the import fail
     assert default_data_dir() == Path.home() / ".local" / "share" / "asyncassets" / "db"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_server_dies_with_a_parent_killed_without_cleanup(tmp_path: Path) -> None:
+    """A test run killed by a timeout (SIGKILL: no atexit) leaves no server behind."""
+    import signal
+    import subprocess
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import sys, time\n"
+        "from asyncassets.embedded import EmbeddedServer\n"
+        "server = EmbeddedServer().start()\n"
+        "print(server.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    owner = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert owner.stdout is not None
+        server_pid = int(owner.stdout.readline())
+        assert _alive(server_pid)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(server_pid), "the server outlived the process that started it"
