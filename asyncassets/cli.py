@@ -49,6 +49,7 @@ from typing import IO, Any
 from bson import ObjectId
 
 from . import __version__
+from .errors import AsyncAssetsError
 
 __all__ = ["CLIError", "build_parser", "main", "mask_uri", "parse_duration"]
 
@@ -61,7 +62,7 @@ _LOCK_TIMEOUT = 120.0
 _URI_ENVS = ("ASYNCASSETS_URI", "MONGODB_URI")
 
 
-class CLIError(Exception):
+class CLIError(AsyncAssetsError):
     """A problem to report on one line, without a traceback."""
 
 

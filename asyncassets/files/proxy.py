@@ -98,6 +98,22 @@ def _spawn(coro: Any) -> asyncio.Task[Any]:
     return task
 
 
+async def settle(coro: Any) -> Any:
+    """Run ``coro`` to its end even if the caller is cancelled meanwhile.
+
+    For a change of a stored reference and its follow-up: once the update is on its
+    way, whether the database applied it decides what happens next, never the
+    moment the caller was cancelled. A cancelled caller waits for the end (one
+    short update and a delete), then sees its ``CancelledError``.
+    """
+    task = _spawn(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
+
+
 def _settled(task: asyncio.Task[Any]) -> None:
     _background.discard(task)
     # A caller cancelled while it waited no longer wants the outcome: don't log it
@@ -452,6 +468,7 @@ class FileProxy:
         :raises TypeError: ``data`` is not something bytes can be read from.
         """
         self._refuse_if_full("put()")
+        self._metadata(content_type, metadata)  # refuse bad metadata before any I/O
         bucket = self._bucket()
         await bucket.ensure_indexes()
         doc = await self._store(bucket, data, content_type, filename, metadata)
@@ -492,6 +509,7 @@ class FileProxy:
             raise GridFSError(
                 "replace(): a streaming upload is open on this field; close it first."
             )
+        self._metadata(content_type, metadata)  # refuse bad metadata before any I/O
         bucket = self._bucket()
         await bucket.ensure_indexes()
         previous = self.grid_id  # what this call replaces, fixed before it uploads
@@ -515,12 +533,14 @@ class FileProxy:
             return
         from .tree import persist_reference
 
-        persisted = await persist_reference(self, old, None)
-        self.grid_id = None
-        self._files_doc = None
-        self._position = 0
-        if persisted is not False:
+        async def unlink() -> None:
+            await persist_reference(self, old, None)
+            self.grid_id = None
+            self._files_doc = None
+            self._position = 0
             await self._delete_stored(old)
+
+        await settle(unlink())
 
     async def _delete_stored(self, file_id: Any) -> None:
         """Delete a stored file of this field (an image also deletes its thumbnail)."""
@@ -533,14 +553,7 @@ class FileProxy:
         not interrupt: once the update is on its way, whether the database applied it
         decides what is deleted, never the moment the caller was cancelled.
         """
-        task = _spawn(self._switch(new_doc, previous))
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # Wait for the switch (one short update) so that a cancelled caller
-            # sees a settled state, then pass the cancellation on.
-            await asyncio.wait({task})
-            raise
+        await settle(self._switch(new_doc, previous))
 
     async def _switch(self, new_doc: dict[str, Any], previous: Any) -> None:
         from .tree import persist_reference
@@ -554,7 +567,7 @@ class FileProxy:
                 f"{new_id!r} ran; the upload was removed. Retry on the current state."
             )
         try:
-            persisted = await persist_reference(self, previous, new_id)
+            await persist_reference(self, previous, new_id)
         except ConnectionFailure:
             # The outcome is unknown (the reply may be what was lost): the new file
             # stays, for the orphan sweep should nothing reference it.
@@ -567,7 +580,7 @@ class FileProxy:
         self.grid_id = new_id
         self._files_doc = new_doc
         self._position = 0
-        if previous is not None and persisted is not False:
+        if previous is not None:
             await self._delete_stored(previous)
 
     # -- streaming upload -------------------------------------------------------

@@ -7,7 +7,6 @@ saved document's file is written with one conditional update.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from pymongo.errors import ConnectionFailure
 
 from ..errors import FileValidationError
 from .bucket import GridBucket
-from .proxy import _MISSING, FileConflict, FileProxy, _spawn
+from .proxy import _MISSING, FileConflict, FileProxy, settle
 
 __all__ = [
     "bind_proxies",
@@ -260,6 +259,7 @@ async def add_to_list(
             f"{type(doc).__name__}, and {field_name!r} is not one."
         )
     proxy = inner._proxy(None, doc, field_name)
+    proxy._metadata(content_type, metadata)  # refuse bad metadata before any I/O
     bucket = proxy._bucket()
     await bucket.ensure_indexes()
     files_doc = await proxy._store(bucket, data, content_type, filename, metadata)
@@ -268,12 +268,7 @@ async def add_to_list(
     if doc.pk is not None and not doc._created:
         # Shielded: once the $push is on its way, its outcome (not a cancellation of
         # the caller) decides whether the new file is kept.
-        task = _spawn(_push(doc, field.db_field, proxy, files_doc, values))
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await asyncio.wait({task})
-            raise
+        await settle(_push(doc, field.db_field, proxy, files_doc, values))
     else:
         proxy.grid_id, proxy._files_doc = new_id, files_doc
         values.append(proxy)
