@@ -50,6 +50,7 @@ from bson import ObjectId
 
 from . import __version__
 from .errors import AsyncAssetsError
+from .ops import _human_bytes
 
 __all__ = ["CLIError", "build_parser", "main", "mask_uri", "parse_duration"]
 
@@ -154,15 +155,6 @@ def _jsonable(value: Any) -> Any:
 
 def _print_json(value: Any) -> None:
     print(json.dumps(_jsonable(value), indent=2, sort_keys=False))
-
-
-def _human_bytes(size: int) -> str:
-    amount = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if amount < 1024 or unit == "TiB":
-            return f"{int(amount)} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
-        amount /= 1024
-    return f"{size} B"  # pragma: no cover
 
 
 def _content_type(doc: dict[str, Any]) -> str | None:
