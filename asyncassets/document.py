@@ -386,6 +386,50 @@ class Document(mongoengine.Document):
             self, field_name, data, content_type=content_type, filename=filename, **metadata
         )
 
+    @classmethod
+    async def create_index(cls, keys: Any, background: bool = False, **kwargs: Any) -> str:
+        """Create one index, mongoengine-style keys (``"-created"``, ``["a", "b"]``).
+
+        :returns: the index name.
+        """
+        spec = dict(cls._build_index_spec(keys))
+        fields = spec.pop("fields")
+        spec.pop("cls", None)
+        return str(
+            await cls._get_collection().create_index(
+                fields, background=background, **{**spec, **kwargs}
+            )
+        )
+
+    # mongoengine.Document methods that would do blocking I/O (or hand back an
+    # unawaited coroutine) here: refused with the async way to do it.
+    def select_related(self, max_depth: int = 1) -> Any:
+        """Not available: use ``await doc.fetch_related(...)``."""
+        raise NotImplementedError("select_related() blocks; use `await doc.fetch_related()`.")
+
+    def cascade_save(self, **kwargs: Any) -> Any:
+        """Not available: save referenced documents with ``await ref.save()``."""
+        raise NotImplementedError("cascade_save() blocks; `await ref.save()` each reference.")
+
+    def switch_db(self, db_alias: str, keep_created: bool = True) -> Any:
+        """Not available: declare ``meta = {"db_alias": ...}`` on a subclass instead."""
+        raise NotImplementedError(
+            "switch_db() is not supported; use a subclass with meta = {'db_alias': ...}."
+        )
+
+    def switch_collection(self, collection_name: str, keep_created: bool = True) -> Any:
+        """Not available: declare ``meta = {"collection": ...}`` on a subclass instead."""
+        raise NotImplementedError(
+            "switch_collection() is not supported; use a subclass with meta = {'collection': ...}."
+        )
+
+    @classmethod
+    def compare_indexes(cls) -> Any:
+        """Not available: compare ``await Doc._get_collection().index_information()``."""
+        raise NotImplementedError(
+            "compare_indexes() blocks; read `await Doc._get_collection().index_information()`."
+        )
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.pk!r}>"
 

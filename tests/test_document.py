@@ -727,3 +727,33 @@ async def test_dynamic_document_stores_undeclared_attributes(asyncassets_db):
     loaded.size = 4
     await loaded.save()
     assert (await _raw(asyncassets_db, "doc_dynamic", _id=doc.id))["size"] == 4
+
+
+async def test_create_index_is_awaited_and_builds_the_index(asyncassets_db):
+    class Indexed(Document):
+        name = StringField()
+        meta = {"collection": "create_index_target", "auto_create_index": False}
+
+    name = await Indexed.create_index("-name", unique=True)
+    info = await asyncassets_db["create_index_target"].index_information()
+    assert info[name]["key"] == [("name", -1)]
+    assert info[name]["unique"] is True
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d: d.select_related(),
+        lambda d: d.cascade_save(),
+        lambda d: d.switch_db("other"),
+        lambda d: d.switch_collection("other"),
+        lambda d: type(d).compare_indexes(),
+    ],
+    ids=["select_related", "cascade_save", "switch_db", "switch_collection", "compare_indexes"],
+)
+def test_blocking_mongoengine_methods_say_what_to_use_instead(call):
+    class Blocking(Document):
+        name = StringField()
+
+    with pytest.raises(NotImplementedError, match=r"use|await|read"):
+        call(Blocking(name="x"))
