@@ -424,10 +424,9 @@ class QuerySet(Generic[T]):
             await delete_files_of(self._document, batch)
             batch.clear()
 
-        # Ids are read ahead of deleting them, so a cursor over what is being deleted
-        # is never relied on.
-        sons = [son async for son in qs._cursor()]
-        for son in sons:
+        # Streamed: only documents the cursor already returned are deleted, which
+        # does not move it; memory stays at one batch whatever the match count.
+        async for son in qs._cursor():
             batch.append(son)
             if len(batch) >= BATCH_SIZE:
                 await flush()

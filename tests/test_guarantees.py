@@ -792,3 +792,22 @@ async def test_killing_the_server_mid_upload_keeps_the_saved_bytes(own_server, k
     assert len(leftovers) <= 1
     for files_id in leftovers:
         assert await db["fs.files"].count_documents({"_id": files_id}) == 0
+
+
+@pytest.mark.parametrize("how", ["reassigned", "reloaded"])
+async def test_a_proxy_detached_from_its_saved_document_changes_nothing(asyncassets_db, how):
+    """An old handle must not delete the file the stored document still uses."""
+    animal = await saved_animal()
+    old = animal.photo
+    if how == "reassigned":
+        animal.photo = None
+    else:
+        await animal.reload()
+    with pytest.raises(FileConflict, match="no longer part"):
+        await old.replace(b"written through a stale handle")
+    with pytest.raises(FileConflict, match="no longer part"):
+        await old.delete()
+    assert (await stored(animal))["photo"] == old.file_id
+    await assert_reads(GuardAnimal, "photo", {animal.pk: b"old bytes, still wanted"})
+    assert await file_ids(asyncassets_db) == {old.file_id}
+    assert set(await chunk_owners(asyncassets_db)) == {old.file_id}

@@ -176,3 +176,10 @@ async def test_the_loop_keeps_serving_while_an_image_is_processed(asyncassets_db
     # Had the work run on the loop, one gap would be as long as the work itself.
     assert max(gaps) < blocking / 2, (max(gaps), blocking)
     assert len(gaps) >= 5
+
+
+async def test_streaming_into_an_image_field_is_refused_with_the_way_to_do_it(asyncassets_db):
+    animal = ImgAnimal(name="streamed")
+    with pytest.raises(TypeError, match=r"put\(data\)"):
+        animal.photo.new_file(filename="x.png")
+    assert await bucket_counts(asyncassets_db) == (0, 0)

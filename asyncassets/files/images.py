@@ -94,6 +94,17 @@ class ImageProxy(FileProxy):
             return None
         return FileProxy(thumb_id, collection_name=self.collection_name, db_alias=self.db_alias)
 
+    def new_file(self, *args: Any, **kwargs: Any) -> Any:
+        """Not available for images: use ``await proxy.put(data)``.
+
+        An image must be decoded whole (size checks, resizing, the thumbnail), which
+        a chunk-by-chunk stream cannot offer without the decompression-bomb guard.
+        """
+        raise TypeError(
+            "ImageField does not take streaming uploads (new_file): the image is "
+            "checked, resized and thumbnailed as a whole. Use `await doc.<field>.put(data)`."
+        )
+
     async def _store(
         self,
         bucket: GridBucket,

@@ -18,7 +18,6 @@ from mongoengine.fields import DictField, EmbeddedDocumentField, ListField
 from pymongo.errors import ConnectionFailure
 
 from ..errors import FileValidationError
-from .bucket import GridBucket
 from .proxy import _MISSING, FileConflict, FileProxy, settle
 
 __all__ = [
@@ -89,9 +88,11 @@ def file_field_names(doc_cls: type) -> list[str]:
     return names
 
 
-@functools.cache
 def cascade_paths(doc_cls: type) -> tuple[str, ...]:
-    """Top-level db field names (of the class and its subclasses) holding cascading files."""
+    """Top-level db field names (of the class and its subclasses) holding cascading files.
+
+    Not cached: a subclass declared later (``allow_inheritance``) must count too.
+    """
     paths: dict[str, None] = {}
     for cls in _classes(doc_cls):
         for field in cls._fields.values():
@@ -176,7 +177,14 @@ async def persist_reference(proxy: FileProxy, old: Any, new: Any) -> bool | None
         return None
     path = _locate(root, proxy)
     if path is None:
-        return None
+        # Detached from its saved document (reloaded, reassigned, popped from a
+        # list): the stored document may still reference ``old``, so touching it
+        # could leave that document dangling.
+        raise FileConflict(
+            f"This file proxy is no longer part of its saved {root.__class__.__name__} "
+            f"{root.pk!r} (the document was reloaded or the field reassigned). Use the "
+            "document's current field, e.g. `doc.<field>`, and retry."
+        )
     parts = [part for part, _ in path]
     dotted = ".".join(parts)
     id_field = root._meta["id_field"]
@@ -275,10 +283,6 @@ async def add_to_list(
     return proxy
 
 
-def _bucket_for(proxy: FileProxy) -> GridBucket:
-    return proxy._bucket()
-
-
 async def check_assigned_ids(doc: Any) -> None:
     """Refuse to save ids assigned by hand that name no file: one query per bucket.
 
@@ -311,12 +315,17 @@ async def load_files(docs: Sequence[Any], field_names: Sequence[str]) -> None:
     for doc in docs:
         for name in field_names:
             value = getattr(doc, name)
-            proxies = value if isinstance(value, (list, tuple)) else [value]
+            if isinstance(value, dict):
+                proxies = list(value.values())
+            elif isinstance(value, (list, tuple)):
+                proxies = list(value)
+            else:
+                proxies = [value]
             for proxy in proxies:
                 if isinstance(proxy, FileProxy) and proxy.grid_id is not None:
                     groups[(proxy.db_alias, proxy.collection_name)].append(proxy)
     for proxies in groups.values():
-        found = await _bucket_for(proxies[0]).find_many([p.grid_id for p in proxies])
+        found = await proxies[0]._bucket().find_many([p.grid_id for p in proxies])
         for proxy in proxies:
             proxy._files_doc = found.get(proxy.grid_id, _MISSING)
 
