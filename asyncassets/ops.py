@@ -51,7 +51,7 @@ from mongoengine.fields import (
 )
 
 from . import _driver
-from .connection import DEFAULT_ALIAS, get_db, registered_aliases
+from .connection import DEFAULT_ALIAS, _connections, get_db, registered_aliases
 from .errors import ConnectionNotRegistered
 from .files.bucket import GridBucket
 
@@ -462,31 +462,92 @@ def _aliases_in_scope(alias: str | None) -> list[str]:
     return [alias]
 
 
+def _maybe_same_db(a: str, b: str) -> bool:
+    """Whether two connected aliases may reach the same database.
+
+    Only the database name tells them apart: different hosts may still be one server
+    (``localhost`` and ``127.0.0.1``, two members of a replica set), so aliases with
+    the same database name are taken to share it (never delete on doubt).
+    """
+    return a == b or _connections[a].db_name.casefold() == _connections[b].db_name.casefold()
+
+
+def _same_db(a: str, b: str) -> bool:
+    """Whether two connected aliases certainly reach the same database (one client,
+    or the same host and client options, and the same database name)."""
+    if a == b:
+        return True
+    ca, cb = _connections[a], _connections[b]
+    if ca.db_name != cb.db_name:
+        return False
+    if ca.given is not None or cb.given is not None:
+        return ca.given is cb.given
+    return ca.host == cb.host and ca.kwargs == cb.kwargs
+
+
+def _union(*lists: list[_Source]) -> list[_Source]:
+    return list(dict.fromkeys(s for sources in lists for s in sources))
+
+
+@dataclass
+class _Work:
+    """One bucket to work on and where references to its files live."""
+
+    #: Sources declared for this bucket (on this alias, or on an alias certainly
+    #: sharing its database): where dangling references are looked for.
+    own: list[_Source]
+    #: ``own`` plus the sources of every same-named bucket on an alias that may
+    #: share the database: what decides whether a file is referenced.
+    judge: list[_Source]
+
+
 def _plan(
     buckets: Iterable[str] | str | None, alias: str | None
-) -> tuple[dict[_Target, list[_Source]], list[str] | None]:
-    """Pick the buckets to work on and check every reference to them can be read."""
+) -> tuple[dict[_Target, _Work], list[str] | None]:
+    """Pick the buckets to work on and check every reference to them can be read.
+
+    Aliases that may share a database see one another's references: with class A
+    on alias ``"default"`` and class B on ``"x"``, both storing files in bucket
+    ``"shared"`` of the same database, a file either references is kept.
+    """
     names = _bucket_names(buckets)
     scope = _aliases_in_scope(alias)
+    connected = registered_aliases()
     refs = _reference_map()
-    targets: dict[_Target, list[_Source]] = {}
+    picked: dict[_Target, list[_Source]] = {}
     for target, sources in refs.items():
         if target[0] in scope and (names is None or target[1] in names):
-            targets[target] = sources
+            picked[target] = sources
     for name in names or ():
-        if any(t[1] == name for t in targets):
+        if any(t[1] == name for t in picked):
             continue
         # Named explicitly but declared by no class (in scope): every file there that
         # no registered class references counts as unreferenced.
         bucket_alias = alias or DEFAULT_ALIAS
         _aliases_in_scope(bucket_alias)  # raises if it is not connected
-        targets[(bucket_alias, name)] = []
-    connected = set(registered_aliases())
-    for (bucket_alias, name), sources in sorted(targets.items()):
-        unreachable = sorted({s.alias for s in sources} - connected)
+        picked[(bucket_alias, name)] = []
+    # One pass per database: buckets of aliases certainly sharing it are one bucket.
+    targets: dict[_Target, _Work] = {}
+    for (bucket_alias, name), sources in sorted(picked.items()):
+        same = next(
+            (t for t in targets if t[1] == name and _same_db(t[0], bucket_alias)), None
+        )
+        if same is not None:
+            targets[same].own = _union(targets[same].own, sources)
+        else:
+            targets[(bucket_alias, name)] = _Work(list(sources), [])
+    for (bucket_alias, name), work in targets.items():
+        work.judge = _union(work.own, *(
+            sources for (other, other_name), sources in sorted(refs.items())
+            if other_name == name and other in connected
+            and _maybe_same_db(bucket_alias, other)
+        ))
+    connected_set = set(connected)
+    for (bucket_alias, name), work in sorted(targets.items()):
+        unreachable = sorted({s.alias for s in work.judge} - connected_set)
         if unreachable:
             who = ", ".join(
-                f"{c} (alias {s.alias!r})" for s in sources if s.alias in unreachable
+                f"{c} (alias {s.alias!r})" for s in work.judge if s.alias in unreachable
                 for c in s.classes
             )
             raise ConnectionNotRegistered(
@@ -498,18 +559,19 @@ def _plan(
     return targets, names
 
 
-async def _prune(targets: dict[_Target, list[_Source]]) -> dict[_Target, list[_Source]]:
+async def _prune(targets: dict[_Target, _Work]) -> dict[_Target, _Work]:
     """Drop the sources whose collection does not exist: nothing to query there.
 
     Many classes (all those imported) usually share an alias; most of their
     collections may not exist in a given database (a test's, say).
     """
-    aliases = sorted({s.alias for sources in targets.values() for s in sources})
+    aliases = sorted({s.alias for work in targets.values() for s in work.judge})
     present = {a: set(await get_db(a).list_collection_names()) for a in aliases}
-    return {
-        target: [s for s in sources if s.collection in present[s.alias]]
-        for target, sources in targets.items()
-    }
+
+    def keep(sources: list[_Source]) -> list[_Source]:
+        return [s for s in sources if s.collection in present[s.alias]]
+
+    return {target: _Work(keep(w.own), keep(w.judge)) for target, w in targets.items()}
 
 
 # -- streaming helpers -----------------------------------------------------------------
@@ -598,13 +660,54 @@ async def _referenced(sources: list[_Source], ids: list[Any]) -> set[Any]:
 
 
 async def _existing(bucket: GridBucket, ids: list[Any]) -> set[Any]:
-    if not ids:
-        return set()
-    cursor = bucket.files.find({"_id": {"$in": ids}}, {"_id": 1})
-    try:
-        return {doc["_id"] async for doc in cursor if _hashable(doc["_id"])}
-    finally:
-        await _close(cursor)
+    """Which of ``ids`` have a files document (unhashable ids never do, here)."""
+    return set(await bucket.find_many(i for i in ids if _hashable(i)))
+
+
+#: Where an ``ImageField`` thumbnail's files document names its parent image.
+_THUMBNAIL_OF = "metadata.thumbnail_of"
+
+
+def _thumbnail_parent(doc: dict[str, Any]) -> Any:
+    metadata = doc.get("metadata")
+    parent = metadata.get("thumbnail_of") if isinstance(metadata, dict) else None
+    return parent if parent is not None and _hashable(parent) else None
+
+
+async def _referenced_files(
+    bucket: GridBucket, sources: list[_Source], docs: list[dict[str, Any]]
+) -> tuple[set[Any], dict[Any, dt.datetime | None]]:
+    """Which of the files ``docs`` (with ``metadata.thumbnail_of``) are referenced.
+
+    A file is referenced when a document references it, or when it is a thumbnail
+    (``metadata.thumbnail_of``) whose parent is still in the bucket and referenced
+    itself: no document names a thumbnail, only its parent's files document does.
+    Also returns, for the other thumbnails whose parent is still there, the
+    parent's time (an orphan thumbnail is no older than its parent).
+    """
+    referenced = await _referenced(sources, [doc["_id"] for doc in docs])
+    children: dict[Any, list[Any]] = {}
+    for doc in docs:
+        file_id, parent = doc["_id"], _thumbnail_parent(doc)
+        if parent is not None and _hashable(file_id) and file_id not in referenced:
+            children.setdefault(parent, []).append(file_id)
+    parent_times: dict[Any, dt.datetime | None] = {}
+    if not children:
+        return referenced, parent_times
+    parents = await bucket.find_many(children)
+    live = await _referenced(sources, list(parents))
+    for parent_id, parent_doc in parents.items():
+        for child in children.get(parent_id, ()):
+            if parent_id in live:
+                referenced.add(child)
+            else:
+                parent_times[child] = _file_time(parent_doc)
+    return referenced, parent_times
+
+
+def _newest(*times: dt.datetime | None) -> dt.datetime | None:
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
 
 
 def _as_utc(value: Any) -> dt.datetime | None:
@@ -761,11 +864,11 @@ async def sweep_orphans(
     targets, _ = _plan(buckets, alias)
     targets = await _prune(targets)
     report = SweepReport(dry_run=dry_run, grace=grace_td, cutoff=cutoff)
-    for (bucket_alias, name), sources in sorted(targets.items()):
+    for (bucket_alias, name), work in sorted(targets.items()):
         report.buckets.append(f"{bucket_alias}:{name}")
         bucket = GridBucket(get_db(bucket_alias), name)
-        await _sweep_files(bucket, bucket_alias, sources, cutoff, dry_run, batch_size, max_ids,
-                           report)
+        await _sweep_files(bucket, bucket_alias, work.judge, cutoff, dry_run, batch_size,
+                           max_ids, report)
         await _sweep_chunks(bucket, bucket_alias, cutoff, dry_run, batch_size, max_ids, report)
     report.duration = time.monotonic() - started
     return report
@@ -782,17 +885,23 @@ async def _sweep_files(
     report: SweepReport,
 ) -> None:
     cursor = bucket.files.find(
-        {}, {"_id": 1, "uploadDate": 1, "length": 1}, batch_size=max(batch_size, _CURSOR_BATCH)
+        {},
+        {"_id": 1, "uploadDate": 1, "length": 1, _THUMBNAIL_OF: 1},
+        batch_size=max(batch_size, _CURSOR_BATCH),
     )
     async for batch in _batches(cursor, batch_size):
         report.files_scanned += len(batch)
-        referenced = await _referenced(sources, [doc["_id"] for doc in batch])
+        referenced, parent_times = await _referenced_files(bucket, sources, batch)
         doomed: list[dict[str, Any]] = []
         for doc in batch:
             file_id = doc["_id"]
             if _hashable(file_id) and file_id in referenced:
                 continue
-            if _old_enough(_file_time(doc), cutoff):
+            # A thumbnail is as young as its parent: an image being stored (thumbnail
+            # first, parent next, document last) keeps both within the grace period.
+            when = _newest(_file_time(doc), parent_times.get(file_id) if _hashable(file_id)
+                           else None)
+            if _old_enough(when, cutoff):
                 doomed.append(doc)
             else:
                 report.recent_orphaned_files += 1
@@ -889,19 +998,23 @@ async def check(
     targets, names = _plan(buckets, alias)
     report = CheckReport(verify=verify)
     targets = await _prune(targets)
-    work: list[tuple[_Target, list[_Source], bool]] = [
-        (target, sources, True) for target, sources in sorted(targets.items())
+    work: list[tuple[_Target, _Work, bool]] = [
+        (target, w, True) for target, w in sorted(targets.items())
     ]
     if names is None:
+        seen: list[str] = []
         for db_alias in _aliases_in_scope(alias):
+            if any(_same_db(db_alias, other) for other in seen):
+                continue  # the same database as an alias already listed
+            seen.append(db_alias)
             for name in await _buckets_in(db_alias):
-                if (db_alias, name) not in targets:
-                    work.append(((db_alias, name), [], False))
+                if not any(t[1] == name and _same_db(t[0], db_alias) for t in targets):
+                    work.append(((db_alias, name), _Work([], []), False))
                     report.unclaimed_buckets.append(f"{db_alias}:{name}")
-    for (bucket_alias, name), sources, claimed in work:
+    for (bucket_alias, name), w, claimed in work:
         report.buckets.append(f"{bucket_alias}:{name}")
         bucket = GridBucket(get_db(bucket_alias), name)
-        await _check_files(bucket, bucket_alias, sources, claimed, verify, batch_size, max_ids,
+        await _check_files(bucket, bucket_alias, w.judge, claimed, verify, batch_size, max_ids,
                            report)
         async for groups in _orphaned_chunk_groups(bucket, batch_size):
             for group in groups:
@@ -911,7 +1024,7 @@ async def check(
                 if _keep(report.orphaned_chunk_groups, item, max_ids):
                     report.truncated = True
         if claimed:
-            await _check_references(bucket, bucket_alias, sources, batch_size, max_ids, report)
+            await _check_references(bucket, bucket_alias, w.own, batch_size, max_ids, report)
     report.duration = time.monotonic() - started
     return report
 
@@ -937,12 +1050,13 @@ async def _check_files(
     max_ids: int | None,
     report: CheckReport,
 ) -> None:
-    projection = {"_id": 1, "length": 1, "chunkSize": 1, "metadata.sha256": 1}
+    projection = {"_id": 1, "length": 1, "chunkSize": 1, "metadata.sha256": 1,
+                  _THUMBNAIL_OF: 1}
     cursor = bucket.files.find({}, projection, batch_size=max(batch_size, _CURSOR_BATCH))
     async for batch in _batches(cursor, batch_size):
         report.files += len(batch)
         if claimed:
-            referenced = await _referenced(sources, [doc["_id"] for doc in batch])
+            referenced, _ = await _referenced_files(bucket, sources, batch)
             for doc in batch:
                 if not (_hashable(doc["_id"]) and doc["_id"] in referenced):
                     report.orphaned_files += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import io
 import os
 import tracemalloc
 
@@ -11,6 +12,7 @@ import pytest
 from bson import ObjectId
 from mongoengine.base.common import _document_registry
 
+import asyncassets
 from asyncassets import Document, EmbeddedDocument
 from asyncassets.errors import ConnectionNotRegistered
 from asyncassets.fields import (
@@ -18,6 +20,7 @@ from asyncassets.fields import (
     EmbeddedDocumentField,
     FileField,
     GenericEmbeddedDocumentField,
+    ImageField,
     ListField,
     StringField,
 )
@@ -463,3 +466,152 @@ async def test_sweep_and_check_memory_does_not_grow_with_10000_files(asyncassets
     assert report.files_deleted == 2000 and report.bytes_freed == 2000
     assert await db["ops_small.files"].count_documents({}) == 0
     assert await db["ops_small.chunks"].count_documents({}) == 0
+
+
+# -- thumbnails ---------------------------------------------------------------------
+
+
+class OpsPortrait(Document):
+    photo = ImageField(thumbnail_size=(16, 16, False), collection_name="ops_images")
+    meta = {"collection": "ops_portraits"}
+
+
+def _png(width: int = 64, height: int = 48) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color=(10, 200, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def _age_bucket(db, bucket: str) -> None:
+    await db[f"{bucket}.files"].update_many({}, {"$set": {"uploadDate": DAYS_AGO}})
+
+
+async def test_sweep_and_check_keep_the_thumbnail_of_a_referenced_image(asyncassets_db):
+    pytest.importorskip("PIL.Image")
+    db = asyncassets_db
+    doc = OpsPortrait()
+    await doc.photo.put(_png(), filename="p.png")
+    await doc.save()
+    await _age_bucket(db, "ops_images")
+    assert await db["ops_images.files"].count_documents({}) == 2
+
+    assert (await check(buckets=["ops_images"])).ok
+    report = await sweep_orphans(grace=0, buckets=["ops_images"])
+    assert report.files_deleted == 0 and report.files_scanned == 2
+
+    loaded = await OpsPortrait.objects.get(pk=doc.pk)
+    assert await loaded.photo.read()
+    assert await loaded.photo.thumbnail.read()
+
+
+async def test_sweep_deletes_an_unreferenced_image_and_its_thumbnail_together(asyncassets_db):
+    pytest.importorskip("PIL.Image")
+    db = asyncassets_db
+    kept, dropped = OpsPortrait(), OpsPortrait()
+    for doc in (kept, dropped):
+        await doc.photo.put(_png(), filename="p.png")
+        await doc.save()
+    dropped_ids = {dropped.photo.file_id, dropped.photo.thumbnail.file_id}
+    # The document goes behind the image's back: parent and thumbnail are orphans.
+    await OpsPortrait._get_collection().delete_one({"_id": dropped.pk})
+    await _age_bucket(db, "ops_images")
+
+    found = await check(buckets=["ops_images"])
+    assert found.orphaned_files == 2
+    assert {f.file_id for f in found.orphaned_file_ids} == dropped_ids
+
+    # Small batches so the thumbnail and its parent are judged in different batches.
+    report = await sweep_orphans(grace=0, buckets=["ops_images"], batch_size=1)
+    assert {f.file_id for f in report.deleted_files} == dropped_ids
+    assert await kept.photo.thumbnail.read()
+    assert await db["ops_images.files"].count_documents({}) == 2
+
+
+async def test_a_thumbnail_whose_parent_is_gone_is_an_orphan(asyncassets_db):
+    pytest.importorskip("PIL.Image")
+    db = asyncassets_db
+    doc = OpsPortrait()
+    await doc.photo.put(_png(), filename="p.png")
+    await doc.save()
+    parent, thumb = doc.photo.file_id, doc.photo.thumbnail.file_id
+    # A crash between deleting the parent and its thumbnail leaves the thumbnail.
+    await OpsPortrait._get_collection().delete_one({"_id": doc.pk})
+    await db["ops_images.files"].delete_one({"_id": parent})
+    await db["ops_images.chunks"].delete_many({"files_id": parent})
+    await _age_bucket(db, "ops_images")
+    report = await sweep_orphans(grace=0, buckets=["ops_images"])
+    assert [f.file_id for f in report.deleted_files] == [thumb]
+
+
+async def test_an_unsaved_images_thumbnail_is_as_young_as_its_parent(asyncassets_db):
+    pytest.importorskip("PIL.Image")
+    db = asyncassets_db
+    doc = OpsPortrait()
+    await doc.photo.put(_png(), filename="p.png")  # not saved yet
+    thumb = doc.photo.thumbnail.file_id
+    await db["ops_images.files"].update_one({"_id": thumb}, {"$set": {"uploadDate": DAYS_AGO}})
+    report = await sweep_orphans(grace=3600, buckets=["ops_images"])
+    assert report.files_deleted == 0 and report.recent_orphaned_files == 2
+    await doc.save()
+    assert await doc.photo.thumbnail.read()
+
+
+# -- aliases sharing a database -------------------------------------------------------
+
+
+class OpsSharedA(Document):
+    blob = FileField(collection_name="ops_common")
+    meta = {"collection": "ops_shared_a"}
+
+
+class OpsSharedB(Document):
+    blob = FileField(collection_name="ops_common")
+    meta = {"collection": "ops_shared_b", "db_alias": "ops_same_db"}
+
+
+async def test_two_aliases_on_one_database_see_each_others_references(
+    asyncassets_db, asyncassets_server_uri
+):
+    db = asyncassets_db
+    asyncassets.connect(host=asyncassets_server_uri, alias="ops_same_db", db=db.name)
+    try:
+        a_file = await _upload(db, b"a", bucket="ops_common")
+        b_file = await _upload(db, b"b", bucket="ops_common")
+        orphan = await _upload(db, b"orphan", bucket="ops_common")
+        await OpsSharedA(blob=a_file).save()
+        await OpsSharedB(blob=b_file).save()
+
+        found = await check(buckets=["ops_common"])
+        assert [f.file_id for f in found.orphaned_file_ids] == [orphan]
+        assert found.dangling == 0 and found.files == 3  # one bucket, counted once
+        for scope in ("ops_same_db", "default", None):
+            await sweep_orphans(grace=0, buckets=["ops_common"], alias=scope)
+            assert await _exists(db, a_file, "ops_common"), scope
+            assert await _exists(db, b_file, "ops_common"), scope
+        assert not await _exists(db, orphan, "ops_common")
+        assert (await check()).orphaned_files == 0
+    finally:
+        await asyncassets.disconnect("ops_same_db")
+
+
+async def test_aliases_that_may_share_a_database_are_treated_as_sharing_it(
+    asyncassets_db, asyncassets_server_uri
+):
+    db = asyncassets_db
+    # Another spelling of the host: maybe the same server, so never delete on doubt.
+    other_host = asyncassets_server_uri.replace("127.0.0.1", "localhost")
+    if other_host == asyncassets_server_uri:
+        other_host = asyncassets_server_uri + ("&" if "?" in asyncassets_server_uri else "?") \
+            + "appname=ops"
+    asyncassets.connect(host=other_host, alias="ops_same_db", db=db.name)
+    try:
+        b_file = await _upload(db, b"b", bucket="ops_common")
+        await OpsSharedB(blob=b_file).save()
+        report = await sweep_orphans(grace=0, alias="default", buckets=["ops_common"])
+        assert report.files_deleted == 0
+        assert await _exists(db, b_file, "ops_common")
+        assert (await check(alias="default", buckets=["ops_common"])).orphaned_files == 0
+    finally:
+        await asyncassets.disconnect("ops_same_db")
