@@ -150,7 +150,7 @@ class GridBucket:
     :param name: the bucket name (the collections' prefix), ``"fs"`` by default.
     :param chunk_size: chunk size of new files, in bytes.
     :param buffer_size: how many bytes of file data one stream may hold in memory;
-        uploads insert and downloads fetch in batches of half of it.
+        uploads insert in batches of half of it, downloads fetch batches of at most all of it.
     :raises TypeError, ValueError: if ``chunk_size`` or ``buffer_size`` is not a
         positive int.
 
