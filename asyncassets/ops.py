@@ -53,7 +53,7 @@ from mongoengine.fields import (
 from . import _driver
 from .connection import DEFAULT_ALIAS, _connections, get_db, registered_aliases
 from .errors import ConnectionNotRegistered
-from .files.bucket import GridBucket
+from .files.bucket import GridBucket, _is_int
 
 __all__ = [
     "BucketFile",
@@ -1127,10 +1127,6 @@ class _ChunkTally:
             return f"{', '.join(parts)}; expected {self.nchunks} of {self.chunk_size} bytes " \
                    f"for {self.length} bytes"
         return None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 async def _check_chunks(

@@ -18,7 +18,7 @@ from pymongo.errors import ConnectionFailure
 
 from ..connection import DEFAULT_ALIAS, get_db
 from ..errors import FileAlreadyExists, FileNotFound, FileNotLoaded, GridFSError, UploadClosed
-from .bucket import GridBucket
+from .bucket import GridBucket, _spawn
 from .integrity import compression_of, iter_original, original_length, original_sha256
 from .integrity import read_original as _read_original
 from .integrity import verify_file as _verify_file
@@ -87,17 +87,6 @@ def _check_metadata_keys(value: Any, where: str = "") -> None:
             _check_metadata_keys(item, where)
 
 
-# Switch tasks that must outlive a cancelled caller (the loop keeps weak references).
-_background: set[asyncio.Task[Any]] = set()
-
-
-def _spawn(coro: Any) -> asyncio.Task[Any]:
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_settled)
-    return task
-
-
 async def settle(coro: Any) -> Any:
     """Run ``coro`` to its end even if the caller is cancelled meanwhile.
 
@@ -112,14 +101,6 @@ async def settle(coro: Any) -> Any:
     except asyncio.CancelledError:
         await asyncio.wait({task})
         raise
-
-
-def _settled(task: asyncio.Task[Any]) -> None:
-    _background.discard(task)
-    # A caller cancelled while it waited no longer wants the outcome: don't log it
-    # as "never retrieved".
-    if not task.cancelled():
-        task.exception()
 
 
 class _Missing:
