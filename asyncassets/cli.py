@@ -374,7 +374,7 @@ class _Context:
         self.db = get_db()
 
     def bucket(self, name: str | None = None) -> Any:
-        from .files.bucket import GridBucket
+        from .storage.gridfs import GridBucket
 
         return GridBucket(self.db, name or getattr(self.args, "bucket", None) or "fs")
 
@@ -783,8 +783,8 @@ def _result(text: str) -> None:
 
 async def _demo(uri: str, db_name: str, timeout: float, drop: bool) -> int:
     from .connection import disconnect, get_client, get_db
-    from .files.bucket import GridBucket
     from .ops import check
+    from .storage.gridfs import GridBucket
 
     await _connect(uri, db_name, timeout)
     try:

@@ -19,8 +19,9 @@ from mongoengine.base import BaseField
 from mongoengine.fields import *  # noqa: F403  (the re-export is the point)
 from mongoengine.fields import __all__ as _mongoengine_fields
 
+from .files.names import FilenameTemplate
 from .files.proxy import FileProxy
-from .files.validation import FilenameTemplate, UploadRules
+from .files.rules import UploadRules
 
 # mongoengine's file classes do blocking I/O; asyncassets has its own.
 _NOT_REEXPORTED = {"FileField", "GridFSProxy", "GridFSError", "ImageField", "ImageGridFsProxy"}
@@ -56,7 +57,7 @@ class FileField(BaseField):
     :param cascade: delete the file when its document is deleted (default).
     :param max_size: with ``allowed_content_types``, ``allowed_extensions``,
         ``filename_template`` and ``compress``: what uploads accept and how they
-        are stored; see :class:`~asyncassets.files.validation.UploadRules` and
+        are stored; see :class:`~asyncassets.files.rules.UploadRules` and
         :doc:`/validation`.
 
     .. code-block:: python
@@ -83,7 +84,7 @@ class FileField(BaseField):
         compress: str | None = None,
         **kwargs: Any,
     ) -> None:
-        # The upload options are documented in asyncassets.files.validation.UploadRules.
+        # The upload options are documented in asyncassets.files.rules.UploadRules.
         self.rules = UploadRules(
             max_size=max_size,
             allowed_content_types=allowed_content_types,

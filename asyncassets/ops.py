@@ -53,7 +53,8 @@ from mongoengine.fields import (
 from . import _driver
 from .connection import DEFAULT_ALIAS, _connections, get_db, registered_aliases
 from .errors import ConnectionNotRegistered
-from .files.bucket import GridBucket, _is_int
+from .storage.gridfs import GridBucket
+from .storage.gridfs.spec import is_int
 
 __all__ = [
     "BucketFile",
@@ -1073,9 +1074,9 @@ class _ChunkTally:
         self.doc = doc
         length, chunk_size = doc.get("length"), doc.get("chunkSize")
         self.invalid = None
-        if not _is_int(length) or length < 0:
+        if not is_int(length) or length < 0:
             self.invalid = f"its files document has no valid length ({length!r})"
-        elif not _is_int(chunk_size) or chunk_size <= 0:
+        elif not is_int(chunk_size) or chunk_size <= 0:
             self.invalid = f"its files document has no valid chunkSize ({chunk_size!r})"
         self.length = length if self.invalid is None else 0
         self.chunk_size = chunk_size if self.invalid is None else 1
@@ -1088,7 +1089,7 @@ class _ChunkTally:
         self.sha = hashlib.sha256() if self.expected_sha is not None else None
 
     def add(self, n: Any, size: Any, data: Any) -> None:
-        if not _is_int(n) or n < self.next_n or n >= self.nchunks:
+        if not is_int(n) or n < self.next_n or n >= self.nchunks:
             self.extra += 1  # beyond the end, a duplicate, or no valid n at all
             return
         if n > self.next_n:
@@ -1096,7 +1097,7 @@ class _ChunkTally:
             self.sha = None
         last = self.length - (self.nchunks - 1) * self.chunk_size
         expected = self.chunk_size if n < self.nchunks - 1 else last
-        if not _is_int(size) or size < 0 or size < expected:
+        if not is_int(size) or size < 0 or size < expected:
             self.short += 1
             self.sha = None
         elif size > expected:

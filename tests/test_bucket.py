@@ -19,7 +19,7 @@ from pymongo import AsyncMongoClient, monitoring
 from pymongo.errors import BulkWriteError
 
 from asyncassets.errors import CorruptFile, FileAlreadyExists, UploadClosed
-from asyncassets.files.bucket import DEFAULT_CHUNK_SIZE, GridBucket
+from asyncassets.storage.gridfs import DEFAULT_CHUNK_SIZE, GridBucket
 
 CS = DEFAULT_CHUNK_SIZE
 MiB = 1024 * 1024

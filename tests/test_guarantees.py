@@ -31,7 +31,7 @@ from asyncassets.fields import (
     ListField,
     StringField,
 )
-from asyncassets.files.bucket import GridBucket
+from asyncassets.storage.gridfs import GridBucket
 from asyncassets.testing import unique_db_name
 
 # Class names are prefixed "Guard" so they never clash in mongoengine's global

@@ -24,13 +24,13 @@ from asyncassets.fields import (
     ListField,
     StringField,
 )
-from asyncassets.files.bucket import GridBucket
 from asyncassets.ops import (
     CheckReport,
     SweepReport,
     check,
     sweep_orphans,
 )
+from asyncassets.storage.gridfs import GridBucket
 
 
 class OpsAlbum(Document):

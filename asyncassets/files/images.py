@@ -32,9 +32,10 @@ from typing import Any
 from bson import ObjectId
 
 from ..errors import AsyncAssetsError, FileValidationError
-from .bucket import GridBucket, _read_source
+from ..storage.gridfs import GridBucket
+from ..storage.sources import read_source
 from .proxy import FileProxy
-from .validation import guarded_upload, make_guard
+from .rules import guarded_upload, make_guard
 
 try:
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -118,7 +119,7 @@ class ImageProxy(FileProxy):
         guard = make_guard(self, content_type, filename, self._metadata(None, metadata))
         spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL)
         try:
-            pieces = _read_source(data, bucket.chunk_size)
+            pieces = read_source(data, bucket.chunk_size)
             try:
                 async for piece in pieces:
                     guard.feed(piece)  # enforces max_size as the bytes arrive

@@ -16,38 +16,27 @@ from typing import TYPE_CHECKING, Any
 import bson
 from pymongo.errors import ConnectionFailure
 
+from .._tasks import settle
 from ..connection import DEFAULT_ALIAS, get_db
 from ..errors import FileAlreadyExists, FileNotFound, FileNotLoaded, GridFSError, UploadClosed
-from .bucket import GridBucket, _spawn
-from .integrity import compression_of, iter_original, original_length, original_sha256
-from .integrity import read_original as _read_original
-from .integrity import verify_file as _verify_file
-from .validation import guarded_close, guarded_upload, guarded_write, make_guard
+from ..storage.catalogue import (
+    compression_of,
+    content_type_of,
+    original_length,
+    original_sha256,
+    user_metadata,
+)
+from ..storage.gridfs import GridBucket
+from ..storage.read import iter_original
+from ..storage.read import read_original as _read_original
+from ..storage.read import verify_file as _verify_file
+from .rules import guarded_close, guarded_upload, guarded_write, make_guard
 
 if TYPE_CHECKING:
     from ..fields import FileField
-    from .bucket import UploadStream
+    from ..storage.gridfs import UploadStream
 
 __all__ = ["FileConflict", "FileProxy", "NewFile"]
-
-# Keys of a files document that the GridFS spec defines; anything else at the top
-# level was written by mongoengine / mongomotor 0.17 as file metadata.
-_SPEC_KEYS = frozenset(
-    {
-        "_id",
-        "length",
-        "chunkSize",
-        "uploadDate",
-        "filename",
-        "metadata",
-        "md5",
-        "aliases",
-        "contentType",
-    }
-)
-# Metadata keys asyncassets keeps for itself; exposed as attributes, not in .metadata.
-_INTERNAL_KEYS = frozenset({"sha256", "compression"})
-
 
 class FileConflict(GridFSError):
     """The document's file changed (or the document vanished) since it was loaded.
@@ -85,22 +74,6 @@ def _check_metadata_keys(value: Any, where: str = "") -> None:
     elif isinstance(value, (list, tuple)):
         for item in value:
             _check_metadata_keys(item, where)
-
-
-async def settle(coro: Any) -> Any:
-    """Run ``coro`` to its end even if the caller is cancelled meanwhile.
-
-    For a change of a stored reference and its follow-up: once the update is on its
-    way, whether the database applied it decides what happens next, never the
-    moment the caller was cancelled. A cancelled caller waits for the end (one
-    short update and a delete), then sees its ``CancelledError``.
-    """
-    task = _spawn(coro)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        raise
 
 
 class _Missing:
@@ -201,34 +174,13 @@ class FileProxy:
         doc = self._doc()
         if doc is None:
             return {}
-        merged = {k: v for k, v in doc.items() if k not in _SPEC_KEYS}
-        merged.update(doc.get("metadata") or {})
-        for key in _INTERNAL_KEYS:
-            merged.pop(key, None)
-        content_type = self._content_type(doc)
-        merged.pop("contentType", None)
-        if content_type is not None:
-            merged["content_type"] = content_type
-        return merged
-
-    @staticmethod
-    def _content_type(doc: dict[str, Any]) -> str | None:
-        meta = doc.get("metadata") or {}
-        for value in (
-            meta.get("content_type"),
-            meta.get("contentType"),
-            doc.get("contentType"),
-            doc.get("content_type"),
-        ):
-            if value is not None:
-                return str(value)
-        return None
+        return user_metadata(doc)
 
     @property
     def content_type(self) -> str | None:
         """The MIME type given at upload (``None`` when none was)."""
         doc = self._doc()
-        return None if doc is None else self._content_type(doc)
+        return None if doc is None else content_type_of(doc)
 
     @property
     def filename(self) -> str | None:

@@ -17,8 +17,9 @@ from mongoengine.base import get_document
 from mongoengine.fields import DictField, EmbeddedDocumentField, ListField
 from pymongo.errors import ConnectionFailure
 
+from .._tasks import settle
 from ..errors import FileValidationError
-from .proxy import _MISSING, FileConflict, FileProxy, settle
+from .proxy import _MISSING, FileConflict, FileProxy
 
 __all__ = [
     "bind_proxies",

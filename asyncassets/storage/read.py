@@ -1,85 +1,33 @@
-"""Checksums and transparent compression of stored files.
+"""The one read path: plain, compressed or verified, whole or a byte range.
 
-Every upload records in the files document's ``metadata``:
+``read``, ``stream``, ``readchunk`` and ``verify`` of the file proxy, the command
+line and :func:`~asyncassets.check` all read stored bytes through this module, so
+what "the bytes of a file" means (decompressed, checked against the recorded
+checksum, only the requested range fetched) is decided in one place.
 
-``sha256``
-    the SHA-256 (hex) of the bytes stored in the chunks, computed by the bucket
-    while the upload streams.
-``compression`` (only for files of a ``compress="gzip"`` field)
-    ``{"codec": "gzip", "length": <original length>, "sha256": <original SHA-256>}``.
-    The chunks then hold one gzip member and the files document's ``length`` is its
-    size, so the document stays valid for every GridFS driver (``gunzip`` reads
-    what they return); the proxy's ``length`` and ``sha256`` describe the original
-    bytes.
-
-This module reads those files back (decompressing, checking on the fly) and
-verifies them. Files written by others without a ``sha256`` are checked against
-their GridFS ``md5`` when they have one; with neither,
-:func:`verify_file` raises :class:`~asyncassets.errors.ChecksumMissing`.
+Files written by others without a ``sha256`` are checked against their GridFS
+``md5`` when they have one; with neither, :func:`verify_file` raises
+:class:`~asyncassets.errors.ChecksumMissing`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ChecksumMissing, CorruptFile, IntegrityError
-from .bucket import GridBucket
+from .catalogue import compression_of, describe, expected_digest, original_length
+from .codec import GzipError, inflate
 
-__all__ = [
-    "compression_of",
-    "expected_digest",
-    "iter_original",
-    "original_length",
-    "original_sha256",
-    "read_original",
-    "verify_file",
-]
+if TYPE_CHECKING:
+    from .gridfs import GridBucket
 
-# Decompressed output is produced in pieces of at most this size, so a small
-# stored file that inflates to gigabytes never sits in memory whole.
-_OUT_PIECE = 1024 * 1024
-
-
-def compression_of(doc: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The ``metadata.compression`` of a files document, or ``None``."""
-    info = (doc.get("metadata") or {}).get("compression")
-    return info if isinstance(info, dict) and info.get("codec") else None
-
-
-def original_length(doc: Mapping[str, Any]) -> int:
-    """The length of the original bytes (before compression)."""
-    info = compression_of(doc)
-    return int(info["length"]) if info else int(doc["length"])
-
-
-def original_sha256(doc: Mapping[str, Any]) -> str | None:
-    """The SHA-256 of the original bytes, or ``None`` when none was recorded."""
-    info = compression_of(doc)
-    value = info.get("sha256") if info else (doc.get("metadata") or {}).get("sha256")
-    return None if value is None else str(value)
-
-
-def expected_digest(doc: Mapping[str, Any]) -> tuple[str, str] | None:
-    """``(algorithm, hex digest)`` to check the stored bytes against, or ``None``.
-
-    The recorded ``metadata.sha256``; else the GridFS ``md5`` that older drivers,
-    mongoengine and mongomotor wrote.
-    """
-    meta = doc.get("metadata") or {}
-    if meta.get("sha256"):
-        return "sha256", str(meta["sha256"])
-    if doc.get("md5") and not compression_of(doc):
-        return "md5", str(doc["md5"])
-    return None
+__all__ = ["iter_original", "read_original", "verify_file"]
 
 
 def _describe(bucket: GridBucket, doc: Mapping[str, Any]) -> str:
-    name = doc.get("filename")
-    named = f" ({name!r})" if name else ""
-    return f"file {doc.get('_id')!r}{named} in bucket {bucket.name!r}"
+    return describe(doc, bucket.name)
 
 
 def _mismatch(bucket: GridBucket, doc: Mapping[str, Any], what: str) -> IntegrityError:
@@ -110,22 +58,14 @@ async def _stored_pieces(bucket: GridBucket, doc: Mapping[str, Any]) -> AsyncIte
 async def _inflate(
     bucket: GridBucket, doc: Mapping[str, Any], pieces: AsyncIterator[bytes]
 ) -> AsyncIterator[bytes]:
-    decompressor = zlib.decompressobj(31)
+    inflated = inflate(pieces)
     try:
-        async for piece in pieces:
-            data = piece
-            while data:
-                out = decompressor.decompress(data, _OUT_PIECE)
-                data = decompressor.unconsumed_tail
-                if out:
-                    yield out
-        out = decompressor.flush()
-    except zlib.error as exc:
-        raise _mismatch(bucket, doc, f"its gzip data cannot be decompressed ({exc})") from exc
-    if out:
-        yield out
-    if not decompressor.eof or decompressor.unused_data:
-        raise _mismatch(bucket, doc, "its gzip data is truncated or followed by extra bytes")
+        async for piece in inflated:
+            yield piece
+    except GzipError as exc:
+        raise _mismatch(bucket, doc, str(exc)) from exc
+    finally:
+        await inflated.aclose()  # type: ignore[attr-defined]
 
 
 async def iter_original(

@@ -1,0 +1,129 @@
+"""The catalogue entry: what a files document says about its file.
+
+MongoDB's files collection is the catalogue of every stored file: one document per
+file, in the GridFS spec's layout (``_id``, ``length``, ``chunkSize``,
+``uploadDate``, ``filename``, ``metadata``), plus what asyncassets records in
+``metadata``:
+
+``sha256``
+    the SHA-256 (hex) of the bytes as stored, computed while the upload streams.
+``compression`` (only for files of a ``compress="gzip"`` field)
+    ``{"codec": "gzip", "length": <original length>, "sha256": <original SHA-256>}``.
+    The stored bytes are then one gzip member and ``length`` is its size, so the
+    document stays valid for every GridFS driver; :func:`original_length` and
+    :func:`original_sha256` describe the original bytes.
+``content_type``
+    and the user's own keys.
+
+Every reader of files documents (the proxy, the read path, the command line, the
+check) asks this module, so the answers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "INTERNAL_KEYS",
+    "SPEC_KEYS",
+    "compression_of",
+    "content_type_of",
+    "describe",
+    "expected_digest",
+    "original_length",
+    "original_sha256",
+    "user_metadata",
+]
+
+#: Keys of a files document that the GridFS spec defines; anything else at the top
+#: level was written by mongoengine / mongomotor 0.17 as file metadata.
+SPEC_KEYS = frozenset(
+    {
+        "_id",
+        "length",
+        "chunkSize",
+        "uploadDate",
+        "filename",
+        "metadata",
+        "md5",
+        "aliases",
+        "contentType",
+    }
+)
+
+#: Metadata keys asyncassets keeps for itself; exposed as attributes, not in metadata.
+INTERNAL_KEYS = frozenset({"sha256", "compression"})
+
+
+def compression_of(doc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``metadata.compression`` of a files document, or ``None``."""
+    info = (doc.get("metadata") or {}).get("compression")
+    return info if isinstance(info, dict) and info.get("codec") else None
+
+
+def original_length(doc: Mapping[str, Any]) -> int:
+    """The length of the original bytes (before compression)."""
+    info = compression_of(doc)
+    return int(info["length"]) if info else int(doc["length"])
+
+
+def original_sha256(doc: Mapping[str, Any]) -> str | None:
+    """The SHA-256 of the original bytes, or ``None`` when none was recorded."""
+    info = compression_of(doc)
+    value = info.get("sha256") if info else (doc.get("metadata") or {}).get("sha256")
+    return None if value is None else str(value)
+
+
+def expected_digest(doc: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(algorithm, hex digest)`` to check the stored bytes against, or ``None``.
+
+    The recorded ``metadata.sha256``; else the GridFS ``md5`` that older drivers,
+    mongoengine and mongomotor wrote.
+    """
+    meta = doc.get("metadata") or {}
+    if meta.get("sha256"):
+        return "sha256", str(meta["sha256"])
+    if doc.get("md5") and not compression_of(doc):
+        return "md5", str(doc["md5"])
+    return None
+
+
+def content_type_of(doc: Mapping[str, Any]) -> str | None:
+    """The MIME type recorded for the file, wherever a writer put it.
+
+    asyncassets writes ``metadata.content_type``; PyMongo's legacy API and
+    mongoengine wrote a top-level ``contentType``; some tools ``metadata.contentType``.
+    """
+    meta = doc.get("metadata") or {}
+    for value in (
+        meta.get("content_type"),
+        meta.get("contentType"),
+        doc.get("contentType"),
+        doc.get("content_type"),
+    ):
+        if value is not None:
+            return str(value)
+    return None
+
+
+def user_metadata(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's metadata (``content_type`` and the extra keywords), as a new dict."""
+    merged = {k: v for k, v in doc.items() if k not in SPEC_KEYS}
+    merged.update(doc.get("metadata") or {})
+    for key in INTERNAL_KEYS:
+        merged.pop(key, None)
+    merged.pop("contentType", None)
+    content_type = content_type_of(doc)
+    if content_type is not None:
+        merged["content_type"] = content_type
+    else:
+        merged.pop("content_type", None)
+    return merged
+
+
+def describe(doc: Mapping[str, Any], bucket: str) -> str:
+    """``file <id> ('name') in bucket 'fs'``: how messages name a file."""
+    name = doc.get("filename")
+    named = f" ({name!r})" if name else ""
+    return f"file {doc.get('_id')!r}{named} in bucket {bucket!r}"
