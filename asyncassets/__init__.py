@@ -42,6 +42,8 @@ from .errors import (
     ChecksumMissing,
     CorruptFile,
     FileAlreadyExists,
+    FileConflict,
+    FileDeletedWhileReading,
     FileNotFound,
     FileNotLoaded,
     FileValidationError,
@@ -50,7 +52,6 @@ from .errors import (
     UploadClosed,
 )
 from .fields import FileField, FileProxy, ImageField, ImageProxy
-from .files.proxy import FileConflict
 from .ops import CheckReport, SweepReport, check, sweep_orphans
 from .queryset import Q, QuerySet
 
@@ -69,6 +70,7 @@ __all__ = [
     "FieldDoesNotExist",
     "FileAlreadyExists",
     "FileConflict",
+    "FileDeletedWhileReading",
     "FileField",
     "FileNotFound",
     "FileNotLoaded",

@@ -19,11 +19,14 @@ __all__ = [
     "CorruptFile",
     "EmbeddedServerError",
     "FileAlreadyExists",
+    "FileConflict",
+    "FileDeletedWhileReading",
     "FileNotFound",
     "FileNotLoaded",
     "FileValidationError",
     "GridFSError",
     "IntegrityError",
+    "PillowMissing",
     "UploadClosed",
     "WrongEventLoop",
 ]
@@ -97,3 +100,34 @@ class ChecksumMissing(GridFSError):
 
 class FileValidationError(ValidationError, AsyncAssetsError):
     """A file was refused by a field's validation options (size, type, name, image)."""
+
+
+class FileConflict(GridFSError):
+    """The document's file changed (or the document vanished) since it was loaded.
+
+    Raised by ``put``/``replace``/``delete``/``close`` on a saved document when
+    another task or process changed the same file reference first, and by a proxy
+    that no longer belongs to its saved document (popped from a list, its field
+    reassigned, or copied into another document). Nothing was lost: the file this
+    call uploaded was removed again. Reload and retry.
+    """
+
+
+class FileDeletedWhileReading(FileNotFound):
+    """The file was deleted (or replaced, which deletes it) while it was being read.
+
+    Not corruption: another task or process changed the reference and removed the
+    old file mid-read. Load the document again and read its current file.
+    """
+
+    def __init__(self, file_id: Any, bucket: str, alias: str | None = None) -> None:
+        super().__init__(file_id, bucket, alias)
+        self.args = (
+            f"File {file_id!r} in bucket {bucket!r} was deleted or replaced while it was "
+            "being read; the bytes already returned are from the old file. Reload the "
+            "document and read its current file.",
+        )
+
+
+class PillowMissing(AsyncAssetsError, ImportError):
+    """An ``ImageField`` was declared but Pillow is not installed."""

@@ -41,18 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from bson import ObjectId
-from mongoengine.base import BaseDocument
-from mongoengine.base.common import _document_registry
-from mongoengine.fields import (
-    DictField,
-    EmbeddedDocumentField,
-    GenericEmbeddedDocumentField,
-    ListField,
-)
 
 from . import _driver
 from .connection import DEFAULT_ALIAS, _connections, get_db, registered_aliases
 from .errors import ConnectionNotRegistered
+from .schema import document_classes, file_paths
 from .storage.gridfs import GridBucket
 from .storage.gridfs.spec import is_int
 
@@ -323,100 +316,14 @@ class _Source:
 _Target = tuple[str, str]  # (bucket alias, bucket name)
 
 
-def _document_classes() -> list[type]:
-    """Every non-abstract asyncassets Document class alive in this process.
-
-    mongoengine's registry keeps one class per name, so a class shadowed by another
-    of the same name would be missed; walking ``__subclasses__`` finds those too.
-    """
-    from .document import Document
-
-    found: dict[int, type] = {}
-    stack: list[type] = [Document]
-    while stack:
-        cls = stack.pop()
-        for sub in cls.__subclasses__():
-            if id(sub) not in found:
-                found[id(sub)] = sub
-                stack.append(sub)
-    for cls in list(_document_registry.values()):
-        if isinstance(cls, type) and issubclass(cls, Document):
-            found.setdefault(id(cls), cls)
-    return [
-        cls
-        for cls in found.values()
-        if not cls._meta.get("abstract") and cls._get_collection_name()
-    ]
-
-
-def _embedded_classes(doc_type: Any) -> list[type]:
-    if not isinstance(doc_type, type) or not issubclass(doc_type, BaseDocument):
-        return []
-    classes = {id(doc_type): doc_type}
-    stack = [doc_type]
-    while stack:
-        for sub in stack.pop().__subclasses__():
-            if id(sub) not in classes:
-                classes[id(sub)] = sub
-                stack.append(sub)
-    return list(classes.values())
-
-
-def _all_embedded() -> list[type]:
-    from mongoengine import EmbeddedDocument
-
-    return [
-        cls for cls in list(_document_registry.values())
-        if isinstance(cls, type) and issubclass(cls, EmbeddedDocument)
-    ]
-
-
-def _file_paths(
-    fld: Any,
-    segments: tuple[str, ...],
-    queryable: bool,
-    in_list: bool,
-    seen: frozenset[int],
-) -> Iterator[tuple[tuple[str, ...], bool, Any]]:
-    """Yield ``(segments, queryable, file field)`` for every FileField under ``fld``."""
-    from .fields import FileField
-
-    if isinstance(fld, FileField):
-        yield segments, queryable, fld
-    elif isinstance(fld, ListField):
-        inner = getattr(fld, "field", None)
-        if inner is not None:
-            # MongoDB matches elements of an array, not elements of an array in an array.
-            yield from _file_paths(inner, segments, queryable and not in_list, True, seen)
-    elif isinstance(fld, DictField):
-        inner = getattr(fld, "field", None)
-        if inner is not None:
-            yield from _file_paths(inner, (*segments, "*"), False, False, seen)
-    elif isinstance(fld, (EmbeddedDocumentField, GenericEmbeddedDocumentField)):
-        if isinstance(fld, EmbeddedDocumentField):
-            classes = _embedded_classes(fld.document_type)
-        else:
-            # Any embedded class may sit there: the ones allowed, else every one.
-            classes = [c for t in (fld.choices or _all_embedded()) for c in _embedded_classes(t)]
-        for cls in classes:
-            if id(cls) in seen:
-                continue
-            for sub in cls._fields.values():
-                yield from _file_paths(
-                    sub, (*segments, sub.db_field), queryable, False, seen | {id(cls)}
-                )
-
-
 def _reference_map() -> dict[_Target, list[_Source]]:
     """For every bucket declared by a registered class, where its references live."""
     merged: dict[_Target, dict[tuple[str, str, tuple[str, ...]], tuple[bool, set[str]]]] = {}
-    for cls in _document_classes():
+    for cls in document_classes():
         doc_alias = cls._meta.get("db_alias") or DEFAULT_ALIAS
         collection = cls._get_collection_name()
         for top in cls._fields.values():
-            for segments, queryable, file_field in _file_paths(
-                top, (top.db_field,), True, False, frozenset()
-            ):
+            for segments, queryable, file_field in file_paths(top):
                 target = (file_field.db_alias or doc_alias, file_field.collection_name)
                 key = (doc_alias, collection, segments)
                 entry = merged.setdefault(target, {}).setdefault(key, (queryable, set()))

@@ -31,7 +31,7 @@ from typing import Any
 
 from bson import ObjectId
 
-from ..errors import AsyncAssetsError, FileValidationError
+from ..errors import FileValidationError, PillowMissing
 from ..storage.gridfs import GridBucket
 from ..storage.sources import read_source
 from .proxy import FileProxy
@@ -48,10 +48,6 @@ DEFAULT_MAX_PIXELS = 50_000_000
 """Largest image accepted, in pixels (width x height): about 200 MB decoded as RGBA."""
 
 _SPOOL = 8 * 1024 * 1024
-
-
-class PillowMissing(AsyncAssetsError, ImportError):
-    """``ImageField`` was declared without Pillow installed."""
 
 
 def _size_option(name: str, value: Any) -> tuple[int, int, bool] | None:

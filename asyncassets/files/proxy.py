@@ -18,7 +18,14 @@ from pymongo.errors import ConnectionFailure
 
 from .._tasks import settle
 from ..connection import DEFAULT_ALIAS, get_db
-from ..errors import FileAlreadyExists, FileNotFound, FileNotLoaded, GridFSError, UploadClosed
+from ..errors import (
+    FileAlreadyExists,
+    FileConflict,
+    FileNotFound,
+    FileNotLoaded,
+    GridFSError,
+    UploadClosed,
+)
 from ..storage.catalogue import (
     compression_of,
     content_type_of,
@@ -36,16 +43,7 @@ if TYPE_CHECKING:
     from ..fields import FileField
     from ..storage.gridfs import UploadStream
 
-__all__ = ["FileConflict", "FileProxy", "NewFile"]
-
-class FileConflict(GridFSError):
-    """The document's file changed (or the document vanished) since it was loaded.
-
-    Raised by ``put``/``replace``/``delete``/``close`` on a saved document when
-    another task or process changed the same file reference first. Nothing was
-    lost: the file this call uploaded was removed again. Reload and retry.
-    """
-
+__all__ = ["FileConflict", "FileProxy", "NewFile"]  # FileConflict: re-exported from errors
 
 #: Largest encoded ``metadata`` sub-document accepted (a files document must stay
 #: under MongoDB's 16 MiB limit).

@@ -18,8 +18,8 @@ from mongoengine.fields import DictField, EmbeddedDocumentField, ListField
 from pymongo.errors import ConnectionFailure
 
 from .._tasks import settle
-from ..errors import FileValidationError
-from .proxy import _MISSING, FileConflict, FileProxy
+from ..errors import FileConflict, FileValidationError
+from .proxy import _MISSING, FileProxy
 
 __all__ = [
     "bind_proxies",
