@@ -174,7 +174,10 @@ def get_client(alias: str = DEFAULT_ALIAS) -> Any:
         client = _driver.make_client(conn.host, conn.kwargs)
     # Forget clients of loops that are gone; they cannot be closed from here.
     for k, (_, ref) in list(conn.clients.items()):
-        if ref is not None and (ref() is None or ref().is_closed()):  # type: ignore[union-attr]
+        if ref is None:
+            continue
+        old_loop = ref()
+        if old_loop is None or old_loop.is_closed():
             del conn.clients[k]
     conn.clients[key] = (client, weakref.ref(loop) if loop is not None else None)
     return client

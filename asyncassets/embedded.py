@@ -42,9 +42,12 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 from .errors import EmbeddedServerError
+
+if TYPE_CHECKING:
+    from pymongo import MongoClient
 
 __all__ = ["MEMORY", "EmbeddedServer", "ServerKind", "default_data_dir"]
 
@@ -556,13 +559,15 @@ class EmbeddedServer:
         finally:
             client.close()
 
-    def _check_it_is_ours(self, client: object, proc: subprocess.Popen[bytes]) -> None:
+    def _check_it_is_ours(
+        self, client: MongoClient[dict[str, object]], proc: subprocess.Popen[bytes]
+    ) -> None:
         # The port was free a moment ago, but something may have grabbed it
         # before our server bound it: then the answer came from a stranger.
         from pymongo.errors import PyMongoError
 
         try:
-            status = client.admin.command("serverStatus")  # type: ignore[attr-defined]
+            status = client.admin.command("serverStatus")
         except PyMongoError:
             return  # a server without serverStatus: trust the port check
         their_pid = status.get("pid")

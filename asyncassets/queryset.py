@@ -129,7 +129,7 @@ class QuerySet(Generic[T]):
         """Return raw ``dict`` documents instead of :class:`Document` instances."""
         clone = self._clone()
         clone._as_pymongo = True
-        return clone  # type: ignore[return-value]
+        return clone
 
     def batch_size(self, n: int) -> QuerySet[T]:
         """Ask the server for ``n`` documents per round trip."""
@@ -314,8 +314,11 @@ class QuerySet(Generic[T]):
         :raises NotUniqueError: a unique index refused one of them.
         """
         # Documents iterate over their field names, so test for one first.
-        single = isinstance(docs, BaseDocument) or not isinstance(docs, Iterable)
-        items = [docs] if single else list(docs)  # type: ignore[list-item]
+        items: list[T]
+        if isinstance(docs, BaseDocument) or not isinstance(docs, Iterable):
+            single, items = True, [docs]
+        else:
+            single, items = False, list(docs)
         for doc in items:
             if not isinstance(doc, self._document):
                 raise TypeError(
