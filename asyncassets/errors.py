@@ -14,6 +14,7 @@ from mongoengine.errors import ValidationError
 
 __all__ = [
     "AsyncAssetsError",
+    "CLIError",
     "ChecksumMissing",
     "ConnectionNotRegistered",
     "CorruptFile",
@@ -46,6 +47,15 @@ class WrongEventLoop(AsyncAssetsError, RuntimeError):
 
 class EmbeddedServerError(AsyncAssetsError, RuntimeError):
     """The local database server could not be started, reached or stopped."""
+
+
+class CLIError(AsyncAssetsError):
+    """A problem the ``asyncassets`` command reports on one line, without a traceback.
+
+    Bad input (an unknown id, a missing local file, a malformed ``--meta`` or
+    duration) or a refusal (``sweep`` without ``--import``): the command prints
+    ``asyncassets: error: <message>`` on stderr and exits with status 1.
+    """
 
 
 class GridFSError(AsyncAssetsError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import importlib.util
@@ -19,7 +20,10 @@ from pathlib import Path
 import pymongo
 import pytest
 
+from asyncassets import Document
 from asyncassets.cli import build_parser, mask_uri, parse_duration
+from asyncassets.connection import connect, disconnect
+from asyncassets.fields import FileField
 from asyncassets.testing import unique_db_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +181,103 @@ def test_verify_reports_intact_mismatched_and_unverifiable_files(cli: CLI):
     assert cli("verify", good, legacy).code == 0
     [row] = cli("verify", bad, "--json").json()
     assert row["status"] == "mismatch"
+
+
+# -- files the library wrote: compressed, legacy ----------------------------------------
+
+
+_PACKED_ALIAS = "cli_packed_writer"
+
+
+class CliPacked(Document):
+    data = FileField(compress="gzip", collection_name="packed", chunk_size=4096)
+    meta = {"collection": "cli_packed", "db_alias": _PACKED_ALIAS}
+
+
+PACKED = b"".join(b"marmot %05d whistles when an eagle comes\n" % i for i in range(3000))
+
+
+def _store_packed(cli: CLI, data: bytes) -> str:
+    """Store ``data`` through a ``compress="gzip"`` field, as an application would."""
+
+    async def store() -> str:
+        connect(host=cli.uri, db=cli.db_name, alias=_PACKED_ALIAS)
+        try:
+            doc = CliPacked()
+            await doc.data.put(data, content_type="text/plain", filename="census.txt")
+            await doc.save()
+            return str(doc.data.file_id)
+        finally:
+            await disconnect(_PACKED_ALIAS)
+
+    return asyncio.run(store())
+
+
+@pytest.fixture
+def packed(cli: CLI) -> str:
+    file_id = _store_packed(cli, PACKED)
+    stored = cli.db["packed.files"].find_one()
+    assert stored["length"] < len(PACKED) // 10  # the bucket really holds a gzip member
+    return file_id
+
+
+def test_cat_writes_the_original_bytes_of_a_compressed_file(cli: CLI, packed: str):
+    assert cli("cat", packed, "--bucket", "packed").stdout == PACKED
+
+
+def test_get_writes_the_original_bytes_of_a_compressed_file(
+    cli: CLI, packed: str, tmp_path: Path
+):
+    assert cli("get", packed, "--bucket", "packed", "-o", "-").stdout == PACKED
+    saved = cli("get", packed, "--bucket", "packed", "-o", str(tmp_path / "back.txt"))
+    assert saved.code == 0, saved
+    assert (tmp_path / "back.txt").read_bytes() == PACKED
+    assert f"wrote {len(PACKED)} bytes" in saved.err
+
+
+def test_info_and_ls_show_the_original_length_of_a_compressed_file(cli: CLI, packed: str):
+    stored_length = cli.db["packed.files"].find_one()["length"]
+    info = cli("info", packed, "--bucket", "packed", "--json").json()
+    assert info["length"] == len(PACKED)
+    assert info["sha256"] == hashlib.sha256(PACKED).hexdigest()
+    assert info["content_type"] == "text/plain"
+    assert info["compression"] == "gzip" and info["stored_length"] == stored_length
+    assert info["metadata"] == {}  # the library's own keys are not the user's metadata
+    human = cli("info", packed, "--bucket", "packed")
+    assert human.code == 0 and f"{len(PACKED)} (" in human.out and "gzip" in human.out
+
+    [row] = cli("ls", "--bucket", "packed", "--json").json()
+    assert row["length"] == len(PACKED)
+    only = cli("ls", "--bucket", "packed", "--filter", f"length={len(PACKED)}", "--json")
+    assert [r["id"] for r in only.json()] == [packed]
+    assert cli("verify", "--bucket", "packed").out.split() == ["OK", packed]
+
+
+def _insert_legacy(cli: CLI, data: bytes, md5: str) -> str:
+    """A file as mongoengine or an old driver wrote it: a GridFS ``md5``, no sha256."""
+    from bson import ObjectId
+
+    file_id = ObjectId()
+    cli.db["fs.files"].insert_one({
+        "_id": file_id, "length": len(data), "chunkSize": 255 * 1024, "md5": md5,
+        "uploadDate": dt.datetime.now(dt.timezone.utc), "filename": "legacy.txt",
+    })
+    cli.db["fs.chunks"].insert_one({"files_id": file_id, "n": 0, "data": data})
+    return str(file_id)
+
+
+def test_verify_fails_a_legacy_file_whose_md5_does_not_match(cli: CLI):
+    data = b"written by mongoengine 0.17\n" * 40
+    intact = _insert_legacy(cli, data, hashlib.md5(data).hexdigest())
+    changed = _insert_legacy(cli, data, hashlib.md5(b"other bytes").hexdigest())
+
+    result = cli("verify", changed)
+    assert result.code == 3, result
+    assert result.out.split()[:2] == ["MISMATCH", changed]
+    assert "md5" in result.out
+    assert cli("verify", intact).out.split() == ["OK", intact]
+    rows = cli("verify", "--json").json()
+    assert {r["id"]: r["status"] for r in rows} == {intact: "ok", changed: "mismatch"}
 
 
 # -- sweep and check -----------------------------------------------------------------

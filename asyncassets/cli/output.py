@@ -1,0 +1,214 @@
+"""What the command shows: JSON, file summaries, progress bars, notes and one-line errors.
+
+Results go to stdout; notes, progress bars and errors to stderr. Every message
+that may contain a URI goes through :func:`mask_uri`, so no password is printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+import sys
+from collections.abc import Mapping
+from typing import IO, Any
+
+from bson import ObjectId
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+
+from ..errors import AsyncAssetsError, CLIError, EmbeddedServerError
+from ..storage.catalogue import (
+    compression_of,
+    content_type_of,
+    original_length,
+    original_sha256,
+    user_metadata,
+)
+
+__all__ = [
+    "PROGRESS_THRESHOLD",
+    "CountingReader",
+    "Progress",
+    "file_summary",
+    "first_line",
+    "jsonable",
+    "mask_uri",
+    "note",
+    "one_line",
+    "print_json",
+    "report_dict",
+    "show_id",
+    "size_of",
+]
+
+#: Transfers larger than this get a progress bar (on a terminal, with tqdm installed).
+PROGRESS_THRESHOLD = 4 * 1024 * 1024
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/]*):(?P<secret>[^@/]*)@")
+
+
+def mask_uri(uri: str) -> str:
+    """Return ``uri`` with its password replaced by ``***``."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri)
+
+
+def first_line(text: str) -> str:
+    """The first line of ``text``, with any URI's password masked."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return mask_uri(line)
+
+
+def note(message: str) -> None:
+    """Tell the user something on stderr, where it never mixes with the results."""
+    print(f"asyncassets: {message}", file=sys.stderr)
+
+
+def show_id(value: Any) -> str:
+    """A file's ``_id`` as the user types it back (``get ID``, ``rm ID``)."""
+    return str(value)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with ids as strings, dates in ISO 8601 (UTC), durations in seconds."""
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes):
+        return value.hex()
+    if hasattr(value, "_asdict"):
+        return {k: jsonable(v) for k, v in value._asdict().items()}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON on stdout."""
+    print(json.dumps(jsonable(value), indent=2, sort_keys=False))
+
+
+def report_dict(report: Any) -> dict[str, Any]:
+    """A :class:`~asyncassets.ops.CheckReport` or ``SweepReport`` as a dict, with ``ok``."""
+    data = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)}
+    if hasattr(report, "ok"):
+        data["ok"] = report.ok
+    return data
+
+
+def size_of(doc: Mapping[str, Any]) -> int | None:
+    """The original length of a file, or ``None`` if its files document has none.
+
+    ``ls`` and ``info`` still show a malformed files document; ``check`` reports it.
+    """
+    try:
+        return original_length(doc)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def file_summary(doc: Mapping[str, Any], bucket: str) -> dict[str, Any]:
+    """What ``put --json``, ``ls --json`` and ``info`` show about a file.
+
+    ``length`` and ``sha256`` describe the original bytes, those ``get`` writes;
+    for a compressed file ``stored_length`` is the size of the gzip member in
+    the bucket.
+    """
+    meta = user_metadata(doc)
+    meta.pop("content_type", None)  # shown on its own
+    info = compression_of(doc)
+    return {
+        "id": doc["_id"],
+        "bucket": bucket,
+        "filename": doc.get("filename"),
+        "length": size_of(doc),
+        "chunk_size": doc.get("chunkSize"),
+        "upload_date": doc.get("uploadDate"),
+        "content_type": content_type_of(doc),
+        "sha256": original_sha256(doc),
+        "compression": info["codec"] if info else None,
+        "stored_length": doc.get("length"),
+        "metadata": meta,
+    }
+
+
+class Progress:
+    """A progress bar on stderr, or nothing.
+
+    Shown only when stderr is a terminal, the transfer is over
+    :data:`PROGRESS_THRESHOLD` and tqdm is installed; piped output stays clean.
+    """
+
+    def __init__(self, total: int | None, label: str) -> None:
+        self._bar: Any = None
+        if total is None or total <= PROGRESS_THRESHOLD or not _stderr_is_tty():
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self._bar = tqdm(
+            total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+            file=sys.stderr, leave=False, dynamic_ncols=True,
+        )
+
+    def update(self, amount: int) -> None:
+        """Advance the bar by ``amount`` bytes."""
+        if self._bar is not None:
+            self._bar.update(amount)
+
+    def close(self) -> None:
+        """Remove the bar from the terminal."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class CountingReader:
+    """A binary file wrapper that reports what is read to a progress bar."""
+
+    def __init__(self, raw: IO[bytes], progress: Progress) -> None:
+        self._raw = raw
+        self._progress = progress
+
+    def read(self, size: int = -1) -> bytes:
+        """Read like ``raw.read``, and advance the bar."""
+        data = self._raw.read(size)
+        self._progress.update(len(data))
+        return data
+
+
+def one_line(exc: BaseException, uri: str | None) -> str:
+    """The one-line message for an error that ended a command (password masked)."""
+    where = mask_uri(uri) if uri else "the server"
+    if isinstance(exc, CLIError):
+        return str(exc)
+    if isinstance(exc, ConnectionFailure):
+        reason = str(exc).split(", Timeout:")[0].split(" (configured timeouts")[0]
+        return f"cannot reach MongoDB at {where}: {first_line(reason)}"
+    if isinstance(exc, OperationFailure) and exc.code in (13, 18):
+        return f"not authorised by {where}: {first_line(str(exc))}"
+    if isinstance(exc, EmbeddedServerError):
+        return f"the embedded server failed: {first_line(str(exc))} (--debug shows its log)"
+    if isinstance(exc, OSError) and exc.strerror:
+        name = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{name}"
+    if isinstance(exc, (AsyncAssetsError, PyMongoError)):
+        return first_line(str(exc))
+    return f"{type(exc).__name__}: {first_line(str(exc))} (--debug shows the traceback)"

@@ -1,0 +1,161 @@
+"""Which server a command talks to: the URI, the embedded default and its lock, connecting.
+
+``--uri``, else ``$ASYNCASSETS_URI``, else ``$MONGODB_URI``, else the embedded
+default: a local server started for this one command on the user data directory,
+which a lock file keeps to one command at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pymongo.errors import ConfigurationError
+
+from ..connection import (
+    DEFAULT_ALIAS,
+    DEFAULT_DB,
+    _db_name_from,
+    connect,
+    disconnect,
+    registered_aliases,
+)
+from ..embedded import EmbeddedServer, default_data_dir
+from ..errors import CLIError
+from .output import first_line, mask_uri, note
+
+__all__ = ["LOCK_NAME", "LOCK_TIMEOUT", "Target", "connect_to", "server_for", "uri_from"]
+
+#: The lock file, in the data directory, that keeps the embedded default to one command.
+LOCK_NAME = "asyncassets-cli.lock"
+#: How long a command waits for another one to release the data directory.
+LOCK_TIMEOUT = 120.0
+_URI_ENVS = ("ASYNCASSETS_URI", "MONGODB_URI")
+
+
+@dataclasses.dataclass
+class Target:
+    """The server and database of one command (and the embedded server, if started)."""
+
+    uri: str
+    db: str
+    source: str
+    server: EmbeddedServer | None = None
+
+    def describe(self) -> str:
+        """What ``-v`` says about the server, password masked."""
+        if self.server is not None:
+            where = self.server.storage_path or "memory"
+            return (
+                f"using the embedded {self.server.kind} server at {self.uri} "
+                f"(data in {where}), database {self.db!r}"
+            )
+        return f"using {mask_uri(self.uri)} (from {self.source}), database {self.db!r}"
+
+
+def uri_from(args: argparse.Namespace) -> tuple[str, str] | None:
+    """``(uri, where it came from)`` of ``--uri`` or the environment, else ``None``."""
+    if args.uri:
+        return args.uri, "--uri"
+    for name in _URI_ENVS:
+        value = os.environ.get(name)
+        if value:
+            return value, f"${name}"
+    return None
+
+
+def _db_from(uri: str | None, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    try:
+        return _db_name_from(uri, None) if uri else DEFAULT_DB
+    except Exception as exc:  # pymongo's InvalidURI and friends
+        raise CLIError(f"bad URI {mask_uri(uri or '')!r}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _data_dir_lock(directory: Path, verbose: bool) -> Iterator[None]:
+    """Hold an exclusive lock on the data directory for the whole command."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; commands must not overlap
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    with open(path, "a+b") as handle:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        said = False
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise CLIError(
+                        f"another asyncassets command has been using {directory} for "
+                        f"{LOCK_TIMEOUT:.0f} s (lock {path}); wait for it or stop it"
+                    ) from None
+                if verbose and not said:
+                    note(f"waiting for another asyncassets command using {directory}")
+                    said = True
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def server_for(args: argparse.Namespace) -> Iterator[Target]:
+    """The server a command talks to; an embedded one is stopped when it ends.
+
+    :raises CLIError: the URI is malformed, or another command holds the data
+        directory for longer than :data:`LOCK_TIMEOUT`.
+    :raises EmbeddedServerError: the embedded server did not start.
+    """
+    found = uri_from(args)
+    if found is not None:
+        uri, source = found
+        yield Target(uri, _db_from(uri, args.db), source)
+        return
+    data_dir = default_data_dir()
+    with _data_dir_lock(data_dir, args.verbose):
+        server = EmbeddedServer(data_dir)
+        if args.verbose:
+            note(f"starting the embedded {server.kind} server (data in {data_dir})")
+        server.start()
+        try:
+            yield Target(server.uri, args.db or DEFAULT_DB, "embedded default", server)
+        finally:
+            server.stop()
+            if args.verbose:
+                note("stopped the embedded server")
+
+
+async def connect_to(uri: str, db: str, timeout: float) -> None:
+    """Register ``uri`` as the ``"default"`` connection, waiting ``timeout`` s for the server.
+
+    Models loaded with ``--import`` may have connected at import time: the server
+    this command was pointed at wins. Call ``await disconnect()`` when done.
+
+    :raises CLIError: the URI is malformed.
+    """
+    if DEFAULT_ALIAS in registered_aliases():
+        await disconnect(DEFAULT_ALIAS)
+    try:
+        connect(host=uri, db=db, **_client_options(uri, timeout))
+    except (ValueError, ConfigurationError) as exc:
+        raise CLIError(f"bad URI {mask_uri(uri)!r}: {first_line(str(exc))}") from exc
+
+
+def _client_options(uri: str, timeout: float) -> dict[str, Any]:
+    if "serverselectiontimeoutms" in uri.lower():
+        return {}
+    return {"serverSelectionTimeoutMS": max(1, int(timeout * 1000))}
