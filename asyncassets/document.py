@@ -31,6 +31,7 @@ from mongoengine.errors import (
 )
 from mongoengine.queryset import transform
 
+from . import references
 from .connection import DEFAULT_ALIAS, get_client, get_db
 from .queryset import QuerySet, QuerySetManager, with_write_concern
 
@@ -108,14 +109,22 @@ class Document(mongoengine.Document):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _bind_files(self)
+        references.bind(self)
 
     @classmethod
     def _from_son(
         cls, son: dict[str, Any], _auto_dereference: bool = False, created: bool = False
     ) -> Any:
         # mongoengine's default (True) would switch blocking dereferencing back on.
-        return super()._from_son(son, _auto_dereference=False, created=created)
+        doc = super()._from_son(son, _auto_dereference=False, created=created)
+        references.bind(doc, loaded=True)
+        return doc
+
+    async def _switch_file_reference(
+        self, proxy: Any, old: Any, new_doc: dict[str, Any] | None
+    ) -> None:
+        """Called by a file proxy of this document: see :func:`asyncassets.references.switch`."""
+        await references.switch(self, proxy, old, new_doc)
 
     # -- where the data lives ---------------------------------------------------
 
@@ -215,6 +224,7 @@ class Document(mongoengine.Document):
         if self._meta.get("abstract"):
             raise InvalidDocumentError("Cannot save an abstract document.")
         signals.pre_save.send(self.__class__, document=self, **signal_kwargs)
+        references.bind(self)
         if validate:
             self.validate(clean=clean)
         doc_id = self.to_mongo(fields=[self._meta["id_field"]])
@@ -222,7 +232,23 @@ class Document(mongoengine.Document):
         signals.pre_save_post_validation.send(
             self.__class__, document=self, created=created, **signal_kwargs
         )
-        await _check_assigned_files(self)
+        async with references.saving(self):
+            await references.check_assigned_ids(self)
+            await self._write(created, force_insert, write_concern, save_condition)
+            signals.post_save.send(
+                self.__class__, document=self, created=created, **signal_kwargs
+            )
+            self._clear_changed_fields()
+            self._created = False
+        return self
+
+    async def _write(
+        self,
+        created: bool,
+        force_insert: bool,
+        write_concern: dict[str, Any] | None,
+        save_condition: dict[str, Any] | None,
+    ) -> None:
         doc = self.to_mongo()
         await type(self)._ensure_indexes_once()
         collection = with_write_concern(self._get_collection(), write_concern)
@@ -258,11 +284,6 @@ class Document(mongoengine.Document):
 
         id_field = self._meta["id_field"]
         self[id_field] = self._fields[id_field].to_python(object_id)
-        signals.post_save.send(self.__class__, document=self, created=created, **signal_kwargs)
-        self._clear_changed_fields()
-        self._created = False
-        _bind_files(self)
-        return self
 
     async def delete(
         self, signal_kwargs: dict[str, Any] | None = None, **write_concern: Any
@@ -301,7 +322,7 @@ class Document(mongoengine.Document):
                 setattr(self, name, self._reload(name, obj._data.get(name)))
         self._changed_fields = list(set(self._changed_fields) - set(fields)) if fields else []
         self._created = False
-        _bind_files(self)
+        references.bind(self, loaded=True)
         return self
 
     async def modify(self, query: dict[str, Any] | None = None, **update: Any) -> bool:
@@ -328,7 +349,7 @@ class Document(mongoengine.Document):
             setattr(self, name, self._reload(name, updated._data.get(name)))
         self._changed_fields = []
         self._created = False
-        _bind_files(self)
+        references.bind(self, loaded=True)
         return True
 
     async def update(self, **kwargs: Any) -> int:
@@ -380,9 +401,7 @@ class Document(mongoengine.Document):
         :returns: the new element's :class:`~asyncassets.files.proxy.FileProxy`.
         :raises ValueError: ``field_name`` is not a list of files.
         """
-        from .files.tree import add_to_list
-
-        return await add_to_list(
+        return await references.add_to_list(
             self, field_name, data, content_type=content_type, filename=filename, **metadata
         )
 
@@ -446,16 +465,3 @@ class DynamicDocument(Document, mongoengine.DynamicDocument):  # type: ignore[mi
     """A :class:`Document` that also stores attributes not declared as fields."""
 
     meta: ClassVar[dict[str, Any]] = {"abstract": True}
-
-
-async def _check_assigned_files(document: Any) -> None:
-    from .files.tree import check_assigned_ids
-
-    await check_assigned_ids(document)
-
-
-def _bind_files(document: Any) -> None:
-    """Tell the file proxies inside ``document`` which document owns them."""
-    from .files.tree import bind_proxies
-
-    bind_proxies(document)

@@ -11,14 +11,18 @@ Reference fields never dereference on attribute access in asyncassets documents
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, overload
 
-from bson import ObjectId
+from bson import Binary, ObjectId
 from mongoengine.base import BaseField
 from mongoengine.fields import *  # noqa: F403  (the re-export is the point)
 from mongoengine.fields import __all__ as _mongoengine_fields
 
+from .files import images as _images
+from .files.images import DEFAULT_MAX_PIXELS, ImageProxy
 from .files.names import FilenameTemplate
 from .files.proxy import FileProxy
 from .files.rules import UploadRules
@@ -42,6 +46,10 @@ _NOT_A_FILE_VALUE = (
     "{field} takes a file proxy, a file id or None, not {type}. To store bytes or a "
     "file object, upload it: `await doc.{field}.put(data, content_type=...)`."
 )
+# The id types a file may have: ObjectId (asyncassets, PyMongo), and what other
+# writers chose. Anything else (bytes, file objects, numbers with a fraction...) is
+# data, not an id.
+_ID_TYPES = (ObjectId, str, int, uuid.UUID, Binary, dt.datetime)
 
 
 class FileField(BaseField):
@@ -109,6 +117,16 @@ class FileField(BaseField):
     ) -> FileProxy:
         return self.proxy_class(grid_id=grid_id, field=self, instance=instance, key=key)
 
+    def proxy_for(self, instance: Any, key: str | None) -> FileProxy:
+        """A new, empty proxy of this field inside ``instance`` (a document)."""
+        return self._proxy(None, instance, key)
+
+    @overload
+    def __get__(self, instance: None, owner: Any) -> FileField: ...
+
+    @overload
+    def __get__(self, instance: Any, owner: Any) -> FileProxy: ...
+
     def __get__(self, instance: Any, owner: Any) -> Any:
         if instance is None:
             return self
@@ -121,43 +139,121 @@ class FileField(BaseField):
         return proxy
 
     def __set__(self, instance: Any, value: Any) -> None:
-        super().__set__(instance, self._coerce(value, instance))
+        proxy = self.to_python(value)
+        if isinstance(proxy, FileProxy):
+            if proxy._instance is not None and (
+                proxy._instance is not instance or proxy._key != self.name
+            ):
+                # It belongs to another document or field: this one gets its own
+                # proxy on the same file, which is then shared.
+                proxy = proxy._copy()
+            proxy._bind(instance, self.name)
+        super().__set__(instance, proxy)
 
-    def _coerce(self, value: Any, instance: Any = None) -> FileProxy | None:
+    def to_python(self, value: Any) -> Any:
+        """The one conversion of a value to this field's proxy.
+
+        Used for values given to the constructor, assigned, put into a list of
+        files, and loaded from the database. ``None`` and proxies pass; a file id
+        (an ``ObjectId``, its 24-hex-digit string, or another id type a writer
+        chose) becomes a proxy that ``save()`` checks names an existing file.
+
+        :raises TypeError: bytes, a file object or other data (upload it with
+            ``put()`` instead).
+        """
         if value is None or isinstance(value, FileProxy):
-            if isinstance(value, FileProxy) and instance is not None:
-                value._bind(instance, self.name)
             return value
-        if isinstance(value, (ObjectId, str, int)) and not isinstance(value, bool):
-            if isinstance(value, str) and ObjectId.is_valid(value):
-                value = ObjectId(value)
-            proxy = self._proxy(value, instance, self.name)
-            proxy._unverified = True
-            return proxy
-        raise TypeError(_NOT_A_FILE_VALUE.format(field=self.name, type=type(value).__name__))
+        if (
+            not isinstance(value, _ID_TYPES)
+            or isinstance(value, bool)
+            or (isinstance(value, Binary) and value.subtype == 0)
+        ):
+            raise TypeError(
+                _NOT_A_FILE_VALUE.format(field=self._label(), type=type(value).__name__)
+            )
+        if isinstance(value, str) and ObjectId.is_valid(value):
+            value = ObjectId(value)
+        proxy = self._proxy(value)
+        proxy._unverified = True
+        proxy._assigned = True
+        return proxy
+
+    def _label(self) -> str:
+        return self.name or "a list of files"
 
     def to_mongo(self, value: Any) -> Any:
         if isinstance(value, FileProxy):
             return value.grid_id
         return value
 
-    def to_python(self, value: Any) -> Any:
-        if value is None or isinstance(value, FileProxy):
-            return value
-        return self._proxy(value)
+    def prepare_query_value(self, op: str, value: Any) -> Any:
+        """A proxy, an id or an id's hex string, as the stored id (for queries)."""
+        if isinstance(value, FileProxy):
+            return value.grid_id
+        if isinstance(value, str) and ObjectId.is_valid(value):
+            return ObjectId(value)
+        return value
 
     def validate(self, value: Any) -> None:
         if value is None:
             return
         if not isinstance(value, FileProxy):
-            self.error(_NOT_A_FILE_VALUE.format(field=self.name, type=type(value).__name__))
-        if value._upload is not None:
+            try:
+                self.to_python(value)
+            except TypeError as exc:
+                self.error(str(exc))
+            return
+        if self.required and value.grid_id is None and value._upload is None:
             self.error(
-                f"{self.name} has a streaming upload in progress: close it "
+                f"Field is required: {self._label()} holds no file. Upload one with "
+                f"`await doc.{self._label()}.put(data)` before save()."
+            )
+        if value._upload is not None or value._closing is not None:
+            self.error(
+                f"{self._label()} has a streaming upload in progress: close it "
                 "(`await proxy.close()`, or leave the `async with` block) before save()."
             )
 
 
-# Last: images.py subclasses FileField. Importing it needs no Pillow; declaring an
-# ImageField does.
-from .files.images import ImageField, ImageProxy  # noqa: E402
+class ImageField(FileField):
+    """A ``FileField`` for images (needs ``pip install 'asyncassets[images]'``).
+
+    :param size: ``(width, height, force)``: shrink larger images to fit, or with
+        ``force`` resize and crop them to exactly this size.
+    :param thumbnail_size: ``(width, height, force)``: store a thumbnail this size.
+    :param max_pixels: refuse images with more pixels (decompression bombs).
+    :param collection_name: the bucket, ``"images"`` by default.
+    :raises PillowMissing: Pillow is not installed.
+
+    Other keywords are :class:`~asyncassets.fields.FileField`'s. Non-images and
+    truncated images raise :class:`~asyncassets.errors.FileValidationError`.
+    """
+
+    proxy_class = ImageProxy
+
+    def __init__(
+        self,
+        size: tuple[int, int, bool] | tuple[int, int] | None = None,
+        thumbnail_size: tuple[int, int, bool] | tuple[int, int] | None = None,
+        collection_name: str = "images",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **kwargs: Any,
+    ) -> None:
+        _images.require_pillow()
+        if kwargs.get("compress"):
+            raise ValueError("ImageField does not compress: image formats already are")
+        self.size = _images.size_option("size", size)
+        self.thumbnail_size = _images.size_option("thumbnail_size", thumbnail_size)
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
+            raise ValueError(f"ImageField(max_pixels=...) must be a positive int: {max_pixels!r}")
+        self.max_pixels = max_pixels
+        super().__init__(collection_name=collection_name, **kwargs)
+
+    @overload  # type: ignore[override]
+    def __get__(self, instance: None, owner: Any) -> ImageField: ...
+
+    @overload
+    def __get__(self, instance: Any, owner: Any) -> ImageProxy: ...
+
+    def __get__(self, instance: Any, owner: Any) -> Any:
+        return super().__get__(instance, owner)

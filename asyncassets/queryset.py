@@ -144,7 +144,7 @@ class QuerySet(Generic[T]):
         (per batch of ``async for``), instead of one per document, so listing
         pages can show ``doc.photo.length`` without N+1 queries.
         """
-        from .files.tree import file_field_names
+        from .schema import file_field_names
 
         available = file_field_names(self._document)
         names = field_names or tuple(available)
@@ -233,7 +233,7 @@ class QuerySet(Generic[T]):
 
     async def _load_files(self, docs: Sequence[Any]) -> None:
         if self._file_fields and not self._as_pymongo:
-            from .files.tree import load_files
+            from .references import load_files
 
             await load_files(docs, self._file_fields)
 
@@ -337,13 +337,13 @@ class QuerySet(Generic[T]):
             if any(e.get("code") in (11000, 11001) for e in err.details.get("writeErrors", [])):
                 raise NotUniqueError(f"Bulk insert hit a unique index ({err})") from err
             raise OperationError(f"Could not save documents ({err})") from err
-        from .files.tree import bind_proxies
+        from .references import bind
 
         for doc, object_id in zip(items, result.inserted_ids, strict=True):
             doc.pk = object_id
             doc._clear_changed_fields()
             doc._created = False
-            bind_proxies(doc)
+            bind(doc)
         if not load_bulk:
             ids = list(result.inserted_ids)
             return ids[0] if single else ids
@@ -404,7 +404,7 @@ class QuerySet(Generic[T]):
 
         :returns: the number of documents deleted.
         """
-        from .files.tree import cascade_paths, delete_files_of
+        from .references import cascade_paths, delete_files_of
 
         collection = with_write_concern(self._collection, write_concern)
         paths = cascade_paths(self._document)
@@ -439,7 +439,7 @@ class QuerySet(Generic[T]):
 
     async def _delete_one_by_id(self, pk: Any, write_concern: dict[str, Any] | None = None) -> bool:
         """Delete one document atomically and cascade to the files it held then."""
-        from .files.tree import cascade_paths, delete_files_of
+        from .references import cascade_paths, delete_files_of
 
         collection = with_write_concern(self._collection, write_concern)
         paths = cascade_paths(self._document)

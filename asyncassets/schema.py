@@ -13,6 +13,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
+import mongoengine
 from mongoengine.base import BaseDocument
 from mongoengine.base.common import _document_registry
 from mongoengine.fields import (
@@ -41,11 +42,12 @@ def document_classes() -> list[type]:
 
     mongoengine's registry keeps one class per name, so a class shadowed by another
     of the same name would be missed; walking ``__subclasses__`` finds those too.
+    asyncassets documents are told from plain mongoengine ones by the method their
+    file proxies call to switch references (this module sits below
+    :mod:`asyncassets.document` and does not import it).
     """
-    from .document import Document
-
     found: dict[int, type] = {}
-    stack: list[type] = [Document]
+    stack: list[type] = [mongoengine.Document]
     while stack:
         cls = stack.pop()
         for sub in cls.__subclasses__():
@@ -53,12 +55,14 @@ def document_classes() -> list[type]:
                 found[id(sub)] = sub
                 stack.append(sub)
     for cls in list(_document_registry.values()):
-        if isinstance(cls, type) and issubclass(cls, Document):
+        if isinstance(cls, type) and issubclass(cls, mongoengine.Document):
             found.setdefault(id(cls), cls)
     return [
         cls
         for cls in found.values()
-        if not cls._meta.get("abstract") and cls._get_collection_name()
+        if hasattr(cls, "_switch_file_reference")
+        and not cls._meta.get("abstract")
+        and cls._get_collection_name()
     ]
 
 

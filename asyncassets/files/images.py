@@ -42,7 +42,7 @@ try:
 except ImportError:  # the `images` extra is not installed
     Image = ImageOps = UnidentifiedImageError = None
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageField", "ImageProxy", "PillowMissing"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageProxy", "PillowMissing", "require_pillow", "size_option"]
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Largest image accepted, in pixels (width x height): about 200 MB decoded as RGBA."""
@@ -50,7 +50,15 @@ DEFAULT_MAX_PIXELS = 50_000_000
 _SPOOL = 8 * 1024 * 1024
 
 
-def _size_option(name: str, value: Any) -> tuple[int, int, bool] | None:
+def require_pillow() -> None:
+    """Raise :class:`~asyncassets.errors.PillowMissing` unless Pillow is importable."""
+    if Image is None:
+        raise PillowMissing(
+            "ImageField needs Pillow, which is not installed: pip install 'asyncassets[images]'"
+        )
+
+
+def size_option(name: str, value: Any) -> tuple[int, int, bool] | None:
     if value is None:
         return None
     if not isinstance(value, (tuple, list)) or len(value) not in (2, 3):
@@ -110,7 +118,7 @@ class ImageProxy(FileProxy):
         filename: str | None,
         metadata: dict[str, Any],
     ) -> dict[str, Any]:
-        field: ImageField = self._field  # type: ignore[assignment]
+        field: Any = self._field  # an ImageField (declared in asyncassets.fields)
         # Name and extension checks first, before reading anything.
         guard = make_guard(self, content_type, filename, self._metadata(None, metadata))
         spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL)
@@ -182,7 +190,7 @@ def _refuse(field_name: str, problem: str) -> FileValidationError:
     return FileValidationError(f"{field_name}: {problem}", field_name=field_name)
 
 
-def _process(spool: Any, field: ImageField, field_name: str) -> _Processed:
+def _process(spool: Any, field: Any, field_name: str) -> _Processed:
     """Decode, check, resize and thumbnail (in a worker thread)."""
     out = _Processed()
     spool.seek(0)
@@ -244,47 +252,3 @@ def _encode(img: Any, fmt: str) -> bytes:
         img = img.convert("RGB")
     img.save(buffer, fmt)
     return buffer.getvalue()
-
-
-def _image_field_base() -> type:
-    from ..fields import FileField
-
-    return FileField
-
-
-class ImageField(_image_field_base()):  # type: ignore[misc]
-    """A ``FileField`` for images (needs ``pip install 'asyncassets[images]'``).
-
-    :param size: ``(width, height, force)``: shrink larger images to fit, or with
-        ``force`` resize and crop them to exactly this size.
-    :param thumbnail_size: ``(width, height, force)``: store a thumbnail this size.
-    :param max_pixels: refuse images with more pixels (decompression bombs).
-    :param collection_name: the bucket, ``"images"`` by default.
-    :raises PillowMissing: Pillow is not installed.
-
-    Other keywords are :class:`~asyncassets.fields.FileField`'s. Non-images and
-    truncated images raise :class:`~asyncassets.errors.FileValidationError`.
-    """
-
-    proxy_class = ImageProxy
-
-    def __init__(
-        self,
-        size: tuple[int, int, bool] | tuple[int, int] | None = None,
-        thumbnail_size: tuple[int, int, bool] | tuple[int, int] | None = None,
-        collection_name: str = "images",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        **kwargs: Any,
-    ) -> None:
-        if Image is None:
-            raise PillowMissing(
-                "ImageField needs Pillow, which is not installed: pip install 'asyncassets[images]'"
-            )
-        if kwargs.get("compress"):
-            raise ValueError("ImageField does not compress: image formats already are")
-        self.size = _size_option("size", size)
-        self.thumbnail_size = _size_option("thumbnail_size", thumbnail_size)
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
-            raise ValueError(f"ImageField(max_pixels=...) must be a positive int: {max_pixels!r}")
-        self.max_pixels = max_pixels
-        super().__init__(collection_name=collection_name, **kwargs)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import weakref
 from collections.abc import AsyncIterator, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import bson
-from pymongo.errors import ConnectionFailure
 
 from .._tasks import settle
 from ..connection import DEFAULT_ALIAS, get_db
@@ -79,6 +79,59 @@ class _Missing:
 
 
 _MISSING = _Missing()
+#: The files document was looked up and not found (``QuerySet.load_files``).
+MISSING = _MISSING
+
+
+# Which live proxies hold which file: (bucket name, file id) -> {id(proxy): proxy}.
+# A file that a proxy of another document holds is never deleted by a switch (it
+# is shared). Keyed by identity: proxies on the same file compare equal.
+_holders: dict[tuple[str, Any], weakref.WeakValueDictionary[int, FileProxy]] = {}
+
+
+def _register(proxy: FileProxy, file_id: Any) -> None:
+    try:
+        key = (proxy._collection_name, file_id)
+        holders = _holders.get(key)
+    except TypeError:  # an unhashable id: never shared through this registry
+        return
+    if holders is None:
+        if len(_holders) > 4096:
+            for stale in [k for k, v in _holders.items() if not v]:
+                del _holders[stale]
+        holders = _holders[key] = weakref.WeakValueDictionary()
+    holders[id(proxy)] = proxy
+
+
+def _holders_of(bucket: str, file_id: Any) -> list[FileProxy]:
+    try:
+        holders = _holders.get((bucket, file_id))
+    except TypeError:
+        return []
+    return list(holders.values()) if holders else []
+
+
+def _root_of(obj: Any) -> tuple[Any, bool]:
+    """``(top-level document, orphaned)`` for a document or embedded document.
+
+    An embedded document knows its top-level document once bound
+    (``_aa_root``); else mongoengine's ``_instance`` chain (weak proxies) is
+    followed. ``orphaned`` is true when that chain is broken: the parent document
+    was garbage-collected, so where the file is referenced cannot be known.
+    """
+    try:
+        while obj is not None:
+            if getattr(obj, "_is_document", False):
+                return obj, False
+            owner = getattr(obj, "__dict__", {}).get("_aa_root")
+            if owner is not None:
+                return owner, False
+            obj = getattr(obj, "_instance", None)
+            if obj is not None:
+                obj.__class__  # noqa: B018  (raises ReferenceError on a dead weakref.proxy)
+    except ReferenceError:
+        return None, True
+    return None, False
 
 
 class FileProxy:
@@ -99,7 +152,7 @@ class FileProxy:
         collection_name: str | None = None,
         db_alias: str | None = None,
     ) -> None:
-        self.grid_id = grid_id
+        self._grid_id: Any = None
         self._field = field
         self._collection_name = collection_name or (field.collection_name if field else "fs")
         self._db_alias = db_alias if db_alias is not None else (field.db_alias if field else None)
@@ -114,12 +167,74 @@ class FileProxy:
         self._guard: Any = None  # the checks of the streaming upload in progress
         #: Set for ids assigned by hand (``doc.photo = some_id``): save() checks them.
         self._unverified = False
+        #: The id came from elsewhere (assigned by hand, or copied from another
+        #: document): it may be referenced elsewhere, so it is never deleted from here.
+        self._assigned = False
+        #: The top-level document this proxy belongs to (set when it is bound).
+        self._owner: Any = None
+        #: Set when the proxy's embedded document lost its parent document.
+        self._orphaned = False
+        #: Resolved when a ``close()`` in flight has settled.
+        self._closing: asyncio.Future[None] | None = None
+        self.grid_id = grid_id
 
     # -- where it lives ---------------------------------------------------------
 
     def _bind(self, instance: Any, key: str | None) -> None:
         self._instance = instance
         self._key = key
+        if self._owner is None and instance is not None:
+            self._owner, self._orphaned = _root_of(instance)
+
+    @property
+    def grid_id(self) -> Any:
+        """The id of the file this proxy holds (``None``: empty). See :attr:`file_id`."""
+        return self._grid_id
+
+    @grid_id.setter
+    def grid_id(self, value: Any) -> None:
+        self._grid_id = value
+        if value is not None:
+            _register(self, value)
+
+    def _set_file(self, file_id: Any, files_doc: dict[str, Any] | None) -> None:
+        self.grid_id = file_id
+        self._files_doc = files_doc
+        self._position = 0
+
+    def _copy(self) -> FileProxy:
+        """A proxy on the same file for another document (the file is then shared)."""
+        clone = type(self)(
+            field=self._field, collection_name=self._collection_name, db_alias=self._db_alias
+        )
+        clone.grid_id = self.grid_id
+        clone._files_doc = self._files_doc
+        clone._unverified = self._unverified
+        clone._assigned = True
+        return clone
+
+    def _identity(self) -> Any:
+        """Which stored reference this proxy stands for (stale copies share it)."""
+        root = self._root()
+        if root is None:
+            return ("proxy", id(self))
+        if getattr(root, "pk", None) is not None and not getattr(root, "_created", True):
+            return ("doc", type(root)._get_collection_name(), root.pk)
+        return ("object", id(root))
+
+    def _shared_elsewhere(self, file_id: Any) -> bool:
+        """Whether a live proxy of another document (or a free one) holds ``file_id``."""
+        mine = self._identity()
+        return any(
+            other is not self and other.grid_id == file_id and other._identity() != mine
+            for other in _holders_of(self._collection_name, file_id)
+        )
+
+    def _may_delete(self, file_id: Any) -> bool:
+        """Whether deleting ``file_id`` cannot leave another reference dangling."""
+        if file_id == self.grid_id and self._assigned:
+            return False
+        return not self._shared_elsewhere(file_id)
 
     @property
     def collection_name(self) -> str:
@@ -142,9 +257,10 @@ class FileProxy:
         return GridBucket(get_db(self.db_alias), self._collection_name, **kwargs)
 
     def _root(self) -> Any:
-        from .tree import root_document
-
-        return root_document(self._instance)
+        if self._owner is not None:
+            return self._owner
+        root, _orphaned = _root_of(self._instance)
+        return root
 
     # -- metadata ---------------------------------------------------------------
 
@@ -399,12 +515,19 @@ class FileProxy:
         :raises TypeError: ``data`` is not something bytes can be read from.
         """
         self._refuse_if_full("put()")
+        doc = await self._upload_new(data, content_type, filename, metadata)
+        await self._commit(doc, previous=None)
+        return self
+
+    async def _upload_new(
+        self, data: Any, content_type: str | None, filename: str | None, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Check the inputs, then store ``data`` as a new file; return its files document."""
+        self._refuse_if_orphaned()
         self._metadata(content_type, metadata)  # refuse bad metadata before any I/O
         bucket = self._bucket()
         await bucket.ensure_indexes()
-        doc = await self._store(bucket, data, content_type, filename, metadata)
-        await self._commit(doc, previous=None)
-        return self
+        return await self._store(bucket, data, content_type, filename, metadata)
 
     async def _store(
         self,
@@ -440,11 +563,8 @@ class FileProxy:
             raise GridFSError(
                 "replace(): a streaming upload is open on this field; close it first."
             )
-        self._metadata(content_type, metadata)  # refuse bad metadata before any I/O
-        bucket = self._bucket()
-        await bucket.ensure_indexes()
         previous = self.grid_id  # what this call replaces, fixed before it uploads
-        doc = await self._store(bucket, data, content_type, filename, metadata)
+        doc = await self._upload_new(data, content_type, filename, metadata)
         await self._commit(doc, previous=previous)
         return self
 
@@ -457,62 +577,59 @@ class FileProxy:
 
         :raises FileConflict: the stored document no longer references this file.
         """
+        if self._closing is not None:
+            # A close() of this field's upload is settling: delete what it leaves.
+            await asyncio.shield(self._closing)
         if self._upload is not None:
             await self.abort()
         old = self.grid_id
         if old is None:
             return
-        from .tree import persist_reference
-
-        async def unlink() -> None:
-            await persist_reference(self, old, None)
-            self.grid_id = None
-            self._files_doc = None
-            self._position = 0
-            await self._delete_stored(old)
-
-        await settle(unlink())
+        self._refuse_if_orphaned()
+        await self._move(old, None)
 
     async def _delete_stored(self, file_id: Any) -> None:
         """Delete a stored file of this field (an image also deletes its thumbnail)."""
         await self._bucket().delete(file_id)
 
+    def _refuse_if_orphaned(self) -> None:
+        if self._orphaned and self._owner is None:
+            raise FileConflict(
+                "This file proxy's embedded document has lost the document it belongs "
+                "to (the parent was garbage-collected), so the stored reference cannot "
+                "be updated. Keep a reference to the document, or load it again and use "
+                "its field."
+            )
+
     async def _commit(self, new_doc: dict[str, Any], previous: Any) -> None:
-        """Point the field at the freshly uploaded ``new_doc``, then drop ``previous``.
+        """Point the field at the freshly uploaded ``new_doc``, then drop ``previous``."""
+        await self._move(previous, new_doc)
 
-        The switch runs as a task of its own that a cancellation of the caller does
-        not interrupt: once the update is on its way, whether the database applied it
-        decides what is deleted, never the moment the caller was cancelled.
+    async def _move(self, old: Any, new_doc: dict[str, Any] | None) -> None:
+        """Have the reference moved from ``old`` to ``new_doc``'s file (``None``: removed).
+
+        The document this proxy belongs to does it (its reference writer: conditional
+        update, first-save and unknown-outcome rules). A proxy that belongs to no
+        document has no stored reference to move: it changes in memory only.
         """
-        await settle(self._switch(new_doc, previous))
-
-    async def _switch(self, new_doc: dict[str, Any], previous: Any) -> None:
-        from .tree import persist_reference
-
-        new_id = new_doc["_id"]
-        if self.grid_id != previous:
-            # Another call on this same proxy committed while this one uploaded.
-            await self._delete_stored(new_id)
+        root = self._root()
+        writer = getattr(root, "_switch_file_reference", None)
+        if writer is not None:
+            await writer(self, old, new_doc)
+            return
+        new_id = None if new_doc is None else new_doc["_id"]
+        if self.grid_id != old:
+            if new_id is not None and not self._shared_elsewhere(new_id):
+                await self._delete_stored(new_id)
             raise FileConflict(
                 f"This field changed to file {self.grid_id!r} while the upload of "
                 f"{new_id!r} ran; the upload was removed. Retry on the current state."
             )
-        try:
-            await persist_reference(self, previous, new_id)
-        except ConnectionFailure:
-            # The outcome is unknown (the reply may be what was lost): the new file
-            # stays, for the orphan sweep should nothing reference it.
-            raise
-        except Exception:
-            # The server refused the update (or it was never sent): nothing
-            # references the new file.
-            await self._delete_stored(new_id)
-            raise
-        self.grid_id = new_id
-        self._files_doc = new_doc
-        self._position = 0
-        if previous is not None:
-            await self._delete_stored(previous)
+        drop_old = old is not None and self._may_delete(old)
+        self._set_file(new_id, new_doc)
+        self._assigned = False
+        if drop_old:
+            await settle(self._delete_stored(old))
 
     # -- streaming upload -------------------------------------------------------
 
@@ -542,8 +659,9 @@ class FileProxy:
         :param replace: ``False`` refuses a field that already holds a file.
         :raises FileAlreadyExists: the field holds a file and ``replace`` is false.
         """
-        if self._upload is not None:
+        if self._upload is not None or self._closing is not None:
             raise GridFSError("new_file(): a streaming upload is already open on this field.")
+        self._refuse_if_orphaned()
         if self.grid_id is not None and not replace:
             self._refuse_if_full("new_file()")
         _check_content_type(content_type)
@@ -593,22 +711,40 @@ class FileProxy:
     async def close(self) -> FileProxy:
         """Finish the upload and point the field at the new file.
 
+        While it runs, ``abort()`` raises :class:`~asyncassets.errors.UploadClosed`
+        (the upload is being closed) and ``delete()`` waits for it, then deletes the
+        file it committed.
+
         :raises UploadClosed: no upload is open.
         :raises FileConflict: see :meth:`replace`; the new file was removed.
         """
         stream = self._stream("close()")
-        try:
-            doc = await guarded_close(self._guard, stream, self._bucket())
-        except BaseException:
-            self._upload = None
-            await asyncio.shield(stream.abort())
-            raise
         self._upload = None
-        await self._commit(doc, previous=self._upload_previous)
+        closing = asyncio.get_running_loop().create_future()
+        self._closing = closing
+        try:
+            try:
+                doc = await guarded_close(self._guard, stream, self._bucket())
+            except BaseException:
+                await asyncio.shield(stream.abort())
+                raise
+            await self._commit(doc, previous=self._upload_previous)
+        finally:
+            self._closing = None
+            closing.set_result(None)
         return self
 
     async def abort(self) -> None:
-        """Abandon the upload and remove every chunk it wrote."""
+        """Abandon the upload and remove every chunk it wrote.
+
+        :raises UploadClosed: no upload is open, or its ``close()`` is under way.
+        """
+        if self._closing is not None:
+            raise UploadClosed(
+                "abort(): this upload is being closed by a close() in flight, too late to "
+                "abort it. Await the close, then `await proxy.delete()` if the file is "
+                "not wanted."
+            )
         stream = self._stream("abort()")
         self._upload = None
         await asyncio.shield(stream.abort())

@@ -1,0 +1,673 @@
+"""The one writer of a saved document's file references.
+
+Only this module moves a stored document's reference from one file to another. A
+file proxy asks for a switch through its document
+(``Document._switch_file_reference``); ``save()`` takes the same per-document lock,
+so a switch never interleaves with the document's own write. The rules it owns:
+
+* **First save in flight.** A switch waits for a ``save()`` of the same document
+  object that is under way, then acts on what that save left: an unsaved
+  document changes in memory only, a stored one with a conditional update.
+* **Conditional updates.** The update names the exact path (``pages.1.image``) and
+  is conditional on that path still holding the old file, so it can neither hit
+  another list element nor undo a concurrent change.
+* **Unknown outcomes keep data.** When the update's outcome is unknown (a lost
+  reply, a write-concern error, a cancelled caller), neither file is deleted: the
+  stored document is read back to learn which file it holds, and the other one is
+  left to the orphan sweep. An unacknowledged collection (``w=0``) is written
+  with ``w=1`` here, since the switch must know whether it applied.
+* **One document, one path.** A proxy belongs to the document it was loaded into
+  or created in. Copying a proxy or an embedded document into another document
+  gives that document its own proxy (see :func:`bind`); the file is then shared,
+  and a replace or delete through either keeps it while the other one holds it.
+  A proxy that is no longer in its saved document refuses to act
+  (:class:`~asyncassets.errors.FileConflict`).
+* **Unsaved parts of saved documents.** A file put into an embedded element that
+  was appended after the last save changes in memory and is written by the next
+  ``save()``.
+* **What may be deleted.** A file is deleted only once no stored document can
+  reference it through this path: after a confirmed switch, if no other live
+  proxy holds it and it was not assigned by hand (an id from elsewhere may be
+  referenced elsewhere; the sweep removes it once it is unreferenced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import weakref
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import mongoengine
+from mongoengine.base import get_document
+from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
+from pymongo.write_concern import WriteConcern
+
+from ._tasks import add_note, settle
+from .errors import FileConflict, FileValidationError
+from .fields import FileField
+from .files.proxy import MISSING, FileProxy
+from .schema import cascade_fields, holds_files
+
+__all__ = [
+    "add_to_list",
+    "bind",
+    "check_assigned_ids",
+    "delete_files_of",
+    "iter_proxies",
+    "load_files",
+    "saving",
+    "switch",
+]
+
+# A path segment: (db field name, dict key or list index; True for a list index).
+Segment = tuple[str, bool]
+
+
+# -- the per-document state -----------------------------------------------------------
+
+
+class _DocState:
+    """What the reference writer keeps per document object."""
+
+    __slots__ = ("lock", "maybe_stored")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        #: A save()'s outcome was unknown: the document may be stored, unconfirmed.
+        self.maybe_stored = False
+
+
+def _state(doc: Any) -> _DocState:
+    state = doc.__dict__.get("_aa_refs")
+    if state is None:
+        state = _DocState()
+        # Straight into __dict__: mongoengine's __setattr__ would treat it as data
+        # on a DynamicDocument, and it must never be saved, copied or pickled.
+        doc.__dict__["_aa_refs"] = state
+    return state
+
+
+def _is_stored(doc: Any) -> bool:
+    return doc.pk is not None and not doc._created
+
+
+# -- walking instances ----------------------------------------------------------------
+
+
+def iter_proxies(
+    doc: Any, prefix: tuple[Segment, ...] = ()
+) -> Iterator[tuple[FileProxy, tuple[Segment, ...], Any, str]]:
+    """Yield ``(proxy, path, owner, field name)`` for every proxy inside ``doc``."""
+    for name, field in doc._fields.items():
+        value = doc._data.get(name)
+        if value is None:
+            continue
+        yield from _walk(value, field, (*prefix, (field.db_field, False)), doc, name)
+
+
+def _walk(
+    value: Any, field: Any, path: tuple[Segment, ...], owner: Any, name: str
+) -> Iterator[tuple[FileProxy, tuple[Segment, ...], Any, str]]:
+    if isinstance(value, FileProxy):
+        yield value, path, owner, name
+    elif isinstance(value, mongoengine.EmbeddedDocument):
+        yield from iter_proxies(value, path)
+    elif isinstance(value, (list, tuple)):
+        inner = getattr(field, "field", None)
+        for index, item in enumerate(value):
+            yield from _walk(item, inner, (*path, (str(index), True)), owner, name)
+    elif isinstance(value, dict):
+        inner = getattr(field, "field", None)
+        for key, item in value.items():
+            yield from _walk(item, inner, (*path, (str(key), False)), owner, name)
+
+
+def _locate(root: Any, proxy: FileProxy) -> tuple[Segment, ...] | None:
+    for found, path, _owner, _name in iter_proxies(root):
+        if found is proxy:
+            return path
+    return None
+
+
+# -- binding: one document, one path ----------------------------------------------------
+
+
+def bind(doc: Any, *, loaded: bool = False) -> None:
+    """Make every file value inside ``doc`` a proxy that belongs to ``doc``.
+
+    Raw ids in lists and dicts of files become proxies (through the field's one
+    conversion, :meth:`FileField.to_python`); a proxy or an embedded document
+    that belongs to another live document is copied, so the original keeps
+    acting on its own document. ``loaded``: the values come from the database
+    (so hand-assigned ids are not involved).
+    """
+    if not holds_files(type(doc)):
+        return
+    _bind_into(doc, doc, loaded)
+
+
+def _bind_into(root: Any, holder: Any, loaded: bool) -> None:
+    for name, field in holder._fields.items():
+        value = holder._data.get(name)
+        if value is None:
+            continue
+        new = _bind_value(root, holder, name, value, field, loaded)
+        if new is not value:
+            holder._data[name] = new
+
+
+def _bind_value(
+    root: Any, holder: Any, name: str, value: Any, field: Any, loaded: bool
+) -> Any:
+    if isinstance(field, FileField):
+        if not isinstance(value, FileProxy):
+            value = field.to_python(value)
+        return _own(root, holder, name, value, loaded)
+    if isinstance(value, mongoengine.EmbeddedDocument):
+        owner = _root_mark(value)
+        if owner is not None and owner is not root:
+            value = _copy_embedded(value, owner)
+        _mark_root(value, root)
+        value._instance = weakref.proxy(holder)
+        _bind_into(root, value, loaded)
+        return value
+    inner = getattr(field, "field", None)
+    if inner is None:
+        return value
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if item is None:
+                continue
+            new = _bind_value(root, holder, name, item, inner, loaded)
+            if new is not item:
+                list.__setitem__(value, index, new)  # not a change for mongoengine
+    elif isinstance(value, dict):
+        for key, item in list(value.items()):
+            if item is None:
+                continue
+            new = _bind_value(root, holder, name, item, inner, loaded)
+            if new is not item:
+                dict.__setitem__(value, key, new)
+    return value
+
+
+def _own(root: Any, holder: Any, name: str, proxy: FileProxy, loaded: bool) -> FileProxy:
+    owner = proxy._owner
+    if owner is not None and owner is not root:
+        proxy = proxy._copy()
+    proxy._owner = root
+    proxy._orphaned = False
+    proxy._instance = holder
+    proxy._key = name
+    if loaded:
+        # Read from the database: the document references it, nothing to verify.
+        proxy._unverified = False
+        proxy._assigned = False
+    return proxy
+
+
+def _root_mark(obj: Any) -> Any:
+    return getattr(obj, "__dict__", {}).get("_aa_root")
+
+
+def _mark_root(obj: Any, root: Any) -> None:
+    # Straight into __dict__: never a field, never saved.
+    namespace = getattr(obj, "__dict__", None)
+    if namespace is not None:
+        namespace["_aa_root"] = root
+
+
+def _reparent(holder: Any) -> None:
+    """Point every embedded document under ``holder`` back at its parent."""
+    for name in holder._fields:
+        for item in _embedded_in(holder._data.get(name)):
+            item._instance = weakref.proxy(holder)
+            _reparent(item)
+
+
+def _embedded_in(value: Any) -> Iterator[Any]:
+    if isinstance(value, mongoengine.EmbeddedDocument):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _embedded_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _embedded_in(item)
+
+
+def _copy_embedded(value: Any, owner: Any) -> Any:
+    """A copy of an embedded document that another document owns, for a new owner.
+
+    mongoengine re-parented the shared one when it was assigned; the original owner
+    gets it back, and the new owner gets the copy.
+    """
+    clone = copy.copy(value)
+    clone._data = {k: _shallow(v) for k, v in value._data.items()}
+    clone._changed_fields = []
+    getattr(clone, "__dict__", {}).pop("_aa_root", None)
+    _reparent(owner)  # puts _instance back on the original
+    return clone
+
+
+def _shallow(value: Any) -> Any:
+    # Containers are copied (mongoengine wraps them again on access); the proxies
+    # and embedded documents in them are copied when the clone is bound.
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+# -- saving ---------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def saving(doc: Any) -> AsyncIterator[None]:
+    """Hold ``doc``'s reference lock around its ``save()``, and record the outcome.
+
+    File switches of the same document object wait meanwhile, so they act on what
+    the save left. A save whose outcome is unknown leaves the document "maybe
+    stored": later switches ask the database before deleting anything.
+    """
+    state = _state(doc)
+    async with state.lock:
+        bind(doc)
+        try:
+            yield
+        except BaseException as exc:
+            if _unknown_outcome(exc):
+                state.maybe_stored = True
+            raise
+        state.maybe_stored = False
+
+
+def _unknown_outcome(exc: BaseException) -> bool:
+    """Whether a write that raised ``exc`` may have been applied."""
+    if isinstance(exc, (ConnectionFailure, WriteConcernError, asyncio.CancelledError)):
+        return True
+    if isinstance(exc, PyMongoError):
+        return exc.has_error_label("RetryableWriteError") or exc.timeout
+    cause = exc.__cause__
+    return cause is not None and _unknown_outcome(cause)
+
+
+# -- the switch -----------------------------------------------------------------------
+
+
+async def switch(
+    root: Any, proxy: FileProxy, old: Any, new_doc: dict[str, Any] | None
+) -> None:
+    """Move ``proxy``'s reference from file ``old`` to ``new_doc``'s file (``None``: remove).
+
+    ``new_doc`` is the files document of a file this call uploaded. Runs to its end
+    even if the caller is cancelled. On success ``proxy`` holds the new file and
+    ``old`` is deleted when nothing else may reference it.
+
+    :raises FileConflict: the stored document no longer holds ``old`` there (another
+        task changed it, or the document was deleted), or the proxy is no longer
+        part of its saved document; the new file was removed.
+    :raises pymongo.errors.PyMongoError: the update failed; when its outcome is
+        unknown, both files are kept and the proxy holds what the stored document
+        was read back to hold.
+    """
+    await settle(_switch(root, proxy, old, new_doc))
+
+
+async def _switch(root: Any, proxy: FileProxy, old: Any, new_doc: dict[str, Any] | None) -> None:
+    new = None if new_doc is None else new_doc["_id"]
+    state = _state(root)
+    async with state.lock:
+        if proxy.grid_id != old:
+            await _drop_new(proxy, new)
+            raise FileConflict(
+                f"This field changed to file {proxy.grid_id!r} while the upload of "
+                f"{new!r} ran; the upload was removed. Retry on the current state."
+            )
+        if not _is_stored(root) and not state.maybe_stored:
+            _apply_and_drop_old = _applier(proxy, old, new_doc)
+            await _apply_and_drop_old()
+            return
+        path = _locate(root, proxy)
+        if path is None:
+            await _drop_new(proxy, new)
+            raise FileConflict(
+                f"This file proxy is no longer part of its saved {type(root).__name__} "
+                f"{root.pk!r} (the document was reloaded, the field reassigned or the "
+                "element removed). Use the document's current field, e.g. "
+                "`doc.<field>`, and retry."
+            )
+        await _update(root, proxy, path, old, new_doc)
+
+
+def _applier(proxy: FileProxy, old: Any, new_doc: dict[str, Any] | None) -> Any:
+    """Point ``proxy`` at ``new_doc`` now; the returned coroutine function drops ``old``.
+
+    Whether ``old`` may be deleted is decided before the proxy changes (it depends
+    on whether the proxy's id was assigned by hand).
+    """
+    drop_old = old is not None and proxy._may_delete(old)
+    new = None if new_doc is None else new_doc["_id"]
+    proxy._set_file(new, new_doc)
+    proxy._assigned = False
+
+    async def finish() -> None:
+        if drop_old:
+            await proxy._delete_stored(old)
+
+    return finish
+
+
+async def _update(
+    root: Any, proxy: FileProxy, path: tuple[Segment, ...], old: Any, new_doc: dict[str, Any] | None
+) -> None:
+    new = None if new_doc is None else new_doc["_id"]
+    parts = [part for part, _ in path]
+    dotted = ".".join(parts)
+    query: dict[str, Any] = {"_id": _stored_id(root), dotted: old}
+    if old is None:
+        # A missing path matches None too: make sure the list elements exist.
+        for i, (_, is_index) in enumerate(path):
+            if is_index:
+                query[".".join(parts[: i + 1])] = {"$exists": True}
+    element = path[-1][1]
+    if new is not None:
+        update: dict[str, Any] = {"$set": {dotted: new}}
+    elif element:
+        update = {"$pull": {".".join(parts[:-1]): old}}
+    else:
+        update = {"$unset": {dotted: ""}}
+    collection = _acknowledged(type(root)._get_collection())
+    try:
+        result = await collection.update_one(query, update)
+    except BaseException as exc:
+        if not _unknown_outcome(exc):
+            await _drop_new(proxy, new)  # refused: nothing references the new file
+            raise
+        await _find_out(root, proxy, path, new_doc, exc)
+        raise
+    if result.matched_count == 1:
+        if new is None and element:
+            _remove_from_list(proxy)
+        await _applier(proxy, old, new_doc)()
+        return
+    await _not_matched(root, proxy, path, old, new_doc)
+
+
+async def _not_matched(
+    root: Any,
+    proxy: FileProxy,
+    path: tuple[Segment, ...],
+    old: Any,
+    new_doc: dict[str, Any] | None,
+) -> None:
+    """Tell apart a conflict, a deleted document, and a part not saved yet."""
+    new = None if new_doc is None else new_doc["_id"]
+    top = path[0][0]
+    stored = await type(root)._get_collection().find_one({"_id": _stored_id(root)}, {top: 1})
+    if stored is None and _state(root).maybe_stored:
+        # The save whose outcome was unknown did not store it after all; the old
+        # file is kept (a retry may have stored it; the sweep decides).
+        _state(root).maybe_stored = False
+        proxy._set_file(new, new_doc)
+        return
+    if stored is not None and not _reachable(stored, path):
+        # An element appended since the last save: the next save() writes it.
+        root._mark_as_changed(_field_name(root, top))
+        await _applier(proxy, old, new_doc)()
+        return
+    await _drop_new(proxy, new)
+    if stored is None:
+        raise FileConflict(
+            f"{type(root).__name__} {root.pk!r} is no longer stored (deleted by another "
+            "task or process); the new file was removed."
+        )
+    raise FileConflict(
+        f"The stored {type(root).__name__} {root.pk!r} no longer references file "
+        f"{old!r} at {'.'.join(p for p, _ in path)!r} (changed by another task, or "
+        "deleted). Reload the document and retry."
+    )
+
+
+async def _find_out(
+    root: Any,
+    proxy: FileProxy,
+    path: tuple[Segment, ...],
+    new_doc: dict[str, Any] | None,
+    exc: BaseException,
+) -> None:
+    """After an update of unknown outcome: learn what is stored, delete nothing."""
+    try:
+        stored = await type(root)._get_collection().find_one(
+            {"_id": _stored_id(root)}, {path[0][0]: 1}
+        )
+    except PyMongoError as read_error:
+        add_note(
+            exc,
+            f"asyncassets: the outcome of this file switch is unknown and reading it "
+            f"back failed too ({read_error}); both files are kept for the orphan sweep.",
+        )
+        return
+    if stored is not None and new_doc is not None and _value_at(stored, path) == new_doc["_id"]:
+        proxy._set_file(new_doc["_id"], new_doc)
+        proxy._assigned = False
+    elif stored is not None and new_doc is None and _value_at(stored, path) is None:
+        proxy._set_file(None, None)
+    add_note(
+        exc,
+        "asyncassets: the outcome of this file switch was unknown; no file was deleted. "
+        f"The stored document references {proxy.grid_id!r}; the other file is left "
+        "to the orphan sweep.",
+    )
+
+
+def _reachable(stored: dict[str, Any], path: tuple[Segment, ...]) -> bool:
+    """Whether the stored document has every list element and embedded document on
+    ``path`` (the last segment only when it is a list index)."""
+    value: Any = stored
+    for i, (part, is_index) in enumerate(path):
+        last = i == len(path) - 1
+        if is_index:
+            if not isinstance(value, list) or int(part) >= len(value):
+                return False
+        elif last:
+            return True
+        elif not isinstance(value, dict) or part not in value:
+            return False
+        value = value[int(part)] if is_index else value[part]
+    return True
+
+
+def _value_at(stored: dict[str, Any], path: tuple[Segment, ...]) -> Any:
+    value: Any = stored
+    for part, is_index in path:
+        if is_index:
+            if not isinstance(value, list) or int(part) >= len(value):
+                return None
+            value = value[int(part)]
+        elif isinstance(value, dict):
+            value = value.get(part)
+        else:
+            return None
+    return value
+
+
+def _field_name(root: Any, db_field: str) -> str:
+    for name, field in root._fields.items():
+        if field.db_field == db_field:
+            return str(name)
+    return db_field
+
+
+def _stored_id(root: Any) -> Any:
+    return root._fields[root._meta["id_field"]].to_mongo(root.pk)
+
+
+def _acknowledged(collection: Any) -> Any:
+    """``collection``, with ``w=1`` if it is configured unacknowledged (``w=0``)."""
+    concern = getattr(collection, "write_concern", None)
+    if concern is not None and not concern.acknowledged:
+        return collection.with_options(write_concern=WriteConcern(w=1))
+    return collection
+
+
+async def _drop_new(proxy: FileProxy, new: Any) -> None:
+    """Delete the file this call uploaded, unless it got shared meanwhile."""
+    if new is not None and not proxy._shared_elsewhere(new):
+        await proxy._delete_stored(new)
+
+
+def _remove_from_list(proxy: FileProxy) -> None:
+    owner, key = proxy._instance, proxy._key
+    values = owner._data.get(key) if owner is not None and key else None
+    if isinstance(values, list):
+        for i, item in enumerate(values):
+            if item is proxy:
+                # Straight on the underlying list: the database already has this.
+                list.__delitem__(values, i)
+                break
+
+
+# -- lists of files -----------------------------------------------------------------
+
+
+async def add_to_list(
+    doc: Any,
+    field_name: str,
+    data: Any,
+    *,
+    content_type: str | None,
+    filename: str | None,
+    **metadata: Any,
+) -> FileProxy:
+    """Upload ``data`` as a new element of the list of files ``doc.<field_name>``.
+
+    :raises ValueError: ``field_name`` is not a ``ListField(FileField())``.
+    :raises FileConflict: the document is no longer stored; the upload was removed.
+    """
+    field = doc._fields.get(field_name)
+    inner = getattr(field, "field", None)
+    if not isinstance(field, mongoengine.ListField) or not isinstance(inner, FileField):
+        raise ValueError(
+            f"add_file() takes the name of a ListField(FileField()) of "
+            f"{type(doc).__name__}, and {field_name!r} is not one."
+        )
+    proxy = inner.proxy_for(doc, field_name)
+    files_doc = await proxy._upload_new(data, content_type, filename, metadata)
+    await settle(_push(doc, field, proxy, files_doc))
+    return proxy
+
+
+async def _push(doc: Any, field: Any, proxy: FileProxy, files_doc: dict[str, Any]) -> None:
+    new_id = files_doc["_id"]
+    async with _state(doc).lock:
+        values = getattr(doc, field.name)
+        proxy._set_file(new_id, files_doc)
+        if not _is_stored(doc) and not _state(doc).maybe_stored:
+            values.append(proxy)
+            return
+        collection = _acknowledged(type(doc)._get_collection())
+        try:
+            result = await collection.update_one(
+                {"_id": _stored_id(doc)}, {"$push": {field.db_field: new_id}}
+            )
+        except BaseException as exc:
+            if not _unknown_outcome(exc):
+                proxy._set_file(None, None)
+                await proxy._delete_stored(new_id)  # refused: nothing references it
+            raise  # outcome unknown: the file stays, for the sweep if unreferenced
+        if result.matched_count == 0:
+            proxy._set_file(None, None)
+            await proxy._delete_stored(new_id)
+            raise FileConflict(
+                f"{type(doc).__name__} {doc.pk!r} is no longer stored; the file was not added."
+            )
+        list.append(values, proxy)  # the database already has it
+
+
+# -- checks, loading, cascade -------------------------------------------------------
+
+
+async def check_assigned_ids(doc: Any) -> None:
+    """Refuse to save ids assigned by hand that name no file: one query per bucket.
+
+    :raises FileValidationError: an assigned id is not in its bucket.
+    """
+    if not holds_files(type(doc)):
+        return
+    groups: dict[tuple[str, str], list[tuple[FileProxy, str]]] = defaultdict(list)
+    for proxy, path, _owner, _name in iter_proxies(doc):
+        if proxy._unverified and proxy.grid_id is not None:
+            key = (proxy.db_alias, proxy.collection_name)
+            groups[key].append((proxy, ".".join(part for part, _ in path)))
+    for (alias, bucket_name), entries in groups.items():
+        found = await entries[0][0]._bucket().find_many([p.grid_id for p, _ in entries])
+        for proxy, where in entries:
+            if proxy.grid_id not in found:
+                raise FileValidationError(
+                    f"{where} is set to {proxy.grid_id!r}, which names no file in bucket "
+                    f"{bucket_name!r} (alias {alias!r}). Assign an uploaded file's id, or "
+                    "upload with `await doc.<field>.put(...)`.",
+                    field_name=where,
+                )
+            proxy._files_doc = found[proxy.grid_id]
+            proxy._unverified = False
+
+
+async def load_files(docs: Sequence[Any], field_names: Sequence[str]) -> None:
+    """Load the files documents of ``field_names`` for all ``docs``: one query per bucket."""
+    groups: dict[tuple[str, str], list[FileProxy]] = defaultdict(list)
+    for doc in docs:
+        for name in field_names:
+            value = getattr(doc, name)
+            if isinstance(value, dict):
+                proxies = list(value.values())
+            elif isinstance(value, (list, tuple)):
+                proxies = list(value)
+            else:
+                proxies = [value]
+            for proxy in proxies:
+                if isinstance(proxy, FileProxy) and proxy.grid_id is not None:
+                    groups[(proxy.db_alias, proxy.collection_name)].append(proxy)
+    for proxies in groups.values():
+        found = await proxies[0]._bucket().find_many([p.grid_id for p in proxies])
+        for proxy in proxies:
+            proxy._files_doc = found.get(proxy.grid_id, MISSING)
+
+
+def cascade_paths(doc_cls: type) -> tuple[str, ...]:
+    """Top-level db fields whose files a delete of ``doc_cls`` documents removes."""
+    return cascade_fields(doc_cls)
+
+
+def _subclass(doc_cls: type, name: str) -> type:
+    try:
+        found = get_document(name)
+    except mongoengine.errors.NotRegistered:
+        return doc_cls
+    return found if isinstance(found, type) else doc_cls
+
+
+async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None:
+    """Delete the cascading files held by these raw (deleted) documents."""
+    groups: dict[tuple[str, str, type], set[Any]] = defaultdict(set)
+    proxies: dict[tuple[str, str, type], FileProxy] = {}
+    for son in sons:
+        cls = _subclass(doc_cls, son["_cls"]) if "_cls" in son else doc_cls
+        doc = cls._from_son(son, created=False)  # type: ignore[attr-defined]
+        for proxy, _path, _owner, _name in iter_proxies(doc):
+            field = proxy._field
+            if proxy.grid_id is None or (field is not None and not field.cascade):
+                continue
+            # Keyed by proxy class too: an ImageProxy also deletes thumbnails.
+            key = (proxy.db_alias, proxy.collection_name, type(proxy))
+            groups[key].add(proxy.grid_id)
+            proxies[key] = proxy
+    for key, ids in groups.items():
+        for file_id in ids:
+            await proxies[key]._delete_stored(file_id)
