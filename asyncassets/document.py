@@ -74,7 +74,7 @@ class EmbeddedDocument(mongoengine.EmbeddedDocument):
             _disable_auto_dereference(field)
 
 
-class DynamicEmbeddedDocument(EmbeddedDocument, mongoengine.DynamicEmbeddedDocument):  # type: ignore[misc]
+class DynamicEmbeddedDocument(EmbeddedDocument, mongoengine.DynamicEmbeddedDocument):
     """An :class:`EmbeddedDocument` that also stores undeclared attributes."""
 
     meta: ClassVar[dict[str, Any]] = {"abstract": True}
@@ -101,6 +101,11 @@ class Document(mongoengine.Document):
 
     #: The async :class:`~asyncassets.queryset.QuerySet` of this class.
     objects: ClassVar[QuerySetManager] = QuerySetManager()
+
+    # mongoengine's instance state, declared for the type checker (mongoengine has
+    # no type information).
+    _created: bool
+    _changed_fields: list[str]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -461,7 +466,7 @@ async def _fetch_ref(field: Any, ref: DBRef) -> Any:
     return found
 
 
-class DynamicDocument(Document, mongoengine.DynamicDocument):  # type: ignore[misc]
+class DynamicDocument(Document, mongoengine.DynamicDocument):
     """A :class:`Document` that also stores attributes not declared as fields."""
 
     meta: ClassVar[dict[str, Any]] = {"abstract": True}

@@ -109,7 +109,16 @@ class ChecksumMissing(GridFSError):
 
 
 class FileValidationError(ValidationError, AsyncAssetsError):
-    """A file was refused by a field's validation options (size, type, name, image)."""
+    """A file was refused by a field's validation options (size, type, name, image).
+
+    A mongoengine ``ValidationError``: ``field_name`` names the field (or the path of
+    a list element) that refused it.
+    """
+
+    def __init__(self, message: str = "", **kwargs: Any) -> None:
+        # mongoengine's ValidationError takes errors=, field_name=; typed here since
+        # mongoengine ships no type information.
+        ValidationError.__init__(self, message, **kwargs)
 
 
 class FileConflict(GridFSError):

@@ -249,7 +249,7 @@ class ImageField(FileField):
         self.max_pixels = max_pixels
         super().__init__(collection_name=collection_name, **kwargs)
 
-    @overload  # type: ignore[override]
+    @overload
     def __get__(self, instance: None, owner: Any) -> ImageField: ...
 
     @overload

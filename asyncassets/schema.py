@@ -9,7 +9,6 @@ class it allows, or every registered one), at any depth.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +36,7 @@ __all__ = [
 ]
 
 
-def document_classes() -> list[type]:
+def document_classes() -> list[Any]:
     """Every non-abstract asyncassets Document class alive in this process.
 
     mongoengine's registry keeps one class per name, so a class shadowed by another
@@ -46,8 +45,8 @@ def document_classes() -> list[type]:
     file proxies call to switch references (this module sits below
     :mod:`asyncassets.document` and does not import it).
     """
-    found: dict[int, type] = {}
-    stack: list[type] = [mongoengine.Document]
+    found: dict[int, Any] = {}
+    stack: list[Any] = [mongoengine.Document]
     while stack:
         cls = stack.pop()
         for sub in cls.__subclasses__():
@@ -66,11 +65,12 @@ def document_classes() -> list[type]:
     ]
 
 
-def embedded_classes(doc_type: Any) -> list[type]:
+def embedded_classes(doc_type: Any) -> list[Any]:
+    """``doc_type`` (a document class) and every class derived from it."""
     if not isinstance(doc_type, type) or not issubclass(doc_type, BaseDocument):
         return []
-    classes = {id(doc_type): doc_type}
-    stack = [doc_type]
+    classes: dict[int, Any] = {id(doc_type): doc_type}
+    stack: list[Any] = [doc_type]
     while stack:
         for sub in stack.pop().__subclasses__():
             if id(sub) not in classes:
@@ -79,7 +79,8 @@ def embedded_classes(doc_type: Any) -> list[type]:
     return list(classes.values())
 
 
-def all_embedded() -> list[type]:
+def all_embedded() -> list[Any]:
+    """Every registered embedded class (what a bare GenericEmbeddedDocumentField holds)."""
     from mongoengine import EmbeddedDocument
 
     return [
@@ -134,12 +135,12 @@ def file_paths(top: Any) -> Iterator[tuple[tuple[str, ...], bool, FileField]]:
     yield from _paths(top, (top.db_field,), True, False, frozenset())
 
 
-def class_and_subclasses(doc_cls: type) -> list[type]:
+def class_and_subclasses(doc_cls: Any) -> list[Any]:
     """``doc_cls`` and every class derived from it (``allow_inheritance``)."""
     return embedded_classes(doc_cls) or [doc_cls]
 
 
-def holds_files(doc_cls: type) -> bool:
+def holds_files(doc_cls: Any) -> bool:
     """Whether instances of ``doc_cls`` (or a subclass) can hold a file anywhere."""
     return any(
         True for cls in class_and_subclasses(doc_cls) for top in cls._fields.values()
@@ -147,7 +148,7 @@ def holds_files(doc_cls: type) -> bool:
     )
 
 
-def cascade_fields(doc_cls: type) -> tuple[str, ...]:
+def cascade_fields(doc_cls: Any) -> tuple[str, ...]:
     """Top-level db field names (of the class and its subclasses) holding cascading files.
 
     Not cached: a subclass declared later (``allow_inheritance``) must count too.
@@ -160,16 +161,11 @@ def cascade_fields(doc_cls: type) -> tuple[str, ...]:
     return tuple(names)
 
 
-@functools.cache
-def _top_level_file_fields(doc_cls: type) -> tuple[str, ...]:
+def file_field_names(doc_cls: Any) -> list[str]:
+    """Top-level fields that are a ``FileField`` or a list/dict of them."""
     names = []
     for name, field in doc_cls._fields.items():
         inner = getattr(field, "field", None)
         if isinstance(field, FileField) or isinstance(inner, FileField):
             names.append(name)
-    return tuple(names)
-
-
-def file_field_names(doc_cls: type) -> list[str]:
-    """Top-level fields that are a ``FileField`` or a list/dict of them."""
-    return list(_top_level_file_fields(doc_cls))
+    return names

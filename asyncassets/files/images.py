@@ -37,6 +37,9 @@ from ..storage.sources import read_source
 from .proxy import FileProxy
 from .rules import guarded_upload, make_guard
 
+Image: Any
+ImageOps: Any
+UnidentifiedImageError: Any
 try:
     from PIL import Image, ImageOps, UnidentifiedImageError
 except ImportError:  # the `images` extra is not installed
@@ -134,6 +137,7 @@ class ImageProxy(FileProxy):
         finally:
             spool.close()
         thumb_doc = None
+        thumb_meta: dict[str, Any] = {}
         if image.thumbnail is not None:
             thumb_meta = {
                 "content_type": image.content_type,

@@ -27,15 +27,13 @@ from ..errors import (
     UploadClosed,
 )
 from ..storage.catalogue import (
-    compression_of,
     content_type_of,
     original_length,
     original_sha256,
     user_metadata,
 )
 from ..storage.gridfs import GridBucket
-from ..storage.read import iter_original
-from ..storage.read import read_original as _read_original
+from ..storage.read import iter_original, read_original
 from ..storage.read import verify_file as _verify_file
 from .rules import guarded_close, guarded_upload, guarded_write, make_guard
 
@@ -380,20 +378,10 @@ class FileProxy:
         doc = await self._fetch()
         if doc is None:
             return None
-        if verify or compression_of(doc):
-            length = original_length(doc)
-            start = 0 if size is None or size < 0 else min(self._position, length)
-            end = length if size is None or size < 0 else min(start + size, length)
-            data = await _read_original(self._bucket(), doc, start, end, verify=verify)
-            self._position = end
-            return data
-        if size is None or size < 0:
-            data = await self._bucket().read(doc)
-            self._position = len(data)
-            return data
-        start = min(self._position, int(doc["length"]))
-        end = min(start + size, int(doc["length"]))
-        data = await self._bucket().read(doc, start=start, end=end)
+        length = original_length(doc)
+        start = 0 if size is None or size < 0 else min(self._position, length)
+        end = length if size is None or size < 0 else min(start + size, length)
+        data = await read_original(self._bucket(), doc, start, end, verify=verify)
         self._position = end
         return data
 
@@ -414,10 +402,7 @@ class FileProxy:
         doc = await self._fetch()
         if doc is None:
             return
-        if verify or compression_of(doc):
-            download = iter_original(self._bucket(), doc, start, end, verify=verify)
-        else:
-            download = self._bucket().open_download(doc, start=start, end=end)
+        download = iter_original(self._bucket(), doc, start, end, verify=verify)
         try:
             async for piece in download:
                 yield piece
@@ -461,10 +446,7 @@ class FileProxy:
         end = min(length, (start // chunk_size + 1) * chunk_size)
         if start >= end:
             return b""
-        if compression_of(doc):
-            data = await _read_original(self._bucket(), doc, start, end)
-        else:
-            data = await self._bucket().read(doc, start=start, end=end)
+        data = await read_original(self._bucket(), doc, start, end)
         self._position = end
         return data
 
