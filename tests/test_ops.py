@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import gzip
+import hashlib
 import io
 import os
 import tracemalloc
@@ -14,7 +16,7 @@ from mongoengine.base.common import _document_registry
 
 import asyncassets
 from asyncassets import Document, EmbeddedDocument
-from asyncassets.errors import ConnectionNotRegistered
+from asyncassets.errors import ChecksumMissing, ConnectionNotRegistered, IntegrityError
 from asyncassets.fields import (
     DictField,
     EmbeddedDocumentField,
@@ -31,6 +33,7 @@ from asyncassets.ops import (
     sweep_orphans,
 )
 from asyncassets.storage.gridfs import GridBucket
+from asyncassets.storage.read import verify_file
 
 
 class OpsAlbum(Document):
@@ -385,6 +388,174 @@ async def test_check_verify_finds_checksum_mismatches_and_unverifiable_files(asy
     assert report.verified == 2 and report.unverifiable == 1
     assert "1 mismatched, 1 unverifiable" in str(report)
     assert not report.ok
+
+
+
+# -- check(verify=True) decides as verify_file does -----------------------------------
+
+
+class OpsPacked(Document):
+    blob = FileField(chunk_size=64, compress="gzip", collection_name="ops_packed")
+    meta = {"collection": "ops_packed_docs"}
+
+
+#: 6000 bytes that gzip compresses to many 64-byte chunks.
+CENSUS = b"".join(b"line %05d of a marmot census\n" % i for i in range(200))
+
+
+async def _insert_legacy(db, data: bytes, **extra) -> ObjectId:
+    """A file as mongoengine or an old driver wrote it: no metadata.sha256, written
+    straight into fs.files / fs.chunks."""
+    file_id = ObjectId()
+    await db["fs.chunks"].insert_one({"files_id": file_id, "n": 0, "data": data})
+    await db["fs.files"].insert_one({
+        "_id": file_id, "length": len(data), "chunkSize": 255 * 1024,
+        "uploadDate": DAYS_AGO, "filename": "old.bin", **extra,
+    })
+    return file_id
+
+
+async def _packed(data: bytes = CENSUS) -> OpsPacked:
+    doc = OpsPacked()
+    await doc.blob.put(data, filename="census.txt", content_type="text/plain")
+    await doc.save()
+    return doc
+
+
+async def _flip_byte(db, bucket: str, file_id, n: int) -> None:
+    """Change one byte of chunk ``n`` behind the library's back (same size)."""
+    chunk = await db[f"{bucket}.chunks"].find_one({"files_id": file_id, "n": n})
+    data = bytearray(chunk["data"])
+    data[0] ^= 0xFF
+    await db[f"{bucket}.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": bytes(data)}})
+
+
+async def _restore_as(db, bucket: str, file_id, stored: bytes, chunk_size: int = 64) -> None:
+    """Replace a file's stored bytes, with a consistent ``length`` and stored sha256."""
+    await db[f"{bucket}.chunks"].delete_many({"files_id": file_id})
+    await db[f"{bucket}.chunks"].insert_many([
+        {"files_id": file_id, "n": n, "data": stored[start:start + chunk_size]}
+        for n, start in enumerate(range(0, len(stored), chunk_size))
+    ])
+    await db[f"{bucket}.files"].update_one({"_id": file_id}, {"$set": {
+        "length": len(stored), "metadata.sha256": hashlib.sha256(stored).hexdigest(),
+    }})
+
+
+async def test_check_verify_reports_a_legacy_md5_file_whose_bytes_changed_as_a_mismatch(
+    asyncassets_db,
+):
+    db = asyncassets_db
+    data = b"mongoengine wrote me"
+    intact = await _insert_legacy(db, data, md5=hashlib.md5(data).hexdigest())
+    changed = await _insert_legacy(db, data, md5=hashlib.md5(b"other bytes").hexdigest())
+    albums = [await OpsAlbum(cover=file_id).save() for file_id in (intact, changed)]
+
+    report = await check(verify=True, buckets=["fs"])
+
+    assert [f.file_id for f in report.mismatched_files] == [changed]
+    assert report.checksum_mismatches == 1 and not report.ok
+    assert report.verified == 2 and report.unverifiable == 0
+    # The proxy says the same.
+    assert await albums[0].cover.verify() is True
+    with pytest.raises(IntegrityError, match="md5"):
+        await albums[1].cover.verify()
+
+
+async def test_check_verify_reports_a_compressed_file_whose_chunks_changed_as_a_mismatch(
+    asyncassets_db,
+):
+    db = asyncassets_db
+    intact, changed = await _packed(), await _packed()
+    await _flip_byte(db, "ops_packed", changed.blob.file_id, n=2)
+
+    report = await check(verify=True, buckets=["ops_packed"])
+
+    assert [f.file_id for f in report.mismatched_files] == [changed.blob.file_id]
+    assert report.verified == 2 and report.corrupt_files == 0
+    assert await intact.blob.verify() is True
+    with pytest.raises(IntegrityError):
+        await changed.blob.verify()
+
+
+async def test_check_verify_inflates_a_compressed_file_and_checks_the_original(
+    asyncassets_db,
+):
+    db = asyncassets_db
+    doc = await _packed()
+    # Other gzip data under a matching stored sha256: only inflating tells.
+    await _restore_as(db, "ops_packed", doc.blob.file_id, gzip.compress(b"not a census" * 50))
+
+    report = await check(verify=True, buckets=["ops_packed"])
+
+    assert [f.file_id for f in report.mismatched_files] == [doc.blob.file_id]
+    assert report.corrupt_files == 0
+    with pytest.raises(IntegrityError):
+        await doc.blob.verify()
+
+
+async def test_check_verify_agrees_with_verify_file_on_every_kind_of_file(asyncassets_db):
+    db = asyncassets_db
+    data = b"x" * 700
+    md5, sha = hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest()
+    stored = {
+        "fs": [
+            await _upload(db, data, chunk_size=256),                # sha256, intact
+            await _upload(db, data, chunk_size=256),                # sha256, changed
+            await _insert_legacy(db, data, md5=md5),                # md5 only, intact
+            await _insert_legacy(db, data, md5="0" * 32),           # md5 only, wrong
+            await _insert_legacy(db, data),                         # no checksum at all
+            await _insert_legacy(db, data, md5=md5, metadata={"sha256": "0" * 64}),
+            await _insert_legacy(db, data, md5="0" * 32, metadata={"sha256": sha}),
+        ],
+        "ops_packed": [(await _packed(body)).blob.file_id for body in (
+            CENSUS, CENSUS, CENSUS, CENSUS, CENSUS, b"", b"short", b"",
+        )],
+    }
+    await _flip_byte(db, "fs", stored["fs"][1], n=1)
+    packed = stored["ops_packed"]
+    await _flip_byte(db, "ops_packed", packed[1], n=3)
+    await _restore_as(db, "ops_packed", packed[2], gzip.compress(b"other"))
+    # Only the original's sha256 left: checked by inflating, intact and changed.
+    for file_id in packed[3:5]:
+        await db["ops_packed.files"].update_one(
+            {"_id": file_id}, {"$unset": {"metadata.sha256": ""}})
+    await _flip_byte(db, "ops_packed", packed[4], n=1)
+    # Nothing recorded at all on a compressed file (its md5 does not count).
+    await db["ops_packed.files"].update_one({"_id": packed[6]}, {
+        "$unset": {"metadata.sha256": "", "metadata.compression.sha256": ""},
+        "$set": {"md5": "0" * 32},
+    })
+    # An empty original, but not even the gzip member that stores it.
+    await db["ops_packed.chunks"].delete_many({"files_id": packed[7]})
+    await db["ops_packed.files"].update_one(
+        {"_id": packed[7]}, {"$set": {"length": 0}, "$unset": {"metadata.sha256": ""}})
+
+    expected = {"verified": 0, "unverifiable": 0, "mismatched": set()}
+    for name, ids in stored.items():
+        bucket = GridBucket(db, name)
+        for file_id in ids:
+            try:
+                await verify_file(bucket, await bucket.find(file_id))
+            except ChecksumMissing:
+                expected["unverifiable"] += 1
+            except IntegrityError:
+                expected["verified"] += 1
+                expected["mismatched"].add(file_id)
+            else:
+                expected["verified"] += 1
+    assert expected == {
+        "verified": 13, "unverifiable": 2,
+        "mismatched": {stored["fs"][i] for i in (1, 3, 5)} | {packed[i] for i in (1, 2, 4, 7)},
+    }
+
+    report = await check(verify=True, buckets=["fs", "ops_packed"])
+
+    assert report.corrupt_files == 0, str(report)
+    assert {f.file_id for f in report.mismatched_files} == expected["mismatched"]
+    assert report.checksum_mismatches == len(expected["mismatched"])
+    assert report.verified == expected["verified"]
+    assert report.unverifiable == expected["unverifiable"]
 
 
 async def test_check_covers_undeclared_buckets_without_calling_their_files_orphans(

@@ -1,0 +1,513 @@
+"""The consistency check: report what is wrong, change nothing.
+
+With ``verify=True`` a file passes or fails as
+:func:`~asyncassets.storage.read.verify_file` (behind ``FileProxy.verify()``)
+decides, but all the files of a batch are read in one streamed pass over their
+chunks instead of one query per file. What to check against comes only from the
+catalogue (:func:`~asyncassets.storage.catalogue.expected_digest`,
+:func:`~asyncassets.storage.catalogue.compression_of`,
+:func:`~asyncassets.storage.catalogue.original_sha256`), and compressed bytes are
+inflated only by :func:`asyncassets.storage.codec.inflate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from .. import _driver
+from ..connection import get_db
+from ..storage.catalogue import (
+    compression_of,
+    expected_digest,
+    original_length,
+    original_sha256,
+)
+from ..storage.codec import GzipError, inflate
+from ..storage.gridfs import GridBucket
+from ..storage.gridfs.spec import is_int
+from .lookup import (
+    _CURSOR_BATCH,
+    _SIZE_OF_DATA,
+    _THUMBNAIL_OF,
+    DEFAULT_BATCH_SIZE,
+    _batches,
+    _close,
+    _existing,
+    _hashable,
+    _orphaned_chunk_groups,
+    _positive,
+    _referenced_files,
+    _values,
+)
+from .reports import (
+    DEFAULT_MAX_IDS,
+    BucketFile,
+    CheckReport,
+    ChunkProblem,
+    DanglingReference,
+    OrphanedChunks,
+    _keep,
+)
+from .scope import (
+    _aliases_in_scope,
+    _buckets_in,
+    _plan,
+    _prune,
+    _same_db,
+    _Source,
+    _Target,
+    _Work,
+)
+
+__all__ = ["check"]
+
+#: How many bytes of chunk data one ``check(verify=True)`` cursor batch may hold.
+_VERIFY_BUFFER = 8 * 1024 * 1024
+
+
+async def check(
+    verify: bool = False,
+    buckets: Iterable[str] | str | None = None,
+    alias: str | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_ids: int | None = DEFAULT_MAX_IDS,
+) -> CheckReport:
+    """Report inconsistencies between documents, files and chunks; change nothing.
+
+    It finds:
+
+    * dangling references: stored documents pointing at a missing file (document
+      class, id, field path such as ``photos.2`` or ``items.0.scan``, file id);
+    * orphaned files: files no document of a registered class references, whatever
+      their age (:func:`~asyncassets.ops.sweep_orphans` deletes those older than its grace period);
+    * orphaned chunks: chunks whose files document is missing;
+    * files with missing, short, oversized or extra chunks;
+    * with ``verify=True``, checksum mismatches, decided as
+      :func:`~asyncassets.storage.read.verify_file` (and so ``FileProxy.verify()``)
+      decides: the stored bytes must match ``metadata.sha256``, or, for a legacy
+      file without it, the GridFS ``md5`` older drivers wrote; a compressed file
+      must also inflate to the original's recorded length and SHA-256. Files with
+      no checksum recorded at all are counted as ``unverifiable``, not as
+      mismatches. This reads every byte, streamed.
+
+    With ``buckets=None`` it checks the buckets registered classes declare, plus
+    every other bucket found in the connected databases ("unclaimed": their chunks
+    and checksums are checked, but not whether anything references their files).
+
+    :param verify: also verify every file's bytes (reads all file data).
+    :param buckets: bucket names to check; a bucket named here is treated as
+        declared: its unreferenced files are reported as orphans.
+    :param alias: check only the buckets of this connection alias.
+    :param batch_size: ids per lookup (the length of ``$in`` lists).
+    :param max_ids: cap on the entries each report list keeps (``None``: no cap).
+    :raises ConnectionNotRegistered: ``alias`` is not connected, or a class keeping
+        references to a checked bucket uses an alias that is not connected.
+    :raises TypeError, ValueError: a bad ``buckets``, ``batch_size`` or ``max_ids``.
+    :raises pymongo.errors.PyMongoError: if the server fails.
+    """
+    _positive("batch_size", batch_size)
+    _positive("max_ids", max_ids, optional=True)
+    started = time.monotonic()
+    targets, names = _plan(buckets, alias)
+    report = CheckReport(verify=verify)
+    targets = await _prune(targets)
+    work: list[tuple[_Target, _Work, bool]] = [
+        (target, w, True) for target, w in sorted(targets.items())
+    ]
+    if names is None:
+        seen: list[str] = []
+        for db_alias in _aliases_in_scope(alias):
+            if any(_same_db(db_alias, other) for other in seen):
+                continue  # the same database as an alias already listed
+            seen.append(db_alias)
+            for name in await _buckets_in(db_alias):
+                if not any(t[1] == name and _same_db(t[0], db_alias) for t in targets):
+                    work.append(((db_alias, name), _Work([], []), False))
+                    report.unclaimed_buckets.append(f"{db_alias}:{name}")
+    for (bucket_alias, name), w, claimed in work:
+        report.buckets.append(f"{bucket_alias}:{name}")
+        bucket = GridBucket(get_db(bucket_alias), name)
+        await _check_files(bucket, bucket_alias, w.judge, claimed, verify, batch_size, max_ids,
+                           report)
+        async for groups in _orphaned_chunk_groups(bucket, batch_size):
+            for group in groups:
+                chunks, size = int(group["chunks"]), max(int(group.get("bytes") or 0), 0)
+                report.orphaned_chunks += chunks
+                item = OrphanedChunks(bucket_alias, name, group["_id"], chunks, size)
+                if _keep(report.orphaned_chunk_groups, item, max_ids):
+                    report.truncated = True
+        if claimed:
+            await _check_references(bucket, bucket_alias, w.own, batch_size, max_ids, report)
+    report.duration = time.monotonic() - started
+    return report
+
+
+
+async def _check_files(
+    bucket: GridBucket,
+    alias: str,
+    sources: list[_Source],
+    claimed: bool,
+    verify: bool,
+    batch_size: int,
+    max_ids: int | None,
+    report: CheckReport,
+) -> None:
+    projection = {"_id": 1, "length": 1, "chunkSize": 1, _THUMBNAIL_OF: 1}
+    if verify:
+        # What the catalogue needs to say what a file is checked against.
+        projection.update({"md5": 1, "metadata.sha256": 1, "metadata.compression": 1})
+    cursor = bucket.files.find({}, projection, batch_size=max(batch_size, _CURSOR_BATCH))
+    async for batch in _batches(cursor, batch_size):
+        report.files += len(batch)
+        if claimed:
+            referenced, _ = await _referenced_files(bucket, sources, batch)
+            for doc in batch:
+                if not (_hashable(doc["_id"]) and doc["_id"] in referenced):
+                    report.orphaned_files += 1
+                    item = BucketFile(alias, bucket.name, doc["_id"])
+                    if _keep(report.orphaned_file_ids, item, max_ids):
+                        report.truncated = True
+        await _check_chunks(bucket, alias, batch, verify, max_ids, report)
+
+
+class _Digests:
+    """One file's bytes hashed as they stream past, and the verdict on them.
+
+    It checks what :func:`~asyncassets.storage.read.verify_file` checks, asking the
+    same catalogue: the stored bytes against
+    :func:`~asyncassets.storage.catalogue.expected_digest` (``metadata.sha256``,
+    else a legacy ``md5``); for a compressed file with an original SHA-256, the
+    bytes :func:`~asyncassets.storage.codec.inflate` makes of them against the
+    original's length and SHA-256.
+    """
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.stored = expected_digest(doc)
+        self.stored_hash = hashlib.new(self.stored[0]) if self.stored else None
+        info = compression_of(doc)
+        self.original = original_sha256(doc) if info and info.get("sha256") else None
+        self.original_hash = hashlib.sha256() if self.original else None
+        self.original_length: int | None = None
+        if self.original_hash is not None:
+            try:
+                self.original_length = original_length(doc)
+            except (KeyError, TypeError, ValueError):
+                pass  # no usable length recorded: nothing inflates to it
+        self.inflated = 0
+        self.inflate_error: str | None = None
+        #: Whether :meth:`feed` ran (a compressed file without chunks never reaches it).
+        self.fed = False
+
+    @property
+    def inflates(self) -> bool:
+        """Whether the stored bytes must also be inflated and checked."""
+        return self.original_hash is not None
+
+    def update(self, piece: bytes) -> None:
+        """Hash the next stored piece (a file that is not inflated)."""
+        if self.stored_hash is not None:
+            self.stored_hash.update(piece)
+
+    async def feed(self, stored: AsyncIterator[bytes]) -> None:
+        """Hash every stored piece and, for a compressed file, what they inflate to."""
+        self.fed = True
+        pieces = self._hash_stored(stored)
+        if self.original_hash is not None:
+            try:
+                async for piece in inflate(pieces):
+                    self.original_hash.update(piece)
+                    self.inflated += len(piece)
+            except GzipError as exc:
+                self.inflate_error = str(exc)
+        async for _piece in pieces:  # what inflating left unread
+            pass
+
+    async def _hash_stored(self, stored: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for piece in stored:
+            self.update(piece)
+            yield piece
+
+    def verdict(self) -> bool | None:
+        """``True`` if the bytes match, ``False`` if not, ``None`` if there is
+        nothing recorded to check against (``verify_file`` raises
+        ``ChecksumMissing`` then)."""
+        if self.stored is None and self.original_hash is None:
+            return None
+        if self.stored_hash is not None and self.stored is not None:
+            if self.stored_hash.hexdigest() != self.stored[1]:
+                return False
+        if self.original_hash is not None:
+            return (
+                self.inflate_error is None
+                and self.inflated == self.original_length
+                and self.original_hash.hexdigest() == self.original
+            )
+        return True
+
+
+class _ChunkTally:
+    """Compares one file's chunks, fed in ``n`` order, with its files document."""
+
+    def __init__(self, doc: dict[str, Any], verify: bool) -> None:
+        length: Any = doc.get("length")
+        chunk_size: Any = doc.get("chunkSize")
+        self.invalid: str | None = None
+        self.length, self.chunk_size = 0, 1
+        if not is_int(length) or length < 0:
+            self.invalid = f"its files document has no valid length ({length!r})"
+        elif not is_int(chunk_size) or chunk_size <= 0:
+            self.invalid = f"its files document has no valid chunkSize ({chunk_size!r})"
+        else:
+            self.length, self.chunk_size = length, chunk_size
+        self.nchunks = -(-self.length // self.chunk_size)
+        self.next_n = 0
+        self.missing: list[int] = []
+        self.short = self.oversized = self.extra = 0
+        self.digests = _Digests(doc) if verify and self.invalid is None else None
+
+    @property
+    def intact(self) -> bool:
+        """Whether every chunk so far was where it belongs, with the right size."""
+        return self.invalid is None and not (
+            self.missing or self.short or self.oversized or self.extra
+        )
+
+    def add(self, n: Any, size: Any) -> bool:
+        """Count one chunk; return whether it is the next one, of the right size."""
+        if not is_int(n) or n < self.next_n or n >= self.nchunks:
+            self.extra += 1  # beyond the end, a duplicate, or no valid n at all
+            return False
+        if n > self.next_n:
+            self.missing.extend(range(self.next_n, n))
+        self.next_n = n + 1
+        last = self.length - (self.nchunks - 1) * self.chunk_size
+        expected = self.chunk_size if n < self.nchunks - 1 else last
+        if not is_int(size) or size < expected:
+            self.short += 1
+            return False
+        if size > expected:
+            self.oversized += 1
+            return False
+        return True
+
+    def take(self, chunk: dict[str, Any]) -> bytes | None:
+        """Count one chunk; return its data if it is to be hashed.
+
+        Once a chunk is missing or misshapen the bytes are known to be wrong (the
+        file is reported as corrupt instead), so nothing more is hashed.
+        """
+        in_place = self.add(chunk.get("n"), chunk.get("size"))
+        data = chunk.get("data")
+        if in_place and self.intact and self.digests is not None and isinstance(data, bytes):
+            return data
+        return None
+
+    async def data(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+        """:meth:`take` every chunk of ``chunks``, yielding the data to hash."""
+        async for chunk in chunks:
+            data = self.take(chunk)
+            if data is not None:
+                yield data
+
+    def finish(self) -> str | None:
+        """Describe what is wrong, or return ``None`` if the chunks are right."""
+        if self.next_n < self.nchunks:
+            self.missing.extend(range(self.next_n, self.nchunks))
+        if self.invalid is not None:
+            return self.invalid
+        parts = []
+        if self.missing:
+            shown = ", ".join(str(n) for n in self.missing[:5])
+            more = ", ..." if len(self.missing) > 5 else ""
+            parts.append(f"{len(self.missing)} missing chunk(s) (n={shown}{more})")
+        if self.short:
+            parts.append(f"{self.short} short chunk(s)")
+        if self.oversized:
+            parts.append(f"{self.oversized} oversized chunk(s)")
+        if self.extra:
+            parts.append(f"{self.extra} extra chunk(s)")
+        if parts:
+            return (
+                f"{', '.join(parts)}; expected {self.nchunks} of {self.chunk_size} bytes "
+                f"for {self.length} bytes"
+            )
+        return None
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield  # pragma: no cover - makes this an (empty) async generator
+
+
+class _SortedChunks:
+    """Chunks sorted by ``files_id`` then ``n``, taken one file at a time."""
+
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]]) -> None:
+        self._chunks = chunks
+        self._head: dict[str, Any] | None = None
+        self._ended = False
+
+    async def peek(self) -> dict[str, Any] | None:
+        """The next chunk, left in the stream; ``None`` at the end."""
+        if self._head is None and not self._ended:
+            try:
+                self._head = await anext(self._chunks)
+            except StopAsyncIteration:
+                self._ended = True
+        return self._head
+
+    def drop(self) -> None:
+        """Take the chunk :meth:`peek` returned out of the stream."""
+        self._head = None
+
+    async def next_file(self) -> AsyncIterator[dict[str, Any]]:
+        """Yield the next chunk and those after it with the same ``files_id``."""
+        first = await self.peek()
+        if first is None:
+            return
+        self._head = None
+        yield first
+        files_id = first.get("files_id")
+        while (chunk := await self.peek()) is not None and chunk.get("files_id") == files_id:
+            self._head = None
+            yield chunk
+
+
+async def _check_chunks(
+    bucket: GridBucket,
+    alias: str,
+    batch: list[dict[str, Any]],
+    verify: bool,
+    max_ids: int | None,
+    report: CheckReport,
+) -> None:
+    tallies: dict[Any, _ChunkTally] = {}
+    for doc in batch:
+        if _hashable(doc["_id"]):
+            tallies[doc["_id"]] = _ChunkTally(doc, verify)
+    projection: dict[str, Any] = {"_id": 0, "files_id": 1, "n": 1, "size": _SIZE_OF_DATA}
+    cursor_batch = _CURSOR_BATCH
+    if verify:
+        projection["data"] = 1
+        biggest = max((t.chunk_size for t in tallies.values()), default=1)
+        cursor_batch = max(1, _VERIFY_BUFFER // biggest)
+    chunks = _driver.aggregate(
+        bucket.chunks,
+        [
+            {"$match": {"files_id": {"$in": list(tallies)}}},
+            {"$sort": {"files_id": 1, "n": 1}},
+            {"$project": projection},
+        ],
+        allowDiskUse=True,
+        batchSize=cursor_batch,
+    )
+    stream = _SortedChunks(chunks)
+    try:
+        while (head := await stream.peek()) is not None:
+            files_id = head.get("files_id")
+            tally = tallies.get(files_id) if _hashable(files_id) else None
+            digests = tally.digests if tally is not None else None
+            if tally is not None and digests is not None and digests.inflates:
+                # The codec pulls this file's chunks from the stream as it inflates.
+                await digests.feed(tally.data(stream.next_file()))
+                continue
+            stream.drop()
+            if tally is not None:
+                data = tally.take(head)
+                if data is not None and digests is not None:
+                    digests.update(data)
+    finally:
+        closer = getattr(chunks, "aclose", None)
+        if closer is not None:
+            await closer()
+    for tally in tallies.values():
+        if tally.digests is not None and tally.digests.inflates and not tally.digests.fed:
+            await tally.digests.feed(_nothing())  # no chunks: inflate nothing, as a read would
+    for file_id, tally in tallies.items():
+        problem = tally.finish()
+        if problem is not None:
+            report.corrupt_files += 1
+            item = ChunkProblem(
+                alias, bucket.name, file_id, len(tally.missing), tally.short, tally.oversized,
+                tally.extra, problem,
+            )
+            if _keep(report.chunk_problems, item, max_ids):
+                report.truncated = True
+            continue
+        if tally.digests is None:
+            continue
+        verdict = tally.digests.verdict()
+        if verdict is None:
+            report.unverifiable += 1
+            continue
+        report.verified += 1
+        if not verdict:
+            report.checksum_mismatches += 1
+            if _keep(report.mismatched_files, BucketFile(alias, bucket.name, file_id), max_ids):
+                report.truncated = True
+
+
+async def _check_references(
+    bucket: GridBucket,
+    alias: str,
+    sources: list[_Source],
+    batch_size: int,
+    max_ids: int | None,
+    report: CheckReport,
+) -> None:
+    for source in sources:
+        collection = get_db(source.alias)[source.collection]
+        pending: list[tuple[str, Any, str, Any]] = []
+        cursor = collection.find(
+            {source.dotted: {"$exists": True}},
+            {source.dotted: 1, "_cls": 1},
+            batch_size=max(batch_size, _CURSOR_BATCH),
+        )
+        try:
+            async for doc in cursor:
+                cls = doc.get("_cls") if isinstance(doc.get("_cls"), str) else source.classes[0]
+                for path, file_id in _values(doc, source.segments):
+                    report.references += 1
+                    pending.append((cls, doc.get("_id"), path, file_id))
+                if len(pending) >= batch_size:
+                    await _flush_references(bucket, alias, collection, source, pending,
+                                            max_ids, report)
+                    pending = []
+        finally:
+            await _close(cursor)
+        if pending:
+            await _flush_references(bucket, alias, collection, source, pending, max_ids, report)
+
+
+async def _flush_references(
+    bucket: GridBucket,
+    alias: str,
+    collection: Any,
+    source: _Source,
+    pending: list[tuple[str, Any, str, Any]],
+    max_ids: int | None,
+    report: CheckReport,
+) -> None:
+    ids = list({file_id for _, _, _, file_id in pending if _hashable(file_id)})
+    existing = await _existing(bucket, ids)
+    for cls, doc_id, path, file_id in pending:
+        if _hashable(file_id) and file_id in existing:
+            continue
+        # Documents may have moved on since they were read (replace() drops the old
+        # file once the document points at the new one): confirm before reporting.
+        query = {"_id": doc_id, ".".join(p for p in path.split(".") if not p.isdigit()): file_id}
+        if source.queryable and await collection.find_one(query, {"_id": 1}) is None:
+            continue
+        if await bucket.find(file_id) is not None:
+            continue
+        report.dangling += 1
+        item = DanglingReference(cls, doc_id, path, alias, bucket.name, file_id)
+        if _keep(report.dangling_references, item, max_ids):
+            report.truncated = True
+
+

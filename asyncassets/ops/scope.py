@@ -1,0 +1,226 @@
+"""Which buckets and aliases a sweep or check works on, and where references live.
+
+References are found from the registered Document classes (the one schema walker,
+:mod:`asyncassets.schema`): for every bucket they declare, the collections and
+paths that hold ids of its files. Aliases that may share a database see one
+another's references, so a file referenced through either is never an orphan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..connection import DEFAULT_ALIAS, _connections, get_db, registered_aliases
+from ..errors import ConnectionNotRegistered
+from ..schema import document_classes, file_paths
+
+__all__ = ["declared_buckets"]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One place in one collection where documents store ids of one bucket's files."""
+
+    alias: str
+    collection: str
+    #: db field names; ``"*"`` stands for any key of a dict.
+    segments: tuple[str, ...]
+    #: Whether ``{dotted path: {"$in": ids}}`` finds every reference (no dict key,
+    #: no list directly inside a list).
+    queryable: bool
+    classes: tuple[str, ...]
+
+    @property
+    def dotted(self) -> str:
+        """The path up to the first dict wildcard, for queries and projections."""
+        head = []
+        for segment in self.segments:
+            if segment == "*":
+                break
+            head.append(segment)
+        return ".".join(head)
+
+
+_Target = tuple[str, str]  # (bucket alias, bucket name)
+
+
+def _reference_map() -> dict[_Target, list[_Source]]:
+    """For every bucket declared by a registered class, where its references live."""
+    merged: dict[_Target, dict[tuple[str, str, tuple[str, ...]], tuple[bool, set[str]]]] = {}
+    for declared in document_classes():
+        # mongoengine's metaclass adds _meta, _fields and _class_name: no type sees them.
+        cls: Any = declared
+        doc_alias = cls._meta.get("db_alias") or DEFAULT_ALIAS
+        collection = cls._get_collection_name()
+        for top in cls._fields.values():
+            for segments, queryable, file_field in file_paths(top):
+                target = (file_field.db_alias or doc_alias, file_field.collection_name)
+                key = (doc_alias, collection, segments)
+                entry = merged.setdefault(target, {}).setdefault(key, (queryable, set()))
+                entry[1].add(cls._class_name)
+    return {
+        target: [
+            _Source(alias, coll, segments, queryable, tuple(sorted(names)))
+            for (alias, coll, segments), (queryable, names) in sorted(
+                sources.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])
+            )
+        ]
+        for target, sources in merged.items()
+    }
+
+
+def declared_buckets() -> list[tuple[str, str]]:
+    """The ``(alias, bucket name)`` pairs that registered Document classes store files in.
+
+    These are the buckets :func:`sweep_orphans` and :func:`check` work on by default.
+    """
+    return sorted(_reference_map())
+
+
+def _bucket_names(buckets: Iterable[str] | str | None) -> list[str] | None:
+    if buckets is None:
+        return None
+    names = [buckets] if isinstance(buckets, str) else list(buckets)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"buckets= takes bucket names (non-empty str), not {name!r}")
+    return names
+
+
+def _aliases_in_scope(alias: str | None) -> list[str]:
+    connected = registered_aliases()
+    if alias is None:
+        return connected
+    if alias not in connected:
+        known = ", ".join(repr(a) for a in connected) or "none"
+        raise ConnectionNotRegistered(
+            f"No connection registered as {alias!r} (registered: {known}). "
+            f"Call asyncassets.connect(host=..., alias={alias!r}) first."
+        )
+    return [alias]
+
+
+def _maybe_same_db(a: str, b: str) -> bool:
+    """Whether two connected aliases may reach the same database.
+
+    Only the database name tells them apart: different hosts may still be one server
+    (``localhost`` and ``127.0.0.1``, two members of a replica set), so aliases with
+    the same database name are taken to share it (never delete on doubt).
+    """
+    return a == b or _connections[a].db_name.casefold() == _connections[b].db_name.casefold()
+
+
+def _same_db(a: str, b: str) -> bool:
+    """Whether two connected aliases certainly reach the same database (one client,
+    or the same host and client options, and the same database name)."""
+    if a == b:
+        return True
+    ca, cb = _connections[a], _connections[b]
+    if ca.db_name != cb.db_name:
+        return False
+    if ca.given is not None or cb.given is not None:
+        return ca.given is cb.given
+    return ca.host == cb.host and ca.kwargs == cb.kwargs
+
+
+def _union(*lists: list[_Source]) -> list[_Source]:
+    return list(dict.fromkeys(s for sources in lists for s in sources))
+
+
+@dataclass
+class _Work:
+    """One bucket to work on and where references to its files live."""
+
+    #: Sources declared for this bucket (on this alias, or on an alias certainly
+    #: sharing its database): where dangling references are looked for.
+    own: list[_Source]
+    #: ``own`` plus the sources of every same-named bucket on an alias that may
+    #: share the database: what decides whether a file is referenced.
+    judge: list[_Source]
+
+
+def _plan(
+    buckets: Iterable[str] | str | None, alias: str | None
+) -> tuple[dict[_Target, _Work], list[str] | None]:
+    """Pick the buckets to work on and check every reference to them can be read.
+
+    Aliases that may share a database see one another's references: with class A
+    on alias ``"default"`` and class B on ``"x"``, both storing files in bucket
+    ``"shared"`` of the same database, a file either references is kept.
+    """
+    names = _bucket_names(buckets)
+    scope = _aliases_in_scope(alias)
+    connected = registered_aliases()
+    refs = _reference_map()
+    picked: dict[_Target, list[_Source]] = {}
+    for target, sources in refs.items():
+        if target[0] in scope and (names is None or target[1] in names):
+            picked[target] = sources
+    for name in names or ():
+        if any(t[1] == name for t in picked):
+            continue
+        # Named explicitly but declared by no class (in scope): every file there that
+        # no registered class references counts as unreferenced.
+        bucket_alias = alias or DEFAULT_ALIAS
+        _aliases_in_scope(bucket_alias)  # raises if it is not connected
+        picked[(bucket_alias, name)] = []
+    # One pass per database: buckets of aliases certainly sharing it are one bucket.
+    targets: dict[_Target, _Work] = {}
+    for (bucket_alias, name), sources in sorted(picked.items()):
+        same = next(
+            (t for t in targets if t[1] == name and _same_db(t[0], bucket_alias)), None
+        )
+        if same is not None:
+            targets[same].own = _union(targets[same].own, sources)
+        else:
+            targets[(bucket_alias, name)] = _Work(list(sources), [])
+    for (bucket_alias, name), work in targets.items():
+        work.judge = _union(work.own, *(
+            sources for (other, other_name), sources in sorted(refs.items())
+            if other_name == name and other in connected
+            and _maybe_same_db(bucket_alias, other)
+        ))
+    connected_set = set(connected)
+    for (bucket_alias, name), work in sorted(targets.items()):
+        unreachable = sorted({s.alias for s in work.judge} - connected_set)
+        if unreachable:
+            who = ", ".join(
+                f"{c} (alias {s.alias!r})" for s in work.judge if s.alias in unreachable
+                for c in s.classes
+            )
+            raise ConnectionNotRegistered(
+                f"Cannot tell which files of bucket {name!r} (alias {bucket_alias!r}) are "
+                f"referenced: {who} keep references to it through an alias that is not "
+                "connected. Connect it with asyncassets.connect(..., alias=...), or leave "
+                "this bucket out with buckets= / alias=."
+            )
+    return targets, names
+
+
+async def _prune(targets: dict[_Target, _Work]) -> dict[_Target, _Work]:
+    """Drop the sources whose collection does not exist: nothing to query there.
+
+    Many classes (all those imported) usually share an alias; most of their
+    collections may not exist in a given database (a test's, say).
+    """
+    aliases = sorted({s.alias for work in targets.values() for s in work.judge})
+    present = {a: set(await get_db(a).list_collection_names()) for a in aliases}
+
+    def keep(sources: list[_Source]) -> list[_Source]:
+        return [s for s in sources if s.collection in present[s.alias]]
+
+    return {target: _Work(keep(w.own), keep(w.judge)) for target, w in targets.items()}
+
+
+async def _buckets_in(alias: str) -> list[str]:
+    """Names of the GridFS buckets (``X.files`` or ``X.chunks``) in an alias's database."""
+    names = await get_db(alias).list_collection_names()
+    found: set[str] = set()
+    for name in names:
+        for suffix in (".files", ".chunks"):
+            if name.endswith(suffix) and not name.startswith("system."):
+                found.add(name[: -len(suffix)])
+    return sorted(found)
+

@@ -1,0 +1,205 @@
+"""The orphan sweep: delete files no document references, and headless chunks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from bson import ObjectId
+
+from ..connection import get_db
+from ..storage.gridfs import GridBucket
+from .lookup import (
+    _CURSOR_BATCH,
+    _THUMBNAIL_OF,
+    _UTC,
+    DEFAULT_BATCH_SIZE,
+    _batches,
+    _existing,
+    _file_time,
+    _hashable,
+    _orphaned_chunk_groups,
+    _positive,
+    _referenced_files,
+)
+from .reports import DEFAULT_MAX_IDS, BucketFile, OrphanedChunks, SweepReport, _keep
+from .scope import _plan, _prune, _Source
+
+__all__ = ["sweep_orphans"]
+
+
+async def sweep_orphans(
+    grace: dt.timedelta | float = dt.timedelta(days=1),
+    dry_run: bool = False,
+    buckets: Iterable[str] | str | None = None,
+    alias: str | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_ids: int | None = DEFAULT_MAX_IDS,
+) -> SweepReport:
+    """Delete files no document references, and chunks whose files document is gone.
+
+    A file is deleted when no document of any registered
+    :class:`~asyncassets.document.Document` class references it, wherever the
+    reference sits (top-level, embedded, list or dict fields; several fields or
+    classes may share a bucket), and it is older than ``grace``: its
+    ``uploadDate`` (else the time in its ObjectId ``_id``) is before now minus
+    ``grace``. The grace period protects uploads whose document is not saved yet.
+
+    Chunks without a files document are deleted when their newest chunk was written
+    before the cutoff (the time in the chunk's ObjectId ``_id``; else the time in an
+    ObjectId ``files_id``; data with neither time counts as old). ``grace`` must
+    exceed the longest pause inside one streaming upload.
+
+    References are re-read for each batch of candidate files right before deleting
+    them, and a file's files document is deleted before its chunks, so an
+    interrupted sweep leaves only orphaned chunks, which the next sweep removes.
+
+    :param grace: a :class:`~datetime.timedelta` or a number of seconds.
+    :param dry_run: report what would be deleted; delete nothing.
+    :param buckets: bucket names to sweep; ``None``: every bucket that registered
+        classes declare. A bucket named here that no class declares is swept too:
+        every file in it counts as unreferenced.
+    :param alias: sweep only the buckets of this connection alias. With explicit
+        ``buckets`` and no ``alias``, undeclared buckets are looked up on
+        ``"default"``.
+    :param batch_size: ids per lookup or delete (the length of ``$in`` lists).
+    :param max_ids: cap on the ids the report lists (``None``: no cap).
+    :raises ConnectionNotRegistered: ``alias`` is not connected, or a class keeping
+        references to a swept bucket uses an alias that is not connected (the sweep
+        could not see its references, so it deletes nothing).
+    :raises TypeError, ValueError: a bad ``grace``, ``buckets``, ``batch_size``.
+    :raises pymongo.errors.PyMongoError: if the server fails.
+    """
+    grace_td = _grace(grace)
+    _positive("batch_size", batch_size)
+    _positive("max_ids", max_ids, optional=True)
+    started = time.monotonic()
+    cutoff = dt.datetime.now(_UTC) - grace_td
+    targets, _ = _plan(buckets, alias)
+    targets = await _prune(targets)
+    report = SweepReport(dry_run=dry_run, grace=grace_td, cutoff=cutoff)
+    for (bucket_alias, name), work in sorted(targets.items()):
+        report.buckets.append(f"{bucket_alias}:{name}")
+        bucket = GridBucket(get_db(bucket_alias), name)
+        await _sweep_files(bucket, bucket_alias, work.judge, cutoff, dry_run, batch_size,
+                           max_ids, report)
+        await _sweep_chunks(bucket, bucket_alias, cutoff, dry_run, batch_size, max_ids, report)
+    report.duration = time.monotonic() - started
+    return report
+
+
+async def _sweep_files(
+    bucket: GridBucket,
+    alias: str,
+    sources: list[_Source],
+    cutoff: dt.datetime,
+    dry_run: bool,
+    batch_size: int,
+    max_ids: int | None,
+    report: SweepReport,
+) -> None:
+    cursor = bucket.files.find(
+        {},
+        {"_id": 1, "uploadDate": 1, "length": 1, _THUMBNAIL_OF: 1},
+        batch_size=max(batch_size, _CURSOR_BATCH),
+    )
+    async for batch in _batches(cursor, batch_size):
+        report.files_scanned += len(batch)
+        referenced, parent_times = await _referenced_files(bucket, sources, batch)
+        doomed: list[dict[str, Any]] = []
+        for doc in batch:
+            file_id = doc["_id"]
+            if _hashable(file_id) and file_id in referenced:
+                continue
+            # A thumbnail is as young as its parent: an image being stored (thumbnail
+            # first, parent next, document last) keeps both within the grace period.
+            when = _newest(_file_time(doc), parent_times.get(file_id) if _hashable(file_id)
+                           else None)
+            if _old_enough(when, cutoff):
+                doomed.append(doc)
+            else:
+                report.recent_orphaned_files += 1
+        if not doomed:
+            continue
+        ids = [doc["_id"] for doc in doomed]
+        if not dry_run:
+            await bucket.files.delete_many({"_id": {"$in": ids}})
+            await bucket.chunks.delete_many({"files_id": {"$in": ids}})
+        for doc in doomed:
+            report.files_deleted += 1
+            length = doc.get("length")
+            if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+                report.bytes_freed += length
+            if _keep(report.deleted_files, BucketFile(alias, bucket.name, doc["_id"]), max_ids):
+                report.truncated = True
+
+
+async def _sweep_chunks(
+    bucket: GridBucket,
+    alias: str,
+    cutoff: dt.datetime,
+    dry_run: bool,
+    batch_size: int,
+    max_ids: int | None,
+    report: SweepReport,
+) -> None:
+    async for groups in _orphaned_chunk_groups(bucket, batch_size):
+        doomed = []
+        for group in groups:
+            if _old_enough(_chunks_time(group), cutoff):
+                doomed.append(group)
+            else:
+                report.recent_orphaned_chunks += int(group["chunks"])
+        if not doomed:
+            continue
+        if not dry_run:
+            # An upload may have completed since the chunks were listed: look again.
+            existing = await _existing(bucket, [g["_id"] for g in doomed])
+            doomed = [g for g in doomed if not (_hashable(g["_id"]) and g["_id"] in existing)]
+            if not doomed:
+                continue
+            await bucket.chunks.delete_many({"files_id": {"$in": [g["_id"] for g in doomed]}})
+        for group in doomed:
+            chunks, size = int(group["chunks"]), max(int(group.get("bytes") or 0), 0)
+            report.chunks_deleted += chunks
+            report.bytes_freed += size
+            item = OrphanedChunks(alias, bucket.name, group["_id"], chunks, size)
+            if _keep(report.deleted_chunks, item, max_ids):
+                report.truncated = True
+
+
+def _grace(grace: dt.timedelta | float) -> dt.timedelta:
+    if isinstance(grace, dt.timedelta):
+        value = grace
+    elif isinstance(grace, (int, float)) and not isinstance(grace, bool):
+        value = dt.timedelta(seconds=grace)
+    else:
+        raise TypeError(f"grace= takes a timedelta or a number of seconds, not {grace!r}")
+    if value < dt.timedelta(0):
+        raise ValueError(f"grace= must not be negative, got {value}")
+    return value
+
+
+def _newest(*times: dt.datetime | None) -> dt.datetime | None:
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+def _chunks_time(group: dict[str, Any]) -> dt.datetime | None:
+    """When orphaned chunks were last written: the newest chunk ``_id``'s time, else
+    the ObjectId ``files_id``'s (which is when the upload began)."""
+    newest = group.get("newest")
+    if isinstance(newest, ObjectId):
+        return newest.generation_time
+    if isinstance(group.get("_id"), ObjectId):
+        return group["_id"].generation_time
+    return None
+
+
+def _old_enough(when: dt.datetime | None, cutoff: dt.datetime) -> bool:
+    # Without any time to go by, age cannot protect it: asyncassets' own uploads
+    # always leave one (uploadDate, ObjectId chunk _ids), so this is foreign data.
+    return when is None or when < cutoff
