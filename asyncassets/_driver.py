@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from pymongo import AsyncMongoClient
+from pymongo.write_concern import WriteConcern
 
 __all__ = [
+    "acknowledged",
     "aggregate",
     "close_client",
     "is_motor_client",
@@ -76,3 +78,16 @@ async def aggregate(
         cursor = await cursor
     async for document in cursor:
         yield document
+
+
+def acknowledged(collection: Any) -> Any:
+    """``collection``, with ``w=1`` if it is configured unacknowledged (``w=0``).
+
+    For writes whose result decides what happens next (a reference switch, the
+    GridFS chunk/files order): an unacknowledged write reports nothing to decide on.
+    Both drivers' collections have ``write_concern`` and ``with_options``.
+    """
+    concern = getattr(collection, "write_concern", None)
+    if concern is not None and not concern.acknowledged:
+        return collection.with_options(write_concern=WriteConcern(w=1))
+    return collection

@@ -44,8 +44,8 @@ from typing import Any
 import mongoengine
 from mongoengine.base import get_document
 from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
-from pymongo.write_concern import WriteConcern
 
+from . import _driver
 from ._tasks import add_note, settle
 from .errors import FileConflict, FileValidationError
 from .fields import FileField
@@ -382,7 +382,7 @@ async def _update(
         update = {"$pull": {".".join(parts[:-1]): old}}
     else:
         update = {"$unset": {dotted: ""}}
-    collection = _acknowledged(type(root)._get_collection())
+    collection = _driver.acknowledged(type(root)._get_collection())
     try:
         result = await collection.update_one(query, update)
     except BaseException as exc:
@@ -508,14 +508,6 @@ def _stored_id(root: Any) -> Any:
     return root._fields[root._meta["id_field"]].to_mongo(root.pk)
 
 
-def _acknowledged(collection: Any) -> Any:
-    """``collection``, with ``w=1`` if it is configured unacknowledged (``w=0``)."""
-    concern = getattr(collection, "write_concern", None)
-    if concern is not None and not concern.acknowledged:
-        return collection.with_options(write_concern=WriteConcern(w=1))
-    return collection
-
-
 async def _drop_new(proxy: FileProxy, new: Any) -> None:
     """Delete the file this call uploaded, unless it got shared meanwhile."""
     if new is not None and not proxy._shared_elsewhere(new):
@@ -571,7 +563,7 @@ async def _push(doc: Any, field: Any, proxy: FileProxy, files_doc: dict[str, Any
         if not _is_stored(doc) and not _state(doc).maybe_stored:
             values.append(proxy)
             return
-        collection = _acknowledged(type(doc)._get_collection())
+        collection = _driver.acknowledged(type(doc)._get_collection())
         try:
             result = await collection.update_one(
                 {"_id": _stored_id(doc)}, {"$push": {field.db_field: new_id}}
@@ -664,6 +656,8 @@ async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None
             field = proxy._field
             if proxy.grid_id is None or (field is not None and not field.cascade):
                 continue
+            if proxy._shared_elsewhere(proxy.grid_id):
+                continue  # a live document still holds it (copied): keep it
             # Keyed by proxy class too: an ImageProxy also deletes thumbnails.
             key = (proxy.db_alias, proxy.collection_name, type(proxy))
             groups[key].add(proxy.grid_id)

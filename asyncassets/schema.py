@@ -9,6 +9,7 @@ class it allows, or every registered one), at any depth.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -140,12 +141,24 @@ def class_and_subclasses(doc_cls: Any) -> list[Any]:
     return embedded_classes(doc_cls) or [doc_cls]
 
 
+# holds_files() runs for every document built; its answer changes only when a new
+# class is declared (a subclass, or an embedded class a generic field may hold), so
+# it is cached per class along with the registry size it was computed at.
+_holds_files: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
+
+
 def holds_files(doc_cls: Any) -> bool:
     """Whether instances of ``doc_cls`` (or a subclass) can hold a file anywhere."""
-    return any(
+    generation = len(_document_registry)
+    cached = _holds_files.get(doc_cls)
+    if cached is not None and cached[0] == generation:
+        return cached[1]
+    found = any(
         True for cls in class_and_subclasses(doc_cls) for top in cls._fields.values()
         for _ in file_paths(top)
     )
+    _holds_files[doc_cls] = (generation, found)
+    return found
 
 
 def cascade_fields(doc_cls: Any) -> tuple[str, ...]:
