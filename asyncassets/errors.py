@@ -27,6 +27,7 @@ __all__ = [
     "FileValidationError",
     "GridFSError",
     "IntegrityError",
+    "PendingFileMissing",
     "PillowMissing",
     "UploadClosed",
     "WrongEventLoop",
@@ -146,6 +147,20 @@ class FileDeletedWhileReading(FileNotFound):
             "being read; the bytes already returned are from the old file. Reload the "
             "document and read its current file.",
         )
+
+
+class PendingFileMissing(FileNotFound):
+    """A file uploaded for a document is gone before the ``save()`` that references it.
+
+    Until its document (or list element) is saved, a new file is referenced only in
+    memory, so the orphan sweep counts it as unreferenced once it is older than
+    the sweep's ``grace``. ``save()`` checks such files still exist and raises this
+    instead of storing a dangling reference.
+    """
+
+    def __init__(self, message: str, *, file_id: Any, bucket: str, alias: str | None) -> None:
+        super().__init__(file_id, bucket, alias)
+        self.args = (message,)
 
 
 class PillowMissing(AsyncAssetsError, ImportError):

@@ -47,7 +47,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
 
 from . import _driver
 from ._tasks import add_note, settle
-from .errors import FileConflict, FileValidationError
+from .errors import FileConflict, FileValidationError, PendingFileMissing
 from .fields import FileField
 from .files.proxy import MISSING, FileProxy
 from .schema import cascade_fields, holds_files
@@ -285,6 +285,8 @@ async def saving(doc: Any) -> AsyncIterator[None]:
                 state.maybe_stored = True
             raise
         state.maybe_stored = False
+        for proxy, _path, _owner, _name in iter_proxies(doc):
+            proxy._pending = False  # the stored document references it now
 
 
 def _unknown_outcome(exc: BaseException) -> bool:
@@ -330,8 +332,7 @@ async def _switch(root: Any, proxy: FileProxy, old: Any, new_doc: dict[str, Any]
                 f"{new!r} ran; the upload was removed. Retry on the current state."
             )
         if not _is_stored(root) and not state.maybe_stored:
-            _apply_and_drop_old = _applier(proxy, old, new_doc)
-            await _apply_and_drop_old()
+            await _applier(proxy, old, new_doc, pending=True)()
             return
         path = _locate(root, proxy)
         if path is None:
@@ -345,16 +346,20 @@ async def _switch(root: Any, proxy: FileProxy, old: Any, new_doc: dict[str, Any]
         await _update(root, proxy, path, old, new_doc)
 
 
-def _applier(proxy: FileProxy, old: Any, new_doc: dict[str, Any] | None) -> Any:
+def _applier(
+    proxy: FileProxy, old: Any, new_doc: dict[str, Any] | None, *, pending: bool = False
+) -> Any:
     """Point ``proxy`` at ``new_doc`` now; the returned coroutine function drops ``old``.
 
     Whether ``old`` may be deleted is decided before the proxy changes (it depends
-    on whether the proxy's id was assigned by hand).
+    on whether the proxy's id was assigned by hand). ``pending``: the change is in
+    memory only, for the next ``save()`` to write.
     """
     drop_old = old is not None and proxy._may_delete(old)
     new = None if new_doc is None else new_doc["_id"]
     proxy._set_file(new, new_doc)
     proxy._assigned = False
+    proxy._pending = pending and new is not None
 
     async def finish() -> None:
         if drop_old:
@@ -415,11 +420,12 @@ async def _not_matched(
         # file is kept (a retry may have stored it; the sweep decides).
         _state(root).maybe_stored = False
         proxy._set_file(new, new_doc)
+        proxy._pending = new is not None
         return
     if stored is not None and not _reachable(stored, path):
         # An element appended since the last save: the next save() writes it.
         root._mark_as_changed(_field_name(root, top))
-        await _applier(proxy, old, new_doc)()
+        await _applier(proxy, old, new_doc, pending=True)()
         return
     await _drop_new(proxy, new)
     if stored is None:
@@ -561,6 +567,7 @@ async def _push(doc: Any, field: Any, proxy: FileProxy, files_doc: dict[str, Any
         values = getattr(doc, field.name)
         proxy._set_file(new_id, files_doc)
         if not _is_stored(doc) and not _state(doc).maybe_stored:
+            proxy._pending = True
             values.append(proxy)
             return
         collection = _driver.acknowledged(type(doc)._get_collection())
@@ -586,29 +593,46 @@ async def _push(doc: Any, field: Any, proxy: FileProxy, files_doc: dict[str, Any
 
 
 async def check_assigned_ids(doc: Any) -> None:
-    """Refuse to save ids assigned by hand that name no file: one query per bucket.
+    """Before a save: the files it will reference must exist. One query per bucket.
 
-    :raises FileValidationError: an assigned id is not in its bucket.
+    Checked: ids assigned by hand, and files uploaded since the last save (they are
+    referenced in memory only until then, so the orphan sweep may have removed
+    them if this save comes later than its grace).
+
+    :raises FileValidationError: an assigned id names no file in its bucket.
+    :raises FileNotFound: a file uploaded for this document is gone.
     """
     if not holds_files(type(doc)):
         return
     groups: dict[tuple[str, str], list[tuple[FileProxy, str]]] = defaultdict(list)
     for proxy, path, _owner, _name in iter_proxies(doc):
-        if proxy._unverified and proxy.grid_id is not None:
+        if (proxy._unverified or proxy._pending) and proxy.grid_id is not None:
             key = (proxy.db_alias, proxy.collection_name)
             groups[key].append((proxy, ".".join(part for part, _ in path)))
     for (alias, bucket_name), entries in groups.items():
         found = await entries[0][0]._bucket().find_many([p.grid_id for p, _ in entries])
         for proxy, where in entries:
-            if proxy.grid_id not in found:
-                raise FileValidationError(
-                    f"{where} is set to {proxy.grid_id!r}, which names no file in bucket "
-                    f"{bucket_name!r} (alias {alias!r}). Assign an uploaded file's id, or "
-                    "upload with `await doc.<field>.put(...)`.",
-                    field_name=where,
+            if proxy.grid_id in found:
+                proxy._files_doc = found[proxy.grid_id]
+                proxy._unverified = False
+                continue
+            if proxy._pending and not proxy._unverified:
+                raise PendingFileMissing(
+                    f"The file uploaded for {where} ({proxy.grid_id!r}, bucket "
+                    f"{bucket_name!r}) is gone before the save() that would reference it: "
+                    "most likely sweep_orphans() ran with a grace shorter than the time "
+                    "since the upload. Nothing was saved; upload it again (and use a "
+                    "longer grace).",
+                    file_id=proxy.grid_id,
+                    bucket=bucket_name,
+                    alias=alias,
                 )
-            proxy._files_doc = found[proxy.grid_id]
-            proxy._unverified = False
+            raise FileValidationError(
+                f"{where} is set to {proxy.grid_id!r}, which names no file in bucket "
+                f"{bucket_name!r} (alias {alias!r}). Assign an uploaded file's id, or "
+                "upload with `await doc.<field>.put(...)`.",
+                field_name=where,
+            )
 
 
 async def load_files(docs: Sequence[Any], field_names: Sequence[str]) -> None:

@@ -32,6 +32,7 @@ from asyncassets.errors import (
     FileConflict,
     FileNotFound,
     FileValidationError,
+    PendingFileMissing,
 )
 from asyncassets.fields import (
     EmbeddedDocumentField,
@@ -927,3 +928,50 @@ async def test_an_existing_file_id_given_to_the_constructor_is_saved_and_reads_b
     assert (await stored(doc))["f"] == file_id
     assert await (await fresh(doc)).f.read() == b"existing"
     await assert_consistent(asyncassets_db)
+
+
+# -- what the orphan sweep's grace protects, and sharing after a cascade -----------------
+
+
+async def test_save_refuses_a_new_file_the_sweep_removed_before_it(asyncassets_db):
+    doc = RefDoc(name="slow save")
+    await doc.f.put(b"uploaded, not saved yet")
+    # The upload is referenced in memory only: a sweep with no grace takes it.
+    report = await asyncassets.sweep_orphans(grace=0)
+    assert report.files_deleted == 1
+    with pytest.raises(PendingFileMissing, match="grace") as caught:
+        await doc.save()
+    assert isinstance(caught.value, FileNotFound)
+    assert await RefDoc._get_collection().count_documents({}) == 0
+
+
+async def test_a_saved_file_is_no_longer_pending(asyncassets_db):
+    doc = RefDoc(name="saved")
+    await doc.f.put(b"kept")
+    await doc.save()
+    assert (await asyncassets.sweep_orphans(grace=0)).files_deleted == 0
+    doc.name = "renamed"
+    await doc.save()  # the file is stored now: nothing to re-check, nothing missing
+    assert await (await fresh(doc)).f.read() == b"kept"
+
+
+async def test_put_into_a_new_list_element_is_checked_again_at_save(asyncassets_db):
+    album = await RefAlbum(title="a").save()
+    album.pages.append(RefPage())
+    await album.pages[-1].image.put(b"page")
+    await asyncassets.sweep_orphans(grace=0)
+    with pytest.raises(PendingFileMissing):
+        await album.save()
+    assert (await stored(album)).get("pages", []) == []
+
+
+async def test_deleting_a_document_keeps_a_file_a_live_copy_still_references(asyncassets_db):
+    src = RefAlbum(title="src")
+    await src.add_file("photos", b"shared photo")
+    await src.save()
+    copy = await RefAlbum(title="copy", photos=list(src.photos)).save()
+
+    await src.delete()
+
+    assert await (await fresh(copy)).photos[0].read() == b"shared photo"
+    await assert_no_dangling(asyncassets_db)

@@ -165,6 +165,10 @@ class FileProxy:
         self._guard: Any = None  # the checks of the streaming upload in progress
         #: Set for ids assigned by hand (``doc.photo = some_id``): save() checks them.
         self._unverified = False
+        #: Set while the file is referenced in memory only (a document or list element
+        #: not saved yet): save() checks it still exists (the orphan sweep may have
+        #: removed it if the save comes later than the sweep's grace).
+        self._pending = False
         #: The id came from elsewhere (assigned by hand, or copied from another
         #: document): it may be referenced elsewhere, so it is never deleted from here.
         self._assigned = False
@@ -208,6 +212,7 @@ class FileProxy:
         clone.grid_id = self.grid_id
         clone._files_doc = self._files_doc
         clone._unverified = self._unverified
+        clone._pending = self._pending
         clone._assigned = True
         return clone
 
