@@ -49,6 +49,7 @@ from .errors import (
     FileValidationError,
     GridFSError,
     IntegrityError,
+    PendingFileMissing,
     UploadClosed,
 )
 from .fields import FileField, FileProxy, ImageField, ImageProxy
@@ -84,6 +85,7 @@ __all__ = [
     "MultipleObjectsReturned",
     "NotUniqueError",
     "OperationError",
+    "PendingFileMissing",
     "Q",
     "QuerySet",
     "SaveConditionError",

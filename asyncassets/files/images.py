@@ -45,7 +45,7 @@ try:
 except ImportError:  # the `images` extra is not installed
     Image = ImageOps = UnidentifiedImageError = None
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageProxy", "PillowMissing", "require_pillow", "size_option"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageProxy", "require_pillow", "size_option"]
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Largest image accepted, in pixels (width x height): about 200 MB decoded as RGBA."""

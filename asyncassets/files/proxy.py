@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..fields import FileField
     from ..storage.gridfs import UploadStream
 
-__all__ = ["FileConflict", "FileProxy", "NewFile"]  # FileConflict: re-exported from errors
+__all__ = ["FileProxy", "NewFile"]
 
 #: Largest encoded ``metadata`` sub-document accepted (a files document must stay
 #: under MongoDB's 16 MiB limit).
