@@ -33,6 +33,7 @@ from mongoengine.queryset import transform
 
 from . import references
 from .connection import DEFAULT_ALIAS, get_client, get_db
+from .fields import loading_from_database
 from .queryset import QuerySet, QuerySetManager, with_write_concern
 
 if TYPE_CHECKING:
@@ -121,8 +122,9 @@ class Document(mongoengine.Document):
         cls, son: dict[str, Any], _auto_dereference: bool = False, created: bool = False
     ) -> Any:
         # mongoengine's default (True) would switch blocking dereferencing back on.
-        doc = super()._from_son(son, _auto_dereference=False, created=created)
-        references.bind(doc, loaded=True)
+        with loading_from_database():
+            doc = super()._from_son(son, _auto_dereference=False, created=created)
+            references.bind(doc, loaded=True)
         return doc
 
     async def _switch_file_reference(

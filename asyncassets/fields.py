@@ -11,9 +11,11 @@ Reference fields never dereference on attribute access in asyncassets documents
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, overload
 
 from bson import Binary, ObjectId
@@ -50,6 +52,19 @@ _NOT_A_FILE_VALUE = (
 # writers chose. Anything else (bytes, file objects, numbers with a fraction...) is
 # data, not an id.
 _ID_TYPES = (ObjectId, str, int, uuid.UUID, Binary, dt.datetime)
+
+# Set while documents are built from stored data (Document._from_son).
+_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("_LOADING", default=False)
+
+
+@contextlib.contextmanager
+def loading_from_database() -> Iterator[None]:
+    """Within this block, file values are taken as stored, without refusing any."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
 
 
 class FileField(BaseField):
@@ -163,6 +178,10 @@ class FileField(BaseField):
         """
         if value is None or isinstance(value, FileProxy):
             return value
+        if _LOADING.get():
+            # Stored data: whatever another tool (or an older version) wrote, the
+            # document loads; a value that names no file reads as FileNotFound.
+            return self._proxy(value)
         if (
             not isinstance(value, _ID_TYPES)
             or isinstance(value, bool)

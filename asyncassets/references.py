@@ -50,7 +50,7 @@ from ._tasks import add_note, settle
 from .errors import FileConflict, FileValidationError, PendingFileMissing
 from .fields import FileField
 from .files.proxy import MISSING, FileProxy
-from .schema import cascade_fields, holds_files
+from .schema import cascade_fields, fields_with_files, holds_files
 
 __all__ = [
     "add_to_list",
@@ -151,7 +151,8 @@ def bind(doc: Any, *, loaded: bool = False) -> None:
 
 
 def _bind_into(root: Any, holder: Any, loaded: bool) -> None:
-    for name, field in holder._fields.items():
+    for name in fields_with_files(type(holder)):
+        field = holder._fields[name]
         value = holder._data.get(name)
         if value is None:
             continue

@@ -31,6 +31,7 @@ __all__ = [
     "class_and_subclasses",
     "document_classes",
     "embedded_classes",
+    "fields_with_files",
     "file_field_names",
     "file_paths",
     "holds_files",
@@ -159,6 +160,28 @@ def holds_files(doc_cls: Any) -> bool:
     )
     _holds_files[doc_cls] = (generation, found)
     return found
+
+
+_fields_with_files: weakref.WeakKeyDictionary[Any, tuple[int, tuple[str, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def fields_with_files(doc_cls: Any) -> tuple[str, ...]:
+    """Names of the fields of ``doc_cls`` itself (not subclasses) that can hold files.
+
+    Cached per class, like :func:`holds_files`: the walk over a document's values
+    (binding, cascade) skips every other field.
+    """
+    generation = len(_document_registry)
+    cached = _fields_with_files.get(doc_cls)
+    if cached is not None and cached[0] == generation:
+        return cached[1]
+    names = tuple(
+        name for name, top in doc_cls._fields.items() if any(True for _ in file_paths(top))
+    )
+    _fields_with_files[doc_cls] = (generation, names)
+    return names
 
 
 def cascade_fields(doc_cls: Any) -> tuple[str, ...]:

@@ -975,3 +975,11 @@ async def test_deleting_a_document_keeps_a_file_a_live_copy_still_references(asy
 
     assert await (await fresh(copy)).photos[0].read() == b"shared photo"
     await assert_no_dangling(asyncassets_db)
+
+
+async def test_a_stored_value_that_is_no_file_id_still_loads_and_reads_as_missing(asyncassets_db):
+    # Written by another tool, or by an older version that let Doc(f=b"") through.
+    await RefDoc._get_collection().insert_one({"_id": ObjectId(), "name": "odd", "f": b""})
+    doc = await RefDoc.objects.get(name="odd")
+    with pytest.raises(FileNotFound):
+        await doc.f.read()
