@@ -4,13 +4,27 @@ Every class derives from :class:`AsyncAssetsError`, so ``except AsyncAssetsError
 catches anything the library raises on purpose. Where mongoengine already has the
 right class (``ValidationError``, ``DoesNotExist``, ``NotUniqueError``...) the
 library raises that one, so code written for mongoengine keeps working.
+
+The file errors that mongoengine or PyMongo code already catches under another
+name also derive from that class, so existing ``except`` clauses keep working
+(see :doc:`/migration`):
+
+* :class:`FileAlreadyExists` is a ``mongoengine.fields.GridFSError``;
+* :class:`FileNotFound` is a ``gridfs.errors.NoFile`` (and a ``LookupError``);
+* :class:`CorruptFile` and :class:`IntegrityError` are each a
+  ``gridfs.errors.CorruptGridFile``.
+
+Through PyMongo's classes, ``FileNotFound``, ``CorruptFile`` and ``IntegrityError`` are
+also ``pymongo.errors.PyMongoError``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from gridfs.errors import CorruptGridFile, NoFile
 from mongoengine.errors import ValidationError
+from mongoengine.fields import GridFSError as MongoengineGridFSError
 
 __all__ = [
     "AsyncAssetsError",
@@ -63,12 +77,22 @@ class GridFSError(AsyncAssetsError):
     """Base class of file errors (named after PyMongo's ``gridfs.errors.GridFSError``)."""
 
 
-class FileAlreadyExists(GridFSError):
-    """``put`` or ``new_file`` was called on a proxy that already holds a file."""
+class FileAlreadyExists(GridFSError, MongoengineGridFSError):
+    """``put`` or ``new_file`` was called on a proxy that already holds a file.
+
+    Also a ``mongoengine.fields.GridFSError``, which mongoengine raises for this.
+    """
 
 
-class FileNotFound(GridFSError, LookupError):
-    """A document references a file that is missing from its bucket."""
+# PyMongo's classes come before LookupError in the bases: their __init__ (which
+# sets the error labels that PyMongo's and asyncassets' retry logic ask about)
+# must run, and LookupError's would end the chain before it.
+class FileNotFound(GridFSError, NoFile, LookupError):
+    """A document references a file that is missing from its bucket.
+
+    Also a ``gridfs.errors.NoFile`` (what PyMongo raises for a missing file) and a
+    ``LookupError``.
+    """
 
     def __init__(self, file_id: Any, bucket: str, alias: str | None = None) -> None:
         self.file_id = file_id
@@ -82,8 +106,11 @@ class FileNotFound(GridFSError, LookupError):
         )
 
 
-class CorruptFile(GridFSError):
-    """A stored file's chunks do not match its files document (missing, short or extra)."""
+class CorruptFile(GridFSError, CorruptGridFile):
+    """A stored file's chunks do not match its files document (missing, short or extra).
+
+    Also a ``gridfs.errors.CorruptGridFile``, as PyMongo raises for this.
+    """
 
 
 class FileNotLoaded(GridFSError):
@@ -98,8 +125,11 @@ class UploadClosed(GridFSError, ValueError):
     """``write`` was called on a streaming upload that is closed or aborted."""
 
 
-class IntegrityError(GridFSError):
-    """A file's bytes no longer match the checksum recorded when it was written."""
+class IntegrityError(GridFSError, CorruptGridFile):
+    """A file's bytes no longer match the checksum recorded when it was written.
+
+    Corruption, so also a ``gridfs.errors.CorruptGridFile``.
+    """
 
 
 class ChecksumMissing(GridFSError):
