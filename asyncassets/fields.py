@@ -136,6 +136,27 @@ class FileField(BaseField):
         """A new, empty proxy of this field inside ``instance`` (a document)."""
         return self._proxy(None, instance, key)
 
+    def get_proxy_obj(
+        self,
+        key: str | None,
+        instance: Any,
+        db_alias: str | None = None,
+        collection_name: str | None = None,
+    ) -> FileProxy:
+        """mongoengine's name for :meth:`proxy_for`: a new, empty proxy of this field.
+
+        ``db_alias`` and ``collection_name`` default to the field's. The proxy takes
+        the field's upload rules either way.
+        """
+        return self.proxy_class(
+            grid_id=None,
+            field=self,
+            instance=instance,
+            key=key,
+            collection_name=collection_name,
+            db_alias=db_alias,
+        )
+
     @overload
     def __get__(self, instance: None, owner: Any) -> FileField: ...
 

@@ -8,6 +8,9 @@ documented in docs/migration.rst; the tests here check the parity it promises.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+
 import gridfs.errors
 import mongoengine.fields
 import pymongo.errors
@@ -20,7 +23,10 @@ from asyncassets import (
     Document,
     FileAlreadyExists,
     FileNotFound,
+    FileNotLoaded,
+    FileProxy,
     IntegrityError,
+    UploadClosed,
 )
 from asyncassets.errors import FileDeletedWhileReading, PendingFileMissing
 from asyncassets.fields import FileField, StringField
@@ -113,3 +119,148 @@ def test_the_errors_that_are_pymongo_errors_answer_pymongos_questions():
         assert isinstance(exc, pymongo.errors.PyMongoError)
         assert exc.has_error_label("RetryableWriteError") is False
         assert exc.timeout is False
+
+
+# -- the file proxy, as mongoengine's GridFSProxy was used ------------------------------
+
+
+async def test_close_after_put_does_nothing_as_in_mongoengine(asyncassets_db):
+    marmot = MigAnimal()
+    await marmot.photo.put(DATA, content_type="image/jpeg")
+    assert await marmot.photo.close() is marmot.photo
+    await marmot.save()
+    await marmot.photo.close()  # on a saved document too
+    assert await (await MigAnimal.objects.get(pk=marmot.pk)).photo.read() == DATA
+    empty = MigAnimal()
+    await empty.photo.close()
+    assert not empty.photo
+
+
+async def test_close_after_an_aborted_stream_still_raises_upload_closed(asyncassets_db):
+    # Doing nothing here would hide that the bytes written were thrown away.
+    marmot = MigAnimal()
+    await marmot.photo.new_file()
+    await marmot.photo.write(DATA)
+    await marmot.photo.abort()
+    with pytest.raises(UploadClosed):
+        await marmot.photo.close()
+    assert not marmot.photo
+
+
+async def test_put_keywords_read_back_as_attributes(asyncassets_db):
+    marmot = MigAnimal()
+    await marmot.photo.put(DATA, foo="bar", tags=["alpine"])
+    assert marmot.photo.foo == "bar"
+    assert marmot.photo.tags == ["alpine"]
+    await marmot.save()
+    loaded = await MigAnimal.objects.get(pk=marmot.pk)
+    await loaded.photo.load()
+    assert loaded.photo.foo == "bar"
+    assert loaded.photo.metadata["foo"] == "bar"  # the typed way still works
+
+
+async def test_an_unloaded_files_metadata_attribute_raises_file_not_loaded(asyncassets_db):
+    marmot = await saved_with_file(foo="bar")
+    loaded = await MigAnimal.objects.get(pk=marmot.pk)
+    with pytest.raises(FileNotLoaded, match="'foo'"):
+        loaded.photo.foo  # noqa: B018
+    # The forwarding never turns a missing load() into a silent default.
+    with pytest.raises(FileNotLoaded):
+        getattr(loaded.photo, "foo", None)
+
+
+async def test_a_name_neither_attribute_nor_metadata_key_raises_attribute_error(asyncassets_db):
+    marmot = await saved_with_file(foo="bar")
+    with pytest.raises(AttributeError, match=r"no metadata key 'fooo' .*keys: content_type, foo"):
+        marmot.photo.fooo  # noqa: B018
+    assert getattr(marmot.photo, "fooo", None) is None  # loaded: a plain AttributeError
+    with pytest.raises(AttributeError, match="holds no file"):
+        MigAnimal().photo.foo  # noqa: B018
+
+
+async def test_protocol_probes_get_a_plain_no_even_before_loading(asyncassets_db):
+    marmot = await saved_with_file()
+    loaded = await MigAnimal.objects.get(pk=marmot.pk)
+    for probe in ("to_mongo", "items", "keys", "closed", "name", "__html__", "_fields"):
+        assert not hasattr(loaded.photo, probe), probe
+    # So an unloaded proxy can be the source of another upload (file objects are
+    # probed for "closed").
+    copy = MigAnimal()
+    await copy.photo.put(loaded.photo)
+    assert await copy.photo.read() == DATA
+
+
+async def test_legacy_file_attributes_are_forwarded(asyncassets_db):
+    # What mongoengine (PyMongo's legacy GridFS API) wrote: md5, contentType and the
+    # extra keywords at the top level of the files document.
+    file_id = ObjectId()
+    await asyncassets_db["fs.files"].insert_one(
+        {
+            "_id": file_id,
+            "length": 4,
+            "chunkSize": 255 * 1024,
+            "uploadDate": dt.datetime(2020, 1, 1),
+            "md5": hashlib.md5(b"data").hexdigest(),
+            "filename": "old.txt",
+            "contentType": "text/plain",
+            "aliases": ["older.txt"],
+            "author": "mongoengine",
+        }
+    )
+    await asyncassets_db["fs.chunks"].insert_one({"files_id": file_id, "n": 0, "data": b"data"})
+    await asyncassets_db["mig_animals"].insert_one({"_id": ObjectId(), "photo": file_id})
+    legacy = await MigAnimal.objects.first()
+    assert await legacy.photo.read() == b"data"
+    assert legacy.photo.md5 == hashlib.md5(b"data").hexdigest()
+    assert legacy.photo.aliases == ["older.txt"]
+    assert legacy.photo.author == "mongoengine"
+    assert legacy.photo.content_type == "text/plain"
+    assert legacy.photo._id == file_id
+    assert legacy.photo.chunkSize == 255 * 1024  # a spec key, as GridOut forwarded it
+    new = await saved_with_file()
+    assert new.photo.md5 is None  # new files carry sha256 instead
+    assert new.photo.sha256 == hashlib.sha256(DATA).hexdigest()
+
+
+async def test_get_loads_the_file_and_returns_the_proxy(asyncassets_db):
+    marmot = await saved_with_file(foo="bar")
+    loaded = await MigAnimal.objects.get(pk=marmot.pk)
+    out = await loaded.photo.get()
+    assert out is loaded.photo
+    assert (out.filename, out.length, out.foo) == ("marmot.jpg", len(DATA), "bar")
+    assert await out.read() == DATA
+    assert await loaded.photo.get(marmot.photo.file_id) is loaded.photo
+    assert await MigAnimal().photo.get() is None
+    with pytest.raises(ValueError, match="assign it instead"):
+        await loaded.photo.get(ObjectId())
+
+
+async def test_get_of_a_missing_file_raises_no_file(asyncassets_db):
+    marmot = await saved_with_file()
+    await asyncassets_db["fs.files"].delete_many({})
+    with pytest.raises(gridfs.errors.NoFile):
+        await marmot.photo.get()
+
+
+async def test_get_proxy_obj_gives_an_empty_proxy_of_the_field(asyncassets_db):
+    marmot = MigAnimal()
+    proxy = MigAnimal.photo.get_proxy_obj(key="photo", instance=marmot)
+    assert isinstance(proxy, FileProxy) and not proxy
+    assert (proxy.collection_name, proxy.db_alias) == ("fs", "default")
+    other = MigAnimal.photo.get_proxy_obj("photo", marmot, collection_name="scans")
+    assert other.collection_name == "scans"
+    await proxy.put(DATA)
+    assert proxy.chunk_size == CHUNK  # the field's options apply
+
+
+async def test_str_names_the_file_as_mongoengine_does(asyncassets_db):
+    assert str(MigAnimal().photo) == "<FileProxy: <no file> (None)>"
+    marmot = await saved_with_file()
+    file_id = marmot.photo.file_id
+    assert str(marmot.photo) == f"<FileProxy: marmot.jpg ({file_id})>"
+    loaded = await MigAnimal.objects.get(pk=marmot.pk)
+    assert str(loaded.photo) == f"<FileProxy: <not loaded> ({file_id})>"  # no I/O
+    await asyncassets_db["fs.files"].delete_many({})
+    with pytest.raises(FileNotFound):
+        await loaded.photo.load()
+    assert str(loaded.photo) == f"<FileProxy: <no file> ({file_id})>"

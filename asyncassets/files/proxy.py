@@ -4,6 +4,14 @@ Every method that touches the database is awaited. Operations on a document that
 already saved take effect in the database at once, with a conditional update on
 the document (see :doc:`/guarantees`); on a new document they take effect with its
 first ``save()``.
+
+As mongoengine's ``GridFSProxy`` does, the proxy forwards the stored file's
+attributes: once the metadata is loaded, ``doc.photo.foo`` reads the ``foo`` given
+to ``put(data, foo=...)`` (or any key of a legacy files document, such as ``md5``).
+Forwarding never does I/O and never hides a missing ``load()``: before the
+metadata is loaded such a name raises :class:`~asyncassets.errors.FileNotLoaded`,
+and a name that is neither an attribute nor a metadata key raises
+``AttributeError`` naming the keys there are.
 """
 
 from __future__ import annotations
@@ -79,6 +87,28 @@ class _Missing:
 _MISSING = _Missing()
 #: The files document was looked up and not found (``QuerySet.load_files``).
 MISSING = _MISSING
+
+#: Names that libraries probe with ``hasattr``/``getattr(obj, name, default)`` to
+#: learn what an object is (mongoengine's ``to_mongo``/``to_python``/``validate``,
+#: the mapping protocol, file objects' ``name``/``closed``/``mode``/``fileno``):
+#: never forwarded to the metadata, so the probe gets a plain "no" even before the
+#: metadata is loaded. Such metadata keys are read through ``proxy.metadata``.
+_NOT_FORWARDED = frozenset(
+    {
+        "to_mongo",
+        "to_python",
+        "to_json",
+        "validate",
+        "items",
+        "keys",
+        "values",
+        "iteritems",
+        "name",
+        "closed",
+        "mode",
+        "fileno",
+    }
+)
 
 
 # Which live proxies hold which file: (bucket name, file id) -> {id(proxy): proxy}.
@@ -178,6 +208,9 @@ class FileProxy:
         self._orphaned = False
         #: Resolved when a ``close()`` in flight has settled.
         self._closing: asyncio.Future[None] | None = None
+        #: Set once ``new_file()`` opened a streaming upload on this proxy: from then
+        #: on ``close()`` without an open upload raises instead of doing nothing.
+        self._streamed = False
         self.grid_id = grid_id
 
     # -- where it lives ---------------------------------------------------------
@@ -272,14 +305,15 @@ class FileProxy:
         """The GridFS ``_id`` of the file, or ``None`` when the field is empty. No I/O."""
         return self.grid_id
 
-    def _doc(self) -> dict[str, Any] | None:
+    def _doc(self, attribute: str | None = None) -> dict[str, Any] | None:
         if self.grid_id is None:
             return None
         if isinstance(self._files_doc, _Missing):
             raise FileNotFound(self.grid_id, self._collection_name, self.db_alias)
         if self._files_doc is None:
+            what = f" so its {attribute!r} cannot be read" if attribute else ""
             raise FileNotLoaded(
-                f"The metadata of file {self.grid_id!r} is not loaded yet: "
+                f"The metadata of file {self.grid_id!r} is not loaded yet,{what}: "
                 "`await doc.<field>.load()` first (or read it, or use "
                 "Doc.objects.load_files(...) when listing)."
             )
@@ -329,6 +363,53 @@ class FileProxy:
         doc = self._doc()
         return None if doc is None else original_sha256(doc)
 
+    @property
+    def md5(self) -> str | None:
+        """The GridFS ``md5`` of a legacy file (older drivers, mongoengine, mongomotor).
+
+        ``None`` for files asyncassets wrote: they carry :attr:`sha256` instead.
+        """
+        doc = self._doc()
+        value = None if doc is None else doc.get("md5")
+        return None if value is None else str(value)
+
+    @property
+    def aliases(self) -> list[Any] | None:
+        """The GridFS ``aliases`` of a legacy file (``None`` when it has none)."""
+        doc = self._doc()
+        return None if doc is None else doc.get("aliases")
+
+    # Only reached for names the class does not define. Hidden from type checkers,
+    # which would otherwise accept any misspelt attribute.
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, attribute: str) -> Any:
+            if attribute.startswith("_"):
+                if attribute == "_id" and "_grid_id" in self.__dict__:
+                    return self._grid_id  # GridOut's name for the file id
+                raise AttributeError(attribute)
+            owner = type(self).__name__
+            if attribute in _NOT_FORWARDED:
+                raise AttributeError(f"{owner!r} object has no attribute {attribute!r}")
+            doc = self._doc(attribute)  # FileNotLoaded / FileNotFound, never a silent None
+            if doc is None:
+                raise AttributeError(
+                    f"{owner!r} object has no attribute {attribute!r}: the field holds no "
+                    "file, so there is no metadata to read it from."
+                )
+            metadata = user_metadata(doc)
+            if attribute in metadata:
+                return metadata[attribute]
+            if attribute in doc:  # a spec key with no property of its own (chunkSize...)
+                return doc[attribute]
+            keys = ", ".join(sorted(metadata)) or "none"
+            raise AttributeError(
+                f"{owner!r} object has no attribute {attribute!r}, and file "
+                f"{self.grid_id!r} has no metadata key {attribute!r} (its metadata keys: "
+                f"{keys}). Keywords given to put() are read as proxy.<key> or "
+                "proxy.metadata['<key>']."
+            )
+
     async def verify(self) -> bool | None:
         """Re-read the file and check it against the checksum recorded at upload.
 
@@ -350,6 +431,30 @@ class FileProxy:
 
         :raises FileNotFound: the document references a file that is not there.
         """
+        await self._fetch()
+        return self
+
+    async def get(self, grid_id: Any = None) -> FileProxy | None:
+        """mongoengine's ``get()``: this proxy with the file's metadata loaded.
+
+        The proxy then answers what mongoengine's ``GridOut`` did (``filename``,
+        ``length``, ``md5``, the metadata keys as attributes, ``read()``...).
+
+        :param grid_id: accepted for mongoengine's signature; it must be the id the
+            field holds (to point the field at another file, assign it:
+            ``doc.photo = file_id``).
+        :returns: the proxy, or ``None`` when the field holds no file.
+        :raises FileNotFound: the referenced file is missing (mongoengine returned
+            ``None``; ``FileNotFound`` is a ``gridfs.errors.NoFile``).
+        """
+        if grid_id is not None and grid_id != self.grid_id:
+            raise ValueError(
+                f"get({grid_id!r}) would switch this field to another file without "
+                "telling its document; assign it instead (`doc.<field> = file_id`, "
+                "then `await doc.save()`), and call get() without an id."
+            )
+        if self.grid_id is None:
+            return None
         await self._fetch()
         return self
 
@@ -655,6 +760,7 @@ class FileProxy:
         guard = make_guard(self, content_type, filename, self._metadata(None, metadata))
         bucket = self._bucket()
         self._upload = bucket.open_upload(filename=guard.filename, metadata=guard.metadata)
+        self._streamed = True
         self._guard = guard
         self._upload_previous = self.grid_id
         self._encoding = encoding
@@ -702,9 +808,16 @@ class FileProxy:
         (the upload is being closed) and ``delete()`` waits for it, then deletes the
         file it committed.
 
-        :raises UploadClosed: no upload is open.
+        On a proxy that never opened a streaming upload (after ``put()``, say) it
+        does nothing, as in mongoengine.
+
+        :raises UploadClosed: ``new_file()`` was used on this proxy and no upload is
+            open: the one this call would finish was closed or aborted already
+            (perhaps by another task), so succeeding could hide lost bytes.
         :raises FileConflict: see :meth:`replace`; the new file was removed.
         """
+        if self._upload is None and self._closing is None and not self._streamed:
+            return self
         stream = self._stream("close()")
         self._upload = None
         closing = asyncio.get_running_loop().create_future()
@@ -756,7 +869,19 @@ class FileProxy:
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self._collection_name} {self.grid_id!r}>"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        """mongoengine's form, ``<FileProxy: marmot.jpg (<id>)>``, without I/O.
+
+        ``<no file>`` for an empty field or a file found missing; ``<not loaded>``
+        until the metadata is loaded.
+        """
+        if self.grid_id is None or isinstance(self._files_doc, _Missing):
+            label = "<no file>"
+        elif self._files_doc is None:
+            label = "<not loaded>"
+        else:
+            label = str(self._files_doc.get("filename"))
+        return f"<{type(self).__name__}: {label} ({self.grid_id})>"
 
 
 class _Flush:
