@@ -7,6 +7,7 @@ import io
 import time
 
 import pytest
+from bson import ObjectId
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -182,4 +183,71 @@ async def test_streaming_into_an_image_field_is_refused_with_the_way_to_do_it(as
     animal = ImgAnimal(name="streamed")
     with pytest.raises(TypeError, match=r"put\(data\)"):
         animal.photo.new_file(filename="x.png")
+    assert await bucket_counts(asyncassets_db) == (0, 0)
+
+
+# -- the thumbnail and mongoengine's image attributes ---------------------------------
+
+
+async def test_the_thumbnail_has_format_width_height_and_size(asyncassets_db):
+    doc = ImgAnimal()
+    await doc.photo.put(make_image(800, 600, "JPEG"))
+    # Loaded by the put() that made it, as mongoengine's thumbnail GridOut had them.
+    thumb = doc.photo.thumbnail
+    assert (thumb.format, thumb.width, thumb.height, thumb.size) == ("JPEG", 40, 40, (40, 40))
+    assert (doc.photo.width, doc.photo.height) == (133, 100)
+    await doc.save()
+    loaded = await ImgAnimal.objects.get(pk=doc.pk)
+    await loaded.photo.load()
+    assert loaded.photo.thumbnail is loaded.photo.thumbnail  # one proxy, loaded once
+    await loaded.photo.thumbnail.load()
+    assert loaded.photo.thumbnail.size == (40, 40)
+    assert loaded.photo.thumbnail.thumbnail is None
+
+
+async def test_the_thumbnail_of_a_new_image_replaces_the_old_one(asyncassets_db):
+    doc = ImgAnimal()
+    await doc.photo.put(make_image(300, 300))
+    old = doc.photo.thumbnail
+    await doc.photo.replace(make_image(100, 300, "WEBP"))
+    assert doc.photo.thumbnail is not old
+    assert (doc.photo.thumbnail.format, doc.photo.thumbnail.size) == ("WEBP", (40, 40))
+
+
+async def test_the_thumbnail_is_read_only(asyncassets_db):
+    doc = ImgAnimal()
+    await doc.photo.put(make_image(300, 300))
+    await doc.save()
+    thumb = doc.photo.thumbnail
+    for call in (thumb.put(b"x"), thumb.replace(b"x"), thumb.delete()):
+        with pytest.raises(TypeError, match="with its image"):
+            await call
+    with pytest.raises(TypeError, match="with its image"):
+        thumb.new_file()
+    assert await bucket_counts(asyncassets_db) == (2, 2)
+    assert PIL.open(io.BytesIO(await thumb.read())).size == (40, 40)
+
+
+async def test_images_written_by_mongoengine_keep_their_size_and_thumbnail(asyncassets_db):
+    # mongoengine's ImageField stores width, height, format and thumbnail_id at the
+    # top level of the files document (and the thumbnail's at the top of its own).
+    full, small = make_image(120, 80), make_image(30, 20)
+    thumb_id, image_id = ObjectId(), ObjectId()
+    for file_id, data, extra in (
+        (thumb_id, small, {"width": 30, "height": 20, "format": "PNG"}),
+        (image_id, full, {"width": 120, "height": 80, "format": "PNG", "thumbnail_id": thumb_id}),
+    ):
+        await asyncassets_db["images.files"].insert_one(
+            {"_id": file_id, "length": len(data), "chunkSize": 255 * 1024, **extra}
+        )
+        await asyncassets_db["images.chunks"].insert_one(
+            {"files_id": file_id, "n": 0, "data": data}
+        )
+    await asyncassets_db["img_animals"].insert_one({"_id": ObjectId(), "photo": image_id})
+    doc = await ImgAnimal.objects.first()
+    await doc.photo.load()
+    assert (doc.photo.size, doc.photo.format) == ((120, 80), "PNG")
+    assert await doc.photo.thumbnail.read() == small
+    assert doc.photo.thumbnail.size == (30, 20)
+    await doc.photo.delete()  # as mongoengine's delete(): the thumbnail goes too
     assert await bucket_counts(asyncassets_db) == (0, 0)

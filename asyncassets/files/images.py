@@ -8,6 +8,7 @@ Needs the ``images`` extra (``pip install 'asyncassets[images]'``)::
     await marmot.photo.put(open("marmot.jpg", "rb"), filename="marmot.jpg")
     marmot.photo.size, marmot.photo.format     # (1024, 768), "JPEG"
     thumb = await marmot.photo.thumbnail.read()
+    marmot.photo.thumbnail.size                # (128, 128): loaded by put() or read()
 
 The semantics are mongoengine's: an image larger than ``size`` is shrunk to fit
 in it, keeping its aspect ratio, or, with ``force``, resized and centre-cropped
@@ -27,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import io
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 from bson import ObjectId
 
 from ..errors import FileValidationError, PillowMissing
+from ..storage.catalogue import user_metadata
 from ..storage.gridfs import GridBucket
 from ..storage.sources import read_source
 from .proxy import FileProxy
@@ -45,7 +47,7 @@ try:
 except ImportError:  # the `images` extra is not installed
     Image = ImageOps = UnidentifiedImageError = None
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageProxy", "require_pillow", "size_option"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageProxy", "ThumbnailProxy", "require_pillow", "size_option"]
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Largest image accepted, in pixels (width x height): about 200 MB decoded as RGBA."""
@@ -76,9 +78,13 @@ def size_option(name: str, value: Any) -> tuple[int, int, bool] | None:
 class ImageProxy(FileProxy):
     """A :class:`FileProxy` that also knows the image's size, format and thumbnail."""
 
+    #: The thumbnail proxy handed out last, so that what was loaded into it stays.
+    _thumb: ThumbnailProxy | None = None
+
     def _meta_value(self, key: str) -> Any:
         doc = self._doc()
-        return None if doc is None else (doc.get("metadata") or {}).get(key)
+        # Either layout: asyncassets' metadata sub-document, mongoengine's top level.
+        return None if doc is None else user_metadata(doc).get(key)
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -87,20 +93,41 @@ class ImageProxy(FileProxy):
         return None if width is None else (int(width), int(height))
 
     @property
+    def width(self) -> int | None:
+        """Width of the stored image in pixels."""
+        width = self._meta_value("width")
+        return None if width is None else int(width)
+
+    @property
+    def height(self) -> int | None:
+        """Height of the stored image in pixels."""
+        height = self._meta_value("height")
+        return None if height is None else int(height)
+
+    @property
     def format(self) -> str | None:
         """Pillow's name of the image format: ``"JPEG"``, ``"PNG"``, ``"WEBP"``..."""
         return self._meta_value("format")
 
     @property
-    def thumbnail(self) -> FileProxy | None:
-        """The thumbnail, a plain file proxy (``await proxy.thumbnail.read()``).
+    def thumbnail(self) -> ThumbnailProxy | None:
+        """The thumbnail: read it (``await proxy.thumbnail.read()``) like any file.
 
+        It has ``size``, ``width``, ``height`` and ``format`` too, as mongoengine's
+        thumbnail has. Its metadata is loaded by the ``put()`` or ``replace()`` that
+        made it, else by its own ``read()`` or ``load()``; the same proxy is
+        returned while the image keeps its thumbnail, so that stays loaded.
         ``None`` when the field is empty or has no ``thumbnail_size``.
         """
         thumb_id = self._meta_value("thumbnail_id")
         if thumb_id is None:
             return None
-        return FileProxy(thumb_id, collection_name=self.collection_name, db_alias=self.db_alias)
+        thumb = self._thumb
+        if thumb is None or thumb.grid_id != thumb_id or thumb.db_alias != self.db_alias:
+            thumb = self._thumb = ThumbnailProxy(
+                thumb_id, collection_name=self.collection_name, db_alias=self.db_alias
+            )
+        return thumb
 
     def new_file(self, *args: Any, **kwargs: Any) -> Any:
         """Not available for images: use ``await proxy.put(data)``.
@@ -150,6 +177,11 @@ class ImageProxy(FileProxy):
         if image.thumbnail is not None:
             thumb_meta["thumbnail_of"] = parent_id
             thumb_doc = await bucket.upload(image.thumbnail, metadata=thumb_meta)
+            # Loaded already: once the image is referenced, .thumbnail.size needs no I/O.
+            self._thumb = ThumbnailProxy(
+                thumb_doc["_id"], collection_name=self.collection_name, db_alias=self.db_alias
+            )
+            self._thumb._files_doc = thumb_doc
         meta = dict(metadata)
         meta.update(width=image.size[0], height=image.size[1], format=image.format)
         if thumb_doc is not None:
@@ -175,9 +207,48 @@ class ImageProxy(FileProxy):
         # The parent first: a crash in between leaves an orphan thumbnail, never a
         # parent whose thumbnail is missing.
         await bucket.delete(file_id)
-        thumb_id = ((doc or {}).get("metadata") or {}).get("thumbnail_id")
+        thumb_id = None if doc is None else user_metadata(doc).get("thumbnail_id")
         if thumb_id is not None:
             await bucket.delete(thumb_id)
+
+
+class ThumbnailProxy(ImageProxy):
+    """An image's thumbnail (``doc.photo.thumbnail``): read-only.
+
+    It is written, replaced and deleted with its image; ``put``, ``replace``,
+    ``delete`` and ``new_file`` raise ``TypeError`` saying so.
+    """
+
+    @property
+    def thumbnail(self) -> None:
+        """A thumbnail has no thumbnail of its own."""
+        return None
+
+    def _read_only(self, what: str) -> NoReturn:
+        raise TypeError(
+            f"{what} on a thumbnail: it is written and deleted with its image. "
+            "put(), replace() or delete() the image field instead."
+        )
+
+    async def put(
+        self, data: Any, content_type: str | None = None, filename: str | None = None, **kw: Any
+    ) -> FileProxy:
+        """Not available: a thumbnail is made by its image's ``put()``."""
+        self._read_only("put()")
+
+    async def replace(
+        self, data: Any, content_type: str | None = None, filename: str | None = None, **kw: Any
+    ) -> FileProxy:
+        """Not available: ``replace()`` the image, which makes a new thumbnail."""
+        self._read_only("replace()")
+
+    async def delete(self) -> None:
+        """Not available: ``delete()`` the image, which deletes its thumbnail."""
+        self._read_only("delete()")
+
+    def new_file(self, *args: Any, **kwargs: Any) -> Any:
+        """Not available: a thumbnail is made by its image's ``put()``."""
+        self._read_only("new_file()")
 
 
 class _Processed:
