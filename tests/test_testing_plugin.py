@@ -143,3 +143,31 @@ def test_strict_mode_without_marks_does_not_run_async_tests_silently(shared_serv
     )
     result = _run(shared_server, "strict")
     assert result.parseoutcomes().get("passed", 0) == 0
+
+
+def test_teardown_survives_a_server_killed_and_restarted_by_the_test(inner, monkeypatch):
+    # The documented pattern: kill the server, see what the code does, start it again.
+    # Teardown then drops each database on connections pooled before the kill.
+    monkeypatch.delenv("MONGODB_URI", raising=False)
+    inner.makepyfile(
+        test_inner="""
+        async def test_kills_and_restarts_the_server(asyncassets_server, asyncassets_db,
+                                                     asyncassets_connect):
+            archive = asyncassets_connect("archive")
+            await asyncassets_db.animals.insert_one({"genus": "Marmota"})
+            await archive.animals.insert_one({"genus": "Castor"})
+            asyncassets_server.kill()
+            asyncassets_server.start()
+
+        async def test_restarts_without_touching_the_pool(asyncassets_server, asyncassets_db):
+            await asyncassets_db.animals.insert_one({"genus": "Marmota"})
+            asyncassets_server.stop()
+            asyncassets_server.start()
+
+        async def test_the_next_test_gets_a_working_database(asyncassets_db):
+            await asyncassets_db.animals.insert_one({"genus": "Marmota"})
+            assert await asyncassets_db.animals.count_documents({}) == 1
+        """
+    )
+    result = _run(inner, "auto")
+    result.assert_outcomes(passed=3, errors=0)
