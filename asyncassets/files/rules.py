@@ -25,7 +25,7 @@ from typing import Any
 from .._tasks import spawn
 from ..errors import FileValidationError
 from ..storage.codec import CODECS, compressor
-from ..storage.sources import read_source
+from ..storage.sources import byte_view, read_source
 from .names import MAX_FILENAME_BYTES, FilenameTemplate, has_extension, sanitize_filename
 from .sniffing import HEAD_SIZE, content_type_matches, guess_content_type, sniff_content_type
 
@@ -310,6 +310,7 @@ class UploadGuard:
         """
         if self.failed is not None:
             raise self.failed
+        data = byte_view(data, "file data")  # len() in bytes, whatever the item size
         size = len(data)
         if not size:
             return data

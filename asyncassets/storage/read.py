@@ -13,7 +13,7 @@ Files written by others without a ``sha256`` are checked against their GridFS
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ChecksumMissing, CorruptFile, IntegrityError
@@ -49,7 +49,7 @@ def _nothing_to_check(bucket: GridBucket, doc: Mapping[str, Any]) -> ChecksumMis
     return exc
 
 
-async def _stored_pieces(bucket: GridBucket, doc: Mapping[str, Any]) -> AsyncIterator[bytes]:
+async def _stored_pieces(bucket: GridBucket, doc: Mapping[str, Any]) -> AsyncGenerator[bytes, None]:
     async with bucket.open_download(doc) as download:
         async for piece in download:
             yield piece
@@ -57,7 +57,7 @@ async def _stored_pieces(bucket: GridBucket, doc: Mapping[str, Any]) -> AsyncIte
 
 async def _inflate(
     bucket: GridBucket, doc: Mapping[str, Any], pieces: AsyncIterator[bytes]
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     inflated = inflate(pieces)
     try:
         async for piece in inflated:
@@ -75,7 +75,7 @@ async def iter_original(
     end: int | None = None,
     *,
     verify: bool = False,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the original bytes ``[start, end)`` of a file: decompressed, checked.
 
     With ``verify``, every byte of the file is hashed as it passes and
@@ -87,7 +87,10 @@ async def iter_original(
     :raises ValueError: the range is outside the file.
     :raises ChecksumMissing: ``verify`` on a file without a recorded checksum.
     :raises IntegrityError: the bytes do not match (or, compressed, do not inflate).
-    :raises CorruptFile: chunks are missing or of the wrong size.
+    :raises FileDeletedWhileReading: the file was deleted or replaced while it was
+        read (chunks went missing and its files document is gone or another one).
+    :raises CorruptFile: chunks are missing or of the wrong size, and the files
+        document is unchanged.
     """
     info = compression_of(doc)
     length = original_length(doc)
@@ -114,7 +117,7 @@ async def iter_original(
         return
     hasher = hashlib.new(expected[0]) if expected else None
     pieces = _stored_pieces(bucket, doc)
-    source = _inflate(bucket, doc, pieces) if info else pieces
+    source: AsyncGenerator[bytes, None] = _inflate(bucket, doc, pieces) if info else pieces
     pos = 0
     try:
         async for piece in source:
@@ -127,9 +130,9 @@ async def iter_original(
             elif lo >= end and hasher is None:
                 break  # past the range and nothing left to check
     finally:
-        await source.aclose()  # type: ignore[attr-defined]
+        await source.aclose()
         if source is not pieces:
-            await pieces.aclose()  # type: ignore[attr-defined]
+            await pieces.aclose()
     if hasher is None:
         return
     if info and pos != length:
@@ -151,7 +154,10 @@ async def read_original(
     *,
     verify: bool = False,
 ) -> bytes:
-    """The original bytes ``[start, end)`` of a file; see :func:`iter_original`."""
+    """The original bytes ``[start, end)`` of a file.
+
+    :raises: as :func:`iter_original`.
+    """
     return b"".join([p async for p in iter_original(bucket, doc, start, end, verify=verify)])
 
 
@@ -165,6 +171,8 @@ async def verify_file(bucket: GridBucket, doc: Mapping[str, Any]) -> bool:
     :returns: ``True``.
     :raises ChecksumMissing: nothing was recorded to check against.
     :raises IntegrityError: the bytes, or the chunks' layout, do not match.
+    :raises FileDeletedWhileReading: the file was deleted or replaced while it was
+        checked; that says nothing about its integrity.
     """
     stored = expected_digest(doc)
     info = compression_of(doc)

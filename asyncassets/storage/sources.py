@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import io
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 __all__ = ["ACCEPTED_SOURCES", "byte_view", "check_size", "read_source"]
@@ -20,6 +20,11 @@ ACCEPTED_SOURCES = (
 
 
 def check_size(name: str, value: Any) -> int:
+    """Return ``value``, a size in bytes (``chunk_size``, ``buffer_size``...).
+
+    :raises TypeError: ``value`` is not an ``int`` (``bool`` included).
+    :raises ValueError: ``value`` is not positive.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value <= 0:
@@ -28,7 +33,14 @@ def check_size(name: str, value: Any) -> int:
 
 
 def byte_view(data: Any, what: str) -> bytes | memoryview:
-    """Return ``data`` as ``bytes`` or a flat byte ``memoryview``; ``TypeError`` otherwise."""
+    """Return ``data`` as ``bytes`` or a flat ``memoryview`` of format ``"B"``.
+
+    Buffers whose items are wider than a byte (``array("d")``, a cast
+    ``memoryview``, numpy arrays) are cast to bytes, so ``len()`` of the result
+    counts bytes, not items; a non-contiguous buffer is copied into ``bytes``.
+
+    :raises TypeError: ``data`` is ``str`` or does not support the buffer protocol.
+    """
     if type(data) is bytes:
         return data
     if isinstance(data, str):
@@ -42,13 +54,23 @@ def byte_view(data: Any, what: str) -> bytes | memoryview:
         raise TypeError(
             f"{what} must be bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}"
         ) from None
-    if view.ndim != 1 or view.format not in ("B", "b", "c"):
-        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+    if not view.c_contiguous:
+        return view.tobytes()  # hashing and inserting need contiguous memory
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
     return view
 
 
-async def read_source(source: Any, piece_size: int) -> AsyncIterator[Any]:
-    """Yield ``source``'s bytes in pieces; validate its kind before the first yield."""
+async def read_source(source: Any, piece_size: int) -> AsyncGenerator[bytes | memoryview, None]:
+    """Yield ``source``'s bytes in pieces; validate its kind before the first yield.
+
+    Every piece is ``bytes`` or a flat byte ``memoryview`` (see :func:`byte_view`),
+    so ``len(piece)`` is its size in bytes whatever the source's item size.
+
+    :raises TypeError: ``source`` is ``None``, ``str``, a text-mode file, of no
+        accepted kind, or yields something other than bytes-like pieces.
+    :raises ValueError: ``source`` is a closed file.
+    """
     if source is None:
         raise TypeError(f"upload() needs a source, got None; pass {ACCEPTED_SOURCES}")
     if isinstance(source, str):
@@ -57,7 +79,7 @@ async def read_source(source: Any, piece_size: int) -> AsyncIterator[Any]:
             "or pass encoding= where the API offers it"
         )
     if isinstance(source, (bytes, bytearray, memoryview)):
-        yield source
+        yield byte_view(source, "upload() data")
         return
     read = getattr(source, "read", None)
     if callable(read):
@@ -86,11 +108,12 @@ async def read_source(source: Any, piece_size: int) -> AsyncIterator[Any]:
             yield byte_view(piece, f"{type(source).__name__}.read()")
         return
     try:
-        view = memoryview(source)
+        memoryview(source)
     except TypeError:
         pass
     else:
-        yield view
+        # Any other buffer (array.array, numpy...), cast to bytes like the rest.
+        yield byte_view(source, "upload() data")
         return
     if hasattr(source, "__aiter__"):
         async for piece in source:

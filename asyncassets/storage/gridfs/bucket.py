@@ -23,12 +23,15 @@ It differs from PyMongo's bucket in what it guarantees:
   document, and the files document is inserted last, so a file whose files
   document exists is complete;
 * downloads check every chunk they read (number, order, size) and raise
-  :class:`~asyncassets.errors.CorruptFile` instead of returning wrong bytes.
+  :class:`~asyncassets.errors.CorruptFile` instead of returning wrong bytes, or
+  :class:`~asyncassets.errors.FileDeletedWhileReading` when the file was deleted
+  or replaced under the reader;
+* a cancelled download kills its server cursor without spoiling a pooled
+  connection.
 
 It works with a PyMongo ``AsyncDatabase`` or a Motor database: only calls both
 drivers share are used here, the others go through :mod:`asyncassets._driver`.
 """
-
 
 from __future__ import annotations
 
@@ -159,6 +162,8 @@ class GridBucket:
         ``source`` is bytes-like; a binary file object whose ``read(n)`` returns bytes,
         or a coroutine of bytes (aiofiles, Starlette's ``UploadFile``); or an iterable
         or async iterable of bytes pieces. It is read piece by piece, never whole.
+        A buffer of wider items (``array("d")``, a cast ``memoryview``) is stored as
+        its bytes: ``length`` counts bytes.
 
         If anything fails, including cancellation, the chunks written so far are
         removed, no files document is left, and the original exception propagates.
@@ -225,6 +230,8 @@ class GridBucket:
         :raises asyncassets.errors.CorruptFile: if ``files_doc`` lacks a valid
             ``_id``, ``length`` or ``chunkSize``; while iterating, if a chunk is
             missing, out of order, of the wrong size, or extra.
+        :raises asyncassets.errors.FileDeletedWhileReading: while iterating, if the
+            file was deleted or replaced meanwhile (see :meth:`delete`).
         """
         return DownloadStream(self, files_doc, start=start, end=end)
 
@@ -245,6 +252,14 @@ class GridBucket:
     async def delete(self, file_id: Any) -> bool:
         """Delete a file: its files document first, then its chunks (the spec's order).
 
+        The order matters to readers: a download that finds a chunk missing looks
+        the files document up again, and reports
+        :class:`~asyncassets.errors.FileDeletedWhileReading` if it is gone. Since the
+        files document goes first, a chunk is never gone while the files document
+        is still there, so a file deleted under a reader is never mistaken for a
+        corrupt one (nor is a new reader handed a files document whose chunks are
+        being removed).
+
         Chunks are removed even if the files document was already gone, so this also
         cleans up after a half-deleted file. The deletion is shielded from
         cancellation so it never stops between the two steps.
@@ -255,6 +270,7 @@ class GridBucket:
         return await asyncio.shield(spawn(self._delete(file_id)))
 
     async def _delete(self, file_id: Any) -> bool:
+        # Files document first: see delete() for why readers depend on it.
         result = await self.files.delete_one({"_id": file_id})
         await self.chunks.delete_many({"files_id": file_id})
         return result.deleted_count == 1

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections import deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pymongo.errors import CursorNotFound
+from pymongo.errors import CursorNotFound, PyMongoError
 
-from ...errors import CorruptFile
+from ..._tasks import add_note, spawn
+from ...errors import CorruptFile, FileDeletedWhileReading, GridFSError
 from .spec import as_int, is_int
 
 if TYPE_CHECKING:
     from .bucket import GridBucket
 
 __all__ = ["DownloadStream"]
+
+# The fields that tell one upload from another stored later under the same _id.
+_IDENTITY = ("length", "chunkSize", "uploadDate")
 
 
 class DownloadStream:
@@ -27,6 +32,17 @@ class DownloadStream:
     It holds one cursor batch of at most ``buffer_size`` bytes at a time. (Fetching
     the next batch while the caller consumes the current one was measured and did
     not help: the server, not the client, sets the pace.)
+
+    Cancellation is safe: a batch being fetched when the reader is cancelled is
+    fetched to its end in a task of its own (PyMongo throws away a connection whose
+    reply was cut short), and the server cursor is then killed in the background.
+    The stream is closed by the cancellation; reading it again raises
+    :class:`~asyncassets.errors.GridFSError`.
+
+    A chunk found missing or of the wrong size is checked against the files
+    document as it is now: if the file was deleted (or replaced by another upload
+    under the same ``_id``) while it was read, that is
+    :class:`~asyncassets.errors.FileDeletedWhileReading`, not corruption.
 
     :ivar file_id: the file's ``_id``.
     :ivar files_doc: the files document it reads.
@@ -52,12 +68,16 @@ class DownloadStream:
         self._bucket = bucket
         self.file_id = files_doc.get("_id")
         self.files_doc = files_doc
-        length = files_doc.get("length")
-        chunk_size = files_doc.get("chunkSize")
-        if "_id" not in files_doc or not is_int(length) or length < 0:
-            raise self._corrupt(f"its files document has no valid length: {length!r}")
-        if not is_int(chunk_size) or chunk_size <= 0:
-            raise self._corrupt(f"its files document has no valid chunkSize: {chunk_size!r}")
+        length = as_int(files_doc.get("length"))
+        chunk_size = as_int(files_doc.get("chunkSize"))
+        if "_id" not in files_doc or length is None or length < 0:
+            raise self._corrupt(
+                f"its files document has no valid length: {files_doc.get('length')!r}"
+            )
+        if chunk_size is None or chunk_size <= 0:
+            raise self._corrupt(
+                f"its files document has no valid chunkSize: {files_doc.get('chunkSize')!r}"
+            )
         if end is None:
             end = length
         for name, value in (("start", start), ("end", end)):
@@ -68,8 +88,8 @@ class DownloadStream:
                 f"invalid range start={start}, end={end} for file {self.file_id!r} of "
                 f"{length} bytes: need 0 <= start <= end <= {length}"
             )
-        self.length = int(length)
-        self.chunk_size = int(chunk_size)
+        self.length = length
+        self.chunk_size = chunk_size
         self.start = int(start)
         self.end = int(end)
         self._nchunks = -(-self.length // self.chunk_size)
@@ -82,8 +102,12 @@ class DownloadStream:
         self._fetched_n = self._first  # the next n the cursor will return
         self._docs: deque[dict[str, Any]] = deque()
         self._cursor: Any = None
+        # The batch being fetched, and the background close; both are kept alive by
+        # spawn() until they end, whoever stopped waiting for them.
         self._pending: asyncio.Task[list[dict[str, Any]]] | None = None
+        self._closer: asyncio.Task[None] | None = None
         self._done = self.start == self.end
+        self._interrupted = False  # closed because a read was cancelled
 
     def __repr__(self) -> str:
         return f"<DownloadStream {self.file_id!r} [{self.start}, {self.end})>"
@@ -94,10 +118,20 @@ class DownloadStream:
     async def __anext__(self) -> bytes:
         """Return the next piece.
 
+        :raises asyncassets.errors.FileDeletedWhileReading: if the file was deleted or
+            replaced while it was read (its chunks went missing under the reader).
         :raises asyncassets.errors.CorruptFile: if a chunk is missing, out of order,
-            of the wrong size, or extra.
+            of the wrong size, or extra, and the files document is unchanged.
+        :raises asyncassets.errors.GridFSError: if an earlier read was cancelled,
+            which closed the stream.
         :raises pymongo.errors.PyMongoError: if the server fails.
         """
+        if self._interrupted:
+            resume = min(max(self.start, self._next_n * self.chunk_size), self.end)
+            raise GridFSError(
+                f"the download of file {self.file_id!r} was closed when a read of it was "
+                f"cancelled; open a new one (start={resume}) to read on"
+            )
         while not self._done:
             if not self._docs:
                 docs = await self._fetch()
@@ -114,7 +148,7 @@ class DownloadStream:
                 if data:  # the spec lets readers ignore empty extra chunks
                     await self._fail(f"chunk n={n} is extra: the file has {self._nchunks} chunks")
                 continue
-            if n != self._next_n:
+            if n is None or n != self._next_n:
                 await self._fail(f"chunk n={self._next_n} is missing (found n={doc.get('n')!r})")
             if not isinstance(data, bytes):
                 await self._fail(f"chunk n={n} holds {type(data).__name__}, not binary data")
@@ -139,19 +173,26 @@ class DownloadStream:
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
-        """Stop: close the cursor and drop the buffered chunks; idempotent."""
+        """Stop: drop the buffered chunks and close the server cursor; idempotent.
+
+        Waits until the cursor is closed (a ``killCursors`` if it was not exhausted);
+        a cancelled ``aclose`` leaves that to finish in the background. After a
+        cancelled read it returns at once: the close that the cancellation started
+        goes on in the background.
+        """
         self._done = True
         self._docs.clear()
-        pending, self._pending = self._pending, None
-        if pending is not None and not pending.done():
-            pending.cancel()
-            try:
-                await pending
-            except BaseException:
-                pass  # discarded on purpose: the caller stopped reading
-        cursor, self._cursor = self._cursor, None
-        if cursor is not None:
-            await cursor.close()
+        if self._closer is None and self._pending is None:
+            cursor = self._cursor
+            if cursor is None:
+                return
+            if not _needs_kill(cursor):
+                self._cursor = None
+                await cursor.close()  # no I/O: it only hands its session back
+                return
+        closer = self._start_close()
+        if not self._interrupted:
+            await asyncio.shield(closer)
 
     async def __aenter__(self) -> DownloadStream:
         return self
@@ -172,8 +213,36 @@ class DownloadStream:
         )
 
     async def _fail(self, problem: str) -> NoReturn:
+        """Raise for a chunk that does not match the files document.
+
+        :raises FileDeletedWhileReading: the files document is gone or is another
+            upload's now: the file was deleted or replaced under the reader.
+        :raises CorruptFile: the files document is unchanged.
+        """
         await self.aclose()
-        raise self._corrupt(problem)
+        corrupt = self._corrupt(problem)
+        try:
+            await self._check_same_file()
+        except FileDeletedWhileReading as deleted:
+            raise deleted from corrupt
+        except PyMongoError as exc:
+            add_note(exc, f"while checking whether file {self.file_id!r} was deleted: {corrupt}")
+            raise
+        raise corrupt
+
+    async def _check_same_file(self) -> None:
+        """Look the files document up again.
+
+        :raises FileDeletedWhileReading: it is gone, or differs from the one being
+            read in length, chunk size or upload date (a new upload, same ``_id``).
+        :raises pymongo.errors.PyMongoError: if the server fails.
+        """
+        current = await self._bucket.find(self.file_id)
+        if current is None or any(
+            key in self.files_doc and not _same(current.get(key), self.files_doc[key])
+            for key in _IDENTITY
+        ):
+            raise FileDeletedWhileReading(self.file_id, self._bucket.name)
 
     def _open_cursor(self) -> Any:
         first = self._fetched_n
@@ -194,12 +263,14 @@ class DownloadStream:
         )
 
     async def _fetch_batch(self) -> list[dict[str, Any]]:
-        if self._cursor is None:
-            self._cursor = self._open_cursor()
+        """Fetch the next batch; runs in a task of its own (see :meth:`_fetch`)."""
         try:
-            docs = await self._cursor.to_list(self._batch_size)
+            docs: list[dict[str, Any]] = await self._cursor.to_list(self._batch_size)
         except CursorNotFound:
-            # The caller paused longer than the server keeps idle cursors (10 min).
+            # The caller paused longer than the server keeps idle cursors (10 min). A
+            # new query sees the collection as it is now: make sure it is still the
+            # same file, or the bytes of two uploads would be mixed.
+            await self._check_same_file()
             self._cursor = self._open_cursor()
             docs = await self._cursor.to_list(self._batch_size)
         if docs:
@@ -209,15 +280,21 @@ class DownloadStream:
         return docs
 
     async def _fetch(self) -> list[dict[str, Any]]:
-        # The fetch runs in its own task, shielded: a caller cancelled mid-fetch leaves
-        # the batch to the next call instead of losing it halfway through the cursor.
+        # The fetch runs in a task of its own that the reader's cancellation does not
+        # interrupt: PyMongo closes a connection whose reply it stopped reading, and
+        # leaves the server cursor open. A cancelled reader closes the stream instead:
+        # the batch is fetched to its end, then the cursor is killed, in the background.
         if self._pending is None:
-            self._pending = _fetch_task(self._fetch_batch())
+            if self._cursor is None:
+                self._cursor = self._open_cursor()
+            self._pending = spawn(self._fetch_batch())
         try:
             docs = await asyncio.shield(self._pending)
         except asyncio.CancelledError:
-            if self._pending is not None and self._pending.cancelled():
-                await self.aclose()
+            self._interrupted = True
+            self._done = True
+            self._docs.clear()
+            self._start_close()
             raise
         except BaseException:
             await self.aclose()
@@ -225,11 +302,37 @@ class DownloadStream:
         self._pending = None
         return docs
 
+    def _start_close(self) -> asyncio.Task[None]:
+        """Start closing the cursor in the background, once; return that task."""
+        if self._closer is None:
+            pending, self._pending = self._pending, None
+            self._closer = spawn(self._close_cursor(pending))
+        return self._closer
 
-def _fetch_task(coro: Coroutine[Any, Any, list[dict[str, Any]]]) -> asyncio.Task[Any]:
-    task = asyncio.ensure_future(coro)
-    # If the stream is abandoned mid-fetch, nobody awaits it; don't log that.
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    return task
+    async def _close_cursor(self, pending: asyncio.Task[Any] | None) -> None:
+        if pending is not None:
+            # Its result no longer matters, only that the connection is free again
+            # and which cursor it left (a CursorNotFound retry opens another one).
+            await asyncio.wait({pending})
+        cursor, self._cursor = self._cursor, None
+        if cursor is not None:
+            await cursor.close()
 
 
+def _same(stored: Any, known: Any) -> bool:
+    # The files document may have been read by a client with other codec options:
+    # the same uploadDate can come back naive (UTC) or aware.
+    if isinstance(stored, datetime.datetime) and isinstance(known, datetime.datetime):
+        return _as_utc(stored) == _as_utc(known)
+    return bool(stored == known)
+
+
+def _as_utc(value: datetime.datetime) -> datetime.datetime:
+    if value.tzinfo is None:
+        return value
+    return value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def _needs_kill(cursor: Any) -> bool:
+    """Whether closing ``cursor`` sends a ``killCursors`` (it has a live server cursor)."""
+    return bool(cursor.cursor_id) and bool(cursor.alive)

@@ -93,6 +93,8 @@ class UploadStream:
         """Append ``data`` to the buffer without I/O.
 
         Memory grows until the next :meth:`write`, :meth:`flush` or :meth:`close`.
+        A buffer of wider items (``array("d")``, a cast ``memoryview``) is appended
+        as its bytes.
 
         :raises asyncassets.errors.UploadClosed: if the stream is closed or aborted.
         :raises TypeError: if ``data`` is not bytes-like.
@@ -102,6 +104,9 @@ class UploadStream:
 
     async def write(self, data: Any) -> None:
         """Append ``data``; wait for the previous batch's insert when a batch is full.
+
+        A buffer of wider items (``array("d")``, a cast ``memoryview``) is appended
+        as its bytes.
 
         :raises asyncassets.errors.UploadClosed: if the stream is closed or aborted.
         :raises TypeError: if ``data`` is not bytes-like.
@@ -266,10 +271,9 @@ class UploadStream:
             self._emit(bytes(tail))
             tail = self._tail = bytearray()
         # Slicing bytes copies once; a whole-chunk bytes piece is not copied at all.
-        is_bytes = type(data) is bytes
         while size - pos >= chunk_size:
             piece = data[pos : pos + chunk_size]
-            self._emit(piece if is_bytes else bytes(piece))
+            self._emit(piece if isinstance(piece, bytes) else bytes(piece))
             pos += chunk_size
         if pos < size:
             tail += data[pos:]
