@@ -24,10 +24,11 @@ Exit status: 0 on success, 1 on an error (one line on stderr; ``--debug`` adds
 the traceback), 2 on a usage error, 3 when ``check`` or ``verify`` found problems.
 
 The package, one concern per module: :mod:`.parser` (the grammar: options,
-durations, ``KEY=VALUE`` pairs, ids), :mod:`.server` (which server, the embedded
-default and its lock, connecting), :mod:`.output` (JSON, progress bars, one-line
-errors), :mod:`.commands` (put, get, cat, ls, info, rm, verify, sweep, check)
-and :mod:`.demo`. The commands read bytes only through
+durations, ``KEY=VALUE`` pairs, ids), :mod:`.uris` (URIs read by PyMongo's
+parser and shown without secrets), :mod:`.server` (which server, the embedded
+default and its lock, connecting), :mod:`.output` (JSON, progress bars,
+one-line errors), :mod:`.commands` (put, get, cat, ls, info, rm, verify,
+sweep, check) and :mod:`.demo`. The commands read bytes only through
 :mod:`asyncassets.storage.read` and facts about files only through
 :mod:`asyncassets.storage.catalogue`, like the rest of the library.
 """
@@ -43,11 +44,12 @@ from collections.abc import Sequence
 
 from .commands import import_models, preflight, run_command
 from .demo import run_demo
-from .output import mask_uri, note, one_line
+from .output import note, one_line
 from .parser import build_parser, parse_duration
 from .server import server_for, uri_from
+from .uris import describe_uri
 
-__all__ = ["build_parser", "main", "mask_uri", "parse_duration"]
+__all__ = ["build_parser", "describe_uri", "main", "parse_duration"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

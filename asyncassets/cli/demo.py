@@ -23,8 +23,8 @@ from ..errors import CLIError
 from ..fields import FileField
 from ..ops import check
 from ..storage.gridfs import GridBucket
-from .output import mask_uri
 from .server import connect_to
+from .uris import describe_uri, parse_uri
 
 __all__ = ["run_demo"]
 
@@ -36,7 +36,11 @@ def run_demo(args: argparse.Namespace) -> int:
     server = None
     if args.uri:
         uri, db = args.uri, f"asyncassets_demo_{uuid.uuid4().hex[:8]}"
-        print(f"asyncassets demo on {mask_uri(uri)}, scratch database {db!r} (dropped at the end)")
+        parse_uri(uri)  # a bad URI fails before the tour starts
+        print(
+            f"asyncassets demo on {describe_uri(uri)}, scratch database {db!r} "
+            "(dropped at the end)"
+        )
     else:
         server = EmbeddedServer()
         print(f"asyncassets demo: starting a throwaway {server.kind} server (in memory)...")

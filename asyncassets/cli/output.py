@@ -1,7 +1,8 @@
 """What the command shows: JSON, file summaries, progress bars, notes and one-line errors.
 
-Results go to stdout; notes, progress bars and errors to stderr. Every message
-that may contain a URI goes through :func:`mask_uri`, so no password is printed.
+Results go to stdout; notes, progress bars and errors to stderr. A URI is shown
+only through :func:`~asyncassets.cli.uris.describe_uri` (hosts, ports and
+database), so no password is printed.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import re
 import sys
 from collections.abc import Mapping
 from typing import IO, Any
@@ -25,6 +25,7 @@ from ..storage.catalogue import (
     original_sha256,
     user_metadata,
 )
+from .uris import describe_uri
 
 __all__ = [
     "PROGRESS_THRESHOLD",
@@ -33,7 +34,6 @@ __all__ = [
     "file_summary",
     "first_line",
     "jsonable",
-    "mask_uri",
     "note",
     "one_line",
     "print_json",
@@ -45,18 +45,10 @@ __all__ = [
 #: Transfers larger than this get a progress bar (on a terminal, with tqdm installed).
 PROGRESS_THRESHOLD = 4 * 1024 * 1024
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/]*):(?P<secret>[^@/]*)@")
-
-
-def mask_uri(uri: str) -> str:
-    """Return ``uri`` with its password replaced by ``***``."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri)
-
 
 def first_line(text: str) -> str:
-    """The first line of ``text``, with any URI's password masked."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return mask_uri(line)
+    """The first line of ``text``."""
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def note(message: str) -> None:
@@ -195,20 +187,31 @@ class CountingReader:
 
 
 def one_line(exc: BaseException, uri: str | None) -> str:
-    """The one-line message for an error that ended a command (password masked)."""
-    where = mask_uri(uri) if uri else "the server"
+    """The one-line message for an error that ended a command.
+
+    The URI appears only as :func:`~asyncassets.cli.uris.describe_uri` shows it,
+    also where an exception's text repeats it.
+    """
+    where = describe_uri(uri) if uri else "the server"
+    text = str(exc)
+    if uri and "://" in uri:  # a URI-like string, not a few letters found in any message
+        text = text.replace(uri, where)
+    return _one_line(exc, text, where)
+
+
+def _one_line(exc: BaseException, text: str, where: str) -> str:
     if isinstance(exc, CLIError):
-        return str(exc)
+        return text
     if isinstance(exc, ConnectionFailure):
-        reason = str(exc).split(", Timeout:")[0].split(" (configured timeouts")[0]
+        reason = text.split(", Timeout:")[0].split(" (configured timeouts")[0]
         return f"cannot reach MongoDB at {where}: {first_line(reason)}"
     if isinstance(exc, OperationFailure) and exc.code in (13, 18):
-        return f"not authorised by {where}: {first_line(str(exc))}"
+        return f"not authorised by {where}: {first_line(text)}"
     if isinstance(exc, EmbeddedServerError):
-        return f"the embedded server failed: {first_line(str(exc))} (--debug shows its log)"
+        return f"the embedded server failed: {first_line(text)} (--debug shows its log)"
     if isinstance(exc, OSError) and exc.strerror:
         name = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{name}"
     if isinstance(exc, (AsyncAssetsError, PyMongoError)):
-        return first_line(str(exc))
-    return f"{type(exc).__name__}: {first_line(str(exc))} (--debug shows the traceback)"
+        return first_line(text)
+    return f"{type(exc).__name__}: {first_line(text)} (--debug shows the traceback)"

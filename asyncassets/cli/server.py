@@ -18,17 +18,11 @@ from typing import Any
 
 from pymongo.errors import ConfigurationError
 
-from ..connection import (
-    DEFAULT_ALIAS,
-    DEFAULT_DB,
-    _db_name_from,
-    connect,
-    disconnect,
-    registered_aliases,
-)
+from ..connection import DEFAULT_ALIAS, DEFAULT_DB, connect, disconnect, registered_aliases
 from ..embedded import EmbeddedServer, default_data_dir
 from ..errors import CLIError
-from .output import first_line, mask_uri, note
+from .output import note
+from .uris import describe_uri, parse_uri, reason_for
 
 __all__ = ["LOCK_NAME", "LOCK_TIMEOUT", "Target", "connect_to", "server_for", "uri_from"]
 
@@ -49,14 +43,14 @@ class Target:
     server: EmbeddedServer | None = None
 
     def describe(self) -> str:
-        """What ``-v`` says about the server, password masked."""
+        """What ``-v`` says about the server: hosts, ports and database, never a password."""
         if self.server is not None:
             where = self.server.storage_path or "memory"
             return (
                 f"using the embedded {self.server.kind} server at {self.uri} "
                 f"(data in {where}), database {self.db!r}"
             )
-        return f"using {mask_uri(self.uri)} (from {self.source}), database {self.db!r}"
+        return f"using {describe_uri(self.uri)} (from {self.source}), database {self.db!r}"
 
 
 def uri_from(args: argparse.Namespace) -> tuple[str, str] | None:
@@ -70,13 +64,14 @@ def uri_from(args: argparse.Namespace) -> tuple[str, str] | None:
     return None
 
 
-def _db_from(uri: str | None, explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    try:
-        return _db_name_from(uri, None) if uri else DEFAULT_DB
-    except Exception as exc:  # pymongo's InvalidURI and friends
-        raise CLIError(f"bad URI {mask_uri(uri or '')!r}: {exc}") from exc
+def _db_from(uri: str, explicit: str | None) -> str:
+    """The database of a command: ``--db``, else the URI's as PyMongo reads it.
+
+    :raises CLIError: PyMongo cannot parse the URI (checked even with ``--db``:
+        an unparsable URI must fail here, before anything prints a part of it).
+    """
+    parsed = parse_uri(uri)
+    return explicit or parsed["database"] or DEFAULT_DB
 
 
 @contextlib.contextmanager
@@ -147,12 +142,14 @@ async def connect_to(uri: str, db: str, timeout: float) -> None:
 
     :raises CLIError: the URI is malformed.
     """
+    parse_uri(uri)  # raises the CLIError, whose message quotes nothing of the URI
     if DEFAULT_ALIAS in registered_aliases():
         await disconnect(DEFAULT_ALIAS)
     try:
         connect(host=uri, db=db, **_client_options(uri, timeout))
     except (ValueError, ConfigurationError) as exc:
-        raise CLIError(f"bad URI {mask_uri(uri)!r}: {first_line(str(exc))}") from exc
+        # PyMongo parsed the URI above; its client may still refuse an option.
+        raise CLIError(f"bad URI {describe_uri(uri)}: {reason_for(exc, uri)}") from exc
 
 
 def _client_options(uri: str, timeout: float) -> dict[str, Any]:
