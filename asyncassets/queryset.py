@@ -10,17 +10,24 @@ database are coroutines (``first``, ``get``, ``count``, ``to_list``, ``delete``,
     big = await Animal.objects(weight__gte=10).order_by("-weight").limit(5).to_list()
     async for animal in Animal.objects.filter(Q(genus="Marmota") | Q(genus="Sciurus")):
         ...
+
+mongoengine's QuerySet helpers are here in their async form (``create``,
+``with_id``, ``in_bulk``, ``upsert_one``, ``scalar``/``values_list``, ``sum``,
+``average``, ``item_frequencies``, ``explain``, ``to_json``...); the few left out
+are listed, with what to use instead, in :doc:`/migration`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import pymongo
+from bson import json_util
 from mongoengine.base import BaseDocument
-from mongoengine.errors import NotUniqueError, OperationError
+from mongoengine.errors import InvalidQueryError, NotUniqueError, OperationError
+from mongoengine.fields import ListField
 from mongoengine.queryset import transform
 from mongoengine.queryset.visitor import Q, QNode
 from pymongo import ReturnDocument
@@ -55,6 +62,15 @@ class QuerySet(Generic[T]):
         self._as_pymongo = False
         self._file_fields: tuple[str, ...] = ()
         self._batch_size: int | None = None
+        #: Fields whose values replace the documents (``scalar``/``values_list``).
+        self._scalar: tuple[str, ...] = ()
+        #: ``none()``: matches nothing, whatever the filter.
+        self._none = False
+        #: The ``_cls`` condition of inheriting classes: "subclasses" (the class and
+        #: its subclasses), "exact" (``no_sub_classes``) or "cleared".
+        self._cls_mode = "subclasses"
+        #: Options of the find command (``hint``, ``comment``, ``max_time_ms``...).
+        self._find_options: dict[str, Any] = {}
 
     # -- building ---------------------------------------------------------------
 
@@ -62,6 +78,77 @@ class QuerySet(Generic[T]):
         clone = copy.copy(self)
         clone._query_obj = copy.deepcopy(self._query_obj)
         return clone
+
+    def clone(self) -> QuerySet[T]:
+        """A copy of this queryset (every building method already returns one)."""
+        return self._clone()
+
+    def all(self) -> QuerySet[T]:
+        """A copy of this queryset, as in mongoengine (``Doc.objects.all()``)."""
+        return self._clone()
+
+    def none(self) -> QuerySet[T]:
+        """A queryset that matches no document, whatever else it is given.
+
+        Reads return nothing, counts 0, and writes (upserts included) change nothing.
+        """
+        clone = self._clone()
+        clone._none = True
+        return clone
+
+    def no_sub_classes(self) -> QuerySet[T]:
+        """Only documents of this very class, not of its subclasses (inheritance)."""
+        clone = self._clone()
+        clone._cls_mode = "exact"
+        return clone
+
+    def clear_cls_query(self) -> QuerySet[T]:
+        """Drop the ``_cls`` condition that inheriting classes add to every query.
+
+        Documents of sibling classes in the collection then match too.
+        """
+        clone = self._clone()
+        clone._cls_mode = "cleared"
+        return clone
+
+    def no_cache(self) -> QuerySet[T]:
+        """A copy: querysets here never cache results (accepted for mongoengine code)."""
+        return self._clone()
+
+    def no_dereference(self) -> QuerySet[T]:
+        """A copy: references are never dereferenced on access here anyway."""
+        return self._clone()
+
+    def __getitem__(self, key: slice) -> QuerySet[T]:
+        """``qs[10:20]``: the same queryset with skip and limit applied (no I/O).
+
+        The bounds count from this queryset's own skip and limit. An index
+        (``qs[0]``) would have to block: use ``await qs.skip(i).first()``.
+        """
+        if not isinstance(key, slice):
+            self._blocks("indexing a QuerySet (and iterating it without async for)")
+        if key.step not in (None, 1):
+            raise ValueError(f"QuerySet slices take no step, not {key.step!r}")
+        start, stop = key.start or 0, key.stop
+        if start < 0 or (stop is not None and stop < 0):
+            raise ValueError("QuerySet slices take no negative bounds: order_by('-x') instead")
+        room = None if self._limit is None else max(self._limit - start, 0)
+        if stop is not None:
+            room = max(stop - start, 0) if room is None else min(room, max(stop - start, 0))
+        clone = self._clone()
+        clone._skip = (self._skip or 0) + start or None
+        clone._limit = room
+        return clone
+
+    def __bool__(self) -> NoReturn:
+        self._blocks("the truth value of a QuerySet")
+
+    def _blocks(self, what: str) -> NoReturn:
+        raise TypeError(
+            f"{what} would need a blocking query. Use `await qs.exists()` for a truth "
+            "value, `await qs.first()` or `await qs.skip(i).first()` for one document, "
+            "`async for doc in qs` or `await qs.to_list()` for all of them."
+        )
 
     def __call__(self, q_obj: QNode | None = None, **query: Any) -> QuerySet[T]:
         """Same as :meth:`filter`."""
@@ -125,11 +212,65 @@ class QuerySet(Generic[T]):
         clone._only_fields = None
         return clone
 
+    def all_fields(self) -> QuerySet[T]:
+        """Load every field again, undoing :meth:`only` and :meth:`exclude`."""
+        clone = self._clone()
+        clone._projection = None
+        clone._only_fields = None
+        return clone
+
     def as_pymongo(self) -> QuerySet[Any]:
         """Return raw ``dict`` documents instead of :class:`Document` instances."""
         clone = self._clone()
         clone._as_pymongo = True
         return clone
+
+    def scalar(self, *fields: str) -> QuerySet[Any]:
+        """Return the values of ``fields`` instead of documents (loads only those).
+
+        One field gives its value, several a tuple, in order;
+        ``await Doc.objects.scalar("name").to_list()`` is a list of names. Reach
+        into embedded documents with ``__`` (``"author__name"``). ``scalar()``
+        with no fields returns documents again.
+        """
+        clone = self.only(*(f.replace("__", ".") for f in fields)) if fields else self.all_fields()
+        clone._scalar = fields
+        return clone
+
+    def values_list(self, *fields: str) -> QuerySet[Any]:
+        """Same as :meth:`scalar`."""
+        return self.scalar(*fields)
+
+    def _with_find_option(self, name: str, value: Any) -> QuerySet[T]:
+        clone = self._clone()
+        clone._find_options = {**self._find_options, name: value}
+        return clone
+
+    def hint(self, index: str | Sequence[tuple[str, int]]) -> QuerySet[T]:
+        """Make the server use this index (its name, or its keys).
+
+        Applies to reads and counts; ``await qs.explain()`` shows the plan.
+        """
+        return self._with_find_option("hint", index)
+
+    def comment(self, text: str) -> QuerySet[T]:
+        """Attach ``text`` to the query, for the server's logs and profiler."""
+        return self._with_find_option("comment", text)
+
+    def max_time_ms(self, ms: int | None) -> QuerySet[T]:
+        """Let the server stop the query after ``ms`` milliseconds (``None``: no limit).
+
+        A query that runs longer raises ``pymongo.errors.ExecutionTimeout``.
+        """
+        return self._with_find_option("max_time_ms", ms)
+
+    def allow_disk_use(self, enabled: bool) -> QuerySet[T]:
+        """Let the server sort with temporary files beyond its memory limit."""
+        return self._with_find_option("allow_disk_use", bool(enabled))
+
+    def timeout(self, enabled: bool) -> QuerySet[T]:
+        """``False`` keeps the server from closing the cursor after 10 idle minutes."""
+        return self._with_find_option("no_cursor_timeout", not enabled)
 
     def batch_size(self, n: int) -> QuerySet[T]:
         """Ask the server for ``n`` documents per round trip."""
@@ -171,10 +312,14 @@ class QuerySet(Generic[T]):
 
     @property
     def _query(self) -> dict[str, Any]:
+        if self._none:
+            return {"_id": {"$in": []}}
         query: dict[str, Any] = self._query_obj.to_query(self._document)
         meta = self._document._meta
-        if meta.get("allow_inheritance") is True:
+        if meta.get("allow_inheritance") is True and self._cls_mode != "cleared":
             subclasses = self._document._subclasses
+            if self._cls_mode == "exact":
+                subclasses = [self._document._class_name]
             cls_query = (
                 {"_cls": subclasses[0]} if len(subclasses) == 1 else {"_cls": {"$in": subclasses}}
             )
@@ -202,9 +347,23 @@ class QuerySet(Generic[T]):
             kwargs["limit"] = self._limit
         if self._batch_size:
             kwargs["batch_size"] = self._batch_size
+        kwargs.update(self._find_options)
         return self._collection.find(self._query, **kwargs)
 
+    def _read_options(self, *names: str) -> dict[str, Any]:
+        """The find options that other read commands take too, in their spelling."""
+        spelling = {"hint": "hint", "comment": "comment", "max_time_ms": "maxTimeMS"}
+        return {
+            spelling[name]: value
+            for name, value in self._find_options.items()
+            if name in names and value is not None
+        }
+
     def _build(self, son: dict[str, Any]) -> Any:
+        if self._scalar:
+            doc = self._document._from_son(son, created=False)
+            values = tuple(_lookup(doc, name) for name in self._scalar)
+            return values[0] if len(values) == 1 else values
         if self._as_pymongo:
             return son
         return self._document._from_son(son, created=False)
@@ -232,7 +391,7 @@ class QuerySet(Generic[T]):
                 yield doc
 
     async def _load_files(self, docs: Sequence[Any]) -> None:
-        if self._file_fields and not self._as_pymongo:
+        if self._file_fields and not self._as_pymongo and not self._scalar:
             from .references import load_files
 
             await load_files(docs, self._file_fields)
@@ -252,6 +411,50 @@ class QuerySet(Generic[T]):
         """The first matching document, or ``None``."""
         docs = await self.limit(1).to_list()
         return docs[0] if docs else None
+
+    async def exists(self) -> bool:
+        """Whether any document matches: the async form of mongoengine's ``bool(qs)``."""
+        if self._limit == 0:
+            return False
+        qs = self._clone()
+        qs._projection, qs._scalar, qs._file_fields = {"_id": 1}, (), ()
+        qs._as_pymongo = True
+        return bool(await qs.order_by().limit(1).to_list())
+
+    async def with_id(self, object_id: Any) -> T | None:
+        """The document with this primary key, or ``None``.
+
+        :raises InvalidQueryError: the queryset is already filtered (as in mongoengine).
+        """
+        if self._query_obj:
+            raise InvalidQueryError("Cannot use a filter whilst using `with_id`")
+        return await self.filter(pk=object_id).first()
+
+    async def in_bulk(self, object_ids: Iterable[Any]) -> dict[Any, T]:
+        """The documents with these primary keys, as ``{pk: document}``.
+
+        Ids that match nothing are left out. One query, whatever the number of ids.
+        """
+        qs = self.filter(pk__in=list(object_ids))
+        qs._skip = qs._limit = None
+        found: dict[Any, T] = {}
+        async for son in qs._raw_with_ids():
+            found[son[0]] = son[1]
+        return found
+
+    async def _raw_with_ids(self) -> AsyncIterator[tuple[Any, Any]]:
+        """``(stored _id, built result)`` for every match, files loaded per batch."""
+        batch: list[tuple[Any, Any]] = []
+        async for son in self._cursor():
+            batch.append((son["_id"], self._build(son)))
+            if len(batch) >= BATCH_SIZE:
+                await self._load_files([item for _, item in batch])
+                for pair in batch:
+                    yield pair
+                batch = []
+        await self._load_files([item for _, item in batch])
+        for pair in batch:
+            yield pair
 
     async def get(self, q_obj: QNode | None = None, **query: Any) -> T:
         """The one document matching the query.
@@ -278,11 +481,88 @@ class QuerySet(Generic[T]):
                 kwargs["skip"] = self._skip
             if self._limit:
                 kwargs["limit"] = self._limit
+        kwargs.update(self._read_options("hint", "comment", "max_time_ms"))
         return int(await self._collection.count_documents(self._query, **kwargs))
 
     async def distinct(self, field: str) -> list[Any]:
         """The distinct values of ``field`` among matching documents."""
-        return list(await self._collection.distinct(self._db_name(field), self._query))
+        options = self._read_options("comment", "max_time_ms")
+        return list(await self._collection.distinct(self._db_name(field), self._query, **options))
+
+    async def sum(self, field: str) -> Any:
+        """The sum of ``field`` over the matching documents (0 when none match).
+
+        A list field adds up its elements. Unlike mongoengine, ``skip`` and ``limit``
+        count: ``qs.order_by("-score").limit(10).sum("score")`` is the top ten's.
+        """
+        return await self._group_total(field, "$sum")
+
+    async def average(self, field: str) -> Any:
+        """The mean of ``field`` over the matching documents (0 when none match).
+
+        A list field counts each element; documents without the field are left out.
+        ``skip`` and ``limit`` count, as for :meth:`sum`.
+        """
+        return await self._group_total(field, "$avg")
+
+    async def _group_total(self, field: str, operator: str) -> Any:
+        stages = [*self._each_value(field), {"$group": {"_id": None, "t": {operator: "$v"}}}]
+        async for row in self.aggregate(stages):
+            return 0 if row["t"] is None else row["t"]
+        return 0
+
+    def _each_value(self, field: str) -> list[dict[str, Any]]:
+        """Stages giving one ``{"v": value}`` per value of ``field``.
+
+        The elements of a list (a list field, or a path through a list of embedded
+        documents) one by one, none for an empty list; ``None`` for a document
+        without a (non-list) field.
+        """
+        if field == "pk":
+            return [{"$project": {"_id": 0, "v": "$_id"}}]
+        chain = self._document._lookup_field(field.split("."))
+        names = [p if isinstance(p, str) else p.db_field for p in chain]
+        stages: list[dict[str, Any]] = []
+        for i, part in enumerate(chain[:-1]):
+            if isinstance(part, ListField):  # the server would not reach through it
+                stages.append({"$unwind": "$" + ".".join(names[: i + 1])})
+        path = "$" + ".".join(names)
+        if isinstance(chain[-1], ListField):
+            value: Any = path
+        else:  # a dynamic field may still hold a list; a missing one gives [None]
+            value = {"$cond": [{"$isArray": path}, path, [path]]}
+        return [*stages, {"$project": {"_id": 0, "v": value}}, {"$unwind": "$v"}]
+
+    async def item_frequencies(self, field: str, normalize: bool = False) -> dict[Any, Any]:
+        """How often each value of ``field`` occurs: ``{value: count}``.
+
+        The elements of a list field are counted one by one; a document without the
+        field counts for ``None``. With ``normalize`` the counts are fractions of
+        the total (adding up to 1.0). One aggregation on the server.
+        """
+        stages = [*self._each_value(field), {"$group": {"_id": "$v", "n": {"$sum": 1}}}]
+        counts = {row["_id"]: int(row["n"]) async for row in self.aggregate(stages)}
+        if not normalize:
+            return counts
+        total = sum(counts.values())
+        return {value: n / total for value, n in counts.items()}
+
+    async def explain(self) -> dict[str, Any]:
+        """The server's plan for this query (``find`` with sort, skip, limit, hint)."""
+        return dict(await self._cursor().explain())
+
+    async def to_json(self, *args: Any, **kwargs: Any) -> str:
+        """The matching documents as stored, as MongoDB Extended JSON (a list).
+
+        Arguments go to ``bson.json_util.dumps``; the default is relaxed Extended
+        JSON (mongoengine still defaulted to PyMongo's legacy format, with a warning).
+        """
+        kwargs.setdefault("json_options", json_util.RELAXED_JSON_OPTIONS)
+        return str(json_util.dumps(await self.as_pymongo().to_list(), *args, **kwargs))
+
+    def from_json(self, json_data: str) -> list[T]:
+        """Unsaved documents from Extended JSON, as :meth:`to_json` writes it (no I/O)."""
+        return [self._document._from_son(son) for son in json_util.loads(json_data)]
 
     async def aggregate(
         self, pipeline: Sequence[Mapping[str, Any]], **kwargs: Any
@@ -291,6 +571,8 @@ class QuerySet(Generic[T]):
 
         ``async for row in Doc.objects(kind="a").aggregate([{"$group": ...}])``
         """
+        if self._limit == 0:
+            return  # limit(0) matches nothing here; a $limit stage cannot say so
         stages: list[Mapping[str, Any]] = []
         query = self._query
         if query:
@@ -302,7 +584,8 @@ class QuerySet(Generic[T]):
             stages.append({"$skip": self._skip})
         if self._limit:
             stages.append({"$limit": self._limit})
-        async for row in _driver.aggregate(self._collection, [*stages, *pipeline], **kwargs):
+        options = {**self._read_options("hint", "comment", "max_time_ms"), **kwargs}
+        async for row in _driver.aggregate(self._collection, [*stages, *pipeline], **options):
             yield row
 
     # -- writing ----------------------------------------------------------------
@@ -349,6 +632,34 @@ class QuerySet(Generic[T]):
             return ids[0] if single else ids
         return items[0] if single else items
 
+    async def create(self, **fields: Any) -> T:
+        """Create and insert a document: ``await Doc.objects.create(name="x")``.
+
+        :returns: the saved document.
+        :raises NotUniqueError: a document with its id (or a unique value) exists.
+        """
+        return await self._document(**fields).save(force_insert=True)
+
+    async def upsert_one(
+        self, write_concern: dict[str, Any] | None = None, **update: Any
+    ) -> T | None:
+        """Update the first matching document, or insert one built from the query.
+
+        :returns: the document as stored after the update (``None`` after
+            :meth:`none`, which changes nothing).
+        """
+        if self._none:
+            return None
+        collection = with_write_concern(self._collection, write_concern)
+        son = await collection.find_one_and_update(
+            self._query,
+            self._update_doc(update),
+            upsert=True,
+            sort=self._sort(),
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if son is None else self._document._from_son(son, created=False)
+
     def _update_doc(self, update: dict[str, Any]) -> dict[str, Any]:
         if not update:
             raise OperationError("No update parameters, would remove data")
@@ -360,6 +671,8 @@ class QuerySet(Generic[T]):
 
         :returns: the number of documents matched.
         """
+        if self._none:
+            return 0
         result = await self._collection.update_many(
             self._query, self._update_doc(update), upsert=upsert
         )
@@ -367,6 +680,8 @@ class QuerySet(Generic[T]):
 
     async def update_one(self, upsert: bool = False, **update: Any) -> int:
         """Update the first matching document. :returns: 0 or 1."""
+        if self._none:
+            return 0
         result = await self._collection.update_one(
             self._query, self._update_doc(update), upsert=upsert
         )
@@ -382,6 +697,8 @@ class QuerySet(Generic[T]):
         """
         if remove and new:
             raise OperationError("Conflicting parameters: remove and new")
+        if self._none:
+            return None
         sort = self._sort()
         if remove:
             son = await self._collection.find_one_and_delete(self._query, sort=sort)
@@ -406,6 +723,8 @@ class QuerySet(Generic[T]):
         """
         from .references import cascade_paths, delete_files_of
 
+        if self._limit == 0:
+            return 0  # limit(0) matches nothing here (the cursor would take it as no limit)
         collection = with_write_concern(self._collection, write_concern)
         paths = cascade_paths(self._document)
         if not paths and self._limit is None and not self._skip:
@@ -457,6 +776,14 @@ class QuerySet(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<QuerySet {self._document.__name__} {self._query!r}>"
+
+
+def _lookup(doc: Any, name: str) -> Any:
+    """``doc``'s value at ``name`` (``author__name`` reaches into embedded documents)."""
+    value = doc
+    for part in name.replace(".", "__").split("__"):
+        value = None if value is None else getattr(value, part)
+    return value
 
 
 def _touched(result: Any) -> int:

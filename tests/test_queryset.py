@@ -5,6 +5,7 @@ from __future__ import annotations
 import mongoengine
 import pytest
 from bson import ObjectId
+from pymongo.errors import OperationFailure
 
 import asyncassets
 from asyncassets import (
@@ -18,7 +19,7 @@ from asyncassets import (
     QuerySet,
     ValidationError,
 )
-from asyncassets.fields import IntField, ListField, StringField
+from asyncassets.fields import EmbeddedDocumentField, IntField, ListField, StringField
 
 # Class names are prefixed "Qs" so they never clash in mongoengine's global
 # document registry with the classes of the other test modules.
@@ -541,3 +542,195 @@ async def test_modify_remove_with_new_raises_operation_error(zoo):
     with pytest.raises(OperationError, match="Conflicting parameters"):
         await QsAnimal.objects(name="owl").modify(remove=True, new=True)
     assert await zoo.animals.count_documents({"name": "owl"}) == 1
+
+
+# -- mongoengine's QuerySet helpers, awaited ------------------------------------------
+
+
+class QsRound(mongoengine.EmbeddedDocument):
+    score = IntField()
+
+
+class QsPlayer(Document):
+    name = StringField()
+    points = ListField(IntField())
+    rounds = ListField(EmbeddedDocumentField(QsRound))
+    best = EmbeddedDocumentField(QsRound)
+
+
+async def test_create_inserts_and_returns_the_document(asyncassets_db):
+    owl = await QsAnimal.objects.create(name="owl", legs=2)
+    assert owl.pk is not None and not owl._created
+    assert (await QsAnimal.objects.get(pk=owl.pk)).legs == 2
+    with pytest.raises(NotUniqueError):
+        await QsAnimal.objects.create(id=owl.pk, name="again")  # insert, never overwrite
+
+
+async def test_with_id_returns_the_document_or_none(zoo):
+    owl = await QsAnimal.objects.get(name="owl")
+    assert (await QsAnimal.objects.with_id(owl.pk)).name == "owl"
+    assert await QsAnimal.objects.with_id(str(owl.pk)) == owl
+    assert await QsAnimal.objects.with_id(ObjectId()) is None
+    with pytest.raises(InvalidQueryError, match="with_id"):
+        await QsAnimal.objects(legs=2).with_id(owl.pk)
+
+
+async def test_in_bulk_maps_ids_to_documents_in_one_query(zoo):
+    owl, snake = await QsAnimal.objects(name__in=["owl", "snake"]).order_by("name").to_list()
+    found = await QsAnimal.objects.in_bulk([owl.pk, snake.pk, ObjectId()])
+    assert {pk: d.name for pk, d in found.items()} == {owl.pk: "owl", snake.pk: "snake"}
+    assert list(await QsAnimal.objects(legs=0).in_bulk([owl.pk, snake.pk])) == [snake.pk]
+    assert await QsAnimal.objects.scalar("name").in_bulk([owl.pk]) == {owl.pk: "owl"}
+    raw = await QsAnimal.objects.as_pymongo().in_bulk([owl.pk])
+    assert raw[owl.pk]["name"] == "owl"
+    assert await QsAnimal.objects.in_bulk([]) == {}
+
+
+async def test_upsert_one_updates_the_match_or_inserts_one(zoo):
+    owl = await QsAnimal.objects(name="owl").upsert_one(set__weight=3)
+    assert (owl.name, owl.weight) == ("owl", 3)
+    assert await QsAnimal.objects.count() == 5
+    bat = await QsAnimal.objects(name="bat").upsert_one(set__legs=2)
+    assert (bat.name, bat.legs, bat.pk is not None) == ("bat", 2, True)
+    assert (await QsAnimal.objects.get(name="bat")).pk == bat.pk
+
+
+async def test_exists_replaces_the_truth_value_of_a_queryset(zoo):
+    assert await QsAnimal.objects(legs=8).exists() is True
+    assert await QsAnimal.objects(legs=3).exists() is False
+    assert await QsAnimal.objects.limit(0).exists() is False
+    with pytest.raises(TypeError, match=r"await qs\.exists\(\)"):
+        if QsAnimal.objects(legs=3):  # always true without await: refused instead
+            pass
+
+
+async def test_scalar_and_values_list_return_values_instead_of_documents(zoo):
+    qs = QsAnimal.objects(legs__gte=4).order_by("name")
+    assert await qs.scalar("name").to_list() == ["marmot", "spider", "squirrel"]
+    assert await qs.values_list("name", "legs").to_list() == [
+        ("marmot", 4), ("spider", 8), ("squirrel", 4),
+    ]
+    assert [v async for v in qs.scalar("weight")] == [5, 0, 1]
+    assert await qs.scalar("name").first() == "marmot"
+    assert names(await qs.scalar("name").scalar().to_list()) == ["marmot", "spider", "squirrel"]
+
+
+async def test_scalar_reaches_into_embedded_documents(asyncassets_db):
+    await QsPlayer(name="a", best=QsRound(score=7)).save()
+    await QsPlayer(name="b").save()
+    rows = await QsPlayer.objects.order_by("name").scalar("name", "best__score").to_list()
+    assert rows == [("a", 7), ("b", None)]
+
+
+async def test_sum_and_average_over_a_field(zoo):
+    assert await QsAnimal.objects.sum("weight") == 38
+    assert await QsAnimal.objects.average("weight") == pytest.approx(7.6)
+    assert await QsAnimal.objects(legs=4).sum("weight") == 6
+    assert await QsAnimal.objects.order_by("-weight").limit(2).sum("weight") == 35
+    assert await QsAnimal.objects(legs=3).sum("weight") == 0
+    assert await QsAnimal.objects(legs=3).average("weight") == 0
+
+
+async def test_sum_and_average_count_each_element_of_a_list(asyncassets_db):
+    await QsPlayer(name="a", points=[1, 2, 3], rounds=[QsRound(score=10), QsRound(score=20)]).save()
+    await QsPlayer(name="b", points=[4], rounds=[QsRound(score=30)]).save()
+    await QsPlayer(name="c").save()
+    assert await QsPlayer.objects.sum("points") == 10
+    assert await QsPlayer.objects.average("points") == pytest.approx(2.5)
+    assert await QsPlayer.objects.sum("rounds.score") == 60
+    assert await QsPlayer.objects.average("rounds.score") == pytest.approx(20)
+
+
+async def test_item_frequencies_count_values_and_list_elements(zoo):
+    assert await QsAnimal.objects.item_frequencies("legs") == {4: 2, 2: 1, 0: 1, 8: 1}
+    assert await QsAnimal.objects.item_frequencies("tags") == {
+        "rodent": 2, "tree": 2, "burrow": 1, "bird": 1, "web": 1,
+    }
+    assert await QsAnimal.objects(legs=4).item_frequencies("legs", normalize=True) == {4: 1.0}
+    await QsAnimal(name="ghost").save()  # no genus: counted as None
+    frequencies = await QsAnimal.objects.item_frequencies("genus", normalize=True)
+    assert frequencies[None] == pytest.approx(1 / 6)
+    assert sum(frequencies.values()) == pytest.approx(1.0)
+
+
+async def test_none_matches_nothing_and_changes_nothing(zoo):
+    nothing = QsAnimal.objects(legs=4).none()
+    assert await nothing.to_list() == []
+    assert await nothing.count() == 0
+    assert await nothing.first() is None
+    assert await nothing.update(upsert=True, set__weight=1) == 0
+    assert await nothing.upsert_one(set__weight=1) is None
+    assert await nothing.modify(upsert=True, set__weight=1) is None
+    assert await nothing.delete() == 0
+    assert await QsAnimal.objects.count() == 5
+    assert await QsAnimal.objects(weight=1).count() == 1
+
+
+async def test_no_sub_classes_and_clear_cls_query(asyncassets_db):
+    await QsShape(sides=3).save()
+    await QsSquare(sides=4, size=2).save()
+    assert await QsShape.objects.no_sub_classes().scalar("sides").to_list() == [3]
+    assert await QsShape.objects.count() == 2
+    await QsShape._get_collection().insert_one({"sides": 5})  # no _cls at all
+    assert await QsShape.objects.clear_cls_query().count() == 3
+
+
+async def test_slicing_applies_skip_and_limit_without_io(zoo):
+    qs = QsAnimal.objects.order_by("name")
+    assert names(await qs[1:3].to_list()) == ["owl", "snake"]
+    assert names(await qs[3:].to_list()) == ["spider", "squirrel"]
+    assert names(await qs[:1].to_list()) == ["marmot"]
+    assert names(await qs.skip(1)[1:2].to_list()) == ["snake"]  # from its own skip
+    assert names(await qs.limit(2)[1:5].to_list()) == ["owl"]  # within its own limit
+    assert await qs[2:2].to_list() == []
+    with pytest.raises(TypeError, match=r"skip\(i\)\.first\(\)"):
+        qs[0]
+    with pytest.raises(TypeError, match="async for"):
+        list(qs)
+    with pytest.raises(ValueError, match="negative"):
+        qs[-1:]
+
+
+async def test_limit_zero_deletes_and_aggregates_nothing(zoo):
+    # limit(0) means "no documents" here; the server would take it as "no limit".
+    assert await QsAnimal.objects.limit(0).delete() == 0
+    assert await QsAnimal.objects.order_by("name")[2:2].delete() == 0
+    assert [row async for row in QsAnimal.objects.limit(0).aggregate([])] == []
+    assert await QsAnimal.objects.limit(0).sum("weight") == 0
+    assert await QsAnimal.objects.count() == 5
+
+
+async def test_all_clone_no_cache_and_no_dereference_are_copies(zoo):
+    base = QsAnimal.objects(legs=4)
+    for copy in (base.all(), base.clone(), base.no_cache(), base.no_dereference()):
+        assert copy is not base
+        assert sorted(names(await copy.to_list())) == ["marmot", "squirrel"]
+
+
+async def test_all_fields_undoes_only(zoo):
+    owl = await QsAnimal.objects(name="owl").only("name").all_fields().first()
+    assert (owl.name, owl.genus, owl.tags) == ("owl", "Strix", ["bird", "tree"])
+
+
+async def test_hint_comment_and_max_time_ms_reach_the_server(zoo):
+    with pytest.raises(OperationFailure, match="nope"):
+        await QsAnimal.objects.hint("nope").to_list()
+    with pytest.raises(OperationFailure, match="nope"):
+        await QsAnimal.objects.hint("nope").count()
+    with pytest.raises(OperationFailure, match="nope"):
+        await QsAnimal.objects.hint("nope").sum("weight")
+    qs = QsAnimal.objects(legs=4).hint("_id_").comment("zoo").max_time_ms(5000)
+    assert await qs.count() == 2
+    assert sorted(await qs.scalar("name").to_list()) == ["marmot", "squirrel"]
+    assert sorted(await qs.distinct("name")) == ["marmot", "squirrel"]
+    assert len(await qs.allow_disk_use(True).timeout(False).to_list()) == 2
+    plan = await qs.explain()
+    assert "queryPlanner" in plan
+
+
+async def test_to_json_and_from_json_round_trip(zoo):
+    text = await QsAnimal.objects(name="owl").to_json()
+    assert '"name": "owl"' in text
+    (owl,) = QsAnimal.objects.from_json(text)
+    assert owl == await QsAnimal.objects.get(name="owl")
+    assert (owl.name, owl.tags) == ("owl", ["bird", "tree"])
