@@ -462,6 +462,91 @@ def test_describe_uri_keeps_hosts_ports_and_database_without_network(monkeypatch
         assert describe_uri(bad) == "<unparsable URI>", bad
 
 
+# -- hostile stored names ------------------------------------------------------------------
+
+
+#: Stored file names that try to rewrite the terminal, fake a row, hide an
+#: extension, or climb out of the download directory; with how text output shows them.
+HOSTILE_NAMES = {
+    "\x1b[2J\x1b[31mevil": "\\x1b[2J\\x1b[31mevil",
+    "a\nfake row": "a\\nfake row",
+    "\u202egpj.exe": "\\u202egpj.exe",
+    "ding\x07\r.txt": "ding\\x07\\r.txt",
+    ".bashrc": ".bashrc",
+    "../../etc/x": "../../etc/x",
+}
+HOSTILE_TYPE = "text/plain\x1b[8m"
+SHOWN_TYPE = "text/plain\\x1b[8m"
+HOSTILE_ID = "\x1b]0;owned\x07"
+_RAW_CONTROLS = (b"\x1b", b"\x07", b"\r", "\u202e".encode())
+
+
+@pytest.fixture
+def hostile(cli: CLI) -> dict[str, str]:
+    """Files stored under hostile names (by another program): ``{name: id}``."""
+    import gridfs
+
+    bucket = gridfs.GridFSBucket(cli.db)
+    ids = {
+        name: str(bucket.upload_from_stream(name, f"bytes of {name!r}".encode(),
+                                            metadata={"content_type": HOSTILE_TYPE}))
+        for name in HOSTILE_NAMES
+    }
+    bucket.upload_from_stream_with_id(HOSTILE_ID, "plain.txt", b"x")
+    return ids
+
+
+def _assert_no_raw_controls(data: bytes) -> None:
+    for raw in _RAW_CONTROLS:
+        assert raw not in data, data
+
+
+def test_ls_escapes_control_and_bidi_characters_and_json_keeps_them(
+    cli: CLI, hostile: dict[str, str]
+):
+    result = cli("ls")
+    assert result.code == 0, result
+    _assert_no_raw_controls(result.stdout)
+    header, *lines, last = result.out.split("\n")
+    assert header.startswith("ID") and last == ""
+    assert len(lines) == len(hostile) + 1  # one row a file: no fake row
+    rows = {line[:24].rstrip(): line for line in lines}
+    for name, shown in HOSTILE_NAMES.items():
+        assert rows[hostile[name]].endswith(f"  {SHOWN_TYPE:<24}  {shown}"), rows
+    assert rows["\\x1b]0;owned\\x07"].endswith("  plain.txt")
+
+    exact = cli("ls", "--json")
+    _assert_no_raw_controls(exact.stdout)  # JSON has escapes of its own: \u001b
+    found = {row["id"]: row for row in exact.json()}
+    for name, file_id in hostile.items():
+        assert found[file_id]["filename"] == name
+        assert found[file_id]["content_type"] == HOSTILE_TYPE
+    assert found[HOSTILE_ID]["filename"] == "plain.txt"
+
+
+def test_info_escapes_control_and_bidi_characters(cli: CLI, hostile: dict[str, str]):
+    for name, shown in HOSTILE_NAMES.items():
+        result = cli("info", hostile[name])
+        assert result.code == 0, result
+        _assert_no_raw_controls(result.stdout)
+        fields = dict(line.split(None, 1) for line in result.out.splitlines())
+        assert fields["filename"] == shown
+        assert fields["content_type"] == SHOWN_TYPE
+        exact = cli("info", hostile[name], "--json").json()
+        assert exact["filename"] == name and exact["content_type"] == HOSTILE_TYPE
+    by_id = cli("info", HOSTILE_ID)
+    _assert_no_raw_controls(by_id.stdout)
+    assert by_id.out.splitlines()[0] == "id            \\x1b]0;owned\\x07"
+
+
+def test_verify_and_rm_escape_a_hostile_id(cli: CLI, hostile: dict[str, str]):
+    verified = cli("verify", HOSTILE_ID)
+    _assert_no_raw_controls(verified.stdout)
+    assert verified.out.startswith("UNVERIFIABLE \\x1b]0;owned\\x07  ("), verified
+    removed = cli("rm", HOSTILE_ID)
+    assert removed.code == 0 and removed.stdout == b"deleted \\x1b]0;owned\\x07\n", removed
+
+
 def test_usage_errors_exit_2():
     assert run().code == 2
     assert run("put").code == 2

@@ -23,11 +23,15 @@ many commands in a row, start a server yourself and set ``ASYNCASSETS_URI``.
 Exit status: 0 on success, 1 on an error (one line on stderr; ``--debug`` adds
 the traceback), 2 on a usage error, 3 when ``check`` or ``verify`` found problems.
 
+Stored data is hostile until shown otherwise: text output escapes control and
+bidi characters in names and ids (``--json`` is exact), and a URI is shown
+only as its hosts, ports and database.
+
 The package, one concern per module: :mod:`.parser` (the grammar: options,
 durations, ``KEY=VALUE`` pairs, ids), :mod:`.uris` (URIs read by PyMongo's
 parser and shown without secrets), :mod:`.server` (which server, the embedded
-default and its lock, connecting), :mod:`.output` (JSON, progress bars,
-one-line errors), :mod:`.commands` (put, get, cat, ls, info, rm, verify,
+default and its lock, connecting), :mod:`.output` (JSON, escaping, progress
+bars, one-line errors), :mod:`.commands` (put, get, cat, ls, info, rm, verify,
 sweep, check) and :mod:`.demo`. The commands read bytes only through
 :mod:`asyncassets.storage.read` and facts about files only through
 :mod:`asyncassets.storage.catalogue`, like the rest of the library.
@@ -44,7 +48,7 @@ from collections.abc import Sequence
 
 from .commands import import_models, preflight, run_command
 from .demo import run_demo
-from .output import note, one_line
+from .output import note, one_line, printable
 from .parser import build_parser, parse_duration
 from .server import server_for, uri_from
 from .uris import describe_uri
@@ -80,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Exception as exc:
         if args.debug:
-            traceback.print_exc()
+            for line in traceback.format_exc().splitlines():
+                print(printable(line), file=sys.stderr)
         print(f"asyncassets: error: {one_line(exc, uri)}", file=sys.stderr)
         return 1

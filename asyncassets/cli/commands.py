@@ -42,6 +42,7 @@ from .output import (
     jsonable,
     note,
     print_json,
+    printable,
     report_dict,
     show_id,
     size_of,
@@ -316,7 +317,8 @@ def _print_ls_row(summary: dict[str, Any]) -> None:
     size = summary["length"]
     print(
         f"{show_id(summary['id']):<24}  {_human_bytes(size) if size is not None else '-':>10}  "
-        f"{when:<19}  {(summary['content_type'] or '-'):<24}  {summary['filename'] or '-'}"
+        f"{when:<19}  {printable(summary['content_type'] or '-'):<24}  "
+        f"{printable(summary['filename'] or '-')}"
     )
 
 
@@ -337,7 +339,7 @@ async def _cmd_info(ctx: Context) -> int:
             value = f"{value} ({_human_bytes(value)})"
         elif isinstance(value, dt.datetime):
             value = jsonable(value)
-        print(f"{key:<{width}}  {value if value is not None else '-'}")
+        print(f"{key:<{width}}  {printable(str(value)) if value is not None else '-'}")
     return 0
 
 
@@ -392,7 +394,7 @@ async def _cmd_verify(ctx: Context) -> int:
         results.append({"id": doc["_id"], "status": status, "detail": detail})
         if not args.json:
             line = f"{status.upper():<12} {show_id(doc['_id'])}"
-            print(line + (f"  ({detail})" if detail else ""), flush=True)
+            print(line + (f"  ({printable(detail)})" if detail else ""), flush=True)
     if args.json:
         print_json(results)
     elif not results:
@@ -420,7 +422,7 @@ async def _cmd_sweep(ctx: Context) -> int:
     if args.json:
         print_json(report_dict(report))
     else:
-        print(report)
+        _print_report(report)
     return 0
 
 
@@ -430,8 +432,13 @@ async def _cmd_check(ctx: Context) -> int:
     if args.json:
         print_json(report_dict(report))
     else:
-        print(report)
+        _print_report(report)
     return 0 if report.ok else EXIT_PROBLEMS
+
+
+def _print_report(report: Any) -> None:
+    for line in str(report).splitlines():
+        print(printable(line))
 
 
 #: The coroutine of each command that talks to a server.

@@ -2,7 +2,9 @@
 
 Results go to stdout; notes, progress bars and errors to stderr. A URI is shown
 only through :func:`~asyncassets.cli.uris.describe_uri` (hosts, ports and
-database), so no password is printed.
+database), so no password is printed. Human-readable output shows stored text
+(file names, ids, content types) through :func:`printable`, so a name cannot
+move the cursor, clear the screen or fake a row; ``--json`` output is exact.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "note",
     "one_line",
     "print_json",
+    "printable",
     "report_dict",
     "show_id",
     "size_of",
@@ -46,6 +49,21 @@ __all__ = [
 PROGRESS_THRESHOLD = 4 * 1024 * 1024
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on shown as an escape.
+
+    Control characters (ESC, BEL, newline, C1...), bidi and other format
+    characters (``\\u202e`` shows ``gpj.exe`` as ``exe.jpg``), line separators
+    and other non-printable characters become ``\\x1b``, ``\\n``, ``\\u202e``...
+    as in a Python string literal; anything else is left as it is.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
 def first_line(text: str) -> str:
     """The first line of ``text``."""
     return text.strip().splitlines()[0] if text.strip() else ""
@@ -53,12 +71,12 @@ def first_line(text: str) -> str:
 
 def note(message: str) -> None:
     """Tell the user something on stderr, where it never mixes with the results."""
-    print(f"asyncassets: {message}", file=sys.stderr)
+    print(f"asyncassets: {printable(message)}", file=sys.stderr)
 
 
 def show_id(value: Any) -> str:
-    """A file's ``_id`` as the user types it back (``get ID``, ``rm ID``)."""
-    return str(value)
+    """A file's ``_id`` as the user types it back (``get ID``, ``rm ID``), escaped."""
+    return printable(str(value))
 
 
 def jsonable(value: Any) -> Any:
@@ -149,7 +167,7 @@ class Progress:
         except ImportError:
             return
         self._bar = tqdm(
-            total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+            total=total, desc=printable(label), unit="B", unit_scale=True, unit_divisor=1024,
             file=sys.stderr, leave=False, dynamic_ncols=True,
         )
 
@@ -187,7 +205,7 @@ class CountingReader:
 
 
 def one_line(exc: BaseException, uri: str | None) -> str:
-    """The one-line message for an error that ended a command.
+    """The one-line message for an error that ended a command, escaped for a terminal.
 
     The URI appears only as :func:`~asyncassets.cli.uris.describe_uri` shows it,
     also where an exception's text repeats it.
@@ -196,7 +214,7 @@ def one_line(exc: BaseException, uri: str | None) -> str:
     text = str(exc)
     if uri and "://" in uri:  # a URI-like string, not a few letters found in any message
         text = text.replace(uri, where)
-    return _one_line(exc, text, where)
+    return printable(_one_line(exc, text, where))
 
 
 def _one_line(exc: BaseException, text: str, where: str) -> str:
