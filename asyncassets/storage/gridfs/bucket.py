@@ -90,8 +90,11 @@ class GridBucket:
             raise ValueError(f"bucket name must be a non-empty str, got {name!r}")
         self.db = db
         self.name = name
-        self.files = db[f"{name}.files"]
-        self.chunks = db[f"{name}.chunks"]
+        # The bucket's guarantees rest on knowing what each write did (chunks before
+        # the files document; cleanup of what an aborted upload wrote), so a database
+        # configured unacknowledged (w=0) is written with w=1 here.
+        self.files = _driver.acknowledged(db[f"{name}.files"])
+        self.chunks = _driver.acknowledged(db[f"{name}.chunks"])
         self.chunk_size = check_size("chunk_size", chunk_size)
         self.buffer_size = check_size("buffer_size", buffer_size)
 
