@@ -51,6 +51,7 @@ from .errors import (
     IntegrityError,
     PendingFileMissing,
     UploadClosed,
+    UploadInterrupted,
 )
 from .fields import FileField, FileProxy, ImageField, ImageProxy
 from .ops import CheckReport, SweepReport, check, sweep_orphans
@@ -91,6 +92,7 @@ __all__ = [
     "SaveConditionError",
     "SweepReport",
     "UploadClosed",
+    "UploadInterrupted",
     "ValidationError",
     "__version__",
     "check",

@@ -44,6 +44,7 @@ __all__ = [
     "PendingFileMissing",
     "PillowMissing",
     "UploadClosed",
+    "UploadInterrupted",
     "WrongEventLoop",
 ]
 
@@ -123,6 +124,16 @@ class FileNotLoaded(GridFSError):
 
 class UploadClosed(GridFSError, ValueError):
     """``write`` was called on a streaming upload that is closed or aborted."""
+
+
+class UploadInterrupted(GridFSError):
+    """An upload's chunks were removed before it closed; nothing was stored.
+
+    Until its files document is written, an upload's chunks look abandoned: an
+    orphan sweep whose ``grace`` is shorter than a pause of the upload removes
+    them. ``close()`` counts them and raises this instead of storing a file with
+    missing chunks.
+    """
 
 
 class IntegrityError(GridFSError, CorruptGridFile):

@@ -31,6 +31,7 @@ from asyncassets.errors import (
     FileNotFound,
     FileValidationError,
     GridFSError,
+    UploadInterrupted,
 )
 from asyncassets.fields import FileField
 from asyncassets.storage.gridfs import GridBucket
@@ -709,3 +710,18 @@ async def test_bucket_upload_of_wide_pieces_counts_bytes(asyncassets_db: Any) ->
         doc = await bucket.upload(source)
         assert doc["length"] == len(expected) == 184
         assert await bucket.read(doc) == expected
+
+
+async def test_close_refuses_an_upload_whose_chunks_a_sweep_removed(asyncassets_db):
+    # An open upload's chunks have no files document yet: a sweep with a grace
+    # shorter than the upload's pause takes them. close() must not then store a
+    # file with missing chunks.
+    bucket = GridBucket(asyncassets_db, chunk_size=4)
+    upload = bucket.open_upload(filename="paused")
+    await upload.write(b"0123456789ab")  # three chunks
+    await upload.flush()
+    await bucket.chunks.delete_many({"files_id": upload.file_id, "n": 0})  # the sweep
+    with pytest.raises(UploadInterrupted, match="removed while it was open"):
+        await upload.close()
+    assert await bucket.files.count_documents({}) == 0
+    assert await bucket.chunks.count_documents({}) == 0

@@ -13,7 +13,7 @@ from bson import ObjectId
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from ..._tasks import add_note, spawn
-from ...errors import FileAlreadyExists, UploadClosed
+from ...errors import FileAlreadyExists, UploadClosed, UploadInterrupted
 from ..sources import byte_view, check_size
 from .spec import DEFAULT_CHUNK_SIZE, DUPLICATE_KEY_CODES, now_as_stored
 
@@ -187,6 +187,7 @@ class UploadStream:
                     self._tail = bytearray()
                 await self._send_locked(full_only=False)
                 await self._wait_inflight()
+                await self._check_chunks_still_there()
                 doc = self._make_files_doc()
                 self._check_not_aborted()
                 self._files_sent = True
@@ -198,6 +199,24 @@ class UploadStream:
             self._files_doc = doc
             self._ready = []
             return doc
+
+    async def _check_chunks_still_there(self) -> None:
+        """Refuse to complete a file whose chunks were removed while it was open.
+
+        Until its files document exists an upload's chunks look abandoned, so an
+        orphan sweep whose grace is shorter than a pause of this upload may have
+        removed some. Counted on the ``{files_id, n}`` index, one round trip.
+        """
+        if not self._next_n:
+            return
+        found = await self._bucket.chunks.count_documents({"files_id": self.file_id})
+        if found != self._next_n:
+            raise UploadInterrupted(
+                f"upload {self.file_id!r} wrote {self._next_n} chunks but {found} are left: "
+                "they were removed while it was open (most likely by sweep_orphans() with "
+                "a grace shorter than a pause of this upload). Nothing was stored; upload "
+                "it again."
+            )
 
     async def abort(self) -> None:
         """Remove the chunks written so far and close the stream; idempotent.
