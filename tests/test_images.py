@@ -11,7 +11,7 @@ from bson import ObjectId
 
 PIL = pytest.importorskip("PIL.Image")
 
-from asyncassets import Document, FileValidationError  # noqa: E402
+from asyncassets import Document, FileNotFound, FileValidationError  # noqa: E402
 from asyncassets.fields import ImageField, StringField  # noqa: E402
 from asyncassets.files import images  # noqa: E402
 
@@ -198,11 +198,24 @@ async def test_the_thumbnail_has_format_width_height_and_size(asyncassets_db):
     assert (doc.photo.width, doc.photo.height) == (133, 100)
     await doc.save()
     loaded = await ImgAnimal.objects.get(pk=doc.pk)
-    await loaded.photo.load()
+    await loaded.photo.load()  # loads the thumbnail's metadata too
     assert loaded.photo.thumbnail is loaded.photo.thumbnail  # one proxy, loaded once
-    await loaded.photo.thumbnail.load()
     assert loaded.photo.thumbnail.size == (40, 40)
     assert loaded.photo.thumbnail.thumbnail is None
+    again = await ImgAnimal.objects.get(pk=doc.pk)
+    assert (await again.photo.get()).thumbnail.format == "JPEG"  # mongoengine's get()
+
+
+async def test_a_missing_thumbnail_does_not_stop_its_image_loading(asyncassets_db):
+    doc = ImgAnimal()
+    await doc.photo.put(make_image(300, 300))
+    await doc.save()
+    await asyncassets_db["images.files"].delete_one({"_id": doc.photo.thumbnail.file_id})
+    loaded = await ImgAnimal.objects.get(pk=doc.pk)
+    await loaded.photo.load()
+    assert loaded.photo.size == (100, 100)
+    with pytest.raises(FileNotFound):
+        loaded.photo.thumbnail.size  # noqa: B018
 
 
 async def test_the_thumbnail_of_a_new_image_replaces_the_old_one(asyncassets_db):
@@ -247,7 +260,7 @@ async def test_images_written_by_mongoengine_keep_their_size_and_thumbnail(async
     doc = await ImgAnimal.objects.first()
     await doc.photo.load()
     assert (doc.photo.size, doc.photo.format) == ((120, 80), "PNG")
-    assert await doc.photo.thumbnail.read() == small
     assert doc.photo.thumbnail.size == (30, 20)
+    assert await doc.photo.thumbnail.read() == small
     await doc.photo.delete()  # as mongoengine's delete(): the thumbnail goes too
     assert await bucket_counts(asyncassets_db) == (0, 0)

@@ -26,13 +26,14 @@ to 8 MiB, then to a temporary file, as Pillow needs to seek in it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import tempfile
 from typing import Any, NoReturn
 
 from bson import ObjectId
 
-from ..errors import FileValidationError, PillowMissing
+from ..errors import FileNotFound, FileValidationError, PillowMissing
 from ..storage.catalogue import user_metadata
 from ..storage.gridfs import GridBucket
 from ..storage.sources import read_source
@@ -115,9 +116,10 @@ class ImageProxy(FileProxy):
 
         It has ``size``, ``width``, ``height`` and ``format`` too, as mongoengine's
         thumbnail has. Its metadata is loaded by the ``put()`` or ``replace()`` that
-        made it, else by its own ``read()`` or ``load()``; the same proxy is
-        returned while the image keeps its thumbnail, so that stays loaded.
-        ``None`` when the field is empty or has no ``thumbnail_size``.
+        made it and by the image's :meth:`load`, else by its own ``read()`` or
+        ``load()``; the same proxy is returned while the image keeps its
+        thumbnail, so that stays loaded. ``None`` when the field is empty or has
+        no ``thumbnail_size``.
         """
         thumb_id = self._meta_value("thumbnail_id")
         if thumb_id is None:
@@ -128,6 +130,21 @@ class ImageProxy(FileProxy):
                 thumb_id, collection_name=self.collection_name, db_alias=self.db_alias
             )
         return thumb
+
+    async def load(self) -> FileProxy:
+        """Fetch the image's metadata, and its thumbnail's (one more query).
+
+        :raises FileNotFound: the image is missing. A missing thumbnail raises
+            only when the thumbnail is used.
+        """
+        await super().load()
+        thumb = self.thumbnail
+        if thumb is not None:
+            # Recorded as missing in the thumbnail proxy, which raises when used:
+            # the image itself is fine and stays readable.
+            with contextlib.suppress(FileNotFound):
+                await thumb.load()
+        return self
 
     def new_file(self, *args: Any, **kwargs: Any) -> Any:
         """Not available for images: use ``await proxy.put(data)``.

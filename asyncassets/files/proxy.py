@@ -455,8 +455,7 @@ class FileProxy:
             )
         if self.grid_id is None:
             return None
-        await self._fetch()
-        return self
+        return await self.load()
 
     async def _fetch(self) -> dict[str, Any] | None:
         if self.grid_id is None:
