@@ -29,7 +29,7 @@ from asyncassets import (
     UploadClosed,
 )
 from asyncassets.errors import FileDeletedWhileReading, PendingFileMissing
-from asyncassets.fields import FileField, StringField
+from asyncassets.fields import FileField, ListField, StringField
 
 # Class names are prefixed "Mig" so they never clash in mongoengine's global
 # document registry with the classes of the other test modules.
@@ -264,3 +264,20 @@ async def test_str_names_the_file_as_mongoengine_does(asyncassets_db):
     with pytest.raises(FileNotFound):
         await loaded.photo.load()
     assert str(loaded.photo) == f"<FileProxy: <no file> ({file_id})>"
+
+
+class MigAlbum(Document):
+    photos = ListField(FileField(chunk_size=CHUNK))
+    meta = {"collection": "mig_albums"}
+
+
+async def test_mongoengines_list_of_files_recipe_works_on_a_new_document(asyncassets_db):
+    # mongoengine's own recipe for ListField(FileField()), awaited.
+    album = MigAlbum()
+    new_proxy = album._fields["photos"].field.get_proxy_obj("photos", album)
+    await new_proxy.put(DATA, content_type="image/jpeg", foo="bar")
+    album.photos.append(new_proxy)
+    await album.save()
+    album = await MigAlbum.objects.get()
+    assert (await album.photos[0].get()).length == len(DATA)
+    assert (album.photos[0].content_type, album.photos[0].foo) == ("image/jpeg", "bar")
