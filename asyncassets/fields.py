@@ -23,6 +23,7 @@ from mongoengine.base import BaseField
 from mongoengine.fields import *  # noqa: F403  (the re-export is the point)
 from mongoengine.fields import __all__ as _mongoengine_fields
 
+from .errors import GridFSError
 from .files import images as _images
 from .files.images import DEFAULT_MAX_PIXELS, ImageProxy
 from .files.names import FilenameTemplate
@@ -36,13 +37,18 @@ __all__ = [
     *(n for n in _mongoengine_fields if n not in _NOT_REEXPORTED),
     "FileField",
     "FileProxy",
+    "GridFSError",
     "GridFSProxy",
     "ImageField",
+    "ImageGridFsProxy",
     "ImageProxy",
 ]
 
-#: mongoengine's name for the proxy class, for code that imports it.
+#: mongoengine's names for the proxy classes, for code that imports them.
 GridFSProxy = FileProxy
+ImageGridFsProxy = ImageProxy
+# GridFSError is asyncassets' (errors.GridFSError): the base of its file errors,
+# FileAlreadyExists included, which is also mongoengine's GridFSError.
 
 _NOT_A_FILE_VALUE = (
     "{field} takes a file proxy, a file id or None, not {type}. To store bytes or a "

@@ -281,3 +281,13 @@ async def test_mongoengines_list_of_files_recipe_works_on_a_new_document(asyncas
     album = await MigAlbum.objects.get()
     assert (await album.photos[0].get()).length == len(DATA)
     assert (album.photos[0].content_type, album.photos[0].foo) == ("image/jpeg", "bar")
+
+
+def test_mongoengines_file_names_import_from_asyncassets_fields():
+    from asyncassets import ImageProxy
+    from asyncassets.errors import GridFSError as AsyncAssetsGridFSError
+    from asyncassets.fields import GridFSError, GridFSProxy, ImageGridFsProxy
+
+    assert (GridFSProxy, ImageGridFsProxy) == (FileProxy, ImageProxy)
+    assert GridFSError is AsyncAssetsGridFSError
+    assert issubclass(FileAlreadyExists, GridFSError)
