@@ -547,6 +547,110 @@ def test_verify_and_rm_escape_a_hostile_id(cli: CLI, hostile: dict[str, str]):
     assert removed.code == 0 and removed.stdout == b"deleted \\x1b]0;owned\\x07\n", removed
 
 
+def test_get_names_the_download_as_a_file_field_would(
+    cli: CLI, hostile: dict[str, str], tmp_path: Path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    written = {
+        "\x1b[2J\x1b[31mevil": "[2J[31mevil",
+        "a\nfake row": "afake row",
+        "\u202egpj.exe": "gpj.exe",  # no longer disguised as exe.jpg
+        "ding\x07\r.txt": "ding.txt",
+        ".bashrc": "bashrc",
+        "../../etc/x": "x",  # never outside the directory
+    }
+    for name, local in written.items():
+        result = cli("get", hostile[name], "-o", str(out))
+        assert result.code == 0, result
+        _assert_no_raw_controls(result.err.encode())
+        data = f"bytes of {name!r}".encode()
+        assert result.err == f"asyncassets: wrote {len(data)} bytes to {out / local}\n"
+        assert (out / local).read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == sorted(written.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_get_never_overwrites_without_force(cli: CLI, hostile: dict[str, str], tmp_path: Path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_bytes(b"my dotfile")
+    (home / "bashrc").write_bytes(b"my notes")
+    elsewhere = tmp_path / "elsewhere"
+    (home / "x").symlink_to(elsewhere)  # a link pointing nowhere is still a file there
+    dotfile = hostile[".bashrc"]
+
+    for args, target in [
+        (["-o", str(home)], home / "bashrc"),            # a directory: the stored name in it
+        (["-o", str(home / "bashrc")], home / "bashrc"),  # a file named outright
+        (["-o", str(home / ".bashrc")], home / ".bashrc"),
+        ([], Path("bashrc")),                              # the stored name, here
+    ]:
+        refused = cli("get", dotfile, *args, cwd=home)
+        assert_one_line_error(refused, f"{target} already exists: pass --force")
+    refused = cli("get", hostile["../../etc/x"], "-o", str(home))
+    assert_one_line_error(refused, f"{home / 'x'} already exists")
+    assert (home / ".bashrc").read_bytes() == b"my dotfile"
+    assert (home / "bashrc").read_bytes() == b"my notes"
+    assert not elsewhere.exists() and (home / "x").is_symlink()
+    assert sorted(p.name for p in home.iterdir()) == [".bashrc", "bashrc", "x"]  # no .part
+
+    forced = cli("get", dotfile, "-o", str(home), "--force")
+    assert forced.code == 0, forced
+    assert (home / "bashrc").read_bytes() == b"bytes of '.bashrc'"
+    assert (home / ".bashrc").read_bytes() == b"my dotfile"  # a dot file is never the target
+
+
+# -- put names files as a FileField does ---------------------------------------------------
+
+
+_NAMES_ALIAS = "cli_names_writer"
+
+
+class CliNamed(Document):
+    data = FileField()
+    meta = {"collection": "cli_named", "db_alias": _NAMES_ALIAS}
+
+
+def _field_names(cli: CLI, names: list[str]) -> list[str]:
+    """The file names a ``FileField`` stores for ``names``, as an application would."""
+
+    async def store() -> list[str]:
+        connect(host=cli.uri, db=cli.db_name, alias=_NAMES_ALIAS)
+        try:
+            stored = []
+            for name in names:
+                doc = CliNamed()
+                await doc.data.put(b"x", filename=name)
+                await doc.save()
+                stored.append(doc.data.filename)
+            return stored
+        finally:
+            await disconnect(_NAMES_ALIAS)
+
+    return asyncio.run(store())
+
+
+def test_put_stores_the_name_a_file_field_stores(cli: CLI, tmp_path: Path):
+    names = ["\x1b[31mred.txt", "\u202egpj.exe", " spaced out.txt ", ".hidden", "tab\there.txt"]
+    src = tmp_path / "src"
+    src.mkdir()
+    ids = [_put(cli, str(cli.file(f"src/{name}", b"x"))) for name in names]
+    from bson import ObjectId
+
+    stored = [cli.db["fs.files"].find_one({"_id": ObjectId(i)})["filename"] for i in ids]
+    assert stored == _field_names(cli, names) == [
+        "[31mred.txt", "gpj.exe", "spaced out.txt", "hidden", "tabhere.txt"
+    ]
+
+
+def test_put_refuses_a_name_a_file_field_refuses(cli: CLI, tmp_path: Path):
+    dots = cli.file("...", b"x")
+    good = cli.file("good.txt", b"x")
+    assert_one_line_error(cli("put", str(good), str(dots)), "cannot store the name of")
+    assert cli.db["fs.files"].count_documents({}) == 0  # checked before any upload
+
+
 def test_usage_errors_exit_2():
     assert run().code == 2
     assert run("put").code == 2

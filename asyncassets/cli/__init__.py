@@ -24,8 +24,9 @@ Exit status: 0 on success, 1 on an error (one line on stderr; ``--debug`` adds
 the traceback), 2 on a usage error, 3 when ``check`` or ``verify`` found problems.
 
 Stored data is hostile until shown otherwise: text output escapes control and
-bidi characters in names and ids (``--json`` is exact), and a URI is shown
-only as its hosts, ports and database.
+bidi characters in names and ids (``--json`` is exact), ``get`` never
+overwrites a file without ``--force`` and cleans the stored name as a
+``FileField`` does, and a URI is shown only as its hosts, ports and database.
 
 The package, one concern per module: :mod:`.parser` (the grammar: options,
 durations, ``KEY=VALUE`` pairs, ids), :mod:`.uris` (URIs read by PyMongo's

@@ -31,6 +31,7 @@ from ..errors import (
     FileDeletedWhileReading,
     IntegrityError,
 )
+from ..files.names import sanitize_filename
 from ..ops import _human_bytes, check, declared_buckets, sweep_orphans
 from ..storage.catalogue import content_type_of
 from ..storage.gridfs import GridBucket
@@ -146,6 +147,7 @@ def preflight(args: argparse.Namespace) -> None:
         if args.files.count("-") > 1:
             raise CLIError("'-' (standard input) can be given only once")
         args.sizes = {}
+        args.names = {}
         for path in args.files:
             if path == "-":
                 continue
@@ -154,6 +156,7 @@ def preflight(args: argparse.Namespace) -> None:
             if not os.path.isfile(path):
                 raise CLIError(f"not a regular file: {path}")
             args.sizes[path] = os.path.getsize(path)
+            args.names[path] = _stored_name(path)
     elif args.command == "ls":
         args.ls_filter = LsFilter(parse_pairs(args.filter, "--filter"))
         if args.limit < 0:
@@ -167,6 +170,17 @@ def preflight(args: argparse.Namespace) -> None:
             raise CLIError(f"no such directory: {parent}")
     if args.timeout <= 0:
         raise CLIError(f"bad --timeout {args.timeout:g}: it must be positive")
+
+
+def _stored_name(path: str) -> str:
+    """The name ``put`` stores for a local file: the one a ``FileField`` would store."""
+    try:
+        return sanitize_filename(os.path.basename(path))
+    except ValueError as exc:
+        raise CLIError(
+            f"cannot store the name of {path!r}: {exc}; rename the file, or upload it "
+            "from standard input (-) to store no name"
+        ) from exc
 
 
 def import_models(modules: Sequence[str] | None) -> None:
@@ -201,7 +215,7 @@ async def _cmd_put(ctx: Context) -> int:
             metadata = {**({"content_type": content_type} if content_type else {}), **meta}
             doc = await bucket.upload(sys.stdin.buffer, metadata=metadata)
         else:
-            filename = os.path.basename(path)
+            filename = args.names[path]
             content_type = content_type or mimetypes.guess_type(filename)[0]
             metadata = {**({"content_type": content_type} if content_type else {}), **meta}
             progress = Progress(args.sizes[path], f"put {filename}")
@@ -245,13 +259,15 @@ async def _cmd_get(ctx: Context) -> int:
         await _write_file(ctx, doc, sys.stdout.buffer, "get")
         sys.stdout.buffer.flush()
         return 0
-    target = _output_path(args.output, args.force, _default_name(doc))
+    target = _output_path(args.output, doc)
+    if not args.force:
+        _refuse_to_overwrite(target)  # before the download, not only after it
     # Written to a temporary file first, so a failed download leaves no half file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".asyncassets-", suffix=".part", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             written = await _write_file(ctx, doc, out, f"get {target.name}")
-        os.replace(tmp, target)
+        _put_in_place(tmp, target, args.force)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -260,21 +276,58 @@ async def _cmd_get(ctx: Context) -> int:
     return 0
 
 
-def _output_path(output: str | None, force: bool, default: str) -> Path:
-    if output:
-        target = Path(output)
-        return target / default if target.is_dir() else target
-    target = Path(default)
-    if target.exists() and not force:
-        raise CLIError(f"{target} already exists: pass -o PATH, or --force to overwrite it")
-    return target
+def _output_path(output: str | None, doc: dict[str, Any]) -> Path:
+    """``-o PATH``, ``-o DIR`` (the stored name inside it), or the stored name here."""
+    if output and not Path(output).is_dir():
+        return Path(output)
+    return Path(output or ".") / _default_name(doc)
+
+
+def _exists(target: Path) -> CLIError:
+    return CLIError(f"{target} already exists: pass --force to overwrite it, or -o another path")
+
+
+def _refuse_to_overwrite(target: Path) -> None:
+    # lexists: a symbolic link counts, even one pointing nowhere.
+    if os.path.lexists(target):
+        raise _exists(target)
+
+
+def _put_in_place(tmp: str, target: Path, force: bool) -> None:
+    """Move the finished download to ``target``; without ``force``, never over a file.
+
+    A hard link fails if ``target`` exists, even one created during the download,
+    so no race between the check and the move can overwrite anything.
+    """
+    if force:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise _exists(target) from None
+    except OSError:
+        # No hard links on this file system (some FAT, SMB or FUSE ones): check, then move.
+        _refuse_to_overwrite(target)
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
 
 
 def _default_name(doc: dict[str, Any]) -> str:
-    name = os.path.basename(str(doc.get("filename") or ""))
-    if name in ("", ".", ".."):
-        name = show_id(doc["_id"])
-    return name
+    """The stored file name, cleaned as a ``FileField`` cleans one, else the id.
+
+    Only the last component of a stored name is kept, without control or bidi
+    characters or leading dots (``../../etc/x`` is ``x``, ``.bashrc`` is ``bashrc``),
+    so a download never lands outside the directory it is written to.
+    """
+    for name in (doc.get("filename"), str(doc["_id"])):
+        if isinstance(name, str):
+            with contextlib.suppress(ValueError):
+                return sanitize_filename(name)
+    raise CLIError(
+        f"file {show_id(doc['_id'])} has no name usable as a local file name: pass -o PATH"
+    )
 
 
 async def _cmd_cat(ctx: Context) -> int:

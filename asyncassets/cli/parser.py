@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output", metavar="PATH",
                      help="where to write it; - for stdout (default: the stored file name)")
     sub.add_argument("--force", action="store_true",
-                     help="overwrite the default output file if it exists")
+                     help="overwrite the output file if it exists (never done without it)")
     bucket_option(sub)
 
     sub = command("cat", "write a file's bytes to stdout (decompressed, as it was uploaded)")
