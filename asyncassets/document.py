@@ -262,7 +262,15 @@ class Document(mongoengine.Document):
         try:
             if created:
                 if force_insert or "_id" not in doc:
-                    object_id = (await collection.insert_one(doc)).inserted_id
+                    try:
+                        object_id = (await collection.insert_one(doc)).inserted_id
+                    except BaseException as exc:
+                        if references.unknown_outcome(exc) and "_id" in doc:
+                            # PyMongo named the document before sending it: it may
+                            # be stored under that _id, and the reference writer
+                            # needs it to find out.
+                            self._maybe_stored_as(doc["_id"])
+                        raise
                 else:
                     # A new document with a chosen _id replaces what is stored
                     # under that id, as mongoengine does.
@@ -291,6 +299,11 @@ class Document(mongoengine.Document):
 
         id_field = self._meta["id_field"]
         self[id_field] = self._fields[id_field].to_python(object_id)
+
+    def _maybe_stored_as(self, object_id: Any) -> None:
+        id_field = self._meta["id_field"]
+        self[id_field] = self._fields[id_field].to_python(object_id)
+        self._created = True  # not known to be stored (mongoengine flips it on pk set)
 
     async def delete(
         self, signal_kwargs: dict[str, Any] | None = None, **write_concern: Any

@@ -61,6 +61,7 @@ __all__ = [
     "load_files",
     "saving",
     "switch",
+    "unknown_outcome",
 ]
 
 # A path segment: (db field name, dict key or list index; True for a list index).
@@ -282,7 +283,7 @@ async def saving(doc: Any) -> AsyncIterator[None]:
         try:
             yield
         except BaseException as exc:
-            if _unknown_outcome(exc):
+            if unknown_outcome(exc):
                 state.maybe_stored = True
             raise
         state.maybe_stored = False
@@ -290,14 +291,14 @@ async def saving(doc: Any) -> AsyncIterator[None]:
             proxy._pending = False  # the stored document references it now
 
 
-def _unknown_outcome(exc: BaseException) -> bool:
-    """Whether a write that raised ``exc`` may have been applied."""
+def unknown_outcome(exc: BaseException) -> bool:
+    """Whether a write that raised ``exc`` may have been applied (its outcome is unknown)."""
     if isinstance(exc, (ConnectionFailure, WriteConcernError, asyncio.CancelledError)):
         return True
     if isinstance(exc, PyMongoError):
         return exc.has_error_label("RetryableWriteError") or exc.timeout
     cause = exc.__cause__
-    return cause is not None and _unknown_outcome(cause)
+    return cause is not None and unknown_outcome(cause)
 
 
 # -- the switch -----------------------------------------------------------------------
@@ -358,6 +359,8 @@ def _applier(
     """
     drop_old = old is not None and proxy._may_delete(old)
     new = None if new_doc is None else new_doc["_id"]
+    if new is None:
+        _remove_from_list(proxy)  # a deleted element of a list of files leaves it
     proxy._set_file(new, new_doc)
     proxy._assigned = False
     proxy._pending = pending and new is not None
@@ -392,7 +395,7 @@ async def _update(
     try:
         result = await collection.update_one(query, update)
     except BaseException as exc:
-        if not _unknown_outcome(exc):
+        if not unknown_outcome(exc):
             await _drop_new(proxy, new)  # refused: nothing references the new file
             raise
         await _find_out(root, proxy, path, new_doc, exc)
@@ -423,7 +426,7 @@ async def _not_matched(
         proxy._set_file(new, new_doc)
         proxy._pending = new is not None
         return
-    if stored is not None and not _reachable(stored, path):
+    if stored is not None and not _reachable(stored, path) and _changed_since_save(root, top):
         # An element appended since the last save: the next save() writes it.
         root._mark_as_changed(_field_name(root, top))
         await _applier(proxy, old, new_doc, pending=True)()
@@ -504,6 +507,19 @@ def _value_at(stored: dict[str, Any], path: tuple[Segment, ...]) -> Any:
     return value
 
 
+def _changed_since_save(root: Any, top: str) -> bool:
+    """Whether ``root``'s field ``top`` (a db name) changed in memory since its last save.
+
+    Tells an element appended here (written by the next save) from one another
+    writer removed from the stored document (a conflict).
+    """
+    name = _field_name(root, top)
+    return any(
+        changed in (top, name) or changed.startswith((f"{top}.", f"{name}."))
+        for changed in root._changed_fields
+    )
+
+
 def _field_name(root: Any, db_field: str) -> str:
     for name, field in root._fields.items():
         if field.db_field == db_field:
@@ -577,7 +593,7 @@ async def _push(doc: Any, field: Any, proxy: FileProxy, files_doc: dict[str, Any
                 {"_id": _stored_id(doc)}, {"$push": {field.db_field: new_id}}
             )
         except BaseException as exc:
-            if not _unknown_outcome(exc):
+            if not unknown_outcome(exc):
                 proxy._set_file(None, None)
                 await proxy._delete_stored(new_id)  # refused: nothing references it
             raise  # outcome unknown: the file stays, for the sweep if unreferenced

@@ -22,7 +22,7 @@ import pytest
 from bson import ObjectId
 from mongoengine.base.common import _document_registry
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import WriteConcernError
+from pymongo.errors import AutoReconnect, WriteConcernError
 
 import asyncassets
 from asyncassets import Document, EmbeddedDocument, ValidationError
@@ -983,3 +983,61 @@ async def test_a_stored_value_that_is_no_file_id_still_loads_and_reads_as_missin
     doc = await RefDoc.objects.get(name="odd")
     with pytest.raises(FileNotFound):
         await doc.f.read()
+
+
+# -- found by the race suite (tests/test_races.py) ----------------------------------------
+
+
+async def test_deleting_an_element_of_an_unsaved_list_of_files_removes_it(asyncassets_db):
+    album = RefAlbum(title="new")
+    await album.add_file("photos", b"one")
+    await album.add_file("photos", b"two")
+    gone = album.photos[0].file_id
+    await album.photos[0].delete()
+    assert len(album.photos) == 1 and album.photos[0].file_id is not None
+    await album.save()
+    assert await (await fresh(album)).photos[0].read() == b"two"
+    assert gone not in await file_ids(asyncassets_db)
+
+
+@pytest.fixture
+def insert_reply_lost(monkeypatch):
+    """The next insert into ref_docs is applied, then its reply is lost."""
+    original = AsyncCollection.insert_one
+    armed = [True]
+
+    async def insert_one(self, document, *args, **kwargs):
+        result = await original(self, document, *args, **kwargs)
+        if self.name == "ref_docs" and armed[0]:
+            armed[0] = False
+            raise AutoReconnect("connection closed (injected, after the insert applied)")
+        return result
+
+    monkeypatch.setattr(AsyncCollection, "insert_one", insert_one)
+    return armed
+
+
+async def test_a_first_save_whose_reply_was_lost_leaves_the_document_usable(
+    asyncassets_db, insert_reply_lost
+):
+    doc = RefDoc(name="lost reply")
+    await doc.f.put(b"first")
+    with pytest.raises(AutoReconnect):
+        await doc.save()
+    assert doc.pk is not None  # the id it may be stored under
+    # The insert did apply: the switch finds the stored document and updates it.
+    await doc.f.replace(b"second")
+    assert await (await RefDoc.objects.get(pk=doc.pk)).f.read() == b"second"
+    await doc.save()  # saving again is safe (an upsert on the same _id)
+    assert await RefDoc._get_collection().count_documents({}) == 1
+    await assert_no_dangling(asyncassets_db)
+
+
+async def test_put_into_an_element_another_writer_removed_is_a_conflict(asyncassets_db):
+    album = await RefAlbum(title="a", pages=[RefPage(), RefPage()]).save()
+    stale = await fresh(album)
+    album.pages.pop()
+    await album.save()  # another writer removed the second page
+    with pytest.raises(FileConflict):
+        await stale.pages[1].image.put(b"lost?")
+    assert await file_ids(asyncassets_db) == set()  # the upload was removed again
