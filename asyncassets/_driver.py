@@ -21,6 +21,7 @@ __all__ = [
     "is_motor_client",
     "list_indexes",
     "make_client",
+    "parse_uri",
     "validate_client",
 ]
 
@@ -91,3 +92,30 @@ def acknowledged(collection: Any) -> Any:
     if concern is not None and not concern.acknowledged:
         return collection.with_options(write_concern=WriteConcern(w=1))
     return collection
+
+
+def parse_uri(uri: str) -> dict[str, Any]:
+    """PyMongo's reading of a MongoDB URI, without network I/O.
+
+    PyMongo's ``parse_uri`` looks a ``mongodb+srv://`` host up in DNS, which is
+    blocking I/O that the client itself defers to its first connection. For such
+    URIs this calls what PyMongo's client constructor calls: all of the parsing and
+    checks, not the lookup (a private PyMongo function, looked up here).
+
+    :raises pymongo.errors.InvalidURI: (a ``ValueError``) ``uri`` is not valid.
+    :raises pymongo.errors.ConfigurationError: an option is invalid, or this PyMongo
+        cannot check a ``mongodb+srv://`` URI without looking it up.
+    """
+    from pymongo import uri_parser
+    from pymongo.errors import ConfigurationError
+
+    if not uri.lower().startswith("mongodb+srv://"):
+        return dict(uri_parser.parse_uri(uri, warn=True))
+    try:
+        from pymongo.uri_parser_shared import _validate_uri
+    except ImportError:  # pragma: no cover - an older PyMongo
+        raise ConfigurationError(
+            "this PyMongo cannot check a mongodb+srv:// URI without looking it up; "
+            "upgrade PyMongo"
+        ) from None
+    return dict(_validate_uri(uri, None, validate=True, warn=True, normalize=False))

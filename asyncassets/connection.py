@@ -17,7 +17,6 @@ import asyncio
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote_plus
 
 from . import _driver
 from .errors import ConnectionNotRegistered, WrongEventLoop
@@ -67,13 +66,12 @@ def _db_name_from(host: str | None, db: str | None) -> str:
     if db:
         return db
     if host and "://" in host:
-        # Read the path by hand: parse_uri resolves mongodb+srv:// names, which is
-        # blocking I/O that the client itself defers to first use.
-        rest = host.split("://", 1)[1]
-        path = rest.split("/", 1)[1] if "/" in rest else ""
-        name = unquote_plus(path.split("?", 1)[0])
+        # PyMongo's parser (an unescaped '/' in a password must not make the
+        # database name), without the DNS lookup of mongodb+srv:// names, which is
+        # blocking I/O the client defers to its first connection.
+        name = _driver.parse_uri(host).get("database")
         if name:
-            return name
+            return str(name)
     return DEFAULT_DB
 
 

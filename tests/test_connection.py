@@ -132,6 +132,23 @@ def test_db_name_comes_from_uri(closed_port, sync_cleanup):
     assert get_db("conn_a").name == "fromuri"
 
 
+def test_db_name_of_a_uri_whose_password_has_a_slash_is_not_part_of_the_password(
+    closed_port, sync_cleanup
+):
+    # "se/cret" escaped, as PyMongo requires: the database is "zoo", never "cret@...".
+    connect(host=f"mongodb://user:se%2Fcret@127.0.0.1:{closed_port}/zoo", alias="conn_a")
+    assert get_db("conn_a").name == "zoo"
+
+
+def test_db_name_of_an_srv_uri_is_read_without_a_dns_lookup(monkeypatch, sync_cleanup):
+    def no_dns(*args, **kwargs):
+        raise AssertionError("connect() looked a name up in DNS")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    connect(host="mongodb+srv://user:pw@cluster0.example.invalid/zoo", alias="conn_a")
+    assert get_db("conn_a").name == "zoo"
+
+
 def test_db_argument_overrides_uri(closed_port, sync_cleanup):
     connect(host=f"mongodb://127.0.0.1:{closed_port}/fromuri", alias="conn_a", db="explicit")
     assert get_db("conn_a").name == "explicit"

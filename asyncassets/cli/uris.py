@@ -14,9 +14,9 @@ import warnings
 from typing import Any
 from urllib.parse import quote
 
-from pymongo import uri_parser
 from pymongo.errors import ConfigurationError
 
+from .. import _driver
 from ..errors import CLIError
 
 __all__ = ["UNPARSABLE_URI", "describe_uri", "parse_uri", "reason_for"]
@@ -46,10 +46,7 @@ def parse_uri(uri: str) -> dict[str, Any]:
             # Unknown options are warnings to the client, which accepts them; here
             # they would also be printed once more, perhaps with text of the URI.
             warnings.simplefilter("ignore")
-            if uri.startswith(_SRV_SCHEME):
-                parsed = _parse_srv_offline(uri)
-            else:
-                parsed = uri_parser.parse_uri(uri, warn=True)
+            parsed = _driver.parse_uri(uri)
     except (ValueError, ConfigurationError) as exc:  # InvalidURI is a ValueError
         raise CLIError(f"bad URI {UNPARSABLE_URI}: {reason_for(exc, uri)}") from None
     if parsed["username"] is None and "@" in uri:
@@ -60,21 +57,6 @@ def parse_uri(uri: str) -> dict[str, Any]:
             "and password (one with an unescaped '/', '?' or '@'?); escape them with "
             "urllib.parse.quote_plus, and write an '@' in a database or option as %40"
         )
-    return parsed
-
-
-def _parse_srv_offline(uri: str) -> dict[str, Any]:
-    # PyMongo's parse_uri looks a mongodb+srv:// host up in DNS. _validate_uri is
-    # all of parse_uri before that lookup, and what AsyncMongoClient's constructor
-    # calls, leaving the lookup to the first connection; private, so looked up here.
-    try:
-        from pymongo.uri_parser_shared import _validate_uri
-    except ImportError:  # pragma: no cover - an older PyMongo
-        raise CLIError(
-            f"bad URI {UNPARSABLE_URI}: this PyMongo cannot check a mongodb+srv:// URI "
-            "without looking it up; upgrade PyMongo"
-        ) from None
-    parsed: dict[str, Any] = _validate_uri(uri, None, validate=True, warn=True, normalize=False)
     return parsed
 
 
