@@ -33,7 +33,8 @@ from mongoengine.queryset import transform
 
 from . import references
 from .connection import DEFAULT_ALIAS, get_client, get_db
-from .fields import loading_from_database
+from .connection import _lookup as _connection
+from .fields import _LOADING
 from .queryset import QuerySet, QuerySetManager, with_write_concern
 
 if TYPE_CHECKING:
@@ -48,6 +49,14 @@ D = TypeVar("D", bound="Document")
 # Weak on the client, so a new client reusing a dead one's id() starts afresh.
 _indexed: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
 
+# Each class's collection object, per client and (database, collection) name. PyMongo
+# builds a new Database and a new Collection on every item access, which save(),
+# delete() and every query paid once or twice a call; both objects are immutable,
+# so one per client and name serves. Weak on the client, as _indexed.
+_collections: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
 
 def _disable_auto_dereference(field: Any) -> None:
     # mongoengine dereferences ReferenceFields on attribute access with blocking I/O.
@@ -58,6 +67,54 @@ def _disable_auto_dereference(field: Any) -> None:
     inner = getattr(field, "field", None)
     if inner is not None:
         _disable_auto_dereference(inner)
+
+
+def _from_son(cls: Any, son: dict[str, Any], created: bool) -> Any:
+    """mongoengine's ``BaseDocument._from_son`` without its per-document field copy.
+
+    Asked not to dereference, mongoengine deep-copies the class's field dict for
+    every document it builds, so that it can switch dereferencing off on the
+    copies without touching the fields other documents share; that copy was
+    three quarters of the time of loading a document (``benchmarks/documents.py``).
+    Classes declared here never dereference on attribute access: their fields are
+    switched off once, when the class is declared (``_disable_auto_dereference``),
+    so the copy guards nothing and is skipped, and the class's fields, shared as
+    in mongoengine's default path, are never switched back on. The rest is
+    mongoengine's conversion, step for step.
+    """
+    if son and not isinstance(son, dict):
+        raise ValueError(
+            f"The source SON object needs to be of type 'dict' but a '{type(son)}' was found"
+        )
+    class_name = son.get("_cls", cls._class_name)
+    db_field_map = cls._db_field_map
+    data = {}
+    for key, value in son.items():
+        key = str(key)
+        data[db_field_map.get(key, key)] = value
+    if class_name != cls._class_name:
+        cls = get_document(class_name)
+    errors: dict[str, Exception] = {}
+    for field_name, field in cls._fields.items():
+        db_field = field.db_field
+        if db_field in data:
+            value = data[db_field]
+            try:
+                data[field_name] = value if value is None else field.to_python(value)
+                if field_name != db_field:
+                    del data[db_field]
+            except (AttributeError, ValueError) as e:
+                errors[field_name] = e
+    if errors:
+        details = "\n".join(f"Field '{k}' - {v}" for k, v in errors.items())
+        raise InvalidDocumentError(
+            f"Invalid data to create a `{cls._class_name}` instance.\n{details}"
+        )
+    if cls.STRICT:
+        data = {k: v for k, v in data.items() if k in cls._fields}
+    obj = cls(__auto_convert=False, _created=created, **data)
+    obj._changed_fields = []
+    return obj
 
 
 class EmbeddedDocument(mongoengine.EmbeddedDocument):
@@ -73,6 +130,15 @@ class EmbeddedDocument(mongoengine.EmbeddedDocument):
         super().__init_subclass__(**kwargs)
         for field in cls._fields.values():
             _disable_auto_dereference(field)
+
+    @classmethod
+    def _from_son(
+        cls, son: dict[str, Any], _auto_dereference: bool = False, created: bool = False
+    ) -> Any:
+        # _auto_dereference is ignored, as in Document._from_son: mongoengine's
+        # GenericEmbeddedDocumentField passes its default (True), which would
+        # switch this class's fields back to blocking dereferencing for good.
+        return _from_son(cls, son, created)
 
 
 class DynamicEmbeddedDocument(EmbeddedDocument, mongoengine.DynamicEmbeddedDocument):
@@ -115,16 +181,23 @@ class Document(mongoengine.Document):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        references.bind(self)
+        if kwargs.get("__auto_convert", True) or not _LOADING.get():
+            references.bind(self)
+        # else: built by _from_son from stored data, which binds it, as loaded, next.
 
     @classmethod
     def _from_son(
         cls, son: dict[str, Any], _auto_dereference: bool = False, created: bool = False
     ) -> Any:
-        # mongoengine's default (True) would switch blocking dereferencing back on.
-        with loading_from_database():
-            doc = super()._from_son(son, _auto_dereference=False, created=created)
+        # _auto_dereference is accepted for mongoengine's callers and ignored: the
+        # fields of classes declared here never dereference (see _from_son above).
+        # loading_from_database(), without a generator context manager per document.
+        token = _LOADING.set(True)
+        try:
+            doc = _from_son(cls, son, created)
             references.bind(doc, loaded=True)
+        finally:
+            _LOADING.reset(token)
         return doc
 
     async def _switch_file_reference(
@@ -147,7 +220,16 @@ class Document(mongoengine.Document):
     @classmethod
     def _get_collection(cls) -> AsyncCollection[Any]:
         """The async collection of this class (no I/O, no index creation)."""
-        return cls._get_db()[cls._get_collection_name()]
+        alias = cls._alias()
+        client = get_client(alias)
+        key = cls._index_key()
+        by_name = _collections.get(client)
+        if by_name is None:
+            by_name = _collections.setdefault(client, {})
+        collection = by_name.get(key)
+        if collection is None:
+            collection = by_name[key] = client[key[0]][key[1]]
+        return collection
 
     @property
     def _qs(self) -> QuerySet[Any]:
@@ -184,11 +266,16 @@ class Document(mongoengine.Document):
 
     @classmethod
     def _indexed_here(cls) -> set[tuple[str, str]]:
-        return _indexed.setdefault(get_client(cls._alias()), set())
+        client = get_client(cls._alias())
+        done = _indexed.get(client)
+        if done is None:
+            done = _indexed.setdefault(client, set())
+        return done
 
     @classmethod
     def _index_key(cls) -> tuple[str, str]:
-        return (cls._get_db().name, cls._get_collection_name())
+        """``(database name, collection name)`` of this class, without building either."""
+        return (_connection(cls._alias()).db_name, cls._get_collection_name())
 
     @classmethod
     async def _ensure_indexes_once(cls) -> None:

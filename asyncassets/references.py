@@ -38,7 +38,7 @@ import contextlib
 import copy
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import mongoengine
@@ -269,26 +269,48 @@ def _shallow(value: Any) -> Any:
 # -- saving ---------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def saving(doc: Any) -> AsyncIterator[None]:
+def saving(doc: Any) -> contextlib.AbstractAsyncContextManager[None]:
     """Hold ``doc``'s reference lock around its ``save()``, and record the outcome.
 
-    File switches of the same document object wait meanwhile, so they act on what
-    the save left. A save whose outcome is unknown leaves the document "maybe
-    stored": later switches ask the database before deleting anything.
+    ``async with saving(doc): ...``. File switches of the same document object wait
+    meanwhile, so they act on what the save left. A save whose outcome is unknown
+    leaves the document "maybe stored": later switches ask the database before
+    deleting anything.
     """
-    state = _state(doc)
-    async with state.lock:
-        bind(doc)
+    return _Saving(doc)
+
+
+class _Saving(contextlib.AbstractAsyncContextManager[None]):
+    # A class rather than an @asynccontextmanager generator: it runs for every
+    # save(), and the generator machinery cost more than the rest of it.
+    __slots__ = ("_doc", "_state")
+
+    def __init__(self, doc: Any) -> None:
+        self._doc = doc
+        self._state = _state(doc)
+
+    async def __aenter__(self) -> None:
+        lock = self._state.lock
+        await lock.acquire()
         try:
-            yield
-        except BaseException as exc:
-            if unknown_outcome(exc):
-                state.maybe_stored = True
+            bind(self._doc)
+        except BaseException:
+            lock.release()
             raise
-        state.maybe_stored = False
-        for proxy, _path, _owner, _name in iter_proxies(doc):
-            proxy._pending = False  # the stored document references it now
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        state = self._state
+        try:
+            if exc is not None:
+                if unknown_outcome(exc):
+                    state.maybe_stored = True
+                return  # the exception goes on
+            state.maybe_stored = False
+            if holds_files(type(self._doc)):
+                for proxy, _path, _owner, _name in iter_proxies(self._doc):
+                    proxy._pending = False  # the stored document references it now
+        finally:
+            state.lock.release()
 
 
 def unknown_outcome(exc: BaseException) -> bool:
