@@ -75,9 +75,11 @@ class QuerySet(Generic[T]):
     # -- building ---------------------------------------------------------------
 
     def _clone(self) -> QuerySet[T]:
-        clone = copy.copy(self)
-        clone._query_obj = copy.deepcopy(self._query_obj)
-        return clone
+        # The query tree is shared, never changed in place (filter() combines it
+        # into a new node); _query compiles a copy of it, since mongoengine's
+        # compiler rewrites the nodes it visits. One copy per query sent, not one
+        # per building step.
+        return copy.copy(self)
 
     def clone(self) -> QuerySet[T]:
         """A copy of this queryset (every building method already returns one)."""
@@ -314,7 +316,7 @@ class QuerySet(Generic[T]):
     def _query(self) -> dict[str, Any]:
         if self._none:
             return {"_id": {"$in": []}}
-        query: dict[str, Any] = self._query_obj.to_query(self._document)
+        query: dict[str, Any] = copy.deepcopy(self._query_obj).to_query(self._document)
         meta = self._document._meta
         if meta.get("allow_inheritance") is True and self._cls_mode != "cleared":
             subclasses = self._document._subclasses
@@ -403,7 +405,12 @@ class QuerySet(Generic[T]):
             qs = self.limit(length if self._limit is None else min(length, self._limit))
         if qs._limit == 0:
             return []
-        docs = [qs._build(son) async for son in qs._cursor()]
+        # Whole batches from the cursor, not one awaited step per document: the
+        # same round trips, and the documents are built in a plain loop.
+        cursor, build = qs._cursor(), qs._build
+        docs: list[T] = []
+        while sons := await cursor.to_list(BATCH_SIZE):
+            docs += [build(son) for son in sons]
         await qs._load_files(docs)
         return docs
 
