@@ -52,11 +52,12 @@ D = TypeVar("D", bound="Document")
 # Weak on the client, so a new client reusing a dead one's id() starts afresh.
 _indexed: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
 
-# Each class's collection object, per client and (database, collection) name. PyMongo
-# builds a new Database and a new Collection on every item access, which save(),
-# delete() and every query paid once or twice a call; both objects are immutable,
-# so one per client and name serves. Weak on the client, as _indexed.
-_collections: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], Any]] = (
+# Each class's collection object, for the client and database it was last used with.
+# PyMongo builds a new Database and a new Collection on every item access, which
+# save(), delete() and every query paid once or twice a call; both are immutable.
+# Only the last client is kept (a collection holds its client): the client of a
+# finished event loop is let go when the class meets the next loop's client.
+_collection_of: weakref.WeakKeyDictionary[type, tuple[Any, str, Any]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -312,13 +313,12 @@ class Document(mongoengine.Document):
         """The async collection of this class (no I/O, no index creation)."""
         alias = cls._alias()
         client = get_client(alias)
-        key = cls._index_key()
-        by_name = _collections.get(client)
-        if by_name is None:
-            by_name = _collections.setdefault(client, {})
-        collection = by_name.get(key)
-        if collection is None:
-            collection = by_name[key] = client[key[0]][key[1]]
+        db_name = _connection(alias).db_name
+        cached = _collection_of.get(cls)
+        if cached is not None and cached[0] is client and cached[1] == db_name:
+            return cached[2]
+        collection = client[db_name][cls._get_collection_name()]
+        _collection_of[cls] = (client, db_name, collection)
         return collection
 
     @property
