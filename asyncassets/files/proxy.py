@@ -604,6 +604,9 @@ class FileProxy:
         :param metadata: further keywords, stored in the ``metadata`` sub-document.
         :raises FileAlreadyExists: the field already holds a file (use :meth:`replace`).
         :raises TypeError: ``data`` is not something bytes can be read from.
+        :raises FileValidationError: the field's rules refused the file; nothing stored.
+        :raises FileConflict: on a saved document, another writer set the field first;
+            the upload was removed.
         """
         self._refuse_if_full("put()")
         doc = await self._upload_new(data, content_type, filename, metadata)
@@ -628,7 +631,7 @@ class FileProxy:
         filename: str | None,
         metadata: dict[str, Any],
     ) -> dict[str, Any]:
-        """Upload ``data`` through the field's checks (see :mod:`.validation`)."""
+        """Upload ``data`` through the field's checks (see :mod:`.rules`)."""
         _check_content_type(content_type)
         return await guarded_upload(
             self, bucket, data, content_type, filename, self._metadata(None, metadata)
@@ -645,10 +648,15 @@ class FileProxy:
 
         The new file is complete before the reference moves; on a saved document the
         reference moves with a conditional update, and the old file is deleted only
-        after that succeeded. Metadata is replaced too. Same inputs as :meth:`put`.
+        after that succeeded, and only if no other live document holds it and it was
+        not assigned by hand (see :doc:`/guarantees`). Metadata is replaced too. Same
+        inputs as :meth:`put`.
 
         :raises FileConflict: another task changed this file first; the upload made
             here was removed again and the stored document is unchanged.
+        :raises pymongo.errors.PyMongoError: the switch failed; when its outcome is
+            unknown (a lost reply, a write-concern error), neither file was deleted
+            and the proxy holds the file the stored document was read back to hold.
         """
         if self._upload is not None:
             raise GridFSError(
