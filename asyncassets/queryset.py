@@ -386,8 +386,9 @@ class QuerySet(Generic[T]):
         if self._limit == 0:
             return
         batch: list[T] = []
-        async for son in self._cursor():
-            doc = self._build(son)
+        build = self._build
+        async for son in _each(self._cursor()):
+            doc = build(son)
             if not self._file_fields:
                 yield doc
                 continue
@@ -793,6 +794,29 @@ class QuerySet(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<QuerySet {self._document.__name__} {self._query!r}>"
+
+
+async def _each(cursor: Any) -> AsyncIterator[Any]:
+    """The documents of ``cursor``, one by one, with the round trips of ``async for``.
+
+    Takes each batch from the cursor's buffer with one ``to_list`` instead of one
+    awaited cursor step per document (two coroutines each); it asks for the next
+    batch, as ``async for`` does, only once the consumer has taken every document
+    of this one. Cursors without ``retrieved`` (Motor's) are iterated as they are.
+    """
+    if not hasattr(cursor, "retrieved"):
+        async for son in cursor:
+            yield son
+        return
+    taken = 0
+    while True:
+        # What the cursor holds (no I/O), else one document, which fetches a batch.
+        sons = await cursor.to_list(cursor.retrieved - taken or 1)
+        if not sons:
+            return
+        taken += len(sons)
+        for son in sons:
+            yield son
 
 
 def _lookup(doc: Any, name: str) -> Any:
