@@ -221,37 +221,18 @@ Progress = Callable[[str], None]
 
 
 def embedded_server(cache_size: str | None, storage_path: str | None = None) -> Any:
-    """An :class:`~asyncassets.embedded.EmbeddedServer`, with a bigger SecantusDB cache.
+    """An :class:`~asyncassets.embedded.EmbeddedServer` with an explicit SecantusDB cache.
 
-    SecantusDB's in-memory store keeps everything in the WiredTiger cache, 1 GiB by
-    default, and fails writes with ``WT_CACHE_FULL`` beyond it, so a 1 GiB file (or
-    500 concurrent 1 MiB files plus the garbage of earlier rounds) does not fit.
-    EmbeddedServer has no option for it, so the server is started through a wrapper
-    script that ``exec``\\ s ``secantusd-py`` with ``--cache-size`` appended.
+    ``storage_path``: a directory for an on-disk server (SecantusDB then runs with
+    ``--sync-on-commit``, as EmbeddedServer starts it for persistent storage), or
+    ``None`` for an in-memory one. SecantusDB's in-memory store keeps everything in
+    its WiredTiger cache (1 GiB by default) and fails writes with ``WT_CACHE_FULL``
+    beyond it; an on-disk one evicts to disk. ``cache_size`` (``"2G"``) is passed as
+    ``--cache-size``; ``None`` or ``""`` leaves the server's default.
     """
-    import shutil
-    import stat
-    import tempfile
-
     from asyncassets.embedded import EmbeddedServer
 
     plain = EmbeddedServer(storage_path)
     if plain.kind != "secantusdb" or not cache_size:
         return plain
-    wrapper_dir = Path(tempfile.mkdtemp(prefix="aa-bench-server-"))
-    wrapper = wrapper_dir / "secantusd-bench"
-    wrapper.write_text(
-        f'#!/bin/sh\nexec {shlex_quote(plain.binary)} "$@" --cache-size {shlex_quote(cache_size)}\n'
-    )
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    server = EmbeddedServer(storage_path, binary=str(wrapper))
-    import weakref
-
-    weakref.finalize(server, shutil.rmtree, str(wrapper_dir), True)
-    return server
-
-
-def shlex_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
+    return EmbeddedServer(storage_path, extra_args=["--cache-size", cache_size])

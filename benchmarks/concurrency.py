@@ -2,17 +2,20 @@
 
 For N in (100, 500): N tasks start at once, each uploading (then, in a second wave,
 downloading) one 1 MiB file. Reported per contender: wall time of the wave, aggregate
-throughput, p50/p99 latency of a single operation, and the errors raised.
+throughput, p50/p99 latency of a single operation, the errors raised, and the client's
+memory: its resident set at the start of the wave and its peak during it (sampled every
+5 ms), so the growth is what the wave's tasks held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from typing import Any
 
-from _harness import MiB, Progress, median, percentile
+from _harness import MiB, Progress, RssSampler, median, percentile
 from _models import BenchFile
 from gridfs.asynchronous import AsyncGridFSBucket
 
@@ -33,10 +36,15 @@ async def _wave(n: int, op: Any) -> dict[str, Any]:
             return
         latencies.append(time.perf_counter() - t0)
 
+    gc.collect()
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
+    with RssSampler() as rss:
+        await asyncio.gather(*(one(i) for i in range(n)))
     wall = time.perf_counter() - t0
     return {
+        "rss_start_mib": rss.start_rss / MiB,
+        "rss_peak_mib": rss.peak / MiB,
+        "rss_growth_mib": rss.growth / MiB,
         "wall_s": wall,
         "MBps": len(latencies) * MiB / MiB / wall,
         "p50_ms": percentile(latencies, 50) * 1000,
@@ -107,6 +115,8 @@ async def run(counts: list[int], rounds: int, progress: Progress) -> list[dict[s
                     "p50_ms": median([w["p50_ms"] for w in waves]),
                     "p99_ms": median([w["p99_ms"] for w in waves]),
                     "errors": sum(w["errors"] for w in waves),
+                    "rss_growth_mib": max(w["rss_growth_mib"] for w in waves),
+                    "rss_peak_mib": max(w["rss_peak_mib"] for w in waves),
                     "first_errors": [e for w in waves for e in w["first_errors"]][:3],
                 }
             row["ratio"] = row["asyncassets"]["MBps"] / row["raw"]["MBps"]

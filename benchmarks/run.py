@@ -1,22 +1,28 @@
-"""asyncassets benchmarks: one command, one in-memory server, a table and a JSON file.
+"""asyncassets benchmarks: one command, a fresh server per section, a table and a JSON file.
 
-    python benchmarks/run.py                 # throughput, concurrency, ranged, listing, peers
+    python benchmarks/run.py                 # documents, throughput, concurrency, ranged,
+                                             # listing, peers; on-disk server, 2G cache
     python benchmarks/run.py --quick         # a fast smoke run (smaller, fewer rounds, no peers)
     python benchmarks/run.py --memory        # also memory at 128 MiB, 512 MiB and 1 GiB
+    python benchmarks/run.py --storage memory --cache-size 8G   # an in-memory server
 
 Contenders alternate round by round against the same server; the results are medians
-and ratios against raw PyMongo async GridFS (``AsyncGridFSBucket``), because absolute
-MB/s on a shared machine are noise. See docs/performance.rst.
+and ratios against raw PyMongo (``AsyncMongoClient``, ``AsyncGridFSBucket``) and, for
+documents, sync mongoengine, because absolute figures on a shared machine are noise.
+See docs/performance.rst.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,7 @@ from _harness import CommandCounter, MiB, fmt_table, log  # noqa: E402
 
 import asyncassets  # noqa: E402
 
-SECTIONS = ("throughput", "concurrency", "ranged", "listing", "memory", "peers")
+SECTIONS = ("documents", "throughput", "concurrency", "ranged", "listing", "memory", "peers")
 DB = "asyncassets_bench"
 
 
@@ -45,8 +51,33 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="small sizes and few rounds: a smoke run of every section but peers",
     )
+    p.add_argument(
+        "--doc-sizes",
+        type=_ints,
+        default=None,
+        help="documents loaded per read case (1000,10000; 200,2000 with --quick)",
+    )
+    p.add_argument(
+        "--doc-calls", type=int, default=None, help="first()/get() calls per round (500)"
+    )
+    p.add_argument(
+        "--doc-writes", type=int, default=None, help="documents saved per write case (1000)"
+    )
+    p.add_argument("--doc-bulk", type=int, default=None, help="documents per bulk insert (10000)")
+    p.add_argument(
+        "--no-profile",
+        dest="doc_profile",
+        action="store_false",
+        help="skip the cProfile of the 10,000-document loads",
+    )
     p.add_argument("--size-mib", type=int, default=None, help="throughput file size (64)")
     p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (7)")
+    p.add_argument(
+        "--min-read-mib",
+        type=int,
+        default=256,
+        help="throughput: each read sample reads the file until it moved this much (256)",
+    )
     p.add_argument("--concurrency", type=_ints, default=None, help="task counts (100,500)")
     p.add_argument(
         "--concurrency-rounds",
@@ -95,10 +126,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", default=None, help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}"
     )
     p.add_argument(
+        "--storage",
+        choices=("disk", "memory"),
+        default="disk",
+        help="the server keeps its data on disk (default; SecantusDB with --sync-on-commit) "
+        "or in memory",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where on-disk servers keep their data, one fresh directory per section "
+        "(default: a temporary directory, removed afterwards)",
+    )
+    p.add_argument(
         "--cache-size",
-        default="8G",
-        help="SecantusDB's WiredTiger cache; its in-memory store must hold all data "
-        "(default 8G; '' for the server's own default of 1G)",
+        default=None,
+        help="SecantusDB's WiredTiger cache (default 2G on disk, 8G in memory, where it "
+        "must hold all data; '' for the server's own default of 1G)",
     )
     p.add_argument("--json", default=None, help="where to write the JSON (benchmarks/results/)")
     a = p.parse_args(argv)
@@ -110,6 +154,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.ranged_size_mib = a.ranged_size_mib or (64 if q else 1024)
     a.listing = a.listing or (200 if q else 1000)
     a.memory_sizes = a.memory_sizes or ([32, 128] if q else [128, 512, 1024])
+    a.doc_sizes = a.doc_sizes or ([200, 2000] if q else [1000, 10000])
+    a.doc_calls = a.doc_calls or (100 if q else 500)
+    a.doc_writes = a.doc_writes or (200 if q else 1000)
+    a.doc_bulk = a.doc_bulk or (2000 if q else 10000)
+    if a.cache_size is None:
+        a.cache_size = "2G" if a.storage == "disk" else "8G"
     if a.peers is None:
         a.peers = not q
     if a.only:
@@ -130,11 +180,32 @@ async def bench_section(
     counter = CommandCounter()
     asyncassets.connect(host=uri, db=DB, alias="default", event_listeners=[counter])
     try:
-        if section == "throughput":
+        if section == "documents":
+            import documents
+
+            log(
+                f"documents: {args.doc_sizes} documents, {args.rounds} rounds, "
+                f"3 contenders in their own processes"
+            )
+            out["documents"] = await asyncio.to_thread(
+                documents.run,
+                uri,
+                DB + "_documents",
+                args.doc_sizes,
+                args.rounds,
+                args.doc_calls,
+                args.doc_writes,
+                args.doc_bulk,
+                args.doc_profile,
+                log,
+            )
+        elif section == "throughput":
             import throughput
 
             log(f"throughput: {args.size_mib} MiB x {args.rounds} rounds")
-            out["throughput"] = await throughput.run(args.size_mib * MiB, args.rounds, log)
+            out["throughput"] = await throughput.run(
+                args.size_mib * MiB, args.rounds, log, args.min_read_mib * MiB
+            )
         elif section == "concurrency":
             import concurrency
 
@@ -179,6 +250,44 @@ async def bench_section(
 
 def report(out: dict[str, Any]) -> str:
     parts = []
+    if "documents" in out:
+        rows = []
+        for r in out["documents"]["rows"]:
+            med = r["median_s"]
+            lo_raw, hi_raw = r["vs_raw_range"] or [float("nan")] * 2
+            lo_me, hi_me = r["vs_mongoengine_range"] or [float("nan")] * 2
+            rows.append(
+                [
+                    r["case"],
+                    med["raw"] * 1000,
+                    med["asyncassets"] * 1000,
+                    med["mongoengine"] * 1000,
+                    r["vs_raw"],
+                    f"{lo_raw:.2f}-{hi_raw:.2f}",
+                    r["vs_mongoengine"],
+                    f"{lo_me:.2f}-{hi_me:.2f}",
+                ]
+            )
+        text = (
+            "Documents (medians, ms; vs X = X time / asyncassets time, above 1: asyncassets "
+            "faster; range = per-round ratios)\n"
+            + fmt_table(
+                [
+                    "case",
+                    "raw ms",
+                    "aa ms",
+                    "mongoengine ms",
+                    "vs raw",
+                    "range",
+                    "vs mongoengine",
+                    "range",
+                ],
+                rows,
+            )
+        )
+        for case, errors in out["documents"]["errors"].items():
+            text += f"\nerrors in {case}: {errors[:3]}"
+        parts.append(text)
     if "throughput" in out:
         rows = [
             [
@@ -187,12 +296,14 @@ def report(out: dict[str, Any]) -> str:
                 r["raw_MBps"],
                 r["asyncassets_MBps"],
                 r["ratio"],
+                f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}",
             ]
             for r in out["throughput"]
         ]
         parts.append(
-            "Throughput (MB/s, medians; ratio = asyncassets / raw PyMongo GridFS)\n"
-            + fmt_table(["op", "size", "raw MB/s", "asyncassets MB/s", "ratio"], rows)
+            "Throughput (MB/s, medians; ratio = raw PyMongo GridFS time / asyncassets "
+            "time; rounds = lowest-highest ratio of one round)\n"
+            + fmt_table(["op", "size", "raw MB/s", "asyncassets MB/s", "ratio", "rounds"], rows)
         )
     if "concurrency" in out:
         rows = []
@@ -210,6 +321,7 @@ def report(out: dict[str, Any]) -> str:
                     w["p99_ms"],
                     a["p99_ms"],
                     f"{w['errors']}/{a['errors']}",
+                    f"{w['rss_growth_mib']:.0f}/{a['rss_growth_mib']:.0f}",
                 ]
             )
         parts.append(
@@ -226,6 +338,7 @@ def report(out: dict[str, Any]) -> str:
                     "raw p99 ms",
                     "aa p99 ms",
                     "errors raw/aa",
+                    "client RSS growth MiB raw/aa",
                 ],
                 rows,
             )
@@ -349,13 +462,21 @@ def main(argv: list[str] | None = None) -> int:
         else (HERE / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     )
     path.parent.mkdir(parents=True, exist_ok=True)
+    out["machine"]["server_storage"] = args.storage
+    out["machine"]["server_cache"] = args.cache_size
     for section in args.sections:
-        # A fresh in-memory server per section: SecantusDB's memory only grows with the
-        # data written and deleted, and one section must not slow the next.
-        with _harness.embedded_server(args.cache_size) as server:
+        # A fresh server per section (and a fresh data directory on disk): a server's
+        # memory and files only grow with the data written and deleted, and one
+        # section must not slow the next.
+        with contextlib.ExitStack() as stack:
+            data_dir = None
+            if args.storage == "disk":
+                data_dir = tempfile.mkdtemp(prefix=f"aa-bench-{section}-", dir=args.data_dir)
+                stack.callback(shutil.rmtree, data_dir, True)
+            server = stack.enter_context(_harness.embedded_server(args.cache_size, data_dir))
             out["machine"]["server"] = server.kind
-            out["machine"]["server_cache"] = args.cache_size
-            log(f"[{section}] {server.kind} in memory, cache {args.cache_size}, {server.uri}")
+            where = f"on disk in {data_dir}" if data_dir else "in memory"
+            log(f"[{section}] {server.kind} {where}, cache {args.cache_size}, {server.uri}")
             s0 = time.monotonic()
             asyncio.run(bench_section(args, section, server.uri, out))
             out.setdefault("section_seconds", {})[section] = time.monotonic() - s0
