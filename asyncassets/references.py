@@ -400,12 +400,18 @@ async def _update(
     new = None if new_doc is None else new_doc["_id"]
     parts = [part for part, _ in path]
     dotted = ".".join(parts)
-    query: dict[str, Any] = {"_id": _stored_id(root), dotted: old}
+    query: dict[str, Any] = {"_id": _stored_id(root)}
     if old is None:
-        # A missing path matches None too: make sure the list elements exist.
+        # Not {dotted: None}: through an array, "pages.0.image" is also read as the
+        # field "0" of every element, which is missing, so null would match a slot
+        # another writer has filled. "Exists nowhere, or is null" is exact.
+        query["$or"] = [{dotted: {"$exists": False}}, {dotted: {"$type": "null"}}]
+        # And the list elements on the path must exist (a missing one matches too).
         for i, (_, is_index) in enumerate(path):
             if is_index:
                 query[".".join(parts[: i + 1])] = {"$exists": True}
+    else:
+        query[dotted] = old
     element = path[-1][1]
     if new is not None:
         update: dict[str, Any] = {"$set": {dotted: new}}

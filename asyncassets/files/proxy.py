@@ -208,6 +208,14 @@ class FileProxy:
         self._orphaned = False
         #: Resolved when a ``close()`` in flight has settled.
         self._closing: asyncio.Future[None] | None = None
+        #: The upload each task last opened or wrote to, and which task aborted an
+        #: upload: a task whose upload was aborted must not write into the next one.
+        self._writers: weakref.WeakKeyDictionary[asyncio.Task[Any], UploadStream] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._aborted_by: weakref.WeakKeyDictionary[UploadStream, Any] = (
+            weakref.WeakKeyDictionary()
+        )
         #: Set once ``new_file()`` opened a streaming upload on this proxy: from then
         #: on ``close()`` without an open upload raises instead of doing nothing.
         self._streamed = False
@@ -259,10 +267,18 @@ class FileProxy:
         return ("object", id(root))
 
     def _shared_elsewhere(self, file_id: Any) -> bool:
-        """Whether a live proxy of another document (or a free one) holds ``file_id``."""
+        """Whether a live proxy of another document holds ``file_id``.
+
+        Only proxies inside a document count: a free proxy (made by hand, or a
+        temporary one mongoengine builds while copying a document) references
+        nothing stored.
+        """
         mine = self._identity()
         return any(
-            other is not self and other.grid_id == file_id and other._identity() != mine
+            other is not self
+            and other.grid_id == file_id
+            and other._root() is not None
+            and other._identity() != mine
             for other in _holders_of(self._collection_name, file_id)
         )
 
@@ -767,11 +783,12 @@ class FileProxy:
         guard = make_guard(self, content_type, filename, self._metadata(None, metadata))
         bucket = self._bucket()
         self._upload = bucket.open_upload(filename=guard.filename, metadata=guard.metadata)
+        self._remember_writer(self._upload)
         self._streamed = True
         self._guard = guard
         self._upload_previous = self.grid_id
         self._encoding = encoding
-        return NewFile(self, bucket)
+        return NewFile(self, bucket, self._upload)
 
     def _stream(self, what: str) -> UploadStream:
         if self._upload is None:
@@ -800,8 +817,22 @@ class FileProxy:
         :raises TypeError: ``data`` is not bytes (or ``str`` with an encoding).
         """
         stream = self._stream("write()")
+        task = _current_task()
+        last = self._writers.get(task) if task is not None else None
+        if last is not None and last is not stream:
+            raise UploadClosed(
+                "write(): the upload this task was writing was closed or aborted (by "
+                "another task?), and another upload is open on this field now; this "
+                "task's bytes will not go into it. Start a new_file() in this task."
+            )
+        self._remember_writer(stream)
         guarded_write(self._guard, stream, self._as_bytes(data))
         return _Flush(stream)
+
+    def _remember_writer(self, stream: UploadStream) -> None:
+        task = _current_task()
+        if task is not None:
+            self._writers[task] = stream
 
     async def writelines(self, lines: Iterable[bytes | str]) -> None:
         """Write every item of ``lines``, flushing as it goes."""
@@ -854,6 +885,7 @@ class FileProxy:
             )
         stream = self._stream("abort()")
         self._upload = None
+        self._aborted_by[stream] = _current_task()
         await asyncio.shield(stream.abort())
 
     # -- plumbing -----------------------------------------------------------------
@@ -891,6 +923,16 @@ class FileProxy:
         return f"<{type(self).__name__}: {label} ({self.grid_id})>"
 
 
+_NOT_ABORTED = object()
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
+
+
 class _Flush:
     """What ``write()`` returns: awaiting it flushes; not awaiting it is fine too."""
 
@@ -906,9 +948,10 @@ class _Flush:
 class NewFile:
     """What ``new_file()`` returns: awaitable, and an async context manager."""
 
-    def __init__(self, proxy: FileProxy, bucket: GridBucket) -> None:
+    def __init__(self, proxy: FileProxy, bucket: GridBucket, stream: UploadStream) -> None:
         self._proxy = proxy
         self._bucket = bucket
+        self._stream = stream
 
     async def _open(self) -> FileProxy:
         await self._bucket.ensure_indexes()
@@ -925,8 +968,18 @@ class NewFile:
             raise
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._proxy._upload is None:
-            return  # closed or aborted inside the block
+        proxy, stream = self._proxy, self._stream
+        if proxy._upload is not stream:
+            # Closed or aborted already. Aborted by another task, the block must not
+            # end as if its file were stored.
+            aborted_by = proxy._aborted_by.get(stream, _NOT_ABORTED)
+            if exc_type is None and aborted_by is not _NOT_ABORTED:
+                if aborted_by is not _current_task():
+                    raise UploadClosed(
+                        "the upload of this `async with new_file()` block was aborted by "
+                        "another task; nothing was stored."
+                    )
+            return
         if exc_type is None:
             await self._proxy.close()
         else:

@@ -170,8 +170,18 @@ def _file_time(doc: dict[str, Any]) -> dt.datetime | None:
     """When a file was written: ``uploadDate``, else its ObjectId ``_id``'s time."""
     when = _as_utc(doc.get("uploadDate"))
     if when is None and isinstance(doc.get("_id"), ObjectId):
-        when = doc["_id"].generation_time
+        when = oid_time(doc["_id"])
     return when
+
+
+def oid_time(oid: ObjectId) -> dt.datetime:
+    """The latest moment an ObjectId can have been made.
+
+    An ObjectId records whole seconds: one made at 12:00:00.9 says 12:00:00. For
+    deciding whether something is older than the sweep's grace, the end of that
+    second is the safe reading (it never makes a young object look old).
+    """
+    return oid.generation_time + dt.timedelta(seconds=1)
 
 
 async def _orphaned_chunk_groups(

@@ -23,6 +23,7 @@ from .lookup import (
     _orphaned_chunk_groups,
     _positive,
     _referenced_files,
+    oid_time,
 )
 from .reports import DEFAULT_MAX_IDS, BucketFile, OrphanedChunks, SweepReport, _keep
 from .scope import _plan, _prune, _Source
@@ -190,12 +191,13 @@ def _newest(*times: dt.datetime | None) -> dt.datetime | None:
 
 def _chunks_time(group: dict[str, Any]) -> dt.datetime | None:
     """When orphaned chunks were last written: the newest chunk ``_id``'s time, else
-    the ObjectId ``files_id``'s (which is when the upload began)."""
+    the ObjectId ``files_id``'s (which is when the upload began); at the latest
+    moment each could mean (see :func:`oid_time`)."""
     newest = group.get("newest")
     if isinstance(newest, ObjectId):
-        return newest.generation_time
+        return oid_time(newest)
     if isinstance(group.get("_id"), ObjectId):
-        return group["_id"].generation_time
+        return oid_time(group["_id"])
     return None
 
 
