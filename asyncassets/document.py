@@ -116,45 +116,47 @@ def _from_son(cls: Any, son: dict[str, Any], created: bool) -> Any:
         )
     if cls.STRICT:
         data = {k: v for k, v in data.items() if k in cls._fields}
-    if _plain_init(cls):
-        obj = _init_loaded(cls, created, data)
+    allowed = _plain_init(cls)
+    if allowed is not None:
+        obj = _init_loaded(cls, created, data, allowed)
     else:
         obj = cls(__auto_convert=False, _created=created, **data)
     obj._changed_fields = []
     return obj
 
 
-# Whether a class is built by _init_loaded: per class, computed once.
-_plain: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+def _plain_init(cls: type) -> frozenset[str] | None:
+    """The keys ``cls`` accepts, if it runs mongoengine's own ``__init__`` and
+    ``__setattr__``; else ``None``.
 
-
-def _plain_init(cls: type) -> bool:
-    """Whether ``cls`` runs mongoengine's own ``__init__`` and ``__setattr__``.
-
-    True when neither the class nor its bases between it and mongoengine's
+    A class qualifies when neither it nor its bases between it and mongoengine's
     classes override ``__new__``, ``__init__`` (asyncassets' ``Document.__init__``
-    excepted: while loading it only calls mongoengine's) or ``__setattr__``, the
-    class is not dynamic, and each field is the class attribute of its name (the
-    descriptor that ``setattr`` would reach).
+    excepted: while loading it only calls mongoengine's) or ``__setattr__``, it is
+    not dynamic, and each field is the class attribute of its name (the
+    descriptor that ``setattr`` would reach). Computed once per class and kept in
+    the class's own ``__dict__`` (no weak-dictionary lookup per document: those
+    allocate, and their garbage made loading collect more often).
     """
-    plain = _plain.get(cls)
-    if plain is None:
+    plan = cls.__dict__.get("_aa_load_plan")
+    if plan is None:
         init = getattr(cls, "__init__", None)
+        fields = getattr(cls, "_fields", {})
         plain = (
             init in (Document.__init__, mongoengine.EmbeddedDocument.__init__)
             and getattr(cls, "__new__", None) is object.__new__
             and getattr(cls, "__setattr__", None) is BaseDocument.__setattr__
             and not getattr(cls, "_dynamic", True)
-            and all(
-                inspect.getattr_static(cls, name, None) is field
-                for name, field in getattr(cls, "_fields", {}).items()
-            )
+            and all(inspect.getattr_static(cls, name, None) is f for name, f in fields.items())
         )
-        _plain[cls] = plain
-    return plain
+        allowed = frozenset([*fields, "id", "pk", "_cls", "_text_score"]) if plain else None
+        plan = (allowed,)
+        type.__setattr__(cls, "_aa_load_plan", plan)
+    return plan[0]
 
 
-def _init_loaded(cls: Any, created: bool, values: dict[str, Any]) -> Any:
+def _init_loaded(
+    cls: Any, created: bool, values: dict[str, Any], allowed: frozenset[str]
+) -> Any:
     """``cls(__auto_convert=False, _created=created, **values)``, for a plain class.
 
     The same steps as mongoengine's ``BaseDocument.__init__`` (and, for an embedded
@@ -165,7 +167,7 @@ def _init_loaded(cls: Any, created: bool, values: dict[str, Any]) -> Any:
     initialised or saved document) and was a third of the time of loading a
     document. Private attributes are set directly, fields through their
     descriptor's ``__set__``, as ``setattr`` would. Only for classes that
-    :func:`_plain_init` accepts.
+    :func:`_plain_init` accepts; ``allowed`` is what it returned.
     """
     self = object.__new__(cls)
     setattr_ = object.__setattr__
@@ -173,8 +175,8 @@ def _init_loaded(cls: Any, created: bool, values: dict[str, Any]) -> Any:
     setattr_(self, "_created", True)
     signals.pre_init.send(cls, document=self, values=values)
     fields = cls._fields
-    if cls._meta.get("strict", True) or created:
-        undefined = set(values) - {*fields, "id", "pk", "_cls", "_text_score"}
+    if (cls._meta.get("strict", True) or created) and not values.keys() <= allowed:
+        undefined = set(values) - allowed
         if undefined:
             raise FieldDoesNotExist(
                 f'The fields "{undefined}" do not exist on the document "{cls._class_name}"'
