@@ -180,6 +180,7 @@ def _rounds(
     cases: list[dict[str, Any]],
     rounds: int,
     times: dict[str, dict[str, list[float]]],
+    cpu: dict[str, dict[str, list[float]]],
     errors: dict[str, list[str]],
     progress: Progress,
     what: str,
@@ -195,15 +196,24 @@ def _rounds(
                     continue
                 if r >= 0:
                     times[case["case"]][name].append(answer["seconds"])
+                    cpu[case["case"]][name].append(answer["cpu_seconds"])
         if r >= 0:
             progress(f"  documents {what}: round {r + 1}/{rounds} done")
 
 
-def _row(case: dict[str, Any], t: dict[str, list[float]]) -> dict[str, Any]:
+def _row(
+    case: dict[str, Any], t: dict[str, list[float]], c: dict[str, list[float]]
+) -> dict[str, Any]:
     row: dict[str, Any] = {"case": case["case"], "op": case["op"], "n": case["n"]}
     med = {name: median(t[name]) for name in CONTENDERS}
     row["median_s"] = med
     row["rounds_s"] = t
+    # The client's own CPU (its process, not the server's), per operation: what a
+    # contender costs apart from the server, which sets the wall time of writes.
+    ops = case.get("calls") or case["n"]
+    row["cpu_median_s"] = {name: median(c[name]) for name in CONTENDERS}
+    row["cpu_rounds_s"] = c
+    row["cpu_us_per_op"] = {name: median(c[name]) / ops * 1e6 for name in CONTENDERS}
     aa = med["asyncassets"]
     for other in ("raw", "mongoengine"):
         row[f"vs_{other}"] = med[other] / aa if aa else float("nan")
@@ -233,8 +243,9 @@ def run(
             ("writes", write_cases(write_n, bulk_n)),
         ):
             times = {c["case"]: {name: [] for name in CONTENDERS} for c in cases}
-            _rounds(workers, cases, rounds, times, out["errors"], progress, what)
-            out["rows"] += [_row(c, times[c["case"]]) for c in cases]
+            cpu = {c["case"]: {name: [] for name in CONTENDERS} for c in cases}
+            _rounds(workers, cases, rounds, times, cpu, out["errors"], progress, what)
+            out["rows"] += [_row(c, times[c["case"]], cpu[c["case"]]) for c in cases]
         if profile:
             big = max(sizes)
             for kind in ("plain", "files", "nested"):

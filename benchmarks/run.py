@@ -61,7 +61,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--doc-calls", type=int, default=None, help="first()/get() calls per round (500)"
     )
     p.add_argument(
-        "--doc-writes", type=int, default=None, help="documents saved per write case (1000)"
+        "--doc-writes", type=int, default=None, help="documents saved per write case (500)"
     )
     p.add_argument("--doc-bulk", type=int, default=None, help="documents per bulk insert (10000)")
     p.add_argument(
@@ -156,7 +156,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.memory_sizes = a.memory_sizes or ([32, 128] if q else [128, 512, 1024])
     a.doc_sizes = a.doc_sizes or ([200, 2000] if q else [1000, 10000])
     a.doc_calls = a.doc_calls or (100 if q else 500)
-    a.doc_writes = a.doc_writes or (200 if q else 1000)
+    a.doc_writes = a.doc_writes or (200 if q else 500)
     a.doc_bulk = a.doc_bulk or (2000 if q else 10000)
     if a.cache_size is None:
         a.cache_size = "2G" if a.storage == "disk" else "8G"
@@ -256,6 +256,7 @@ def report(out: dict[str, Any]) -> str:
             med = r["median_s"]
             lo_raw, hi_raw = r["vs_raw_range"] or [float("nan")] * 2
             lo_me, hi_me = r["vs_mongoengine_range"] or [float("nan")] * 2
+            cpu_us = r.get("cpu_us_per_op") or dict.fromkeys(med, float("nan"))
             rows.append(
                 [
                     r["case"],
@@ -266,6 +267,7 @@ def report(out: dict[str, Any]) -> str:
                     f"{lo_raw:.2f}-{hi_raw:.2f}",
                     r["vs_mongoengine"],
                     f"{lo_me:.2f}-{hi_me:.2f}",
+                    "/".join(f"{cpu_us[n]:.0f}" for n in ("raw", "asyncassets", "mongoengine")),
                 ]
             )
         text = (
@@ -281,6 +283,7 @@ def report(out: dict[str, Any]) -> str:
                     "range",
                     "vs mongoengine",
                     "range",
+                    "client CPU us/op raw/aa/me",
                 ],
                 rows,
             )
