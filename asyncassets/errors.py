@@ -41,8 +41,11 @@ __all__ = [
     "FileValidationError",
     "GridFSError",
     "IntegrityError",
+    "KeyTaken",
     "PendingFileMissing",
     "PillowMissing",
+    "StorageError",
+    "StoredObjectMissing",
     "UploadClosed",
     "UploadInterrupted",
     "WrongEventLoop",
@@ -206,3 +209,38 @@ class PendingFileMissing(FileNotFound):
 
 class PillowMissing(AsyncAssetsError, ImportError):
     """An ``ImageField`` was declared but Pillow is not installed."""
+
+
+class StorageError(AsyncAssetsError):
+    """A storage backend (a directory, an S3 bucket) refused or failed an operation.
+
+    Raised for permanent failures (permission denied, bad credentials, a missing
+    bucket or directory, a full disk) at once, and for transient ones (timeouts,
+    throttling, 5xx replies) once the storage's retries are used up. The message
+    names the storage, the key and what to do; ``__cause__`` is the client's error.
+
+    :ivar storage: how the storage describes itself (``s3://media/trailers/``...).
+    :ivar key: the key concerned, or ``None``.
+    :ivar transient: whether the failure was of a kind that is retried.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        storage: str = "",
+        key: str | None = None,
+        transient: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.storage = storage
+        self.key = key
+        self.transient = transient
+
+
+class StoredObjectMissing(StorageError, LookupError):
+    """No stored object under the key a catalogue entry names."""
+
+
+class KeyTaken(StorageError):
+    """An object already exists under the key, and overwriting was not allowed."""

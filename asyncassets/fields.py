@@ -29,6 +29,7 @@ from .files.images import DEFAULT_MAX_PIXELS, ImageProxy
 from .files.names import FilenameTemplate
 from .files.proxy import FileProxy
 from .files.rules import UploadRules
+from .storage import GridFSStorage, Storage
 
 # mongoengine's file classes do blocking I/O; asyncassets has its own.
 _NOT_REEXPORTED = {"FileField", "GridFSProxy", "GridFSError", "ImageField", "ImageGridFsProxy"}
@@ -74,15 +75,21 @@ def loading_from_database() -> Iterator[None]:
 
 
 class FileField(BaseField):
-    """A file stored in GridFS; the document keeps the file's ``_id``.
+    """A file stored in GridFS, a directory or S3; the document keeps the file's ``_id``.
 
     The attribute is a :class:`~asyncassets.files.proxy.FileProxy` with awaitable
     ``put``, ``read``, ``new_file``/``write``/``close``, ``replace``, ``delete``
     and ``stream``.
 
-    :param collection_name: the GridFS bucket (``<name>.files``/``<name>.chunks``).
-    :param db_alias: the connection of the bucket; defaults to the document's.
+    :param collection_name: the GridFS bucket (``<name>.files``/``<name>.chunks``),
+        ``"fs"`` by default; with ``storage``, the storage's.
+    :param db_alias: the connection of the bucket (and of the catalogue of any
+        storage); defaults to the document's.
     :param chunk_size: GridFS chunk size for new files (default 255 KiB).
+    :param storage: where the bytes live: a
+        :class:`~asyncassets.storage.GridFSStorage` (the default),
+        :class:`~asyncassets.storage.FileSystemStorage` or
+        :class:`~asyncassets.storage.S3Storage`; see :doc:`/storage`.
     :param cascade: delete the file when its document is deleted (default).
     :param max_size: with ``allowed_content_types``, ``allowed_extensions``,
         ``filename_template`` and ``compress``: what uploads accept and how they
@@ -101,11 +108,12 @@ class FileField(BaseField):
 
     def __init__(
         self,
-        collection_name: str = "fs",
+        collection_name: str | None = None,
         db_alias: str | None = None,
         chunk_size: int | None = None,
         cascade: bool = True,
         *,
+        storage: Storage | None = None,
         max_size: int | None = None,
         allowed_content_types: Iterable[str] | None = None,
         allowed_extensions: Iterable[str] | None = None,
@@ -121,14 +129,38 @@ class FileField(BaseField):
             filename_template=filename_template,
             compress=compress,
         )
-        if not isinstance(collection_name, str) or not collection_name:
+        if collection_name is not None and (
+            not isinstance(collection_name, str) or not collection_name
+        ):
             raise ValueError("FileField(collection_name=...) must be a non-empty string.")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(
                 f"FileField(chunk_size=...) must be a positive int, not {chunk_size!r}"
             )
+        if storage is None:
+            storage = GridFSStorage(collection_name or "fs", chunk_size=chunk_size)
+        elif not isinstance(storage, Storage):
+            raise TypeError(
+                "FileField(storage=...) takes a GridFSStorage, FileSystemStorage or "
+                f"S3Storage, not {type(storage).__name__}"
+            )
+        elif collection_name is not None and collection_name != storage.collection_name:
+            raise ValueError(
+                f"FileField(collection_name={collection_name!r}) disagrees with its "
+                f"storage's collection_name {storage.collection_name!r}: give it once, "
+                "to the storage"
+            )
+        elif chunk_size is not None:
+            if not isinstance(storage, GridFSStorage):
+                raise ValueError(
+                    f"FileField(chunk_size=...) is GridFS's chunk size; {storage!r} has "
+                    "no chunks (S3Storage has part_size)"
+                )
+            storage = GridFSStorage(storage.collection_name, chunk_size=chunk_size)
         super().__init__(**kwargs)
-        self.collection_name = collection_name
+        #: Where the field's bytes live (a GridFSStorage unless one was given).
+        self.storage: Storage = storage
+        self.collection_name = storage.collection_name
         self.db_alias = db_alias
         self.chunk_size = chunk_size
         self.cascade = cascade
@@ -281,7 +313,7 @@ class ImageField(FileField):
         self,
         size: tuple[int, int, bool] | tuple[int, int] | None = None,
         thumbnail_size: tuple[int, int, bool] | tuple[int, int] | None = None,
-        collection_name: str = "images",
+        collection_name: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         **kwargs: Any,
     ) -> None:
@@ -293,6 +325,8 @@ class ImageField(FileField):
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
             raise ValueError(f"ImageField(max_pixels=...) must be a positive int: {max_pixels!r}")
         self.max_pixels = max_pixels
+        if collection_name is None and kwargs.get("storage") is None:
+            collection_name = "images"
         super().__init__(collection_name=collection_name, **kwargs)
 
     @overload

@@ -34,8 +34,8 @@ from typing import Any, NoReturn
 from bson import ObjectId
 
 from ..errors import FileNotFound, FileValidationError, PillowMissing
+from ..storage import Store
 from ..storage.catalogue import user_metadata
-from ..storage.gridfs import GridBucket
 from ..storage.sources import read_source
 from .proxy import FileProxy
 from .rules import guarded_upload, make_guard
@@ -159,7 +159,7 @@ class ImageProxy(FileProxy):
 
     async def _store(
         self,
-        bucket: GridBucket,
+        bucket: Store,
         data: Any,
         content_type: str | None,
         filename: str | None,
@@ -193,7 +193,9 @@ class ImageProxy(FileProxy):
         parent_id = ObjectId()  # known now, so the thumbnail can name its parent
         if image.thumbnail is not None:
             thumb_meta["thumbnail_of"] = parent_id
-            thumb_doc = await bucket.upload(image.thumbnail, metadata=thumb_meta)
+            thumb_doc = await bucket.upload(
+                image.thumbnail, metadata=thumb_meta, context=self._upload_context()
+            )
             # Loaded already: once the image is referenced, .thumbnail.size needs no I/O.
             self._thumb = ThumbnailProxy(
                 thumb_doc["_id"], collection_name=self.collection_name, db_alias=self.db_alias

@@ -34,20 +34,19 @@ from ..errors import (
     GridFSError,
     UploadClosed,
 )
+from ..storage import GridFSStorage, Storage, Store, Upload
 from ..storage.catalogue import (
     content_type_of,
     original_length,
     original_sha256,
     user_metadata,
 )
-from ..storage.gridfs import GridBucket
 from ..storage.read import iter_original, read_original
 from ..storage.read import verify_file as _verify_file
 from .rules import guarded_close, guarded_upload, guarded_write, make_guard
 
 if TYPE_CHECKING:
     from ..fields import FileField
-    from ..storage.gridfs import UploadStream
 
 __all__ = ["FileProxy", "NewFile"]
 
@@ -187,7 +186,7 @@ class FileProxy:
         self._instance = instance
         self._key = key
         self._files_doc: dict[str, Any] | _Missing | None = None
-        self._upload: UploadStream | None = None
+        self._upload: Upload | None = None
         #: The file a streaming upload in progress will replace when it is closed.
         self._upload_previous: Any = None
         self._encoding: str | None = None
@@ -210,10 +209,10 @@ class FileProxy:
         self._closing: asyncio.Future[None] | None = None
         #: The upload each task last opened or wrote to, and which task aborted an
         #: upload: a task whose upload was aborted must not write into the next one.
-        self._writers: weakref.WeakKeyDictionary[asyncio.Task[Any], UploadStream] = (
+        self._writers: weakref.WeakKeyDictionary[asyncio.Task[Any], Upload] = (
             weakref.WeakKeyDictionary()
         )
-        self._aborted_by: weakref.WeakKeyDictionary[UploadStream, Any] = (
+        self._aborted_by: weakref.WeakKeyDictionary[Upload, Any] = (
             weakref.WeakKeyDictionary()
         )
         #: Set once ``new_file()`` opened a streaming upload on this proxy: from then
@@ -303,10 +302,22 @@ class FileProxy:
             return str(root._meta.get("db_alias") or DEFAULT_ALIAS)
         return DEFAULT_ALIAS
 
-    def _bucket(self) -> GridBucket:
+    @property
+    def storage(self) -> Storage:
+        """Where the file's bytes live: the field's storage (GridFS by default)."""
+        storage = getattr(self._field, "storage", None)
+        if isinstance(storage, Storage) and storage.collection_name == self._collection_name:
+            return storage
+        # A proxy without a field, or made for another bucket (get_proxy_obj).
         chunk_size = self._field.chunk_size if self._field and self._field.chunk_size else None
-        kwargs = {"chunk_size": chunk_size} if chunk_size else {}
-        return GridBucket(get_db(self.db_alias), self._collection_name, **kwargs)
+        return GridFSStorage(self._collection_name, chunk_size=chunk_size)
+
+    def _bucket(self) -> Store:
+        return self.storage.bind(get_db(self.db_alias))
+
+    def _upload_context(self) -> dict[str, Any]:
+        """What the storage's key template may use: the document and the field."""
+        return {"document": self._root(), "field": self._key or getattr(self._field, "name", None)}
 
     def _root(self) -> Any:
         if self._owner is not None:
@@ -641,7 +652,7 @@ class FileProxy:
 
     async def _store(
         self,
-        bucket: GridBucket,
+        bucket: Store,
         data: Any,
         content_type: str | None,
         filename: str | None,
@@ -782,7 +793,9 @@ class FileProxy:
         _check_content_type(content_type)
         guard = make_guard(self, content_type, filename, self._metadata(None, metadata))
         bucket = self._bucket()
-        self._upload = bucket.open_upload(filename=guard.filename, metadata=guard.metadata)
+        self._upload = bucket.open_upload(
+            filename=guard.filename, metadata=guard.metadata, context=self._upload_context()
+        )
         self._remember_writer(self._upload)
         self._streamed = True
         self._guard = guard
@@ -790,7 +803,7 @@ class FileProxy:
         self._encoding = encoding
         return NewFile(self, bucket, self._upload)
 
-    def _stream(self, what: str) -> UploadStream:
+    def _stream(self, what: str) -> Upload:
         if self._upload is None:
             raise UploadClosed(f"{what}: no upload is open; call new_file() first.")
         return self._upload
@@ -829,7 +842,7 @@ class FileProxy:
         guarded_write(self._guard, stream, self._as_bytes(data))
         return _Flush(stream)
 
-    def _remember_writer(self, stream: UploadStream) -> None:
+    def _remember_writer(self, stream: Upload) -> None:
         task = _current_task()
         if task is not None:
             self._writers[task] = stream
@@ -938,7 +951,7 @@ class _Flush:
 
     __slots__ = ("_stream",)
 
-    def __init__(self, stream: UploadStream) -> None:
+    def __init__(self, stream: Upload) -> None:
         self._stream = stream
 
     def __await__(self) -> Generator[Any, None, None]:
@@ -948,7 +961,7 @@ class _Flush:
 class NewFile:
     """What ``new_file()`` returns: awaitable, and an async context manager."""
 
-    def __init__(self, proxy: FileProxy, bucket: GridBucket, stream: UploadStream) -> None:
+    def __init__(self, proxy: FileProxy, bucket: Store, stream: Upload) -> None:
         self._proxy = proxy
         self._bucket = bucket
         self._stream = stream

@@ -446,7 +446,11 @@ async def guarded_upload(
     try:
         source = await guard.wrap(pieces)
         return await bucket.upload(
-            source, file_id=file_id, filename=guard.filename, metadata=guard.metadata
+            source,
+            file_id=file_id,
+            filename=guard.filename,
+            metadata=guard.metadata,
+            context=proxy._upload_context() if hasattr(proxy, "_upload_context") else None,
         )
     finally:
         await pieces.aclose()

@@ -1,10 +1,14 @@
 """Where bytes live, knowing nothing of documents.
 
-The files collection of MongoDB is the catalogue of every stored file
-(:mod:`.catalogue`); :mod:`.gridfs` stores the bytes in the GridFS spec's chunks;
-:mod:`.read` is the one way stored bytes are read back.
+A :class:`Storage` says where a field's bytes live: :class:`GridFSStorage` (the
+default), :class:`FileSystemStorage` or :class:`S3Storage` (:mod:`.base`). The
+files collection of MongoDB is the catalogue of every stored file, whatever the
+storage (:mod:`.catalogue`); :mod:`.gridfs` stores the bytes in the GridFS
+spec's chunks, :mod:`.objects` in a directory or a bucket; :mod:`.read` is the
+one way stored bytes are read back.
 """
 
+from .base import FileSystemStorage, GridFSStorage, S3Storage, Storage, Store, Upload
 from .gridfs import (
     DEFAULT_BUFFER_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -12,11 +16,21 @@ from .gridfs import (
     GridBucket,
     UploadStream,
 )
+from .objects.keys import DEFAULT_KEY_TEMPLATE
+from .retry import Retry
 
 __all__ = [
     "DEFAULT_BUFFER_SIZE",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_KEY_TEMPLATE",
     "DownloadStream",
+    "FileSystemStorage",
     "GridBucket",
+    "GridFSStorage",
+    "Retry",
+    "S3Storage",
+    "Storage",
+    "Store",
+    "Upload",
     "UploadStream",
 ]

@@ -21,16 +21,16 @@ from .catalogue import compression_of, describe, expected_digest, original_lengt
 from .codec import GzipError, inflate
 
 if TYPE_CHECKING:
-    from .gridfs import GridBucket
+    from .base import Store
 
 __all__ = ["iter_original", "read_original", "verify_file"]
 
 
-def _describe(bucket: GridBucket, doc: Mapping[str, Any]) -> str:
+def _describe(bucket: Store, doc: Mapping[str, Any]) -> str:
     return describe(doc, bucket.name)
 
 
-def _mismatch(bucket: GridBucket, doc: Mapping[str, Any], what: str) -> IntegrityError:
+def _mismatch(bucket: Store, doc: Mapping[str, Any], what: str) -> IntegrityError:
     exc = IntegrityError(
         f"{_describe(bucket, doc)} failed verification: {what}. Its bytes changed "
         "after upload; restore it from a backup or upload it again."
@@ -39,7 +39,7 @@ def _mismatch(bucket: GridBucket, doc: Mapping[str, Any], what: str) -> Integrit
     return exc
 
 
-def _nothing_to_check(bucket: GridBucket, doc: Mapping[str, Any]) -> ChecksumMissing:
+def _nothing_to_check(bucket: Store, doc: Mapping[str, Any]) -> ChecksumMissing:
     exc = ChecksumMissing(
         f"{_describe(bucket, doc)} has no recorded checksum (no metadata.sha256 and no "
         "md5): it was written by another tool or an older version, so there is "
@@ -49,14 +49,14 @@ def _nothing_to_check(bucket: GridBucket, doc: Mapping[str, Any]) -> ChecksumMis
     return exc
 
 
-async def _stored_pieces(bucket: GridBucket, doc: Mapping[str, Any]) -> AsyncGenerator[bytes, None]:
+async def _stored_pieces(bucket: Store, doc: Mapping[str, Any]) -> AsyncGenerator[bytes, None]:
     async with bucket.open_download(doc) as download:
         async for piece in download:
             yield piece
 
 
 async def _inflate(
-    bucket: GridBucket, doc: Mapping[str, Any], pieces: AsyncIterator[bytes]
+    bucket: Store, doc: Mapping[str, Any], pieces: AsyncIterator[bytes]
 ) -> AsyncGenerator[bytes, None]:
     inflated = inflate(pieces)
     try:
@@ -69,7 +69,7 @@ async def _inflate(
 
 
 async def iter_original(
-    bucket: GridBucket,
+    bucket: Store,
     doc: Mapping[str, Any],
     start: int = 0,
     end: int | None = None,
@@ -147,7 +147,7 @@ async def iter_original(
 
 
 async def read_original(
-    bucket: GridBucket,
+    bucket: Store,
     doc: Mapping[str, Any],
     start: int = 0,
     end: int | None = None,
@@ -161,7 +161,7 @@ async def read_original(
     return b"".join([p async for p in iter_original(bucket, doc, start, end, verify=verify)])
 
 
-async def verify_file(bucket: GridBucket, doc: Mapping[str, Any]) -> bool:
+async def verify_file(bucket: Store, doc: Mapping[str, Any]) -> bool:
     """Re-read a stored file and check it against its recorded checksums.
 
     Checks the stored bytes against ``metadata.sha256`` (or the legacy ``md5``);

@@ -126,6 +126,7 @@ class GridBucket:
         filename: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         chunk_size: int | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> UploadStream:
         """Start a streaming upload; no I/O happens until data is written or it is closed.
 
@@ -140,6 +141,8 @@ class GridBucket:
         :param metadata: copied into the files document's ``metadata``, along with the
             computed ``sha256``.
         :param chunk_size: this file's chunk size; the bucket's if ``None``.
+        :param context: what the upload is for (``{"document": ..., "field": ...}``);
+            GridFS has no keys to make from it and ignores it.
         :raises TypeError: if ``metadata`` is not a mapping or ``chunk_size`` not an int.
         :raises ValueError: if ``chunk_size`` is not positive.
         """
@@ -159,6 +162,7 @@ class GridBucket:
         filename: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         chunk_size: int | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Store ``source`` as a new file and return its files document.
 

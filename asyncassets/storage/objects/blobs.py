@@ -1,0 +1,116 @@
+"""What an object store must do for asyncassets: write, read a range, stat, list, delete.
+
+A backend (:class:`~asyncassets.storage.FileSystemStorage`'s directory,
+:class:`~asyncassets.storage.S3Storage`'s bucket) knows nothing of documents,
+catalogue entries or checksums: it stores opaque bytes under string keys. The
+catalogue store (:mod:`.store`) builds everything else on these few calls, so
+the guarantees (the catalogue entry written last, deletion in the safe order,
+aborted uploads leaving nothing) are written once for every backend.
+
+A backend's rules:
+
+* keys are ``/``-separated relative paths, made by :mod:`.keys`; a backend never
+  sees a key with ``..``, a leading ``/``, a backslash or a NUL;
+* a write is invisible until :meth:`BlobWriter.commit` returns, and then complete:
+  a reader never sees half an object (filesystem: temp file, fsync, link/rename;
+  S3: one PUT, or a multipart upload completed at the end);
+* ``commit`` with ``overwrite=False`` never replaces an existing object: it raises
+  :class:`~asyncassets.errors.KeyTaken` and leaves both in place;
+* :meth:`BlobWriter.abort` removes whatever the writer wrote (temp file, S3
+  multipart parts); it is idempotent and safe after a failure or cancellation;
+* memory stays bounded: a writer holds at most about two parts, a reader one piece;
+* transient failures (timeouts, 5xx, throttling, a connection reset) are retried
+  with the storage's :class:`~asyncassets.storage.retry.Retry`; a reader resumes
+  from the byte it reached; permanent ones raise
+  :class:`~asyncassets.errors.StorageError` at once, saying what to do;
+* a missing key on read raises :class:`~asyncassets.errors.StoredObjectMissing`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import AsyncIterator
+from typing import NamedTuple, Protocol, runtime_checkable
+
+__all__ = ["BlobInfo", "BlobWriter", "Blobs"]
+
+
+class BlobInfo(NamedTuple):
+    """One stored object, as listing or :meth:`Blobs.stat` sees it."""
+
+    #: The key, relative to the storage's root or prefix.
+    key: str
+    #: Its size in bytes.
+    size: int
+    #: When it was last written (UTC, timezone-aware).
+    modified: datetime.datetime
+
+
+@runtime_checkable
+class BlobWriter(Protocol):
+    """One object being written; bytes arrive in order, in pieces of any size."""
+
+    #: The key the object will be stored under.
+    key: str
+
+    async def write(self, data: bytes | memoryview) -> None:
+        """Append ``data``; may wait while a full part is sent (bounded memory).
+
+        :raises StorageError: the backend refused or failed (after retries); the
+            writer is then unusable and must be aborted.
+        """
+        ...
+
+    async def commit(self, *, overwrite: bool = False) -> None:
+        """Make the object visible under :attr:`key`, complete, durable.
+
+        :raises KeyTaken: ``overwrite`` is false and an object exists under the key;
+            nothing of this writer is left (as after :meth:`abort`).
+        :raises StorageError: as :meth:`write`.
+        """
+        ...
+
+    async def abort(self) -> None:
+        """Remove everything this writer wrote; idempotent; a no-op after commit."""
+        ...
+
+
+@runtime_checkable
+class Blobs(Protocol):
+    """A place that stores bytes under keys."""
+
+    #: How messages name the storage: ``file:///srv/media``, ``s3://media/trailers/``.
+    url: str
+
+    def open_writer(self, key: str) -> BlobWriter:
+        """Start writing an object under ``key``; no I/O until the first write/commit."""
+        ...
+
+    def open_reader(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Yield the bytes ``[start, end)`` of the object under ``key``, in pieces.
+
+        Only that range is fetched (S3: a Range GET; a file: a seek). An async
+        generator: the caller closes it (``aclose()``) if it stops early.
+
+        :raises StoredObjectMissing: no object under ``key``.
+        :raises StorageError: the backend refused or failed (after retries).
+        """
+        ...
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        """The object under ``key``, or ``None`` if there is none."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Delete the object under ``key``; ``True`` if there was one (when known).
+
+        A missing object is not an error.
+        """
+        ...
+
+    def list(self) -> AsyncIterator[BlobInfo]:
+        """Every object under the storage's root or prefix, in no set order.
+
+        Objects being written (temp files, pending multipart uploads) are not listed.
+        """
+        ...

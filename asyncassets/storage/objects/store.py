@@ -1,0 +1,714 @@
+"""A catalogue in MongoDB over an object backend: the store of a directory or S3 bucket.
+
+:class:`ObjectStore` answers the same calls as
+:class:`~asyncassets.storage.gridfs.GridBucket` (``open_upload``, ``upload``,
+``find``, ``find_many``, ``open_download``, ``read``, ``delete``), so the file
+layer does not know where bytes are. The catalogue entry of a file is a document
+of ``<collection_name>.files`` in the GridFS spec's layout (``_id``, ``length``,
+``chunkSize``, ``uploadDate``, ``filename``, ``metadata`` with the ``sha256``)
+plus ``location``::
+
+    {"_id": ObjectId(...), "length": 1234, "chunkSize": 261120,
+     "uploadDate": ..., "filename": "marmot.jpg",
+     "metadata": {"content_type": "image/jpeg", "sha256": "..."},
+     "location": {"storage": "filesystem", "key": "2026/12/3f2c....jpg"}}
+
+The guarantees, in the order of the calls:
+
+* an upload writes the bytes under a new key, commits them (atomically, never
+  over an object the catalogue knows), and inserts the catalogue entry last: a
+  file whose entry exists is complete. Anything that fails or is cancelled
+  before the entry is in removes what was written (the writer's temp file or
+  multipart upload, the committed object);
+* a delete removes the entry first, then the object: a reader that finds the
+  object gone looks the entry up again and reports
+  :class:`~asyncassets.errors.FileDeletedWhileReading` rather than corruption;
+* an object shorter or longer than its entry says is
+  :class:`~asyncassets.errors.CorruptFile`;
+* ``chunkSize`` is only the size of the pieces ``readchunk`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import warnings
+import weakref
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from bson import ObjectId
+from pymongo.errors import DuplicateKeyError
+
+from ... import _driver
+from ..._tasks import add_note, spawn
+from ...errors import (
+    CorruptFile,
+    FileAlreadyExists,
+    FileDeletedWhileReading,
+    KeyTaken,
+    StoredObjectMissing,
+    UploadClosed,
+)
+from ..gridfs.spec import DEFAULT_CHUNK_SIZE, FILES_INDEX, as_int, now_as_stored
+from ..sources import byte_view, check_size, read_source
+from .keys import KeyMaker, check_key
+
+if TYPE_CHECKING:
+    from ..base import _ObjectStorage
+    from .blobs import Blobs, BlobWriter
+
+__all__ = ["LOCATION_INDEX", "ObjectDownload", "ObjectStore", "ObjectUpload", "location_key"]
+
+#: Unique: two catalogue entries never name the same stored object.
+LOCATION_INDEX = {"location.key": 1}
+#: How many keys are tried when the one made is taken.
+_KEY_ATTEMPTS = 100
+#: Bytes an upload buffers before handing them to the backend writer.
+_WRITE_BUFFER = 1024 * 1024
+#: The identity of one upload: a new upload under the same _id differs in these.
+_IDENTITY = ("length", "uploadDate", "location")
+
+_indexed: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
+
+
+def location_key(doc: Mapping[str, Any]) -> str | None:
+    """The key a catalogue entry names, or ``None`` (a GridFS file, or a bad entry)."""
+    location = doc.get("location")
+    if isinstance(location, Mapping) and isinstance(location.get("key"), str):
+        return str(location["key"])
+    return None
+
+
+class ObjectStore:
+    """The catalogue ``<collection_name>.files`` of ``db`` over ``storage``'s objects.
+
+    Get one from :meth:`Storage.bind <asyncassets.storage.Storage.bind>`.
+
+    :ivar name: the catalogue's name (the storage's ``collection_name``).
+    :ivar files: the catalogue collection.
+    :ivar storage: the storage.
+    :ivar blobs: its backend.
+    :ivar chunk_size: the size of the pieces sources are read in and ``readchunk``
+        returns.
+    """
+
+    def __init__(self, db: Any, storage: _ObjectStorage) -> None:
+        self.db = db
+        self.storage = storage
+        self.name = storage.collection_name
+        self.files = _driver.acknowledged(db[f"{self.name}.files"])
+        self.blobs: Blobs = storage.blobs()
+        self.keys: KeyMaker = storage.keys
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.db.name!r}, {self.name!r}, {self.blobs.url!r})"
+
+    @property
+    def url(self) -> str:
+        """Where the bytes are (``file:///...``, ``s3://bucket/prefix``)."""
+        return self.blobs.url
+
+    async def ensure_indexes(self) -> None:
+        """Create the catalogue's indexes once per client, database and catalogue.
+
+        ``{filename: 1, uploadDate: 1}`` as GridFS has, and a unique sparse index
+        on ``location.key``: two entries can never name the same object.
+        """
+        done = _indexed.setdefault(self.db.client, set())
+        key = (self.db.name, self.name)
+        if key in done:
+            return
+        existing = [dict(i.get("key", {})) for i in await _driver.list_indexes(self.files)]
+        if dict(FILES_INDEX) not in existing:
+            await self.files.create_index(list(FILES_INDEX.items()))
+        if dict(LOCATION_INDEX) not in existing:
+            await self.files.create_index(list(LOCATION_INDEX.items()), unique=True, sparse=True)
+        done.add(key)
+
+    # -- writing ------------------------------------------------------------------
+
+    def open_upload(
+        self,
+        *,
+        file_id: Any = None,
+        filename: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        chunk_size: int | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> ObjectUpload:
+        """Start a streaming upload; no I/O until data is written or it is closed.
+
+        As :meth:`GridBucket.open_upload <asyncassets.storage.gridfs.GridBucket.open_upload>`;
+        ``context`` (``{"document": ..., "field": ...}``) feeds the key template.
+        """
+        return ObjectUpload(
+            self,
+            file_id=file_id,
+            filename=filename,
+            metadata=metadata,
+            chunk_size=self.chunk_size if chunk_size is None else chunk_size,
+            context=context,
+        )
+
+    async def upload(
+        self,
+        source: Any,
+        *,
+        file_id: Any = None,
+        filename: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        chunk_size: int | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Store ``source`` as a new file and return its catalogue entry.
+
+        ``source`` is any of what :meth:`GridBucket.upload
+        <asyncassets.storage.gridfs.GridBucket.upload>` takes, read piece by piece.
+        If anything fails, including cancellation, nothing is left.
+        """
+        pieces = read_source(source, _WRITE_BUFFER)
+        stream = self.open_upload(
+            file_id=file_id,
+            filename=filename,
+            metadata=metadata,
+            chunk_size=chunk_size,
+            context=context,
+        )
+        try:
+            async for piece in pieces:
+                await stream.write(piece)
+            return await stream.close()
+        except BaseException as exc:
+            await stream._abort_after(exc)
+            raise
+        finally:
+            await pieces.aclose()
+
+    async def free_key(self, key: str, *, overwrite: bool) -> str:
+        """``key``, or the first variant of it that nothing holds.
+
+        A key the catalogue names is never reused; with ``overwrite`` false, neither
+        is one an object (not catalogued: left by another tool) is stored under.
+
+        :raises KeyTaken: no free variant in a hundred tries.
+        """
+        for attempt in range(_KEY_ATTEMPTS):
+            candidate = key if attempt == 0 else KeyMaker.variant(key, attempt + 1)
+            if await self.files.find_one({"location.key": candidate}, {"_id": 1}) is not None:
+                continue
+            if not overwrite and await self.blobs.stat(candidate) is not None:
+                continue
+            return candidate
+        raise KeyTaken(
+            f"{self.url}: the key {key!r} and its variants up to -{_KEY_ATTEMPTS} are all "
+            "taken; use a key_template with {uuid} so keys never collide",
+            storage=self.url,
+            key=key,
+        )
+
+    # -- reading ------------------------------------------------------------------
+
+    async def find(self, file_id: Any) -> dict[str, Any] | None:
+        """The catalogue entry of ``file_id``, or ``None``."""
+        return await self.files.find_one({"_id": file_id})
+
+    async def find_many(self, file_ids: Iterable[Any]) -> dict[Any, dict[str, Any]]:
+        """The catalogue entries of ``file_ids`` keyed by ``_id``, in one query."""
+        ids = list(dict.fromkeys(file_ids))
+        if not ids:
+            return {}
+        return {doc["_id"]: doc async for doc in self.files.find({"_id": {"$in": ids}})}
+
+    def open_download(
+        self, files_doc: Mapping[str, Any], *, start: int = 0, end: int | None = None
+    ) -> ObjectDownload:
+        """An async iterator over the bytes ``[start, end)`` of a stored file.
+
+        Only that range is fetched. Close it (``aclose()`` or ``async with``) if you
+        stop early.
+
+        :raises CorruptFile: the entry has no valid length or location; while
+            iterating, the object is missing or not the entry's length.
+        :raises FileDeletedWhileReading: while iterating, the file was deleted or
+            replaced meanwhile.
+        :raises StorageError: the backend failed (after its retries).
+        """
+        return ObjectDownload(self, files_doc, start=start, end=end)
+
+    async def read(
+        self, files_doc: Mapping[str, Any], *, start: int = 0, end: int | None = None
+    ) -> bytes:
+        """The bytes ``[start, end)`` of a stored file."""
+        async with self.open_download(files_doc, start=start, end=end) as stream:
+            return b"".join([piece async for piece in stream])
+
+    # -- deleting -----------------------------------------------------------------
+
+    async def delete(self, file_id: Any) -> bool:
+        """Delete a file: its catalogue entry first, then its object.
+
+        Shielded from cancellation, so it never stops between the two steps.
+
+        :returns: ``True`` if a catalogue entry existed.
+        """
+        return await asyncio.shield(spawn(self._delete(file_id)))
+
+    async def _delete(self, file_id: Any) -> bool:
+        doc = await self.files.find_one_and_delete({"_id": file_id})
+        if doc is None:
+            return False
+        key = location_key(doc)
+        if key is not None:
+            await self.blobs.delete(key)
+        return True
+
+
+class ObjectUpload:
+    """A file being written to an :class:`ObjectStore`; get one from ``open_upload``.
+
+    Bytes are hashed and counted as they pass and handed to the backend's writer
+    in pieces of about 1 MiB (the writer holds at most a part or two more), so
+    memory stays bounded whatever the file size, except with :meth:`write_nowait`,
+    which buffers until the next awaited call. :meth:`close` commits the object,
+    then inserts the catalogue entry.
+
+    :ivar file_id: the file's ``_id``.
+    :ivar filename: the entry's ``filename``.
+    :ivar key: the object's key, once chosen (at the first write or close).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        file_id: Any = None,
+        filename: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+        self.chunk_size = check_size("chunk_size", chunk_size)
+        self.file_id = ObjectId() if file_id is None else file_id
+        self.filename = filename
+        self.key: str | None = None
+        self._store = store
+        self._metadata = dict(metadata) if metadata else {}
+        self._context = dict(context) if context else {}
+        self._sha256 = hashlib.sha256()
+        self._length = 0
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._writer: BlobWriter | None = None
+        self._lock = asyncio.Lock()
+        self._closing = False
+        self._files_doc: dict[str, Any] | None = None
+        self._abort_task: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[Any] | None = None
+        self._committed = False
+        self._entry_sent = False
+        self._entry_duplicate = False
+        self._key_conflict = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._files_doc else "aborted" if self._abort_task else "open"
+        return f"<ObjectUpload {self.file_id!r} {state}, {self._length} bytes>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream is closed, closing, or aborted."""
+        return self._closing or self._abort_task is not None
+
+    @property
+    def length(self) -> int:
+        """How many bytes have been written so far."""
+        return self._length
+
+    def write_nowait(self, data: Any) -> None:
+        """Append ``data`` without I/O; memory grows until the next awaited call.
+
+        :raises UploadClosed: the stream is closed or aborted.
+        :raises TypeError: ``data`` is not bytes-like.
+        """
+        self._check_open()
+        self._append(byte_view(data, "write() data"))
+
+    async def write(self, data: Any) -> None:
+        """Append ``data``; hand the buffer to the backend once about 1 MiB is held.
+
+        :raises UploadClosed: the stream is closed or aborted.
+        :raises TypeError: ``data`` is not bytes-like.
+        :raises StorageError: the backend failed (the stream is then aborted).
+        """
+        self._check_open()
+        self._append(byte_view(data, "write() data"))
+        if self._pending_size >= _WRITE_BUFFER:
+            await self._send(final=False)
+
+    async def writelines(self, lines: Iterable[Any]) -> None:
+        """Write each bytes-like item of ``lines``."""
+        for line in lines:
+            await self.write(line)
+
+    async def flush(self) -> None:
+        """Hand everything buffered to the backend's writer."""
+        self._check_open()
+        await self._send(final=False)
+
+    async def close(self) -> dict[str, Any]:
+        """Commit the object, insert the catalogue entry, and return the entry.
+
+        Closing again returns the same entry. If closing fails or is cancelled, the
+        upload is aborted (what it wrote is removed) and the exception propagates.
+
+        :raises UploadClosed: the stream was aborted.
+        :raises FileAlreadyExists: ``file_id`` is taken in the catalogue.
+        :raises KeyTaken: another upload took the key between its choice and the
+            commit (only with templates without ``{uuid}``/``{id}``).
+        :raises StorageError: the backend failed.
+        """
+        if self._files_doc is not None:
+            return self._files_doc
+        if self._abort_task is not None:
+            raise UploadClosed(f"upload {self.file_id!r} was aborted; it cannot be closed")
+        async with self._lock:
+            if self._files_doc is not None:
+                return self._files_doc
+            self._check_not_aborted()
+            self._closing = True
+            try:
+                await self._send_locked()
+                writer = await self._open_writer()
+                self._check_not_aborted()
+                await self._run(self._commit(writer))
+                doc = await self._make_entry()
+                self._check_not_aborted()
+                self._entry_sent = True
+                await self._run(self._insert_entry(doc))
+            except BaseException as exc:
+                await self._abort_after(exc)
+                raise
+            self._files_doc = doc
+            return doc
+
+    async def abort(self) -> None:
+        """Remove what was written and close the stream; idempotent, shielded.
+
+        Does nothing after a successful :meth:`close`.
+        """
+        if self._files_doc is not None:
+            return
+        if self._abort_task is None:
+            self._pending = []
+            self._pending_size = 0
+            self._abort_task = spawn(self._cleanup())
+        await asyncio.shield(self._abort_task)
+
+    async def __aenter__(self) -> ObjectUpload:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.close()
+        else:
+            await self._abort_after(exc)
+
+    def __del__(self) -> None:
+        unfinished = getattr(self, "_files_doc", None) is None and not getattr(
+            self, "_abort_task", None
+        )
+        if getattr(self, "_writer", None) is not None and unfinished:
+            warnings.warn(
+                f"ObjectUpload {self.file_id!r} was neither closed nor aborted; what it "
+                "wrote stays in the storage until the orphan sweep",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+    # -- internals ---------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closing or self._abort_task is not None:
+            state = "aborted" if self._abort_task is not None else "closed"
+            raise UploadClosed(f"upload {self.file_id!r} is {state}; it takes no more data")
+
+    def _check_not_aborted(self) -> None:
+        if self._abort_task is not None:
+            raise UploadClosed(f"upload {self.file_id!r} was aborted while closing")
+
+    def _append(self, view: bytes | memoryview) -> None:
+        if not len(view):
+            return
+        self._sha256.update(view)
+        self._length += len(view)
+        self._pending.append(view if type(view) is bytes else bytes(view))
+        self._pending_size += len(view)
+
+    async def _run(self, coro: Any) -> Any:
+        """Await ``coro`` in its own task: a cancelled caller never cuts it halfway,
+        so cleanup runs after it, not during it."""
+        task = spawn(coro)
+        self._inflight = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done() and self._inflight is task:
+                self._inflight = None
+
+    async def _send(self, *, final: bool) -> None:
+        async with self._lock:
+            try:
+                await self._send_locked()
+            except asyncio.CancelledError:
+                raise  # consistent: what was sent is in the writer; the caller decides
+            except BaseException as exc:
+                await self._abort_after(exc)
+                raise
+
+    async def _send_locked(self) -> None:
+        if not self._pending:
+            return
+        writer = await self._open_writer()
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        self._pending_size = 0
+        self._check_not_aborted()
+        await self._run(writer.write(data))
+
+    async def _open_writer(self) -> BlobWriter:
+        if self._writer is None:
+            store = self._store
+            key = store.keys.make(
+                file_id=self.file_id, filename=self.filename, context=self._context
+            )
+            check_key(key)
+            if not store.keys.always_unique or store.storage.overwrite:
+                key = await self._run(store.free_key(key, overwrite=store.storage.overwrite))
+            self._check_not_aborted()
+            self.key = key
+            self._writer = store.blobs.open_writer(key)
+        return self._writer
+
+    async def _commit(self, writer: BlobWriter) -> None:
+        # Runs in its own task (see _run), so what it records is true by the time
+        # the cleanup, which waits for it, reads it.
+        self._committed = True  # maybe committed: the cleanup deletes the object
+        try:
+            await writer.commit(overwrite=self._store.storage.overwrite)
+        except KeyTaken:
+            self._committed = False  # the object under the key is someone else's
+            raise
+
+    async def _make_entry(self) -> dict[str, Any]:
+        assert self.key is not None
+        doc: dict[str, Any] = {
+            "_id": self.file_id,
+            "length": self._length,
+            "chunkSize": self.chunk_size,
+            "uploadDate": now_as_stored(self._store.files),
+        }
+        if self.filename is not None:
+            doc["filename"] = self.filename
+        doc["metadata"] = {**self._metadata, "sha256": self._sha256.hexdigest()}
+        doc["location"] = {"storage": self._store.storage.kind, "key": self.key}
+        return doc
+
+    async def _insert_entry(self, doc: dict[str, Any]) -> None:
+        await self._store.ensure_indexes()
+        try:
+            await self._store.files.insert_one(doc)
+        except DuplicateKeyError as exc:
+            self._entry_duplicate = True
+            if "location" in str(exc.details or exc):
+                self._key_conflict = True
+                raise KeyTaken(
+                    f"{self._store.url}: another catalogue entry names the key {self.key!r} "
+                    "(taken between its choice and this upload's end); upload again",
+                    storage=self._store.url,
+                    key=self.key,
+                ) from exc
+            raise FileAlreadyExists(
+                f"a file with _id {self.file_id!r} already exists in catalogue "
+                f"{self._store.name!r}; pass another file_id, or none for a new ObjectId"
+            ) from exc
+
+    async def _abort_after(self, exc: BaseException) -> None:
+        """Abort because of ``exc``; a cleanup failure becomes a note on ``exc``."""
+        try:
+            await self.abort()
+        except Exception as cleanup_exc:
+            add_note(
+                exc,
+                f"aborting upload {self.file_id!r} failed too ({cleanup_exc!r}); what it "
+                "wrote stays in the storage until the orphan sweep",
+            )
+
+    async def _cleanup(self) -> None:
+        while (task := self._inflight) is not None:
+            try:
+                await task
+            except BaseException:
+                pass  # whoever waited on it has seen the error; we only need it over
+            if self._inflight is task:
+                self._inflight = None
+        store = self._store
+        if self._entry_sent and not self._entry_duplicate:
+            await store.files.delete_one({"_id": self.file_id, "location.key": self.key})
+        writer = self._writer
+        if writer is None:
+            return
+        await writer.abort()
+        if self._committed and not self._key_conflict:
+            # Committed, or maybe (an error or cancellation mid-commit): the object
+            # under the key is ours. After a conflict on the key another catalogue
+            # entry names it, so it is not ours to delete.
+            assert self.key is not None
+            await store.blobs.delete(self.key)
+
+
+class ObjectDownload:
+    """An async iterator over the bytes ``[start, end)`` of a file in an object store.
+
+    :ivar file_id: the file's ``_id``.
+    :ivar files_doc: its catalogue entry.
+    :ivar length: the whole file's length.
+    :ivar start: first byte yielded.
+    :ivar end: end (exclusive) of the bytes yielded.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        files_doc: Mapping[str, Any],
+        *,
+        start: int = 0,
+        end: int | None = None,
+    ) -> None:
+        if not isinstance(files_doc, Mapping):
+            raise TypeError(
+                f"open_download() takes a catalogue entry (dict), not "
+                f"{type(files_doc).__name__}; get it with store.find(file_id)"
+            )
+        self._store = store
+        self.file_id = files_doc.get("_id")
+        self.files_doc = files_doc
+        length = as_int(files_doc.get("length"))
+        if "_id" not in files_doc or length is None or length < 0:
+            raise self._corrupt(
+                f"its catalogue entry has no valid length: {files_doc.get('length')!r}"
+            )
+        key = location_key(files_doc)
+        if key is None:
+            raise self._corrupt(
+                f"its catalogue entry names no stored object (location: "
+                f"{files_doc.get('location')!r})"
+            )
+        end = length if end is None else end
+        for name, value in (("start", start), ("end", end)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if not 0 <= start <= end <= length:
+            raise ValueError(
+                f"invalid range start={start}, end={end} for file {self.file_id!r} of "
+                f"{length} bytes: need 0 <= start <= end <= {length}"
+            )
+        self.key = key
+        self.length = length
+        self.start = start
+        self.end = end
+        self._pos = start
+        self._pieces: AsyncIterator[bytes] | None = None
+        self._done = start == end
+        self._checked_empty = False
+
+    def __repr__(self) -> str:
+        return f"<ObjectDownload {self.file_id!r} {self.key!r} [{self.start}, {self.end})>"
+
+    def __aiter__(self) -> ObjectDownload:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            if not self._checked_empty and self.length == 0:
+                # A whole empty file reads nothing: its object must still be there.
+                self._checked_empty = True
+                await self._exists()
+            raise StopAsyncIteration
+        if self._pieces is None:
+            self._pieces = self._store.blobs.open_reader(self.key, self.start, self.end)
+        try:
+            piece = await anext(self._pieces)
+        except StopAsyncIteration:
+            if self._pos < self.end:
+                await self._fail(
+                    f"its object {self.key!r} ends at byte {self._pos}, but the catalogue "
+                    f"entry says {self.length}"
+                )
+            self._done = True
+            await self.aclose()
+            raise
+        except StoredObjectMissing as exc:
+            await self._fail(f"no object under its key {self.key!r} in {self._store.url}", exc)
+        self._pos += len(piece)
+        if self._pos > self.end:
+            await self._fail(f"its object {self.key!r} gave more bytes than the range asked")
+        if self._pos == self.end:
+            self._done = True
+        return piece
+
+    async def _exists(self) -> None:
+        info = await self._store.blobs.stat(self.key)
+        if info is None:
+            await self._fail(f"no object under its key {self.key!r} in {self._store.url}")
+        elif info.size != self.length:
+            await self._fail(
+                f"its object {self.key!r} is {info.size} bytes, the catalogue entry says "
+                f"{self.length}"
+            )
+
+    async def aclose(self) -> None:
+        """Stop reading; idempotent."""
+        self._done = True
+        pieces, self._pieces = self._pieces, None
+        closer = getattr(pieces, "aclose", None)
+        if closer is not None:
+            await closer()
+
+    async def __aenter__(self) -> ObjectDownload:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _corrupt(self, problem: str) -> CorruptFile:
+        return CorruptFile(
+            f"file {self.file_id!r} in catalogue {self._store.name!r} is corrupt: {problem}"
+        )
+
+    async def _fail(self, problem: str, cause: BaseException | None = None) -> NoReturn:
+        """Raise for bytes that do not match the entry: deleted meanwhile, or corrupt."""
+        await self.aclose()
+        corrupt = self._corrupt(problem)
+        if cause is not None:
+            corrupt.__cause__ = cause
+        current = await self._store.find(self.file_id)
+        if current is None or any(
+            current.get(k) != self.files_doc.get(k) for k in _IDENTITY if k in self.files_doc
+        ):
+            raise FileDeletedWhileReading(self.file_id, self._store.name) from corrupt
+        raise corrupt
+
