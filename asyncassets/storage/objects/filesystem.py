@@ -495,7 +495,10 @@ class FileSystemBlobs:
             and os.path.exists(self._root)
             and not os.path.isdir(self._root)
         ):
-            return self._error(exc, "reading", key, self._root, reading=True)
+            not_a_directory = NotADirectoryError(
+                errno.ENOTDIR, os.strerror(errno.ENOTDIR), self._root
+            )
+            return self._error(not_a_directory, "reading", key, self._root, reading=True)
         return StoredObjectMissing(
             f"{self.url}: no stored object under the key {key!r} (no file {path})",
             storage=self.url,
@@ -868,17 +871,18 @@ class FileSystemBlobWriter:
         if fd is None and temp is None:
             return
         try:
-            await _in_thread(functools.partial(_close_and_remove, fd, temp))
+            await _in_thread(functools.partial(self._close_and_remove, fd, temp))
         except OSError as exc:
             raise self._blobs._error(
                 exc, "removing the temp file of", self.key, temp or self._path
             ) from exc
 
-
-def _close_and_remove(fd: int | None, temp: str | None) -> None:
-    try:
-        if fd is not None:
-            os.close(fd)
-    finally:
-        if temp is not None:
-            _remove(temp)
+    def _close_and_remove(self, fd: int | None, temp: str | None) -> None:
+        """In a thread: close and remove the temp file, and the directories it leaves empty."""
+        try:
+            if fd is not None:
+                os.close(fd)
+        finally:
+            if temp is not None:
+                _remove(temp)
+                self._blobs._prune(os.path.dirname(temp))
