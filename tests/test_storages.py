@@ -530,3 +530,46 @@ async def test_a_missing_bucket_is_a_clear_error_and_nothing_is_stored(asyncasse
     with pytest.raises(StorageError, match="no-such-bucket-here"):
         await doc.file.put(b"data")
     assert await asyncassets_db[f"{storage.collection_name}.files"].count_documents({}) == 0
+
+
+# -- migrating between storages (the recipe in docs/storage.rst) --------------------------
+
+
+async def test_the_documented_migration_moves_every_file_and_leaves_nothing(
+    asyncassets_db, tmp_path
+):
+    target = FileSystemStorage(tmp_path / "posters", collection_name=f"mig{next(_names)}")
+    Movie = type(
+        f"MigrationMovie{next(_names)}",
+        (Document,),
+        {
+            "title": StringField(),
+            "poster": FileField(),
+            "poster_new": FileField(storage=target),
+            "meta": {"collection": f"migration_movies_{next(_names)}"},
+        },
+    )
+    datas = {}
+    for i in range(4):
+        movie = await Movie(title=str(i)).save()
+        datas[movie.pk] = payload(300 * KIB, seed=i)
+        await movie.poster.put(datas[movie.pk], filename=f"{i}.jpg", content_type="image/jpeg")
+
+    async for movie in Movie.objects(poster__ne=None, poster_new=None):
+        await movie.poster.load()
+        await movie.poster_new.put(
+            movie.poster.stream(),
+            filename=movie.poster.filename,
+            content_type=movie.poster.content_type,
+        )
+        await movie.poster_new.verify()
+        await movie.poster.delete()
+
+    async for movie in Movie.objects:
+        assert movie.poster.grid_id is None
+        assert await movie.poster_new.read() == datas[movie.pk]
+        await movie.poster_new.load()
+        assert movie.poster_new.content_type == "image/jpeg"
+    assert await asyncassets_db["fs.files"].count_documents({}) == 0
+    assert await asyncassets_db["fs.chunks"].count_documents({}) == 0
+    assert len(await objects(target, asyncassets_db)) == 4
