@@ -6,8 +6,14 @@ upload is abandoned halfway, someone deletes a file behind a document's back.
 Two coroutines find out and clean up:
 
 * :func:`sweep_orphans` deletes files that no document references (once they are
-  older than a grace period) and chunks whose files document is gone;
+  older than a grace period) and chunks whose files document is gone; for a
+  directory or S3 storage, also stored objects no catalogue entry names, temp
+  files of dead writers and stale multipart uploads;
 * :func:`check` only reads, and reports every inconsistency it finds.
+
+Each catalogue is worked on with the :class:`~asyncassets.storage.Storage` its
+fields declare (GridFS by default); two fields declaring different storages for
+one catalogue make both refuse with ``ValueError``.
 
 .. code-block:: python
 
@@ -49,13 +55,15 @@ from .reports import (
     CheckReport,
     ChunkProblem,
     DanglingReference,
+    ObjectProblem,
     OrphanedChunks,
+    StoredObject,
     SweepReport,
 )
 
 # Not public: the command line formats sizes as the reports do.
 from .reports import _human_bytes as _human_bytes
-from .scope import declared_buckets
+from .scope import declared_buckets, declared_storages
 from .sweep import sweep_orphans
 
 __all__ = [
@@ -63,9 +71,12 @@ __all__ = [
     "CheckReport",
     "ChunkProblem",
     "DanglingReference",
+    "ObjectProblem",
     "OrphanedChunks",
+    "StoredObject",
     "SweepReport",
     "check",
     "declared_buckets",
+    "declared_storages",
     "sweep_orphans",
 ]

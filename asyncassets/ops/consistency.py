@@ -8,6 +8,11 @@ catalogue (:func:`~asyncassets.storage.catalogue.expected_digest`,
 :func:`~asyncassets.storage.catalogue.compression_of`,
 :func:`~asyncassets.storage.catalogue.original_sha256`), and compressed bytes are
 inflated only by :func:`asyncassets.storage.codec.inflate`.
+
+A catalogue of a directory or S3 storage has no chunks: each entry's object is
+looked up (``stat``, a few at a time) for its presence and size, and with
+``verify=True`` read through :func:`~asyncassets.storage.read.verify_file`
+itself; the storage is listed for objects no entry names.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 
 from .. import _driver
 from ..connection import get_db
+from ..errors import ChecksumMissing, FileDeletedWhileReading, IntegrityError
+from ..storage import GridFSStorage, Store
 from ..storage.catalogue import (
     compression_of,
     expected_digest,
@@ -28,15 +35,19 @@ from ..storage.catalogue import (
 from ..storage.codec import GzipError, inflate
 from ..storage.gridfs import GridBucket
 from ..storage.gridfs.spec import is_int
+from ..storage.objects.store import ObjectStore, location_key
+from ..storage.read import verify_file
 from .lookup import (
     _CURSOR_BATCH,
     _SIZE_OF_DATA,
     _THUMBNAIL_OF,
     DEFAULT_BATCH_SIZE,
     _batches,
+    _bounded,
     _close,
     _existing,
     _hashable,
+    _named_keys,
     _orphaned_chunk_groups,
     _positive,
     _referenced_files,
@@ -48,7 +59,9 @@ from .reports import (
     CheckReport,
     ChunkProblem,
     DanglingReference,
+    ObjectProblem,
     OrphanedChunks,
+    StoredObject,
     _keep,
 )
 from .scope import (
@@ -57,10 +70,12 @@ from .scope import (
     _plan,
     _prune,
     _same_db,
+    _Sharer,
     _Source,
     _Target,
     _Work,
 )
+from .sweep import GRIDFS_FILES
 
 __all__ = ["check"]
 
@@ -86,6 +101,10 @@ async def check(
       their age (:func:`~asyncassets.ops.sweep_orphans` deletes those older than its grace period);
     * orphaned chunks: chunks whose files document is missing;
     * files with missing, short, oversized or extra chunks;
+    * for a directory or S3 storage (the fields' :class:`~asyncassets.storage.Storage`):
+      catalogue entries whose object is missing or not of their length, entries
+      naming no object, and stored objects that no catalogue entry names
+      (orphaned objects, whatever their age);
     * with ``verify=True``, checksum mismatches, decided as
       :func:`~asyncassets.storage.read.verify_file` (and so ``FileProxy.verify()``)
       decides: the stored bytes must match ``metadata.sha256``, or, for a legacy
@@ -97,6 +116,9 @@ async def check(
     With ``buckets=None`` it checks the buckets registered classes declare, plus
     every other bucket found in the connected databases ("unclaimed": their chunks
     and checksums are checked, but not whether anything references their files).
+    Entries of an unclaimed catalogue that name a stored object belong to a
+    directory or S3 storage no class declares: they are counted as
+    ``unchecked_entries``, not checked.
 
     :param verify: also verify every file's bytes (reads all file data).
     :param buckets: bucket names to check; a bucket named here is treated as
@@ -106,8 +128,10 @@ async def check(
     :param max_ids: cap on the entries each report list keeps (``None``: no cap).
     :raises ConnectionNotRegistered: ``alias`` is not connected, or a class keeping
         references to a checked bucket uses an alias that is not connected.
-    :raises TypeError, ValueError: a bad ``buckets``, ``batch_size`` or ``max_ids``.
+    :raises TypeError, ValueError: a bad ``buckets``, ``batch_size`` or ``max_ids``;
+        ``ValueError`` too when two fields declare different storages for one catalogue.
     :raises pymongo.errors.PyMongoError: if the server fails.
+    :raises StorageError: a directory or S3 storage failed (after its retries).
     """
     _positive("batch_size", batch_size)
     _positive("max_ids", max_ids, optional=True)
@@ -126,29 +150,53 @@ async def check(
             seen.append(db_alias)
             for name in await _buckets_in(db_alias):
                 if not any(t[1] == name and _same_db(t[0], db_alias) for t in targets):
-                    work.append(((db_alias, name), _Work([], []), False))
+                    unclaimed = _Work([], [], GridFSStorage(name), [])
+                    work.append(((db_alias, name), unclaimed, False))
                     report.unclaimed_buckets.append(f"{db_alias}:{name}")
     for (bucket_alias, name), w, claimed in work:
-        report.buckets.append(f"{bucket_alias}:{name}")
-        bucket = GridBucket(get_db(bucket_alias), name)
-        await _check_files(bucket, bucket_alias, w.judge, claimed, verify, batch_size, max_ids,
+        label = f"{bucket_alias}:{name}"
+        report.buckets.append(label)
+        report.storages[label] = w.storage.url
+        store = w.storage.bind(get_db(bucket_alias))
+        await _check_files(store, bucket_alias, w.judge, claimed, verify, batch_size, max_ids,
                            report)
-        async for groups in _orphaned_chunk_groups(bucket, batch_size):
-            for group in groups:
-                chunks, size = int(group["chunks"]), max(int(group.get("bytes") or 0), 0)
-                report.orphaned_chunks += chunks
-                item = OrphanedChunks(bucket_alias, name, group["_id"], chunks, size)
-                if _keep(report.orphaned_chunk_groups, item, max_ids):
-                    report.truncated = True
+        if isinstance(store, ObjectStore):
+            await _check_orphaned_objects(store, bucket_alias, w.sharers, batch_size,
+                                          max_ids, report)
+        elif isinstance(store, GridBucket):
+            await _check_gridfs(store, bucket_alias, claimed, batch_size, max_ids, report)
         if claimed:
-            await _check_references(bucket, bucket_alias, w.own, batch_size, max_ids, report)
+            await _check_references(store, bucket_alias, w.own, batch_size, max_ids, report)
     report.duration = time.monotonic() - started
     return report
 
 
+async def _check_gridfs(
+    bucket: GridBucket,
+    alias: str,
+    claimed: bool,
+    batch_size: int,
+    max_ids: int | None,
+    report: CheckReport,
+) -> None:
+    name = bucket.name
+    if not claimed:
+        # Entries of a directory or S3 storage that no class declares: no chunks to
+        # check them against, and where their objects are is unknown.
+        report.unchecked_entries += await bucket.files.count_documents(
+            {"location": {"$exists": True}}
+        )
+    async for groups in _orphaned_chunk_groups(bucket, batch_size):
+            for group in groups:
+                chunks, size = int(group["chunks"]), max(int(group.get("bytes") or 0), 0)
+                report.orphaned_chunks += chunks
+                item = OrphanedChunks(alias, name, group["_id"], chunks, size)
+                if _keep(report.orphaned_chunk_groups, item, max_ids):
+                    report.truncated = True
+
 
 async def _check_files(
-    bucket: GridBucket,
+    bucket: Store,
     alias: str,
     sources: list[_Source],
     claimed: bool,
@@ -161,7 +209,13 @@ async def _check_files(
     if verify:
         # What the catalogue needs to say what a file is checked against.
         projection.update({"md5": 1, "metadata.sha256": 1, "metadata.compression": 1})
-    cursor = bucket.files.find({}, projection, batch_size=max(batch_size, _CURSOR_BATCH))
+    query: dict[str, Any] = GRIDFS_FILES
+    if isinstance(bucket, ObjectStore):
+        # What names the object, and what tells one upload from another under the
+        # same _id (a read that finds the object gone compares them).
+        projection.update({"location": 1, "uploadDate": 1, "filename": 1})
+        query = {}
+    cursor = bucket.files.find(query, projection, batch_size=max(batch_size, _CURSOR_BATCH))
     async for batch in _batches(cursor, batch_size):
         report.files += len(batch)
         if claimed:
@@ -172,7 +226,109 @@ async def _check_files(
                     item = BucketFile(alias, bucket.name, doc["_id"])
                     if _keep(report.orphaned_file_ids, item, max_ids):
                         report.truncated = True
-        await _check_chunks(bucket, alias, batch, verify, max_ids, report)
+        if isinstance(bucket, GridBucket):
+            await _check_chunks(bucket, alias, batch, verify, max_ids, report)
+        elif isinstance(bucket, ObjectStore):
+            await _check_objects(bucket, alias, batch, verify, max_ids, report)
+
+
+async def _check_objects(
+    store: ObjectStore,
+    alias: str,
+    batch: list[dict[str, Any]],
+    verify: bool,
+    max_ids: int | None,
+    report: CheckReport,
+) -> None:
+    """Whether each entry's object is there with its length (and, with ``verify``,
+    its checksum), a few objects at a time."""
+
+    async def inspect(doc: dict[str, Any]) -> tuple[dict[str, Any], str, str | None]:
+        return (doc, *await _inspect_object(store, doc, verify))
+
+    for doc, status, detail in await _bounded(batch, inspect):
+        if status in ("missing", "size", "invalid"):
+            if status == "missing":
+                report.missing_objects += 1
+            elif status == "size":
+                report.wrong_size_objects += 1
+            else:
+                report.invalid_entries += 1
+            item = ObjectProblem(alias, store.name, doc["_id"], location_key(doc), status,
+                                 detail or status)
+            if _keep(report.object_problems, item, max_ids):
+                report.truncated = True
+        elif status == "unverifiable":
+            report.unverifiable += 1
+        elif status in ("ok", "mismatch"):
+            report.verified += 1
+            if status == "mismatch":
+                report.checksum_mismatches += 1
+                if _keep(report.mismatched_files, BucketFile(alias, store.name, doc["_id"]),
+                         max_ids):
+                    report.truncated = True
+
+
+async def _inspect_object(
+    store: ObjectStore, doc: dict[str, Any], verify: bool
+) -> tuple[str, str | None]:
+    """``(status, detail)`` of one entry: ``"invalid"``, ``"missing"``, ``"size"``,
+    ``"present"`` (not verified), ``"ok"``, ``"mismatch"``, ``"unverifiable"``, or
+    ``"gone"`` (deleted or replaced while it was checked: nothing to say)."""
+    key = location_key(doc)
+    length: Any = doc.get("length")
+    if key is None:
+        return "invalid", f"its catalogue entry names no stored object ({doc.get('location')!r})"
+    if not is_int(length) or length < 0:
+        return "invalid", f"its catalogue entry has no valid length ({length!r})"
+    info = await store.blobs.stat(key)
+    if info is None or info.size != length:
+        if await _changed(store, doc):
+            return "gone", None
+        if info is None:
+            return "missing", f"no object under its key {key!r} in {store.url}"
+        return "size", (
+            f"its object {key!r} is {info.size} bytes, the catalogue entry says {length}"
+        )
+    if not verify:
+        return "present", None
+    try:
+        await verify_file(store, doc)
+    except ChecksumMissing:
+        return "unverifiable", None
+    except FileDeletedWhileReading:
+        return "gone", None
+    except IntegrityError as exc:
+        return "mismatch", str(exc)
+    return "ok", None
+
+
+async def _changed(store: ObjectStore, doc: dict[str, Any]) -> bool:
+    """Whether the entry was deleted, or replaced by another upload, since it was read
+    (a delete removes the entry first, then the object)."""
+    current = await store.find(doc["_id"])
+    return current is None or any(
+        current.get(k) != doc.get(k) for k in ("length", "uploadDate", "location")
+    )
+
+
+async def _check_orphaned_objects(
+    store: ObjectStore,
+    alias: str,
+    sharers: list[_Sharer],
+    batch_size: int,
+    max_ids: int | None,
+    report: CheckReport,
+) -> None:
+    async for batch in _batches(store.blobs.list(), batch_size):
+        named = await _named_keys(sharers, [info.key for info in batch])
+        for info in batch:
+            if info.key in named:
+                continue
+            report.orphaned_objects += 1
+            item = StoredObject(alias, store.name, info.key, info.size)
+            if _keep(report.orphaned_object_keys, item, max_ids):
+                report.truncated = True
 
 
 class _Digests:
@@ -453,7 +609,7 @@ async def _check_chunks(
 
 
 async def _check_references(
-    bucket: GridBucket,
+    bucket: Store,
     alias: str,
     sources: list[_Source],
     batch_size: int,
@@ -485,7 +641,7 @@ async def _check_references(
 
 
 async def _flush_references(
-    bucket: GridBucket,
+    bucket: Store,
     alias: str,
     collection: Any,
     source: _Source,

@@ -1,23 +1,30 @@
 """Streaming lookups shared by the sweep and the check.
 
-Files, chunks and documents are read in batches of ``batch_size`` and looked up
-against each other with ``$in`` queries, so memory stays bounded whatever the
-size of the collections.
+Files, chunks, stored objects and documents are read in batches of
+``batch_size`` and looked up against each other with ``$in`` queries, so memory
+stays bounded whatever the size of the collections or storages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import inspect
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bson import ObjectId
 
 from .. import _driver
 from ..connection import get_db
 from ..storage.gridfs import GridBucket
-from .scope import _Source
+from .scope import _Sharer, _Source
+
+if TYPE_CHECKING:
+    from ..storage import Store
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = ["DEFAULT_BATCH_SIZE"]
 
@@ -31,6 +38,23 @@ _CURSOR_BATCH = 1000
 
 _UTC = dt.timezone.utc
 
+#: How many stored objects are stat-ed, read or deleted at once: enough to hide an
+#: object store's latency, few enough to spare it (and a local disk).
+OBJECT_CONCURRENCY = 16
+
+
+async def _bounded(
+    items: Iterable[T], call: Callable[[T], Awaitable[R]], limit: int = OBJECT_CONCURRENCY
+) -> list[R]:
+    """``[await call(item) for item in items]``, at most ``limit`` running at once."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(item: T) -> R:
+        async with gate:
+            return await call(item)
+
+    return list(await asyncio.gather(*(one(item) for item in items)))
+
 
 async def _close(cursor: Any) -> None:
     result = cursor.close()
@@ -38,12 +62,12 @@ async def _close(cursor: Any) -> None:
         await result
 
 
-async def _batches(docs: Any, size: int) -> AsyncIterator[list[dict[str, Any]]]:
+async def _batches(docs: Any, size: int) -> AsyncIterator[list[Any]]:
     """Group a cursor's (or an async iterator's) documents into lists of ``size``.
 
     The cursor is closed at the end, also when the caller stops early.
     """
-    batch: list[dict[str, Any]] = []
+    batch: list[Any] = []
     try:
         async for doc in docs:
             batch.append(doc)
@@ -114,7 +138,7 @@ async def _referenced(sources: list[_Source], ids: list[Any]) -> set[Any]:
     return found
 
 
-async def _existing(bucket: GridBucket, ids: list[Any]) -> set[Any]:
+async def _existing(bucket: Store, ids: list[Any]) -> set[Any]:
     """Which of ``ids`` have a files document (unhashable ids never do, here)."""
     return set(await bucket.find_many(i for i in ids if _hashable(i)))
 
@@ -130,7 +154,7 @@ def _thumbnail_parent(doc: dict[str, Any]) -> Any:
 
 
 async def _referenced_files(
-    bucket: GridBucket, sources: list[_Source], docs: list[dict[str, Any]]
+    bucket: Store, sources: list[_Source], docs: list[dict[str, Any]]
 ) -> tuple[set[Any], dict[Any, dt.datetime | None]]:
     """Which of the files ``docs`` (with ``metadata.thumbnail_of``) are referenced.
 
@@ -217,6 +241,36 @@ async def _orphaned_chunk_groups(
             allowDiskUse=True,
         )
         yield [doc async for doc in stats]
+
+
+async def _named_keys(sharers: list[_Sharer], keys: list[str]) -> set[str]:
+    """Which of ``keys`` (listed by the storage of ``sharers[0]``) a catalogue entry
+    names, in any catalogue keeping objects in that place: one query per catalogue."""
+    if not sharers:
+        return set()
+    listed = sharers[0].prefix
+    named: set[str] = set()
+    for sharer in sharers:
+        theirs: dict[str, str] = {}
+        for key in keys:
+            if key in named:
+                continue
+            their_key = sharer.key_of(listed + key)
+            if their_key is not None:
+                theirs[their_key] = key
+        if not theirs:
+            continue
+        files = get_db(sharer.alias)[f"{sharer.catalogue}.files"]
+        cursor = files.find({"location.key": {"$in": list(theirs)}}, {"location.key": 1})
+        try:
+            async for doc in cursor:
+                location = doc.get("location")
+                their_key = location.get("key") if isinstance(location, dict) else None
+                if isinstance(their_key, str) and their_key in theirs:
+                    named.add(theirs[their_key])
+        finally:
+            await _close(cursor)
+    return named
 
 
 # Size of a chunk's data, -1 when it is not binary (so one bad chunk cannot fail the

@@ -19,7 +19,9 @@ __all__ = [
     "CheckReport",
     "ChunkProblem",
     "DanglingReference",
+    "ObjectProblem",
     "OrphanedChunks",
+    "StoredObject",
     "SweepReport",
 ]
 
@@ -99,6 +101,38 @@ class ChunkProblem(NamedTuple):
         return f"{self.alias}:{self.bucket} {_show_id(self.file_id)}: {self.detail}"
 
 
+class StoredObject(NamedTuple):
+    """An object in a directory or S3 storage: the alias and catalogue it belongs
+    to, its key (relative to the storage's root or prefix) and size."""
+
+    alias: str
+    catalogue: str
+    key: str
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.alias}:{self.catalogue} {self.key!r} ({_human_bytes(self.size)})"
+
+
+class ObjectProblem(NamedTuple):
+    """A catalogue entry of a directory or S3 storage whose object is not right.
+
+    ``kind``: ``"missing"`` (no object under its key), ``"size"`` (the object is
+    not the entry's ``length``) or ``"invalid"`` (the entry names no key, or has no
+    valid length).
+    """
+
+    alias: str
+    catalogue: str
+    file_id: Any
+    key: str | None
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.alias}:{self.catalogue} {_show_id(self.file_id)}: {self.detail}"
+
+
 # -- reports -----------------------------------------------------------------------
 
 
@@ -107,15 +141,19 @@ class SweepReport:
     """What :func:`sweep_orphans` deleted (or, with ``dry_run``, would delete).
 
     Counts are exact; the id lists keep at most ``max_ids`` entries each
-    (``truncated`` says whether any list was cut).
+    (``truncated`` says whether any list was cut). The ``*_objects``, ``*_temps``
+    and ``*_uploads`` fields concern directory and S3 storages only.
     """
 
     dry_run: bool
     grace: dt.timedelta
     #: Files and chunks older than this (UTC) were eligible.
     cutoff: dt.datetime
-    #: The buckets swept, as ``"alias:name"``.
+    #: The buckets (catalogues) swept, as ``"alias:name"``.
     buckets: list[str] = field(default_factory=list)
+    #: Where the files of each swept catalogue are: ``{"alias:name": storage URL}``
+    #: (``gridfs:name``, ``file:///srv/media``, ``s3://bucket/prefix``).
+    storages: dict[str, str] = field(default_factory=dict)
     files_scanned: int = 0
     #: Unreferenced files older than the grace period, deleted.
     files_deleted: int = 0
@@ -127,8 +165,22 @@ class SweepReport:
     deleted_chunks: list[OrphanedChunks] = field(default_factory=list)
     #: Chunk documents without files document but too young to delete, kept.
     recent_orphaned_chunks: int = 0
+    #: Stored objects that no catalogue entry names, last written before the
+    #: cutoff, deleted.
+    objects_deleted: int = 0
+    deleted_objects: list[StoredObject] = field(default_factory=list)
+    #: Stored objects no entry names but written within the grace period (an
+    #: upload that committed its object and has not inserted its entry yet), kept.
+    recent_orphaned_objects: int = 0
+    #: Temp files of filesystem writers that died, untouched since the cutoff, deleted.
+    temps_deleted: int = 0
+    deleted_temps: list[StoredObject] = field(default_factory=list)
+    #: Pending S3 multipart uploads started before the cutoff, aborted (when the
+    #: storage's backend can list them).
+    uploads_aborted: int = 0
+    aborted_uploads: list[StoredObject] = field(default_factory=list)
     #: Bytes of file data deleted: the ``length`` of deleted files plus the size of
-    #: deleted orphaned chunks.
+    #: deleted orphaned chunks, objects and temp files.
     bytes_freed: int = 0
     truncated: bool = False
     #: Wall-clock seconds the sweep took.
@@ -144,15 +196,34 @@ class SweepReport:
             f"  files scanned: {self.files_scanned}",
             f"  orphaned files {verb}: {self.files_deleted}",
             f"  orphaned chunks {verb}: {self.chunks_deleted}",
-            f"  space {'to free' if self.dry_run else 'freed'}: {_human_bytes(self.bytes_freed)}",
         ]
+        if _has_objects(self.storages):
+            lines += [
+                f"  orphaned objects {verb}: {self.objects_deleted}",
+                f"  stale temp files {verb}: {self.temps_deleted}",
+                f"  stale multipart uploads {'to abort' if self.dry_run else 'aborted'}: "
+                f"{self.uploads_aborted}",
+            ]
+        lines.append(
+            f"  space {'to free' if self.dry_run else 'freed'}: {_human_bytes(self.bytes_freed)}"
+        )
         if self.recent_orphaned_files or self.recent_orphaned_chunks:
             lines.append(
                 f"  kept, younger than the grace period: {self.recent_orphaned_files} "
                 f"file(s), {self.recent_orphaned_chunks} chunk(s)"
+                + (f", {self.recent_orphaned_objects} object(s)"
+                   if self.recent_orphaned_objects else "")
             )
+        elif self.recent_orphaned_objects:
+            lines.append(
+                f"  kept, younger than the grace period: {self.recent_orphaned_objects} object(s)"
+            )
+        lines += _storage_lines(self.storages)
         lines += [f"    file {item}" for item in self.deleted_files]
         lines += [f"    chunks {item}" for item in self.deleted_chunks]
+        lines += [f"    object {item}" for item in self.deleted_objects]
+        lines += [f"    temp file {item}" for item in self.deleted_temps]
+        lines += [f"    multipart upload {item}" for item in self.aborted_uploads]
         if self.truncated:
             lines.append("    (lists truncated; the counts above are exact)")
         return "\n".join(lines)
@@ -167,11 +238,16 @@ class CheckReport:
     """
 
     verify: bool
-    #: The buckets checked, as ``"alias:name"``.
+    #: The buckets (catalogues) checked, as ``"alias:name"``.
     buckets: list[str] = field(default_factory=list)
+    #: Where the files of each checked catalogue are: ``{"alias:name": storage URL}``.
+    storages: dict[str, str] = field(default_factory=dict)
     #: Buckets found in the database that no registered class declares: their files
     #: and chunks were checked, but not whether documents reference them.
     unclaimed_buckets: list[str] = field(default_factory=list)
+    #: Entries of unclaimed catalogues that name a stored object (a directory or
+    #: S3 storage no registered class declares): not checked, their storage is unknown.
+    unchecked_entries: int = 0
     files: int = 0
     #: File references read from documents.
     references: int = 0
@@ -185,6 +261,17 @@ class CheckReport:
     #: Files with missing, short, oversized or extra chunks (or an unusable files doc).
     corrupt_files: int = 0
     chunk_problems: list[ChunkProblem] = field(default_factory=list)
+    #: Directory and S3 storages: catalogue entries with no object under their key.
+    missing_objects: int = 0
+    #: Directory and S3 storages: catalogue entries whose object is not their length.
+    wrong_size_objects: int = 0
+    #: Directory and S3 storages: catalogue entries naming no key or no valid length.
+    invalid_entries: int = 0
+    #: The entries counted in the three fields above.
+    object_problems: list[ObjectProblem] = field(default_factory=list)
+    #: Directory and S3 storages: stored objects that no catalogue entry names.
+    orphaned_objects: int = 0
+    orphaned_object_keys: list[StoredObject] = field(default_factory=list)
     #: ``verify=True`` only: files that fail verification as
     #: :func:`~asyncassets.storage.read.verify_file` decides: their stored bytes no
     #: longer match ``metadata.sha256`` (or, for a legacy file without it, the GridFS
@@ -203,13 +290,18 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        """True when no dangling reference, orphan, corrupt file or mismatch was found."""
+        """True when no dangling reference, orphan (file, chunk or object), corrupt
+        file, missing or misshapen object, or mismatch was found."""
         return not (
             self.dangling
             or self.orphaned_files
             or self.orphaned_chunks
             or self.corrupt_files
             or self.checksum_mismatches
+            or self.missing_objects
+            or self.wrong_size_objects
+            or self.invalid_entries
+            or self.orphaned_objects
         )
 
     def __str__(self) -> str:
@@ -219,10 +311,16 @@ class CheckReport:
             f"{self.duration:.2f} s: {'OK' if self.ok else 'PROBLEMS FOUND'}",
             f"  files: {self.files}, references from documents: {self.references}",
         ]
+        lines += _storage_lines(self.storages)
         if self.unclaimed_buckets:
             lines.append(
                 "  not declared by any registered Document class (references not checked): "
                 + ", ".join(self.unclaimed_buckets)
+            )
+        if self.unchecked_entries:
+            lines.append(
+                f"  entries of undeclared directory/S3 storages, not checked: "
+                f"{self.unchecked_entries}"
             )
         lines.append(f"  dangling references: {self.dangling}")
         lines += [f"    {item}" for item in self.dangling_references]
@@ -232,6 +330,14 @@ class CheckReport:
         lines += [f"    {item}" for item in self.orphaned_chunk_groups]
         lines.append(f"  files with bad chunks: {self.corrupt_files}")
         lines += [f"    {item}" for item in self.chunk_problems]
+        if _has_objects(self.storages):
+            lines.append(
+                f"  objects missing: {self.missing_objects}, of the wrong size: "
+                f"{self.wrong_size_objects}, entries naming no object: {self.invalid_entries}"
+            )
+            lines += [f"    {item}" for item in self.object_problems]
+            lines.append(f"  orphaned objects: {self.orphaned_objects}")
+            lines += [f"    {item}" for item in self.orphaned_object_keys]
         if self.verify:
             lines.append(
                 f"  checksums: {self.verified} verified, {self.checksum_mismatches} "
@@ -252,6 +358,20 @@ def _keep(items: list[Any], item: Any, limit: int | None) -> bool:
 
 
 # -- formatting ----------------------------------------------------------------------
+
+
+def _has_objects(storages: dict[str, str]) -> bool:
+    """Whether any of the catalogues keeps its bytes outside GridFS."""
+    return any(not url.startswith("gridfs:") for url in storages.values())
+
+
+def _storage_lines(storages: dict[str, str]) -> list[str]:
+    """``  storage of default:posters: file:///srv/media``, for each non-GridFS one."""
+    return [
+        f"  storage of {name}: {url}"
+        for name, url in storages.items()
+        if not url.startswith("gridfs:")
+    ]
 
 
 def _show_id(value: Any) -> str:

@@ -1,9 +1,17 @@
 """Which buckets and aliases a sweep or check works on, and where references live.
 
 References are found from the registered Document classes (the one schema walker,
-:mod:`asyncassets.schema`): for every bucket they declare, the collections and
-paths that hold ids of its files. Aliases that may share a database see one
-another's references, so a file referenced through either is never an orphan.
+:mod:`asyncassets.schema`): for every catalogue they declare (a GridFS bucket, or
+the catalogue of a directory or S3 storage), the collections and paths that hold
+ids of its files, and the :class:`~asyncassets.storage.Storage` its fields
+declare. Aliases that may share a database see one another's references, so a
+file referenced through either is never an orphan.
+
+One catalogue belongs to one storage: two fields naming the same catalogue with
+different storages make the sweep and the check refuse (``ValueError``). And one
+place of stored objects belongs to one catalogue: when several declared
+catalogues keep their objects in the same directory or bucket prefix (or one
+inside another's), an object is kept while any of them names it.
 """
 
 from __future__ import annotations
@@ -15,8 +23,9 @@ from typing import Any
 from ..connection import DEFAULT_ALIAS, _connections, get_db, registered_aliases
 from ..errors import ConnectionNotRegistered
 from ..schema import document_classes, file_paths
+from ..storage import FileSystemStorage, GridFSStorage, S3Storage, Storage
 
-__all__ = ["declared_buckets"]
+__all__ = ["declared_buckets", "declared_storages"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,18 @@ class _Source:
         return ".".join(head)
 
 
-_Target = tuple[str, str]  # (bucket alias, bucket name)
+_Target = tuple[str, str]  # (catalogue alias, catalogue name: the collection_name)
+
+#: For each declared catalogue, each storage declared for it and the fields
+#: (``Class.path``) declaring it.
+_StorageMap = dict[_Target, dict[Storage, list[str]]]
 
 
-def _reference_map() -> dict[_Target, list[_Source]]:
-    """For every bucket declared by a registered class, where its references live."""
+def _declarations() -> tuple[dict[_Target, list[_Source]], _StorageMap]:
+    """For every catalogue declared by a registered class: where its references
+    live, and which storages its fields declare."""
     merged: dict[_Target, dict[tuple[str, str, tuple[str, ...]], tuple[bool, set[str]]]] = {}
+    storages: _StorageMap = {}
     for declared in document_classes():
         # mongoengine's metaclass adds _meta, _fields and _class_name: no type sees them.
         cls: Any = declared
@@ -60,7 +75,11 @@ def _reference_map() -> dict[_Target, list[_Source]]:
                 key = (doc_alias, collection, segments)
                 entry = merged.setdefault(target, {}).setdefault(key, (queryable, set()))
                 entry[1].add(cls._class_name)
-    return {
+                fields = storages.setdefault(target, {}).setdefault(file_field.storage, [])
+                name = f"{cls._class_name}.{'.'.join(segments)}"
+                if name not in fields:
+                    fields.append(name)
+    refs = {
         target: [
             _Source(alias, coll, segments, queryable, tuple(sorted(names)))
             for (alias, coll, segments), (queryable, names) in sorted(
@@ -69,14 +88,112 @@ def _reference_map() -> dict[_Target, list[_Source]]:
         ]
         for target, sources in merged.items()
     }
+    return refs, storages
+
+
+def _reference_map() -> dict[_Target, list[_Source]]:
+    """For every catalogue declared by a registered class, where its references live."""
+    return _declarations()[0]
 
 
 def declared_buckets() -> list[tuple[str, str]]:
-    """The ``(alias, bucket name)`` pairs that registered Document classes store files in.
+    """The ``(alias, catalogue name)`` pairs that registered Document classes store
+    files in: GridFS buckets and the catalogues of other storages alike.
 
     These are the buckets :func:`sweep_orphans` and :func:`check` work on by default.
     """
     return sorted(_reference_map())
+
+
+def declared_storages() -> dict[tuple[str, str], Storage]:
+    """The storage of each ``(alias, catalogue name)`` registered classes declare.
+
+    :raises ValueError: two fields declare different storages for one catalogue.
+    """
+    _refs, storages = _declarations()
+    return {target: _storage_of(target, storages) for target in sorted(storages)}
+
+
+def _conflict(target: _Target, declared: dict[Storage, list[str]]) -> ValueError:
+    alias, name = target
+    who = "; ".join(
+        f"{', '.join(fields)} {'declare' if len(fields) > 1 else 'declares'} {storage!r}"
+        for storage, fields in declared.items()
+    )
+    return ValueError(
+        f"catalogue {name!r} (alias {alias!r}) is declared with different storages: "
+        f"{who}. One catalogue belongs to one storage: give the fields equal storages, "
+        "or one of them another collection_name"
+    )
+
+
+def _storage_of(target: _Target, storages: _StorageMap) -> Storage:
+    """The one storage declared for ``target``; GridFS for an undeclared bucket.
+
+    :raises ValueError: fields declare different storages for it.
+    """
+    declared = storages.get(target)
+    if not declared:
+        return GridFSStorage(target[1])
+    if len(declared) > 1:
+        raise _conflict(target, declared)
+    return next(iter(declared))
+
+
+def _place(storage: Storage) -> tuple[str, str] | None:
+    """Where a storage's objects are: ``(space, prefix)`` so that an object's full
+    name is ``prefix + key`` within ``space``; ``None`` for GridFS."""
+    if isinstance(storage, FileSystemStorage):
+        return "file", storage.root.rstrip("/") + "/"
+    if isinstance(storage, S3Storage):
+        return f"s3 {storage.endpoint_url} {storage.bucket}", storage.prefix
+    return None
+
+
+@dataclass(frozen=True)
+class _Sharer:
+    """A catalogue whose objects are (or may be) in the listing of another's storage.
+
+    An object listed under the other storage's key ``k`` has the full name
+    ``listed_prefix + k``; it is named by this catalogue when that name is
+    ``prefix + key`` for a ``key`` one of its entries holds.
+    """
+
+    alias: str
+    catalogue: str
+    prefix: str
+
+    def key_of(self, full_name: str) -> str | None:
+        """This catalogue's key for the object of ``full_name``, or ``None``."""
+        if full_name.startswith(self.prefix) and len(full_name) > len(self.prefix):
+            return full_name[len(self.prefix):]
+        return None
+
+
+def _sharers(target: _Target, storage: Storage, storages: _StorageMap) -> list[_Sharer]:
+    """The catalogues whose objects a listing of ``storage`` may show, itself first.
+
+    Every declared catalogue (on any alias) whose storage keeps objects in the same
+    place, or in a place inside or around it: the orphaned-object sweep must not
+    delete an object another catalogue names.
+    """
+    place = _place(storage)
+    if place is None:
+        return []
+    space, prefix = place
+    found = [_Sharer(target[0], target[1], prefix)]
+    for other_target, declared in sorted(storages.items()):
+        for other in declared:
+            other_place = _place(other)
+            if other_place is None or other_place[0] != space:
+                continue
+            other_prefix = other_place[1]
+            if not (other_prefix.startswith(prefix) or prefix.startswith(other_prefix)):
+                continue
+            sharer = _Sharer(other_target[0], other_target[1], other_prefix)
+            if sharer not in found:
+                found.append(sharer)
+    return found
 
 
 def _bucket_names(buckets: Iterable[str] | str | None) -> list[str] | None:
@@ -131,7 +248,7 @@ def _union(*lists: list[_Source]) -> list[_Source]:
 
 @dataclass
 class _Work:
-    """One bucket to work on and where references to its files live."""
+    """One catalogue to work on, its storage, and where references to its files live."""
 
     #: Sources declared for this bucket (on this alias, or on an alias certainly
     #: sharing its database): where dangling references are looked for.
@@ -139,6 +256,11 @@ class _Work:
     #: ``own`` plus the sources of every same-named bucket on an alias that may
     #: share the database: what decides whether a file is referenced.
     judge: list[_Source]
+    #: Where the bytes of its files are.
+    storage: Storage
+    #: Object storages only: the catalogues whose entries may name an object its
+    #: storage lists (itself first).
+    sharers: list[_Sharer]
 
 
 def _plan(
@@ -153,7 +275,7 @@ def _plan(
     names = _bucket_names(buckets)
     scope = _aliases_in_scope(alias)
     connected = registered_aliases()
-    refs = _reference_map()
+    refs, storages = _declarations()
     picked: dict[_Target, list[_Source]] = {}
     for target, sources in refs.items():
         if target[0] in scope and (names is None or target[1] in names):
@@ -172,10 +294,19 @@ def _plan(
         same = next(
             (t for t in targets if t[1] == name and _same_db(t[0], bucket_alias)), None
         )
+        storage = _storage_of((bucket_alias, name), storages)
         if same is not None:
+            if targets[same].storage != storage:
+                both = {targets[same].storage: storages.get(same, {}).get(
+                    targets[same].storage, [f"bucket {name!r} on alias {same[0]!r}"])}
+                both[storage] = storages.get((bucket_alias, name), {}).get(
+                    storage, [f"bucket {name!r} on alias {bucket_alias!r}"])
+                raise _conflict((bucket_alias, name), both)
             targets[same].own = _union(targets[same].own, sources)
         else:
-            targets[(bucket_alias, name)] = _Work(list(sources), [])
+            targets[(bucket_alias, name)] = _Work(
+                list(sources), [], storage, _sharers((bucket_alias, name), storage, storages)
+            )
     for (bucket_alias, name), work in targets.items():
         work.judge = _union(work.own, *(
             sources for (other, other_name), sources in sorted(refs.items())
@@ -185,6 +316,18 @@ def _plan(
     connected_set = set(connected)
     for (bucket_alias, name), work in sorted(targets.items()):
         unreachable = sorted({s.alias for s in work.judge} - connected_set)
+        lost = sorted({s.alias for s in work.sharers} - connected_set)
+        if lost and not unreachable:
+            who = ", ".join(
+                f"catalogue {s.catalogue!r} (alias {s.alias!r})" for s in work.sharers
+                if s.alias in lost
+            )
+            raise ConnectionNotRegistered(
+                f"Cannot tell which objects of {work.storage.url} belong to no catalogue: "
+                f"{who} keeps its objects there too, through an alias that is not "
+                "connected. Connect it with asyncassets.connect(..., alias=...), or leave "
+                f"catalogue {name!r} out with buckets= / alias=."
+            )
         if unreachable:
             who = ", ".join(
                 f"{c} (alias {s.alias!r})" for s in work.judge if s.alias in unreachable
@@ -211,7 +354,10 @@ async def _prune(targets: dict[_Target, _Work]) -> dict[_Target, _Work]:
     def keep(sources: list[_Source]) -> list[_Source]:
         return [s for s in sources if s.collection in present[s.alias]]
 
-    return {target: _Work(keep(w.own), keep(w.judge)) for target, w in targets.items()}
+    return {
+        target: _Work(keep(w.own), keep(w.judge), w.storage, w.sharers)
+        for target, w in targets.items()
+    }
 
 
 async def _buckets_in(alias: str) -> list[str]:

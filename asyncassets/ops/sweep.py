@@ -1,4 +1,8 @@
-"""The orphan sweep: delete files no document references, and headless chunks."""
+"""The orphan sweep: delete files no document references, and what uploads left behind.
+
+GridFS: headless chunks. Directory and S3 storages: objects no catalogue entry
+names, temp files of dead filesystem writers, stale S3 multipart uploads.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +14,36 @@ from typing import Any
 from bson import ObjectId
 
 from ..connection import get_db
+from ..storage import Store
 from ..storage.gridfs import GridBucket
+from ..storage.objects.blobs import BlobInfo
+from ..storage.objects.store import ObjectStore
 from .lookup import (
     _CURSOR_BATCH,
     _THUMBNAIL_OF,
     _UTC,
     DEFAULT_BATCH_SIZE,
+    _as_utc,
     _batches,
+    _bounded,
     _existing,
     _file_time,
     _hashable,
+    _named_keys,
     _orphaned_chunk_groups,
     _positive,
     _referenced_files,
     oid_time,
 )
-from .reports import DEFAULT_MAX_IDS, BucketFile, OrphanedChunks, SweepReport, _keep
-from .scope import _plan, _prune, _Source
+from .reports import (
+    DEFAULT_MAX_IDS,
+    BucketFile,
+    OrphanedChunks,
+    StoredObject,
+    SweepReport,
+    _keep,
+)
+from .scope import _plan, _prune, _Sharer, _Source
 
 __all__ = ["sweep_orphans"]
 
@@ -40,7 +57,7 @@ async def sweep_orphans(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_ids: int | None = DEFAULT_MAX_IDS,
 ) -> SweepReport:
-    """Delete files no document references, and chunks whose files document is gone.
+    """Delete files no document references, and what interrupted uploads left behind.
 
     A file is deleted when no document of any registered
     :class:`~asyncassets.document.Document` class references it, wherever the
@@ -54,9 +71,20 @@ async def sweep_orphans(
     ObjectId ``files_id``; data with neither time counts as old). ``grace`` must
     exceed the longest pause inside one streaming upload.
 
+    For a catalogue of a directory or S3 storage (the fields'
+    :class:`~asyncassets.storage.Storage`), an unreferenced file is deleted through
+    its store (catalogue entry first, then the object), and the storage is listed:
+    objects that no catalogue entry names and that were last written before the
+    cutoff are deleted (an upload commits its object before it inserts the entry:
+    the grace period protects that moment), and so are temp files of filesystem
+    writers untouched since the cutoff and S3 multipart uploads started before it,
+    when the backend can list them. An object is kept while any declared
+    catalogue keeping objects in the same place names it.
+
     References are re-read for each batch of candidate files right before deleting
-    them, and a file's files document is deleted before its chunks, so an
-    interrupted sweep leaves only orphaned chunks, which the next sweep removes.
+    them, and a file's files document is deleted before its chunks (or object), so
+    an interrupted sweep leaves only orphaned chunks or objects, which the next
+    sweep removes.
 
     :param grace: a :class:`~datetime.timedelta` or a number of seconds.
     :param dry_run: report what would be deleted; delete nothing.
@@ -71,8 +99,11 @@ async def sweep_orphans(
     :raises ConnectionNotRegistered: ``alias`` is not connected, or a class keeping
         references to a swept bucket uses an alias that is not connected (the sweep
         could not see its references, so it deletes nothing).
-    :raises TypeError, ValueError: a bad ``grace``, ``buckets``, ``batch_size``.
+    :raises TypeError, ValueError: a bad ``grace``, ``buckets``, ``batch_size``;
+        ``ValueError`` too when two fields declare different storages for one
+        catalogue (nothing is deleted).
     :raises pymongo.errors.PyMongoError: if the server fails.
+    :raises StorageError: a directory or S3 storage failed (after its retries).
     """
     grace_td = _grace(grace)
     _positive("batch_size", batch_size)
@@ -83,17 +114,35 @@ async def sweep_orphans(
     targets = await _prune(targets)
     report = SweepReport(dry_run=dry_run, grace=grace_td, cutoff=cutoff)
     for (bucket_alias, name), work in sorted(targets.items()):
-        report.buckets.append(f"{bucket_alias}:{name}")
-        bucket = GridBucket(get_db(bucket_alias), name)
-        await _sweep_files(bucket, bucket_alias, work.judge, cutoff, dry_run, batch_size,
+        label = f"{bucket_alias}:{name}"
+        report.buckets.append(label)
+        report.storages[label] = work.storage.url
+        store = work.storage.bind(get_db(bucket_alias))
+        await _sweep_files(store, bucket_alias, work.judge, cutoff, dry_run, batch_size,
                            max_ids, report)
-        await _sweep_chunks(bucket, bucket_alias, cutoff, dry_run, batch_size, max_ids, report)
+        if isinstance(store, GridBucket):
+            await _sweep_chunks(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
+                                report)
+        elif isinstance(store, ObjectStore):
+            await _sweep_objects(store, bucket_alias, work.sharers, cutoff, dry_run,
+                                 batch_size, max_ids, report)
+            await _sweep_leftovers(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
+                                   report)
     report.duration = time.monotonic() - started
     return report
 
 
+#: The files a GridFS sweep or check looks at: an entry naming a stored object
+#: belongs to a directory or S3 storage (its bytes are not chunks).
+GRIDFS_FILES = {"location": {"$exists": False}}
+#: The files of a directory or S3 catalogue the sweep may delete: an entry without
+#: a location (a GridFS file left from before the field's storage changed, or
+#: foreign data) is reported by the check, never deleted, as its chunks would stay.
+OBJECT_FILES = {"location": {"$exists": True}}
+
+
 async def _sweep_files(
-    bucket: GridBucket,
+    bucket: Store,
     alias: str,
     sources: list[_Source],
     cutoff: dt.datetime,
@@ -102,8 +151,9 @@ async def _sweep_files(
     max_ids: int | None,
     report: SweepReport,
 ) -> None:
+    gridfs = isinstance(bucket, GridBucket)
     cursor = bucket.files.find(
-        {},
+        GRIDFS_FILES if gridfs else OBJECT_FILES,
         {"_id": 1, "uploadDate": 1, "length": 1, _THUMBNAIL_OF: 1},
         batch_size=max(batch_size, _CURSOR_BATCH),
     )
@@ -126,9 +176,12 @@ async def _sweep_files(
         if not doomed:
             continue
         ids = [doc["_id"] for doc in doomed]
-        if not dry_run:
+        if not dry_run and isinstance(bucket, GridBucket):
             await bucket.files.delete_many({"_id": {"$in": ids}})
             await bucket.chunks.delete_many({"files_id": {"$in": ids}})
+        elif not dry_run:
+            # Through the store: the entry first, then the object, shielded.
+            await _bounded(ids, bucket.delete)
         for doc in doomed:
             report.files_deleted += 1
             length = doc.get("length")
@@ -170,6 +223,112 @@ async def _sweep_chunks(
             item = OrphanedChunks(alias, bucket.name, group["_id"], chunks, size)
             if _keep(report.deleted_chunks, item, max_ids):
                 report.truncated = True
+
+
+async def _sweep_objects(
+    store: ObjectStore,
+    alias: str,
+    sharers: list[_Sharer],
+    cutoff: dt.datetime,
+    dry_run: bool,
+    batch_size: int,
+    max_ids: int | None,
+    report: SweepReport,
+) -> None:
+    """Delete the stored objects no catalogue entry names, last written before ``cutoff``."""
+    blobs = store.blobs
+    async for batch in _batches(blobs.list(), batch_size):
+        infos: list[BlobInfo] = batch
+        named = await _named_keys(sharers, [info.key for info in infos])
+        doomed: list[BlobInfo] = []
+        for info in infos:
+            if info.key in named:
+                continue
+            if _old_enough(_as_utc(info.modified), cutoff):
+                doomed.append(info)
+            else:
+                report.recent_orphaned_objects += 1
+        if doomed and not dry_run:
+            doomed = await _still_orphaned(store, sharers, doomed, cutoff, report)
+            await _bounded([info.key for info in doomed], blobs.delete)
+        for info in doomed:
+            report.objects_deleted += 1
+            report.bytes_freed += max(info.size, 0)
+            item = StoredObject(alias, store.name, info.key, info.size)
+            if _keep(report.deleted_objects, item, max_ids):
+                report.truncated = True
+
+
+async def _still_orphaned(
+    store: ObjectStore,
+    sharers: list[_Sharer],
+    doomed: list[BlobInfo],
+    cutoff: dt.datetime,
+    report: SweepReport,
+) -> list[BlobInfo]:
+    """Look again right before deleting: an upload may have inserted its entry since
+    the listing, or written a new object under the key (``overwrite=True``)."""
+    named = await _named_keys(sharers, [info.key for info in doomed])
+    now = await _bounded([info.key for info in doomed if info.key not in named],
+                         store.blobs.stat)
+    still: list[BlobInfo] = []
+    for info in now:
+        if info is None:
+            continue  # gone meanwhile: nothing to delete, nothing freed
+        if _old_enough(_as_utc(info.modified), cutoff):
+            still.append(info)
+        else:
+            report.recent_orphaned_objects += 1
+    return still
+
+
+async def _sweep_leftovers(
+    store: ObjectStore,
+    alias: str,
+    cutoff: dt.datetime,
+    dry_run: bool,
+    batch_size: int,
+    max_ids: int | None,
+    report: SweepReport,
+) -> None:
+    """Remove what dead writers left where listing does not show it, if the backend
+    can find it: temp files (``list_stale_temps``/``delete_temp``, the filesystem's)
+    and pending multipart uploads (``list_stale_uploads``/``abort_stale_upload``).
+
+    These are optional: the :class:`~asyncassets.storage.objects.blobs.Blobs`
+    protocol does not require them, so a backend without them is swept of objects
+    and catalogue entries only.
+    """
+    blobs = store.blobs
+    kinds = (
+        ("list_stale_temps", "delete_temp", "temps_deleted", report.deleted_temps),
+        ("list_stale_uploads", "abort_stale_upload", "uploads_aborted", report.aborted_uploads),
+    )
+    for lister_name, remover_name, counter, listed in kinds:
+        lister = getattr(blobs, lister_name, None)
+        remover = getattr(blobs, remover_name, None)
+        if not (callable(lister) and callable(remover)):
+            continue
+        async for batch in _batches(lister(cutoff), batch_size):
+            if not dry_run:
+                await _bounded([_leftover_handle(item) for item in batch], remover)
+            for item in batch:
+                setattr(report, counter, getattr(report, counter) + 1)
+                size = _leftover_size(item)
+                report.bytes_freed += size
+                record = StoredObject(alias, store.name, str(getattr(item, "key", item)), size)
+                if _keep(listed, record, max_ids):
+                    report.truncated = True
+
+
+def _leftover_handle(item: Any) -> Any:
+    # A temp file is removed by its path (BlobInfo.key); an upload by what was listed.
+    return item.key if isinstance(item, BlobInfo) else item
+
+
+def _leftover_size(item: Any) -> int:
+    size = getattr(item, "size", 0)
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0
 
 
 def _grace(grace: dt.timedelta | float) -> dt.timedelta:
