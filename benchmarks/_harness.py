@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,19 +221,79 @@ def log(msg: str) -> None:
 Progress = Callable[[str], None]
 
 
-def embedded_server(cache_size: str | None, storage_path: str | None = None) -> Any:
-    """An :class:`~asyncassets.embedded.EmbeddedServer` with an explicit SecantusDB cache.
+# glibc's malloc in the server process: a fixed mmap threshold (32 MiB, glibc's
+# ceiling for its dynamic one) and a high trim threshold. Left dynamic, the threshold
+# and heap trimming depend on what the server process allocated and freed before, and
+# SecantusDB (Python) builds a 16 MiB reply for each of raw PyMongo's default
+# 64-chunk GridFS batches: in some server processes every such reply was mapped
+# fresh (12,209 minor page faults and about 28 ms of extra system time per 32 MiB
+# read), in others none was, for the life of the process. Raw's stream reads then
+# took 85 to 92 ms or 51 to 63 ms per 32 MiB depending on which server a run got,
+# and the stream-read ratio swung between runs (0.95x to 1.44x median, see
+# docs/performance.rst). Pinned, every server process behaves the same.
+SERVER_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * MiB),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * MiB),
+}
+
+
+@contextlib.contextmanager
+def embedded_server(
+    cache_size: str | None, storage_path: str | None = None, pin_malloc: bool = True
+) -> Iterator[Any]:
+    """A running :class:`~asyncassets.embedded.EmbeddedServer` with an explicit SecantusDB cache.
 
     ``storage_path``: a directory for an on-disk server (SecantusDB then runs with
     ``--sync-on-commit``, as EmbeddedServer starts it for persistent storage), or
     ``None`` for an in-memory one. SecantusDB's in-memory store keeps everything in
     its WiredTiger cache (1 GiB by default) and fails writes with ``WT_CACHE_FULL``
     beyond it; an on-disk one evicts to disk. ``cache_size`` (``"2G"``) is passed as
-    ``--cache-size``; ``None`` or ``""`` leaves the server's default.
+    ``--cache-size``; ``None`` or ``""`` leaves the server's default. ``pin_malloc``
+    starts the server with :data:`SERVER_MALLOC_ENV` (the server only: the variables
+    are set while it starts and restored afterwards).
     """
     from asyncassets.embedded import EmbeddedServer
 
-    plain = EmbeddedServer(storage_path)
-    if plain.kind != "secantusdb" or not cache_size:
-        return plain
-    return EmbeddedServer(storage_path, extra_args=["--cache-size", cache_size])
+    server = EmbeddedServer(storage_path)
+    if server.kind == "secantusdb" and cache_size:
+        server = EmbeddedServer(storage_path, extra_args=["--cache-size", cache_size])
+    saved = {k: os.environ.get(k) for k in SERVER_MALLOC_ENV}
+    if pin_malloc:
+        os.environ.update(SERVER_MALLOC_ENV)
+    try:
+        server.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def loadavg() -> str:
+    """``/proc/loadavg``: other work on the machine, recorded with the figures."""
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def proc_stat(pid: int | None) -> dict[str, float]:
+    """CPU seconds (user, system) and page faults of a process, from ``/proc``."""
+    if pid is None:
+        return {}
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    return {
+        "user_s": int(fields[11]) / tick,
+        "system_s": int(fields[12]) / tick,
+        "minor_faults": int(fields[7]),
+        "major_faults": int(fields[9]),
+    }

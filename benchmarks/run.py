@@ -144,6 +144,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="SecantusDB's WiredTiger cache (default 2G on disk, 8G in memory, where it "
         "must hold all data; '' for the server's own default of 1G)",
     )
+    p.add_argument(
+        "--no-pin-server-malloc",
+        dest="pin_server_malloc",
+        action="store_false",
+        help="start the server with glibc's dynamic malloc thresholds (pinned by default: "
+        "left dynamic, raw PyMongo's 16 MiB GridFS batches page-fault in some server "
+        "processes and not in others; see _harness.SERVER_MALLOC_ENV)",
+    )
     p.add_argument("--json", default=None, help="where to write the JSON (benchmarks/results/)")
     a = p.parse_args(argv)
     q = a.quick
@@ -467,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     out["machine"]["server_storage"] = args.storage
     out["machine"]["server_cache"] = args.cache_size
+    out["machine"]["server_malloc_env"] = (
+        _harness.SERVER_MALLOC_ENV if args.pin_server_malloc else "glibc defaults"
+    )
+    out["loadavg_before"] = _harness.loadavg()
     for section in args.sections:
         # A fresh server per section (and a fresh data directory on disk): a server's
         # memory and files only grow with the data written and deleted, and one
@@ -476,19 +488,25 @@ def main(argv: list[str] | None = None) -> int:
             if args.storage == "disk":
                 data_dir = tempfile.mkdtemp(prefix=f"aa-bench-{section}-", dir=args.data_dir)
                 stack.callback(shutil.rmtree, data_dir, True)
-            server = stack.enter_context(_harness.embedded_server(args.cache_size, data_dir))
+            server = stack.enter_context(
+                _harness.embedded_server(args.cache_size, data_dir, args.pin_server_malloc)
+            )
             out["machine"]["server"] = server.kind
             where = f"on disk in {data_dir}" if data_dir else "in memory"
             log(f"[{section}] {server.kind} {where}, cache {args.cache_size}, {server.uri}")
             s0 = time.monotonic()
             asyncio.run(bench_section(args, section, server.uri, out))
+            # The server's own CPU time and page faults over the section.
+            out.setdefault("server_process", {})[section] = _harness.proc_stat(server.pid)
             out.setdefault("section_seconds", {})[section] = time.monotonic() - s0
         out["seconds"] = time.monotonic() - t0
         path.write_text(json.dumps(out, indent=2, default=str))  # partial results survive
+    out["loadavg_after"] = _harness.loadavg()
     table = report(out)
     print(table)
     out["table"] = table
     path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"\nload average before: {out['loadavg_before']}, after: {out['loadavg_after']}")
     print(f"\nJSON: {path}  ({out['seconds']:.0f} s)")
     return 0
 
