@@ -118,27 +118,50 @@ async def test_round_trip_with_the_default_buffer(root: Path, size: int) -> None
 async def test_writes_reach_the_disk_once_per_buffer_not_once_per_write(
     blobs: FileSystemBlobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
-    pwrite = os.pwrite
+    calls: list[list[int]] = []
+    pwrite_all = filesystem._pwrite_all
 
-    def counting_pwrite(fd: int, data: memoryview, offset: int) -> int:
-        calls.append(len(data))
-        return pwrite(fd, data, offset)
+    def counting(fd: int, pieces: list[memoryview], position: int) -> int:
+        calls.append([len(piece) for piece in pieces])
+        return pwrite_all(fd, pieces, position)
 
-    monkeypatch.setattr(os, "pwrite", counting_pwrite)
+    monkeypatch.setattr(filesystem, "_pwrite_all", counting)
+    monkeypatch.setattr(filesystem, "_REFERENCE_AT", 16)
     writer = blobs.open_writer("counted.bin")
     for _ in range(10 * BUFFER):
         await writer.write(b"x")
     await writer.commit()
-    assert calls == [BUFFER] * 10
-    # A write larger than the buffer goes out whole, in the same call.
+    assert calls == [[BUFFER]] * 10 + [[]]
+    # Large bytes are referenced, not copied; small or mutable pieces are gathered.
     calls.clear()
     writer = blobs.open_writer("large.bin")
-    await writer.write(b"y" * 10)
-    await writer.write(b"z" * (5 * BUFFER))
+    await writer.write(b"a" * 10)
+    await writer.write(b"b" * 20)
+    await writer.write(bytearray(b"c" * 20))
+    await writer.write(b"d" * (5 * BUFFER))
+    await writer.write(b"e" * 20)
     await writer.commit()
-    assert calls == [BUFFER, 4 * BUFFER, 10]
-    assert await read_all(blobs, "large.bin") == b"y" * 10 + b"z" * (5 * BUFFER)
+    assert calls == [[10, 20, 20, 5 * BUFFER], [20]]
+    expected = b"a" * 10 + b"b" * 20 + b"c" * 20 + b"d" * (5 * BUFFER) + b"e" * 20
+    assert await read_all(blobs, "large.bin") == expected
+
+
+async def test_short_gathered_writes_resume_inside_a_piece(
+    blobs: FileSystemBlobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pwritev = os.pwritev
+
+    def short_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        return pwritev(fd, [memoryview(b"".join(buffers))[:7]], offset)
+
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    monkeypatch.setattr(filesystem, "_IOV_MAX", 3)
+    data = payload(3 * BUFFER + 5)
+    writer = blobs.open_writer("short-writes.bin")
+    for offset in range(0, len(data), 20):
+        await writer.write(bytes(data[offset : offset + 20]))
+    await writer.commit()
+    assert await read_all(blobs, "short-writes.bin") == data
 
 
 async def test_ranged_reads_return_exactly_the_range(blobs: FileSystemBlobs) -> None:
@@ -287,7 +310,7 @@ async def test_a_write_cancelled_in_its_thread_leaves_no_temp(
 ) -> None:
     writer = blobs.open_writer("x/cancelled.bin")
     await writer.write(b"first")
-    gate = Gate(monkeypatch, "pwrite")
+    gate = Gate(monkeypatch, "pwrite")  # "first" and the new piece, copied together
     task = asyncio.create_task(writer.write(payload(3 * BUFFER)))
     await gate.wait_entered()
     task.cancel()

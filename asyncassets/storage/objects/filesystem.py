@@ -65,6 +65,11 @@ _TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{16}\.part", re.DOTALL)
 #: bytes in UTF-8, so the temp name stays under the usual 255-byte limit.
 _TEMP_STEM = 48
 
+#: A writer keeps ``bytes`` pieces at least this large by reference instead of copying.
+_REFERENCE_AT = 16 * 1024
+#: The most pieces one ``pwritev`` call takes.
+_IOV_MAX = 1024  # Linux's and macOS's IOV_MAX
+
 #: Entries examined per thread call while listing (bounded memory, few hops).
 _LIST_BATCH = 1000
 
@@ -132,17 +137,33 @@ def _temp_name(final_name: str) -> str:
     return f".{final_name[:_TEMP_STEM]}.{secrets.token_hex(8)}.part"
 
 
-def _pwrite_all(fd: int, data: memoryview, position: int) -> int:
-    """Write all of ``data`` at ``position``; return the position after it.
+def _pwrite_all(fd: int, pieces: list[memoryview], position: int) -> int:
+    """Write all ``pieces`` at ``position``, gathered (``pwritev``); return the end position.
 
     Writing at explicit offsets makes a retried call idempotent: it rewrites the
     same bytes in the same place, whatever the failed try managed to write.
     """
-    done = 0
-    size = len(data)
-    while done < size:
-        done += os.pwrite(fd, data[done:], position + done)
-    return position + size
+    views = [piece for piece in pieces if len(piece)]
+    if not hasattr(os, "pwritev"):  # pragma: no cover - macOS before 11
+        views = [memoryview(b"".join(views))] if views else []
+    first = 0
+    while first < len(views):
+        batch = views[first : first + _IOV_MAX]
+        if len(batch) == 1:
+            written = os.pwrite(fd, batch[0], position)
+        else:
+            written = os.pwritev(fd, batch, position)
+        position += written
+        # Skip what was written; a short write resumes inside a piece.
+        while written and first < len(views):
+            size = len(views[first])
+            if written >= size:
+                written -= size
+                first += 1
+            else:
+                views[first] = views[first][written:]
+                written = 0
+    return position
 
 
 def _remove(path: str) -> None:
@@ -632,9 +653,9 @@ class _Walker:
 class FileSystemBlobWriter:
     """One object being written to a temp file; see :class:`FileSystemBlobs`.
 
-    Bytes are gathered in a ``write_buffer``-sized buffer and written in one
-    thread call when it is full (a large write goes out in the same call, without
-    being copied into the buffer). :meth:`commit` writes the rest, fsyncs, and
+    Bytes are gathered until ``write_buffer`` of them are pending, then written
+    in one thread call with ``pwritev`` (large ``bytes`` are not copied meanwhile,
+    they are referenced). :meth:`commit` writes the rest, fsyncs, and
     links or renames the temp file into place. Any failure removes the temp file
     and raises :class:`~asyncassets.errors.StorageError`; the writer is then done.
     """
@@ -644,8 +665,10 @@ class FileSystemBlobWriter:
         self.key = key
         self._blobs = blobs
         self._path = path
-        self._buffer = bytearray()
-        self._filled = 0
+        # Pending bytes: whole pieces kept by reference, small ones gathered in _small.
+        self._segments: list[memoryview] = []
+        self._small = bytearray()
+        self._pending_size = 0
         self._position = 0  # bytes in the temp file
         # Set in worker threads; read only after the thread's call has returned.
         self._fd: int | None = None
@@ -660,7 +683,11 @@ class FileSystemBlobWriter:
         return f"<FileSystemBlobWriter {self.key!r} {self._state}>"
 
     async def write(self, data: bytes | memoryview) -> None:
-        """Append ``data``; writes to the temp file each time ``write_buffer`` bytes gathered.
+        """Append ``data``; writes to the temp file once ``write_buffer`` bytes are pending.
+
+        Pieces of at least 16 KiB are not copied: ``bytes`` are kept by reference
+        until then, and a mutable piece only when it fills the buffer (it is
+        written before this returns); smaller pieces are copied together.
 
         :raises StorageError: the write failed (full disk, no permission...); the
             temp file has been removed and the writer is done.
@@ -669,28 +696,20 @@ class FileSystemBlobWriter:
         view = memoryview(byte_view(data, "data"))
         self._check_writing("write to")
         size = len(view)
-        capacity = self._blobs.write_buffer
-        if not self._buffer:
-            self._buffer = bytearray(capacity)
-        if self._filled + size < capacity:
-            self._buffer[self._filled : self._filled + size] = view
-            self._filled += size
+        if not size:
             return
-        if self._filled:
-            # Complete the buffer, then send it and every further whole buffer at once.
-            room = capacity - self._filled
-            self._buffer[self._filled :] = view[:room]
-            view = view[room:]
-            pieces = [memoryview(self._buffer)]
+        fills = self._pending_size + size >= self._blobs.write_buffer
+        if size >= _REFERENCE_AT and (fills or type(view.obj) is bytes):
+            # Immutable, or written before this returns: no copy needed.
+            if self._small:
+                self._segments.append(memoryview(self._small))
+                self._small = bytearray()
+            self._segments.append(view)
         else:
-            pieces = []
-        whole = len(view) - len(view) % capacity
-        if whole:
-            pieces.append(view[:whole])
-        await self._send(pieces, "writing")
-        rest = view[whole:]
-        self._buffer[: len(rest)] = rest
-        self._filled = len(rest)
+            self._small += view
+        self._pending_size += size
+        if fills:
+            await self._send(self._take_pending(), "writing")
 
     async def commit(self, *, overwrite: bool = False) -> None:
         """Write what is buffered, fsync, and put the file in place under :attr:`key`.
@@ -704,10 +723,8 @@ class FileSystemBlobWriter:
         """
         self._check_writing("commit")
         self._state = "committing"
-        pieces = [memoryview(self._buffer)[: self._filled]] if self._filled else []
         # Even an empty object needs its temp file: send opens it.
-        await self._send(pieces, "writing", sync=self._blobs.fsync)
-        self._filled = 0
+        await self._send(self._take_pending(), "writing", sync=self._blobs.fsync)
         if self._state != "committing":  # aborted meanwhile by another task
             raise ValueError(f"the writer for {self.key!r} was aborted during commit")
         try:
@@ -767,6 +784,13 @@ class FileSystemBlobWriter:
                 "open a new writer"
             )
 
+    def _take_pending(self) -> list[memoryview]:
+        segments = self._segments
+        if self._small:
+            segments.append(memoryview(self._small))
+        self._segments, self._small, self._pending_size = [], bytearray(), 0
+        return segments
+
     async def _send(self, pieces: list[memoryview], doing: str, *, sync: bool = False) -> None:
         start = self._position
         work = functools.partial(self._write_at, pieces, start, sync)
@@ -788,8 +812,7 @@ class FileSystemBlobWriter:
         if self._fd is None:
             self._open_temp()
         assert self._fd is not None
-        for piece in pieces:
-            position = _pwrite_all(self._fd, piece, position)
+        position = _pwrite_all(self._fd, pieces, position)
         if sync:
             os.fsync(self._fd)
         return position
