@@ -487,7 +487,18 @@ class FileProxy:
     async def _fetch(self) -> dict[str, Any] | None:
         if self.grid_id is None:
             return None
-        doc = await self._bucket().find(self.grid_id)
+        bucket = self._bucket()
+        known = self._files_doc
+        if (
+            isinstance(known, dict)
+            and known.get("_id") == self.grid_id
+            and getattr(bucket, "reuses_entries", False)
+        ):
+            # An object storage's entry names bytes under a key never reused: the
+            # entry loaded is as good as a fresh one (a file deleted since is
+            # reported by the read itself). GridFS looks its files document up.
+            return known
+        doc = await bucket.find(self.grid_id)
         if doc is None:
             self._files_doc = _MISSING
             raise FileNotFound(self.grid_id, self._collection_name, self.db_alias)

@@ -67,6 +67,8 @@ LOCATION_INDEX = {"location.key": 1}
 _KEY_ATTEMPTS = 100
 #: Bytes an upload buffers before handing them to the backend writer.
 _WRITE_BUFFER = 1024 * 1024
+#: Pieces at least this large are hashed on a thread, beside the backend's write.
+_THREADED_HASH = 256 * 1024
 #: The identity of one upload: a new upload under the same _id differs in these.
 _IDENTITY = ("length", "uploadDate", "location")
 
@@ -102,6 +104,11 @@ class ObjectStore:
         self.blobs: Blobs = storage.blobs()
         self.keys: KeyMaker = storage.keys
         self.chunk_size = DEFAULT_CHUNK_SIZE
+
+    #: A catalogue entry, once read, may be read from again without a fresh lookup:
+    #: keys are never reused, so an entry can only name its own file's bytes, and
+    #: bytes deleted since are reported (FileDeletedWhileReading), never mixed up.
+    reuses_entries = True
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.db.name!r}, {self.name!r}, {self.blobs.url!r})"
@@ -301,7 +308,7 @@ class ObjectUpload:
         self._context = dict(context) if context else {}
         self._sha256 = hashlib.sha256()
         self._length = 0
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
         self._writer: BlobWriter | None = None
         self._lock = asyncio.Lock()
@@ -355,9 +362,9 @@ class ObjectUpload:
             await self.write(line)
 
     async def flush(self) -> None:
-        """Hand everything buffered to the backend's writer."""
+        """Hand everything buffered to the backend's writer and wait for it."""
         self._check_open()
-        await self._send(final=False)
+        await self._send(final=True)
 
     async def close(self) -> dict[str, Any]:
         """Commit the object, insert the catalogue entry, and return the entry.
@@ -382,6 +389,7 @@ class ObjectUpload:
             self._closing = True
             try:
                 await self._send_locked()
+                await self._wait_inflight()
                 writer = await self._open_writer()
                 self._check_not_aborted()
                 await self._run(self._commit(writer))
@@ -448,9 +456,14 @@ class ObjectUpload:
     def _append(self, view: bytes | memoryview) -> None:
         if not len(view):
             return
-        self._sha256.update(view)
+        # Hashed when sent (see _send_locked), on a thread beside the write.
         self._length += len(view)
-        self._pending.append(view if type(view) is bytes else bytes(view))
+        # A view of immutable bytes is kept as it is; anything the caller may change
+        # after this returns (a bytearray it reuses) is copied.
+        immutable = type(view) is bytes or (
+            isinstance(view, memoryview) and type(view.obj) is bytes
+        )
+        self._pending.append(view if immutable else bytes(view))
         self._pending_size += len(view)
 
     async def _run(self, coro: Any) -> Any:
@@ -468,6 +481,8 @@ class ObjectUpload:
         async with self._lock:
             try:
                 await self._send_locked()
+                if final:
+                    await self._wait_inflight()
             except asyncio.CancelledError:
                 raise  # consistent: what was sent is in the writer; the caller decides
             except BaseException as exc:
@@ -477,12 +492,39 @@ class ObjectUpload:
     async def _send_locked(self) -> None:
         if not self._pending:
             return
+        # One piece at a time: a write whose caller was cancelled is still running
+        # (shielded); the next must not overtake it, nor its hashing.
+        await self._wait_inflight()
         writer = await self._open_writer()
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        data: bytes | memoryview = (
+            self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        )
         self._pending = []
         self._pending_size = 0
         self._check_not_aborted()
-        await self._run(writer.write(data))
+        # Not awaited: the caller fills the next piece while this one is hashed and
+        # written (memory: one piece in flight, one filling). Its error, if any,
+        # surfaces at the next write, flush or close.
+        self._inflight = spawn(self._hash_and_write(writer, data))
+
+    async def _hash_and_write(self, writer: BlobWriter, data: bytes | memoryview) -> None:
+        if len(data) < _THREADED_HASH:
+            self._sha256.update(data)
+            await writer.write(data)
+            return
+        # hashlib releases the GIL on large buffers: the SHA-256 runs on another
+        # core while the backend writes (or sends) the same bytes.
+        await asyncio.gather(asyncio.to_thread(self._sha256.update, data), writer.write(data))
+
+    async def _wait_inflight(self) -> None:
+        """Wait for the piece in flight; raise its error. Shielded: a cancelled
+        caller leaves it to finish, and the cleanup waits for it."""
+        task = self._inflight
+        if task is None:
+            return
+        await asyncio.shield(task)
+        if self._inflight is task:
+            self._inflight = None
 
     async def _open_writer(self) -> BlobWriter:
         if self._writer is None:
