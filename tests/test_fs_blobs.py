@@ -18,7 +18,7 @@ import sys
 import tempfile
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from asyncassets.errors import KeyTaken, StorageError, StoredObjectMissing
 from asyncassets.storage.objects import filesystem
 from asyncassets.storage.objects.blobs import BlobInfo, Blobs, BlobWriter
 from asyncassets.storage.objects.filesystem import FileSystemBlobs
+from asyncassets.storage.retry import Retry
 
 BUFFER = 64
 PIECE = 50
@@ -701,3 +702,33 @@ def test_a_read_only_directory_is_a_clear_error_and_leaves_nothing(shared_tmp: P
         assert f"make {root} writable by the service user" in line, line
     assert lines[2] == "old"
     assert files_under(root) == ["old.bin"]
+
+
+async def test_transient_errors_are_retried_from_the_byte_reached(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = FileSystemBlobs(
+        root, retry=Retry(attempts=3, delay=0, jitter=False), write_buffer=BUFFER, piece_size=PIECE
+    )
+    failures = {"pwrite": 1, "pread": 2}
+
+    def flaky(name: str, original: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object) -> object:
+            if failures[name]:
+                failures[name] -= 1
+                raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            return original(*args)
+
+        return call
+
+    monkeypatch.setattr(os, "pwrite", flaky("pwrite", os.pwrite))
+    monkeypatch.setattr(os, "pread", flaky("pread", os.pread))
+    data = payload(3 * BUFFER)
+    await store(blobs, "flaky.bin", data)
+    assert await read_all(blobs, "flaky.bin") == data
+    assert failures == {"pwrite": 0, "pread": 0}
+    # Out of tries: a StorageError marked transient.
+    failures["pread"] = 3
+    with pytest.raises(StorageError, match="EAGAIN") as caught:
+        await read_all(blobs, "flaky.bin")
+    assert caught.value.transient is True

@@ -43,7 +43,7 @@ import os
 import re
 import secrets
 import stat as stat_module
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -319,9 +319,8 @@ class FileSystemBlobs:
             raise ValueError(f"bad byte range [{start}, {end}) for {key!r}")
         calls = _Calls("reader")
         try:
-            fd = await self.retry.call(
-                functools.partial(calls.run, functools.partial(_open_regular, path)),
-                _is_transient,
+            fd = await self._retrying(
+                functools.partial(calls.run, functools.partial(_open_regular, path))
             )
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise self._missing(key, path, exc) from exc
@@ -334,7 +333,7 @@ class FileSystemBlobs:
                     os.pread, fd, min(self.piece_size, end - position), position
                 )
                 try:
-                    piece = await self.retry.call(functools.partial(calls.run, read), _is_transient)
+                    piece = await self._retrying(functools.partial(calls.run, read))
                 except OSError as exc:
                     raise self._error(exc, "reading", key, path, reading=True) from exc
                 if not piece:
@@ -353,8 +352,8 @@ class FileSystemBlobs:
         """
         path = self._path(key)
         try:
-            st = await self.retry.call(
-                functools.partial(_in_thread, functools.partial(os.stat, path)), _is_transient
+            st = await self._retrying(
+                functools.partial(_in_thread, functools.partial(os.stat, path))
             )
         except (FileNotFoundError, NotADirectoryError):
             return None
@@ -429,15 +428,19 @@ class FileSystemBlobs:
 
     # --- internals ------------------------------------------------------------
 
+    async def _retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Await ``operation()``, again on transient errors as :attr:`retry` says."""
+        if self.retry.attempts == 1:
+            return await operation()  # the common case, without the retry's frames
+        return await self.retry.call(operation, _is_transient)
+
     def _path(self, key: str) -> str:
         _check_key(key)
         return os.path.join(self._root, *key.split("/"))
 
     async def _unlink_and_prune(self, key: str, path: str) -> bool:
         try:
-            await self.retry.call(
-                functools.partial(_in_thread, functools.partial(os.unlink, path)), _is_transient
-            )
+            await self._retrying(functools.partial(_in_thread, functools.partial(os.unlink, path)))
             existed = True
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             existed = False
@@ -795,9 +798,7 @@ class FileSystemBlobWriter:
         start = self._position
         work = functools.partial(self._write_at, pieces, start, sync)
         try:
-            self._position = await self._blobs.retry.call(
-                functools.partial(self._calls.run, work), _is_transient
-            )
+            self._position = await self._blobs._retrying(functools.partial(self._calls.run, work))
         except OSError as exc:
             error = self._blobs._error(exc, doing, self.key, self._temp or self._path)
             await self._fail(error)
