@@ -198,6 +198,19 @@ def _file_time(doc: dict[str, Any]) -> dt.datetime | None:
     return when
 
 
+def blob_time(modified: Any) -> dt.datetime | None:
+    """When a stored object was last written, at the latest moment it can mean.
+
+    S3 lists ``LastModified`` in whole seconds: a time without a fraction of a
+    second may be cut short, so it is read as the end of that second (as
+    :func:`oid_time` reads an ObjectId), never making a young object look old.
+    """
+    when = _as_utc(modified)
+    if when is not None and when.microsecond == 0:
+        when += dt.timedelta(seconds=1)
+    return when
+
+
 def oid_time(oid: ObjectId) -> dt.datetime:
     """The latest moment an ObjectId can have been made.
 

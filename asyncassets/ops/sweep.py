@@ -23,7 +23,6 @@ from .lookup import (
     _THUMBNAIL_OF,
     _UTC,
     DEFAULT_BATCH_SIZE,
-    _as_utc,
     _batches,
     _bounded,
     _existing,
@@ -33,6 +32,7 @@ from .lookup import (
     _orphaned_chunk_groups,
     _positive,
     _referenced_files,
+    blob_time,
     oid_time,
 )
 from .reports import (
@@ -244,7 +244,7 @@ async def _sweep_objects(
         for info in infos:
             if info.key in named:
                 continue
-            if _old_enough(_as_utc(info.modified), cutoff):
+            if _old_enough(blob_time(info.modified), cutoff):
                 doomed.append(info)
             else:
                 report.recent_orphaned_objects += 1
@@ -275,7 +275,7 @@ async def _still_orphaned(
     for info in now:
         if info is None:
             continue  # gone meanwhile: nothing to delete, nothing freed
-        if _old_enough(_as_utc(info.modified), cutoff):
+        if _old_enough(blob_time(info.modified), cutoff):
             still.append(info)
         else:
             report.recent_orphaned_objects += 1

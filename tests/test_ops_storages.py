@@ -1,0 +1,374 @@
+"""The orphan sweep and the consistency check on directory and S3 storages.
+
+Real parts only: a directory under ``tmp_path`` and the test plugin's moto S3
+server. Document classes are made per test (unique class, collection and
+catalogue names) and forgotten afterwards, since classes register globally and
+a later ``check()`` would otherwise list this test's storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import gc
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from bson import ObjectId
+from mongoengine.base.common import _document_registry
+
+from asyncassets import Document
+from asyncassets.fields import FileField, ListField
+from asyncassets.ops import check, declared_storages, sweep_orphans
+from asyncassets.storage import FileSystemStorage, GridFSStorage, S3Storage, Storage
+from asyncassets.storage.objects.store import ObjectStore
+
+DAYS_AGO = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
+DAY = dt.timedelta(days=1)
+#: FileSystemBlobs' default write buffer: a writer's bytes reach its temp file then.
+BUFFER = 1024 * 1024
+
+
+def _suffix() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def declare() -> Iterator[Callable[[Storage], Any]]:
+    """Make Document classes keeping files in a storage (``f`` and a list ``many``);
+    they are unregistered, and collected, when the test is over."""
+    names: list[str] = []
+
+    def make(storage: Storage) -> Any:
+        suffix = _suffix()
+        cls: Any = type(
+            f"StoreDoc{suffix}",
+            (Document,),
+            {
+                "__module__": __name__,
+                "f": FileField(storage=storage),
+                "many": ListField(FileField(storage=storage)),
+                "meta": {"collection": f"store_docs_{suffix}", "auto_create_index": False},
+            },
+        )
+        names.append(cls._class_name)
+        return cls
+
+    yield make
+    for name in names:
+        _document_registry.pop(name, None)
+    gc.collect()  # the test's frame is gone: nothing holds the classes any more
+
+
+@pytest_asyncio.fixture(params=["filesystem", "s3"])
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    """A directory storage, then an S3 one, each with its own catalogue."""
+    name = f"st_{_suffix()}"
+    made: Storage
+    if request.param == "filesystem":
+        made = FileSystemStorage(tmp_path / "media", collection_name=name)
+    else:
+        pytest.importorskip("aiobotocore")
+        bucket = request.getfixturevalue("asyncassets_s3_bucket")
+        made = S3Storage(**bucket.options, prefix="media/", collection_name=name)
+    yield made
+    blobs = getattr(made, "_blobs", None)
+    closer = getattr(blobs, "aclose", None)
+    if closer is not None:
+        await closer()
+
+
+def _store(storage: Storage, db: Any) -> ObjectStore:
+    store = storage.bind(db)
+    assert isinstance(store, ObjectStore)
+    return store
+
+
+async def _upload(store: ObjectStore, data: bytes, *, old: bool = True) -> dict[str, Any]:
+    doc = await store.upload(data, filename="f.bin")
+    if old:
+        await store.files.update_one({"_id": doc["_id"]}, {"$set": {"uploadDate": DAYS_AGO}})
+    return doc
+
+
+def _key(doc: dict[str, Any]) -> str:
+    return str(doc["location"]["key"])
+
+
+async def _commit_object(store: ObjectStore, key: str, data: bytes) -> None:
+    """What an upload leaves between committing its object and inserting its entry."""
+    writer = store.blobs.open_writer(key)
+    await writer.write(data)
+    await writer.commit()
+
+
+async def _overwrite(storage: Storage, store: ObjectStore, key: str, data: bytes) -> None:
+    """Change the stored bytes behind the catalogue's back."""
+    if isinstance(storage, FileSystemStorage):
+        with open(os.path.join(storage.root, *key.split("/")), "wb") as raw:  # noqa: ASYNC230
+            raw.write(data)  # on disk, in place
+    else:
+        writer = store.blobs.open_writer(key)  # a PUT of other bytes under the key
+        await writer.write(data)
+        await writer.commit(overwrite=True)
+
+
+async def _present(store: ObjectStore, key: str) -> bool:
+    return await store.blobs.stat(key) is not None
+
+
+async def _catalogued(store: ObjectStore, file_id: Any) -> bool:
+    return await store.files.count_documents({"_id": file_id}) == 1
+
+
+# -- sweep ---------------------------------------------------------------------------
+
+
+async def test_sweep_deletes_unreferenced_entries_with_their_objects_after_the_grace(
+    asyncassets_db, declare, storage
+):
+    store = _store(storage, asyncassets_db)
+    Doc = declare(storage)
+    kept = await _upload(store, b"referenced")
+    listed = await _upload(store, b"in a list")
+    old = await _upload(store, b"old orphan")
+    young = await _upload(store, b"young orphan", old=False)
+    await Doc(f=kept["_id"], many=[listed["_id"]]).save()
+    name = storage.collection_name
+
+    report = await sweep_orphans(grace=DAY, buckets=[name])
+
+    assert report.files_deleted == 1 and report.recent_orphaned_files == 1
+    assert [f.file_id for f in report.deleted_files] == [old["_id"]]
+    assert report.bytes_freed == len(b"old orphan")
+    assert report.storages[f"default:{name}"] == storage.url
+    assert not await _catalogued(store, old["_id"])
+    assert not await _present(store, _key(old))  # the object went with its entry
+    for doc in (kept, listed, young):
+        assert await _catalogued(store, doc["_id"]) and await _present(store, _key(doc))
+    assert report.objects_deleted == 0 and report.recent_orphaned_objects == 0
+    assert storage.url in str(report) and "orphaned objects deleted: 0" in str(report)
+
+    assert (await sweep_orphans(grace=0, buckets=[name])).files_deleted == 1
+    assert not await _present(store, _key(young))
+    assert await store.read(kept) == b"referenced"
+    assert (await check(buckets=[name], verify=True)).ok
+
+
+async def test_sweep_deletes_objects_no_entry_names_only_after_the_grace(
+    asyncassets_db, declare, storage
+):
+    store = _store(storage, asyncassets_db)
+    Doc = declare(storage)
+    kept = await _upload(store, b"referenced")
+    await Doc(f=kept["_id"]).save()
+    # An upload that committed its object and has not inserted its entry yet.
+    await _commit_object(store, "2026/01/in-progress.bin", b"committed, no entry yet")
+    name = storage.collection_name
+
+    young = await sweep_orphans(grace=DAY, buckets=[name])
+    assert young.objects_deleted == 0 and young.recent_orphaned_objects == 1
+    assert await _present(store, "2026/01/in-progress.bin")
+    # S3 dates objects in whole seconds, which the sweep reads as the second's end.
+    await asyncio.sleep(1.1 if isinstance(storage, S3Storage) else 0)
+
+    dry = await sweep_orphans(grace=0, dry_run=True, buckets=[name])
+    assert dry.objects_deleted == 1 and await _present(store, "2026/01/in-progress.bin")
+
+    swept = await sweep_orphans(grace=0, buckets=[name])
+    assert swept.objects_deleted == 1
+    assert [(o.key, o.size) for o in swept.deleted_objects] == [
+        ("2026/01/in-progress.bin", len(b"committed, no entry yet"))
+    ]
+    assert swept.bytes_freed == len(b"committed, no entry yet")
+    assert "orphaned objects deleted: 1" in str(swept)
+    assert "2026/01/in-progress.bin" in str(swept)
+    assert not await _present(store, "2026/01/in-progress.bin")
+    assert await _present(store, _key(kept)) and await _catalogued(store, kept["_id"])
+
+
+async def test_sweep_removes_temp_files_of_dead_writers(asyncassets_db, declare, tmp_path: Path):
+    storage = FileSystemStorage(tmp_path / "media", collection_name=f"st_{_suffix()}")
+    store = _store(storage, asyncassets_db)
+    declare(storage)
+    # A writer that died mid-upload: its temp file stays, untouched since.
+    dead = store.blobs.open_writer("2026/01/dead.bin")
+    await dead.write(bytes(BUFFER))  # a full write buffer: it reaches the disk
+    temps = [info async for info in store.blobs.list_stale_temps(  # type: ignore[attr-defined]
+        dt.datetime.now(dt.timezone.utc) + DAY)]
+    assert len(temps) == 1
+    temp_path = Path(storage.root, *temps[0].key.split("/"))
+    stamp = DAYS_AGO.timestamp()
+    os.utime(temp_path, (stamp, stamp))
+    live = store.blobs.open_writer("2026/01/live.bin")
+    await live.write(bytes(BUFFER))
+    try:
+        report = await sweep_orphans(grace=DAY, buckets=[storage.collection_name])
+        assert report.temps_deleted == 1
+        assert [t.key for t in report.deleted_temps] == [temps[0].key]
+        assert "stale temp files deleted: 1" in str(report)
+        left = [info.key async for info in store.blobs.list_stale_temps(  # type: ignore[attr-defined]
+            dt.datetime.now(dt.timezone.utc) + DAY)]
+        assert len(left) == 1 and left != [temps[0].key]  # only the live writer's
+        await live.commit()  # the live writer was left alone
+        assert await _present(store, "2026/01/live.bin")
+    finally:
+        await dead.abort()
+        await live.abort()
+
+
+async def test_an_object_another_catalogue_names_in_the_same_place_is_kept(
+    asyncassets_db, declare, tmp_path: Path
+):
+    root = tmp_path / "shared"
+    first = FileSystemStorage(root, collection_name=f"st_{_suffix()}")
+    second = FileSystemStorage(root, collection_name=f"st_{_suffix()}")
+    inner = FileSystemStorage(root / "inner", collection_name=f"st_{_suffix()}")
+    declare(first)
+    Second = declare(second)
+    Inner = declare(inner)
+    theirs = await _upload(_store(second, asyncassets_db), b"second's")
+    nested = await _upload(_store(inner, asyncassets_db), b"inner's")
+    await Second(f=theirs["_id"]).save()
+    await Inner(f=nested["_id"]).save()
+    stray = await _commit_object(_store(first, asyncassets_db), "stray.bin", b"nobody's")
+    assert stray is None
+
+    report = await sweep_orphans(grace=0, buckets=[first.collection_name])
+
+    assert [o.key for o in report.deleted_objects] == ["stray.bin"]
+    assert (root / _key(theirs)).read_bytes() == b"second's"
+    assert (root / "inner" / _key(nested)).read_bytes() == b"inner's"
+    found = await check(buckets=[first.collection_name])
+    assert found.orphaned_objects == 0 and found.ok
+
+
+# -- check ---------------------------------------------------------------------------
+
+
+async def test_check_reports_missing_truncated_orphaned_and_changed_objects(
+    asyncassets_db, declare, storage
+):
+    store = _store(storage, asyncassets_db)
+    Doc = declare(storage)
+    docs = [await _upload(store, data) for data in (b"aaaa", b"bbbbbbbb", b"cccc", b"dd")]
+    missing, truncated, changed, intact = docs
+    await Doc(f=intact["_id"], many=[d["_id"] for d in docs[:3]]).save()
+    name = storage.collection_name
+
+    clean = await check(buckets=[name], verify=True)
+    assert clean.ok, clean
+    assert clean.files == 4 and clean.verified == 4 and clean.references == 4
+
+    await store.blobs.delete(_key(missing))
+    await _overwrite(storage, store, _key(truncated), b"bbb")
+    await _overwrite(storage, store, _key(changed), b"CCCC")  # same size, other bytes
+    await _commit_object(store, "stray/orphan.bin", b"no entry")
+    dangling = ObjectId()  # a file deleted behind a document's back
+    await Doc._get_collection().insert_one({"f": dangling})
+
+    found = await check(buckets=[name])
+    assert not found.ok
+    assert found.missing_objects == 1 and found.wrong_size_objects == 1
+    assert found.invalid_entries == 0 and found.checksum_mismatches == 0
+    problems = {(p.file_id, p.kind, p.key) for p in found.object_problems}
+    assert problems == {
+        (missing["_id"], "missing", _key(missing)),
+        (truncated["_id"], "size", _key(truncated)),
+    }
+    assert found.orphaned_objects == 1
+    assert [(o.key, o.size) for o in found.orphaned_object_keys] == [("stray/orphan.bin", 8)]
+    assert found.dangling == 1 and found.dangling_references[0].file_id == dangling
+    text = str(found)
+    assert "orphaned objects: 1" in text and "stray/orphan.bin" in text
+    assert "objects missing: 1, of the wrong size: 1" in text
+
+    verified = await check(buckets=[name], verify=True)
+    assert verified.checksum_mismatches == 1
+    assert [f.file_id for f in verified.mismatched_files] == [changed["_id"]]
+    assert verified.verified == 2  # the missing and truncated ones are not read
+
+
+async def test_check_reports_a_catalogue_entry_that_names_no_object(
+    asyncassets_db, declare, tmp_path: Path
+):
+    storage = FileSystemStorage(tmp_path / "media", collection_name=f"st_{_suffix()}")
+    store = _store(storage, asyncassets_db)
+    declare(storage)
+    # A GridFS-style entry left in the catalogue (the field's storage changed).
+    file_id = ObjectId()
+    await store.files.insert_one(
+        {"_id": file_id, "length": 3, "chunkSize": 4, "uploadDate": DAYS_AGO}
+    )
+    found = await check(buckets=[storage.collection_name])
+    assert found.invalid_entries == 1 and not found.ok
+    assert found.object_problems[0].kind == "invalid"
+    assert found.orphaned_files == 1  # and nothing references it
+    # The sweep never deletes it: its bytes would be chunks it does not look at.
+    swept = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+    assert swept.files_deleted == 0 and await _catalogued(store, file_id)
+
+
+async def test_an_undeclared_object_catalogue_is_not_checked_as_a_gridfs_bucket(
+    asyncassets_db, tmp_path: Path
+):
+    storage = FileSystemStorage(tmp_path / "media", collection_name=f"st_{_suffix()}")
+    store = _store(storage, asyncassets_db)
+    doc = await _upload(store, b"nobody declares my storage")
+    label = f"default:{storage.collection_name}"
+
+    found = await check()
+    assert label in found.unclaimed_buckets
+    assert found.corrupt_files == 0 and found.unchecked_entries == 1 and found.ok
+    assert "not checked: 1" in str(found)
+
+    # Named explicitly, it is taken for a GridFS bucket: its object entries are
+    # left alone rather than deleted without their objects.
+    swept = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+    assert swept.files_deleted == 0
+    assert await _catalogued(store, doc["_id"]) and await _present(store, _key(doc))
+
+
+async def test_two_storages_declared_for_one_catalogue_are_refused(
+    asyncassets_db, declare, tmp_path: Path
+):
+    name = f"st_{_suffix()}"
+    directory = FileSystemStorage(tmp_path / "media", collection_name=name)
+    OnDisk = declare(directory)
+    InGridFS = declare(GridFSStorage(name))
+    for call in (
+        sweep_orphans(grace=0, buckets=[name]),
+        check(buckets=[name]),
+        check(),
+    ):
+        with pytest.raises(ValueError) as raised:
+            await call
+        message = str(raised.value)
+        assert f"catalogue {name!r}" in message
+        assert f"{OnDisk._class_name}.f" in message and f"{InGridFS._class_name}.f" in message
+        assert directory.url in message and f"gridfs:{name}" in message
+    with pytest.raises(ValueError, match="different storages"):
+        declared_storages()
+
+
+async def test_fields_declaring_equal_storages_share_one_catalogue(
+    asyncassets_db, declare, tmp_path: Path
+):
+    name = f"st_{_suffix()}"
+    # Equal storages, made separately: one catalogue, swept once.
+    first = FileSystemStorage(tmp_path / "media", collection_name=name)
+    second = FileSystemStorage(str(tmp_path / "media"), collection_name=name)
+    A = declare(first)
+    B = declare(second)
+    store = _store(first, asyncassets_db)
+    a, b = await _upload(store, b"a"), await _upload(store, b"b")
+    await A(f=a["_id"]).save()
+    await B(f=b["_id"]).save()
+    assert declared_storages()[("default", name)] == first
+    report = await sweep_orphans(grace=0, buckets=[name])
+    assert report.buckets == [f"default:{name}"] and report.files_deleted == 0
