@@ -355,6 +355,94 @@ def test_check_without_models_checks_chunks_of_every_bucket(cli: CLI):
     assert report["unclaimed_buckets"] == ["default:fs"]
 
 
+# -- directory and S3 storages ------------------------------------------------------------
+
+
+def test_file_commands_work_on_a_directory_storage(cli: CLI, tmp_path: Path):
+    media = tmp_path / "media"
+    storage = ("--storage", media.as_uri(), "--collection", "cli_media")
+    text = cli.file("marmot.txt", b"Marmota marmota\n")
+    blob = cli.file("blob.bin", bytes(range(256)) * 10)
+    marmot = _put(cli, str(text), "--meta", "genus=Marmota", *storage)
+    other = _put(cli, str(blob), *storage)
+
+    rows = cli(*storage, "ls", "--json").json()
+    assert [row["id"] for row in rows] == [marmot, other]
+    assert rows[0]["storage"] == "filesystem" and rows[0]["metadata"] == {"genus": "Marmota"}
+    key = rows[0]["key"]
+    assert key.endswith(".txt") and (media / key).read_bytes() == b"Marmota marmota\n"
+    assert cli.db["fs.files"].count_documents({}) == 0  # nothing went to GridFS
+    assert cli.db["cli_media.files"].count_documents({}) == 2
+    info = cli(*storage, "info", marmot)
+    assert info.code == 0 and key in info.out and "marmot.txt" in info.out
+    assert cli(*storage, "info", marmot, "--json").json()["key"] == key
+
+    assert cli(*storage, "cat", other).stdout == blob.read_bytes()
+    saved = cli(*storage, "get", marmot, "-o", str(tmp_path / "copy.txt"))
+    assert saved.code == 0 and (tmp_path / "copy.txt").read_bytes() == b"Marmota marmota\n"
+    assert cli(*storage, "verify").code == 0
+    (media / key).write_bytes(b"Marmota")  # truncated behind the catalogue's back
+    broken = cli(*storage, "verify", "--json")
+    assert broken.code == 3, broken
+    assert {r["id"]: r["status"] for r in broken.json()} == {marmot: "corrupt", other: "ok"}
+    assert_one_line_error(cli("cat", marmot), "no file with id")  # not in GridFS
+
+    removed = cli(*storage, "rm", marmot)
+    assert removed.code == 0 and f"deleted {marmot}" in removed.out
+    assert not (media / key).exists()
+    assert [row["id"] for row in cli(*storage, "ls", "--json").json()] == [other]
+
+
+STORAGE_MODELS = '''
+import os
+
+from asyncassets import Document
+from asyncassets.fields import FileField
+from asyncassets.storage import FileSystemStorage
+
+
+class CliPoster(Document):
+    poster = FileField(
+        storage=FileSystemStorage(os.environ["CLI_MEDIA"], collection_name="cli_posters")
+    )
+    meta = {"collection": "cli_poster_docs"}
+'''
+
+
+def test_sweep_and_check_work_on_the_storage_the_models_declare(cli: CLI, tmp_path: Path):
+    module = f"cli_storage_models_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(STORAGE_MODELS)
+    media = tmp_path / "media"
+    env = _env(PYTHONPATH=str(tmp_path), CLI_MEDIA=str(media))
+    storage = ("--storage", media.as_uri(), "--collection", "cli_posters")
+    kept = _put(cli, str(cli.file("kept.txt", b"referenced")), *storage)
+    orphan = _put(cli, str(cli.file("orphan.txt", b"nobody's")), *storage)
+    from bson import ObjectId
+
+    cli.db["cli_poster_docs"].insert_one({"poster": ObjectId(kept)})
+    two_days_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
+    cli.db["cli_posters.files"].update_many({}, {"$set": {"uploadDate": two_days_ago}})
+    orphan_key = cli.db["cli_posters.files"].find_one({"_id": ObjectId(orphan)})["location"]["key"]
+    stray = media / "stray.bin"  # an object whose upload never inserted its entry
+    stray.write_bytes(b"stray")
+    os.utime(stray, (two_days_ago.timestamp(), two_days_ago.timestamp()))
+
+    found = cli("--import", module, "check", "--json", env=env)
+    assert found.code == 3, found
+    report = found.json()
+    assert report["orphaned_files"] == 1 and report["orphaned_objects"] == 1
+    assert report["orphaned_object_keys"][0]["key"] == "stray.bin"
+    assert report["storages"]["default:cli_posters"] == media.as_uri()
+
+    swept = cli("--import", module, "sweep", env=env)
+    assert swept.code == 0, swept
+    assert "orphaned files deleted: 1" in swept.out and "orphaned objects deleted: 1" in swept.out
+    assert not stray.exists() and not (media / orphan_key).exists()
+    assert [str(d["_id"]) for d in cli.db["cli_posters.files"].find()] == [kept]
+    clean = cli("--import", module, "check", "--verify", env=env)
+    assert clean.code == 0 and "OK" in clean.out, clean
+
+
 # -- bad input ------------------------------------------------------------------------
 
 
@@ -374,12 +462,19 @@ BAD_INPUT = [
     (["sweep", "--grace", "1x"], "bad duration '1x'"),
     (["--import", "no_such_module_here", "check"], "cannot import 'no_such_module_here'"),
     (["--timeout", "0", "ls"], "bad --timeout"),
+    (["--storage", "ftp://host/x", "ls"], "bad --storage 'ftp://host/x'"),
+    (["--storage", "file://media/x", "ls"], "not a host ('media')"),
+    (["--storage", "s3:///prefix/", "ls"], "no bucket"),
+    (["--collection", "media", "ls"], "--collection names the catalogue of a --storage"),
+    (["--storage", "{tmp_uri}", "ls", "--bucket", "fs"], "with --storage, name the catalogue"),
+    (["--storage", "{tmp_uri}", "sweep"], "not on a --storage"),
 ]
 
 
 def test_bad_input_is_one_line_on_stderr_and_changes_nothing(cli: CLI, tmp_path: Path):
     known = _put(cli, str(cli.file("known.txt", b"keep me")))
-    values = {"tmp": str(tmp_path), "file": str(tmp_path / "known.txt"), "known": known}
+    values = {"tmp": str(tmp_path), "file": str(tmp_path / "known.txt"), "known": known,
+              "tmp_uri": tmp_path.as_uri()}
     for args, fragment in BAD_INPUT:
         result = cli(*(a.format(**values) for a in args))
         assert_one_line_error(result, fragment)

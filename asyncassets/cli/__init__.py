@@ -1,4 +1,5 @@
-"""The ``asyncassets`` command: files in GridFS from the shell, sweep, check, demo.
+"""The ``asyncassets`` command: files in GridFS, a directory or S3 from the shell,
+sweep, check, demo.
 
 .. code-block:: console
 
@@ -6,6 +7,7 @@
     6745c0ffee0123456789abcd
     $ asyncassets ls
     $ asyncassets cat 6745c0ffee0123456789abcd > copy.jpg
+    $ asyncassets --storage file:///srv/media put poster.jpg
     $ asyncassets --import myapp.models sweep --grace 1d --dry-run
 
 Which server: ``--uri``, else the ``ASYNCASSETS_URI`` environment variable, else
@@ -31,9 +33,10 @@ overwrites a file without ``--force`` and cleans the stored name as a
 The package, one concern per module: :mod:`.parser` (the grammar: options,
 durations, ``KEY=VALUE`` pairs, ids), :mod:`.uris` (URIs read by PyMongo's
 parser and shown without secrets), :mod:`.server` (which server, the embedded
-default and its lock, connecting), :mod:`.output` (JSON, escaping, progress
-bars, one-line errors), :mod:`.commands` (put, get, cat, ls, info, rm, verify,
-sweep, check) and :mod:`.demo`. The commands read bytes only through
+default and its lock, connecting), :mod:`.storages` (``--storage URL``: a
+directory or S3 bucket instead of a GridFS bucket), :mod:`.output` (JSON,
+escaping, progress bars, one-line errors), :mod:`.commands` (put, get, cat, ls,
+info, rm, verify, sweep, check) and :mod:`.demo`. The commands read bytes only through
 :mod:`asyncassets.storage.read` and facts about files only through
 :mod:`asyncassets.storage.catalogue`, like the rest of the library.
 """

@@ -1,5 +1,10 @@
 """The commands that talk to a server: put, get, cat, ls, info, rm, verify, sweep, check.
 
+The file commands work on one store: the GridFS bucket of ``--bucket``, or the
+catalogue of the directory or S3 bucket of ``--storage`` (:mod:`.storages`);
+both answer the same calls. ``sweep`` and ``check`` work on the storages the
+imported Document classes declare.
+
 Bytes are read back only through :mod:`asyncassets.storage.read` and facts about
 a files document come only from :mod:`asyncassets.storage.catalogue`, so the
 command line shows a compressed file exactly as the file proxy does (its
@@ -33,6 +38,7 @@ from ..errors import (
 )
 from ..files.names import sanitize_filename
 from ..ops import _human_bytes, check, declared_buckets, sweep_orphans
+from ..storage import Storage, Store
 from ..storage.catalogue import content_type_of
 from ..storage.gridfs import GridBucket
 from ..storage.read import iter_original, verify_file
@@ -50,6 +56,7 @@ from .output import (
 )
 from .parser import id_candidates, parse_duration, parse_pairs
 from .server import Target, connect_to
+from .storages import storage_from
 
 __all__ = [
     "COMMANDS",
@@ -72,14 +79,32 @@ class Context:
         self.args = args
         self.target = target
         self.db = get_db()
+        self.storage: Storage | None = getattr(args, "storage_obj", None)
+        self._store: Store | None = None
 
-    def bucket(self, name: str | None = None) -> GridBucket:
-        """The ``--bucket`` (or ``name``) of the command's database."""
+    def bucket(self, name: str | None = None) -> Store:
+        """The store the file commands work on: the catalogue of ``--storage``, else
+        the GridFS ``--bucket`` (or ``name``) of the command's database."""
+        if self.storage is not None:
+            if self._store is None:
+                self._store = self.storage.bind(self.db)
+            return self._store
         return GridBucket(self.db, name or getattr(self.args, "bucket", None) or "fs")
 
     def where(self, bucket: str) -> str:
-        """``bucket 'fs' of database 'x'``, for messages."""
+        """``bucket 'fs' of database 'x'`` (or ``catalogue ... (file:///...)``), for messages."""
+        if self.storage is not None:
+            return (
+                f"catalogue {bucket!r} of database {self.db.name!r} ({self.storage.url})"
+            )
         return f"bucket {bucket!r} of database {self.db.name!r}"
+
+    async def aclose(self) -> None:
+        """Close the object store's client (S3's connections), if one was opened."""
+        store, self._store = self._store, None
+        closer = getattr(getattr(store, "blobs", None), "aclose", None)
+        if closer is not None:
+            await closer()
 
     async def find(self, text: str, bucket: str | None = None) -> dict[str, Any]:
         """The files document of the id the user typed.
@@ -170,6 +195,7 @@ def preflight(args: argparse.Namespace) -> None:
             raise CLIError(f"no such directory: {parent}")
     if args.timeout <= 0:
         raise CLIError(f"bad --timeout {args.timeout:g}: it must be positive")
+    args.storage_obj = storage_from(args)
 
 
 def _stored_name(path: str) -> str:
@@ -406,7 +432,7 @@ async def _cmd_rm(ctx: Context) -> int:
     return 0
 
 
-async def _verdict(bucket: GridBucket, doc: dict[str, Any]) -> tuple[str, str | None]:
+async def _verdict(bucket: Store, doc: dict[str, Any]) -> tuple[str, str | None]:
     """``(status, detail)`` of one file, as :func:`verify_file` decides."""
     try:
         await verify_file(bucket, doc)
@@ -416,8 +442,9 @@ async def _verdict(bucket: GridBucket, doc: dict[str, Any]) -> tuple[str, str | 
         # Deleted or replaced by someone else meanwhile: nothing to say about its bytes.
         return "deleted", str(exc)
     except IntegrityError as exc:
-        # verify_file reports missing or malformed chunks as an IntegrityError
-        # caused by CorruptFile; the label says which kind of damage it is.
+        # verify_file reports missing or malformed chunks, or a missing or
+        # misshapen object, as an IntegrityError caused by CorruptFile; the label
+        # says which kind of damage it is.
         return ("corrupt" if isinstance(exc.__cause__, CorruptFile) else "mismatch"), str(exc)
     return "ok", None
 
@@ -513,8 +540,11 @@ async def run_command(args: argparse.Namespace, target: Target) -> int:
     await connect_to(target.uri, target.db, args.timeout)
     try:
         ctx = Context(args, target)
-        # Fail early, with the URI, when the server is not there.
-        await ctx.db.command("ping")
-        return await COMMANDS[args.command](ctx)
+        try:
+            # Fail early, with the URI, when the server is not there.
+            await ctx.db.command("ping")
+            return await COMMANDS[args.command](ctx)
+        finally:
+            await ctx.aclose()
     finally:
         await disconnect()

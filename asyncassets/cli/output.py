@@ -27,6 +27,7 @@ from ..storage.catalogue import (
     original_sha256,
     user_metadata,
 )
+from ..storage.objects.store import location_key
 from .uris import describe_uri
 
 __all__ = [
@@ -131,12 +132,14 @@ def file_summary(doc: Mapping[str, Any], bucket: str) -> dict[str, Any]:
 
     ``length`` and ``sha256`` describe the original bytes, those ``get`` writes;
     for a compressed file ``stored_length`` is the size of the gzip member in
-    the bucket.
+    the bucket. A file of a directory or S3 storage also has ``key``: where its
+    object is, relative to the storage's root or prefix.
     """
     meta = user_metadata(doc)
     meta.pop("content_type", None)  # shown on its own
+    meta.pop("location", None)  # where the bytes are: shown as the key, not metadata
     info = compression_of(doc)
-    return {
+    summary: dict[str, Any] = {
         "id": doc["_id"],
         "bucket": bucket,
         "filename": doc.get("filename"),
@@ -149,6 +152,12 @@ def file_summary(doc: Mapping[str, Any], bucket: str) -> dict[str, Any]:
         "stored_length": doc.get("length"),
         "metadata": meta,
     }
+    key = location_key(doc)
+    if key is not None:
+        location = doc.get("location") or {}
+        summary["storage"] = location.get("storage")
+        summary["key"] = key
+    return summary
 
 
 class Progress:

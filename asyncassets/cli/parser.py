@@ -115,15 +115,37 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "--debug", action="store_true", default=default(False),
         help="show the traceback of an error",
     )
+    where = parser.add_argument_group(
+        "storage (put, get, cat, ls, info, rm, verify; default: the GridFS --bucket)"
+    )
+    where.add_argument(
+        "--storage", default=default(None), metavar="URL",
+        help="work on the files of a directory (file:///srv/media) or an S3 bucket "
+        "(s3://bucket/prefix/), catalogued in MongoDB",
+    )
+    where.add_argument(
+        "--collection", default=default(None), metavar="NAME",
+        help="the catalogue of --storage (<NAME>.files; default: fs_local for a directory, "
+        "fs_s3 for S3)",
+    )
+    where.add_argument(
+        "--s3-endpoint", default=default(None), metavar="URL",
+        help="an S3-compatible server (MinIO, Ceph...; default: AWS); credentials come "
+        "from $AWS_ACCESS_KEY_ID, $AWS_SECRET_ACCESS_KEY...",
+    )
+    where.add_argument(
+        "--s3-region", default=default(None), metavar="REGION",
+        help="the region to sign for (default: $AWS_REGION / $AWS_DEFAULT_REGION)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``asyncassets`` command."""
     parser = argparse.ArgumentParser(
         prog="asyncassets",
-        description="Store, fetch and look after GridFS files; sweep orphans and check "
-        "consistency. Without --uri or $ASYNCASSETS_URI/$MONGODB_URI, an embedded "
-        "server is started for each command, with its data in the user data directory.",
+        description="Store, fetch and look after files in GridFS, a directory or S3; sweep "
+        "orphans and check consistency. Without --uri or $ASYNCASSETS_URI/$MONGODB_URI, an "
+        "embedded server is started for each command, with its data in the user data directory.",
         epilog="Exit status: 0 ok, 1 error, 2 usage error, 3 check/verify found problems.",
     )
     parser.add_argument("--version", action="version", version=f"asyncassets {_version()}")
@@ -136,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     def bucket_option(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--bucket", default="fs", help="GridFS bucket name (default: fs)")
+        sub.add_argument("--bucket", default=None,
+                         help="GridFS bucket name (default: fs; see --storage for others)")
 
     sub = command("put", "upload files; print the id of each")
     sub.add_argument("files", nargs="+", metavar="FILE", help="a file to upload, or - for stdin")
@@ -186,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep orphans younger than this: 90s, 30m, 12h, 1d... (default: 1d)")
     sub.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     sub.add_argument("--bucket", action="append", metavar="NAME",
-                     help="sweep only this bucket (repeatable; default: every bucket the "
-                     "imported Document classes declare)")
+                     help="sweep only this bucket or catalogue (repeatable; default: every "
+                     "one the imported Document classes declare, on its declared storage)")
     sub.add_argument("--force", action="store_true",
                      help="sweep a --bucket that no imported class declares")
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -195,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("check", "report dangling references, orphans and corrupt files")
     sub.add_argument("--verify", action="store_true", help="also compare checksums (reads all)")
     sub.add_argument("--bucket", action="append", metavar="NAME",
-                     help="check only this bucket (repeatable; default: all)")
+                     help="check only this bucket or catalogue (repeatable; default: all)")
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
 
     command("demo", "a guided tour on a throwaway server: put, read, stream, replace, delete")
