@@ -103,8 +103,8 @@ def cli(asyncassets_server_uri: str, request: pytest.FixtureRequest, tmp_path: P
         runner.client.close()
 
 
-def _put(cli: CLI, *args: str) -> str:
-    result = cli("put", *args)
+def _put(cli: CLI, *args: str, **kwargs) -> str:
+    result = cli("put", *args, **kwargs)
     assert result.code == 0, result
     return result.out.strip()
 
@@ -391,6 +391,27 @@ def test_file_commands_work_on_a_directory_storage(cli: CLI, tmp_path: Path):
     assert removed.code == 0 and f"deleted {marmot}" in removed.out
     assert not (media / key).exists()
     assert [row["id"] for row in cli(*storage, "ls", "--json").json()] == [other]
+
+
+def test_file_commands_work_on_an_s3_storage(cli: CLI, request: pytest.FixtureRequest):
+    pytest.importorskip("aiobotocore")
+    bucket = request.getfixturevalue("asyncassets_s3_bucket")
+    env = _env(AWS_ACCESS_KEY_ID=bucket.access_key_id,
+               AWS_SECRET_ACCESS_KEY=bucket.secret_access_key)
+    storage = ("--storage", f"s3://{bucket.name}/media/", "--s3-endpoint", bucket.endpoint_url,
+               "--s3-region", bucket.region)
+    data = bytes(range(256)) * 40
+    file_id = _put(cli, str(cli.file("scan.bin", data)), *storage, env=env)
+    rows = cli(*storage, "ls", "--json", env=env).json()
+    assert [row["id"] for row in rows] == [file_id] and rows[0]["storage"] == "s3"
+    assert cli.db["fs_s3.files"].count_documents({}) == 1  # S3's default catalogue
+    assert cli(*storage, "cat", file_id, env=env).stdout == data
+    verified = cli(*storage, "verify", env=env)
+    assert verified.code == 0 and f"OK           {file_id}" in verified.out, verified
+    removed = cli(*storage, "rm", file_id, env=env)
+    assert removed.code == 0, removed
+    assert cli(*storage, "ls", "--json", env=env).json() == []
+    assert "Unclosed" not in removed.err  # the client's connections were closed
 
 
 STORAGE_MODELS = '''

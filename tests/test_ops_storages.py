@@ -372,3 +372,23 @@ async def test_fields_declaring_equal_storages_share_one_catalogue(
     assert declared_storages()[("default", name)] == first
     report = await sweep_orphans(grace=0, buckets=[name])
     assert report.buckets == [f"default:{name}"] and report.files_deleted == 0
+
+
+async def test_an_object_entry_in_a_bucket_declared_as_gridfs_is_reported(
+    asyncassets_db, declare, tmp_path: Path
+):
+    name = f"st_{_suffix()}"
+    Doc = declare(GridFSStorage(name))
+    # Written while the field's storage was a directory; the field now says GridFS.
+    before = FileSystemStorage(tmp_path / "media", collection_name=name)
+    doc = await _upload(_store(before, asyncassets_db), b"stored on disk")
+    await Doc(f=doc["_id"]).save()
+
+    found = await check(buckets=[name])
+    assert not found.ok and found.invalid_entries == 1 and found.corrupt_files == 0
+    assert [(p.file_id, p.kind, p.key) for p in found.object_problems] == [
+        (doc["_id"], "invalid", _key(doc))
+    ]
+    assert "declare GridFS" in str(found)
+    swept = await sweep_orphans(grace=0, buckets=[name])
+    assert swept.files_deleted == 0

@@ -186,13 +186,32 @@ async def _check_gridfs(
         report.unchecked_entries += await bucket.files.count_documents(
             {"location": {"$exists": True}}
         )
-    async for groups in _orphaned_chunk_groups(bucket, batch_size):
-            for group in groups:
-                chunks, size = int(group["chunks"]), max(int(group.get("bytes") or 0), 0)
-                report.orphaned_chunks += chunks
-                item = OrphanedChunks(alias, name, group["_id"], chunks, size)
-                if _keep(report.orphaned_chunk_groups, item, max_ids):
+    else:
+        # Entries naming a stored object in a bucket its fields declare as GridFS
+        # (the fields' storage changed): GridFS cannot read them.
+        cursor = bucket.files.find(
+            {"location": {"$exists": True}}, {"_id": 1, "location": 1},
+            batch_size=_CURSOR_BATCH,
+        )
+        try:
+            async for doc in cursor:
+                report.invalid_entries += 1
+                item = ObjectProblem(
+                    alias, name, doc.get("_id"), location_key(doc), "invalid",
+                    f"its catalogue entry names a stored object ({doc.get('location')!r}), "
+                    "but the fields of this catalogue declare GridFS",
+                )
+                if _keep(report.object_problems, item, max_ids):
                     report.truncated = True
+        finally:
+            await _close(cursor)
+    async for groups in _orphaned_chunk_groups(bucket, batch_size):
+        for group in groups:
+            chunks, size = int(group["chunks"]), max(int(group.get("bytes") or 0), 0)
+            report.orphaned_chunks += chunks
+            orphans = OrphanedChunks(alias, name, group["_id"], chunks, size)
+            if _keep(report.orphaned_chunk_groups, orphans, max_ids):
+                report.truncated = True
 
 
 async def _check_files(

@@ -265,7 +265,8 @@ class CheckReport:
     missing_objects: int = 0
     #: Directory and S3 storages: catalogue entries whose object is not their length.
     wrong_size_objects: int = 0
-    #: Directory and S3 storages: catalogue entries naming no key or no valid length.
+    #: Directory and S3 storages: catalogue entries naming no key or no valid length;
+    #: GridFS buckets declared by a class: entries naming a stored object.
     invalid_entries: int = 0
     #: The entries counted in the three fields above.
     object_problems: list[ObjectProblem] = field(default_factory=list)
@@ -330,7 +331,7 @@ class CheckReport:
         lines += [f"    {item}" for item in self.orphaned_chunk_groups]
         lines.append(f"  files with bad chunks: {self.corrupt_files}")
         lines += [f"    {item}" for item in self.chunk_problems]
-        if _has_objects(self.storages):
+        if _has_objects(self.storages) or self.object_problems:
             lines.append(
                 f"  objects missing: {self.missing_objects}, of the wrong size: "
                 f"{self.wrong_size_objects}, entries naming no object: {self.invalid_entries}"
