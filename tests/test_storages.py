@@ -189,6 +189,7 @@ async def test_metadata_is_kept_alongside_on_every_storage(asyncassets_db, stora
     assert loaded.file.author == "marmot"
     assert loaded.file.sha256 == hashlib.sha256(b"%PDF-1.4 hello").hexdigest()
     assert loaded.file.upload_date is not None
+    assert loaded.file.metadata == {"content_type": "application/pdf", "author": "marmot"}
 
 
 @pytest.mark.parametrize(

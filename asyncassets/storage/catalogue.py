@@ -36,8 +36,9 @@ __all__ = [
     "user_metadata",
 ]
 
-#: Keys of a files document that the GridFS spec defines; anything else at the top
-#: level was written by mongoengine / mongomotor 0.17 as file metadata.
+#: Keys of a files document that the GridFS spec defines (and ``location``, which
+#: an object storage's entries add); anything else at the top level was written by
+#: mongoengine / mongomotor 0.17 as file metadata.
 SPEC_KEYS = frozenset(
     {
         "_id",
@@ -49,6 +50,8 @@ SPEC_KEYS = frozenset(
         "md5",
         "aliases",
         "contentType",
+        # Where an object storage keeps the bytes (asyncassets.storage.objects).
+        "location",
     }
 )
 
