@@ -39,6 +39,27 @@ Fixtures:
     each to a fresh database, for documents with ``meta = {"db_alias": ...}``;
     all are dropped and disconnected after the test.
 
+S3 (for :class:`~asyncassets.storage.S3Storage`; needs ``moto[server]``, in
+the ``test`` extra): an S3 server is started at the first test that needs one
+(``python -m moto.server`` on a free ``127.0.0.1`` port, killed with the test
+run even if that dies) and stopped when the session ends, unless the
+``S3_ENDPOINT_URL`` environment variable names one to use instead (credentials
+then from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``). moto is given fake
+credentials explicitly; ``~/.aws`` is never read.
+
+``asyncassets_s3_endpoint`` (session)
+    The S3 server's URL, ``http://127.0.0.1:<port>``.
+``asyncassets_s3_server`` (session)
+    The moto server itself (``start()``, ``stop()``, ``kill()``, ``restart()``,
+    ``endpoint_url``), for tests that kill it mid-upload; ``restart()`` keeps
+    the port, and the new server is empty. A test that kills it must start it
+    again. Skipped when ``S3_ENDPOINT_URL`` is set.
+``asyncassets_s3_bucket`` (function)
+    A fresh bucket with a unique name, as an :class:`S3Bucket` (``name``,
+    ``endpoint_url``, ``region``, ``access_key_id``, ``secret_access_key``, and
+    ``options``, the keyword arguments of ``S3Storage``). Its pending uploads,
+    its objects and the bucket itself are deleted after the test.
+
 The async fixtures are declared with ``pytest_asyncio.fixture``, so they work in
 pytest-asyncio's ``auto`` and ``strict`` modes alike; in strict mode mark the
 tests themselves with ``@pytest.mark.asyncio``. They run in the test's event
@@ -53,25 +74,39 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from pymongo.errors import ConnectionFailure
 
+from ._s3server import (
+    FAKE_CREDENTIALS,
+    S3Server,
+    create_bucket,
+    delete_bucket,
+    environment_credentials,
+    unique_bucket_name,
+)
 from .connection import DEFAULT_ALIAS, connect, disconnect, get_client, get_db, registered_aliases
 from .embedded import EmbeddedServer
 from .errors import EmbeddedServerError
 
 __all__ = [
+    "S3Bucket",
     "asyncassets_connect",
     "asyncassets_db",
+    "asyncassets_s3_bucket",
+    "asyncassets_s3_endpoint",
+    "asyncassets_s3_server",
     "asyncassets_server",
     "asyncassets_server_uri",
     "unique_db_name",
 ]
 
 _URI_ENV = "MONGODB_URI"
+_S3_ENV = "S3_ENDPOINT_URL"
 # MongoDB caps database names at 63 bytes; keep room for the unique suffix.
 _MAX_SLUG = 36
 
@@ -192,3 +227,79 @@ async def asyncassets_connect(
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """A bucket made for one test by the ``asyncassets_s3_bucket`` fixture."""
+
+    name: str
+    endpoint_url: str
+    region: str
+    access_key_id: str
+    secret_access_key: str
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Keyword arguments for ``S3Storage(**bucket.options)`` (add ``prefix=``...)."""
+        return {
+            "bucket": self.name,
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key,
+        }
+
+
+@pytest.fixture(scope="session")
+def asyncassets_s3_server() -> Iterator[S3Server]:
+    """The session's moto S3 server, for tests that kill and restart it.
+
+    Started on first use, stopped when the session ends. Skipped when
+    ``S3_ENDPOINT_URL`` is set.
+    """
+    if os.environ.get(_S3_ENV):
+        pytest.skip(
+            f"{_S3_ENV} is set, so the tests use that S3 server, which they do not own "
+            "and cannot kill; unset it to run this test on a local moto server."
+        )
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def asyncassets_s3_endpoint(request: pytest.FixtureRequest) -> str:
+    """``S3_ENDPOINT_URL`` when set, else the URL of the session's moto server."""
+    url = os.environ.get(_S3_ENV)
+    if url:
+        return url
+    server: S3Server = request.getfixturevalue("asyncassets_s3_server")
+    return server.endpoint_url
+
+
+@pytest.fixture
+def asyncassets_s3_bucket(
+    asyncassets_s3_endpoint: str, request: pytest.FixtureRequest
+) -> Iterator[S3Bucket]:
+    """A fresh, empty bucket, emptied and deleted after the test."""
+    if os.environ.get(_S3_ENV):
+        credentials = environment_credentials()
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    else:
+        credentials = dict(FAKE_CREDENTIALS)
+        region = "us-east-1"
+    bucket = S3Bucket(
+        name=unique_bucket_name(request.node.name),
+        endpoint_url=asyncassets_s3_endpoint,
+        region=region,
+        **credentials,
+    )
+    where = (bucket.endpoint_url, bucket.access_key_id, bucket.secret_access_key, region)
+    create_bucket(bucket.name, *where)
+    try:
+        yield bucket
+    finally:
+        delete_bucket(bucket.name, *where)

@@ -33,13 +33,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("fields",),
     ("files",),
     ("storage",),
-    ("connection", "_driver", "embedded", "errors", "_tasks"),
+    ("connection", "_driver", "embedded", "_s3server", "errors", "_tasks"),
 ]
 
 #: Modules outside the layer order, with the only modules they may import.
 #: ``testing`` is a pytest plugin: users load it, nothing in the package imports it.
 OUTSIDE_LAYERS: dict[str, tuple[str, ...]] = {
-    "testing": ("connection", "embedded", "errors"),
+    "testing": ("connection", "embedded", "_s3server", "errors"),
 }
 
 

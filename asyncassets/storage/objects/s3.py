@@ -37,7 +37,7 @@ import hashlib
 import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from ...errors import KeyTaken, StorageError, StoredObjectMissing
 from ..retry import Retry
@@ -266,11 +266,12 @@ class S3Blobs:
         key: str | None,
         request: Callable[[Any], Awaitable[T]],
         *,
-        missing: bool = False,
+        missing: Literal["key", "bucket"] | None = None,
     ) -> T:
         """``request(client)`` with retries; failures become :class:`StorageError`.
 
-        :param missing: a 404 means the key is missing (:class:`StoredObjectMissing`).
+        :param missing: what a bare 404 (a HEAD's has no error code) means is missing:
+            the key (:class:`StoredObjectMissing`) or the bucket.
         """
         tries = 0
 
@@ -287,7 +288,13 @@ class S3Blobs:
             raise self._error(exc, action, key, tries, missing=missing) from exc
 
     def _error(
-        self, exc: BaseException, action: str, key: str | None, tries: int, *, missing: bool
+        self,
+        exc: BaseException,
+        action: str,
+        key: str | None,
+        tries: int,
+        *,
+        missing: Literal["key", "bucket"] | None,
     ) -> StorageError:
         """The :class:`StorageError` that says what failed and what to do."""
         code, status = _error_code(exc)
@@ -301,7 +308,7 @@ class S3Blobs:
                 "Write under another key, or pass overwrite=True to replace it.",
                 **kwargs,
             )
-        if code == "NoSuchBucket":
+        if code == "NoSuchBucket" or (missing == "bucket" and status == 404):
             return StorageError(
                 f"Cannot {what}: bucket {self.bucket!r} does not exist"
                 + (f" on {self.endpoint_url}" if self.endpoint_url else "")
@@ -314,7 +321,7 @@ class S3Blobs:
                 "replaced or truncated behind the catalogue's back. Run asyncassets.check().",
                 **kwargs,
             )
-        if missing and (code in _MISSING_KEY_CODES or status == 404):
+        if missing == "key" and (code in _MISSING_KEY_CODES or status == 404):
             return StoredObjectMissing(
                 f"Cannot {what}: no object under the key; it was deleted behind the "
                 "catalogue's back. Run asyncassets.check() to list such entries.",
@@ -413,7 +420,7 @@ class S3Blobs:
                 if tries >= self.retry.attempts or not (
                     isinstance(exc, _ShortBody) or is_transient(exc)
                 ):
-                    raise self._error(exc, "read", key, tries, missing=True) from exc
+                    raise self._error(exc, "read", key, tries, missing="key") from exc
             finally:
                 if body is not None:
                     body.close()
@@ -426,11 +433,13 @@ class S3Blobs:
                 "stat",
                 key,
                 lambda c: c.head_object(Bucket=self.bucket, Key=self._full_key(key)),
-                missing=True,
+                missing="key",
             )
         except StoredObjectMissing:
             # A HEAD's 404 has no body: it may be the bucket that is missing.
-            await self._call("find", None, lambda c: c.head_bucket(Bucket=self.bucket))
+            await self._call(
+                "find", None, lambda c: c.head_bucket(Bucket=self.bucket), missing="bucket"
+            )
             return None
         return BlobInfo(key, int(head["ContentLength"]), _utc(head["LastModified"]))
 
@@ -476,7 +485,7 @@ class S3Blobs:
                 "stat",
                 key,
                 lambda c: c.head_object(Bucket=self.bucket, Key=self._full_key(key)),
-                missing=True,
+                missing="key",
             )
         except StoredObjectMissing:
             return None
