@@ -27,6 +27,8 @@ from mongoengine.errors import ValidationError
 from mongoengine.fields import GridFSError as MongoengineGridFSError
 
 __all__ = [
+    "AssetExists",
+    "AssetNotFound",
     "AsyncAssetsError",
     "CLIError",
     "ChecksumMissing",
@@ -244,3 +246,33 @@ class StoredObjectMissing(StorageError, LookupError):
 
 class KeyTaken(StorageError):
     """An object already exists under the key, and overwriting was not allowed."""
+
+
+class AssetNotFound(AsyncAssetsError, KeyError):
+    """No asset has this id in the asset manager's catalogue (also a ``KeyError``).
+
+    :ivar asset_id: the id asked for.
+    :ivar catalogue: the catalogue looked in (``<collection_name>.files``).
+    """
+
+    def __init__(self, asset_id: Any, catalogue: str) -> None:
+        self.asset_id = asset_id
+        self.catalogue = catalogue
+        super().__init__(asset_id)
+
+    def __str__(self) -> str:
+        return (
+            f"no asset {self.asset_id!r} in catalogue {self.catalogue!r}; "
+            "search for it (await am.search(...)) or add it first"
+        )
+
+
+class AssetExists(AsyncAssetsError):
+    """``add(..., on_conflict="error")`` was given an asset id that is taken.
+
+    :ivar asset_id: the id asked for.
+    """
+
+    def __init__(self, message: str, *, asset_id: Any) -> None:
+        super().__init__(message)
+        self.asset_id = asset_id

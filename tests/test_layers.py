@@ -27,7 +27,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: list[tuple[str, ...]] = [
     (PACKAGE,),
     ("__main__", "cli", "ops", "web", "assets"),
-    ("document", "queryset"),
+    ("document", "queryset", "filequery"),
     ("references",),
     ("schema",),
     ("fields",),

@@ -42,6 +42,7 @@ from ..storage import Storage, Store
 from ..storage.catalogue import content_type_of
 from ..storage.gridfs import GridBucket
 from ..storage.read import iter_original, verify_file
+from .assets import cmd_assets, parse_where
 from .output import (
     CountingReader,
     Progress,
@@ -188,6 +189,10 @@ def preflight(args: argparse.Namespace) -> None:
             raise CLIError(f"bad --limit {args.limit}: it must not be negative")
     elif args.command == "sweep":
         args.grace_delta = parse_duration(args.grace)
+    elif args.command == "assets":
+        args.where_query = parse_where(args.where)
+        if args.limit < 0 or args.skip < 0:
+            raise CLIError("--limit and --skip must not be negative")
     elif args.command == "get" and args.output not in (None, "-"):
         target = Path(args.output)
         parent = target if target.is_dir() else target.parent
@@ -532,6 +537,7 @@ COMMANDS: dict[str, Callable[[Context], Awaitable[int]]] = {
     "verify": _cmd_verify,
     "sweep": _cmd_sweep,
     "check": _cmd_check,
+    "assets": cmd_assets,
 }
 
 

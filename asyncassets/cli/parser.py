@@ -221,5 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="check only this bucket or catalogue (repeatable; default: all)")
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    sub = command("assets", "list and search assets (see docs/assets): --where gallery_id=g1")
+    sub.add_argument("--bucket", default=None,
+                     help="GridFS bucket of the assets (default: assets; see --storage)")
+    sub.add_argument("--where", action="append", metavar="KEY=VALUE",
+                     help="a condition, as AssetManager.search takes it: gallery_id=g1, "
+                     "size__gt=1000, content_type__startswith=image/ (repeatable; VALUE is "
+                     "read as JSON when it is JSON)")
+    sub.add_argument("--sort", action="append", metavar="KEY",
+                     help="sort by KEY, -KEY for descending (repeatable; default: uploaded)")
+    sub.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N")
+    sub.add_argument("--limit", type=int, default=0, metavar="N", help="at most N assets")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
     command("demo", "a guided tour on a throwaway server: put, read, stream, replace, delete")
     return parser

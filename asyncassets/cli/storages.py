@@ -23,7 +23,7 @@ __all__ = ["FILE_COMMANDS", "storage_from"]
 
 #: The commands that work on one storage's files (the others go through the
 #: storages the imported Document classes declare).
-FILE_COMMANDS = frozenset({"put", "get", "cat", "ls", "info", "rm", "verify"})
+FILE_COMMANDS = frozenset({"put", "get", "cat", "ls", "info", "rm", "verify", "assets"})
 
 _HINT = "use file:///absolute/path/to/a/directory or s3://bucket/optional/prefix/"
 

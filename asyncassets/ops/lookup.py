@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from bson import ObjectId
 
 from .. import _driver
+from ..assets import assets_in_use
 from ..connection import get_db
 from ..storage.gridfs import GridBucket
 from .scope import _Sharer, _Source
@@ -165,6 +166,8 @@ async def _referenced_files(
     parent's time (an orphan thumbnail is no older than its parent).
     """
     referenced = await _referenced(sources, [doc["_id"] for doc in docs])
+    # An asset is referenced by existing as one (asyncassets.assets).
+    referenced |= await assets_in_use(bucket.files, [doc["_id"] for doc in docs])
     children: dict[Any, list[Any]] = {}
     for doc in docs:
         file_id, parent = doc["_id"], _thumbnail_parent(doc)

@@ -79,6 +79,7 @@ def _declarations() -> tuple[dict[_Target, list[_Source]], _StorageMap]:
                 name = f"{cls._class_name}.{'.'.join(segments)}"
                 if name not in fields:
                     fields.append(name)
+    _add_asset_catalogues(merged, storages)
     refs = {
         target: [
             _Source(alias, coll, segments, queryable, tuple(sorted(names)))
@@ -89,6 +90,23 @@ def _declarations() -> tuple[dict[_Target, list[_Source]], _StorageMap]:
         for target, sources in merged.items()
     }
     return refs, storages
+
+
+def _add_asset_catalogues(merged: dict[_Target, Any], storages: _StorageMap) -> None:
+    """Add the catalogues of the asset managers made in this process.
+
+    No document references an asset (it is referenced by existing as one:
+    :func:`asyncassets.assets.assets_in_use`), so they come with no sources; their
+    storages count like fields' storages, so the sweep and the check work on them
+    with the right one, and a conflict with a field's storage is refused.
+    """
+    from ..assets import asset_catalogues
+
+    for target, declared in asset_catalogues().items():
+        merged.setdefault(target, {})
+        for storage, labels in declared.items():
+            known = storages.setdefault(target, {}).setdefault(storage, [])
+            known.extend(label for label in labels if label not in known)
 
 
 def _reference_map() -> dict[_Target, list[_Source]]:

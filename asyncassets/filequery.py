@@ -1,0 +1,426 @@
+"""Conditions on catalogue entries: documents found by their files, assets by metadata.
+
+A file's catalogue entry (one document of ``<collection_name>.files``, see
+:mod:`asyncassets.storage.catalogue`) is queried with mongoengine's syntax under
+these names:
+
+==========================  ==========================  ==================================
+name                        entry field                 example
+==========================  ==========================  ==================================
+``length`` (or ``size``)    ``length``                  ``length__gt=10_000``
+``content_type``            ``metadata.content_type``   ``content_type__startswith="image/"``
+``filename``                ``filename``                ``filename__iendswith=".jpg"``
+``upload_date`` (or         ``uploadDate``              ``uploaded__gte=datetime(2026, 1, 1)``
+``uploaded``)
+``sha256``                  ``metadata.sha256``         ``sha256="9f86d0..."``
+``metadata__<key>``         ``metadata.<key>``          ``metadata__gallery_id="g1"``
+==========================  ==========================  ==================================
+
+``length`` is the stored length (for a ``compress="gzip"`` field, the gzip size).
+Operators are mongoengine's (``gt``, ``in``, ``ne``, ``exists``, ``startswith``,
+``icontains``, ``not``...); values are prepared as mongoengine prepares them.
+
+**Documents by their files.** In a queryset, a ``FileField`` name (top level, in a
+list, or in an embedded document) followed by one of these names is a condition
+on the file the field references::
+
+    await Animal.objects(
+        genus="Marmota",
+        photo__content_type__startswith="image/",
+        photo__length__gt=10_000,
+        photo__metadata__gallery_id="g1",
+    ).to_list()
+
+The document still stores only the file's id. Such a query runs in two steps:
+the catalogue is asked for the ids of the matching files (an index scan when the
+catalogue has an index for the condition), then the documents are asked for
+``field: {"$in": ids}`` together with their own conditions. :doc:`/assets`
+explains why two steps and not a ``$lookup`` (it was measured; see
+:doc:`/performance`).
+
+How: :func:`mark_file_conditions` replaces the file conditions of a query tree by
+:class:`FileMatch` placeholders (one per field and ``Q`` leaf), which compile into
+the filter like any raw condition. The queryset's collection is then a
+:class:`ResolvingCollection`, which turns each placeholder into
+``{"$in": ids}`` right before it sends the filter, in every command (find,
+count, distinct, update, delete, aggregate). A placeholder that reached the
+driver unresolved would fail to encode: it can never be sent as it is.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+import mongoengine
+from mongoengine.errors import InvalidQueryError
+from mongoengine.fields import (
+    DateTimeField,
+    DictField,
+    EmbeddedDocumentField,
+    IntField,
+    ListField,
+    StringField,
+)
+from mongoengine.queryset import transform
+from mongoengine.queryset.visitor import Q, QCombination, QNode
+
+from .connection import DEFAULT_ALIAS, get_db
+from .fields import FileField
+from .schema import fields_with_files
+
+__all__ = [
+    "ENTRY_NAMES",
+    "FileMatch",
+    "ResolvingCollection",
+    "entry_filter",
+    "entry_sort",
+    "has_file_conditions",
+    "mark_file_conditions",
+]
+
+
+class _CatalogueEntry(mongoengine.Document):
+    """What mongoengine compiles entry conditions against (never stored or queried)."""
+
+    meta = {"abstract": True}
+    length = IntField()
+    filename = StringField()
+    uploadDate = DateTimeField()  # the GridFS spec's name
+    metadata = DictField()
+
+
+#: The names of an entry's fields in queries, and the path (in
+#: :class:`_CatalogueEntry`'s terms) each stands for.
+ENTRY_NAMES: dict[str, tuple[str, ...]] = {
+    "length": ("length",),
+    "size": ("length",),
+    "content_type": ("metadata", "content_type"),
+    "filename": ("filename",),
+    "upload_date": ("uploadDate",),
+    "uploaded": ("uploadDate",),
+    "sha256": ("metadata", "sha256"),
+    "metadata": ("metadata",),
+}
+
+_OPERATORS = frozenset(
+    {
+        *transform.COMPARISON_OPERATORS,
+        *transform.STRING_OPERATORS,
+        *transform.GEO_OPERATORS,
+        *transform.CUSTOM_OPERATORS,
+    }
+)
+
+
+def _entry_key(
+    parts: Sequence[str],
+    bare: str | None,
+    where: str,
+    names: Mapping[str, tuple[str, ...]] | None = None,
+) -> str:
+    """The :class:`_CatalogueEntry` key for a condition's parts (after any field name).
+
+    ``bare``: what a first part that is no entry name stands for (``"metadata"``
+    for assets, where ``gallery_id`` means ``metadata.gallery_id``); ``None``
+    refuses it. ``names``: more names (``asset_id`` for assets).
+    """
+    head, rest = parts[0], list(parts[1:])
+    if names and head in names:
+        path = list(names[head])
+    elif head in ENTRY_NAMES:
+        path = list(ENTRY_NAMES[head])
+        if head == "metadata" and (not rest or rest[0] in _OPERATORS):
+            raise InvalidQueryError(
+                f"{where}: name a metadata key after metadata__ "
+                "(metadata__gallery_id='g1'); the metadata as a whole cannot be compared"
+            )
+    elif bare is not None and head not in _OPERATORS and head:
+        path = [bare, head]
+    else:
+        raise InvalidQueryError(
+            f"{where}: {head!r} is not part of a file's catalogue entry; use "
+            + ", ".join(n for n in ENTRY_NAMES if n != "metadata")
+            + " or metadata__<key>, with mongoengine's operators (length__gt=1000)"
+        )
+    return "__".join([*path, *rest])
+
+
+def _translate(node: QNode, rename: Any) -> QNode:
+    """A copy of ``node`` with each leaf's keys renamed by ``rename(key) -> key``."""
+    if isinstance(node, QCombination):
+        return QCombination(node.operation, [_translate(c, rename) for c in node.children])
+    if isinstance(node, Q):
+        return Q(**{k if k == "__raw__" else rename(k): v for k, v in node.query.items()})
+    raise TypeError(f"expected Q objects, not {type(node).__name__}")
+
+
+def entry_filter(
+    *nodes: QNode,
+    bare: str | None = None,
+    names: Mapping[str, tuple[str, ...]] | None = None,
+    where: str = "query",
+    **conditions: Any,
+) -> dict[str, Any]:
+    """The MongoDB filter on catalogue entries for these conditions (no I/O).
+
+    ``entry_filter(content_type__startswith="image/", length__gt=1000)`` is
+    ``{"metadata.content_type": re.compile("^image/"), "length": {"$gt": 1000}}``.
+    ``Q`` objects combine as in querysets (``Q(a=1) | Q(b=2)``).
+
+    :param bare: what a name that is not an entry name stands for: ``"metadata"``
+        makes ``gallery_id`` mean ``metadata.gallery_id`` (assets); ``None``
+        refuses it.
+    :param names: more names and the entry paths they stand for.
+    :raises InvalidQueryError: a name is not part of a catalogue entry.
+    """
+    tree: QNode = Q(**conditions)
+    for node in nodes:
+        if not isinstance(node, QNode):
+            raise TypeError(f"conditions are Q objects and keywords, not {node!r}")
+        tree = tree & node
+
+    def rename(key: str) -> str:
+        return _entry_key(key.split("__"), bare, f"{where} {key!r}", names)
+
+    query: dict[str, Any] = _translate(tree, rename).to_query(_CatalogueEntry)
+    return query
+
+
+def entry_sort(
+    keys: Iterable[str],
+    bare: str | None = None,
+    names: Mapping[str, tuple[str, ...]] | None = None,
+) -> list[tuple[str, int]]:
+    """``["-size", "gallery_id"]`` as ``[("length", -1), ("metadata.gallery_id", 1)]``
+    (with ``bare="metadata"``)."""
+    sort: list[tuple[str, int]] = []
+    for key in keys:
+        if not isinstance(key, str) or not key.lstrip("+-"):
+            raise ValueError(f"sort keys are names such as 'uploaded' or '-size', not {key!r}")
+        name = key.lstrip("+-")
+        path = _entry_key(name.split("__"), bare, f"sort key {key!r}", names).split("__")
+        db_path = ".".join(path)
+        sort.append((db_path, -1 if key.startswith("-") else 1))
+    return sort
+
+
+# -- documents by their files ------------------------------------------------------
+
+
+class FileMatch:
+    """A placeholder for ``{"$in": <ids of the files matching entry_query>}``.
+
+    :ivar field: the ``FileField``.
+    :ivar alias: the connection alias of its catalogue.
+    :ivar entry_query: the filter on the catalogue's entries.
+    """
+
+    __slots__ = ("alias", "entry_query", "field")
+
+    def __init__(self, field: FileField, alias: str, entry_query: dict[str, Any]) -> None:
+        self.field = field
+        self.alias = alias
+        self.entry_query = entry_query
+
+    def __repr__(self) -> str:
+        return (
+            f"FileMatch({self.field.storage.collection_name!r}.files, {self.entry_query!r})"
+        )
+
+    async def ids(self) -> list[Any]:
+        """The ids of the matching files (one query on the catalogue)."""
+        files = get_db(self.alias)[f"{self.field.storage.collection_name}.files"]
+        return [doc["_id"] async for doc in files.find(self.entry_query, {"_id": 1})]
+
+
+def _file_path(document: Any, key: str) -> tuple[str, FileField, list[str]] | None:
+    """``(db path, file field, entry parts)`` when ``key`` is a condition on a file's
+    entry (``photo__length__gt``, ``pictures__image__content_type``), else ``None``."""
+    parts = key.split("__")
+    fields = document._fields
+    path: list[str] = []
+    for index, part in enumerate(parts):
+        field = fields.get(part)
+        if field is None:
+            return None
+        path.append(field.db_field)
+        while isinstance(field, ListField) and field.field is not None:
+            field = field.field
+        if isinstance(field, FileField):
+            rest = parts[index + 1 :]
+            if not rest or rest[0] in _OPERATORS:
+                return None  # a condition on the stored id (photo__in=[...]), as ever
+            return ".".join(path), field, rest
+        if isinstance(field, EmbeddedDocumentField):
+            fields = field.document_type._fields
+            continue
+        return None
+    return None
+
+
+def has_file_conditions(document: Any, node: QNode) -> bool:
+    """Whether a leaf of the ``Q`` tree ``node`` has a condition on a file's entry.
+
+    Cheap for the common query: for a class without file fields, or keys whose
+    first part names none, the answer comes from a cached set of names.
+    """
+    holders = fields_with_files(document)
+    if not holders:
+        return False
+    if isinstance(node, QCombination):
+        return any(has_file_conditions(document, child) for child in node.children)
+    return isinstance(node, Q) and any(
+        key.split("__", 1)[0] in holders and _file_path(document, key) is not None
+        for key in node.query
+    )
+
+
+def mark_file_conditions(node: QNode, document: Any) -> QNode:
+    """A copy of the ``Q`` tree with each leaf's file conditions replaced by
+    :class:`FileMatch` placeholders (conditions on one field in one leaf: one
+    placeholder, so they hold for the same file).
+
+    :raises InvalidQueryError: a condition names no part of a catalogue entry.
+    """
+    if isinstance(node, QCombination):
+        children = [mark_file_conditions(child, document) for child in node.children]
+        return QCombination(node.operation, children)
+    if not isinstance(node, Q):
+        return node
+    plain: dict[str, Any] = {}
+    by_field: dict[str, tuple[FileField, dict[str, Any]]] = {}
+    for key, value in node.query.items():
+        found = None if key == "__raw__" else _file_path(document, key)
+        if found is None:
+            plain[key] = value
+            continue
+        db_path, field, rest = found
+        entry_key = _entry_key(rest, None, f"{document.__name__} query {key!r}")
+        by_field.setdefault(db_path, (field, {}))[1][entry_key] = value
+    if not by_field:
+        return node
+    alias = document._meta.get("db_alias") or DEFAULT_ALIAS
+    raw: list[dict[str, Any]] = []
+    if "__raw__" in plain:
+        raw.append(plain.pop("__raw__"))
+    for db_path, (field, entry_keys) in by_field.items():
+        query = transform.query(_CatalogueEntry, **entry_keys)
+        raw.append({db_path: FileMatch(field, field.db_alias or alias, query)})
+    return Q(**plain, __raw__={"$and": raw})
+
+
+async def _resolve(value: Any, cache: dict[int, Any]) -> Any:
+    """``value`` (a filter, or part of one) with every FileMatch as ``{"$in": ids}``."""
+    if isinstance(value, FileMatch):
+        key = id(value)
+        if key not in cache:
+            cache[key] = {"$in": await value.ids()}
+        return cache[key]
+    if isinstance(value, dict):
+        return {k: await _resolve(v, cache) for k, v in value.items()}
+    if isinstance(value, list):
+        return [await _resolve(v, cache) for v in value]
+    return value
+
+
+def _refuse_upsert(kwargs: Mapping[str, Any], what: str) -> None:
+    if kwargs.get("upsert"):
+        raise InvalidQueryError(
+            f"{what} with upsert cannot build a document from conditions on a file's "
+            "catalogue entry (photo__length__gt...): filter on the document's own fields, "
+            "or look the document up first"
+        )
+
+
+class _ResolvingCursor:
+    """A find cursor whose filter is resolved at its first use (no I/O before)."""
+
+    def __init__(self, collection: Any, query: Any, kwargs: dict[str, Any]) -> None:
+        self._collection = collection
+        self._query = query
+        self._kwargs = kwargs
+        self._cursor: Any = None
+
+    async def _real(self) -> Any:
+        if self._cursor is None:
+            self._cursor = self._collection.find(await _resolve(self._query, {}), **self._kwargs)
+        return self._cursor
+
+    async def to_list(self, length: int | None = None) -> list[Any]:
+        cursor = await self._real()
+        return list(await cursor.to_list(length))
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        async for doc in await self._real():
+            yield doc
+
+    async def explain(self) -> Any:
+        return await (await self._real()).explain()
+
+    async def close(self) -> None:
+        if self._cursor is not None:
+            result = self._cursor.close()
+            if inspect.isawaitable(result):
+                await result
+
+
+class ResolvingCollection:
+    """A collection whose commands resolve :class:`FileMatch` placeholders first.
+
+    Everything else is the wrapped collection's.
+    """
+
+    def __init__(self, collection: Any) -> None:
+        self._collection = collection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    def with_options(self, **kwargs: Any) -> ResolvingCollection:
+        return ResolvingCollection(self._collection.with_options(**kwargs))
+
+    def find(self, query: Any = None, *args: Any, **kwargs: Any) -> _ResolvingCursor:
+        if args:
+            kwargs["projection"] = args[0]
+        return _ResolvingCursor(self._collection, query or {}, kwargs)
+
+    async def find_one(self, query: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return await self._collection.find_one(await _resolve(query or {}, {}), *args, **kwargs)
+
+    async def count_documents(self, query: Any, **kwargs: Any) -> int:
+        return int(await self._collection.count_documents(await _resolve(query, {}), **kwargs))
+
+    async def distinct(self, key: str, query: Any = None, **kwargs: Any) -> Any:
+        return await self._collection.distinct(key, await _resolve(query or {}, {}), **kwargs)
+
+    async def aggregate(self, pipeline: Sequence[Any], **kwargs: Any) -> Any:
+        cursor = self._collection.aggregate(await _resolve(list(pipeline), {}), **kwargs)
+        return await cursor if inspect.isawaitable(cursor) else cursor
+
+    async def update_many(self, query: Any, update: Any, **kwargs: Any) -> Any:
+        _refuse_upsert(kwargs, "update()")
+        return await self._collection.update_many(await _resolve(query, {}), update, **kwargs)
+
+    async def update_one(self, query: Any, update: Any, **kwargs: Any) -> Any:
+        _refuse_upsert(kwargs, "update_one()")
+        return await self._collection.update_one(await _resolve(query, {}), update, **kwargs)
+
+    async def find_one_and_update(self, query: Any, update: Any, **kwargs: Any) -> Any:
+        _refuse_upsert(kwargs, "modify() or upsert_one()")
+        return await self._collection.find_one_and_update(
+            await _resolve(query, {}), update, **kwargs
+        )
+
+    async def find_one_and_delete(self, query: Any, **kwargs: Any) -> Any:
+        return await self._collection.find_one_and_delete(await _resolve(query, {}), **kwargs)
+
+    async def delete_many(self, query: Any, **kwargs: Any) -> Any:
+        return await self._collection.delete_many(await _resolve(query, {}), **kwargs)
+
+    async def delete_one(self, query: Any, **kwargs: Any) -> Any:
+        return await self._collection.delete_one(await _resolve(query, {}), **kwargs)
