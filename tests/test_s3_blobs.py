@@ -543,3 +543,22 @@ async def test_killed_server_mid_upload(asyncassets_s3_server: Any, raw: Any) ->
         await store.aclose()
     buckets = [b["Name"] for b in raw.list_buckets()["Buckets"]]
     assert bucket_name not in buckets  # an empty new server: nothing was committed
+
+
+async def test_a_writer_holds_about_two_parts(blobs: S3Blobs) -> None:
+    import tracemalloc
+
+    chunk = payload(MiB)
+    await blobs.stat("big")  # the client exists: its service model is not counted
+    tracemalloc.start()
+    try:
+        writer = blobs.open_writer("big")
+        for _ in range(5 * PART // MiB):
+            await writer.write(chunk)
+        await writer.commit()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * PART, f"{peak / MiB:.1f} MiB for 5 parts of {PART / MiB:.0f} MiB"
+    info = await blobs.stat("big")
+    assert info is not None and info.size == 5 * PART

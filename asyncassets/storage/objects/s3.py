@@ -34,6 +34,7 @@ import base64
 import contextlib
 import datetime
 import hashlib
+import io
 import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -496,6 +497,12 @@ class _ShortBody(Exception):
     """A response body ended before the range did, without an error: resume."""
 
 
+def _md5(data: io.BytesIO) -> Any:
+    """The MD5 of a buffer's bytes, without copying them."""
+    with data.getbuffer() as view:
+        return hashlib.md5(view)
+
+
 def _total_size(content_range: str | None) -> int | None:
     """The object size in a ``Content-Range: bytes a-b/size`` header."""
     if not content_range or "/" not in content_range:
@@ -517,7 +524,9 @@ class _S3Writer:
         self.key = key
         self._blobs = blobs
         self._full_key = blobs._full_key(key)
-        self._buffer = bytearray()
+        # Filled up to part_size, then handed to the upload as it is (a BytesIO
+        # the client reads in small pieces, so the part is never copied).
+        self._buffer = io.BytesIO()
         self._create: asyncio.Task[Any] | None = None
         self._in_flight: asyncio.Task[None] | None = None
         self._next_part = 1
@@ -558,17 +567,23 @@ class _S3Writer:
         """
         self._check_open()
         try:
-            self._buffer += data
+            view = memoryview(data)
+            if view.itemsize != 1 or view.ndim != 1:
+                view = view.cast("B")
             size = self._blobs.part_size
-            while len(self._buffer) >= size:
-                part = bytes(self._buffer[:size])
-                del self._buffer[:size]
-                await self._send_part(part)
+            while view:
+                room = size - self._buffer.tell()
+                self._buffer.write(view[:room])
+                view = view[room:]
+                if self._buffer.tell() >= size:
+                    # The full buffer itself is the part: no copy.
+                    part, self._buffer = self._buffer, io.BytesIO()
+                    await self._send_part(part)
         except BaseException:
             self._state = "failed"
             raise
 
-    async def _send_part(self, part: bytes) -> None:
+    async def _send_part(self, part: io.BytesIO) -> None:
         upload_id = await self._upload_id()
         await self._wait_in_flight()
         number = self._next_part
@@ -598,21 +613,22 @@ class _S3Writer:
         response: Any = await asyncio.shield(self._create)
         return str(response["UploadId"])
 
-    async def _upload_part(self, upload_id: str, number: int, part: bytes) -> None:
-        digest = hashlib.md5(part)
+    async def _upload_part(self, upload_id: str, number: int, part: io.BytesIO) -> None:
+        digest = _md5(part)
         md5 = base64.b64encode(digest.digest()).decode()
-        response = await self._blobs._call(
-            f"upload part {number} of",
-            self.key,
-            lambda c: c.upload_part(
+
+        async def upload(client: Any) -> Any:
+            part.seek(0)  # a retry sends the part from its start
+            return await client.upload_part(
                 Bucket=self._blobs.bucket,
                 Key=self._full_key,
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=part,
                 ContentMD5=md5,
-            ),
-        )
+            )
+
+        response = await self._blobs._call(f"upload part {number} of", self.key, upload)
         self._parts.append({"ETag": response["ETag"], "PartNumber": number})
         self._part_md5s[number] = digest.digest()
 
@@ -630,13 +646,11 @@ class _S3Writer:
         self._check_open()
         try:
             if self._create is None:
-                body = bytes(self._buffer)
-                self._buffer = bytearray()
+                body, self._buffer = self._buffer, io.BytesIO()
                 self._finish = asyncio.ensure_future(self._put(body, overwrite))
             else:
-                if self._buffer:
-                    last = bytes(self._buffer)
-                    self._buffer = bytearray()
+                if self._buffer.tell():
+                    last, self._buffer = self._buffer, io.BytesIO()
                     await self._send_part(last)
                 await self._wait_in_flight()
                 upload_id = await self._upload_id()
@@ -654,14 +668,15 @@ class _S3Writer:
     def _precondition(self, overwrite: bool) -> dict[str, str]:
         return {} if overwrite else {"IfNoneMatch": "*"}
 
-    async def _put(self, body: bytes, overwrite: bool) -> None:
-        digest = hashlib.md5(body)
+    async def _put(self, body: io.BytesIO, overwrite: bool) -> None:
+        digest = _md5(body)
         self._single_md5 = digest.hexdigest()
         tries = 0
 
         async def put(client: Any) -> Any:
             nonlocal tries
             tries += 1
+            body.seek(0)
             return await client.put_object(
                 Bucket=self._blobs.bucket,
                 Key=self._full_key,
@@ -737,7 +752,7 @@ class _S3Writer:
         """
         if self._state in ("committed", "aborted"):
             return
-        self._buffer = bytearray()
+        self._buffer = io.BytesIO()
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             in_flight.cancel()  # its part goes with the upload
