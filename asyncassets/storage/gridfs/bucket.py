@@ -127,6 +127,7 @@ class GridBucket:
         metadata: Mapping[str, Any] | None = None,
         chunk_size: int | None = None,
         context: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> UploadStream:
         """Start a streaming upload; no I/O happens until data is written or it is closed.
 
@@ -143,8 +144,12 @@ class GridBucket:
         :param chunk_size: this file's chunk size; the bucket's if ``None``.
         :param context: what the upload is for (``{"document": ..., "field": ...}``);
             GridFS has no keys to make from it and ignores it.
+        :param extra: top-level fields added to the files document in the same insert
+            (a storage built on this bucket records its own state there); they may
+            not be keys the spec defines.
         :raises TypeError: if ``metadata`` is not a mapping or ``chunk_size`` not an int.
-        :raises ValueError: if ``chunk_size`` is not positive.
+        :raises ValueError: if ``chunk_size`` is not positive, or ``extra`` names a
+            spec key.
         """
         return UploadStream(
             self,
@@ -152,6 +157,7 @@ class GridBucket:
             filename=filename,
             metadata=metadata,
             chunk_size=self.chunk_size if chunk_size is None else chunk_size,
+            extra=extra,
         )
 
     async def upload(
@@ -163,6 +169,7 @@ class GridBucket:
         metadata: Mapping[str, Any] | None = None,
         chunk_size: int | None = None,
         context: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Store ``source`` as a new file and return its files document.
 
@@ -174,6 +181,7 @@ class GridBucket:
 
         If anything fails, including cancellation, the chunks written so far are
         removed, no files document is left, and the original exception propagates.
+        ``extra`` is as for :meth:`open_upload`.
 
         :raises TypeError: if ``source`` is of none of these kinds (``None``, ``int``,
             ``str``, a text-mode file...), or yields something other than bytes.
@@ -184,7 +192,11 @@ class GridBucket:
         chunk_size = self.chunk_size if chunk_size is None else chunk_size
         pieces = read_source(source, check_size("chunk_size", chunk_size))
         stream = self.open_upload(
-            file_id=file_id, filename=filename, metadata=metadata, chunk_size=chunk_size
+            file_id=file_id,
+            filename=filename,
+            metadata=metadata,
+            chunk_size=chunk_size,
+            extra=extra,
         )
         try:
             async for piece in pieces:

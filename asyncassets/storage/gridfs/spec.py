@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "DUPLICATE_KEY_CODES",
     "FILES_INDEX",
     "as_int",
+    "check_extra",
     "is_int",
     "now_as_stored",
 ]
@@ -51,3 +53,27 @@ def as_int(value: Any) -> int | None:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: Top-level keys an upload writes itself; ``extra`` fields may not replace them.
+_ENTRY_KEYS = frozenset(
+    {"_id", "length", "chunkSize", "uploadDate", "filename", "metadata", "md5", "location"}
+)
+
+
+def check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``extra`` top-level fields of an upload's entry, checked (a new dict).
+
+    :raises TypeError: ``extra`` is not a mapping of str keys.
+    :raises ValueError: it names a key the upload writes itself.
+    """
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"extra must be a dict, not {type(extra).__name__}")
+    for key in extra:
+        if not isinstance(key, str) or not key or key.startswith("$") or "." in key:
+            raise TypeError(f"extra keys must be field names, not {key!r}")
+        if key in _ENTRY_KEYS:
+            raise ValueError(f"extra may not set {key!r}: the upload writes it itself")
+    return dict(extra)

@@ -15,7 +15,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from ..._tasks import add_note, spawn
 from ...errors import FileAlreadyExists, UploadClosed, UploadInterrupted
 from ..sources import byte_view, check_size
-from .spec import DEFAULT_CHUNK_SIZE, DUPLICATE_KEY_CODES, now_as_stored
+from .spec import DEFAULT_CHUNK_SIZE, DUPLICATE_KEY_CODES, check_extra, now_as_stored
 
 if TYPE_CHECKING:
     from .bucket import GridBucket
@@ -47,12 +47,14 @@ class UploadStream:
         filename: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
         self.chunk_size = check_size("chunk_size", chunk_size)
         self.file_id = ObjectId() if file_id is None else file_id
         self.filename = filename
+        self._extra = check_extra(extra)
         self._bucket = bucket
         self._metadata = dict(metadata) if metadata else {}
         self._batch_chunks = max(1, bucket.buffer_size // 2 // self.chunk_size)
@@ -370,6 +372,7 @@ class UploadStream:
         if self.filename is not None:
             doc["filename"] = self.filename
         doc["metadata"] = {**self._metadata, "sha256": self._sha256.hexdigest()}
+        doc.update(self._extra)
         return doc
 
     async def _abort_after(self, exc: BaseException) -> None:

@@ -51,7 +51,7 @@ from ...errors import (
     StoredObjectMissing,
     UploadClosed,
 )
-from ..gridfs.spec import DEFAULT_CHUNK_SIZE, FILES_INDEX, as_int, now_as_stored
+from ..gridfs.spec import DEFAULT_CHUNK_SIZE, FILES_INDEX, as_int, check_extra, now_as_stored
 from ..sources import byte_view, check_size, read_source
 from .keys import KeyMaker, check_key
 
@@ -145,11 +145,13 @@ class ObjectStore:
         metadata: Mapping[str, Any] | None = None,
         chunk_size: int | None = None,
         context: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> ObjectUpload:
         """Start a streaming upload; no I/O until data is written or it is closed.
 
         As :meth:`GridBucket.open_upload <asyncassets.storage.gridfs.GridBucket.open_upload>`;
-        ``context`` (``{"document": ..., "field": ...}``) feeds the key template.
+        ``context`` (``{"document": ..., "field": ...}``) feeds the key template;
+        ``extra`` top-level fields go into the entry's insert.
         """
         return ObjectUpload(
             self,
@@ -158,6 +160,7 @@ class ObjectStore:
             metadata=metadata,
             chunk_size=self.chunk_size if chunk_size is None else chunk_size,
             context=context,
+            extra=extra,
         )
 
     async def upload(
@@ -169,6 +172,7 @@ class ObjectStore:
         metadata: Mapping[str, Any] | None = None,
         chunk_size: int | None = None,
         context: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Store ``source`` as a new file and return its catalogue entry.
 
@@ -183,6 +187,7 @@ class ObjectStore:
             metadata=metadata,
             chunk_size=chunk_size,
             context=context,
+            extra=extra,
         )
         try:
             async for piece in pieces:
@@ -296,9 +301,11 @@ class ObjectUpload:
         metadata: Mapping[str, Any] | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         context: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+        self._extra = check_extra(extra)
         self.chunk_size = check_size("chunk_size", chunk_size)
         self.file_id = ObjectId() if file_id is None else file_id
         self.filename = filename
@@ -562,6 +569,7 @@ class ObjectUpload:
             doc["filename"] = self.filename
         doc["metadata"] = {**self._metadata, "sha256": self._sha256.hexdigest()}
         doc["location"] = {"storage": self._store.storage.kind, "key": self.key}
+        doc.update(self._extra)
         return doc
 
     async def _insert_entry(self, doc: dict[str, Any]) -> None:
