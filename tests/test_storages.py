@@ -574,3 +574,80 @@ async def test_the_documented_migration_moves_every_file_and_leaves_nothing(
     assert await asyncassets_db["fs.files"].count_documents({}) == 0
     assert await asyncassets_db["fs.chunks"].count_documents({}) == 0
     assert len(await objects(target, asyncassets_db)) == 4
+
+
+# -- faults at the field level: the S3 server killed, a directory refused ------------------
+
+
+async def test_s3_killed_mid_put_stores_nothing_and_references_nothing(
+    asyncassets_db, asyncassets_s3_server
+):
+    from asyncassets._s3server import FAKE_CREDENTIALS, REGION, create_bucket, unique_bucket_name
+    from asyncassets.storage import Retry
+
+    name = unique_bucket_name("killed-put")
+    create_bucket(name, asyncassets_s3_server.endpoint_url, region=REGION, **FAKE_CREDENTIALS)
+    storage = S3Storage(
+        name,
+        endpoint_url=asyncassets_s3_server.endpoint_url,
+        region=REGION,
+        collection_name=f"killed{next(_names)}",
+        part_size=5 * MIB,
+        retry=Retry(attempts=2, delay=0.01, jitter=False),
+        **FAKE_CREDENTIALS,
+    )
+    Doc = doc_class(storage)
+    doc = await Doc().save()
+    sent = asyncio.Event()
+
+    async def source():  # type: ignore[no-untyped-def]
+        for i in range(6):
+            yield payload(2 * MIB, seed=i)
+            if i == 3:
+                sent.set()  # a part has gone out: the multipart upload exists
+                await asyncio.sleep(0.2)
+
+    put = asyncio.create_task(doc.file.put(source()))
+    await sent.wait()
+    asyncassets_s3_server.kill()
+    try:
+        with pytest.raises(StorageError) as caught:
+            await put
+        assert "s3://" in str(caught.value)
+    finally:
+        asyncassets_s3_server.start()
+    assert await asyncassets_db[f"{storage.collection_name}.files"].count_documents({}) == 0
+    assert (await Doc.objects.get(pk=doc.pk)).file.grid_id is None
+
+
+async def test_a_read_whose_server_dies_is_a_storage_error_not_short_bytes(
+    asyncassets_db, asyncassets_s3_server
+):
+    from asyncassets._s3server import FAKE_CREDENTIALS, REGION, create_bucket, unique_bucket_name
+    from asyncassets.storage import Retry
+
+    name = unique_bucket_name("killed-read")
+    create_bucket(name, asyncassets_s3_server.endpoint_url, region=REGION, **FAKE_CREDENTIALS)
+    storage = S3Storage(
+        name,
+        endpoint_url=asyncassets_s3_server.endpoint_url,
+        region=REGION,
+        collection_name=f"killedread{next(_names)}",
+        retry=Retry(attempts=2, delay=0.01, jitter=False),
+        **FAKE_CREDENTIALS,
+    )
+    Doc = doc_class(storage)
+    doc = await Doc().save()
+    data = payload(6 * MIB)
+    await doc.file.put(data)
+    got = []
+    try:
+        with pytest.raises(StorageError):
+            async for piece in doc.file.stream():
+                got.append(piece)
+                if len(got) == 1:
+                    asyncassets_s3_server.kill()
+    finally:
+        asyncassets_s3_server.start()
+    assert data.startswith(b"".join(got))  # what was returned is the file's, in order
+    assert len(b"".join(got)) < len(data)
