@@ -30,6 +30,7 @@ from mongoengine.errors import (
     ValidationError,
 )
 
+from . import transfers
 from .connection import connect, disconnect, disconnect_all, get_client, get_db
 from .document import (
     Document,
@@ -102,4 +103,5 @@ __all__ = [
     "get_client",
     "get_db",
     "sweep_orphans",
+    "transfers",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "PillowMissing",
     "StorageError",
     "StoredObjectMissing",
+    "TransferFailed",
     "UploadClosed",
     "UploadInterrupted",
     "WrongEventLoop",
@@ -276,3 +277,33 @@ class AssetExists(AsyncAssetsError):
     def __init__(self, message: str, *, asset_id: Any) -> None:
         super().__init__(message)
         self.asset_id = asset_id
+
+
+class TransferFailed(StorageError):
+    """A queued transfer (local copy to remote storage) did not complete.
+
+    The file is unharmed: its local copy is still the one served. Raised by an
+    explicit ``await doc.<field>.transfer()``; background workers record the same
+    failure in the file's catalogue entry (``transfer.error``) and retry it with
+    backoff until ``max_attempts``, after which it is ``failed`` until retried by
+    hand (:func:`asyncassets.transfers.retry_failed`, ``asyncassets transfer
+    --retry-failed``). ``__cause__`` is the error that stopped it.
+
+    :ivar file_id: the file's ``_id``.
+    :ivar state: the transfer's state after this attempt: ``"pending"`` (will be
+        retried), ``"failed"`` (out of attempts) or ``"gone"`` (the file was
+        deleted or replaced meanwhile).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file_id: Any = None,
+        state: str = "pending",
+        storage: str = "",
+        key: str | None = None,
+    ) -> None:
+        super().__init__(message, storage=storage, key=key)
+        self.file_id = file_id
+        self.state = state

@@ -26,7 +26,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 #: it re-exports the API, so nothing inside the package may import from it.
 LAYERS: list[tuple[str, ...]] = [
     (PACKAGE,),
-    ("__main__", "cli", "ops", "web", "assets"),
+    ("__main__", "cli", "ops", "transfers", "web", "assets"),
     ("document", "queryset", "filequery"),
     ("references",),
     ("schema",),

@@ -58,6 +58,7 @@ from .output import (
 from .parser import id_candidates, parse_duration, parse_pairs
 from .server import Target, connect_to
 from .storages import storage_from
+from .transfer import cmd_transfer
 
 __all__ = [
     "COMMANDS",
@@ -538,6 +539,7 @@ COMMANDS: dict[str, Callable[[Context], Awaitable[int]]] = {
     "sweep": _cmd_sweep,
     "check": _cmd_check,
     "assets": cmd_assets,
+    "transfer": cmd_transfer,
 }
 
 

@@ -141,6 +141,8 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``asyncassets`` command."""
+    from .transfer import add_parser as add_transfer_options
+
     parser = argparse.ArgumentParser(
         prog="asyncassets",
         description="Store, fetch and look after files in GridFS, a directory or S3; sweep "
@@ -220,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--bucket", action="append", metavar="NAME",
                      help="check only this bucket or catalogue (repeatable; default: all)")
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    sub = command("transfer", "move the files of QueuedStorage fields to their remote "
+                  "storage (see docs/transfers)")
+    add_transfer_options(sub)
 
     sub = command("assets", "list and search assets (see docs/assets): --where gallery_id=g1")
     sub.add_argument("--bucket", default=None,

@@ -912,6 +912,53 @@ class FileProxy:
         self._aborted_by[stream] = _current_task()
         await asyncio.shield(stream.abort())
 
+    # -- queued transfer (QueuedStorage fields) -----------------------------------
+    # Only asks the store: the queue itself lives in asyncassets.storage.queued.
+
+    @property
+    def location(self) -> str | None:
+        """Where the served bytes of a ``QueuedStorage`` field's file are: ``"local"``
+        until the transfer stored and checked the remote copy, then ``"remote"``.
+
+        Read from the loaded metadata (no I/O; ``await load()`` for a fresh answer).
+        ``None`` for an empty field and for the other storages.
+        """
+        doc = self._doc("location")
+        if doc is None:
+            return None
+        where = getattr(self._bucket(), "location_of", None)
+        return None if where is None else where(doc)
+
+    async def transfer(self, *, background: bool = False) -> str | None:
+        """Move a ``QueuedStorage`` field's file to the remote storage now.
+
+        For a ``delayed=True`` storage (django-queued-storage's ``DelayedStorage``)
+        this is how a file is queued at all, once it was processed locally. The
+        transfer runs in this task (a file a worker is moving right now is waited
+        for); with ``background=True`` it is only queued for the transfer workers.
+
+        :returns: :attr:`location` afterwards (``None`` for an empty field).
+        :raises GridFSError: the field's storage is not a ``QueuedStorage``.
+        :raises TransferFailed: the transfer failed; the local copy is still
+            served, and the failure is recorded (retried later, or ``failed``).
+        :raises FileNotFound: the referenced file is missing.
+        """
+        if self.grid_id is None:
+            return None
+        store = self._bucket()
+        transfer = getattr(store, "transfer", None)
+        if transfer is None:
+            raise GridFSError(
+                f"transfer(): the field's storage {self.storage!r} is not a QueuedStorage; "
+                "its files are where they were stored already."
+            )
+        if background:
+            await store.release(self.grid_id)  # type: ignore[attr-defined]
+            await self.load()
+        else:
+            self._files_doc = await transfer(self.grid_id)
+        return self.location
+
     # -- plumbing -----------------------------------------------------------------
 
     def __bool__(self) -> bool:

@@ -36,6 +36,7 @@ from ..storage.codec import GzipError, inflate
 from ..storage.gridfs import GridBucket
 from ..storage.gridfs.spec import is_int
 from ..storage.objects.store import ObjectStore, location_key
+from ..storage.queued import QueuedStore, copy_of
 from ..storage.read import verify_file
 from .lookup import (
     _CURSOR_BATCH,
@@ -52,6 +53,7 @@ from .lookup import (
     _positive,
     _referenced_files,
     _values,
+    queued_local_chunks,
 )
 from .reports import (
     DEFAULT_MAX_IDS,
@@ -59,6 +61,7 @@ from .reports import (
     CheckReport,
     ChunkProblem,
     DanglingReference,
+    FailedTransfer,
     ObjectProblem,
     OrphanedChunks,
     StoredObject,
@@ -165,6 +168,8 @@ async def check(
                                           max_ids, report)
         elif isinstance(store, GridBucket):
             await _check_gridfs(store, bucket_alias, claimed, batch_size, max_ids, report)
+        elif isinstance(store, QueuedStore):
+            await _check_queued_leftovers(store, bucket_alias, w, batch_size, max_ids, report)
         if claimed:
             await _check_references(store, bucket_alias, w.own, batch_size, max_ids, report)
     report.duration = time.monotonic() - started
@@ -229,7 +234,11 @@ async def _check_files(
         # What the catalogue needs to say what a file is checked against.
         projection.update({"md5": 1, "metadata.sha256": 1, "metadata.compression": 1})
     query: dict[str, Any] = GRIDFS_FILES
-    if isinstance(bucket, ObjectStore):
+    if isinstance(bucket, QueuedStore):
+        projection.update({"location": 1, "uploadDate": 1, "filename": 1, "local": 1,
+                           "remote": 1, "transfer": 1, "metadata.sha256": 1})
+        query = {}
+    elif isinstance(bucket, ObjectStore):
         # What names the object, and what tells one upload from another under the
         # same _id (a read that finds the object gone compares them).
         projection.update({"location": 1, "uploadDate": 1, "filename": 1})
@@ -249,6 +258,141 @@ async def _check_files(
             await _check_chunks(bucket, alias, batch, verify, max_ids, report)
         elif isinstance(bucket, ObjectStore):
             await _check_objects(bucket, alias, batch, verify, max_ids, report)
+        elif isinstance(bucket, QueuedStore):
+            await _check_queued(bucket, alias, batch, verify, max_ids, report)
+
+
+async def _check_queued(
+    store: QueuedStore,
+    alias: str,
+    batch: list[dict[str, Any]],
+    verify: bool,
+    max_ids: int | None,
+    report: CheckReport,
+) -> None:
+    """A queued catalogue's entries: their transfer state, and each copy they name
+    (a GridFS local copy's chunks, a directory's or the remote's object by size;
+    with ``verify``, the served copy's bytes)."""
+    gridfs_local: list[dict[str, Any]] = []
+    for doc in batch:
+        transfer: dict[str, Any] = doc.get("transfer") or {}
+        state = transfer.get("state")
+        if state == "failed":
+            report.failed_transfers += 1
+            failed = FailedTransfer(alias, store.name, doc["_id"],
+                                    int(transfer.get("attempts") or 0),
+                                    str(transfer.get("error") or "unknown"))
+            if _keep(report.failed_transfer_list, failed, max_ids):
+                report.truncated = True
+        elif state in ("pending", "held", "running"):
+            report.queued_files += 1
+        if doc.get("local") == "gridfs":
+            gridfs_local.append(doc)
+    if gridfs_local and isinstance(store.local, GridBucket):
+        await _check_chunks(store.local, alias, gridfs_local, False, max_ids, report)
+
+    async def inspect(doc: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
+        return await _inspect_queued(store, doc, verify)
+
+    for doc, found in zip(batch, await _bounded(batch, inspect), strict=True):
+        for status, detail, key in found:
+            if status in ("missing", "size", "invalid"):
+                if status == "missing":
+                    report.missing_objects += 1
+                elif status == "size":
+                    report.wrong_size_objects += 1
+                else:
+                    report.invalid_entries += 1
+                item = ObjectProblem(alias, store.name, doc["_id"], key, status,
+                                     detail or status)
+                if _keep(report.object_problems, item, max_ids):
+                    report.truncated = True
+            elif status == "unverifiable":
+                report.unverifiable += 1
+            elif status in ("ok", "mismatch"):
+                report.verified += 1
+                if status == "mismatch":
+                    report.checksum_mismatches += 1
+                    if _keep(report.mismatched_files,
+                             BucketFile(alias, store.name, doc["_id"]), max_ids):
+                        report.truncated = True
+
+
+async def _inspect_queued(
+    store: QueuedStore, doc: dict[str, Any], verify: bool
+) -> list[tuple[str, str | None, str | None]]:
+    """``(status, detail, key)`` for each copy of one queued entry, as
+    :func:`_inspect_object` says them; a copy that changed meanwhile says nothing."""
+    found: list[tuple[str, str | None, str | None]] = []
+    if copy_of(doc) is None:
+        return [("invalid", "its catalogue entry names neither a local nor a remote copy",
+                 None)]
+    length: Any = doc.get("length")
+    if not is_int(length) or length < 0:
+        return [("invalid", f"its catalogue entry has no valid length ({length!r})", None)]
+    copies: list[tuple[ObjectStore, str]] = []
+    if doc.get("local") == "filesystem" and isinstance(store.local, ObjectStore):
+        key = location_key(doc)
+        if key is None:
+            return [("invalid", "its catalogue entry names no local object "
+                     f"({doc.get('location')!r})", None)]
+        copies.append((store.local, key))
+    remote = doc.get("remote")
+    if isinstance(remote, dict) and isinstance(remote.get("key"), str):
+        copies.append((store.remote, remote["key"]))
+    for side, key in copies:
+        info = await side.blobs.stat(key)
+        if info is not None and info.size == length:
+            continue
+        current = await store.find(doc["_id"])
+        if current is None or any(current.get(k) != doc.get(k)
+                                  for k in ("length", "uploadDate", "location", "remote")):
+            return []  # deleted, replaced or switched meanwhile
+        which = "remote" if side is store.remote else "local"
+        if info is None:
+            found.append(("missing", f"no {which} object under its key {key!r} in {side.url}",
+                          key))
+        else:
+            found.append(("size", f"its {which} object {key!r} is {info.size} bytes, the "
+                          f"catalogue entry says {length}", key))
+    if verify and not found:
+        try:
+            await verify_file(store, doc)
+        except ChecksumMissing:
+            found.append(("unverifiable", None, None))
+        except FileDeletedWhileReading:
+            return []
+        except IntegrityError as exc:
+            found.append(("mismatch", str(exc), None))
+        else:
+            found.append(("ok", None, None))
+    return found
+
+
+async def _check_queued_leftovers(
+    store: QueuedStore,
+    alias: str,
+    work: _Work,
+    batch_size: int,
+    max_ids: int | None,
+    report: CheckReport,
+) -> None:
+    """What no entry of a queued catalogue names: local chunks or objects, and
+    remote objects (the sweep removes them once older than its grace period)."""
+    chunks = queued_local_chunks(store)
+    if chunks is not None:
+        async for groups in _orphaned_chunk_groups(chunks, batch_size):
+            for group in groups:
+                count, size = int(group["chunks"]), max(int(group.get("bytes") or 0), 0)
+                report.orphaned_chunks += count
+                orphans = OrphanedChunks(alias, store.name, group["_id"], count, size)
+                if _keep(report.orphaned_chunk_groups, orphans, max_ids):
+                    report.truncated = True
+    elif isinstance(store.local, ObjectStore):
+        await _check_orphaned_objects(store.local, alias, work.sharers, batch_size, max_ids,
+                                      report)
+    await _check_orphaned_objects(store.remote, alias, work.remote_sharers, batch_size,
+                                  max_ids, report)
 
 
 async def _check_objects(

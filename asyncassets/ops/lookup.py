@@ -19,6 +19,7 @@ from .. import _driver
 from ..assets import assets_in_use
 from ..connection import get_db
 from ..storage.gridfs import GridBucket
+from ..storage.queued import QueuedStore
 from .scope import _Sharer, _Source
 
 if TYPE_CHECKING:
@@ -277,11 +278,12 @@ async def _named_keys(sharers: list[_Sharer], keys: list[str]) -> set[str]:
         if not theirs:
             continue
         files = get_db(sharer.alias)[f"{sharer.catalogue}.files"]
-        cursor = files.find({"location.key": {"$in": list(theirs)}}, {"location.key": 1})
+        cursor = files.find({sharer.field: {"$in": list(theirs)}}, {sharer.field: 1})
+        holder, _, leaf = sharer.field.partition(".")
         try:
             async for doc in cursor:
-                location = doc.get("location")
-                their_key = location.get("key") if isinstance(location, dict) else None
+                location = doc.get(holder)
+                their_key = location.get(leaf) if isinstance(location, dict) else None
                 if isinstance(their_key, str) and their_key in theirs:
                     named.add(theirs[their_key])
         finally:
@@ -302,3 +304,24 @@ def _positive(name: str, value: Any, optional: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}= must be a positive int, not {value!r}")
 
+
+
+class _QueuedLocalChunks(GridBucket):
+    """The GridFS local copies of a queued catalogue, as a bucket for the chunk
+    sweep and check: a file "exists" only while its entry names a local GridFS
+    copy, so the chunks of a transferred file that a worker could not delete
+    (it died after the switch) count as orphaned too."""
+
+    async def find_many(self, file_ids: Iterable[Any]) -> dict[Any, dict[str, Any]]:
+        ids = list(dict.fromkeys(file_ids))
+        if not ids:
+            return {}
+        query = {"_id": {"$in": ids}, "local": "gridfs"}
+        return {doc["_id"]: doc async for doc in self.files.find(query)}
+
+
+def queued_local_chunks(store: QueuedStore) -> GridBucket | None:
+    """The bucket view of ``store``'s GridFS local copies, or ``None`` (a directory)."""
+    if not isinstance(store.local, GridBucket):
+        return None
+    return _QueuedLocalChunks(store.db, store.name, chunk_size=store.local.chunk_size)

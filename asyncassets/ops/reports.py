@@ -19,6 +19,7 @@ __all__ = [
     "CheckReport",
     "ChunkProblem",
     "DanglingReference",
+    "FailedTransfer",
     "ObjectProblem",
     "OrphanedChunks",
     "StoredObject",
@@ -131,6 +132,21 @@ class ObjectProblem(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.alias}:{self.catalogue} {_show_id(self.file_id)}: {self.detail}"
+
+
+class FailedTransfer(NamedTuple):
+    """A file of a queued storage whose transfer failed ``max_attempts`` times: it is
+    still served from its local copy; retry it by hand once the cause is fixed."""
+
+    alias: str
+    catalogue: str
+    file_id: Any
+    attempts: int
+    error: str
+
+    def __str__(self) -> str:
+        return (f"{self.alias}:{self.catalogue} {_show_id(self.file_id)}: "
+                f"{self.attempts} attempt(s), last error: {self.error}")
 
 
 # -- reports -----------------------------------------------------------------------
@@ -280,6 +296,14 @@ class CheckReport:
     #: and SHA-256.
     checksum_mismatches: int = 0
     mismatched_files: list[BucketFile] = field(default_factory=list)
+    #: Queued storages: transfers that failed ``max_attempts`` times (still served
+    #: locally; retry them with ``asyncassets.transfers.retry_failed()`` or
+    #: ``asyncassets transfer --retry-failed``).
+    failed_transfers: int = 0
+    failed_transfer_list: list[FailedTransfer] = field(default_factory=list)
+    #: Queued storages: files not transferred yet (pending, held or running): not
+    #: a problem, for information.
+    queued_files: int = 0
     #: ``verify=True`` only: files compared with a recorded checksum.
     verified: int = 0
     #: ``verify=True`` only: intact files with no checksum recorded at all (no
@@ -292,7 +316,7 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         """True when no dangling reference, orphan (file, chunk or object), corrupt
-        file, missing or misshapen object, or mismatch was found."""
+        file, missing or misshapen object, mismatch or failed transfer was found."""
         return not (
             self.dangling
             or self.orphaned_files
@@ -303,6 +327,7 @@ class CheckReport:
             or self.wrong_size_objects
             or self.invalid_entries
             or self.orphaned_objects
+            or self.failed_transfers
         )
 
     def __str__(self) -> str:
@@ -339,6 +364,12 @@ class CheckReport:
             lines += [f"    {item}" for item in self.object_problems]
             lines.append(f"  orphaned objects: {self.orphaned_objects}")
             lines += [f"    {item}" for item in self.orphaned_object_keys]
+        if any(url.startswith("queued:") for url in self.storages.values()):
+            lines.append(
+                f"  transfers: {self.queued_files} not yet remote, "
+                f"{self.failed_transfers} failed"
+            )
+            lines += [f"    failed {item}" for item in self.failed_transfer_list]
         if self.verify:
             lines.append(
                 f"  checksums: {self.verified} verified, {self.checksum_mismatches} "

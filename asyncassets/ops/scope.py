@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from ..connection import DEFAULT_ALIAS, _connections, get_db, registered_aliases
 from ..errors import ConnectionNotRegistered
 from ..schema import document_classes, file_paths
-from ..storage import FileSystemStorage, GridFSStorage, S3Storage, Storage
+from ..storage import FileSystemStorage, GridFSStorage, QueuedStorage, S3Storage, Storage
 
 __all__ = ["declared_buckets", "declared_storages"]
 
@@ -168,6 +169,24 @@ def _place(storage: Storage) -> tuple[str, str] | None:
     return None
 
 
+#: The field of a catalogue entry that names an object's key.
+LOCATION_FIELD = "location.key"
+#: Where a queued storage's entries name their remote copy.
+REMOTE_FIELD = "remote.key"
+
+
+def _places(storage: Storage) -> list[tuple[str, str, str]]:
+    """Every place a storage keeps objects: ``(space, prefix, field)``, ``field``
+    being where its entries name the key. A queued storage has two: its local
+    directory (``location.key``) and its remote storage (``remote.key``)."""
+    if isinstance(storage, QueuedStorage):
+        found = [(*place, LOCATION_FIELD) for place in [_place(storage.local)] if place]
+        remote = _place(storage.remote)
+        return found + ([(*remote, REMOTE_FIELD)] if remote else [])
+    place = _place(storage)
+    return [(*place, LOCATION_FIELD)] if place else []
+
+
 @dataclass(frozen=True)
 class _Sharer:
     """A catalogue whose objects are (or may be) in the listing of another's storage.
@@ -180,6 +199,9 @@ class _Sharer:
     alias: str
     catalogue: str
     prefix: str
+    #: Where the catalogue's entries name the key (``remote.key`` for the remote
+    #: copies of a queued storage).
+    field: str = LOCATION_FIELD
 
     def key_of(self, full_name: str) -> str | None:
         """This catalogue's key for the object of ``full_name``, or ``None``."""
@@ -188,29 +210,33 @@ class _Sharer:
         return None
 
 
-def _sharers(target: _Target, storage: Storage, storages: _StorageMap) -> list[_Sharer]:
+def _sharers(
+    target: _Target, storage: Storage, storages: _StorageMap, *, remote: bool = False
+) -> list[_Sharer]:
     """The catalogues whose objects a listing of ``storage`` may show, itself first.
 
     Every declared catalogue (on any alias) whose storage keeps objects in the same
     place, or in a place inside or around it: the orphaned-object sweep must not
-    delete an object another catalogue names.
+    delete an object another catalogue names. For a queued storage, the place is
+    its local directory, or with ``remote`` its remote storage.
     """
-    place = _place(storage)
-    if place is None:
+    places = _places(storage)
+    if isinstance(storage, QueuedStorage):
+        places = [p for p in places if (p[2] == REMOTE_FIELD) == remote]
+    if not places:
         return []
-    space, prefix = place
-    found = [_Sharer(target[0], target[1], prefix)]
+    space, prefix, own_field = places[0]
+    found = [_Sharer(target[0], target[1], prefix, own_field)]
     for other_target, declared in sorted(storages.items()):
         for other in declared:
-            other_place = _place(other)
-            if other_place is None or other_place[0] != space:
-                continue
-            other_prefix = other_place[1]
-            if not (other_prefix.startswith(prefix) or prefix.startswith(other_prefix)):
-                continue
-            sharer = _Sharer(other_target[0], other_target[1], other_prefix)
-            if sharer not in found:
-                found.append(sharer)
+            for other_space, other_prefix, other_field in _places(other):
+                if other_space != space:
+                    continue
+                if not (other_prefix.startswith(prefix) or prefix.startswith(other_prefix)):
+                    continue
+                sharer = _Sharer(other_target[0], other_target[1], other_prefix, other_field)
+                if sharer not in found:
+                    found.append(sharer)
     return found
 
 
@@ -277,8 +303,10 @@ class _Work:
     #: Where the bytes of its files are.
     storage: Storage
     #: Object storages only: the catalogues whose entries may name an object its
-    #: storage lists (itself first).
+    #: storage lists (itself first). For a queued storage: its local directory's.
     sharers: list[_Sharer]
+    #: Queued storages only: the same for its remote storage's objects.
+    remote_sharers: list[_Sharer] = dataclass_field(default_factory=list)
 
 
 def _plan(
@@ -323,7 +351,9 @@ def _plan(
             targets[same].own = _union(targets[same].own, sources)
         else:
             targets[(bucket_alias, name)] = _Work(
-                list(sources), [], storage, _sharers((bucket_alias, name), storage, storages)
+                list(sources), [], storage, _sharers((bucket_alias, name), storage, storages),
+                _sharers((bucket_alias, name), storage, storages, remote=True)
+                if isinstance(storage, QueuedStorage) else [],
             )
     for (bucket_alias, name), work in targets.items():
         work.judge = _union(work.own, *(
@@ -334,10 +364,11 @@ def _plan(
     connected_set = set(connected)
     for (bucket_alias, name), work in sorted(targets.items()):
         unreachable = sorted({s.alias for s in work.judge} - connected_set)
-        lost = sorted({s.alias for s in work.sharers} - connected_set)
+        lost = sorted({s.alias for s in [*work.sharers, *work.remote_sharers]} - connected_set)
         if lost and not unreachable:
             who = ", ".join(
-                f"catalogue {s.catalogue!r} (alias {s.alias!r})" for s in work.sharers
+                f"catalogue {s.catalogue!r} (alias {s.alias!r})"
+                for s in dict.fromkeys([*work.sharers, *work.remote_sharers])
                 if s.alias in lost
             )
             raise ConnectionNotRegistered(
@@ -373,7 +404,7 @@ async def _prune(targets: dict[_Target, _Work]) -> dict[_Target, _Work]:
         return [s for s in sources if s.collection in present[s.alias]]
 
     return {
-        target: _Work(keep(w.own), keep(w.judge), w.storage, w.sharers)
+        target: _Work(keep(w.own), keep(w.judge), w.storage, w.sharers, w.remote_sharers)
         for target, w in targets.items()
     }
 

@@ -18,6 +18,7 @@ from ..storage import Store
 from ..storage.gridfs import GridBucket
 from ..storage.objects.blobs import BlobInfo
 from ..storage.objects.store import ObjectStore
+from ..storage.queued import QueuedStore
 from .lookup import (
     _CURSOR_BATCH,
     _THUMBNAIL_OF,
@@ -34,6 +35,7 @@ from .lookup import (
     _referenced_files,
     blob_time,
     oid_time,
+    queued_local_chunks,
 )
 from .reports import (
     DEFAULT_MAX_IDS,
@@ -43,7 +45,7 @@ from .reports import (
     SweepReport,
     _keep,
 )
-from .scope import _plan, _prune, _Sharer, _Source
+from .scope import _plan, _prune, _Sharer, _Source, _Work
 
 __all__ = ["sweep_orphans"]
 
@@ -128,6 +130,9 @@ async def sweep_orphans(
                                  batch_size, max_ids, report)
             await _sweep_leftovers(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
                                    report)
+        elif isinstance(store, QueuedStore):
+            await _sweep_queued(store, bucket_alias, work, cutoff, dry_run, batch_size,
+                                max_ids, report)
     report.duration = time.monotonic() - started
     return report
 
@@ -141,6 +146,33 @@ GRIDFS_FILES = {"location": {"$exists": False}}
 OBJECT_FILES = {"location": {"$exists": True}}
 
 
+async def _sweep_queued(
+    store: QueuedStore,
+    alias: str,
+    work: _Work,
+    cutoff: dt.datetime,
+    dry_run: bool,
+    batch_size: int,
+    max_ids: int | None,
+    report: SweepReport,
+) -> None:
+    """Both sides of a queued catalogue: local copies no entry names any more
+    (chunks, or a directory's objects and temp files: an upload that died, or a
+    worker that died between its switch and deleting the local copy), and remote
+    objects no entry names (a worker that died between writing and switching)."""
+    chunks = queued_local_chunks(store)
+    if chunks is not None:
+        await _sweep_chunks(chunks, alias, cutoff, dry_run, batch_size, max_ids, report)
+    elif isinstance(store.local, ObjectStore):
+        await _sweep_objects(store.local, alias, work.sharers, cutoff, dry_run, batch_size,
+                             max_ids, report)
+        await _sweep_leftovers(store.local, alias, cutoff, dry_run, batch_size, max_ids,
+                               report)
+    await _sweep_objects(store.remote, alias, work.remote_sharers, cutoff, dry_run, batch_size,
+                         max_ids, report)
+    await _sweep_leftovers(store.remote, alias, cutoff, dry_run, batch_size, max_ids, report)
+
+
 async def _sweep_files(
     bucket: Store,
     alias: str,
@@ -152,8 +184,9 @@ async def _sweep_files(
     report: SweepReport,
 ) -> None:
     gridfs = isinstance(bucket, GridBucket)
+    # Every entry of a queued catalogue is its own (a GridFS local copy has no location).
     cursor = bucket.files.find(
-        GRIDFS_FILES if gridfs else OBJECT_FILES,
+        GRIDFS_FILES if gridfs else {} if isinstance(bucket, QueuedStore) else OBJECT_FILES,
         {"_id": 1, "uploadDate": 1, "length": 1, _THUMBNAIL_OF: 1},
         batch_size=max(batch_size, _CURSOR_BATCH),
     )

@@ -1,11 +1,12 @@
 """Where bytes live, knowing nothing of documents.
 
 A :class:`Storage` says where a field's bytes live: :class:`GridFSStorage` (the
-default), :class:`FileSystemStorage` or :class:`S3Storage` (:mod:`.base`). The
-files collection of MongoDB is the catalogue of every stored file, whatever the
-storage (:mod:`.catalogue`); :mod:`.gridfs` stores the bytes in the GridFS
-spec's chunks, :mod:`.objects` in a directory or a bucket; :mod:`.read` is the
-one way stored bytes are read back.
+default), :class:`FileSystemStorage` or :class:`S3Storage` (:mod:`.base`), or
+:class:`QueuedStorage`: saved locally first, moved to a remote storage in the
+background (:mod:`.queued`). The files collection of MongoDB is the catalogue
+of every stored file, whatever the storage (:mod:`.catalogue`); :mod:`.gridfs`
+stores the bytes in the GridFS spec's chunks, :mod:`.objects` in a directory or
+a bucket; :mod:`.read` is the one way stored bytes are read back.
 """
 
 from .base import FileSystemStorage, GridFSStorage, S3Storage, Storage, Store, Upload
@@ -17,6 +18,7 @@ from .gridfs import (
     UploadStream,
 )
 from .objects.keys import DEFAULT_KEY_TEMPLATE
+from .queued import QueuedStorage, QueuedStore
 from .retry import Retry
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "FileSystemStorage",
     "GridBucket",
     "GridFSStorage",
+    "QueuedStorage",
+    "QueuedStore",
     "Retry",
     "S3Storage",
     "Storage",

@@ -52,6 +52,10 @@ SPEC_KEYS = frozenset(
         "contentType",
         # Where an object storage keeps the bytes (asyncassets.storage.objects).
         "location",
+        # A queued storage's copies and transfer (asyncassets.storage.queued).
+        "local",
+        "remote",
+        "transfer",
     }
 )
 
