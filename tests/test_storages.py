@@ -651,3 +651,28 @@ async def test_a_read_whose_server_dies_is_a_storage_error_not_short_bytes(
         asyncassets_s3_server.start()
     assert data.startswith(b"".join(got))  # what was returned is the file's, in order
     assert len(b"".join(got)) < len(data)
+
+
+async def test_image_fields_keep_image_and_thumbnail_on_every_storage(asyncassets_db, storage):
+    pil = pytest.importorskip("PIL.Image")
+    from asyncassets.fields import ImageField
+
+    buf = io.BytesIO()
+    pil.new("RGB", (300, 200), color=(200, 120, 40)).save(buf, format="PNG")
+    Photo = type(
+        f"StoragePhoto{next(_names)}",
+        (Document,),
+        {
+            "photo": ImageField(storage=storage, size=(100, 100, False), thumbnail_size=(20, 20)),
+            "meta": {"collection": f"storage_photos_{next(_names)}"},
+        },
+    )
+    doc = await Photo().save()
+    await doc.photo.put(buf.getvalue(), filename="marmot.png")
+    loaded = await Photo.objects.get(pk=doc.pk)
+    assert pil.open(io.BytesIO(await loaded.photo.read())).size == (100, 67)
+    thumb = await loaded.photo.thumbnail.read()
+    assert pil.open(io.BytesIO(thumb)).size[0] <= 20
+    assert (await leftovers(storage, asyncassets_db))[0] == 2  # the image and its thumbnail
+    await loaded.delete()
+    assert await leftovers(storage, asyncassets_db) == (0, 0)

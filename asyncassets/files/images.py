@@ -127,7 +127,10 @@ class ImageProxy(FileProxy):
         thumb = self._thumb
         if thumb is None or thumb.grid_id != thumb_id or thumb.db_alias != self.db_alias:
             thumb = self._thumb = ThumbnailProxy(
-                thumb_id, collection_name=self.collection_name, db_alias=self.db_alias
+                thumb_id,
+                collection_name=self.collection_name,
+                db_alias=self.db_alias,
+                storage=self.storage,
             )
         return thumb
 
@@ -198,7 +201,10 @@ class ImageProxy(FileProxy):
             )
             # Loaded already: once the image is referenced, .thumbnail.size needs no I/O.
             self._thumb = ThumbnailProxy(
-                thumb_doc["_id"], collection_name=self.collection_name, db_alias=self.db_alias
+                thumb_doc["_id"],
+                collection_name=self.collection_name,
+                db_alias=self.db_alias,
+                storage=self.storage,
             )
             self._thumb._files_doc = thumb_doc
         meta = dict(metadata)

@@ -178,9 +178,14 @@ class FileProxy:
         key: str | None = None,
         collection_name: str | None = None,
         db_alias: str | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self._grid_id: Any = None
         self._field = field
+        #: A storage given by hand (an image's thumbnail: its image's storage).
+        self._storage = storage
+        if storage is not None and collection_name is None:
+            collection_name = storage.collection_name
         self._collection_name = collection_name or (field.collection_name if field else "fs")
         self._db_alias = db_alias if db_alias is not None else (field.db_alias if field else None)
         self._instance = instance
@@ -247,7 +252,10 @@ class FileProxy:
     def _copy(self) -> FileProxy:
         """A proxy on the same file for another document (the file is then shared)."""
         clone = type(self)(
-            field=self._field, collection_name=self._collection_name, db_alias=self._db_alias
+            field=self._field,
+            collection_name=self._collection_name,
+            db_alias=self._db_alias,
+            storage=self._storage,
         )
         clone.grid_id = self.grid_id
         clone._files_doc = self._files_doc
@@ -305,7 +313,7 @@ class FileProxy:
     @property
     def storage(self) -> Storage:
         """Where the file's bytes live: the field's storage (GridFS by default)."""
-        storage = getattr(self._field, "storage", None)
+        storage = self._storage or getattr(self._field, "storage", None)
         if isinstance(storage, Storage) and storage.collection_name == self._collection_name:
             return storage
         # A proxy without a field, or made for another bucket (get_proxy_obj).
@@ -558,6 +566,35 @@ class FileProxy:
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self.stream()
+
+    async def url(
+        self,
+        expires: float | dt.timedelta = 3600,
+        *,
+        download: bool = False,
+        filename: str | None = None,
+    ) -> str | None:
+        """A URL a browser can fetch the file from, valid for ``expires`` (seconds).
+
+        On S3, a presigned URL (at most 7 days) or the storage's ``public_url``; on
+        GridFS and a directory, a URL of :func:`asyncassets.web.files_app` signed
+        over the file's id and SHA-256, so replacing its bytes revokes it. See
+        :func:`asyncassets.files.urls.file_url` and :doc:`/serving`.
+
+        :param download: served as an attachment (a download) rather than inline.
+        :param filename: the name to save it as (the stored file name by default).
+        :returns: the URL, or ``None`` when the field holds no file.
+        :raises URLsNotConfigured: GridFS or a directory, and no signing key is set.
+        :raises FileNotFound: the referenced file is missing.
+        """
+        doc = await self._fetch()
+        if doc is None:
+            return None
+        from .urls import file_url
+
+        return await file_url(
+            self.storage, self.db_alias, doc, expires=expires, download=download, filename=filename
+        )
 
     def seek(self, pos: int, whence: int = 0) -> int:
         """Move the position used by ``read(n)`` and ``readchunk()``.
