@@ -174,9 +174,9 @@ class TransferWorker:
         """Start serving in the background (the running loop's tasks); returns at once."""
         if self._slots:
             return self
+        # No index building here: uploads build the catalogue's indexes (the queue's
+        # among them), and a catalogue nothing was uploaded to has nothing to claim.
         self._resolve()
-        for store in self.stores:
-            await store.ensure_indexes()
         self._stopping.clear()
         self._slots = [asyncio.ensure_future(self._slot(once=False))
                        for _ in range(self.concurrency)]
@@ -211,8 +211,6 @@ class TransferWorker:
         are left to later runs.
         """
         self._resolve()
-        for store in self.stores:
-            await store.ensure_indexes()
         self._stopping.clear()
         slots = [asyncio.ensure_future(self._slot(once=True)) for _ in range(self.concurrency)]
         self._slots = slots

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import inspect
 import itertools
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -413,3 +416,284 @@ async def _temps(storage: QueuedStorage) -> list[Any]:
     blobs: Any = storage.remote.blobs()
     future = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
     return [t async for t in blobs.list_stale_temps(future)]
+
+
+# -- workers: leases, crashes, races, shutdown -------------------------------------------
+
+
+class SlowDownload:
+    """A local copy read at a crawl (a slow disk), so a test can act mid-transfer."""
+
+    def __init__(self, stream: Any, delay: float) -> None:
+        self.stream, self.delay = stream, delay
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stream.aclose()
+
+    def __aiter__(self) -> Any:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece: bytes = await self.stream.__anext__()
+        await asyncio.sleep(self.delay)
+        return piece
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def slow_local_reads(store: Any, delay: float) -> None:
+    reading = store.local.open_download
+    store.local.open_download = lambda doc, **kw: SlowDownload(reading(doc, **kw), delay)
+
+
+SLOW_READS = inspect.getsource(SlowDownload) + "\n\n" + inspect.getsource(slow_local_reads)
+
+WORKER_SCRIPT = '''
+import asyncio, sys
+from typing import Any
+import asyncassets
+from asyncassets.storage import FileSystemStorage, QueuedStorage
+from asyncassets.transfers import TransferWorker
+''' + SLOW_READS + '''
+async def main(uri, db, name, local, remote):
+    asyncassets.connect(host=uri, db=db)
+    storage = QueuedStorage(local=FileSystemStorage(local, fsync=False),
+                            remote=FileSystemStorage(remote, fsync=False),
+                            collection_name=name, lease=1.0)
+    store = storage.bind(asyncassets.get_db())
+    slow_local_reads(store, 0.3)
+    await TransferWorker([store], concurrency=1, worker_id="doomed").run_once()
+
+asyncio.run(main(*sys.argv[1:6]))
+'''
+
+
+async def test_a_worker_killed_mid_transfer_loses_its_lease_to_another_worker(
+    asyncassets_db: Any, asyncassets_server_uri: str, request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    storage = queued("filesystem", "filesystem", request, tmp_path, lease=1.0)
+    Doc = doc_class(storage)
+    data = payload(4 * MIB + 7, 6)
+    doc = Doc()
+    await doc.photo.put(data, filename="k.bin")
+    await doc.save()
+    script = tmp_path / "doomed_worker.py"
+    script.write_text(WORKER_SCRIPT)
+    local_root = storage.local.root  # type: ignore[attr-defined]
+    remote_root = storage.remote.root  # type: ignore[attr-defined]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), asyncassets_server_uri, asyncassets_db.name,
+        storage.collection_name, local_root, remote_root,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until it is copying: claimed, and its temp file on the remote side
+            assert process.returncode is None, "the worker ended before it was killed"
+            entry = await entry_of(storage, doc.photo.file_id)
+            if entry["transfer"].get("worker") == "doomed" and await _temps(storage):
+                break
+            assert time.monotonic() < deadline, entry["transfer"]
+            await asyncio.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    entry = await entry_of(storage, doc.photo.file_id)
+    assert entry["transfer"]["state"] == "running" and entry["transfer"]["attempts"] == 1
+    assert await doc.photo.read() == data  # served locally meanwhile
+
+    rescuer = TransferWorker([store_of(storage)], concurrency=2, worker_id="rescuer")
+    assert (await rescuer.run_once()).transferred == 0  # the dead worker's lease holds
+    await asyncio.sleep(1.1)  # ... until it runs out
+    assert (await rescuer.run_once()).transferred == 1
+    entry = await entry_of(storage, doc.photo.file_id)
+    assert entry["transfer"]["state"] == "done" and entry["transfer"]["attempts"] == 2
+    await doc.photo.load()
+    assert doc.photo.location == "remote" and await doc.photo.read() == data
+
+    assert await _temps(storage)  # what the killed writer left
+    report = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+    assert report.temps_deleted >= 1 and report.files_deleted == 0
+    assert not await _temps(storage) and not await local_objects(storage)
+    assert await remote_objects(storage) == [entry["remote"]["key"]]
+    assert (await check(buckets=[storage.collection_name], verify=True)).ok
+
+
+async def test_a_cancelled_transfer_gives_its_claim_back_and_leaves_nothing(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    storage = queued("filesystem", "filesystem", request, tmp_path)
+    Doc = doc_class(storage)
+    doc = Doc()
+    await doc.photo.put(payload(3 * MIB, 7), filename="c.bin")
+    await doc.save()
+    store = store_of(storage)
+    slow_local_reads(store, 0.2)
+    worker = TransferWorker([store], concurrency=1, shutdown_timeout=0.1)
+    await worker.start()
+    while not await _temps(storage):  # noqa: ASYNC110  (polling the disk)
+        await asyncio.sleep(0.01)
+    stats = await worker.stop()  # the transfer outlasts the shutdown timeout
+    assert stats.released == 1 and stats.transferred == 0
+    entry = await entry_of(storage, doc.photo.file_id)
+    assert entry["transfer"]["state"] == "pending" and entry["transfer"]["attempts"] == 0
+    assert "token" not in entry["transfer"] and "worker" not in entry["transfer"]
+    assert not await _temps(storage) and not await remote_objects(storage)
+    assert (await run_all(storage)).transferred == 1
+
+
+async def test_workers_racing_for_one_file_transfer_it_once(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    storage = queued("gridfs", "s3", request, tmp_path)
+    Doc = doc_class(storage)
+    doc = Doc()
+    await doc.photo.put(payload(500 * KIB, 8), filename="one.bin")
+    await doc.save()
+    workers = [TransferWorker([store_of(storage)], concurrency=2, worker_id=f"w{i}")
+               for i in range(6)]
+    results = await asyncio.gather(*(w.run_once() for w in workers))
+    assert sum(r.transferred for r in results) == 1
+    assert sum(r.retried + r.failed + r.gone for r in results) == 0
+    entry = await entry_of(storage, doc.photo.file_id)
+    assert entry["transfer"]["attempts"] == 1
+    assert await remote_objects(storage) == [entry["remote"]["key"]]
+
+
+MODELS = '''
+from asyncassets import Document
+from asyncassets.fields import FileField
+from asyncassets.storage import FileSystemStorage, QueuedStorage, S3Storage
+
+storage = QueuedStorage(
+    local=FileSystemStorage({local!r}, fsync=False),
+    remote=S3Storage(**{remote!r}),
+    collection_name={name!r},
+)
+
+
+class RaceDoc(Document):
+    photo = FileField(storage=storage)
+    meta = {{"collection": {collection!r}}}
+'''
+
+
+async def test_workers_in_two_processes_transfer_every_file_exactly_once(
+    asyncassets_db: Any, asyncassets_server_uri: str, request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    name = f"q{next(_names)}"
+    bucket = request.getfixturevalue("asyncassets_s3_bucket")
+    remote = {**bucket.options, "prefix": f"{name}/", "part_size": 5 * MIB}
+    storage = QueuedStorage(local=FileSystemStorage(tmp_path / "spool", fsync=False),
+                            remote=S3Storage(**remote), collection_name=name)
+    Doc = doc_class(storage)
+    module = f"race_models_{name}"
+    (tmp_path / f"{module}.py").write_text(MODELS.format(
+        local=str(tmp_path / "spool"), remote=remote, name=name,
+        collection=Doc._get_collection_name()))
+    files = {}
+    for i in range(40):
+        doc = Doc()
+        await doc.photo.put(payload(20 * KIB, 100 + i), filename=f"{i}.bin")
+        await doc.save()
+        files[doc.photo.file_id] = payload(20 * KIB, 100 + i)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncassets", "--uri", asyncassets_server_uri,
+        "--db", asyncassets_db.name, "--import", module, "transfer", "--once", "-c", "4",
+        "--json", cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    store = store_of(storage)
+    try:
+        # Start racing once the other process has claimed its first file.
+        while not await store.files.find_one({"transfer.worker": {"$exists": True}}):
+            assert process.returncode is None
+            await asyncio.sleep(0.01)
+        mine = await TransferWorker([store], concurrency=4).run_once()
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    import json
+
+    theirs = json.loads(out)["stats"]
+    assert mine.transferred + theirs["transferred"] == len(files)
+    assert mine.retried + mine.failed + theirs["retried"] + theirs["failed"] == 0
+    entries = [doc async for doc in store.files.find({})]
+    assert all(e["transfer"]["state"] == "done" and e["transfer"]["attempts"] == 1
+               for e in entries)
+    assert len(await remote_objects(storage)) == len(files)
+    for file_id, data in files.items():
+        assert await store.read(await entry_of(storage, file_id)) == data
+
+
+async def test_the_in_process_worker_transfers_uploads_as_they_come(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    storage = queued("gridfs", "filesystem", request, tmp_path)
+    Doc = doc_class(storage)
+    async with asyncassets.transfers.worker(concurrency=2, poll_interval=5) as worker:
+        docs = []
+        for i in range(5):
+            doc = Doc()
+            await doc.photo.put(payload(10 * KIB, i), filename=f"{i}.txt")
+            await doc.save()
+            docs.append(doc)
+        deadline = time.monotonic() + 10
+        while worker.stats.transferred < 5:  # woken by the uploads, not by the poll
+            assert time.monotonic() < deadline, worker.stats
+            await asyncio.sleep(0.02)
+    for i, doc in enumerate(docs):
+        await doc.photo.load()
+        assert doc.photo.location == "remote"
+        assert await doc.photo.read() == payload(10 * KIB, i)
+    counts = await asyncassets.transfers.counts(buckets=[storage.collection_name])
+    assert counts[f"default:{storage.collection_name}"]["done"] == 5
+
+
+async def test_the_transfer_command_stops_gracefully_on_sigterm(
+    asyncassets_db: Any, asyncassets_server_uri: str, request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    name = f"q{next(_names)}"
+    bucket = request.getfixturevalue("asyncassets_s3_bucket")
+    remote = {**bucket.options, "prefix": f"{name}/", "part_size": 5 * MIB}
+    storage = QueuedStorage(local=FileSystemStorage(tmp_path / "spool", fsync=False),
+                            remote=S3Storage(**remote), collection_name=name)
+    Doc = doc_class(storage)
+    module = f"term_models_{name}"
+    (tmp_path / f"{module}.py").write_text(MODELS.format(
+        local=str(tmp_path / "spool"), remote=remote, name=name,
+        collection=Doc._get_collection_name()))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncassets", "--uri", asyncassets_server_uri,
+        "--db", asyncassets_db.name, "--import", module, "transfer", "--forever",
+        "--poll", "0.1", cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        doc = Doc()
+        await doc.photo.put(b"picked up by the command", filename="t.txt")
+        await doc.save()
+        deadline = time.monotonic() + 30
+        while (await entry_of(storage, doc.photo.file_id))["transfer"]["state"] != "done":
+            assert process.returncode is None and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert b"SIGTERM" in err and b"1 transferred" in out
+    assert f"{name}: 0 pending, 0 held, 0 running, 1 done, 0 failed".encode() in out
