@@ -286,6 +286,10 @@ class S3Storage(_ObjectStorage):
     :param key_template, collection_name, overwrite: as :class:`FileSystemStorage`.
     :param retry: how transient errors (timeouts, 5xx, throttling) are retried.
     :param part_size: multipart part size, at least 5 MiB (S3's minimum).
+    :param public_url: where the bucket is served publicly (a CDN, or a provider's
+        per-bucket domain such as Selectel's): ``proxy.url()`` then returns
+        ``public_url`` + the object's key, which never expires, instead of a
+        presigned URL.
     """
 
     kind = "s3"
@@ -305,7 +309,15 @@ class S3Storage(_ObjectStorage):
         overwrite: bool = False,
         retry: Retry | None = None,
         part_size: int = 8 * 1024 * 1024,
+        public_url: str | None = None,
     ) -> None:
+        if public_url is not None and (
+            not isinstance(public_url, str) or not public_url.startswith(("https://", "http://"))
+        ):
+            raise ValueError(
+                f"public_url must be an http(s) URL like 'https://cdn.example.com/', "
+                f"not {public_url!r}"
+            )
         if not isinstance(bucket, str) or not bucket:
             raise ValueError(f"bucket must be a non-empty str, not {bucket!r}")
         if not isinstance(prefix, str) or prefix.startswith("/") or ".." in prefix.split("/"):
@@ -332,6 +344,7 @@ class S3Storage(_ObjectStorage):
         self.region = region
         self._credentials = (access_key_id, secret_access_key, session_token)
         self.part_size = part_size
+        self.public_url = public_url
 
     @property
     def url(self) -> str:

@@ -21,6 +21,8 @@ check) asks this module, so the answers cannot drift apart.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +31,7 @@ __all__ = [
     "SPEC_KEYS",
     "compression_of",
     "content_type_of",
+    "content_version",
     "describe",
     "expected_digest",
     "original_length",
@@ -134,3 +137,27 @@ def describe(doc: Mapping[str, Any], bucket: str) -> str:
     name = doc.get("filename")
     named = f" ({name!r})" if name else ""
     return f"file {doc.get('_id')!r}{named} in bucket {bucket!r}"
+
+
+def content_version(doc: Mapping[str, Any]) -> tuple[str, bool]:
+    """``(hex digest, strong)``: what tells this version of a file's bytes from any other.
+
+    The SHA-256 of the original bytes when one was recorded (``strong``: equal
+    digests mean equal bytes). A legacy file without one gets a stable stand-in,
+    the SHA-256 of its id, length, upload time and ``md5``, which changes whenever
+    another upload takes the id; it is not ``strong``, as it does not come from
+    the bytes themselves. HTTP ETags and signed URLs (which a replaced file must
+    revoke) both use this, so they cannot disagree.
+    """
+    sha = original_sha256(doc)
+    if sha:
+        return sha.lower(), True
+    uploaded = doc.get("uploadDate")
+    if isinstance(uploaded, dt.datetime):
+        if uploaded.tzinfo is None:
+            uploaded = uploaded.replace(tzinfo=dt.timezone.utc)
+        when = str(int(uploaded.timestamp() * 1000))
+    else:
+        when = repr(uploaded)
+    parts = (repr(doc.get("_id")), str(original_length(doc)), when, str(doc.get("md5") or ""))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest(), False

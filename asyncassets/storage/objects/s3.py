@@ -44,11 +44,13 @@ from ...errors import KeyTaken, StorageError, StoredObjectMissing
 from ..retry import Retry
 from .blobs import BlobInfo
 
-__all__ = ["S3Blobs"]
+__all__ = ["MAX_PRESIGN_SECONDS", "S3Blobs", "public_object_url"]
 
 T = TypeVar("T")
 
 MIN_PART_SIZE = 5 * 1024 * 1024
+#: The longest a SigV4 presigned URL may last: 7 days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 #: S3's limit on the number of parts of one upload.
 MAX_PARTS = 10_000
 _INSTALL_HINT = "S3Storage needs the s3 extra: pip install 'asyncassets[s3]'"
@@ -227,6 +229,8 @@ class S3Blobs:
             # Our Retry decides, with resumption of ranged reads; not botocore.
             retries={"total_max_attempts": 1, "mode": "standard"},
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+            # Presigned URLs too (botocore may presign with SigV2 otherwise).
+            signature_version="s3v4",
         )
         region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region is None and self.endpoint_url:
@@ -453,6 +457,51 @@ class S3Blobs:
         )
         return True
 
+    async def presigned_get(
+        self,
+        key: str,
+        *,
+        expires: int,
+        content_type: str | None = None,
+        content_disposition: str | None = None,
+        content_encoding: str | None = None,
+    ) -> str:
+        """A SigV4 presigned GET URL of the object under ``key``, valid ``expires`` seconds.
+
+        No request is made: the URL is signed locally with the storage's
+        credentials. The ``content_*`` values are sent back by S3 as the response's
+        headers (``response-content-type``... query parameters, covered by the
+        signature).
+
+        :raises ValueError: ``expires`` is not between 1 second and 7 days.
+        :raises StorageError: no credentials to sign with.
+        """
+        if isinstance(expires, bool) or not isinstance(expires, int):
+            raise TypeError(f"expires must be an int of seconds, not {type(expires).__name__}")
+        if not 0 < expires <= MAX_PRESIGN_SECONDS:
+            raise ValueError(
+                f"an S3 presigned URL lasts 1 second to 7 days ({MAX_PRESIGN_SECONDS} s), "
+                f"not {expires} s; sign a shorter one, or configure S3Storage(public_url=...) "
+                "for URLs that do not expire"
+            )
+        params: dict[str, str] = {"Bucket": self.bucket, "Key": self._full_key(key)}
+        for name, value in (
+            ("ResponseContentType", content_type),
+            ("ResponseContentDisposition", content_disposition),
+            ("ResponseContentEncoding", content_encoding),
+        ):
+            if value is not None:
+                params[name] = value
+
+        async def sign(client: Any) -> str:
+            return str(
+                await client.generate_presigned_url(
+                    "get_object", Params=params, ExpiresIn=expires, HttpMethod="GET"
+                )
+            )
+
+        return await self._call("presign", key, sign)
+
     def list(self) -> AsyncIterator[BlobInfo]:
         """Every object under the prefix (ListObjectsV2, page by page); keys relative to it.
 
@@ -491,6 +540,17 @@ class S3Blobs:
         except StoredObjectMissing:
             return None
         return str(head.get("ETag", "")).strip('"')
+
+
+def public_object_url(base_url: str, full_key: str) -> str:
+    """``base_url`` joined with the object's key (each segment percent-encoded).
+
+    For a bucket served publicly or through a CDN (``S3Storage(public_url=...)``):
+    ``base_url`` addresses the bucket's root, so the key includes the prefix.
+    """
+    from urllib.parse import quote
+
+    return base_url.rstrip("/") + "/" + quote(full_key, safe="/")
 
 
 class _ShortBody(Exception):
