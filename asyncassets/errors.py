@@ -46,11 +46,16 @@ __all__ = [
     "KeyTaken",
     "PendingFileMissing",
     "PillowMissing",
+    "SignatureInvalid",
+    "SignedURLError",
     "StorageError",
     "StoredObjectMissing",
     "TransferFailed",
+    "URLExpired",
+    "URLsNotConfigured",
     "UploadClosed",
     "UploadInterrupted",
+    "WebExtraMissing",
     "WrongEventLoop",
 ]
 
@@ -249,6 +254,41 @@ class KeyTaken(StorageError):
     """An object already exists under the key, and overwriting was not allowed."""
 
 
+class WebExtraMissing(AsyncAssetsError, ImportError):
+    """:mod:`asyncassets.web` was imported but Starlette is not installed.
+
+    ``pip install 'asyncassets[web]'`` installs it.
+    """
+
+
+class SignedURLError(AsyncAssetsError):
+    """Base class of the errors of signed file URLs (``proxy.url()``, ``files_app``)."""
+
+
+class URLsNotConfigured(SignedURLError, RuntimeError):
+    """``proxy.url()`` was called for a GridFS or directory file with no signing key set.
+
+    Such URLs point at :func:`asyncassets.web.files_app`; mount it (which sets the
+    key) or call :func:`asyncassets.web.configure_urls` first.
+    """
+
+
+class SignatureInvalid(SignedURLError, ValueError):
+    """A signed URL's token is malformed, was altered, or was signed with an unknown key."""
+
+
+class URLExpired(SignedURLError):
+    """A signed URL's expiry has passed.
+
+    :ivar expired_at: when it expired (seconds since the epoch).
+    """
+
+    def __init__(self, message: str, *, expired_at: int) -> None:
+        super().__init__(message)
+        self.expired_at = expired_at
+
+
+
 class AssetNotFound(AsyncAssetsError, KeyError):
     """No asset has this id in the asset manager's catalogue (also a ``KeyError``).
 
@@ -307,3 +347,4 @@ class TransferFailed(StorageError):
         super().__init__(message, storage=storage, key=key)
         self.file_id = file_id
         self.state = state
+
