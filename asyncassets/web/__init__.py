@@ -1,0 +1,27 @@
+"""Serving stored files over HTTP (needs ``pip install 'asyncassets[web]'``, Starlette).
+
+* :class:`FileResponse`: any file field's file as a response, with ranges,
+  ETag/304, ``HEAD`` and ``Content-Disposition``;
+* :func:`files_app`: an ASGI app serving the signed URLs of ``proxy.url()``;
+* :func:`configure_urls`: the signing key and base URL, for processes that make
+  URLs without mounting the app.
+
+See :doc:`/serving`.
+"""
+
+from __future__ import annotations
+
+try:
+    import starlette  # noqa: F401
+except ImportError as exc:  # the `web` extra is not installed
+    from ..errors import WebExtraMissing
+
+    raise WebExtraMissing(
+        "asyncassets.web needs Starlette: pip install 'asyncassets[web]'"
+    ) from exc
+
+from ..files.urls import configure_urls
+from .app import files_app
+from .response import FileResponse
+
+__all__ = ["FileResponse", "configure_urls", "files_app"]

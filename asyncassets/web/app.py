@@ -1,0 +1,138 @@
+"""``files_app``: the ASGI app that serves signed file URLs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, Router
+
+from ..connection import get_db
+from ..errors import SignatureInvalid, StorageError, URLExpired
+from ..files.urls import configure_urls, read_token, url_config
+from ..ops.scope import declared_storages
+from ..storage import GridFSStorage, Storage
+from ..storage.catalogue import content_version
+from ..storage.objects.store import location_key
+from .response import DEFAULT_MAX_RANGES, FileResponse
+
+__all__ = ["MAX_CACHE_SECONDS", "files_app"]
+
+#: Longest a browser is told to keep a file fetched through a signed URL.
+MAX_CACHE_SECONDS = 86400
+
+
+def _refuse(status: int, text: str) -> Response:
+    return PlainTextResponse(f"{text}\n", status_code=status, headers={"cache-control": "no-store"})
+
+
+class _Storages:
+    """Which storage holds each catalogue: the ones given, else the declared ones."""
+
+    def __init__(self, given: Iterable[Storage]) -> None:
+        self._given = {storage.collection_name: storage for storage in given}
+        self._declared: dict[tuple[str, str], Storage] | None = None
+
+    def find(self, alias: str, collection: str) -> Storage:
+        if collection in self._given:
+            return self._given[collection]
+        if self._declared is None or (alias, collection) not in self._declared:
+            # Declared lazily, and again on a miss: document classes may be
+            # defined after the app was built.
+            self._declared = declared_storages()
+        return self._declared.get((alias, collection)) or GridFSStorage(collection)
+
+
+def files_app(
+    secret: str | bytes | Iterable[str | bytes] | None = None,
+    *,
+    base_url: str = "/files",
+    window: float | None = None,
+    storages: Iterable[Storage] = (),
+    cache_control: str | None = None,
+    max_ranges: int = DEFAULT_MAX_RANGES,
+) -> Router:
+    """An ASGI app serving the URLs ``proxy.url()`` makes for GridFS and directory files.
+
+    .. code-block:: python
+
+        app.mount("/files", files_app(secret=SECRET, base_url="/files"))
+        url = await animal.photo.url(expires=3600)      # "/files/<token>"
+
+    Mount it at ``base_url`` (or give the absolute URL it is reached at, behind a
+    proxy or on another host). Building it sets the process-wide signing
+    configuration (:func:`~asyncassets.files.urls.configure_urls`), unless
+    ``secret`` is ``None``, in which case the one already configured is used.
+
+    Each request's token is checked before any I/O: altered or signed with an
+    unknown key, or expired: ``403``. Then the file is looked up: deleted since:
+    ``404``; holding other bytes than when signed (revoked by replacing them):
+    ``403``. Otherwise the file is served by :class:`FileResponse` (ranges,
+    ETag, 304...), inline or as an attachment as the URL says.
+
+    :param secret: the HMAC key, or several to rotate (the first signs).
+    :param base_url: where the app is mounted, as URLs should name it.
+    :param window: expiry rounding, see :func:`~asyncassets.files.urls.configure_urls`.
+    :param storages: the storages of catalogues not declared by a document class
+        of this process (by default each catalogue's declared storage is used, and
+        an undeclared one is taken to be a GridFS bucket).
+    :param cache_control: ``Cache-Control`` of the files served; by default
+        ``private, max-age=<seconds until the URL expires, at most a day>``: the
+        URL's file cannot change without the URL being refused.
+    :param max_ranges: see :class:`FileResponse`.
+    :raises ValueError: a secret shorter than 16 bytes.
+    :raises URLsNotConfigured: ``secret`` is ``None`` and none is configured.
+    """
+    if secret is not None:
+        configure_urls(
+            secret if isinstance(secret, (str, bytes)) else list(secret),
+            base_url=base_url,
+            window=window,
+        )
+    elif url_config() is None:
+        from ..errors import URLsNotConfigured
+
+        raise URLsNotConfigured(
+            "files_app() needs a secret=..., or configure_urls(...) called before it"
+        )
+    known = _Storages(storages)
+
+    async def serve(request: Request) -> Response:
+        config = url_config()
+        assert config is not None
+        try:
+            claims = read_token(request.path_params["token"], config.keys)
+        except SignatureInvalid:
+            return _refuse(403, "Forbidden: this link is not valid.")
+        except URLExpired:
+            return _refuse(403, "Forbidden: this link has expired.")
+        storage = known.find(claims.alias, claims.collection)
+        store = storage.bind(get_db(claims.alias))
+        doc = await store.find(claims.file_id)
+        if doc is None:
+            return _refuse(404, "Not Found: the file was deleted.")
+        if isinstance(storage, GridFSStorage) and location_key(doc) is not None:
+            raise StorageError(
+                f"catalogue {claims.collection!r} (alias {claims.alias!r}) holds files of a "
+                "directory or S3 storage, and no document class of this process declares "
+                "which: pass files_app(storages=[...]) naming it",
+                storage=claims.collection,
+            )
+        if content_version(doc)[0] != claims.version:
+            return _refuse(403, "Forbidden: the file changed since this link was made.")
+        policy = cache_control
+        if policy is None:
+            left = max(0, min(MAX_CACHE_SECONDS, int(claims.expires - time.time())))
+            policy = f"private, max-age={left}"
+        options: dict[str, Any] = {
+            "download": claims.download,
+            "filename": claims.filename,
+            "cache_control": policy,
+            "max_ranges": max_ranges,
+        }
+        return FileResponse.for_entry(store, doc, request=request, **options)
+
+    return Router(routes=[Route("/{token}", serve, methods=["GET", "HEAD"])])
