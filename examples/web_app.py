@@ -1,0 +1,264 @@
+"""A small media site on asyncassets and Starlette: upload, gallery, playback, download.
+
+One command starts it on a throwaway local database server::
+
+    pip install -e '.[examples]'
+    python examples/web_app.py            # then open http://127.0.0.1:8000/
+
+What it shows:
+
+* an upload form whose validation errors (not an image, too big, no title) are
+  shown beside the fields: ``ImageField`` and ``FileField`` rules do the checking;
+* a gallery of thumbnails made by ``ImageField``, served by ``FileResponse``,
+  which browsers revalidate with a 304 on the next visit;
+* a video/audio page whose player seeks: ``FileResponse`` answers its Range
+  requests, reading only those bytes;
+* download links signed with ``proxy.url(download=True)``, served by
+  ``files_app`` mounted at ``/files``.
+
+``create_app(uri)`` builds the app for any MongoDB URI (the tests run it under
+uvicorn and drive it with a real browser).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+
+import asyncassets
+from asyncassets import Document, DoesNotExist, FileValidationError, ValidationError
+from asyncassets.fields import FileField, ImageField, StringField
+from asyncassets.web import FileResponse, files_app
+
+MIB = 1024 * 1024
+
+
+class Photo(Document):
+    title = StringField(required=True, max_length=80)
+    image = ImageField(
+        size=(1600, 1600, False),
+        thumbnail_size=(240, 180, True),
+        max_size=20 * MIB,
+        collection_name="example_images",
+    )
+    meta = {"collection": "example_photos"}
+
+
+class Clip(Document):
+    title = StringField(required=True, max_length=80)
+    media = FileField(
+        collection_name="example_media",
+        max_size=200 * MIB,
+        allowed_content_types=["video/*", "audio/*"],
+    )
+    meta = {"collection": "example_clips"}
+
+
+# -- pages -------------------------------------------------------------------------
+
+STYLE = """
+body { font: 15px/1.4 system-ui, sans-serif; margin: 0; color: #222; background: #fafafa; }
+header { background: #234; color: #fff; padding: 10px 24px; }
+header a { color: #fff; margin-right: 18px; text-decoration: none; }
+main { padding: 16px 24px; max-width: 900px; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { background: #fff; border: 1px solid #ddd; padding: 6px; width: 240px; }
+.card img { display: block; width: 240px; height: 180px; }
+form { background: #fff; border: 1px solid #ddd; padding: 12px; margin-bottom: 16px; }
+label { display: block; margin: 6px 0; }
+.error { color: #b00020; font-weight: 600; }
+a.button { background: #234; color: #fff; padding: 6px 12px; text-decoration: none; }
+"""
+
+
+def page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><header><a href='/'>Gallery</a>"
+        f"<a href='/upload'>Upload</a></header><main><h1>{html.escape(title)}</h1>{body}"
+        "</main></body></html>",
+        status_code=status,
+    )
+
+
+def upload_form(errors: dict[str, str] | None = None, values: dict[str, str] | None = None) -> str:
+    errors, values = errors or {}, values or {}
+
+    def error(name: str) -> str:
+        message = errors.get(name)
+        return (
+            f"<div class='error' id='{name}-error'>{html.escape(message)}</div>" if message else ""
+        )
+
+    def form(kind: str, what: str, accept: str) -> str:
+        title = html.escape(values.get(f"{kind}_title", ""))
+        return (
+            f"<form method='post' action='/upload' enctype='multipart/form-data' id='{kind}-form'>"
+            f"<h2>{what}</h2><input type='hidden' name='kind' value='{kind}'>"
+            f"<label>Title <input name='title' value='{title}'></label>{error(f'{kind}_title')}"
+            f"<label>File <input type='file' name='file' accept='{accept}'></label>"
+            f"{error(f'{kind}_file')}<button type='submit'>Upload</button></form>"
+        )
+
+    return form("photo", "A photo", "image/*") + form(
+        "clip", "A video or audio clip", "video/*,audio/*"
+    )
+
+
+async def gallery(request: Request) -> Response:
+    photos = await Photo.objects.order_by("-id").load_files("image").to_list()
+    clips = await Clip.objects.order_by("-id").load_files("media").to_list()
+    cards = "".join(
+        f"<div class='card'><a href='/photos/{p.pk}'><img src='/photos/{p.pk}/thumbnail' "
+        f"alt='{html.escape(p.title)}' width='240' height='180'></a>{html.escape(p.title)}</div>"
+        for p in photos
+    )
+    listing = "".join(
+        f"<li><a href='/clips/{c.pk}'>{html.escape(c.title)}</a> "
+        f"({html.escape(c.media.content_type or '?')}, {c.media.length:,} bytes)</li>"
+        for c in clips
+    )
+    body = (
+        f"<h2>Photos</h2><div class='grid'>{cards or 'No photo yet.'}</div>"
+        f"<h2>Clips</h2><ul>{listing or '<li>No clip yet.</li>'}</ul>"
+    )
+    return page("Gallery", body)
+
+
+async def upload(request: Request) -> Response:
+    if request.method == "GET":
+        return page("Upload", upload_form())
+    async with request.form(max_files=1, max_fields=10) as form:
+        kind = str(form.get("kind", "photo"))
+        title = str(form.get("title", "")).strip()
+        file = form.get("file")
+        errors: dict[str, str] = {}
+        if not title:
+            errors[f"{kind}_title"] = "Give it a title."
+        if not isinstance(file, UploadFile) or not file.filename:
+            errors[f"{kind}_file"] = "Choose a file."
+        if not errors:
+            assert isinstance(file, UploadFile)
+            doc: Any = Photo(title=title) if kind == "photo" else Clip(title=title)
+            proxy = doc.image if kind == "photo" else doc.media
+            try:
+                # FileField reads the upload in pieces; ImageField checks it is an image.
+                await proxy.put(file, content_type=file.content_type, filename=file.filename)
+                await doc.save()
+            except FileValidationError as exc:
+                errors[f"{kind}_file"] = str(exc).split(": ", 1)[-1]
+    if errors:
+        values = {f"{kind}_title": title}
+        return page("Upload", upload_form(errors, values), status=400)
+    target = f"/photos/{doc.pk}" if kind == "photo" else f"/clips/{doc.pk}"
+    return RedirectResponse(target, status_code=303)
+
+
+async def photo_page(request: Request) -> Response:
+    photo = await Photo.objects.get(pk=request.path_params["pk"])
+    await photo.image.load()
+    download = await photo.image.url(expires=3600, download=True)
+    body = (
+        f"<p><img src='/photos/{photo.pk}/image' alt='{html.escape(photo.title)}' "
+        f"style='max-width: 100%'></p><p>{photo.image.width} x {photo.image.height} "
+        f"{html.escape(photo.image.format or '')}, {photo.image.length:,} bytes. "
+        f"<a class='button' id='download' href='{html.escape(download or '')}'>Download</a> "
+        "(a signed link, valid for an hour)</p>"
+    )
+    return page(photo.title, body)
+
+
+async def clip_page(request: Request) -> Response:
+    clip = await Clip.objects.get(pk=request.path_params["pk"])
+    await clip.media.load()
+    tag = "audio" if (clip.media.content_type or "").startswith("audio/") else "video"
+    download = await clip.media.url(expires=3600, download=True)
+    body = (
+        f"<{tag} id='player' controls preload='metadata' src='/clips/{clip.pk}/media' "
+        f"style='width: 100%'></{tag}><p>{html.escape(clip.media.content_type or '')}, "
+        f"{clip.media.length:,} bytes. <a class='button' id='download' "
+        f"href='{html.escape(download or '')}'>Download</a> (a signed link, valid for an hour)</p>"
+    )
+    return page(clip.title, body)
+
+
+# -- files -------------------------------------------------------------------------
+
+
+async def photo_image(request: Request) -> Response:
+    photo = await Photo.objects.get(pk=request.path_params["pk"])
+    return FileResponse(photo.image, request)
+
+
+async def photo_thumbnail(request: Request) -> Response:
+    photo = await Photo.objects.get(pk=request.path_params["pk"])
+    await photo.image.load()  # the thumbnail's id is in the image's metadata
+    if photo.image.thumbnail is None:
+        return Response("no thumbnail", status_code=404)
+    return FileResponse(photo.image.thumbnail, request)
+
+
+async def clip_media(request: Request) -> Response:
+    clip = await Clip.objects.get(pk=request.path_params["pk"])
+    return FileResponse(clip.media, request)
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return page("Not found", "<p>There is nothing here.</p>", status=404)
+
+
+def create_app(uri: str, *, secret: str | None = None) -> Starlette:
+    """The app, on the MongoDB database named in ``uri`` (connected at start-up).
+
+    :param secret: the key signing download links; a random one by default (links
+        then stop working when the process restarts).
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        asyncassets.connect(uri)
+        try:
+            yield
+        finally:
+            await asyncassets.disconnect()
+
+    return Starlette(
+        routes=[
+            Route("/", gallery),
+            Route("/upload", upload, methods=["GET", "POST"]),
+            Route("/photos/{pk}", photo_page),
+            Route("/photos/{pk}/image", photo_image, methods=["GET", "HEAD"]),
+            Route("/photos/{pk}/thumbnail", photo_thumbnail, methods=["GET", "HEAD"]),
+            Route("/clips/{pk}", clip_page),
+            Route("/clips/{pk}/media", clip_media, methods=["GET", "HEAD"]),
+            Mount("/files", files_app(secret=secret or secrets.token_urlsafe(32))),
+        ],
+        exception_handlers={404: not_found, DoesNotExist: not_found, ValidationError: not_found},
+        lifespan=lifespan,
+    )
+
+
+def main() -> None:
+    import uvicorn
+
+    from asyncassets.embedded import EmbeddedServer
+
+    port = int(os.environ.get("PORT", "8000"))
+    with EmbeddedServer() as server:  # in memory: everything is gone when it stops
+        print(f"database: {server.kind} at {server.uri} (in memory)")
+        print(f"open http://127.0.0.1:{port}/  (Ctrl-C stops it)")
+        uvicorn.run(create_app(server.uri + "media_site"), host="127.0.0.1", port=port)
+
+
+if __name__ == "__main__":
+    main()
