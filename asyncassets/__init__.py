@@ -31,6 +31,7 @@ from mongoengine.errors import (
 )
 
 from . import transfers
+from .assets import Asset, AssetManager
 from .connection import connect, disconnect, disconnect_all, get_client, get_db
 from .document import (
     Document,
@@ -39,6 +40,8 @@ from .document import (
     EmbeddedDocument,
 )
 from .errors import (
+    AssetExists,
+    AssetNotFound,
     AsyncAssetsError,
     ChecksumMissing,
     CorruptFile,
@@ -61,6 +64,10 @@ from .queryset import Q, QuerySet
 __version__ = "0.1.0"
 
 __all__ = [
+    "Asset",
+    "AssetExists",
+    "AssetManager",
+    "AssetNotFound",
     "AsyncAssetsError",
     "CheckReport",
     "ChecksumMissing",

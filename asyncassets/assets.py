@@ -190,7 +190,9 @@ class AssetManager:
         an asset added without one gets a new hex id.
     :param indexes: metadata keys (or entry names: ``uploaded``, ``size``...) to
         index, each a name or a sequence of names for a compound index, ``-``
-        for descending: ``["gallery_id", ("gallery_id", "-uploaded")]``.
+        for descending: ``["gallery_id", ("gallery_id", "-uploaded")]``. A
+        compound index ends with ``_id``, the tie-breaker of sorted searches, so
+        it gives their order without sorting.
     :param on_conflict: what :meth:`add` does with a taken id: ``"rename"`` (the
         default, as quantumcore: ``name-2.jpg``) or ``"error"``
         (:class:`~asyncassets.errors.AssetExists`).
@@ -241,7 +243,12 @@ class AssetManager:
             keys = [spec] if isinstance(spec, str) else list(spec)
             if not keys:
                 raise ValueError("indexes= takes names or non-empty sequences of names")
-            self.indexes.append(entry_sort(keys, bare="metadata", names=_NAMES))
+            index = entry_sort(keys, bare="metadata", names=_NAMES)
+            if len(index) > 1:
+                # A compound index serves a filter and a sort; sorted searches break
+                # ties by _id, which the index must end with to give the order itself.
+                index.append(("_id", 1))
+            self.indexes.append(index)
         _managers.add(self)
 
     def __repr__(self) -> str:
@@ -846,29 +853,22 @@ class AssetSearch:
         return self._copy(skip=(number - 1) * size, limit=size)
 
     def hint(self, index: str | Sequence[tuple[str, int]]) -> AssetSearch:
-        """Make the server use this index (its name or its keys) for the search."""
+        """Make the server use this index (its name or its keys) for the search.
+
+        Rarely needed: the server picks a declared index by itself. (SecantusDB
+        runs hinted queries far slower than it plans them itself.)
+        """
         return self._copy(hint=index)
 
-    def _index(self) -> Any:
-        """The index to hint: the one asked for, else the first declared index whose
-        first key the query has a condition on. A planner weighing several
-        conditions may scan the collection instead (SecantusDB does); a declared
-        index was declared to be used."""
-        if self._hint is not None:
-            return self._hint
-        for keys in self._manager.indexes:
-            if keys[0][0] in self.query:
-                return keys
-        return None
+    def _options(self) -> dict[str, Any]:
+        return {} if self._hint is None else {"hint": self._hint}
 
     def _cursor(self, store: Store) -> Any:
         # _id breaks ties, so pages never overlap or skip an asset.
         sort = [*self._sort, ("_id", 1)] if self._sort else None
-        options: dict[str, Any] = {"sort": sort, "skip": self._skip, "limit": self._limit}
-        index = self._index()
-        if index is not None:
-            options["hint"] = index
-        return store.files.find(self.query, **options)
+        return store.files.find(
+            self.query, sort=sort, skip=self._skip, limit=self._limit, **self._options()
+        )
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
@@ -894,9 +894,7 @@ class AssetSearch:
     async def count(self) -> int:
         """How many assets match (``skip`` and ``limit`` ignored)."""
         store = self._manager._store()
-        index = self._index()
-        options = {} if index is None else {"hint": index}
-        return int(await store.files.count_documents(self.query, **options))
+        return int(await store.files.count_documents(self.query, **self._options()))
 
     async def explain(self) -> dict[str, Any]:
         """The server's plan for this search (``queryPlanner.winningPlan``...)."""

@@ -246,11 +246,13 @@ def _file_path(document: Any, key: str) -> tuple[str, FileField, list[str]] | No
         if field is None:
             return None
         path.append(field.db_field)
+        listed = False
         while isinstance(field, ListField) and field.field is not None:
-            field = field.field
+            field, listed = field.field, True
         if isinstance(field, FileField):
             rest = parts[index + 1 :]
-            if not rest or rest[0] in _OPERATORS:
+            # ``size`` is the file's on a FileField, the list's ($size) on a list of them.
+            if not rest or (rest[0] in _OPERATORS and (listed or rest[0] != "size")):
                 return None  # a condition on the stored id (photo__in=[...]), as ever
             return ".".join(path), field, rest
         if isinstance(field, EmbeddedDocumentField):
@@ -311,17 +313,44 @@ def mark_file_conditions(node: QNode, document: Any) -> QNode:
     return Q(**plain, __raw__={"$and": raw})
 
 
+_LOGICAL = frozenset({"$and", "$or", "$nor"})
+
+
+def _has_match(value: Any) -> bool:
+    if isinstance(value, FileMatch):
+        return True
+    if isinstance(value, dict):
+        return any(_has_match(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_match(v) for v in value)
+    return False
+
+
 async def _resolve(value: Any, cache: dict[int, Any]) -> Any:
-    """``value`` (a filter, or part of one) with every FileMatch as ``{"$in": ids}``."""
+    """``value`` (a filter, or part of one) with every FileMatch as ``{"$in": ids}``.
+
+    The ``$in`` conditions go after the others of their level: a server that
+    evaluates conditions in order (SecantusDB) then compares a document against
+    the list of ids only once its cheap conditions passed (it was 45 times slower
+    the other way round, for 2,000 documents and 1,800 ids).
+    """
     if isinstance(value, FileMatch):
         key = id(value)
         if key not in cache:
             cache[key] = {"$in": await value.ids()}
         return cache[key]
     if isinstance(value, dict):
-        return {k: await _resolve(v, cache) for k, v in value.items()}
+        # Only keys holding a placeholder move (stable sort): a $sort or $project
+        # spec keeps its order.
+        items = sorted(value.items(), key=lambda item: _has_match(item[1]))
+        resolved: dict[str, Any] = {}
+        for key, item in items:
+            if key in _LOGICAL and isinstance(item, list):
+                item = sorted(item, key=_has_match)  # the clauses of $and: order is free
+            resolved[key] = await _resolve(item, cache)
+        return resolved
     if isinstance(value, list):
-        return [await _resolve(v, cache) for v in value]
+        return [await _resolve(v, cache) for v in value]  # a pipeline keeps its order
     return value
 
 
