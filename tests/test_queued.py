@@ -697,3 +697,36 @@ async def test_the_transfer_command_stops_gracefully_on_sigterm(
     assert process.returncode == 0, err.decode()
     assert b"SIGTERM" in err and b"1 transferred" in out
     assert f"{name}: 0 pending, 0 held, 0 running, 1 done, 0 failed".encode() in out
+
+
+async def test_a_local_copy_left_after_the_switch_is_found_and_swept(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    for local_kind in ("gridfs", "filesystem"):
+        storage = queued(local_kind, "filesystem", request, tmp_path)
+        Doc = doc_class(storage)
+        doc = Doc()
+        data = payload(150 * KIB, 9)
+        await doc.photo.put(data, filename="left.bin")
+        await doc.save()
+        store = store_of(storage)
+
+        async def dies_first(*args: Any, **kwargs: Any) -> None:
+            raise OSError("the worker died before it deleted the local copy")
+
+        store._delete_copies = dies_first  # type: ignore[method-assign]
+        claim = await store.claim("dying")
+        assert claim is not None
+        assert (await store.run(claim)).status == "done"
+        assert await local_objects(storage)  # left behind, named by no entry
+        report = await check(buckets=[storage.collection_name])
+        assert not report.ok
+        assert report.orphaned_chunks if local_kind == "gridfs" else report.orphaned_objects
+        await asyncio.sleep(1.1)  # ObjectIds and S3 times are whole seconds: read as the end
+        swept = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+        assert swept.files_deleted == 0
+        assert swept.chunks_deleted if local_kind == "gridfs" else swept.objects_deleted
+        assert not await local_objects(storage)
+        assert (await check(buckets=[storage.collection_name], verify=True)).ok
+        await doc.photo.load()
+        assert doc.photo.location == "remote" and await doc.photo.read() == data

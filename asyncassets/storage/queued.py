@@ -521,7 +521,7 @@ class QueuedStore:
             await self.local.delete_chunks(file_id)
         if doc is None:
             return False
-        await self._delete_copies(doc, local=True)
+        await self._delete_copies(doc, local=not isinstance(self.local, GridBucket))
         return True
 
     async def _delete_copies(self, doc: Mapping[str, Any], *, local: bool) -> None:
@@ -704,7 +704,7 @@ class QueuedStore:
         """
         entry = claim.entry
         blobs = self.remote.blobs
-        key = await self._free_remote_key(entry)
+        key = await self._free_remote_key(entry, first=claim.attempt == 1)
         writer = blobs.open_writer(key)
         committed = False
         try:
@@ -754,12 +754,16 @@ class QueuedStore:
             if key is not None:
                 await self.remote.blobs.delete(key)
 
-    async def _free_remote_key(self, entry: Mapping[str, Any]) -> str:
+    async def _free_remote_key(self, entry: Mapping[str, Any], *, first: bool = False) -> str:
+        keys = self.storage.remote_place.keys
         base = entry.get("transfer", {}).get("key")
         if not isinstance(base, str):
-            base = self.storage.remote_place.keys.make(
-                file_id=entry["_id"], filename=entry.get("filename")
-            )
+            base = keys.make(file_id=entry["_id"], filename=entry.get("filename"))
+        elif first and keys.always_unique:
+            # A new key ({uuid}/{id}) on a first attempt: no earlier attempt can have
+            # left an object under it, and no one else makes it. (A taken key would
+            # still fail the commit, never overwrite.)
+            return base
         for attempt in range(_KEY_ATTEMPTS):
             candidate = base if attempt == 0 else KeyMaker.variant(base, attempt + 1)
             if await self.files.find_one({"remote.key": candidate}, {"_id": 1}) is not None:
