@@ -632,12 +632,12 @@ async def test_a_file_replaced_mid_response_never_mixes_two_files(
 ) -> None:
     # The file is replaced (which deletes the old one) as soon as the first bytes
     # went out. A reader that goes back to storage for more (the second part of a
-    # multipart response opens a new read) finds the old file gone and raises, so
-    # the server closes the connection short of Content-Length. A reader that
-    # still holds the old bytes (an open file; a cursor the server keeps on a
-    # snapshot) ends them. Either way: bytes of the old file only.
+    # multipart response opens a new read; GridFS past its first 4 MiB batch)
+    # finds the old file gone and raises, so the server closes the connection
+    # short of Content-Length. A reader that still holds the old bytes (an open
+    # file; a batch already fetched) ends them. Either way: bytes of the old file.
     storage = make_storage(kind, request, tmp_path)
-    big = os.urandom(6 * 1024 * 1024 + 5)
+    big = os.urandom(3 * 1024 * 1024 + 5)
     async with serve_file(storage, big) as s:
         fresh = await type(s.doc).objects.get(pk=s.doc.pk)
         replaced = False
