@@ -88,7 +88,7 @@ class TransferStats:
     #: Claims given back unfinished at shutdown.
     released: int = 0
     #: Bytes copied by the transfers that were switched.
-    bytes: int = 0
+    copied_bytes: int = 0
     #: Seconds spent in transfers (summed over concurrent ones).
     seconds: float = 0.0
     #: The last errors of failed attempts, ``(file id, error)``, at most 20.
@@ -99,7 +99,7 @@ class TransferStats:
         self.seconds += outcome.seconds
         if outcome.status == "done":
             self.transferred += 1
-            self.bytes += outcome.length
+            self.copied_bytes += outcome.length
         elif outcome.status == "retry":
             self.retried += 1
         elif outcome.status == "failed":
@@ -112,7 +112,7 @@ class TransferStats:
 
     def __str__(self) -> str:
         return (
-            f"{self.transferred} transferred ({self.bytes} bytes), {self.retried} to retry, "
+            f"{self.transferred} transferred ({self.copied_bytes} bytes), {self.retried} to retry, "
             f"{self.failed} failed, {self.gone} gone, {self.released} released"
         )
 
@@ -314,7 +314,8 @@ def worker(
         async with asyncassets.transfers.worker(concurrency=4):
             ...
 
-    :param buckets, alias: serve only these catalogues / this alias.
+    :param buckets: serve only these catalogues (``collection_name``).
+    :param alias: serve only the catalogues of this connection alias.
     :returns: a :class:`TransferWorker`, started by ``async with`` (or
         :meth:`~TransferWorker.start`) and stopped gracefully when the block ends.
     """

@@ -135,7 +135,7 @@ async def test_an_upload_is_served_locally_then_transferred_and_served_remotely(
     assert await doc.photo.read() == data
 
     stats = await run_all(storage)
-    assert stats.transferred == 1 and stats.bytes == len(data)
+    assert stats.transferred == 1 and stats.copied_bytes == len(data)
 
     entry = await entry_of(storage, doc.photo.file_id)
     assert entry["transfer"]["state"] == "done" and entry["transfer"]["attempts"] == 1

@@ -92,7 +92,7 @@ async def cmd_transfer(ctx: Any) -> int:
         print_json({
             "retried_failed": retried,
             "stats": {k: getattr(stats, k) for k in ("transferred", "retried", "failed",
-                                                     "gone", "released", "bytes", "seconds")},
+                                                     "gone", "released", "copied_bytes", "seconds")},
             "errors": [{"file_id": str(i), "error": str(e)} for i, e in stats.errors],
             "counts": counts,
         })
