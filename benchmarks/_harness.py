@@ -221,17 +221,19 @@ def log(msg: str) -> None:
 Progress = Callable[[str], None]
 
 
-# glibc's malloc in the server process: a fixed mmap threshold (32 MiB, glibc's
-# ceiling for its dynamic one) and a high trim threshold. Left dynamic, the threshold
-# and heap trimming depend on what the server process allocated and freed before, and
-# SecantusDB (Python) builds a 16 MiB reply for each of raw PyMongo's default
-# 64-chunk GridFS batches: in some server processes every such reply was mapped
-# fresh (12,209 minor page faults and about 28 ms of extra system time per 32 MiB
-# read), in others none was, for the life of the process. Raw's stream reads then
-# took 85 to 92 ms or 51 to 63 ms per 32 MiB depending on which server a run got,
-# and the stream-read ratio swung between runs (0.95x to 1.44x median, see
-# docs/performance.rst). Pinned, every server process behaves the same.
+# glibc's malloc in the server process: one arena, a fixed mmap threshold (32 MiB,
+# glibc's ceiling for its dynamic one) and a high trim threshold. SecantusDB (Python)
+# builds a 16 MiB reply for each of raw PyMongo's default 64-chunk GridFS batches.
+# With glibc's defaults, some server processes mapped those buffers fresh for every
+# reply (12,209 minor page faults and about 28 ms of extra system time per 32 MiB
+# read) and others never did, for the life of the process: raw's stream reads took 85
+# to 92 ms or 51 to 63 ms per 32 MiB depending on which server a run got, and the
+# stream-read ratio swung between runs (medians 0.95x to 1.44x). The thresholds alone
+# settled 32 MiB files, not 64 MiB ones (12,250 faults per raw read, in the threads'
+# own arenas); with one arena, raw's reads fault 2 to 4 times per 64 MiB. See
+# docs/performance.rst.
 SERVER_MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_THRESHOLD_": str(32 * MiB),
     "MALLOC_TRIM_THRESHOLD_": str(256 * MiB),
 }

@@ -148,7 +148,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-pin-server-malloc",
         dest="pin_server_malloc",
         action="store_false",
-        help="start the server with glibc's dynamic malloc thresholds (pinned by default: "
+        help="start the server with glibc's default malloc settings (pinned by default: "
         "left dynamic, raw PyMongo's 16 MiB GridFS batches page-fault in some server "
         "processes and not in others; see _harness.SERVER_MALLOC_ENV)",
     )
