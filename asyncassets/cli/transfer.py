@@ -91,8 +91,9 @@ async def cmd_transfer(ctx: Any) -> int:
         stats = worker.stats
         print_json({
             "retried_failed": retried,
-            "stats": {k: getattr(stats, k) for k in ("transferred", "retried", "failed",
-                                                     "gone", "released", "copied_bytes", "seconds")},
+            "stats": {k: getattr(stats, k) for k in (
+                "transferred", "retried", "failed", "gone", "released", "copied_bytes",
+                "seconds")},
             "errors": [{"file_id": str(i), "error": str(e)} for i, e in stats.errors],
             "counts": counts,
         })
