@@ -179,8 +179,8 @@ def _rounds(
     workers: dict[str, Worker],
     cases: list[dict[str, Any]],
     rounds: int,
-    times: dict[str, dict[str, list[float]]],
-    cpu: dict[str, dict[str, list[float]]],
+    times: dict[str, dict[str, list[float | None]]],
+    cpu: dict[str, dict[str, list[float | None]]],
     errors: dict[str, list[str]],
     progress: Progress,
     what: str,
@@ -193,6 +193,10 @@ def _rounds(
                 answer = workers[name].ask(case)
                 if "error" in answer:
                     errors.setdefault(case["case"], []).append(f"{name}: {answer['error']}")
+                    if r >= 0:
+                        # A failed round keeps its place, so that rounds stay paired.
+                        times[case["case"]][name].append(None)
+                        cpu[case["case"]][name].append(None)
                     continue
                 if r >= 0:
                     times[case["case"]][name].append(answer["seconds"])
@@ -202,22 +206,24 @@ def _rounds(
 
 
 def _row(
-    case: dict[str, Any], t: dict[str, list[float]], c: dict[str, list[float]]
+    case: dict[str, Any], t: dict[str, list[float | None]], c: dict[str, list[float | None]]
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"case": case["case"], "op": case["op"], "n": case["n"]}
-    med = {name: median(t[name]) for name in CONTENDERS}
+    # None marks a round that failed (see errors); medians leave it out.
+    med = {name: median([x for x in t[name] if x is not None]) for name in CONTENDERS}
     row["median_s"] = med
     row["rounds_s"] = t
     # The client's own CPU (its process, not the server's), per operation: what a
     # contender costs apart from the server, which sets the wall time of writes.
     ops = case.get("calls") or case["n"]
-    row["cpu_median_s"] = {name: median(c[name]) for name in CONTENDERS}
+    cpu_med = {name: median([x for x in c[name] if x is not None]) for name in CONTENDERS}
+    row["cpu_median_s"] = cpu_med
     row["cpu_rounds_s"] = c
-    row["cpu_us_per_op"] = {name: median(c[name]) / ops * 1e6 for name in CONTENDERS}
+    row["cpu_us_per_op"] = {name: cpu_med[name] / ops * 1e6 for name in CONTENDERS}
     aa = med["asyncassets"]
     for other in ("raw", "mongoengine"):
         row[f"vs_{other}"] = med[other] / aa if aa else float("nan")
-        per_round = [o / a for o, a in zip(t[other], t["asyncassets"], strict=False) if a]
+        per_round = [o / a for o, a in zip(t[other], t["asyncassets"], strict=True) if o and a]
         row[f"vs_{other}_range"] = [min(per_round), max(per_round)] if per_round else []
     return row
 
@@ -242,8 +248,12 @@ def run(
             ("reads", read_cases(sizes, calls)),
             ("writes", write_cases(write_n, bulk_n)),
         ):
-            times = {c["case"]: {name: [] for name in CONTENDERS} for c in cases}
-            cpu = {c["case"]: {name: [] for name in CONTENDERS} for c in cases}
+            times: dict[str, dict[str, list[float | None]]] = {
+                c["case"]: {name: [] for name in CONTENDERS} for c in cases
+            }
+            cpu: dict[str, dict[str, list[float | None]]] = {
+                c["case"]: {name: [] for name in CONTENDERS} for c in cases
+            }
             _rounds(workers, cases, rounds, times, cpu, out["errors"], progress, what)
             out["rows"] += [_row(c, times[c["case"]], cpu[c["case"]]) for c in cases]
         if profile:

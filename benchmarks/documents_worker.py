@@ -244,6 +244,7 @@ class Raw(AsyncContender):
     async def op_write_update(self, cmd: dict[str, Any]) -> Timing:
         coll = self.db[cmd["coll"]]
         ids = [d["_id"] for d in await coll.find({}, {"_id": 1}).to_list()]
+        assert len(ids) == cmd["n"]
         t = _start()
         for oid in ids:
             await coll.update_one({"_id": oid}, {"$inc": {"n": 1}})
@@ -359,6 +360,7 @@ class AsyncAssets(AsyncContender):
     async def op_write_update(self, cmd: dict[str, Any]) -> Timing:
         cls = self.cls(cmd["coll"])
         docs = await cls.objects.only("pk").to_list()
+        assert len(docs) == cmd["n"]
         t = _start()
         for doc in docs:
             await doc.update(inc__n=1)
@@ -472,6 +474,7 @@ class MongoEngine(Contender):
     def op_write_update(self, cmd: dict[str, Any]) -> Timing:
         cls = self.cls(cmd["coll"])
         docs = list(cls.objects.only("pk"))
+        assert len(docs) == cmd["n"]
         t = _start()
         for doc in docs:
             doc.update(inc__n=1)
