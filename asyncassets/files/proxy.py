@@ -114,18 +114,25 @@ _NOT_FORWARDED = frozenset(
 # A file that a proxy of another document holds is never deleted by a switch (it
 # is shared). Keyed by identity: proxies on the same file compare equal.
 _holders: dict[tuple[str, Any], weakref.WeakValueDictionary[int, FileProxy]] = {}
+# Entries whose proxies all died are dropped when the registry has grown to this
+# size, which then doubles from what is left: amortised O(1) per registration.
+# (Scanning at every new file once past a fixed size made loading 10,000
+# documents with a FileField quadratic: 445 us per proxy instead of 7.)
+_prune_at = 4096
 
 
 def _register(proxy: FileProxy, file_id: Any) -> None:
+    global _prune_at
     try:
         key = (proxy._collection_name, file_id)
         holders = _holders.get(key)
     except TypeError:  # an unhashable id: never shared through this registry
         return
     if holders is None:
-        if len(_holders) > 4096:
+        if len(_holders) >= _prune_at:
             for stale in [k for k, v in _holders.items() if not v]:
                 del _holders[stale]
+            _prune_at = max(4096, 2 * len(_holders))
         holders = _holders[key] = weakref.WeakValueDictionary()
     holders[id(proxy)] = proxy
 
