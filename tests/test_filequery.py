@@ -155,3 +155,22 @@ def test_the_filter_is_compiled_once_and_never_sent_with_a_placeholder() -> None
             "metadata.content_type"],
         "metadata.a": {"$in": [1]},
     }
+
+
+async def test_few_matching_documents_narrow_the_catalogue_query(
+    zoo: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncassets import filequery
+
+    # Three image files match, more than two: with at most two documents matching
+    # the rest of the query (genus: one), the catalogue is asked about their files
+    # only; with more (legs: four), every matching id is sent, as under $or.
+    monkeypatch.setattr(filequery, "LONG_LIST", 2)
+    assert await genera(zoo.objects(genus="Marmota",
+                                    photo__content_type__startswith="image/")) == ["Marmota"]
+    assert await zoo.objects(genus="Bufo", photo__content_type__startswith="image/").count() == 0
+    # both sides long: every matching id, as before
+    assert await genera(zoo.objects(legs__gte=2, photo__content_type__startswith="image/")) == [
+        "Aquila", "Marmota", "Sciurus"]
+    assert await genera(zoo.objects(Q(photo__content_type__startswith="image/") | Q(legs=2))) == [
+        "Aquila", "Marmota", "Sciurus"]
