@@ -198,9 +198,9 @@ class AssetManager:
     :param on_conflict: what :meth:`add` does with a taken id: ``"rename"`` (the
         default, as quantumcore: ``name-2.jpg``) or ``"error"``
         (:class:`~asyncassets.errors.AssetExists`).
-    :param max_size, allowed_content_types, allowed_extensions, filename_template,
-        compress: what uploads accept and how they are stored, as ``FileField``'s
-        options (:class:`~asyncassets.files.rules.UploadRules`).
+    :param max_size, allowed_content_types, allowed_extensions, filename_template, compress:
+        what uploads accept and how they are stored, as ``FileField``'s options
+        (:class:`~asyncassets.files.rules.UploadRules`).
     :raises TypeError, ValueError: an option is wrong.
     """
 
