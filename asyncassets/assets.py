@@ -63,6 +63,7 @@ from .storage.read import iter_original, read_original
 from .storage.sources import read_source
 
 __all__ = [
+    "ASSET_FIELDS",
     "Asset",
     "AssetManager",
     "AssetReader",
@@ -75,6 +76,8 @@ __all__ = [
 #: live (``asset_pending``), a version being replaced (``asset_replaced``).
 LIVE, PENDING, REPLACED = "asset_id", "asset_pending", "asset_replaced"
 _MARKERS = (LIVE, PENDING, REPLACED)
+#: The projection that gives :func:`assets_in_use` what it reads of an entry.
+ASSET_FIELDS: dict[str, int] = {f"metadata.{m}": 1 for m in _MARKERS}
 #: Metadata keys an asset cannot have: the markers, and the names that queries
 #: read as the entry's own fields (``size__gt`` means the length, not a key).
 RESERVED_KEYS = frozenset(
@@ -109,8 +112,11 @@ def asset_catalogues() -> dict[tuple[str, str], dict[Storage, list[str]]]:
     return found
 
 
-async def assets_in_use(files: Any, ids: Sequence[Any]) -> set[Any]:
-    """Which of the catalogue entries ``ids`` an asset needs: what the sweep keeps.
+async def assets_in_use(files: Any, entries: Iterable[Mapping[str, Any]]) -> set[Any]:
+    """The ids of the catalogue ``entries`` an asset needs: what the sweep keeps.
+
+    ``entries`` are read from the catalogue ``files`` with at least
+    :data:`ASSET_FIELDS` in the projection; entries of no asset cost no query.
 
     An entry holding a live asset id; and the entries of a replacement that did
     not finish, when no live entry has their asset id (the asset's bytes are
@@ -118,16 +124,9 @@ async def assets_in_use(files: Any, ids: Sequence[Any]) -> set[Any]:
     replacement or a replaced version whose asset is live again is garbage, like
     an upload no document references: the sweep removes it after its grace period.
     """
-    if not ids:
-        return set()
-    # One condition, on _id: an index lookup of the batch on every server (the
-    # sweep runs this for every batch of every catalogue, assets or not).
-    entries = files.find(
-        {"_id": {"$in": list(ids)}}, {"_id": 1, **{f"metadata.{m}": 1 for m in _MARKERS}}
-    )
     in_use: set[Any] = set()
     unfinished: list[tuple[Any, str, Any]] = []
-    async for doc in entries:
+    for doc in entries:
         meta = doc.get("metadata")
         if not isinstance(meta, dict) or not any(m in meta for m in _MARKERS):
             continue

@@ -21,7 +21,7 @@ import pytest
 from mongoengine.errors import InvalidQueryError
 
 from asyncassets import Document, sweep_orphans
-from asyncassets.assets import AssetManager, assets_in_use
+from asyncassets.assets import ASSET_FIELDS, AssetManager, assets_in_use
 from asyncassets.errors import AssetExists, AssetNotFound, FileValidationError
 from asyncassets.fields import FileField
 from asyncassets.ops import check
@@ -279,10 +279,13 @@ async def test_a_replace_cut_mid_swap_is_finished_by_get_and_swept_clean(
         {"$rename": {"metadata.asset_id": "metadata.asset_replaced"}},
     )
     assert await am.search().count() == 0
-    assert await assets_in_use(files, [old["_id"], new["_id"]]) == {old["_id"], new["_id"]}
+    both = [old["_id"], new["_id"]]
+    entries = await files.find({"_id": {"$in": both}}, ASSET_FIELDS).to_list()
+    assert await assets_in_use(files, entries) == {old["_id"], new["_id"]}
     asset = await am.get("a.txt")  # finishes the swap: the complete new version wins
     assert asset.file_id == new["_id"] and await asset.read() == b"new bytes"
-    assert await assets_in_use(files, [old["_id"], new["_id"]]) == {new["_id"]}
+    entries = await files.find({"_id": {"$in": both}}, ASSET_FIELDS).to_list()
+    assert await assets_in_use(files, entries) == {new["_id"]}
     report = await sweep_orphans(grace=0)
     assert report.files_deleted == 1 and report.deleted_files[0].file_id == old["_id"]
     assert await (await am.get("a.txt")).read() == b"new bytes"

@@ -40,8 +40,8 @@ from ..storage.queued import QueuedStore, copy_of
 from ..storage.read import verify_file
 from .lookup import (
     _CURSOR_BATCH,
+    _ENTRY_MARKS,
     _SIZE_OF_DATA,
-    _THUMBNAIL_OF,
     DEFAULT_BATCH_SIZE,
     _batches,
     _bounded,
@@ -229,7 +229,7 @@ async def _check_files(
     max_ids: int | None,
     report: CheckReport,
 ) -> None:
-    projection = {"_id": 1, "length": 1, "chunkSize": 1, _THUMBNAIL_OF: 1}
+    projection = {"_id": 1, "length": 1, "chunkSize": 1, **_ENTRY_MARKS}
     if verify:
         # What the catalogue needs to say what a file is checked against.
         projection.update({"md5": 1, "metadata.sha256": 1, "metadata.compression": 1})

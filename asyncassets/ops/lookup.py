@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from bson import ObjectId
 
 from .. import _driver
-from ..assets import assets_in_use
+from ..assets import ASSET_FIELDS, assets_in_use
 from ..connection import get_db
 from ..storage.gridfs import GridBucket
 from ..storage.queued import QueuedStore
@@ -147,6 +147,9 @@ async def _existing(bucket: Store, ids: list[Any]) -> set[Any]:
 
 #: Where an ``ImageField`` thumbnail's files document names its parent image.
 _THUMBNAIL_OF = "metadata.thumbnail_of"
+#: What the sweep and the check read of each entry besides its size and time: a
+#: thumbnail's parent, and whether it is an asset (asyncassets.assets).
+_ENTRY_MARKS = {_THUMBNAIL_OF: 1, **ASSET_FIELDS}
 
 
 def _thumbnail_parent(doc: dict[str, Any]) -> Any:
@@ -168,7 +171,7 @@ async def _referenced_files(
     """
     referenced = await _referenced(sources, [doc["_id"] for doc in docs])
     # An asset is referenced by existing as one (asyncassets.assets).
-    referenced |= await assets_in_use(bucket.files, [doc["_id"] for doc in docs])
+    referenced |= await assets_in_use(bucket.files, docs)
     children: dict[Any, list[Any]] = {}
     for doc in docs:
         file_id, parent = doc["_id"], _thumbnail_parent(doc)

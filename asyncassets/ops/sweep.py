@@ -21,7 +21,7 @@ from ..storage.objects.store import ObjectStore
 from ..storage.queued import QueuedStore
 from .lookup import (
     _CURSOR_BATCH,
-    _THUMBNAIL_OF,
+    _ENTRY_MARKS,
     _UTC,
     DEFAULT_BATCH_SIZE,
     _batches,
@@ -187,7 +187,7 @@ async def _sweep_files(
     # Every entry of a queued catalogue is its own (a GridFS local copy has no location).
     cursor = bucket.files.find(
         GRIDFS_FILES if gridfs else {} if isinstance(bucket, QueuedStore) else OBJECT_FILES,
-        {"_id": 1, "uploadDate": 1, "length": 1, _THUMBNAIL_OF: 1},
+        {"_id": 1, "uploadDate": 1, "length": 1, **_ENTRY_MARKS},
         batch_size=max(batch_size, _CURSOR_BATCH),
     )
     async for batch in _batches(cursor, batch_size):
