@@ -110,10 +110,12 @@ _NOT_FORWARDED = frozenset(
 )
 
 
-# Which live proxies hold which file: (bucket name, file id) -> {id(proxy): proxy}.
-# A file that a proxy of another document holds is never deleted by a switch (it
-# is shared). Keyed by identity: proxies on the same file compare equal.
-_holders: dict[tuple[str, Any], weakref.WeakValueDictionary[int, FileProxy]] = {}
+# Which live proxies hold which file: (bucket name, file id) -> weak references to
+# them. A file that a proxy of another document holds is never deleted by a switch
+# (it is shared). By identity: proxies on the same file compare equal. Plain weak
+# references, not a WeakValueDictionary per file: loading 10,000 documents made
+# 10,000 of those, and the collector's work over them doubled the load time.
+_holders: dict[tuple[str, Any], list[weakref.ref[FileProxy]]] = {}
 # Entries whose proxies all died are dropped when the registry has grown to this
 # size, which then doubles from what is left: amortised O(1) per registration.
 # (Scanning at every new file once past a fixed size made loading 10,000
@@ -130,11 +132,19 @@ def _register(proxy: FileProxy, file_id: Any) -> None:
         return
     if holders is None:
         if len(_holders) >= _prune_at:
-            for stale in [k for k, v in _holders.items() if not v]:
+            for stale in [k for k, refs in _holders.items() if not _alive(refs)]:
                 del _holders[stale]
             _prune_at = max(4096, 2 * len(_holders))
-        holders = _holders[key] = weakref.WeakValueDictionary()
-    holders[id(proxy)] = proxy
+        _holders[key] = [weakref.ref(proxy)]
+        return
+    alive = _alive(holders)
+    if not any(p is proxy for p in alive):
+        holders[:] = [weakref.ref(p) for p in alive]
+        holders.append(weakref.ref(proxy))
+
+
+def _alive(refs: list[weakref.ref[FileProxy]]) -> list[FileProxy]:
+    return [p for p in (r() for r in refs) if p is not None]
 
 
 def _holders_of(bucket: str, file_id: Any) -> list[FileProxy]:
@@ -142,7 +152,7 @@ def _holders_of(bucket: str, file_id: Any) -> list[FileProxy]:
         holders = _holders.get((bucket, file_id))
     except TypeError:
         return []
-    return list(holders.values()) if holders else []
+    return _alive(holders) if holders else []
 
 
 def _root_of(obj: Any) -> tuple[Any, bool]:
@@ -221,12 +231,9 @@ class FileProxy:
         self._closing: asyncio.Future[None] | None = None
         #: The upload each task last opened or wrote to, and which task aborted an
         #: upload: a task whose upload was aborted must not write into the next one.
-        self._writers: weakref.WeakKeyDictionary[asyncio.Task[Any], Upload] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._aborted_by: weakref.WeakKeyDictionary[Upload, Any] = (
-            weakref.WeakKeyDictionary()
-        )
+        #: (Made at the first streaming upload: most proxies are loaded, never written.)
+        self._writers: weakref.WeakKeyDictionary[asyncio.Task[Any], Upload] | None = None
+        self._aborted_by: weakref.WeakKeyDictionary[Upload, Any] | None = None
         #: Set once ``new_file()`` opened a streaming upload on this proxy: from then
         #: on ``close()`` without an open upload raises instead of doing nothing.
         self._streamed = False
@@ -886,7 +893,8 @@ class FileProxy:
         """
         stream = self._stream("write()")
         task = _current_task()
-        last = self._writers.get(task) if task is not None else None
+        writers = self._writers
+        last = writers.get(task) if task is not None and writers is not None else None
         if last is not None and last is not stream:
             raise UploadClosed(
                 "write(): the upload this task was writing was closed or aborted (by "
@@ -900,6 +908,8 @@ class FileProxy:
     def _remember_writer(self, stream: Upload) -> None:
         task = _current_task()
         if task is not None:
+            if self._writers is None:
+                self._writers = weakref.WeakKeyDictionary()
             self._writers[task] = stream
 
     async def writelines(self, lines: Iterable[bytes | str]) -> None:
@@ -953,6 +963,8 @@ class FileProxy:
             )
         stream = self._stream("abort()")
         self._upload = None
+        if self._aborted_by is None:
+            self._aborted_by = weakref.WeakKeyDictionary()
         self._aborted_by[stream] = _current_task()
         await asyncio.shield(stream.abort())
 
@@ -1087,7 +1099,8 @@ class NewFile:
         if proxy._upload is not stream:
             # Closed or aborted already. Aborted by another task, the block must not
             # end as if its file were stored.
-            aborted_by = proxy._aborted_by.get(stream, _NOT_ABORTED)
+            aborted = proxy._aborted_by
+            aborted_by = _NOT_ABORTED if aborted is None else aborted.get(stream, _NOT_ABORTED)
             if exc_type is None and aborted_by is not _NOT_ABORTED:
                 if aborted_by is not _current_task():
                     raise UploadClosed(
