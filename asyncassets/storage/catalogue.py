@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "expected_digest",
     "original_length",
     "original_sha256",
+    "read_range",
     "user_metadata",
 ]
 
@@ -161,3 +162,45 @@ def content_version(doc: Mapping[str, Any]) -> tuple[str, bool]:
         when = repr(uploaded)
     parts = (repr(doc.get("_id")), str(original_length(doc)), when, str(doc.get("md5") or ""))
     return hashlib.sha256("\0".join(parts).encode()).hexdigest(), False
+
+
+def _as_int(value: Any) -> int | None:
+    # Shell-written files may store lengths as doubles.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def read_range(
+    doc: Any,
+    start: Any,
+    end: Any,
+    corrupt: Callable[[str], Exception],
+) -> tuple[int, int, int]:
+    """``(length, start, end)`` for a read of the stored bytes ``[start, end)`` of ``doc``.
+
+    The one check every store's reader makes before it reads: ``doc`` is a
+    catalogue entry with an ``_id`` and a valid ``length`` (else ``corrupt(what)``
+    is raised), ``end`` defaults to the length, and the range lies in the file.
+
+    :raises TypeError: ``doc`` is not a mapping, or ``start``/``end`` not ints.
+    :raises ValueError: unless ``0 <= start <= end <= length``.
+    """
+    if not isinstance(doc, Mapping):
+        raise TypeError(
+            "open_download() takes the file's files document (its catalogue entry, a "
+            f"dict from find(file_id)), not {type(doc).__name__}"
+        )
+    length = _as_int(doc.get("length"))
+    if "_id" not in doc or length is None or length < 0:
+        raise corrupt(f"its catalogue entry has no valid length: {doc.get('length')!r}")
+    end = length if end is None else end
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= start <= end <= length:
+        raise ValueError(
+            f"invalid range start={start}, end={end} for file {doc.get('_id')!r} of "
+            f"{length} bytes: need 0 <= start <= end <= {length}"
+        )
+    return length, int(start), int(end)

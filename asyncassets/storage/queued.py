@@ -83,6 +83,7 @@ from ..errors import (
     TransferFailed,
 )
 from .base import FileSystemStorage, GridFSStorage, Storage, Upload, _ObjectStorage
+from .catalogue import read_range
 from .gridfs import GridBucket
 from .gridfs.spec import DEFAULT_CHUNK_SIZE, as_int, now_as_stored
 from .objects.keys import KeyMaker
@@ -956,28 +957,10 @@ class QueuedDownload:
         start: int = 0,
         end: int | None = None,
     ) -> None:
-        if not isinstance(files_doc, Mapping):
-            raise TypeError(
-                f"open_download() takes a catalogue entry (dict), not "
-                f"{type(files_doc).__name__}; get it with store.find(file_id)"
-            )
         self._store = store
-        self.file_id = files_doc.get("_id")
+        self.file_id = files_doc.get("_id") if isinstance(files_doc, Mapping) else None
         self.files_doc = files_doc
-        length = as_int(files_doc.get("length"))
-        if "_id" not in files_doc or length is None or length < 0:
-            raise self._corrupt(
-                f"its catalogue entry has no valid length: {files_doc.get('length')!r}"
-            )
-        end = length if end is None else end
-        for name, value in (("start", start), ("end", end)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        if not 0 <= start <= end <= length:
-            raise ValueError(
-                f"invalid range start={start}, end={end} for file {self.file_id!r} of "
-                f"{length} bytes: need 0 <= start <= end <= {length}"
-            )
+        length, start, end = read_range(files_doc, start, end, self._corrupt)
         if copy_of(files_doc) is None:
             raise self._corrupt("its catalogue entry names neither a local nor a remote copy")
         self.length = length

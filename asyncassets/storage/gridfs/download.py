@@ -13,7 +13,8 @@ from pymongo.errors import CursorNotFound, PyMongoError
 
 from ..._tasks import add_note, spawn
 from ...errors import CorruptFile, FileDeletedWhileReading, GridFSError
-from .spec import as_int, is_int
+from ..catalogue import read_range
+from .spec import as_int
 
 if TYPE_CHECKING:
     from .bucket import GridBucket
@@ -60,38 +61,19 @@ class DownloadStream:
         start: int = 0,
         end: int | None = None,
     ) -> None:
-        if not isinstance(files_doc, Mapping):
-            raise TypeError(
-                f"open_download() takes a files document (dict), not "
-                f"{type(files_doc).__name__}; get it with bucket.find(file_id)"
-            )
         self._bucket = bucket
-        self.file_id = files_doc.get("_id")
+        self.file_id = files_doc.get("_id") if isinstance(files_doc, Mapping) else None
         self.files_doc = files_doc
-        length = as_int(files_doc.get("length"))
+        length, start, end = read_range(files_doc, start, end, self._corrupt)
         chunk_size = as_int(files_doc.get("chunkSize"))
-        if "_id" not in files_doc or length is None or length < 0:
-            raise self._corrupt(
-                f"its files document has no valid length: {files_doc.get('length')!r}"
-            )
         if chunk_size is None or chunk_size <= 0:
             raise self._corrupt(
                 f"its files document has no valid chunkSize: {files_doc.get('chunkSize')!r}"
             )
-        if end is None:
-            end = length
-        for name, value in (("start", start), ("end", end)):
-            if not is_int(value):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        if not 0 <= start <= end <= length:
-            raise ValueError(
-                f"invalid range start={start}, end={end} for file {self.file_id!r} of "
-                f"{length} bytes: need 0 <= start <= end <= {length}"
-            )
         self.length = length
         self.chunk_size = chunk_size
-        self.start = int(start)
-        self.end = int(end)
+        self.start = start
+        self.end = end
         self._nchunks = -(-self.length // self.chunk_size)
         self._first = self.start // self.chunk_size
         self._last = (self.end - 1) // self.chunk_size  # last chunk yielded

@@ -51,7 +51,8 @@ from ...errors import (
     StoredObjectMissing,
     UploadClosed,
 )
-from ..gridfs.spec import DEFAULT_CHUNK_SIZE, FILES_INDEX, as_int, check_extra, now_as_stored
+from ..catalogue import read_range
+from ..gridfs.spec import DEFAULT_CHUNK_SIZE, FILES_INDEX, check_extra, now_as_stored
 from ..sources import byte_view, check_size, read_source
 from .keys import KeyMaker, check_key
 
@@ -643,33 +644,15 @@ class ObjectDownload:
         start: int = 0,
         end: int | None = None,
     ) -> None:
-        if not isinstance(files_doc, Mapping):
-            raise TypeError(
-                f"open_download() takes a catalogue entry (dict), not "
-                f"{type(files_doc).__name__}; get it with store.find(file_id)"
-            )
         self._store = store
-        self.file_id = files_doc.get("_id")
+        self.file_id = files_doc.get("_id") if isinstance(files_doc, Mapping) else None
         self.files_doc = files_doc
-        length = as_int(files_doc.get("length"))
-        if "_id" not in files_doc or length is None or length < 0:
-            raise self._corrupt(
-                f"its catalogue entry has no valid length: {files_doc.get('length')!r}"
-            )
+        length, start, end = read_range(files_doc, start, end, self._corrupt)
         key = location_key(files_doc)
         if key is None:
             raise self._corrupt(
                 f"its catalogue entry names no stored object (location: "
                 f"{files_doc.get('location')!r})"
-            )
-        end = length if end is None else end
-        for name, value in (("start", start), ("end", end)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        if not 0 <= start <= end <= length:
-            raise ValueError(
-                f"invalid range start={start}, end={end} for file {self.file_id!r} of "
-                f"{length} bytes: need 0 <= start <= end <= {length}"
             )
         self.key = key
         self.length = length
