@@ -42,6 +42,7 @@ from typing import Any
 
 from ... import _driver
 from ..._tasks import spawn
+from ..lifecycle import upload_all
 from ..sources import check_size, read_source
 from .download import DownloadStream
 from .spec import (
@@ -198,15 +199,7 @@ class GridBucket:
             chunk_size=chunk_size,
             extra=extra,
         )
-        try:
-            async for piece in pieces:
-                await stream.write(piece)
-            return await stream.close()
-        except BaseException as exc:
-            await stream._abort_after(exc)
-            raise
-        finally:
-            await pieces.aclose()
+        return await upload_all(stream, pieces)
 
     async def find(self, file_id: Any) -> dict[str, Any] | None:
         """Return the files document of ``file_id``, or ``None`` if there is none.

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import warnings
-from collections.abc import Iterable, Mapping
-from types import TracebackType
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from ..._tasks import add_note, spawn
+from ..._tasks import spawn
 from ...errors import FileAlreadyExists, UploadClosed, UploadInterrupted
+from ..lifecycle import UploadLifecycle
 from ..sources import byte_view, check_size
 from .spec import DEFAULT_CHUNK_SIZE, DUPLICATE_KEY_CODES, check_extra, now_as_stored
 
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["UploadStream"]
 
 
-class UploadStream:
+class UploadStream(UploadLifecycle):
     """A file being written to a :class:`GridBucket`; get one from ``open_upload``.
 
     Bytes written are cut into chunks, which are inserted in batches of at most
@@ -81,16 +80,6 @@ class UploadStream:
         state = "closed" if self._files_doc else "aborted" if self._abort_task else "open"
         return f"<UploadStream {self.file_id!r} {state}, {self._length} bytes>"
 
-    @property
-    def closed(self) -> bool:
-        """True once the stream is closed, closing, or aborted."""
-        return self._closing or self._abort_task is not None
-
-    @property
-    def length(self) -> int:
-        """How many bytes have been written so far."""
-        return self._length
-
     def write_nowait(self, data: Any) -> None:
         """Append ``data`` to the buffer without I/O.
 
@@ -145,14 +134,6 @@ class UploadStream:
             # batch (a synchronous source would otherwise never yield until then).
             self._yielded_n = self._next_n
             await asyncio.sleep(0)
-
-    async def writelines(self, lines: Iterable[Any]) -> None:
-        """Write each bytes-like item of ``lines`` (no separators are added).
-
-        :raises: as :meth:`write`.
-        """
-        for line in lines:
-            await self.write(line)
 
     async def flush(self) -> None:
         """Insert every complete chunk buffered so far and wait for the inserts.
@@ -220,60 +201,16 @@ class UploadStream:
                 "it again."
             )
 
-    async def abort(self) -> None:
-        """Remove the chunks written so far and close the stream; idempotent.
-
-        Does nothing after a successful :meth:`close`: the file is then stored, and
-        :meth:`GridBucket.delete` removes it. The cleanup runs in a task shielded from
-        cancellation.
-
-        :raises pymongo.errors.PyMongoError: if deleting the chunks fails (they are
-            left for the orphan sweep).
-        """
-        if self._files_doc is not None:
-            return
-        if self._abort_task is None:
-            self._tail = bytearray()
-            self._ready = []
-            self._abort_task = spawn(self._cleanup())
-        await asyncio.shield(self._abort_task)
-
-    async def __aenter__(self) -> UploadStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            await self.close()
-        else:
-            await self._abort_after(exc)
-
-    def __del__(self) -> None:
-        unfinished = getattr(self, "_files_doc", None) is None and not getattr(
-            self, "_abort_task", None
-        )
-        if getattr(self, "_sent_n", 0) and unfinished:
-            warnings.warn(
-                f"UploadStream {self.file_id!r} was neither closed nor aborted; its "
-                "chunks stay in the bucket until the orphan sweep",
-                ResourceWarning,
-                stacklevel=1,
-            )
-
     # -- internals ---------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closing or self._abort_task is not None:
-            state = "aborted" if self._abort_task is not None else "closed"
-            raise UploadClosed(f"upload {self.file_id!r} is {state}; it takes no more data")
+    _left_in = "the bucket"
 
-    def _check_not_aborted(self) -> None:
-        if self._abort_task is not None:
-            raise UploadClosed(f"upload {self.file_id!r} was aborted while closing")
+    def _wrote_something(self) -> bool:
+        return bool(getattr(self, "_sent_n", 0))
+
+    def _drop_buffers(self) -> None:
+        self._tail = bytearray()
+        self._ready = []
 
     def _append(self, data: bytes | memoryview) -> None:
         size = len(data)
@@ -374,17 +311,6 @@ class UploadStream:
         doc["metadata"] = {**self._metadata, "sha256": self._sha256.hexdigest()}
         doc.update(self._extra)
         return doc
-
-    async def _abort_after(self, exc: BaseException) -> None:
-        """Abort because of ``exc``; a cleanup failure becomes a note on ``exc``."""
-        try:
-            await self.abort()
-        except Exception as cleanup_exc:
-            add_note(
-                exc,
-                f"aborting upload {self.file_id!r} failed too ({cleanup_exc!r}); its "
-                "chunks stay in the bucket until the orphan sweep",
-            )
 
     async def _cleanup(self) -> None:
         while (task := self._inflight) is not None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import warnings
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
@@ -42,7 +41,7 @@ from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 
 from ... import _driver
-from ..._tasks import add_note, spawn
+from ..._tasks import spawn
 from ...errors import (
     CorruptFile,
     FileAlreadyExists,
@@ -53,6 +52,7 @@ from ...errors import (
 )
 from ..catalogue import read_range
 from ..gridfs.spec import DEFAULT_CHUNK_SIZE, FILES_INDEX, check_extra, now_as_stored
+from ..lifecycle import UploadLifecycle, upload_all
 from ..sources import byte_view, check_size, read_source
 from .keys import KeyMaker, check_key
 
@@ -190,15 +190,7 @@ class ObjectStore:
             context=context,
             extra=extra,
         )
-        try:
-            async for piece in pieces:
-                await stream.write(piece)
-            return await stream.close()
-        except BaseException as exc:
-            await stream._abort_after(exc)
-            raise
-        finally:
-            await pieces.aclose()
+        return await upload_all(stream, pieces)
 
     async def free_key(self, key: str, *, overwrite: bool) -> str:
         """``key``, or the first variant of it that nothing holds.
@@ -279,7 +271,7 @@ class ObjectStore:
         return True
 
 
-class ObjectUpload:
+class ObjectUpload(UploadLifecycle):
     """A file being written to an :class:`ObjectStore`; get one from ``open_upload``.
 
     Bytes are hashed and counted as they pass and handed to the backend's writer
@@ -333,16 +325,6 @@ class ObjectUpload:
         state = "closed" if self._files_doc else "aborted" if self._abort_task else "open"
         return f"<ObjectUpload {self.file_id!r} {state}, {self._length} bytes>"
 
-    @property
-    def closed(self) -> bool:
-        """True once the stream is closed, closing, or aborted."""
-        return self._closing or self._abort_task is not None
-
-    @property
-    def length(self) -> int:
-        """How many bytes have been written so far."""
-        return self._length
-
     def write_nowait(self, data: Any) -> None:
         """Append ``data`` without I/O; memory grows until the next awaited call.
 
@@ -363,11 +345,6 @@ class ObjectUpload:
         self._append(byte_view(data, "write() data"))
         if self._pending_size >= _WRITE_BUFFER:
             await self._send(final=False)
-
-    async def writelines(self, lines: Iterable[Any]) -> None:
-        """Write each bytes-like item of ``lines``."""
-        for line in lines:
-            await self.write(line)
 
     async def flush(self) -> None:
         """Hand everything buffered to the backend's writer and wait for it."""
@@ -411,55 +388,14 @@ class ObjectUpload:
             self._files_doc = doc
             return doc
 
-    async def abort(self) -> None:
-        """Remove what was written and close the stream; idempotent, shielded.
-
-        Does nothing after a successful :meth:`close`.
-        """
-        if self._files_doc is not None:
-            return
-        if self._abort_task is None:
-            self._pending = []
-            self._pending_size = 0
-            self._abort_task = spawn(self._cleanup())
-        await asyncio.shield(self._abort_task)
-
-    async def __aenter__(self) -> ObjectUpload:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            await self.close()
-        else:
-            await self._abort_after(exc)
-
-    def __del__(self) -> None:
-        unfinished = getattr(self, "_files_doc", None) is None and not getattr(
-            self, "_abort_task", None
-        )
-        if getattr(self, "_writer", None) is not None and unfinished:
-            warnings.warn(
-                f"ObjectUpload {self.file_id!r} was neither closed nor aborted; what it "
-                "wrote stays in the storage until the orphan sweep",
-                ResourceWarning,
-                stacklevel=1,
-            )
-
     # -- internals ---------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closing or self._abort_task is not None:
-            state = "aborted" if self._abort_task is not None else "closed"
-            raise UploadClosed(f"upload {self.file_id!r} is {state}; it takes no more data")
+    def _wrote_something(self) -> bool:
+        return getattr(self, "_writer", None) is not None
 
-    def _check_not_aborted(self) -> None:
-        if self._abort_task is not None:
-            raise UploadClosed(f"upload {self.file_id!r} was aborted while closing")
+    def _drop_buffers(self) -> None:
+        self._pending = []
+        self._pending_size = 0
 
     def _append(self, view: bytes | memoryview) -> None:
         if not len(view):
@@ -591,17 +527,6 @@ class ObjectUpload:
                 f"a file with _id {self.file_id!r} already exists in catalogue "
                 f"{self._store.name!r}; pass another file_id, or none for a new ObjectId"
             ) from exc
-
-    async def _abort_after(self, exc: BaseException) -> None:
-        """Abort because of ``exc``; a cleanup failure becomes a note on ``exc``."""
-        try:
-            await self.abort()
-        except Exception as cleanup_exc:
-            add_note(
-                exc,
-                f"aborting upload {self.file_id!r} failed too ({cleanup_exc!r}); what it "
-                "wrote stays in the storage until the orphan sweep",
-            )
 
     async def _cleanup(self) -> None:
         while (task := self._inflight) is not None:
