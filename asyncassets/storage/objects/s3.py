@@ -38,13 +38,13 @@ import io
 import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from ...errors import KeyTaken, StorageError, StoredObjectMissing
 from ..retry import Retry
 from .blobs import BlobInfo
 
-__all__ = ["MAX_PRESIGN_SECONDS", "S3Blobs", "public_object_url"]
+__all__ = ["MAX_PRESIGN_SECONDS", "PendingUpload", "S3Blobs", "public_object_url"]
 
 T = TypeVar("T")
 
@@ -528,6 +528,62 @@ class S3Blobs:
             if not page.get("IsTruncated") or not token:
                 return
 
+    async def list_stale_uploads(
+        self, older_than: datetime.datetime
+    ) -> AsyncIterator[PendingUpload]:
+        """Multipart uploads under the prefix started before ``older_than``.
+
+        A writer that died (a crash, a killed process) leaves its multipart upload
+        pending: its parts are stored and billed but no object is visible. The
+        orphan sweep aborts those older than its grace with
+        :meth:`abort_stale_upload`; the grace must exceed the longest upload.
+
+        :raises ValueError: ``older_than`` has no timezone.
+        :raises StorageError: as :meth:`list`.
+        """
+        if older_than.tzinfo is None or older_than.utcoffset() is None:
+            raise ValueError("older_than must be timezone-aware (UTC)")
+        markers: dict[str, str] = {}
+        while True:
+            arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix, **markers}
+
+            async def page_of(client: Any, arguments: dict[str, Any] = arguments) -> Any:
+                return await client.list_multipart_uploads(**arguments)
+
+            page = await self._call("list uploads", None, page_of)
+            for upload in page.get("Uploads", ()):
+                started = _utc(upload["Initiated"])
+                if started < older_than:
+                    key = upload["Key"][len(self.prefix) :]
+                    yield PendingUpload(key, str(upload["UploadId"]), started)
+            if not page.get("IsTruncated"):
+                return
+            markers = {
+                "KeyMarker": page.get("NextKeyMarker", ""),
+                "UploadIdMarker": page.get("NextUploadIdMarker", ""),
+            }
+
+    async def abort_stale_upload(self, upload: PendingUpload) -> bool:
+        """Abort a pending multipart upload found by :meth:`list_stale_uploads`.
+
+        :returns: ``False`` if it was gone already (completed or aborted meanwhile).
+        :raises StorageError: the abort failed (after retries).
+        """
+        full_key = self._full_key(upload.key)
+
+        async def abort(client: Any) -> Any:
+            return await client.abort_multipart_upload(
+                Bucket=self.bucket, Key=full_key, UploadId=upload.upload_id
+            )
+
+        try:
+            await self._call("abort upload", upload.key, abort)
+        except StorageError as exc:
+            if _cause_code(exc) == "NoSuchUpload":
+                return False
+            raise
+        return True
+
     async def _etag(self, key: str) -> str | None:
         """The object's ETag without quotes, or ``None`` if there is none."""
         try:
@@ -551,6 +607,18 @@ def public_object_url(base_url: str, full_key: str) -> str:
     from urllib.parse import quote
 
     return base_url.rstrip("/") + "/" + quote(full_key, safe="/")
+
+
+class PendingUpload(NamedTuple):
+    """A multipart upload that was started and neither completed nor aborted."""
+
+    #: The key it would have been stored under, relative to the prefix.
+    key: str
+    upload_id: str
+    #: When it was started (UTC).
+    initiated: datetime.datetime
+    #: Not known without listing its parts; the sweep counts 0 bytes freed.
+    size: int = 0
 
 
 class _ShortBody(Exception):
