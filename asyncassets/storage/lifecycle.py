@@ -34,6 +34,8 @@ class UploadLifecycle:
     _closing: bool
     _files_doc: dict[str, Any] | None
     _abort_task: asyncio.Task[None] | None
+    #: The write (or commit) running in its own task, if any.
+    _inflight: asyncio.Task[Any] | None
     #: Where what an unfinished upload wrote stays, for messages.
     _left_in = "the storage"
 
@@ -118,6 +120,16 @@ class UploadLifecycle:
     async def _cleanup(self) -> None:
         """Remove what was written; runs once, in its own task."""
         raise NotImplementedError
+
+    async def _drain_inflight(self) -> None:
+        """Wait until no write of this stream is in flight (for the cleanup)."""
+        while (task := self._inflight) is not None:
+            try:
+                await task
+            except BaseException:
+                pass  # whoever waited on it has seen the error; we only need it over
+            if self._inflight is task:
+                self._inflight = None
 
     def _check_open(self) -> None:
         if self._closing or self._abort_task is not None:

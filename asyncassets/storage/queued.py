@@ -84,6 +84,7 @@ from ..errors import (
 )
 from .base import FileSystemStorage, GridFSStorage, Storage, Upload, _ObjectStorage
 from .catalogue import read_range
+from .entries import CatalogueReads
 from .gridfs import GridBucket
 from .gridfs.spec import DEFAULT_CHUNK_SIZE, as_int, now_as_stored
 from .objects.keys import KeyMaker
@@ -334,7 +335,7 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class QueuedStore:
+class QueuedStore(CatalogueReads):
     """The catalogue of a :class:`QueuedStorage` on one database, with its queue.
 
     Answers the store calls of every storage (``open_upload``, ``upload``,
@@ -458,17 +459,6 @@ class QueuedStore:
 
     # -- reading ------------------------------------------------------------------
 
-    async def find(self, file_id: Any) -> dict[str, Any] | None:
-        """The catalogue entry of ``file_id``, or ``None``."""
-        return await self.files.find_one({"_id": file_id})
-
-    async def find_many(self, file_ids: Iterable[Any]) -> dict[Any, dict[str, Any]]:
-        """The catalogue entries of ``file_ids`` keyed by ``_id``, in one query."""
-        ids = list(dict.fromkeys(file_ids))
-        if not ids:
-            return {}
-        return {doc["_id"]: doc async for doc in self.files.find({"_id": {"$in": ids}})}
-
     def open_download(
         self, files_doc: Mapping[str, Any], *, start: int = 0, end: int | None = None
     ) -> QueuedDownload:
@@ -484,13 +474,6 @@ class QueuedStore:
         :raises StorageError: a backend failed (after its retries).
         """
         return QueuedDownload(self, files_doc, start=start, end=end)
-
-    async def read(
-        self, files_doc: Mapping[str, Any], *, start: int = 0, end: int | None = None
-    ) -> bytes:
-        """The bytes ``[start, end)`` of a stored file."""
-        async with self.open_download(files_doc, start=start, end=end) as stream:
-            return b"".join([piece async for piece in stream])
 
     def _open_copy(self, doc: Mapping[str, Any], which: str, start: int, end: int) -> Any:
         if which == "remote":

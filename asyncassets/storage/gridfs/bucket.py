@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ... import _driver
 from ..._tasks import spawn
+from ..entries import CatalogueReads
 from ..lifecycle import upload_all
 from ..sources import check_size, read_source
 from .download import DownloadStream
@@ -60,7 +61,7 @@ __all__ = ["GridBucket"]
 _indexed: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
 
 
-class GridBucket:
+class GridBucket(CatalogueReads):
     """A GridFS bucket: the ``<name>.files`` and ``<name>.chunks`` collections of ``db``.
 
     :param db: a PyMongo ``AsyncDatabase`` or a Motor ``AsyncIOMotorDatabase``.
@@ -201,25 +202,6 @@ class GridBucket:
         )
         return await upload_all(stream, pieces)
 
-    async def find(self, file_id: Any) -> dict[str, Any] | None:
-        """Return the files document of ``file_id``, or ``None`` if there is none.
-
-        :raises pymongo.errors.PyMongoError: if the server fails.
-        """
-        return await self.files.find_one({"_id": file_id})
-
-    async def find_many(self, file_ids: Iterable[Any]) -> dict[Any, dict[str, Any]]:
-        """Return the files documents of ``file_ids`` keyed by ``_id``, in one query.
-
-        Ids without a files document are absent from the result.
-
-        :raises pymongo.errors.PyMongoError: if the server fails.
-        """
-        ids = list(dict.fromkeys(file_ids))
-        if not ids:
-            return {}
-        return {doc["_id"]: doc async for doc in self.files.find({"_id": {"$in": ids}})}
-
     def open_download(
         self, files_doc: Mapping[str, Any], *, start: int = 0, end: int | None = None
     ) -> DownloadStream:
@@ -246,20 +228,6 @@ class GridBucket:
             file was deleted or replaced meanwhile (see :meth:`delete`).
         """
         return DownloadStream(self, files_doc, start=start, end=end)
-
-    async def read(
-        self, files_doc: Mapping[str, Any], *, start: int = 0, end: int | None = None
-    ) -> bytes:
-        """Return the bytes ``[start, end)`` of a stored file.
-
-        :raises: as :meth:`open_download`, and ``pymongo.errors.PyMongoError`` if the
-            server fails.
-        """
-        pieces = []
-        async with self.open_download(files_doc, start=start, end=end) as stream:
-            async for piece in stream:
-                pieces.append(piece)
-        return b"".join(pieces)
 
     async def delete(self, file_id: Any) -> bool:
         """Delete a file: its files document first, then its chunks (the spec's order).

@@ -313,13 +313,7 @@ class UploadStream(UploadLifecycle):
         return doc
 
     async def _cleanup(self) -> None:
-        while (task := self._inflight) is not None:
-            try:
-                await task
-            except BaseException:
-                pass  # whoever waited on it has seen the error; we only need it over
-            if self._inflight is task:
-                self._inflight = None
+        await self._drain_inflight()
         bucket = self._bucket
         if self._files_sent and not self._files_duplicate:
             await bucket.files.delete_one({"_id": self.file_id})

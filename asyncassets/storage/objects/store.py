@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -51,6 +51,7 @@ from ...errors import (
     UploadClosed,
 )
 from ..catalogue import read_range
+from ..entries import CatalogueReads
 from ..gridfs.spec import DEFAULT_CHUNK_SIZE, FILES_INDEX, check_extra, now_as_stored
 from ..lifecycle import UploadLifecycle, upload_all
 from ..sources import byte_view, check_size, read_source
@@ -84,7 +85,7 @@ def location_key(doc: Mapping[str, Any]) -> str | None:
     return None
 
 
-class ObjectStore:
+class ObjectStore(CatalogueReads):
     """The catalogue ``<collection_name>.files`` of ``db`` over ``storage``'s objects.
 
     Get one from :meth:`Storage.bind <asyncassets.storage.Storage.bind>`.
@@ -216,17 +217,6 @@ class ObjectStore:
 
     # -- reading ------------------------------------------------------------------
 
-    async def find(self, file_id: Any) -> dict[str, Any] | None:
-        """The catalogue entry of ``file_id``, or ``None``."""
-        return await self.files.find_one({"_id": file_id})
-
-    async def find_many(self, file_ids: Iterable[Any]) -> dict[Any, dict[str, Any]]:
-        """The catalogue entries of ``file_ids`` keyed by ``_id``, in one query."""
-        ids = list(dict.fromkeys(file_ids))
-        if not ids:
-            return {}
-        return {doc["_id"]: doc async for doc in self.files.find({"_id": {"$in": ids}})}
-
     def open_download(
         self, files_doc: Mapping[str, Any], *, start: int = 0, end: int | None = None
     ) -> ObjectDownload:
@@ -242,13 +232,6 @@ class ObjectStore:
         :raises StorageError: the backend failed (after its retries).
         """
         return ObjectDownload(self, files_doc, start=start, end=end)
-
-    async def read(
-        self, files_doc: Mapping[str, Any], *, start: int = 0, end: int | None = None
-    ) -> bytes:
-        """The bytes ``[start, end)`` of a stored file."""
-        async with self.open_download(files_doc, start=start, end=end) as stream:
-            return b"".join([piece async for piece in stream])
 
     # -- deleting -----------------------------------------------------------------
 
@@ -529,13 +512,7 @@ class ObjectUpload(UploadLifecycle):
             ) from exc
 
     async def _cleanup(self) -> None:
-        while (task := self._inflight) is not None:
-            try:
-                await task
-            except BaseException:
-                pass  # whoever waited on it has seen the error; we only need it over
-            if self._inflight is task:
-                self._inflight = None
+        await self._drain_inflight()
         store = self._store
         if self._entry_sent and not self._entry_duplicate:
             await store.files.delete_one({"_id": self.file_id, "location.key": self.key})
