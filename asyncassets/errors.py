@@ -44,6 +44,7 @@ __all__ = [
     "GridFSError",
     "IntegrityError",
     "KeyTaken",
+    "LifespanFailed",
     "PendingFileMissing",
     "PillowMissing",
     "SignatureInvalid",
@@ -258,6 +259,13 @@ class WebExtraMissing(AsyncAssetsError, ImportError):
     """:mod:`asyncassets.web` was imported but Starlette is not installed.
 
     ``pip install 'asyncassets[web]'`` installs it.
+    """
+
+
+class LifespanFailed(AsyncAssetsError, RuntimeError):
+    """An app's lifespan reported a failed startup or shutdown, or did not answer.
+
+    Raised by :func:`asyncassets.web.run_lifespan`.
     """
 
 
