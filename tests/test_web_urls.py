@@ -111,8 +111,10 @@ async def test_a_signed_url_serves_the_file_with_ranges_and_validators(served: S
     r = await served.client.get(url)
     assert r.status_code == 200
     assert r.content == DATA
-    assert r.headers["content-type"] == "text/plain"
+    assert r.headers["content-type"] == "text/plain; charset=utf-8"
     assert r.headers["content-disposition"] == 'inline; filename="notes.txt"'
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["content-security-policy"] == "sandbox"
     assert r.headers["etag"] == f'"{hashlib.sha256(DATA).hexdigest()}"'
     max_age = int(r.headers["cache-control"].removeprefix("private, max-age="))
     assert 600 <= max_age <= 660 + 1

@@ -30,6 +30,7 @@ import datetime as dt
 import hashlib
 import hmac
 import math
+import re
 import time
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,7 @@ __all__ = [
     "configure_urls",
     "content_disposition",
     "expiry_for",
+    "file_name",
     "file_url",
     "read_token",
     "sign_token",
@@ -214,8 +216,23 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Decode the one spelling :func:`_b64` makes, or raise ``ValueError``.
+
+    base64 lets one value be written many ways (padding or not, characters
+    outside the alphabet skipped, ``+`` for ``-``, other values in the unused
+    low bits of the last character); a signed URL has exactly one, so the
+    decoded bytes must encode back to the very same text.
+    """
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise ValueError("not the canonical base64url spelling")
+    return data
 
 
 def _mac(key: bytes, payload: bytes) -> bytes:
@@ -249,7 +266,11 @@ def read_token(
 ) -> SignedFile:
     """Check a token's signature and expiry; return its claims. No I/O.
 
-    The signature is checked before anything in the token is decoded.
+    The signature is checked before anything in the token is decoded. A token
+    has exactly one valid spelling, the one :func:`sign_token` made (unpadded
+    base64url, canonical to its last bit): any other spelling of the same bytes
+    (padding, ``+`` or ``/``, characters base64 would skip, other low bits in
+    the last character) is refused like any alteration.
 
     :raises SignatureInvalid: malformed, altered, or signed with an unknown key.
     :raises URLExpired: the signature is good and the expiry has passed.
@@ -295,10 +316,41 @@ def read_token(
 # -- Content-Disposition ----------------------------------------------------------
 
 
+#: Longest file name given in ``Content-Disposition``, in UTF-8 bytes (what most
+#: filesystems take): a longer stored name is cut, keeping its extension.
+MAX_FILENAME_BYTES = 255
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,16}$")
+
+
 def _clean_filename(filename: str) -> str:
     """The last path segment, without control characters (which could split a header)."""
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
     return "".join(ch for ch in name if unicodedata.category(ch)[0] != "C").strip()
+
+
+def _bounded(name: str) -> str:
+    """``name`` cut to :data:`MAX_FILENAME_BYTES` of UTF-8, its extension kept."""
+    if len(name.encode("utf-8", "surrogatepass")) <= MAX_FILENAME_BYTES:
+        return name
+    match = _EXTENSION.search(name)
+    extension = match.group(0) if match else ""
+    stem = name[: len(name) - len(extension)][:MAX_FILENAME_BYTES]
+    while len((stem + extension).encode("utf-8", "surrogatepass")) > MAX_FILENAME_BYTES:
+        stem = stem[:-1]
+    return stem.rstrip() + extension
+
+
+def file_name(filename: object) -> str:
+    """The name a response gives a file: ``""`` for none, cleaned and bounded.
+
+    Catalogue entries written by other tools may hold anything in ``filename``:
+    what is not a string is no name; path separators and control characters are
+    removed, and the rest is cut to :data:`MAX_FILENAME_BYTES`.
+    """
+    if not isinstance(filename, str) or not filename:
+        return ""
+    # Cut first, so a huge name costs no more than a short one to clean.
+    return _bounded(_clean_filename(filename[-8 * MAX_FILENAME_BYTES :]))
 
 
 def _ascii_fallback(name: str) -> str:
@@ -312,22 +364,24 @@ def _ascii_fallback(name: str) -> str:
     return cleaned
 
 
-def content_disposition(download: bool, filename: str | None) -> str:
+def content_disposition(download: bool, filename: object) -> str:
     """A ``Content-Disposition`` value: ``inline`` or ``attachment``, with the file name.
 
     The name is given twice when it is not plain ASCII: ``filename="..."`` with an
     ASCII stand-in (accents dropped, quotes replaced) for old clients, and RFC 5987's
-    ``filename*=UTF-8''...`` with the exact name, which browsers prefer. Path
-    separators and control characters are removed first.
+    ``filename*=UTF-8''...`` with the exact name, which browsers prefer. The name
+    is cleaned by :func:`file_name` first (path separators and control characters
+    removed, cut to :data:`MAX_FILENAME_BYTES`); a value that is not a string is
+    no name. So the header stays short (under 1,100 characters) and cannot be split.
     """
     kind = "attachment" if download else "inline"
-    name = _clean_filename(filename) if filename else ""
+    name = file_name(filename)
     if not name:
         return kind
     fallback = _ascii_fallback(name)
     value = f'{kind}; filename="{fallback}"'
     if fallback != name:
-        value += f"; filename*=UTF-8''{quote(name, safe='')}"
+        value += f"; filename*=UTF-8''{quote(name, safe='', errors='replace')}"
     return value
 
 
@@ -399,6 +453,8 @@ async def file_url(
         version=content_version(doc)[0],
         expires=expiry_for(expires, config.window, now),
         download=bool(download),
-        filename=filename,
+        # Cleaned and cut as the response would, so a long name cannot push the
+        # token past what read_token() accepts.
+        filename=None if filename is None else (file_name(filename) or None),
     )
     return f"{config.base_url}/{sign_token(claims, config.keys)}"

@@ -4,7 +4,10 @@
   ETag/304, ``HEAD`` and ``Content-Disposition``;
 * :func:`files_app`: an ASGI app serving the signed URLs of ``proxy.url()``;
 * :func:`configure_urls`: the signing key and base URL, for processes that make
-  URLs without mounting the app.
+  URLs without mounting the app;
+* :class:`ContentPolicy`: which files are shown inline, under which type,
+  sandboxed (user content is served safe by default);
+* :func:`run_lifespan`: run an app's lifespan in a test that calls it in-process.
 
 See :doc:`/serving`.
 """
@@ -22,6 +25,27 @@ except ImportError as exc:  # the `web` extra is not installed
 
 from ..files.urls import configure_urls
 from .app import files_app
+from .lifespan import LifespanFailed, run_lifespan
+from .policy import (
+    DEFAULT_POLICY,
+    INLINE_TYPES,
+    LABELLED_TYPES,
+    UNSANDBOXED_TYPES,
+    ContentPolicy,
+    Presentation,
+)
 from .response import FileResponse
 
-__all__ = ["FileResponse", "configure_urls", "files_app"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "INLINE_TYPES",
+    "LABELLED_TYPES",
+    "UNSANDBOXED_TYPES",
+    "ContentPolicy",
+    "FileResponse",
+    "LifespanFailed",
+    "Presentation",
+    "configure_urls",
+    "files_app",
+    "run_lifespan",
+]

@@ -15,9 +15,9 @@ from ..errors import SignatureInvalid, StorageError, URLExpired
 from ..files.urls import configure_urls, read_token, url_config
 from ..ops.scope import declared_storages
 from ..storage import GridFSStorage, Storage
-from ..storage.catalogue import content_version
 from ..storage.objects.store import location_key
-from .response import DEFAULT_MAX_RANGES, FileResponse
+from .policy import DEFAULT_POLICY, ContentPolicy
+from .response import DEFAULT_MAX_RANGES, FileResponse, served_entry
 
 __all__ = ["MAX_CACHE_SECONDS", "files_app"]
 
@@ -26,7 +26,23 @@ MAX_CACHE_SECONDS = 86400
 
 
 def _refuse(status: int, text: str) -> Response:
-    return PlainTextResponse(f"{text}\n", status_code=status, headers={"cache-control": "no-store"})
+    return PlainTextResponse(
+        f"{text}\n",
+        status_code=status,
+        headers={"cache-control": "no-store", "x-content-type-options": "nosniff"},
+    )
+
+
+def _spelled_as_signed(request: Request, token: str) -> bool:
+    """Whether the URL carries the token as signed, not percent-encoded.
+
+    Tokens are made of URL-safe characters only, so ``%41`` for ``A`` is another
+    spelling of the same link, which a link with one valid spelling refuses.
+    """
+    raw = request.scope.get("raw_path")
+    if not isinstance(raw, (bytes, bytearray)):
+        return True  # the server does not say: the decoded path is all there is
+    return raw.rsplit(b"/", 1)[-1] == token.encode("ascii", "replace")
 
 
 class _Storages:
@@ -54,6 +70,7 @@ def files_app(
     storages: Iterable[Storage] = (),
     cache_control: str | None = None,
     max_ranges: int = DEFAULT_MAX_RANGES,
+    policy: ContentPolicy = DEFAULT_POLICY,
 ) -> Router:
     """An ASGI app serving the URLs ``proxy.url()`` makes for GridFS and directory files.
 
@@ -67,11 +84,14 @@ def files_app(
     configuration (:func:`~asyncassets.files.urls.configure_urls`), unless
     ``secret`` is ``None``, in which case the one already configured is used.
 
-    Each request's token is checked before any I/O: altered or signed with an
-    unknown key, or expired: ``403``. Then the file is looked up: deleted since:
-    ``404``; holding other bytes than when signed (revoked by replacing them):
-    ``403``. Otherwise the file is served by :class:`FileResponse` (ranges,
-    ETag, 304...), inline or as an attachment as the URL says.
+    Each request's token is checked before any I/O: altered (a token has one
+    valid spelling), signed with an unknown key, or expired: ``403``. Then the
+    file is looked up: deleted since, or its catalogue entry unusable: ``404``;
+    holding other bytes than when signed (revoked by replacing them): ``403``.
+    Otherwise the file is served by :class:`FileResponse` (ranges, ETag,
+    304...): as an attachment when the URL says so, else as ``policy`` decides
+    (only passive types inline). See :doc:`/serving` for serving it from an
+    origin of its own.
 
     :param secret: the HMAC key, or several to rotate (the first signs).
     :param base_url: where the app is mounted, as URLs should name it.
@@ -83,6 +103,7 @@ def files_app(
         ``private, max-age=<seconds until the URL expires, at most a day>``: the
         URL's file cannot change without the URL being refused.
     :param max_ranges: see :class:`FileResponse`.
+    :param policy: see :class:`FileResponse`.
     :raises ValueError: a secret shorter than 16 bytes.
     :raises URLsNotConfigured: ``secret`` is ``None`` and none is configured.
     """
@@ -103,8 +124,11 @@ def files_app(
     async def serve(request: Request) -> Response:
         config = url_config()
         assert config is not None
+        token = request.path_params["token"]
+        if not _spelled_as_signed(request, token):
+            return _refuse(403, "Forbidden: this link is not valid.")
         try:
-            claims = read_token(request.path_params["token"], config.keys)
+            claims = read_token(token, config.keys)
         except SignatureInvalid:
             return _refuse(403, "Forbidden: this link is not valid.")
         except URLExpired:
@@ -121,17 +145,21 @@ def files_app(
                 "which: pass files_app(storages=[...]) naming it",
                 storage=claims.collection,
             )
-        if content_version(doc)[0] != claims.version:
+        entry = served_entry(doc)
+        if entry is None:
+            return _refuse(404, "Not Found: the file cannot be served.")
+        if entry.version != claims.version:
             return _refuse(403, "Forbidden: the file changed since this link was made.")
-        policy = cache_control
-        if policy is None:
+        cache = cache_control
+        if cache is None:
             left = max(0, min(MAX_CACHE_SECONDS, int(claims.expires - time.time())))
-            policy = f"private, max-age={left}"
+            cache = f"private, max-age={left}"
         options: dict[str, Any] = {
             "download": claims.download,
             "filename": claims.filename,
-            "cache_control": policy,
+            "cache_control": cache,
             "max_ranges": max_ranges,
+            "policy": policy,
         }
         return FileResponse.for_entry(store, doc, request=request, **options)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
+import logging
 import mimetypes
 import re
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -16,16 +19,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..connection import get_db
-from ..errors import FileNotFound
+from ..errors import FileDeletedWhileReading, FileNotFound
 from ..fields import FileProxy
-from ..files.urls import content_disposition
+from ..files.urls import content_disposition, file_name
 from ..storage import Store
-from ..storage.catalogue import content_type_of, content_version, original_length
-from ..storage.read import iter_original
+from ..storage.catalogue import compression_of, content_type_of, content_version, original_length
 from .http import ByteRange, Unsatisfiable, etag_matches, http_date, parse_http_date, parse_range
+from .policy import DEFAULT_POLICY, ContentPolicy, MediaType, parse_media_type
+from .reading import RangeReader, same_version, verifies_reads
 
 __all__ = ["DEFAULT_CACHE_CONTROL", "DEFAULT_MAX_RANGES", "FileResponse"]
+
+logger = logging.getLogger("asyncassets.web")
 
 #: Caches may keep the file but must ask (a cheap 304) before using it again: a
 #: document's file can be replaced at the same URL.
@@ -34,29 +39,94 @@ DEFAULT_CACHE_CONTROL = "no-cache"
 #: whole file (RFC 9110 lets a server ignore a Range it finds abusive).
 DEFAULT_MAX_RANGES = 16
 
-_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[ -~]*)?$")
-#: Types a browser runs scripts in when it shows them: served inline with
-#: ``Content-Security-Policy: sandbox``, so an uploaded page cannot act as the site.
-_ACTIVE_TYPES = frozenset(
-    {
-        "text/html",
-        "application/xhtml+xml",
-        "image/svg+xml",
-        "text/xml",
-        "application/xml",
-        "text/javascript",
-        "application/javascript",
-    }
-)
 #: Headers only the response computes; a caller's ``headers`` cannot replace them.
-_COMPUTED = frozenset({b"content-length", b"content-range"})
+_COMPUTED = frozenset({b"content-length", b"content-range", b"x-content-type-options"})
+#: Headers a caller's ``headers`` add to rather than replace: every CSP sent is
+#: enforced, so the caller's policy cannot lift the sandbox.
+_ADDED = frozenset({b"set-cookie", b"content-security-policy"})
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+_SANDBOX = (b"content-security-policy", b"sandbox")
 
 
-def _media_type(explicit: str | None, stored: str | None, filename: str | None) -> str:
-    for candidate in (explicit, stored, mimetypes.guess_type(filename or "")[0]):
-        if candidate and _CONTENT_TYPE.match(candidate):
-            return candidate
-    return "application/octet-stream"
+@dataclass(frozen=True)
+class ServedEntry:
+    """What a response needs of a catalogue entry, read without trusting it.
+
+    Catalogue entries may come from other tools, or be edited by hand: fields of
+    the wrong type or missing. :func:`served_entry` reads them once, checked.
+
+    :ivar doc: the entry as given to storage reads (a ``metadata`` that is not a
+        mapping is left out: it cannot describe a compression).
+    :ivar length: the length of the original bytes.
+    :ivar version: the content version (see
+        :func:`~asyncassets.storage.catalogue.content_version`).
+    :ivar etag: the ``ETag``: strong, the SHA-256; weak otherwise.
+    :ivar modified: the upload time, to the second, or ``None``.
+    :ivar filename: the stored ``filename``, whatever it holds.
+    :ivar content_type: the stored type, parsed; ``None`` if absent or not a type.
+    """
+
+    doc: Mapping[str, Any]
+    length: int
+    version: str
+    etag: str
+    modified: dt.datetime | None
+    filename: Any
+    content_type: MediaType | None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def served_entry(doc: Any) -> ServedEntry | None:
+    """The entry's answers, or ``None`` when it cannot describe a servable file.
+
+    ``None`` when it is not a mapping, has no ``_id``, no valid ``length`` (or,
+    compressed, no valid original length). Any other odd field is taken as
+    absent: a ``filename`` that is not a string, a content type that is not a
+    media type, an upload time that is not a date.
+    """
+    if not isinstance(doc, Mapping) or "_id" not in doc or _count(doc.get("length")) is None:
+        return None
+    if not isinstance(doc.get("metadata", {}), Mapping):
+        doc = {key: value for key, value in doc.items() if key != "metadata"}
+    try:
+        length = _count(original_length(doc) if compression_of(doc) else doc["length"])
+        version, strong = content_version(doc)
+        stored_type = content_type_of(doc)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    if length is None:
+        return None
+    if strong and _SHA256_HEX.fullmatch(version):
+        etag = f'"{version}"'
+    else:
+        # A digest is a quoted string of safe characters only when it is hex.
+        text = version if re.fullmatch(r"[0-9a-f]{40,}", version) else None
+        etag = f'W/"{(text or hashlib.sha256(version.encode()).hexdigest())[:40]}"'
+    return ServedEntry(
+        doc=doc,
+        length=length,
+        version=version,
+        etag=etag,
+        modified=_seconds_precision(doc.get("uploadDate")),
+        filename=doc.get("filename"),
+        content_type=parse_media_type(stored_type),
+    )
+
+
+def _guessed(name: str) -> MediaType | None:
+    if not name:
+        return None
+    guessed, encoding = mimetypes.guess_type(name, strict=False)
+    # "x.tar.gz" is ("application/x-tar", "gzip"): the bytes are gzip, not a tar.
+    return None if encoding else parse_media_type(guessed)
 
 
 def _seconds_precision(when: Any) -> dt.datetime | None:
@@ -74,54 +144,67 @@ class FileResponse(Response):
 
         from asyncassets.web import FileResponse
 
-        @app.get("/animals/{pk}/photo")
+        @app.api_route("/animals/{pk}/photo", methods=["GET", "HEAD"])
         async def photo(pk: str, request: Request):
             animal = await Animal.objects.get(pk=pk)
             return FileResponse(animal.photo, request)
 
     A Starlette response, so it works in Starlette, FastAPI and any ASGI app
     (``await response(scope, receive, send)``), on every storage. When it is sent
-    it reads the file's catalogue entry (one query) and answers:
+    it takes the file's catalogue entry (loaded already, for a directory or S3
+    file whose reads check it; else looked up, one query) and answers:
 
     * ``200`` with the file, ``Accept-Ranges: bytes``, ``Content-Length``,
-      ``Content-Type`` (the stored one, else guessed from the file name),
-      ``ETag`` (the SHA-256 of the bytes, strong; a weak stand-in for legacy files
-      without one), ``Last-Modified`` (the upload time), ``Cache-Control`` and
-      ``Content-Disposition``;
+      ``Content-Type``, ``ETag`` (the SHA-256 of the bytes, strong; a weak
+      stand-in for legacy files without one), ``Last-Modified`` (the upload
+      time), ``Cache-Control`` and ``Content-Disposition``;
     * ``206`` for a satisfiable ``Range``: one range with ``Content-Range``,
-      several as ``multipart/byteranges``; only those bytes are read from storage
-      (a compressed file is inflated from its start, and only the range is sent);
+      several as ``multipart/byteranges``; only those bytes are read from storage,
+      all of them in one pass (a compressed file is inflated once, from its start);
     * ``416`` with ``Content-Range: bytes */<length>`` when no range overlaps;
     * ``304`` for ``If-None-Match`` / ``If-Modified-Since`` that still match, and
       ``412`` for ``If-Match`` / ``If-Unmodified-Since`` that do not;
     * headers only for ``HEAD`` (no byte is read); ``405`` for other methods;
-    * ``404`` when the field is empty or its file is missing.
+    * ``404`` when the field is empty, its file is missing, or its catalogue
+      entry cannot describe a file (no valid length: logged as a warning on the
+      ``asyncassets.web`` logger).
 
     See :mod:`asyncassets.web.http` for how odd and hostile ``Range`` headers are
-    treated. A file deleted or replaced while its bytes are being sent raises
-    :class:`~asyncassets.errors.FileDeletedWhileReading` out of the response, so the
-    server closes the connection short of ``Content-Length``: the client sees a
-    truncated response, never bytes of two files. A client that disconnects
-    stops the reading at the next piece.
+    treated. Every byte of a response comes from the version of the file its
+    ``ETag`` names: a file deleted or replaced while its bytes are being sent
+    raises :class:`~asyncassets.errors.FileDeletedWhileReading` out of the
+    response, so the server closes the connection short of ``Content-Length``:
+    the client sees a truncated response, never bytes of two files. A client
+    that disconnects stops the reading at the next piece.
 
-    Every response carries ``X-Content-Type-Options: nosniff``; a type a browser
-    would run scripts in (HTML, SVG, XML, JavaScript) served inline also gets
-    ``Content-Security-Policy: sandbox``.
+    Whether the file is shown (``inline``) or saved (``attachment``), under which
+    ``Content-Type`` and whether with ``Content-Security-Policy: sandbox`` is the
+    ``policy``'s decision (:class:`~asyncassets.web.ContentPolicy`): by default
+    only raster images, audio, video and plain text are inline, everything else
+    is an attachment, and every response but audio and video is sandboxed.
+    Every response carries ``X-Content-Type-Options: nosniff``.
 
     :param proxy: the file (``doc.photo``, or an image's ``doc.photo.thumbnail``).
     :param request: the request being answered. Optional: the ``Range`` and
         conditional headers are read from the ASGI scope the response is sent in.
-    :param download: ``Content-Disposition: attachment`` (save) rather than inline.
+    :param download: ``Content-Disposition: attachment`` (save) whatever the type.
     :param filename: the name given in ``Content-Disposition``; the stored one by default.
-    :param content_type: overrides the stored ``Content-Type``.
+    :param content_type: the type to present the file as, instead of the stored
+        one (the policy still decides what is sent).
     :param cache_control: the ``Cache-Control`` value (``None``: no header). The
         default, ``no-cache``, lets browsers keep the file and revalidate it with a
         304; pass ``"public, max-age=31536000, immutable"`` for URLs that never
         change their file.
     :param max_ranges: most ranges answered as ``multipart/byteranges``; a Range
         with more (after coalescing overlapping ones) gets the whole file.
-    :param headers: more headers (they replace computed ones of the same name,
-        except ``Content-Length`` and ``Content-Range``).
+    :param policy: what is inline, under which type, sandboxed
+        (:data:`~asyncassets.web.DEFAULT_POLICY` by default).
+    :param headers: more headers. They replace computed ones of the same name,
+        except ``Content-Length``, ``Content-Range`` and
+        ``X-Content-Type-Options``, which they cannot change, and
+        ``Content-Security-Policy``, which they add to (browsers enforce every
+        policy sent); replacing ``Content-Type`` or ``Content-Disposition``
+        makes the response sandboxed.
     :param background: a task run after the response is sent.
     """
 
@@ -135,6 +218,7 @@ class FileResponse(Response):
         content_type: str | None = None,
         cache_control: str | None = DEFAULT_CACHE_CONTROL,
         max_ranges: int = DEFAULT_MAX_RANGES,
+        policy: ContentPolicy = DEFAULT_POLICY,
         headers: Mapping[str, str] | None = None,
         background: BackgroundTask | None = None,
     ) -> None:
@@ -151,6 +235,7 @@ class FileResponse(Response):
             content_type=content_type,
             cache_control=cache_control,
             max_ranges=max_ranges,
+            policy=policy,
             headers=headers,
             background=background,
         )
@@ -166,11 +251,14 @@ class FileResponse(Response):
         content_type: str | None = None,
         cache_control: str | None = DEFAULT_CACHE_CONTROL,
         max_ranges: int = DEFAULT_MAX_RANGES,
+        policy: ContentPolicy = DEFAULT_POLICY,
         headers: Mapping[str, str] | None = None,
         background: BackgroundTask | None = None,
     ) -> None:
         if isinstance(max_ranges, bool) or not isinstance(max_ranges, int) or max_ranges < 1:
             raise ValueError(f"max_ranges must be an int >= 1, not {max_ranges!r}")
+        if not isinstance(policy, ContentPolicy):
+            raise TypeError(f"policy must be a ContentPolicy, not {type(policy).__name__}")
         self.proxy = proxy
         self.request = request
         self.download = bool(download)
@@ -178,6 +266,7 @@ class FileResponse(Response):
         self.content_type = content_type
         self.cache_control = cache_control
         self.max_ranges = max_ranges
+        self.policy = policy
         self.status_code = 200  # until sent: then what was sent
         self.background = background
         self.media_type = None
@@ -194,7 +283,7 @@ class FileResponse(Response):
         """A response for a catalogue entry already looked up in ``store`` (no proxy).
 
         What :func:`~asyncassets.web.files_app` uses; ``options`` are the keywords
-        of the constructor.
+        of the constructor. The entry is used as given: look it up just before.
         """
         response = cls.__new__(cls)
         response._setup(None, (store, doc), **options)
@@ -207,13 +296,23 @@ class FileResponse(Response):
         if method not in ("GET", "HEAD"):
             await self._plain(send, 405, "Method Not Allowed", [(b"allow", b"GET, HEAD")])
             return
-        entry = await self._locate()
-        if entry is None:
+        found = await self._locate()
+        if found is None:
             await self._plain(send, 404, "Not Found")
             return
-        store, doc = entry
+        store, doc = found
+        entry = served_entry(doc)
+        if entry is None:
+            logger.warning(
+                "not serving file %r of catalogue %r: its catalogue entry has no valid "
+                "length (run asyncassets.check())",
+                doc.get("_id") if isinstance(doc, Mapping) else None,
+                store.name,
+            )
+            await self._plain(send, 404, "Not Found")
+            return
         headers = self.request.headers if self.request is not None else Headers(scope=scope)
-        await self._answer(store, doc, method, headers, receive, send)
+        await self._answer(store, entry, method, headers, receive, send)
         if self.background is not None:
             await self.background()
 
@@ -223,23 +322,25 @@ class FileResponse(Response):
         proxy = self.proxy
         if proxy is None or proxy.file_id is None:
             return None
-        store = proxy.storage.bind(get_db(proxy.db_alias))
-        doc = await store.find(proxy.file_id)
+        store = proxy._bucket()
+        try:
+            # The proxy decides whether its loaded entry is as good as a fresh one
+            # (a store whose reads check the entry) or must be looked up again.
+            doc = await proxy._fetch()
+        except FileNotFound:
+            return None
         return None if doc is None else (store, doc)
 
     async def _answer(
         self,
         store: Store,
-        doc: Mapping[str, Any],
+        entry: ServedEntry,
         method: str,
         request: Headers,
         receive: Receive,
         send: Send,
     ) -> None:
-        length = original_length(doc)
-        version, strong = content_version(doc)
-        etag = f'"{version}"' if strong else f'W/"{version[:40]}"'
-        modified = _seconds_precision(doc.get("uploadDate"))
+        length, etag, modified = entry.length, entry.etag, entry.modified
         validators: list[tuple[bytes, bytes]] = [(b"etag", etag.encode())]
         if modified is not None:
             validators.append((b"last-modified", http_date(modified).encode()))
@@ -255,18 +356,21 @@ class FileResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
 
-        name = self.filename if self.filename is not None else doc.get("filename")
-        media_type = _media_type(self.content_type, content_type_of(doc), name)
+        name = file_name(self.filename if self.filename is not None else entry.filename)
+        shown = self.policy.present(
+            parse_media_type(self.content_type) or entry.content_type or _guessed(name),
+            download=self.download,
+        )
+        media_type = shown.content_type
+        disposition = content_disposition(not shown.inline, name)
         headers = [
             *validators,
             (b"accept-ranges", b"bytes"),
-            (b"x-content-type-options", b"nosniff"),
+            _NOSNIFF,
+            (b"content-disposition", disposition.encode("latin-1")),
         ]
-        if name or self.download:
-            disposition = content_disposition(self.download, name)
-            headers.append((b"content-disposition", disposition.encode("latin-1")))
-        if not self.download and media_type.split(";")[0].strip().lower() in _ACTIVE_TYPES:
-            headers.append((b"content-security-policy", b"sandbox"))
+        if shown.sandbox or self._retyped():
+            headers.append(_SANDBOX)
 
         ranges: list[ByteRange] | None = None
         if method == "GET" and "range" in request and self._if_range(request, etag, modified):
@@ -282,28 +386,31 @@ class FileResponse(Response):
                 return
 
         if ranges is None:
-            plan = [(b"", ByteRange(0, length), b"")]
+            parts = [ByteRange(0, length)]
+            framing = [(b"", b"")]
             status, body_type = 200, media_type
         elif len(ranges) == 1:
-            plan = [(b"", ranges[0], b"")]
+            parts = ranges
+            framing = [(b"", b"")]
             status, body_type = 206, media_type
             headers.append((b"content-range", ranges[0].content_range(length).encode()))
         else:
             boundary = secrets.token_hex(16)
-            plan = [
+            parts = ranges
+            framing = [
                 (
                     (
                         f"--{boundary}\r\nContent-Type: {media_type}\r\n"
                         f"Content-Range: {part.content_range(length)}\r\n\r\n"
                     ).encode("latin-1"),
-                    part,
                     b"\r\n",
                 )
                 for part in ranges
             ]
-            plan[-1] = (plan[-1][0], plan[-1][1], f"\r\n--{boundary}--\r\n".encode())
+            framing[-1] = (framing[-1][0], f"\r\n--{boundary}--\r\n".encode())
             status, body_type = 206, f"multipart/byteranges; boundary={boundary}"
-        size = sum(len(head) + len(part) + len(tail) for head, part, tail in plan)
+        size = sum(len(head) + len(tail) for head, tail in framing)
+        size += sum(len(part) for part in parts)
         headers += [
             (b"content-type", body_type.encode("latin-1")),
             (b"content-length", str(size).encode()),
@@ -315,7 +422,7 @@ class FileResponse(Response):
             return
 
         # Read the first piece before answering: a file gone by now is a clean 404.
-        pieces = self._body(store, doc, plan)
+        pieces = self._body(store, entry, parts, framing)
         try:
             try:
                 first = await anext(pieces)
@@ -328,6 +435,10 @@ class FileResponse(Response):
             await self._stream(first, pieces, receive, send)
         finally:
             await pieces.aclose()
+
+    def _retyped(self) -> bool:
+        """Whether the caller's headers replace the type or disposition the policy chose."""
+        return any(k in (b"content-type", b"content-disposition") for k, _ in self.raw_headers)
 
     # -- conditions ---------------------------------------------------------------
 
@@ -365,7 +476,7 @@ class FileResponse(Response):
     def _merged(self, computed: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The computed headers, with the caller's ones replacing those of the same name."""
         mine = [(k, v) for k, v in self.raw_headers if k not in _COMPUTED]
-        replaced = {k for k, _ in mine if k != b"set-cookie"}
+        replaced = {k for k, _ in mine if k not in _ADDED}
         return [(k, v) for k, v in computed if k not in replaced] + mine
 
     async def _send_start(
@@ -384,7 +495,11 @@ class FileResponse(Response):
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         body = f"{text}\n".encode()
-        kept = [(k, v) for k, v in headers or [] if k not in (b"content-type", b"content-length")]
+        kept = [
+            (k, v)
+            for k, v in headers or []
+            if k not in (b"content-type", b"content-length", b"content-disposition")
+        ]
         await self._send_start(
             send,
             status,
@@ -392,6 +507,7 @@ class FileResponse(Response):
                 *kept,
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", str(len(body)).encode()),
+                _NOSNIFF,
             ],
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -399,22 +515,46 @@ class FileResponse(Response):
     async def _body(
         self,
         store: Store,
-        doc: Mapping[str, Any],
-        plan: list[tuple[bytes, ByteRange, bytes]],
+        entry: ServedEntry,
+        parts: list[ByteRange],
+        framing: list[tuple[bytes, bytes]],
     ) -> AsyncGenerator[bytes, None]:
-        """The body's pieces; the first one comes from storage (see :meth:`_answer`)."""
-        pending = b""
-        for head, part, tail in plan:
-            reader = iter_original(store, doc, part.start, part.end)
-            try:
-                async for piece in reader:
-                    if pending or head:
-                        piece = pending + head + piece
-                        pending = head = b""
-                    yield piece
-            finally:
-                await reader.aclose()
-            pending += head + tail
+        """The body's pieces, every stored byte of them from the entry's version.
+
+        The last piece read is held back until the read is over; for a store
+        whose reads do not check the entry themselves (GridFS), the entry is then
+        looked up again, and a file replaced or deleted meanwhile raises
+        :class:`~asyncassets.errors.FileDeletedWhileReading` before the body is
+        complete (before its first byte, for a body read in one go).
+        """
+        reader = RangeReader(store, entry.doc, parts)
+        held: bytes | None = None
+        pending = b""  # framing waiting for the next piece
+        current = -1
+        try:
+            async for index, piece in reader:
+                while current < index:
+                    if current >= 0:
+                        pending += framing[current][1]
+                    current += 1
+                    pending += framing[current][0]
+                if held is not None:
+                    yield held
+                held = pending + piece if pending else piece
+                pending = b""
+        finally:
+            await reader.aclose()
+        while current < len(parts) - 1:  # only empty parts (an empty file) are left
+            if current >= 0:
+                pending += framing[current][1]
+            current += 1
+            pending += framing[current][0]
+        pending += framing[current][1]
+        if reader.read_bytes and not verifies_reads(store):
+            if not await same_version(store, entry.doc):
+                raise FileDeletedWhileReading(entry.doc.get("_id"), store.name)
+        if held is not None:
+            yield held
         if pending:
             yield pending
 
