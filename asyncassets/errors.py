@@ -50,6 +50,7 @@ __all__ = [
     "SignatureInvalid",
     "SignedURLError",
     "StorageError",
+    "StoredObjectChanged",
     "StoredObjectMissing",
     "TransferFailed",
     "URLExpired",
@@ -249,6 +250,16 @@ class StorageError(AsyncAssetsError):
 
 class StoredObjectMissing(StorageError, LookupError):
     """No stored object under the key a catalogue entry names."""
+
+
+class StoredObjectChanged(StoredObjectMissing):
+    """The object under a catalogue entry's key is not the one that entry's upload wrote.
+
+    Every upload records its object's version in the entry (``location.version``: a
+    directory object's modification time to the nanosecond, an S3 object's ETag),
+    and every read checks it. Another object under the key means the entry's bytes
+    are gone: the key was reused, overwritten, or restored from an older backup.
+    """
 
 
 class KeyTaken(StorageError):

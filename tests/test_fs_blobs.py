@@ -260,6 +260,7 @@ async def test_an_empty_object_is_stored(blobs: FileSystemBlobs, root: Path) -> 
         "empty",
         0,
         (await blobs.stat("empty")).modified,  # type: ignore[union-attr]
+        writer.version,
     )
 
 
@@ -295,10 +296,10 @@ class Gate:
         self.release = threading.Event()
         original = getattr(os, name)
 
-        def gated(*args: object) -> object:
+        def gated(*args: object, **kwargs: object) -> object:
             self.entered.set()
             assert self.release.wait(10)
-            return original(*args)
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(os, name, gated)
 
@@ -363,9 +364,11 @@ async def test_a_commit_cancelled_before_the_file_is_in_place_leaves_nothing(
     assert files_under(root) == []
 
 
-async def test_a_commit_cancelled_once_the_file_is_linked_keeps_it(
+async def test_a_commit_cancelled_once_the_file_is_linked_is_undone_by_abort(
     blobs: FileSystemBlobs, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A commit that did not return is not a commit: abort() removes the object it
+    # put in place (it is provably this writer's: of its version), and nothing else.
     writer = blobs.open_writer("linked.bin")
     await writer.write(b"linked")
     gate = Gate(monkeypatch, "unlink")  # the temp name is removed after the link
@@ -375,9 +378,28 @@ async def test_a_commit_cancelled_once_the_file_is_linked_keeps_it(
     with pytest.raises(asyncio.CancelledError):
         await committing
     gate.release.set()
-    await writer.abort()  # waits for the thread, sees the object in place
-    assert files_under(root) == ["linked.bin"]
-    assert (root / "linked.bin").read_bytes() == b"linked"
+    await writer.abort()  # waits for the thread, sees the object in place, removes it
+    assert files_under(root) == []
+
+
+async def test_abort_after_a_cancelled_commit_leaves_an_object_of_another_version(
+    blobs: FileSystemBlobs, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = blobs.open_writer("linked.bin")
+    await writer.write(b"linked")
+    gate = Gate(monkeypatch, "unlink")
+    committing = asyncio.create_task(writer.commit())
+    await gate.wait_entered()
+    committing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await committing
+    # Meanwhile another tool replaces the file under the key.
+    other = root / "other.tmp"
+    other.write_bytes(b"someone else's")
+    os.rename(other, root / "linked.bin")
+    gate.release.set()
+    await writer.abort()
+    assert (root / "linked.bin").read_bytes() == b"someone else's"
 
 
 async def test_concurrent_writers_of_one_key_exactly_one_wins(
@@ -398,7 +420,7 @@ async def test_concurrent_writers_of_one_key_exactly_one_wins(
 async def test_without_hard_links_the_key_is_reserved_then_renamed_over(
     blobs: FileSystemBlobs, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_links(src: str, dst: str) -> None:
+    def no_links(src: str, dst: str, **kwargs: object) -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM), src, None, dst)
 
     monkeypatch.setattr(os, "link", no_links)
@@ -464,7 +486,7 @@ async def test_list_walks_many_files_in_batches(
             (root / f"d{d}" / f"{n}.bin").write_bytes(b"x")
             expected.add(f"d{d}/{n}.bin")
     batches = []
-    walker = filesystem._Walker(str(root), temps=False)
+    walker = filesystem._Walker(blobs, temps=False)
     while batch := walker.next_batch():
         batches.append(len(batch))
     assert max(batches) == 100 and sum(batches) == 550
@@ -495,22 +517,25 @@ async def test_delete_prunes_empty_directories_but_not_filled_ones_nor_the_root(
     assert await read_all(blobs, "x/y/second.bin") == payload(BUFFER)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 async def test_a_writer_remakes_a_directory_pruned_under_it(
-    blobs: FileSystemBlobs, root: Path, monkeypatch: pytest.MonkeyPatch
+    blobs: FileSystemBlobs, root: Path, monkeypatch: pytest.MonkeyPatch, depth: int
 ) -> None:
-    made = blobs._make_dirs
-    pruned = []
+    # Issue #19, case 5: a delete's pruning slips in right after the writer made a
+    # directory (before it could open it, or before it made the next one in it):
+    # the writer walks again instead of failing with ENOENT.
+    mkdir = os.mkdir
+    pruned: list[str] = []
 
-    def make_then_prune(directory: str) -> list[str]:
-        result = made(directory)
-        if not pruned:  # a delete's pruning slips in between mkdir and open
-            pruned.append(directory)
-            os.rmdir(directory)
-        return result
+    def mkdir_then_pruned(name: str, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        mkdir(name, mode, dir_fd=dir_fd)
+        if len(pruned) < depth:
+            pruned.append(name)
+            os.rmdir(name, dir_fd=dir_fd)
 
-    monkeypatch.setattr(blobs, "_make_dirs", make_then_prune)
-    await store(blobs, "p/q.bin", b"q")
-    assert pruned and await read_all(blobs, "p/q.bin") == b"q"
+    monkeypatch.setattr(os, "mkdir", mkdir_then_pruned)
+    await store(blobs, "p/r/q.bin", b"q")
+    assert pruned and await read_all(blobs, "p/r/q.bin") == b"q"
 
 
 async def test_stale_temps_are_listed_and_deleted(blobs: FileSystemBlobs, root: Path) -> None:

@@ -257,18 +257,27 @@ async def test_check_reports_missing_truncated_orphaned_and_changed_objects(
 ):
     store = _store(storage, asyncassets_db)
     Doc = declare(storage)
-    docs = [await _upload(store, data) for data in (b"aaaa", b"bbbbbbbb", b"cccc", b"dd")]
-    missing, truncated, changed, intact = docs
-    await Doc(f=intact["_id"], many=[d["_id"] for d in docs[:3]]).save()
+    datas = (b"aaaa", b"bbbbbbbb", b"cccc", b"eeee", b"dd")
+    docs = [await _upload(store, data) for data in datas]
+    missing, truncated, changed, rotten, intact = docs
+    await Doc(f=intact["_id"], many=[d["_id"] for d in docs[:4]]).save()
     name = storage.collection_name
 
     clean = await check(buckets=[name], verify=True)
     assert clean.ok, clean
-    assert clean.files == 4 and clean.verified == 4 and clean.references == 4
+    assert clean.files == 5 and clean.verified == 5 and clean.references == 5
 
     await store.blobs.delete(_key(missing))
     await _overwrite(storage, store, _key(truncated), b"bbb")
     await _overwrite(storage, store, _key(changed), b"CCCC")  # same size, other bytes
+    on_disk = isinstance(storage, FileSystemStorage)
+    if on_disk:
+        # Bit rot: other bytes in place, the file's time (its version) unchanged.
+        path = os.path.join(storage.root, *_key(rotten).split("/"))
+        before = os.stat(path)
+        with open(path, "r+b") as raw:  # noqa: ASYNC230
+            raw.write(b"EEEE")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     await _commit_object(store, "stray/orphan.bin", b"no entry")
     dangling = ObjectId()  # a file deleted behind a document's back
     await Doc._get_collection().insert_one({"f": dangling})
@@ -276,23 +285,28 @@ async def test_check_reports_missing_truncated_orphaned_and_changed_objects(
     found = await check(buckets=[name])
     assert not found.ok
     assert found.missing_objects == 1 and found.wrong_size_objects == 1
+    # Replaced under its key: another version than the upload recorded, found
+    # without reading a byte.
+    assert found.changed_objects == 1
     assert found.invalid_entries == 0 and found.checksum_mismatches == 0
     problems = {(p.file_id, p.kind, p.key) for p in found.object_problems}
     assert problems == {
         (missing["_id"], "missing", _key(missing)),
         (truncated["_id"], "size", _key(truncated)),
+        (changed["_id"], "changed", _key(changed)),
     }
     assert found.orphaned_objects == 1
     assert [(o.key, o.size) for o in found.orphaned_object_keys] == [("stray/orphan.bin", 8)]
     assert found.dangling == 1 and found.dangling_references[0].file_id == dangling
     text = str(found)
     assert "orphaned objects: 1" in text and "stray/orphan.bin" in text
-    assert "objects missing: 1, of the wrong size: 1" in text
+    assert "objects missing: 1, of the wrong size: 1, of another version: 1" in text
 
     verified = await check(buckets=[name], verify=True)
-    assert verified.checksum_mismatches == 1
-    assert [f.file_id for f in verified.mismatched_files] == [changed["_id"]]
-    assert verified.verified == 2  # the missing and truncated ones are not read
+    # Bit rot keeps the version: only the checksum finds it.
+    assert verified.checksum_mismatches == (1 if on_disk else 0)
+    assert [f.file_id for f in verified.mismatched_files] == ([rotten["_id"]] if on_disk else [])
+    assert verified.verified == 2  # the missing, truncated and changed ones are not read
 
 
 async def test_check_reports_a_catalogue_entry_that_names_no_object(

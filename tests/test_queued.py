@@ -396,10 +396,10 @@ async def test_replace_and_delete_in_every_phase_of_a_transfer_leave_nothing_beh
     await other.save()
     claim = await store.claim("racer", file_id=other.photo.file_id)
     assert claim is not None
-    key, _length = await store._copy(claim)
+    key, version, _length = await store._copy(claim)
     assert await remote_objects(storage) == [key]
     await other.photo.delete()
-    assert await store._switch(claim, key) == "gone"  # the switch finds no entry
+    assert await store._switch(claim, key, version) == "gone"  # the switch finds no entry
 
     assert not await remote_objects(storage)
     assert (await run_all(storage)).transferred == 1  # doc's replacement

@@ -121,6 +121,17 @@ async def tamper(storage: Storage, db: Any, file_id: Any) -> None:
         return
     entry = await stored_entry(storage, db, file_id)
     key = entry["location"]["key"]
+    if isinstance(storage, FileSystemStorage):
+        # Bit rot: the byte flips in place; the file keeps its time (its version).
+        path = os.path.join(storage.root, *key.split("/"))
+        before = os.stat(path)
+        with open(path, "r+b") as f:  # noqa: ASYNC230  (bit rot, behind the library)
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return
+    # An S3 object cannot change in place: another object replaces it (another ETag).
     blobs = storage.blobs()  # type: ignore[attr-defined]
     old = b"".join([p async for p in blobs.open_reader(key, 0, entry["length"])])
     writer = blobs.open_writer(key)

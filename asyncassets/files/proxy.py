@@ -968,6 +968,27 @@ class FileProxy:
         self._aborted_by[stream] = _current_task()
         await asyncio.shield(stream.abort())
 
+    @property
+    def key(self) -> str | None:
+        """The key of the file's object in a directory or S3 storage: the entry's
+        ``location.key`` (``2026/12/3f2c....jpg``; ``poster/photo-2.jpg`` when the
+        template's key was taken), or, for a ``QueuedStorage`` field, the key of
+        the copy being served.
+
+        Read from the loaded metadata (no I/O). ``None`` for an empty field and
+        for a GridFS file.
+        """
+        doc = self._doc("key")
+        if doc is None:
+            return None
+        remote = doc.get("remote")
+        if isinstance(remote, dict) and isinstance(remote.get("key"), str):
+            return str(remote["key"])
+        location = doc.get("location")
+        if isinstance(location, dict) and isinstance(location.get("key"), str):
+            return str(location["key"])
+        return None
+
     # -- queued transfer (QueuedStorage fields) -----------------------------------
     # Only asks the store: the queue itself lives in asyncassets.storage.queued.
 

@@ -35,7 +35,7 @@ from ..storage.catalogue import (
 from ..storage.codec import GzipError, inflate
 from ..storage.gridfs import GridBucket
 from ..storage.gridfs.spec import is_int
-from ..storage.objects.store import ObjectStore, location_key
+from ..storage.objects.store import ObjectStore, location_key, location_version
 from ..storage.queued import QueuedStore, copy_of
 from ..storage.read import verify_file
 from .lookup import (
@@ -84,6 +84,18 @@ __all__ = ["check"]
 
 #: How many bytes of chunk data one ``check(verify=True)`` cursor batch may hold.
 _VERIFY_BUFFER = 8 * 1024 * 1024
+#: What an object-storage entry's inspection may find wrong, and where it counts.
+_PROBLEMS = {
+    "missing": "missing_objects",
+    "size": "wrong_size_objects",
+    "changed": "changed_objects",
+    "invalid": "invalid_entries",
+}
+
+
+def _count_problem(report: CheckReport, status: str) -> None:
+    counter = _PROBLEMS[status]
+    setattr(report, counter, getattr(report, counter) + 1)
 
 
 async def check(
@@ -296,13 +308,8 @@ async def _check_queued(
 
     for doc, found in zip(batch, await _bounded(batch, inspect), strict=True):
         for status, detail, key in found:
-            if status in ("missing", "size", "invalid"):
-                if status == "missing":
-                    report.missing_objects += 1
-                elif status == "size":
-                    report.wrong_size_objects += 1
-                else:
-                    report.invalid_entries += 1
+            if status in _PROBLEMS:
+                _count_problem(report, status)
                 item = ObjectProblem(alias, store.name, doc["_id"], key, status,
                                      detail or status)
                 if _keep(report.object_problems, item, max_ids):
@@ -330,19 +337,21 @@ async def _inspect_queued(
     length: Any = doc.get("length")
     if not is_int(length) or length < 0:
         return [("invalid", f"its catalogue entry has no valid length ({length!r})", None)]
-    copies: list[tuple[ObjectStore, str]] = []
+    copies: list[tuple[ObjectStore, str, Any]] = []
     if doc.get("local") == "filesystem" and isinstance(store.local, ObjectStore):
         key = location_key(doc)
         if key is None:
             return [("invalid", "its catalogue entry names no local object "
                      f"({doc.get('location')!r})", None)]
-        copies.append((store.local, key))
+        copies.append((store.local, key, location_version(doc)))
     remote = doc.get("remote")
     if isinstance(remote, dict) and isinstance(remote.get("key"), str):
-        copies.append((store.remote, remote["key"]))
-    for side, key in copies:
+        copies.append((store.remote, remote["key"], remote.get("version")))
+    for side, key, version in copies:
         info = await side.blobs.stat(key)
-        if info is not None and info.size == length:
+        if info is not None and info.size == length and (
+            version is None or info.version == version
+        ):
             continue
         current = await store.find(doc["_id"])
         if current is None or any(current.get(k) != doc.get(k)
@@ -352,9 +361,12 @@ async def _inspect_queued(
         if info is None:
             found.append(("missing", f"no {which} object under its key {key!r} in {side.url}",
                           key))
-        else:
+        elif info.size != length:
             found.append(("size", f"its {which} object {key!r} is {info.size} bytes, the "
                           f"catalogue entry says {length}", key))
+        else:
+            found.append(("changed", f"its {which} object {key!r} is of version "
+                          f"{info.version!r}, not the {version!r} its entry recorded", key))
     if verify and not found:
         try:
             await verify_file(store, doc)
@@ -410,13 +422,8 @@ async def _check_objects(
         return (doc, *await _inspect_object(store, doc, verify))
 
     for doc, status, detail in await _bounded(batch, inspect):
-        if status in ("missing", "size", "invalid"):
-            if status == "missing":
-                report.missing_objects += 1
-            elif status == "size":
-                report.wrong_size_objects += 1
-            else:
-                report.invalid_entries += 1
+        if status in _PROBLEMS:
+            _count_problem(report, status)
             item = ObjectProblem(alias, store.name, doc["_id"], location_key(doc), status,
                                  detail or status)
             if _keep(report.object_problems, item, max_ids):
@@ -445,13 +452,19 @@ async def _inspect_object(
     if not is_int(length) or length < 0:
         return "invalid", f"its catalogue entry has no valid length ({length!r})"
     info = await store.blobs.stat(key)
-    if info is None or info.size != length:
+    version = location_version(doc)
+    if info is None or info.size != length or (version is not None and info.version != version):
         if await _changed(store, doc):
             return "gone", None
         if info is None:
             return "missing", f"no object under its key {key!r} in {store.url}"
-        return "size", (
-            f"its object {key!r} is {info.size} bytes, the catalogue entry says {length}"
+        if info.size != length:
+            return "size", (
+                f"its object {key!r} is {info.size} bytes, the catalogue entry says {length}"
+            )
+        return "changed", (
+            f"its object {key!r} is of version {info.version!r}, not the {version!r} its "
+            "upload recorded: it was replaced or restored behind the catalogue's back"
         )
     if not verify:
         return "present", None

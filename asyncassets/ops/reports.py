@@ -119,8 +119,10 @@ class ObjectProblem(NamedTuple):
     """A catalogue entry of a directory or S3 storage whose object is not right.
 
     ``kind``: ``"missing"`` (no object under its key), ``"size"`` (the object is
-    not the entry's ``length``) or ``"invalid"`` (the entry names no key, or has no
-    valid length).
+    not the entry's ``length``), ``"changed"`` (the object under its key is not the
+    version its upload recorded: reused, overwritten or restored behind the
+    catalogue's back) or ``"invalid"`` (the entry names no key, or has no valid
+    length).
     """
 
     alias: str
@@ -188,6 +190,10 @@ class SweepReport:
     #: Stored objects no entry names but written within the grace period (an
     #: upload that committed its object and has not inserted its entry yet), kept.
     recent_orphaned_objects: int = 0
+    #: Key reservations left by writers (or deletes, or sweeps) that died, older
+    #: than the cutoff, released; the object under each, when it was provably that
+    #: writer's, is counted in ``objects_deleted``.
+    reservations_released: int = 0
     #: Temp files of filesystem writers that died, untouched since the cutoff, deleted.
     temps_deleted: int = 0
     deleted_temps: list[StoredObject] = field(default_factory=list)
@@ -216,6 +222,8 @@ class SweepReport:
         if _has_objects(self.storages):
             lines += [
                 f"  orphaned objects {verb}: {self.objects_deleted}",
+                f"  dead key reservations {'to release' if self.dry_run else 'released'}: "
+                f"{self.reservations_released}",
                 f"  stale temp files {verb}: {self.temps_deleted}",
                 f"  stale multipart uploads {'to abort' if self.dry_run else 'aborted'}: "
                 f"{self.uploads_aborted}",
@@ -281,10 +289,13 @@ class CheckReport:
     missing_objects: int = 0
     #: Directory and S3 storages: catalogue entries whose object is not their length.
     wrong_size_objects: int = 0
+    #: Directory and S3 storages: catalogue entries whose key holds an object of
+    #: another version than their upload recorded (``location.version``).
+    changed_objects: int = 0
     #: Directory and S3 storages: catalogue entries naming no key or no valid length;
     #: GridFS buckets declared by a class: entries naming a stored object.
     invalid_entries: int = 0
-    #: The entries counted in the three fields above.
+    #: The entries counted in the four fields above.
     object_problems: list[ObjectProblem] = field(default_factory=list)
     #: Directory and S3 storages: stored objects that no catalogue entry names.
     orphaned_objects: int = 0
@@ -325,6 +336,7 @@ class CheckReport:
             or self.checksum_mismatches
             or self.missing_objects
             or self.wrong_size_objects
+            or self.changed_objects
             or self.invalid_entries
             or self.orphaned_objects
             or self.failed_transfers
@@ -359,7 +371,8 @@ class CheckReport:
         if _has_objects(self.storages) or self.object_problems:
             lines.append(
                 f"  objects missing: {self.missing_objects}, of the wrong size: "
-                f"{self.wrong_size_objects}, entries naming no object: {self.invalid_entries}"
+                f"{self.wrong_size_objects}, of another version: {self.changed_objects}, "
+                f"entries naming no object: {self.invalid_entries}"
             )
             lines += [f"    {item}" for item in self.object_problems]
             lines.append(f"  orphaned objects: {self.orphaned_objects}")

@@ -7,6 +7,7 @@ names, temp files of dead filesystem writers, stale S3 multipart uploads.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -126,6 +127,8 @@ async def sweep_orphans(
             await _sweep_chunks(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
                                 report)
         elif isinstance(store, ObjectStore):
+            await _sweep_reservations(store, bucket_alias, cutoff, dry_run, batch_size,
+                                      max_ids, report)
             await _sweep_objects(store, bucket_alias, work.sharers, cutoff, dry_run,
                                  batch_size, max_ids, report)
             await _sweep_leftovers(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
@@ -164,10 +167,14 @@ async def _sweep_queued(
     if chunks is not None:
         await _sweep_chunks(chunks, alias, cutoff, dry_run, batch_size, max_ids, report)
     elif isinstance(store.local, ObjectStore):
+        await _sweep_reservations(store.local, alias, cutoff, dry_run, batch_size, max_ids,
+                                  report)
         await _sweep_objects(store.local, alias, work.sharers, cutoff, dry_run, batch_size,
                              max_ids, report)
         await _sweep_leftovers(store.local, alias, cutoff, dry_run, batch_size, max_ids,
                                report)
+    await _sweep_reservations(store.remote, alias, cutoff, dry_run, batch_size, max_ids,
+                              report)
     await _sweep_objects(store.remote, alias, work.remote_sharers, cutoff, dry_run, batch_size,
                          max_ids, report)
     await _sweep_leftovers(store.remote, alias, cutoff, dry_run, batch_size, max_ids, report)
@@ -258,6 +265,52 @@ async def _sweep_chunks(
                 report.truncated = True
 
 
+async def _sweep_reservations(
+    store: ObjectStore,
+    alias: str,
+    cutoff: dt.datetime,
+    dry_run: bool,
+    batch_size: int,
+    max_ids: int | None,
+    report: SweepReport,
+) -> None:
+    """Release the key reservations of writers that died, and delete what they left.
+
+    A reservation older than the cutoff whose file's entry does not name its key
+    belongs to an upload, copy or delete that died (or paused longer than the
+    grace). The sweep takes it over (a conditional update: a writer that
+    confirmed it meanwhile keeps it), looks for the entry once more, deletes the
+    object under the key only if it carries the writer's token (it is then that
+    writer's, never another's), and releases the key.
+    """
+    reservations = store.reservations
+    async for batch in _batches(reservations.older_than(cutoff), batch_size):
+        alive = await reservations.named(batch)
+        for reservation in batch:
+            if reservation["_id"] in alive:
+                continue  # a stored file's key
+            if dry_run:
+                report.reservations_released += 1
+                continue
+            if not await reservations.take_over(reservation):
+                continue  # confirmed or released meanwhile
+            if await reservations.named([reservation]):
+                await reservations.give_back(reservation)  # its entry came in meanwhile
+                continue
+            key = str(reservation.get("key"))
+            token = str(reservation.get("token"))
+            info = await store.blobs.stat(key)
+            if info is not None and store.blobs.made_by(info, token):
+                if await store.blobs.delete(key, version=info.version):
+                    report.objects_deleted += 1
+                    report.bytes_freed += max(info.size, 0)
+                    item = StoredObject(alias, store.name, key, info.size)
+                    if _keep(report.deleted_objects, item, max_ids):
+                        report.truncated = True
+            await reservations.release_taken(reservation)
+            report.reservations_released += 1
+
+
 async def _sweep_objects(
     store: ObjectStore,
     alias: str,
@@ -268,22 +321,29 @@ async def _sweep_objects(
     max_ids: int | None,
     report: SweepReport,
 ) -> None:
-    """Delete the stored objects no catalogue entry names, last written before ``cutoff``."""
+    """Delete the stored objects no catalogue entry names and no reservation holds,
+    last written before ``cutoff`` (another tool's, or left from before key
+    reservations existed)."""
     blobs = store.blobs
     async for batch in _batches(blobs.list(), batch_size):
         infos: list[BlobInfo] = batch
         named = await _named_keys(sharers, [info.key for info in infos])
+        reserved = await store.reservations.reserved(
+            [info.key for info in infos if info.key not in named]
+        )
         doomed: list[BlobInfo] = []
         for info in infos:
-            if info.key in named:
+            if info.key in named or info.key in reserved:
                 continue
             if _old_enough(blob_time(info.modified), cutoff):
                 doomed.append(info)
             else:
                 report.recent_orphaned_objects += 1
         if doomed and not dry_run:
-            doomed = await _still_orphaned(store, sharers, doomed, cutoff, report)
-            await _bounded([info.key for info in doomed], blobs.delete)
+            deleted = await _bounded(
+                doomed, lambda info: _delete_orphan(store, sharers, info, cutoff, report)
+            )
+            doomed = [info for info in deleted if info is not None]
         for info in doomed:
             report.objects_deleted += 1
             report.bytes_freed += max(info.size, 0)
@@ -292,27 +352,34 @@ async def _sweep_objects(
                 report.truncated = True
 
 
-async def _still_orphaned(
+async def _delete_orphan(
     store: ObjectStore,
     sharers: list[_Sharer],
-    doomed: list[BlobInfo],
+    info: BlobInfo,
     cutoff: dt.datetime,
     report: SweepReport,
-) -> list[BlobInfo]:
-    """Look again right before deleting: an upload may have inserted its entry since
-    the listing, or written a new object under the key (``overwrite=True``)."""
-    named = await _named_keys(sharers, [info.key for info in doomed])
-    now = await _bounded([info.key for info in doomed if info.key not in named],
-                         store.blobs.stat)
-    still: list[BlobInfo] = []
-    for info in now:
-        if info is None:
-            continue  # gone meanwhile: nothing to delete, nothing freed
-        if _old_enough(blob_time(info.modified), cutoff):
-            still.append(info)
-        else:
+) -> BlobInfo | None:
+    """Delete one orphan object under a reservation of the sweep's own, so that no
+    upload can write its key meanwhile; look again first (an entry naming it, a
+    newer object). The object deleted, or ``None``."""
+    reservations = store.reservations
+    token = secrets.token_hex(16)
+    if not await reservations.reserve_for_sweep(info.key, token):
+        return None  # an upload reserved it since the listing
+    try:
+        if await _named_keys(sharers, [info.key]):
+            return None
+        now = await store.blobs.stat(info.key)
+        if now is None:
+            return None  # gone meanwhile: nothing to delete, nothing freed
+        if not _old_enough(blob_time(now.modified), cutoff):
             report.recent_orphaned_objects += 1
-    return still
+            return None
+        if not await store.blobs.delete(info.key, version=now.version):
+            return None
+        return now
+    finally:
+        await reservations.release(info.key, token=token)
 
 
 async def _sweep_leftovers(

@@ -40,10 +40,13 @@ in any directory catalogue. ``transfer.state`` is one of:
 
 The guarantees, in the order of the calls:
 
+* the remote key is reserved (:mod:`.objects.reservations`) before the copy is
+  written, as an upload's is, and its object's version is recorded with it
+  (``remote.version``) and checked by every read;
 * the switch to the remote copy is one update conditional on the claim's token
   and the ``running`` state: a worker whose lease was taken over, or whose file
   was deleted or replaced meanwhile, switches nothing and deletes the remote
-  object it wrote;
+  object it wrote (by its version), then releases its key;
 * the local copy is deleted only after the switch (``delete_local=True``, in the
   same update the entry stops naming it); a reader that finds it gone reads the
   entry again and continues from the remote copy at the byte it reached;
@@ -59,7 +62,9 @@ import asyncio
 import copy
 import datetime as dt
 import hashlib
+import logging
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -70,14 +75,14 @@ from types import TracebackType
 from typing import Any
 
 from bson import ObjectId
+from pymongo.errors import PyMongoError
 
 from .. import _driver
-from .._tasks import settle, spawn
+from .._tasks import add_note, settle, spawn
 from ..errors import (
     CorruptFile,
     FileDeletedWhileReading,
     FileNotFound,
-    KeyTaken,
     StorageError,
     StoredObjectMissing,
     TransferFailed,
@@ -87,8 +92,7 @@ from .catalogue import read_range
 from .entries import CatalogueReads
 from .gridfs import GridBucket
 from .gridfs.spec import DEFAULT_CHUNK_SIZE, as_int, now_as_stored
-from .objects.keys import KeyMaker
-from .objects.store import ObjectStore, location_key
+from .objects.store import ObjectStore, location_key, location_version
 from .retry import Retry
 
 __all__ = [
@@ -107,8 +111,6 @@ STATES = ("pending", "held", "running", "done", "failed")
 QUEUE_INDEX = {"transfer.state": 1, "transfer.next_try": 1}
 #: Unique: two entries never name the same remote object.
 REMOTE_INDEX = {"remote.key": 1}
-#: How many remote keys are tried when the one made is taken.
-_KEY_ATTEMPTS = 100
 #: Pieces at least this large are hashed on a thread, beside the remote write.
 _THREADED_HASH = 256 * 1024
 #: What tells one upload from another under the same ``_id``.
@@ -117,6 +119,7 @@ _IDENTITY = ("length", "uploadDate")
 _MAX_ERROR = 2000
 
 _indexed: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
+logger = logging.getLogger("asyncassets.transfers")
 #: Events of the workers running in this process, set when an upload queues work.
 _listeners: weakref.WeakSet[asyncio.Event] = weakref.WeakSet()
 
@@ -301,6 +304,9 @@ class Claim:
     previous: str
     #: ``time.monotonic()`` by which the lease must be renewed.
     deadline: float
+    #: The remote key the copy reserved, and the reservation's token (once made).
+    remote_key: str | None = None
+    remote_token: str | None = None
 
     @property
     def file_id(self) -> Any:
@@ -362,7 +368,7 @@ class QueuedStore(CatalogueReads):
         else:
             assert isinstance(local, _ObjectStorage)
             self.local = ObjectStore(db, local)
-        self.remote = ObjectStore(db, storage.remote_place)
+        self.remote = ObjectStore(db, storage.remote_place, key_field="remote")
         self.files = _driver.acknowledged(db[f"{self.name}.files"])
         self.chunk_size = self.local.chunk_size
 
@@ -382,6 +388,7 @@ class QueuedStore(CatalogueReads):
     async def ensure_indexes(self) -> None:
         """The local store's indexes, the queue's, and a unique sparse ``remote.key``."""
         await self.local.ensure_indexes()
+        await self.remote.reservations.ensure_indexes()
         done = _indexed.setdefault(self.db.client, set())
         key = (self.db.name, self.name)
         if key in done:
@@ -513,10 +520,14 @@ class QueuedStore(CatalogueReads):
             if isinstance(self.local, GridBucket):
                 await self.local.delete_chunks(doc["_id"])
             elif (key := location_key(doc)) is not None:
-                await self.local.blobs.delete(key)
+                await self.local.delete_object(
+                    key, version=location_version(doc), file_id=doc["_id"]
+                )
         remote = doc.get("remote")
         if isinstance(remote, Mapping) and isinstance(remote.get("key"), str):
-            await self.remote.blobs.delete(str(remote["key"]))
+            await self.remote.delete_object(
+                str(remote["key"]), version=remote.get("version"), file_id=doc["_id"]
+            )
 
     # -- the queue ------------------------------------------------------------------
 
@@ -597,7 +608,7 @@ class QueuedStore(CatalogueReads):
         """
         started = time.monotonic()
         file_id = claim.file_id
-        if claim.attempt > self.storage.max_attempts:
+        if claim.previous == "running" and claim.attempt > self.storage.max_attempts:
             # The previous attempt's worker died holding the lease, and it was the last.
             error = TransferFailed(
                 f"transfer of file {file_id!r} to {self.storage.remote.url}: the lease of "
@@ -618,11 +629,11 @@ class QueuedStore(CatalogueReads):
         if lost:
             return self._outcome(claim, "gone", started, 0, None, raise_errors)
         try:
-            key, length = copying.result()
+            key, version, length = copying.result()
         except Exception as exc:
             status = await settle(self._record_failure(claim, exc))
             return self._outcome(claim, status, started, 0, exc, raise_errors)
-        status = await settle(self._switch(claim, key))
+        status = await settle(self._switch(claim, key, version))
         return self._outcome(claim, status, started, length, None, raise_errors)
 
     def _outcome(
@@ -674,24 +685,41 @@ class QueuedStore(CatalogueReads):
             {"_id": claim.file_id, "transfer.token": claim.token, "transfer.state": "running"},
             {"$set": {"transfer.lease_until": lease_end, "transfer.next_try": lease_end}},
         )
-        if result.matched_count:
-            claim.deadline = sent + self.storage.lease
-            return True
-        return False
+        if not result.matched_count:
+            return False
+        claim.deadline = sent + self.storage.lease
+        if claim.remote_key is not None and claim.remote_token is not None:
+            # The copy's key stays this worker's while it holds the lease: a sweep
+            # must not take a live copy's reservation for a dead writer's.
+            await self.remote.reservations.confirm(claim.remote_key, claim.remote_token)
+        return True
 
-    async def _copy(self, claim: Claim) -> tuple[str, int]:
-        """Copy the local copy to a new remote object; return its key and length.
+    async def _copy(self, claim: Claim) -> tuple[str, Any, int]:
+        """Copy the local copy to a new remote object; return its key, version and length.
 
-        The object is committed only if its length and SHA-256 match the entry,
-        then checked by its stored size. On any failure or cancellation nothing of
-        it is left.
+        The remote key is reserved first (a taken one gets the next variant). The
+        object is committed only if its length and SHA-256 match the entry, then
+        checked by its stored size and version. On any failure or cancellation
+        what it wrote is removed and the key released; if that cleanup fails too,
+        the original error is the one raised (with a note), and the reservation
+        stays for the orphan sweep.
         """
         entry = claim.entry
-        blobs = self.remote.blobs
-        key = await self._free_remote_key(entry, first=claim.attempt == 1)
-        writer = blobs.open_writer(key)
+        remote = self.remote
+        blobs = remote.blobs
+        base = entry.get("transfer", {}).get("key")
+        if not isinstance(base, str):
+            base = remote.keys.make(file_id=entry["_id"], filename=entry.get("filename"))
+        token = secrets.token_hex(16)
+        reserved: list[str] = []
+        writer: Any = None
         committed = False
         try:
+            key = await remote.reserve_key(
+                base, file_id=entry["_id"], token=token, overwrite=False, reserved=reserved
+            )
+            claim.remote_key, claim.remote_token = key, token
+            writer = blobs.open_writer(key, token=token)
             sha256 = hashlib.sha256()
             length = 0
             async with self.local.open_download(entry) as download:
@@ -713,63 +741,56 @@ class QueuedStore(CatalogueReads):
                     f"{sha256.hexdigest()}; the entry says {entry.get('length')} bytes, "
                     f"sha256 {expected}): it was not transferred"
                 )
-            committed = True  # maybe committed: from here on the object may be ours
-            try:
-                await writer.commit(overwrite=False)
-            except KeyTaken:
-                committed = False  # someone else's object under the key
-                raise
+            await writer.commit(overwrite=False)
+            committed = True
             info = await blobs.stat(key)
-            if info is None or info.size != length:
+            if info is None or info.size != length or (
+                writer.version is not None and info.version != writer.version
+            ):
                 raise StorageError(
                     f"{blobs.url}: the object {key!r} just written is "
-                    f"{'missing' if info is None else f'{info.size} bytes'}, not {length}",
+                    f"{'missing' if info is None else f'{info.size} bytes'}"
+                    f"{'' if info is None else f' of version {info.version!r}'}, not "
+                    f"{length} bytes of version {writer.version!r}",
                     storage=blobs.url, key=key, transient=True,
                 )
-            return key, length
-        except BaseException:
-            await asyncio.shield(self._discard(writer, key if committed else None))
+            return key, writer.version, length
+        except BaseException as exc:
+            await asyncio.shield(spawn(self._discard(writer, committed, reserved, token, exc)))
             raise
 
-    async def _discard(self, writer: Any, key: str | None) -> None:
+    async def _discard(
+        self, writer: Any, committed: bool, reserved: list[str], token: str,
+        cause: BaseException,
+    ) -> None:
+        """Remove what a failed copy wrote, then release its key. A failure here is a
+        note on ``cause`` (the error worth reporting), never in its place."""
         try:
-            await writer.abort()
-        finally:
-            if key is not None:
-                await self.remote.blobs.delete(key)
+            if writer is not None:
+                if committed:
+                    await self.remote.blobs.delete(writer.key, version=writer.version)
+                else:
+                    await writer.abort()
+            for key in reserved:
+                await self.remote.reservations.release(key, token=token)
+        except Exception as cleanup:
+            add_note(
+                cause,
+                f"removing what the copy wrote failed too ({cleanup}); its key stays "
+                "reserved and the orphan sweep removes what is left",
+            )
 
-    async def _free_remote_key(self, entry: Mapping[str, Any], *, first: bool = False) -> str:
-        keys = self.storage.remote_place.keys
-        base = entry.get("transfer", {}).get("key")
-        if not isinstance(base, str):
-            base = keys.make(file_id=entry["_id"], filename=entry.get("filename"))
-        elif first and keys.always_unique:
-            # A new key ({uuid}/{id}) on a first attempt: no earlier attempt can have
-            # left an object under it, and no one else makes it. (A taken key would
-            # still fail the commit, never overwrite.)
-            return base
-        for attempt in range(_KEY_ATTEMPTS):
-            candidate = base if attempt == 0 else KeyMaker.variant(base, attempt + 1)
-            if await self.files.find_one({"remote.key": candidate}, {"_id": 1}) is not None:
-                continue
-            if await self.remote.blobs.stat(candidate) is not None:
-                continue  # a leftover of a dead attempt, or another tool's object
-            return candidate
-        raise KeyTaken(
-            f"{self.remote.url}: the key {base!r} and its variants up to -{_KEY_ATTEMPTS} "
-            "are all taken; use a remote key_template with {uuid}",
-            storage=self.remote.url, key=base,
-        )
-
-    async def _switch(self, claim: Claim, key: str) -> str:
+    async def _switch(self, claim: Claim, key: str, version: Any) -> str:
         """Point the entry at the remote copy (one conditional update), then delete
         the local copy (``delete_local``). ``"done"``, or ``"gone"`` when the claim
-        was lost meanwhile (the remote object is then deleted)."""
+        was lost meanwhile (the remote object is then deleted and its key released)."""
         unset = {f"transfer.{k}": "" for k in ("token", "worker", "lease_until", "next_try",
                                               "error")}
         if self.storage.delete_local:
             unset.update({"local": "", "location": ""})
-        remote = {"storage": self.storage.remote.kind, "key": key}
+        remote: dict[str, Any] = {"storage": self.storage.remote.kind, "key": key}
+        if version is not None:
+            remote["version"] = version
         try:
             result = await self.files.update_one(
                 {"_id": claim.file_id, "transfer.token": claim.token,
@@ -784,13 +805,19 @@ class QueuedStore(CatalogueReads):
             current = await self.find(claim.file_id)
             switched = current is not None and (current.get("remote") or {}).get("key") == key
         if not switched:
-            await self.remote.blobs.delete(key)
+            await self.remote.blobs.delete(key, version=version)
+            await self.remote.reservations.release(key, token=claim.remote_token)
             return "gone"
         if self.storage.delete_local:
             try:
                 await self._delete_copies({**claim.entry, "remote": None}, local=True)
-            except Exception:
-                pass  # named by no entry now: the orphan sweep removes it
+            except (StorageError, PyMongoError, OSError) as exc:
+                # The switch is done: the transfer succeeded. The local copy is named
+                # by no entry now (its key stays reserved); the orphan sweep removes it.
+                logger.warning(
+                    "transfer of file %r: deleting the local copy failed (%s); the orphan "
+                    "sweep removes it", claim.file_id, exc,
+                )
         return "done"
 
     async def _record_failure(

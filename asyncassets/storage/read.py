@@ -86,7 +86,9 @@ async def iter_original(
 
     :raises ValueError: the range is outside the file.
     :raises ChecksumMissing: ``verify`` on a file without a recorded checksum.
-    :raises IntegrityError: the bytes do not match (or, compressed, do not inflate).
+    :raises IntegrityError: the bytes do not match (or, compressed, do not inflate);
+        with ``verify``, also stored bytes that are not the upload's (missing
+        chunks, an object replaced under its key).
     :raises FileDeletedWhileReading: the file was deleted or replaced while it was
         read (chunks went missing and its files document is gone or another one).
     :raises CorruptFile: chunks are missing or of the wrong size, and the files
@@ -129,6 +131,12 @@ async def iter_original(
                 yield piece[max(start - lo, 0) : min(end, hi) - lo]
             elif lo >= end and hasher is None:
                 break  # past the range and nothing left to check
+    except CorruptFile as exc:
+        if hasher is None or isinstance(exc, IntegrityError):
+            raise
+        # Verifying: stored bytes that are not the upload's (missing chunks, an
+        # object replaced under its key) fail verification, as verify_file says.
+        raise _mismatch(bucket, doc, str(exc)) from exc
     finally:
         await source.aclose()
         if source is not pieces:

@@ -14,10 +14,20 @@ A backend's rules:
 * a write is invisible until :meth:`BlobWriter.commit` returns, and then complete:
   a reader never sees half an object (filesystem: temp file, fsync, link/rename;
   S3: one PUT, or a multipart upload completed at the end);
+* every committed object has a *version* (:attr:`BlobWriter.version`): a
+  directory file's ``st_mtime_ns``, an S3 object's ETag. Reads, stats and
+  deletes can be made conditional on it, so an object that another one replaced
+  under the same key is never read or deleted in its place;
+* a writer is given a ``token``; the object it commits carries it (the
+  nanoseconds of the file's time, S3 user metadata), so the sweep can tell an
+  object a dead writer committed from one another writer put there
+  (:meth:`Blobs.made_by`);
 * ``commit`` with ``overwrite=False`` never replaces an existing object: it raises
   :class:`~asyncassets.errors.KeyTaken` and leaves both in place;
-* :meth:`BlobWriter.abort` removes whatever the writer wrote (temp file, S3
-  multipart parts); it is idempotent and safe after a failure or cancellation;
+* :meth:`BlobWriter.abort` removes whatever the writer wrote unless ``commit()``
+  returned (temp file, S3 multipart parts, or the object of a commit that raised
+  or was cancelled, when it is provably this writer's); it is idempotent and
+  safe after a failure or cancellation;
 * memory stays bounded: a writer holds at most about two parts, a reader one piece;
 * transient failures (timeouts, 5xx, throttling, a connection reset) are retried
   with the storage's :class:`~asyncassets.storage.retry.Retry`; a reader resumes
@@ -30,7 +40,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import AsyncIterator
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = ["BlobInfo", "BlobWriter", "Blobs"]
 
@@ -44,6 +54,11 @@ class BlobInfo(NamedTuple):
     size: int
     #: When it was last written (UTC, timezone-aware).
     modified: datetime.datetime
+    #: Its version (``st_mtime_ns``, an ETag), when the backend says it.
+    version: Any = None
+    #: The token of the writer that committed it, when the backend says it (S3's
+    #: ``stat``; a directory's is in the version, see :meth:`Blobs.made_by`).
+    token: str | None = None
 
 
 @runtime_checkable
@@ -52,6 +67,8 @@ class BlobWriter(Protocol):
 
     #: The key the object will be stored under.
     key: str
+    #: The committed object's version (``None`` until :meth:`commit` returns).
+    version: Any
 
     async def write(self, data: bytes | memoryview) -> None:
         """Append ``data``; may wait while a full part is sent (bounded memory).
@@ -71,7 +88,8 @@ class BlobWriter(Protocol):
         ...
 
     async def abort(self) -> None:
-        """Remove everything this writer wrote; idempotent; a no-op after commit."""
+        """Remove everything this writer wrote; idempotent; a no-op once
+        :meth:`commit` returned."""
         ...
 
 
@@ -82,17 +100,32 @@ class Blobs(Protocol):
     #: How messages name the storage: ``file:///srv/media``, ``s3://media/trailers/``.
     url: str
 
-    def open_writer(self, key: str) -> BlobWriter:
+    def reservation_id(self, key: str) -> str:
+        """The name under which the object at ``key`` is reserved in MongoDB
+        (:mod:`.reservations`): the same for every storage reaching that object."""
+        ...
+
+    def made_by(self, info: BlobInfo, token: str) -> bool:
+        """Whether the object ``info`` (from :meth:`stat`) was committed by the
+        writer given ``token``."""
+        ...
+
+    def open_writer(self, key: str, *, token: str | None = None) -> BlobWriter:
         """Start writing an object under ``key``; no I/O until the first write/commit."""
         ...
 
-    def open_reader(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+    def open_reader(
+        self, key: str, start: int, end: int, *, version: Any = None
+    ) -> AsyncIterator[bytes]:
         """Yield the bytes ``[start, end)`` of the object under ``key``, in pieces.
 
         Only that range is fetched (S3: a Range GET; a file: a seek). An async
         generator: the caller closes it (``aclose()``) if it stops early.
 
+        :param version: read only the object of this version (S3: ``If-Match``,
+            resumed reads included; a file: compared on the opened descriptor).
         :raises StoredObjectMissing: no object under ``key``.
+        :raises StoredObjectChanged: the object under ``key`` is of another version.
         :raises StorageError: the backend refused or failed (after retries).
         """
         ...
@@ -101,10 +134,13 @@ class Blobs(Protocol):
         """The object under ``key``, or ``None`` if there is none."""
         ...
 
-    async def delete(self, key: str) -> bool:
-        """Delete the object under ``key``; ``True`` if there was one (when known).
+    async def delete(self, key: str, *, version: Any = None) -> bool:
+        """Delete the object under ``key`` (only if of ``version``, when given).
 
-        A missing object is not an error.
+        A missing object, or one of another version, is not an error: it is left.
+
+        :returns: ``True`` if an object was (or, where the backend cannot say,
+            may have been) deleted.
         """
         ...
 

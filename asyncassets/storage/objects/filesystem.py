@@ -2,40 +2,67 @@
 
 The key ``2024/05/3f2a.jpg`` is the file ``<root>/2024/05/3f2a.jpg``. A writer
 fills a hidden temp file beside its destination (``.3f2a.jpg.<16 hex>.part``),
-then on commit fsyncs it and puts it in place in one step, so a reader sees the
-whole object or none:
+then on commit sets the file's version, fsyncs it and puts it in place in one
+step, so a reader sees the whole object or none:
 
-* ``overwrite=False``: ``os.link(temp, final)``, which fails if the name is taken
+* ``overwrite=False``: ``link(temp, final)``, which fails if the name is taken
   (:class:`~asyncassets.errors.KeyTaken`, the other object untouched), then the
   temp name is removed;
-* ``overwrite=True``: ``os.replace(temp, final)``, atomic on POSIX.
+* ``overwrite=True``: ``rename(temp, final)``, atomic on POSIX.
 
-Then the directory is fsynced (with the parents of any directory the writer
-created), so the new name survives a crash.
+Then the directory is fsynced (a directory the writer made was fsynced into its
+parent when it was made), so the new name survives a crash.
+
+**Never out of the root.** Every path under the root is walked one directory at
+a time from an open descriptor of the root, each step opened with
+``O_NOFOLLOW | O_DIRECTORY`` and every file opened, linked, renamed, examined or
+removed relative to its directory's descriptor without following a link. A
+symbolic link planted anywhere under the root (``root/2026 -> /etc``) is
+therefore never followed: a write under it fails with a
+:class:`~asyncassets.errors.StorageError` that names the link, a read finds no
+object, a delete removes nothing outside. There is no check-then-use gap: what
+was checked is the descriptor that is used. (The root itself is opened as
+configured, links in its own path included: that is the administrator's choice.)
+
+**Versions.** At commit the file's modification time is set to the last second
+boundary plus a nanosecond part taken from the writer's ``token`` (never later
+than now), then read back:
+that ``st_mtime_ns`` is the object's *version*, which the catalogue entry records
+and every read compares on the opened descriptor
+(:class:`~asyncassets.errors.StoredObjectChanged` otherwise). Another file under
+the key (the key reused after a delete, a file restored from an older backup,
+one written by another tool) has another version, so a read through an entry
+returns only the bytes that entry's upload wrote. A writer that died between
+its commit and its entry is recognised by the nanosecond part alone
+(:meth:`FileSystemBlobs.made_by`). On a filesystem with coarse timestamps the
+version is what it keeps (whole seconds, say), a weaker identity.
+
+**Pruned directories.** A delete removes the directories its file leaves empty.
+A writer whose directory is pruned under it (between ``mkdir`` and creating its
+temp file) walks again and remakes it; once its temp file is in the directory,
+``rmdir`` refuses to remove it.
 
 A filesystem without hard links (some FUSE and network filesystems, FAT) makes
 ``link`` fail with ``EPERM``/``ENOTSUP``; the key is then reserved with
-``open(final, O_CREAT | O_EXCL)`` and the temp file renamed over the empty
-reservation. No object is ever overwritten that way either, but for that
-moment an empty file is visible under the key, and a crash in between leaves
-it there (it is named by no catalogue entry, so the orphan sweep removes it).
+``O_CREAT | O_EXCL`` and the temp file renamed over the empty reservation. No
+object is ever overwritten that way either, but for that moment an empty file is
+visible under the key (of another version: reads through no entry see it).
 
 All blocking calls run in the event loop's default thread pool: one call per
 ``write_buffer`` bytes written, one per ``piece_size`` bytes read. A call cut
 short by cancellation keeps running in its thread; a writer or reader closes its
-descriptor only once that call has returned.
+descriptors only once that call has returned.
 
 Temp files of writers that died (a crash, a killed process) are found by
 :meth:`FileSystemBlobs.list_stale_temps` and removed by
 :meth:`FileSystemBlobs.delete_temp`; :meth:`FileSystemBlobs.list` never shows them.
 
-POSIX only (``pread``/``pwrite``, directory fsync).
+POSIX only (``pread``/``pwrite``, ``openat``-style calls, directory fsync).
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import datetime
 import errno
 import functools
@@ -43,12 +70,13 @@ import os
 import re
 import secrets
 import stat as stat_module
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..._tasks import add_note, spawn
-from ...errors import KeyTaken, StorageError, StoredObjectMissing
+from ...errors import KeyTaken, StorageError, StoredObjectChanged, StoredObjectMissing
 from ..retry import Retry
 from ..sources import byte_view
 from .blobs import BlobInfo
@@ -72,6 +100,8 @@ _IOV_MAX = 1024  # Linux's and macOS's IOV_MAX
 
 #: Entries examined per thread call while listing (bounded memory, few hops).
 _LIST_BATCH = 1000
+#: How often a writer walks again when its directory is pruned under it.
+_PRUNED_RETRIES = 8
 
 #: Errors worth another try: rare on a local disk, seen on network filesystems.
 _TRANSIENT = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT})
@@ -81,17 +111,32 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 #: What ``fsync`` of a directory says on a filesystem that cannot do it.
 _NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+#: Why a path under the root holds no object: nothing there, or not a directory
+#: where one is needed (a file, or a link that is never followed).
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 
 #: Why ``rmdir`` may leave a directory: not empty (a file or a writer's temp file
-#: is in it), or not ours to remove (permissions, a mount point); an empty
-#: directory left behind holds no data.
+#: is in it), not ours to remove (permissions, a mount point), or not a directory
+#: at all any more (a link or file put in its place); an empty directory left
+#: behind holds no data.
 _KEEP_DIRECTORY = frozenset(
-    {errno.ENOTEMPTY, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EBUSY, errno.EROFS}
+    {errno.ENOTEMPTY, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EBUSY, errno.EROFS,
+     errno.ENOTDIR, errno.ELOOP}
 )
 
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-_READ_DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+# O_NONBLOCK: a FIFO planted under a key must not hang the reader (regular files
+# ignore the flag); it is then refused as not a regular file.
+_READ = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+_DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+_ROOT = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC
+_NS = 1_000_000_000
+
+#: Directory names along a key, and the descriptors opened along them.
+_Names = list[str]
+_Fds = list[int]
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -100,6 +145,11 @@ def _is_transient(exc: BaseException) -> bool:
 
 def _utc(timestamp: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+
+
+def _nanos(token: str) -> int:
+    """The nanosecond part of the version of an object written with ``token``."""
+    return int(token[:15], 16) % _NS
 
 
 def _key_problem(key: str) -> str | None:
@@ -122,7 +172,8 @@ def _key_problem(key: str) -> str | None:
     return None
 
 
-def _check_key(key: str) -> None:
+def _split(key: str) -> tuple[list[str], str]:
+    """The directories and the file name of a checked key."""
     if not isinstance(key, str):
         raise TypeError(f"a key must be a str, not {type(key).__name__}")
     problem = _key_problem(key)
@@ -131,6 +182,8 @@ def _check_key(key: str) -> None:
             f"cannot store under the key {key!r}: {problem}; keys are '/'-separated "
             "relative paths made by the storage's key template"
         )
+    *directories, name = key.split("/")
+    return directories, name
 
 
 def _temp_name(final_name: str) -> str:
@@ -166,22 +219,18 @@ def _pwrite_all(fd: int, pieces: list[memoryview], position: int) -> int:
     return position
 
 
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, _READ_DIRECTORY)
+def _fsync_directory(fd: int) -> None:
     try:
         os.fsync(fd)
     except OSError as exc:
         if exc.errno not in _NO_DIRECTORY_FSYNC:
             raise
-    finally:
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in reversed(fds):
         os.close(fd)
+    fds.clear()
 
 
 async def _in_thread(function: Callable[[], T]) -> T:
@@ -190,6 +239,10 @@ async def _in_thread(function: Callable[[], T]) -> T:
 
 class _KeyTakenError(Exception):
     """Raised in a worker thread: the final name exists; the temp file is gone."""
+
+
+class _Changed(Exception):
+    """Raised in a worker thread: the file under the key is of another version."""
 
 
 class _Calls:
@@ -291,41 +344,64 @@ class FileSystemBlobs:
 
     # --- the Blobs protocol -------------------------------------------------
 
-    def open_writer(self, key: str) -> FileSystemBlobWriter:
+    def reservation_id(self, key: str) -> str:
+        """The object's one name across storages: ``file:<absolute path>``.
+
+        Two storages whose roots overlap (``/srv`` and ``/srv/media``) give the
+        same name to the same file, so their key reservations meet.
+        """
+        directories, name = _split(key)
+        return "file:" + os.path.join(self._root, *directories, name)
+
+    def made_by(self, info: BlobInfo, token: str) -> bool:
+        """Whether the object ``info`` describes was committed by a writer given
+        ``token`` (its version's nanoseconds are the token's)."""
+        return isinstance(info.version, int) and info.version % _NS == _nanos(token)
+
+    def open_writer(self, key: str, *, token: str | None = None) -> FileSystemBlobWriter:
         """Start writing an object under ``key``; no I/O until the first write or commit.
 
+        :param token: the writer's identity (hex digits), which the object's
+            version carries (:meth:`made_by`); random when not given.
         :raises ValueError: ``key`` is absolute, has empty, ``.`` or ``..``
             segments, a backslash or a NUL (keys come from the key maker; this
             is a second line of defence).
         """
-        return FileSystemBlobWriter(self, key, self._path(key))
+        directories, name = _split(key)
+        return FileSystemBlobWriter(self, key, directories, name, token or secrets.token_hex(16))
 
-    async def open_reader(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+    async def open_reader(
+        self, key: str, start: int, end: int, *, version: Any = None
+    ) -> AsyncIterator[bytes]:
         """Yield the bytes ``[start, end)`` of the object under ``key``, in pieces.
 
         Each piece is at most ``piece_size`` bytes.
 
         The file is opened first (so a missing key raises even for an empty
-        range), then read with ``pread`` from ``start``. If the file is shorter
-        than ``end`` the generator simply stops at its end: the caller, which
-        knows the size the catalogue recorded, detects the short read.
+        range), without following any link, and its version compared with
+        ``version`` (when given) on the opened descriptor; then it is read with
+        ``pread`` from ``start``. If the file is shorter than ``end`` the
+        generator simply stops at its end: the caller, which knows the size the
+        catalogue recorded, detects the short read.
 
-        :raises StoredObjectMissing: no file under ``key``.
+        :raises StoredObjectMissing: no file under ``key`` (a link is no file).
+        :raises StoredObjectChanged: a file of another version is under ``key``.
         :raises StorageError: the file cannot be read (permissions, I/O error).
         :raises ValueError: ``start`` is negative or ``end`` is before ``start``.
         """
-        path = self._path(key)
+        directories, name = _split(key)
         if start < 0 or end < start:
             raise ValueError(f"bad byte range [{start}, {end}) for {key!r}")
         calls = _Calls("reader")
+        opener = functools.partial(self._open_object, directories, name, version)
         try:
-            fd = await self._retrying(
-                functools.partial(calls.run, functools.partial(_open_regular, path))
-            )
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-            raise self._missing(key, path, exc) from exc
+            fd = await self._retrying(functools.partial(calls.run, opener))
+        except _Changed:
+            raise self._changed(key) from None
         except OSError as exc:
-            raise self._error(exc, "opening", key, path, reading=True) from exc
+            if exc.errno in _ABSENT or exc.errno == errno.EISDIR:
+                raise self._missing(key, exc) from exc
+            raise self._error(exc, "opening", key, self._path(key), reading=True) from exc
         try:
             position = start
             while position < end:
@@ -335,7 +411,9 @@ class FileSystemBlobs:
                 try:
                     piece = await self._retrying(functools.partial(calls.run, read))
                 except OSError as exc:
-                    raise self._error(exc, "reading", key, path, reading=True) from exc
+                    raise self._error(
+                        exc, "reading", key, self._path(key), reading=True
+                    ) from exc
                 if not piece:
                     return  # shorter than `end`: the caller compares with the size it expects
                 position += len(piece)
@@ -344,46 +422,54 @@ class FileSystemBlobs:
             calls.when_idle(functools.partial(os.close, fd))
 
     async def stat(self, key: str) -> BlobInfo | None:
-        """The file under ``key`` (size, modification time in UTC), or ``None``.
+        """The file under ``key`` (size, modification time in UTC, version), or ``None``.
 
-        A directory under ``key`` is not an object: ``None``.
+        A directory, a link or anything but a regular file under ``key`` is not
+        an object: ``None``.
 
         :raises StorageError: the file cannot be examined (permissions, I/O error).
         """
-        path = self._path(key)
+        directories, name = _split(key)
+        examine = functools.partial(self._stat, directories, name)
         try:
-            st = await self._retrying(
-                functools.partial(_in_thread, functools.partial(os.stat, path))
-            )
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+            st = await self._retrying(functools.partial(_in_thread, examine))
         except OSError as exc:
-            raise self._error(exc, "examining", key, path, reading=True) from exc
-        if not stat_module.S_ISREG(st.st_mode):
+            raise self._error(exc, "examining", key, self._path(key), reading=True) from exc
+        if st is None:
             return None
-        return BlobInfo(key, st.st_size, _utc(st.st_mtime))
+        return BlobInfo(key, st.st_size, _utc(st.st_mtime), st.st_mtime_ns)
 
-    async def delete(self, key: str) -> bool:
-        """Delete the file under ``key``, then the directories it leaves empty.
+    async def delete(self, key: str, *, version: Any = None) -> bool:
+        """Delete the file under ``key`` (only if of ``version``, when given), then
+        the directories it leaves empty.
 
-        Directories are removed with ``rmdir``, which refuses a directory that is
-        not empty, so one another writer has just put a file in stays; the root
-        itself is never removed. A directory that cannot be removed (not empty,
-        no permission, a mount point) is left, and holds no data.
+        The file is examined and removed relative to its directory's descriptor,
+        never through a link; a link, a directory or a file of another version
+        under ``key`` is left alone. Directories are removed with ``rmdir``,
+        which refuses a directory that is not empty, so one another writer has
+        just put a file in stays; the root itself is never removed. A directory
+        that cannot be removed (not empty, no permission, a mount point) is left,
+        and holds no data.
 
-        :returns: ``True`` if there was a file under ``key``.
+        :returns: ``True`` if a file was removed.
         :raises StorageError: the file exists but cannot be removed.
         """
-        path = self._path(key)
-        return await self._unlink_and_prune(key, path)
+        directories, name = _split(key)
+        remove = functools.partial(self._remove, directories, name, version, temp=False)
+        try:
+            return await self._retrying(functools.partial(_in_thread, remove))
+        except OSError as exc:
+            raise self._error(exc, "deleting", key, self._path(key)) from exc
 
     async def list(self) -> AsyncIterator[BlobInfo]:
         """Every file under the root, keys ``/``-separated, in no set order.
 
-        Temp files of writers, symlinks and other non-regular files are skipped.
-        The tree is walked with ``os.scandir`` in a thread, ``1000`` entries per
-        call, so memory holds one batch (and the directories still to visit),
-        whatever the number of files. A missing root lists nothing.
+        Temp files of writers, links and other non-regular files are skipped;
+        links to directories are never entered. The tree is walked with
+        ``os.scandir`` on directory descriptors in a thread, ``1000`` entries per
+        call, so memory holds one batch (and the descriptors of the directories
+        on the current path), whatever the number of files. A missing root lists
+        nothing.
 
         :raises StorageError: a directory cannot be read, or the root is a file.
         """
@@ -423,8 +509,183 @@ class FileSystemBlobs:
         directory, _, name = path.rpartition("/")
         if not _TEMP_NAME.fullmatch(name) or (directory and _key_problem(directory)):
             raise ValueError(f"{path!r} is not the path of a writer's temp file under {self.url}")
-        full = os.path.join(self._root, *path.split("/"))
-        return await self._unlink_and_prune(path, full)
+        directories = directory.split("/") if directory else []
+        remove = functools.partial(self._remove, directories, name, None, temp=True)
+        try:
+            return await _in_thread(remove)
+        except OSError as exc:
+            raise self._error(exc, "deleting the temp file", path, self._path(path)) from exc
+
+    # --- walking under the root (in threads) ------------------------------------
+
+    def _open_root(self, create: bool) -> int:
+        try:
+            return os.open(self._root, _ROOT)
+        except FileNotFoundError:
+            if not create:
+                raise
+        os.makedirs(self._root, self.dir_mode, exist_ok=True)
+        return os.open(self._root, _ROOT)
+
+    def _walk_to(self, directories: _Names, *, create: bool) -> _Fds:
+        """Descriptors of the root and of each of ``directories`` below it, in order.
+
+        Each directory is opened relative to its parent's descriptor with
+        ``O_NOFOLLOW``: a link is refused (``ELOOP``), a file is ``ENOTDIR``. With
+        ``create``, missing directories are made (and fsynced into their parent).
+        The caller closes the descriptors (:func:`_close_all`).
+
+        :raises OSError: ``ENOENT`` (missing, or pruned while walking), ``ENOTDIR``,
+            ``ELOOP``, or what the system says.
+        """
+        fds = [self._open_root(create)]
+        try:
+            for depth, name in enumerate(directories):
+                path = directories[: depth + 1]
+                try:
+                    fds.append(self._enter(fds[-1], name, create, path))
+                except OSError as exc:
+                    if exc.filename == name:  # relative to a descriptor: say where
+                        exc.filename = os.path.join(self._root, *path)
+                    raise
+        except BaseException:
+            _close_all(fds)
+            raise
+        return fds
+
+    def _enter(self, parent: int, name: str, create: bool, path: _Names) -> int:
+        try:
+            return os.open(name, _DIRECTORY, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+        except NotADirectoryError:
+            raise self._not_a_directory(parent, name, path) from None
+        try:
+            os.mkdir(name, self.dir_mode, dir_fd=parent)
+        except FileExistsError:
+            pass  # another writer made it meanwhile
+        else:
+            if self.fsync:
+                _fsync_directory(parent)
+        try:
+            # A delete may prune it again before this open: ENOENT, and the caller
+            # walks again.
+            return os.open(name, _DIRECTORY, dir_fd=parent)
+        except NotADirectoryError:
+            raise self._not_a_directory(parent, name, path) from None
+
+    def _not_a_directory(self, parent: int, name: str, path: _Names) -> OSError:
+        """What stands where a directory is needed: a link (never followed), or a file."""
+        where = os.path.join(self._root, *path)
+        try:
+            link = stat_module.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+        except OSError:
+            link = False
+        code = errno.ELOOP if link else errno.ENOTDIR
+        return OSError(code, os.strerror(code), where)
+
+    def _open_object(self, directories: _Names, name: str, version: Any) -> int:
+        fds = self._walk_to(directories, create=False)
+        try:
+            fd = os.open(name, _READ, dir_fd=fds[-1])
+        finally:
+            _close_all(fds)
+        try:
+            st = os.fstat(fd)
+            if not stat_module.S_ISREG(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file", name)
+            if version is not None and st.st_mtime_ns != version:
+                raise _Changed
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _stat(self, directories: _Names, name: str) -> os.stat_result | None:
+        try:
+            fds = self._walk_to(directories, create=False)
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return None
+            raise
+        try:
+            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return None
+            raise
+        finally:
+            _close_all(fds)
+        return st if stat_module.S_ISREG(st.st_mode) else None
+
+    def _remove(self, directories: _Names, name: str, version: Any, *, temp: bool) -> bool:
+        """Remove the regular file ``name`` (of ``version``), then prune; ``True`` if removed."""
+        try:
+            fds = self._walk_to(directories, create=False)
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return False
+            raise
+        try:
+            try:
+                st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _ABSENT:
+                    raise
+                removed = False  # an earlier delete may have died before pruning
+            else:
+                mine = stat_module.S_ISREG(st.st_mode) and (
+                    version is None or st.st_mtime_ns == version
+                )
+                removed = False
+                if mine:
+                    try:
+                        os.unlink(name, dir_fd=fds[-1])
+                        removed = True
+                    except FileNotFoundError:
+                        pass
+            if removed or not temp:
+                self._prune_walked(fds, directories)
+            return removed
+        finally:
+            _close_all(fds)
+
+    def _prune_walked(self, fds: _Fds, directories: _Names) -> None:
+        """Remove the walked directories from the deepest up while they are empty.
+
+        ``fds[i]`` is the parent of ``directories[i]``. ``rmdir`` by name in the
+        parent never follows a link (a link there is ``ENOTDIR``: kept).
+        """
+        for depth in range(len(directories) - 1, -1, -1):
+            try:
+                os.rmdir(directories[depth], dir_fd=fds[depth])
+            except FileNotFoundError:
+                continue  # another delete removed it; its parent may be empty now
+            except OSError as exc:
+                if exc.errno in _KEEP_DIRECTORY:
+                    return
+                raise
+
+    def _prune(self, directories: _Names) -> None:
+        """Walk to ``directories`` as far as they exist and prune from there."""
+        try:
+            fds = [self._open_root(create=False)]
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return  # no root (or a file there): nothing to prune
+            raise
+        try:
+            for name in directories:
+                try:
+                    fds.append(os.open(name, _DIRECTORY, dir_fd=fds[-1]))
+                except OSError as exc:
+                    if exc.errno in _ABSENT:
+                        break
+                    raise
+            self._prune_walked(fds, directories[: len(fds) - 1])
+        finally:
+            _close_all(fds)
 
     # --- internals ------------------------------------------------------------
 
@@ -435,68 +696,11 @@ class FileSystemBlobs:
         return await self.retry.call(operation, _is_transient)
 
     def _path(self, key: str) -> str:
-        _check_key(key)
+        """The path ``key`` names, for messages (never opened as such)."""
         return os.path.join(self._root, *key.split("/"))
 
-    async def _unlink_and_prune(self, key: str, path: str) -> bool:
-        try:
-            await self._retrying(functools.partial(_in_thread, functools.partial(os.unlink, path)))
-            existed = True
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            existed = False
-        except OSError as exc:
-            raise self._error(exc, "deleting", key, path) from exc
-        # Also after a miss: an earlier delete may have died before pruning.
-        try:
-            await _in_thread(functools.partial(self._prune, os.path.dirname(path)))
-        except OSError as exc:
-            raise self._error(exc, "removing the empty directories of", key, path) from exc
-        return existed
-
-    def _prune(self, directory: str) -> None:
-        """Remove ``directory`` and its parents while they are empty, up to the root."""
-        root = self._root
-        while directory != root and directory.startswith(root + os.sep):
-            try:
-                os.rmdir(directory)
-            except FileNotFoundError:
-                pass  # another delete removed it; its parent may be empty now
-            except OSError as exc:
-                if exc.errno in _KEEP_DIRECTORY:
-                    return
-                raise
-            directory = os.path.dirname(directory)
-
-    def _make_dirs(self, directory: str) -> builtins.list[str]:
-        """Make ``directory`` and its missing parents; return those this call made.
-
-        Another writer making the same directories at the same time is fine.
-
-        :raises NotADirectoryError: a file stands where a directory is needed.
-        """
-        missing = []
-        current = directory
-        while not os.path.isdir(current):
-            missing.append(current)
-            parent = os.path.dirname(current)
-            if parent == current:
-                break
-            current = parent
-        made = []
-        for path in reversed(missing):
-            try:
-                os.mkdir(path, self.dir_mode)
-            except FileExistsError:
-                if not os.path.isdir(path):
-                    raise NotADirectoryError(
-                        errno.ENOTDIR, os.strerror(errno.ENOTDIR), path
-                    ) from None
-                continue
-            made.append(path)
-        return made
-
     async def _walk(self, *, temps: bool) -> AsyncIterator[BlobInfo]:
-        walker = _Walker(self._root, temps=temps)
+        walker = _Walker(self, temps=temps)
         calls = _Calls("listing")
         try:
             while True:
@@ -513,18 +717,22 @@ class FileSystemBlobs:
         finally:
             calls.when_idle(walker.close)
 
-    def _missing(self, key: str, path: str, exc: OSError) -> StorageError:
-        if (
-            isinstance(exc, NotADirectoryError)
-            and os.path.exists(self._root)
-            and not os.path.isdir(self._root)
-        ):
-            not_a_directory = NotADirectoryError(
-                errno.ENOTDIR, os.strerror(errno.ENOTDIR), self._root
-            )
-            return self._error(not_a_directory, "reading", key, self._root, reading=True)
+    def _changed(self, key: str) -> StoredObjectChanged:
+        return StoredObjectChanged(
+            f"{self.url}: the file under the key {key!r} is not the version its catalogue "
+            "entry recorded (the key was reused, overwritten or restored since)",
+            storage=self.url,
+            key=key,
+        )
+
+    def _missing(self, key: str, exc: OSError) -> StorageError:
+        if exc.errno == errno.ENOTDIR and exc.filename in (None, self._root):
+            if os.path.exists(self._root) and not os.path.isdir(self._root):
+                return self._error(exc, "reading", key, self._root, reading=True)
+        what = "a link, which is never followed," if exc.errno == errno.ELOOP else "no file"
         return StoredObjectMissing(
-            f"{self.url}: no stored object under the key {key!r} (no file {path})",
+            f"{self.url}: no stored object under the key {key!r} ({what} at "
+            f"{exc.filename or self._path(key)})",
             storage=self.url,
             key=key,
         )
@@ -541,6 +749,9 @@ class FileSystemBlobs:
         """A :class:`StorageError` naming the path, the errno and what to do."""
         code = exc.errno
         where = os.fspath(exc.filename) if exc.filename else path
+        if not os.path.isabs(where):
+            # A name opened relative to the key's directory's descriptor.
+            where = os.path.join(os.path.dirname(path), where)
         reason = f"[{errno.errorcode.get(code, code)}] {os.strerror(code)}" if code else str(exc)
         uid = os.geteuid() if hasattr(os, "geteuid") else None
         user = "the service user" if uid is None else f"the service user (uid {uid})"
@@ -568,6 +779,12 @@ class FileSystemBlobs:
             advice = (
                 f"a file stands where the key needs a directory ({where}): check the key template"
             )
+        elif code == errno.ELOOP:
+            advice = (
+                f"a symbolic link stands at {where}, where the key needs a directory or a "
+                "file; asyncassets never follows links under its storage root: replace the "
+                "link with a real directory, or move it out of the root"
+            )
         elif code == errno.ENAMETOOLONG:
             advice = "the key is too long for this filesystem: use a shorter key template"
         elif code in _TRANSIENT:
@@ -585,72 +802,75 @@ class FileSystemBlobs:
         )
 
 
-def _open_regular(path: str) -> int:
-    """Open ``path`` for reading; a directory counts as missing."""
-    fd = os.open(path, _READ)
-    try:
-        is_file = stat_module.S_ISREG(os.fstat(fd).st_mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not is_file:
-        os.close(fd)
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    return fd
-
-
 class _Walker:
-    """Walks a tree with ``os.scandir``, a batch at a time (called in a thread)."""
+    """Walks the tree on directory descriptors, a batch at a time (called in a thread).
 
-    def __init__(self, root: str, *, temps: bool) -> None:
-        self._root = root
+    Only the descriptors of the directories on the current path are open: each
+    subdirectory is opened relative to its parent with ``O_NOFOLLOW`` when the
+    walk enters it, and closed when its entries are done.
+    """
+
+    def __init__(self, blobs: FileSystemBlobs, *, temps: bool) -> None:
+        self._blobs = blobs
         self._temps = temps
-        # Directories still to read, with the key prefix of their entries.
-        self._pending: list[tuple[str, str]] = [(root, "")]
-        self._current: tuple[Any, str] | None = None  # (ScandirIterator, prefix)
+        # (descriptor, its scandir iterator, the key prefix of its entries)
+        self._stack: list[tuple[int, Any, str]] = []
+        self._started = False
 
     def next_batch(self) -> list[BlobInfo]:
         """Up to ``_LIST_BATCH`` more entries; an empty list once the walk is over."""
+        if not self._started:
+            self._started = True
+            try:
+                root = self._blobs._open_root(create=False)
+            except FileNotFoundError:
+                return []  # a missing root holds nothing
+            self._push(root, "")
         batch: list[BlobInfo] = []
-        while len(batch) < _LIST_BATCH:
-            if self._current is None:
-                if not self._pending:
-                    break
-                directory, prefix = self._pending.pop()
-                try:
-                    entries = os.scandir(directory)
-                except FileNotFoundError:
-                    continue  # a missing root holds nothing; a pruned directory neither
-                except NotADirectoryError:
-                    if directory == self._root:
-                        raise
-                    continue  # replaced by a file since it was listed
-                self._current = (entries, prefix)
-            entries, prefix = self._current
+        while len(batch) < _LIST_BATCH and self._stack:
+            fd, entries, prefix = self._stack[-1]
             entry = next(entries, None)
             if entry is None:
-                entries.close()
-                self._current = None
+                self._pop()
                 continue
             if entry.is_dir(follow_symlinks=False):
-                self._pending.append((entry.path, f"{prefix}{entry.name}/"))
+                try:
+                    child = os.open(entry.name, _DIRECTORY, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in _ABSENT:
+                        continue  # pruned, or replaced by a link or a file since listed
+                    raise
+                self._push(child, f"{prefix}{entry.name}/")
                 continue
             if not entry.is_file(follow_symlinks=False):
-                continue  # symlinks, sockets...: never written by a writer
+                continue  # links, sockets...: never written by a writer
             if (_TEMP_NAME.fullmatch(entry.name) is not None) != self._temps:
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # deleted since it was listed
-            batch.append(BlobInfo(prefix + entry.name, st.st_size, _utc(st.st_mtime)))
+            batch.append(
+                BlobInfo(prefix + entry.name, st.st_size, _utc(st.st_mtime), st.st_mtime_ns)
+            )
         return batch
 
+    def _push(self, fd: int, prefix: str) -> None:
+        try:
+            entries = os.scandir(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._stack.append((fd, entries, prefix))
+
+    def _pop(self) -> None:
+        fd, entries, _ = self._stack.pop()
+        entries.close()
+        os.close(fd)
+
     def close(self) -> None:
-        if self._current is not None:
-            self._current[0].close()
-            self._current = None
-        self._pending.clear()
+        while self._stack:
+            self._pop()
 
 
 class FileSystemBlobWriter:
@@ -658,16 +878,24 @@ class FileSystemBlobWriter:
 
     Bytes are gathered until ``write_buffer`` of them are pending, then written
     in one thread call with ``pwritev`` (large ``bytes`` are not copied meanwhile,
-    they are referenced). :meth:`commit` writes the rest, fsyncs, and
-    links or renames the temp file into place. Any failure removes the temp file
-    and raises :class:`~asyncassets.errors.StorageError`; the writer is then done.
+    they are referenced). :meth:`commit` writes the rest, sets the version,
+    fsyncs, and links or renames the temp file into place. Any failure removes
+    the temp file and raises :class:`~asyncassets.errors.StorageError`; the
+    writer is then done.
+
+    :ivar key: the key the object will be stored under.
+    :ivar version: the committed object's version (``st_mtime_ns``), once committed.
     """
 
-    def __init__(self, blobs: FileSystemBlobs, key: str, path: str) -> None:
-        #: The key the object will be stored under.
+    def __init__(
+        self, blobs: FileSystemBlobs, key: str, directories: list[str], name: str, token: str
+    ) -> None:
         self.key = key
+        self.version: int | None = None
         self._blobs = blobs
-        self._path = path
+        self._directories = directories
+        self._name = name
+        self._token = token
         # Pending bytes: whole pieces kept by reference, small ones gathered in _small.
         self._segments: list[memoryview] = []
         self._small = bytearray()
@@ -675,8 +903,8 @@ class FileSystemBlobWriter:
         self._position = 0  # bytes in the temp file
         # Set in worker threads; read only after the thread's call has returned.
         self._fd: int | None = None
+        self._dir_fd: int | None = None
         self._temp: str | None = None
-        self._made: list[str] = []
         self._in_place = False
         self._state = "writing"  # then "committing", "committed", "failed" or "aborted"
         self._calls = _Calls("writer")
@@ -692,8 +920,9 @@ class FileSystemBlobWriter:
         until then, and a mutable piece only when it fills the buffer (it is
         written before this returns); smaller pieces are copied together.
 
-        :raises StorageError: the write failed (full disk, no permission...); the
-            temp file has been removed and the writer is done.
+        :raises StorageError: the write failed (full disk, no permission, a link
+            where the key needs a directory...); the temp file has been removed
+            and the writer is done.
         :raises ValueError: the writer was committed, aborted, or failed before.
         """
         view = memoryview(byte_view(data, "data"))
@@ -715,7 +944,7 @@ class FileSystemBlobWriter:
             await self._send(self._take_pending(), "writing")
 
     async def commit(self, *, overwrite: bool = False) -> None:
-        """Write what is buffered, fsync, and put the file in place under :attr:`key`.
+        """Write what is buffered, set the version, fsync, and put the file in place.
 
         :raises KeyTaken: ``overwrite`` is false and a file exists under the key;
             it is left as it was, and the temp file is removed.
@@ -727,39 +956,42 @@ class FileSystemBlobWriter:
         self._check_writing("commit")
         self._state = "committing"
         # Even an empty object needs its temp file: send opens it.
-        await self._send(self._take_pending(), "writing", sync=self._blobs.fsync)
+        await self._send(self._take_pending(), "writing")
         if self._state != "committing":  # aborted meanwhile by another task
             raise ValueError(f"the writer for {self.key!r} was aborted during commit")
         try:
             await self._calls.run(functools.partial(self._put_in_place, overwrite))
         except _KeyTakenError:
             self._state = "aborted"
+            self._release_directory()
             raise KeyTaken(
                 f"{self._blobs.url}: an object already exists under the key {self.key!r} "
-                f"({self._path}) and overwrite is off; it was left as it is",
+                f"({self._blobs._path(self.key)}) and overwrite is off; it was left as it is",
                 storage=self._blobs.url,
                 key=self.key,
             ) from None
         except OSError as exc:
-            error = self._blobs._error(exc, "committing", self.key, self._path)
-            if self._in_place:
-                self._state = "committed"
-            else:
-                await self._fail(error)
+            # Even if the file is in place (only the directory's fsync failed), the
+            # commit did not succeed: abort() removes it, as it is this writer's.
+            error = self._blobs._error(exc, "committing", self.key, self._blobs._path(self.key))
+            await self._fail(error)
             raise error from exc
         except BaseException:
             # Cancelled: the thread goes on; abort() waits for it and then knows.
             self._state = "failed"
             raise
         self._state = "committed"
+        self._release_directory()
 
     async def abort(self) -> None:
-        """Remove the temp file; idempotent; a no-op once the file is in place.
+        """Remove what this writer wrote; idempotent; a no-op once commit() returned.
 
-        The removal runs to its end even if the caller is cancelled meanwhile (the
-        cancelled caller waits for it, then sees its ``CancelledError``). It first
-        waits for a write or commit still running in its thread: if that commit
-        put the file in place, the object stays.
+        That is the temp file, or the object itself when a commit that raised or
+        was cancelled had already put it in place (removed only if it is still of
+        this writer's version). The removal runs to its end even if the caller is
+        cancelled meanwhile (the cancelled caller waits for it, then sees its
+        ``CancelledError``). It first waits for a write or commit still running in
+        its thread.
 
         :raises StorageError: the temp file could not be removed (the orphan
             sweep will find it).
@@ -794,13 +1026,13 @@ class FileSystemBlobWriter:
         self._segments, self._small, self._pending_size = [], bytearray(), 0
         return segments
 
-    async def _send(self, pieces: list[memoryview], doing: str, *, sync: bool = False) -> None:
+    async def _send(self, pieces: list[memoryview], doing: str) -> None:
         start = self._position
-        work = functools.partial(self._write_at, pieces, start, sync)
+        work = functools.partial(self._write_at, pieces, start)
         try:
             self._position = await self._blobs._retrying(functools.partial(self._calls.run, work))
         except OSError as exc:
-            error = self._blobs._error(exc, doing, self.key, self._temp or self._path)
+            error = self._blobs._error(exc, doing, self.key, self._blobs._path(self.key))
             await self._fail(error)
             raise error from exc
         except BaseException:
@@ -808,47 +1040,75 @@ class FileSystemBlobWriter:
             self._state = "failed"
             raise
 
-    def _write_at(self, pieces: list[memoryview], position: int, sync: bool) -> int:
+    def _write_at(self, pieces: list[memoryview], position: int) -> int:
         """In a thread: open the temp file if needed, write ``pieces`` at ``position``."""
         if self._fd is None:
             self._open_temp()
         assert self._fd is not None
-        position = _pwrite_all(self._fd, pieces, position)
-        if sync:
-            os.fsync(self._fd)
-        return position
+        return _pwrite_all(self._fd, pieces, position)
 
     def _open_temp(self) -> None:
-        """In a thread: make the key's directories and create the temp file in them."""
-        directory, name = os.path.split(self._path)
-        for attempt in range(5):
-            self._made += self._blobs._make_dirs(directory)
-            temp = os.path.join(directory, _temp_name(name))
+        """In a thread: walk to the key's directory (making it) and create the temp file.
+
+        A delete may prune a directory between its ``mkdir`` and the temp file's
+        creation: the walk is made again (up to ``_PRUNED_RETRIES`` times).
+        """
+        blobs = self._blobs
+        for attempt in range(_PRUNED_RETRIES):
             try:
-                self._fd = os.open(temp, _CREATE, self._blobs.file_mode)
+                fds = blobs._walk_to(self._directories, create=True)
             except FileNotFoundError:
-                if attempt == 4:
+                if attempt == _PRUNED_RETRIES - 1:
                     raise
-                continue  # a delete pruned the directory we just made: make it again
+                continue  # a directory was pruned while the walk made the next one
+            temp = _temp_name(self._name)
+            try:
+                self._fd = os.open(temp, _CREATE, blobs.file_mode, dir_fd=fds[-1])
+            except FileNotFoundError:
+                _close_all(fds)
+                if attempt == _PRUNED_RETRIES - 1:
+                    raise
+                continue
+            except BaseException:
+                _close_all(fds)
+                raise
+            self._dir_fd = fds.pop()
+            _close_all(fds)
             self._temp = temp
             return
 
     def _put_in_place(self, overwrite: bool) -> None:
-        """In a thread: close the temp file, link or rename it to the key, fsync directories."""
-        assert self._fd is not None and self._temp is not None
+        """In a thread: version, fsync and close the temp file, link or rename it to
+        the key, fsync the directory."""
+        assert self._fd is not None and self._temp is not None and self._dir_fd is not None
         blobs = self._blobs
-        fd, self._fd = self._fd, None
+        fd, directory = self._fd, self._dir_fd
+        st = os.fstat(fd)
+        # The current second with the token's nanoseconds, never in the future: an
+        # object looks at most a second older than it is (its reservation, not its
+        # time, protects it from the sweep while its upload runs).
+        now = time.time_ns()
+        stamp = (now // _NS) * _NS + _nanos(self._token)
+        if stamp > now:
+            stamp -= _NS
+        os.utime(fd, ns=(st.st_atime_ns, stamp))
+        # What the filesystem kept (a coarse one rounds): the version readers compare.
+        self.version = os.fstat(fd).st_mtime_ns
+        if blobs.fsync:
+            os.fsync(fd)
+        self._fd = None
         os.close(fd)
-        temp, final = self._temp, self._path
+        temp, final = self._temp, self._name
         if overwrite:
-            os.replace(temp, final)
+            os.rename(temp, final, src_dir_fd=directory, dst_dir_fd=directory)
             self._in_place = True
         else:
             if blobs._hard_links:
                 try:
-                    os.link(temp, final)
+                    os.link(temp, final, src_dir_fd=directory, dst_dir_fd=directory,
+                            follow_symlinks=False)
                 except FileExistsError:
-                    _remove(temp)
+                    os.unlink(temp, dir_fd=directory)
                     self._temp = None
                     raise _KeyTakenError from None
                 except OSError as exc:
@@ -860,22 +1120,24 @@ class FileSystemBlobWriter:
             if not self._in_place:
                 # No hard links here: reserve the name, then rename over the reservation.
                 try:
-                    reserved = os.open(final, _CREATE, blobs.file_mode)
+                    reserved = os.open(final, _CREATE, blobs.file_mode, dir_fd=directory)
                 except FileExistsError:
-                    _remove(temp)
+                    os.unlink(temp, dir_fd=directory)
                     self._temp = None
                     raise _KeyTakenError from None
                 os.close(reserved)
-                os.replace(temp, final)
+                os.rename(temp, final, src_dir_fd=directory, dst_dir_fd=directory)
                 self._in_place = True
             else:
-                os.unlink(temp)
+                os.unlink(temp, dir_fd=directory)
         self._temp = None
         if blobs.fsync:
-            directories = {os.path.dirname(final)}
-            directories.update(os.path.dirname(made) for made in self._made)
-            for directory in sorted(directories, key=len, reverse=True):
-                _fsync_directory(directory)
+            _fsync_directory(directory)
+
+    def _release_directory(self) -> None:
+        directory, self._dir_fd = self._dir_fd, None
+        if directory is not None:
+            self._calls.when_idle(functools.partial(os.close, directory))
 
     async def _fail(self, error: StorageError) -> None:
         """After ``error``: the writer is done, its temp file removed."""
@@ -888,25 +1150,35 @@ class FileSystemBlobWriter:
     async def _remove_temp(self) -> None:
         await self._calls.wait()
         if self._in_place:
-            self._state = "committed"
+            # A commit that did not return: the object is this writer's to remove.
+            self._release_directory()
+            self._in_place = False
+            self._state = "aborted"
+            await self._blobs.delete(self.key, version=self.version)
             return
-        fd, temp = self._fd, self._temp
-        self._fd = self._temp = None
-        if fd is None and temp is None:
+        fd, temp, directory = self._fd, self._temp, self._dir_fd
+        self._fd = self._temp = self._dir_fd = None
+        if fd is None and temp is None and directory is None:
             return
         try:
-            await _in_thread(functools.partial(self._close_and_remove, fd, temp))
+            await _in_thread(functools.partial(self._close_and_remove, fd, temp, directory))
         except OSError as exc:
             raise self._blobs._error(
-                exc, "removing the temp file of", self.key, temp or self._path
+                exc, "removing the temp file of", self.key, self._blobs._path(self.key)
             ) from exc
 
-    def _close_and_remove(self, fd: int | None, temp: str | None) -> None:
+    def _close_and_remove(self, fd: int | None, temp: str | None, directory: int | None) -> None:
         """In a thread: close and remove the temp file, and the directories it leaves empty."""
         try:
             if fd is not None:
                 os.close(fd)
+            if temp is not None and directory is not None:
+                try:
+                    os.unlink(temp, dir_fd=directory)
+                except FileNotFoundError:
+                    pass
         finally:
-            if temp is not None:
-                _remove(temp)
-                self._blobs._prune(os.path.dirname(temp))
+            if directory is not None:
+                os.close(directory)
+        if temp is not None:
+            self._blobs._prune(self._directories)

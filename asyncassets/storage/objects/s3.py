@@ -16,9 +16,14 @@ How the rules of :mod:`.blobs` are kept here:
 * the requests whose reply decides what exists (starting an upload, the final
   PUT or completion) run in tasks of their own that a cancelled caller does not
   interrupt, so :meth:`_S3Writer.abort` always learns what was created and removes it;
-* when a retried PUT or completion meets "already exists" or "no such upload",
-  the first try may have succeeded without its reply arriving: the object's
-  ETag tells whether it is this writer's bytes;
+* every object carries its writer's ``token`` (user metadata
+  ``x-amz-meta-asyncassets-token``): when a retried PUT or completion meets
+  "already exists" or "no such upload", the first try may have succeeded without
+  its reply arriving, and the token on the object tells whether it is this
+  writer's; the sweep tells a dead writer's object the same way;
+* an object's *version* is its ETag: reads send ``If-Match`` (a resumed read
+  too), so an object written under the key since is never read in place of the
+  one a catalogue entry recorded, and deletes send ``If-Match`` when they know it;
 * botocore's own retries are off: every request goes through the storage's
   :class:`~asyncassets.storage.retry.Retry`, a ranged read resuming at the byte
   it reached.
@@ -36,11 +41,12 @@ import datetime
 import hashlib
 import io
 import os
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, NamedTuple, TypeVar
 
-from ...errors import KeyTaken, StorageError, StoredObjectMissing
+from ...errors import KeyTaken, StorageError, StoredObjectChanged, StoredObjectMissing
 from ..retry import Retry
 from .blobs import BlobInfo
 
@@ -72,6 +78,8 @@ _CREDENTIAL_CODES = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+#: The user metadata an object's writer token is kept in (``x-amz-meta-...``).
+TOKEN_METADATA = "asyncassets-token"
 
 
 def _botocore() -> Any:
@@ -132,11 +140,6 @@ def is_transient(exc: BaseException) -> bool:
     import aiohttp
 
     return isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError))
-
-
-def _multipart_etag(part_md5s: list[bytes]) -> str:
-    """The ETag S3 gives an object completed from parts with these MD5 digests."""
-    return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
 
 
 class S3Blobs:
@@ -365,17 +368,33 @@ class S3Blobs:
 
     # -- the Blobs protocol ---------------------------------------------------
 
-    def open_writer(self, key: str) -> _S3Writer:
-        """Start writing an object under ``key``; no request until a part is full or commit."""
-        return _S3Writer(self, key)
+    def reservation_id(self, key: str) -> str:
+        """The object's one name across storages: ``s3:<endpoint>/<bucket>/<full key>``."""
+        return f"s3:{self.endpoint_url or 'aws'}/{self.bucket}/{self._full_key(key)}"
 
-    def open_reader(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+    def made_by(self, info: BlobInfo, token: str) -> bool:
+        """Whether the object ``info`` (from :meth:`stat`) carries the writer ``token``."""
+        return info.token is not None and info.token == token
+
+    def open_writer(self, key: str, *, token: str | None = None) -> _S3Writer:
+        """Start writing an object under ``key``; no request until a part is full or commit.
+
+        :param token: the writer's identity, stored with the object (user metadata).
+        """
+        return _S3Writer(self, key, token)
+
+    def open_reader(
+        self, key: str, start: int, end: int, *, version: Any = None
+    ) -> AsyncIterator[bytes]:
         """Yield the bytes ``[start, end)`` of the object under ``key``; one Range GET.
 
         A body cut short is resumed with a new Range GET from the byte reached;
         that counts as one more attempt of the storage's :class:`Retry`.
 
+        :param version: the object's ETag: sent as ``If-Match`` on every GET, so
+            only that object is read, even when a read resumes.
         :raises StoredObjectMissing: no object under ``key``.
+        :raises StoredObjectChanged: the object under ``key`` has another ETag.
         :raises StorageError: a permanent failure, the retries used up, or the
             object is shorter than ``end``.
         """
@@ -384,12 +403,22 @@ class S3Blobs:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if end < start:
             raise ValueError(f"end ({end}) must not be before start ({start})")
-        return self._read(key, start, end)
+        if version is not None and not isinstance(version, str):
+            raise StoredObjectChanged(
+                f"Cannot read {self.url}{key}: its recorded version {version!r} is not an "
+                "ETag; the catalogue entry was changed behind the library's back",
+                storage=self.url,
+                key=key,
+            )
+        return self._read(key, start, end, version)
 
-    async def _read(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _read(
+        self, key: str, start: int, end: int, version: str | None
+    ) -> AsyncIterator[bytes]:
         if start == end:
             return
         full_key = self._full_key(key)
+        conditions = {} if version is None else {"IfMatch": f'"{version}"'}
         position = start
         tries = 0
         while True:
@@ -398,7 +427,10 @@ class S3Blobs:
             try:
                 client = await self._client()
                 response = await client.get_object(
-                    Bucket=self.bucket, Key=full_key, Range=f"bytes={position}-{end - 1}"
+                    Bucket=self.bucket,
+                    Key=full_key,
+                    Range=f"bytes={position}-{end - 1}",
+                    **conditions,
                 )
                 body = response["Body"]
                 while position < end:
@@ -422,6 +454,9 @@ class S3Blobs:
             except StorageError:
                 raise
             except Exception as exc:
+                code, status = _error_code(exc)
+                if version is not None and (code == "PreconditionFailed" or status == 412):
+                    raise self._changed(key, version) from exc
                 if tries >= self.retry.attempts or not (
                     isinstance(exc, _ShortBody) or is_transient(exc)
                 ):
@@ -432,7 +467,8 @@ class S3Blobs:
             await asyncio.sleep(self.retry.wait_before(tries))
 
     async def stat(self, key: str) -> BlobInfo | None:
-        """HEAD the object: its size and modification time, or ``None`` if there is none."""
+        """HEAD the object: its size, modification time, ETag (the version) and
+        writer token, or ``None`` if there is none."""
         try:
             head = await self._call(
                 "stat",
@@ -446,16 +482,48 @@ class S3Blobs:
                 "find", None, lambda c: c.head_bucket(Bucket=self.bucket), missing="bucket"
             )
             return None
-        return BlobInfo(key, int(head["ContentLength"]), _utc(head["LastModified"]))
-
-    async def delete(self, key: str) -> bool:
-        """DeleteObject; ``True`` (S3 does not say whether there was an object)."""
-        await self._call(
-            "delete",
+        token = (head.get("Metadata") or {}).get(TOKEN_METADATA)
+        return BlobInfo(
             key,
-            lambda c: c.delete_object(Bucket=self.bucket, Key=self._full_key(key)),
+            int(head["ContentLength"]),
+            _utc(head["LastModified"]),
+            _etag(head.get("ETag")),
+            str(token) if token is not None else None,
         )
+
+    async def delete(self, key: str, *, version: Any = None) -> bool:
+        """DeleteObject, with ``If-Match: <version>`` when the version is given.
+
+        :returns: ``False`` when the object under the key has another version (or,
+            with a version, is missing); else ``True`` (S3 does not say whether
+            there was an object).
+        """
+        conditions = {} if version is None else {"IfMatch": f'"{version}"'}
+        try:
+            await self._call(
+                "delete",
+                key,
+                lambda c: c.delete_object(
+                    Bucket=self.bucket, Key=self._full_key(key), **conditions
+                ),
+            )
+        except StorageError as exc:
+            code, status = _error_code(exc.__cause__) if exc.__cause__ else (None, None)
+            if version is not None and (
+                isinstance(exc, KeyTaken) or code in _MISSING_KEY_CODES or status == 404
+            ):
+                return False  # another object is under the key now, or none
+            raise
         return True
+
+    def _changed(self, key: str, version: str) -> StoredObjectChanged:
+        return StoredObjectChanged(
+            f"Cannot read {self.url}{key}: the object under the key is not the version "
+            f"(ETag {version}) its catalogue entry recorded; the key was reused, "
+            "overwritten or restored since",
+            storage=self.url,
+            key=key,
+        )
 
     async def presigned_get(
         self,
@@ -523,7 +591,10 @@ class S3Blobs:
             for entry in page.get("Contents", ()):
                 key = entry["Key"][len(self.prefix) :]
                 if key:
-                    yield BlobInfo(key, int(entry["Size"]), _utc(entry["LastModified"]))
+                    yield BlobInfo(
+                        key, int(entry["Size"]), _utc(entry["LastModified"]),
+                        _etag(entry.get("ETag")),
+                    )
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
@@ -584,18 +655,6 @@ class S3Blobs:
             raise
         return True
 
-    async def _etag(self, key: str) -> str | None:
-        """The object's ETag without quotes, or ``None`` if there is none."""
-        try:
-            head = await self._call(
-                "stat",
-                key,
-                lambda c: c.head_object(Bucket=self.bucket, Key=self._full_key(key)),
-                missing="key",
-            )
-        except StoredObjectMissing:
-            return None
-        return str(head.get("ETag", "")).strip('"')
 
 
 def public_object_url(base_url: str, full_key: str) -> str:
@@ -631,6 +690,11 @@ def _md5(data: io.BytesIO) -> Any:
         return hashlib.md5(view)
 
 
+def _etag(value: Any) -> str | None:
+    """An ETag without its quotes, or ``None``."""
+    return str(value).strip('"') if value else None
+
+
 def _total_size(content_range: str | None) -> int | None:
     """The object size in a ``Content-Range: bytes a-b/size`` header."""
     if not content_range or "/" not in content_range:
@@ -646,10 +710,16 @@ def _utc(value: datetime.datetime) -> datetime.datetime:
 
 
 class _S3Writer:
-    """One object being written: a PUT, or a multipart upload with one part in flight."""
+    """One object being written: a PUT, or a multipart upload with one part in flight.
 
-    def __init__(self, blobs: S3Blobs, key: str) -> None:
+    :ivar key: the key the object will be stored under.
+    :ivar version: the committed object's ETag, once committed.
+    """
+
+    def __init__(self, blobs: S3Blobs, key: str, token: str | None = None) -> None:
         self.key = key
+        self.version: str | None = None
+        self._token = token or uuid.uuid4().hex
         self._blobs = blobs
         self._full_key = blobs._full_key(key)
         # Filled up to part_size, then handed to the upload as it is (a BytesIO
@@ -659,9 +729,7 @@ class _S3Writer:
         self._in_flight: asyncio.Task[None] | None = None
         self._next_part = 1
         self._parts: list[dict[str, Any]] = []
-        self._part_md5s: dict[int, bytes] = {}
         self._finish: asyncio.Task[None] | None = None
-        self._single_md5: str | None = None
         self._state = "open"  # open, failed, committed, aborted
 
     def __repr__(self) -> str:
@@ -732,7 +800,9 @@ class _S3Writer:
                     "start a multipart upload of",
                     self.key,
                     lambda c: c.create_multipart_upload(
-                        Bucket=self._blobs.bucket, Key=self._full_key
+                        Bucket=self._blobs.bucket,
+                        Key=self._full_key,
+                        Metadata={TOKEN_METADATA: self._token},
                     ),
                 )
             )
@@ -758,7 +828,6 @@ class _S3Writer:
 
         response = await self._blobs._call(f"upload part {number} of", self.key, upload)
         self._parts.append({"ETag": response["ETag"], "PartNumber": number})
-        self._part_md5s[number] = digest.digest()
 
     async def _wait_in_flight(self) -> None:
         if self._in_flight is not None:
@@ -798,7 +867,6 @@ class _S3Writer:
 
     async def _put(self, body: io.BytesIO, overwrite: bool) -> None:
         digest = _md5(body)
-        self._single_md5 = digest.hexdigest()
         tries = 0
 
         async def put(client: Any) -> Any:
@@ -810,16 +878,18 @@ class _S3Writer:
                 Key=self._full_key,
                 Body=body,
                 ContentMD5=base64.b64encode(digest.digest()).decode(),
+                Metadata={TOKEN_METADATA: self._token},
                 **self._precondition(overwrite),
             )
 
         try:
-            await self._blobs._call("write", self.key, put)
+            response = await self._blobs._call("write", self.key, put)
         except KeyTaken:
             # A lost reply to an earlier try that did create the object?
-            if tries > 1 and await self._blobs._etag(self.key) == self._single_md5:
+            if tries > 1 and await self._is_ours():
                 return
             raise
+        self.version = _etag(response.get("ETag"))
 
     async def _complete(self, upload_id: str, overwrite: bool) -> None:
         parts = sorted(self._parts, key=lambda part: part["PartNumber"])
@@ -837,7 +907,7 @@ class _S3Writer:
             )
 
         try:
-            await self._blobs._call("complete the upload of", self.key, complete)
+            response = await self._blobs._call("complete the upload of", self.key, complete)
         except StorageError as exc:
             # Refused or unknown after a retry: an earlier try may have completed it.
             if tries > 1 and (isinstance(exc, KeyTaken) or _cause_code(exc) == "NoSuchUpload"):
@@ -846,15 +916,16 @@ class _S3Writer:
             if isinstance(exc, KeyTaken):
                 await self._abort_upload(upload_id)
             raise
+        self.version = _etag(response.get("ETag"))
 
     async def _is_ours(self) -> bool:
-        """Whether the object under the key holds this writer's bytes (by ETag)."""
-        if self._create is None:
-            expected = self._single_md5
-        else:
-            numbers = sorted(self._part_md5s)
-            expected = _multipart_etag([self._part_md5s[n] for n in numbers])
-        return expected is not None and await self._blobs._etag(self.key) == expected
+        """Whether the object under the key is this writer's (it carries its token);
+        if so, :attr:`version` is set from it."""
+        info = await self._blobs.stat(self.key)
+        if info is None or not self._blobs.made_by(info, self._token):
+            return False
+        self.version = info.version
+        return True
 
     async def _abort_upload(self, upload_id: str) -> bool:
         """AbortMultipartUpload; ``False`` if the server knows no such upload."""
@@ -912,4 +983,4 @@ class _S3Writer:
 
     async def _delete_if_ours(self) -> None:
         if await self._is_ours():
-            await self._blobs.delete(self.key)
+            await self._blobs.delete(self.key, version=self.version)

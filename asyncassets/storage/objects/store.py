@@ -11,18 +11,39 @@ plus ``location``::
     {"_id": ObjectId(...), "length": 1234, "chunkSize": 261120,
      "uploadDate": ..., "filename": "marmot.jpg",
      "metadata": {"content_type": "image/jpeg", "sha256": "..."},
-     "location": {"storage": "filesystem", "key": "2026/12/3f2c....jpg"}}
+     "location": {"storage": "filesystem", "key": "2026/12/3f2c....jpg",
+                  "version": 1764979200123456789}}
+
+A key is a *name*, not an identity: templates without ``{uuid}`` give the same
+key again once its file is deleted, and other tools may write under the
+storage's root. So the guarantees rest on two things besides the key:
+
+* **the key's reservation** (:mod:`.reservations`): an upload reserves its key in
+  MongoDB before it writes a byte (a key reserved already gets the next variant,
+  ``photo-2.jpg``), and the reservation is released only once the object is gone.
+  While a file exists nobody else can write its key, whichever task or process
+  races for it, and a delete (or a cleanup, or the sweep) removes only an object
+  it holds the reservation of;
+* **the object's version** (``location.version``: a directory file's
+  ``st_mtime_ns``, an S3 object's ETag), recorded at the upload and checked by
+  every read. An object put under the key by anything else (a key reused after a
+  delete, a restore from an older backup, another tool) is never read in its
+  place: :class:`~asyncassets.errors.FileDeletedWhileReading` when the entry is
+  gone or changed, :class:`~asyncassets.errors.CorruptFile` when it is not.
 
 The guarantees, in the order of the calls:
 
-* an upload writes the bytes under a new key, commits them (atomically, never
-  over an object the catalogue knows), and inserts the catalogue entry last: a
-  file whose entry exists is complete. Anything that fails or is cancelled
-  before the entry is in removes what was written (the writer's temp file or
-  multipart upload, the committed object);
-* a delete removes the entry first, then the object: a reader that finds the
-  object gone looks the entry up again and reports
-  :class:`~asyncassets.errors.FileDeletedWhileReading` rather than corruption;
+* an upload reserves its key, writes the bytes, commits them (atomically, never
+  over an object an entry names), and inserts the catalogue entry last: a file
+  whose entry exists is complete. Anything that fails or is cancelled before the
+  entry is in removes what it provably wrote (the writer's temp file or multipart
+  upload, the object it committed, by its version) and releases the key; when
+  that cannot be known (the object store is unreachable) the reservation stays
+  and the orphan sweep decides;
+* a delete removes the entry first, then the object (only of the recorded
+  version), then the reservation: a reader that finds the object gone looks the
+  entry up again and reports :class:`~asyncassets.errors.FileDeletedWhileReading`
+  rather than corruption;
 * an object shorter or longer than its entry says is
   :class:`~asyncassets.errors.CorruptFile`;
 * ``chunkSize`` is only the size of the pieces ``readchunk`` returns.
@@ -32,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
@@ -47,8 +69,10 @@ from ...errors import (
     FileAlreadyExists,
     FileDeletedWhileReading,
     KeyTaken,
+    StoredObjectChanged,
     StoredObjectMissing,
     UploadClosed,
+    UploadInterrupted,
 )
 from ..catalogue import read_range
 from ..entries import CatalogueReads
@@ -56,12 +80,20 @@ from ..gridfs.spec import DEFAULT_CHUNK_SIZE, FILES_INDEX, check_extra, now_as_s
 from ..lifecycle import UploadLifecycle, upload_all
 from ..sources import byte_view, check_size, read_source
 from .keys import KeyMaker, check_key
+from .reservations import Reservations
 
 if TYPE_CHECKING:
     from ..base import _ObjectStorage
     from .blobs import Blobs, BlobWriter
 
-__all__ = ["LOCATION_INDEX", "ObjectDownload", "ObjectStore", "ObjectUpload", "location_key"]
+__all__ = [
+    "LOCATION_INDEX",
+    "ObjectDownload",
+    "ObjectStore",
+    "ObjectUpload",
+    "location_key",
+    "location_version",
+]
 
 #: Unique: two catalogue entries never name the same stored object.
 LOCATION_INDEX = {"location.key": 1}
@@ -85,6 +117,15 @@ def location_key(doc: Mapping[str, Any]) -> str | None:
     return None
 
 
+def location_version(doc: Mapping[str, Any]) -> Any:
+    """The object version a catalogue entry recorded, or ``None`` (an entry written
+    before versions were recorded, or a GridFS file)."""
+    location = doc.get("location")
+    if isinstance(location, Mapping):
+        return location.get("version")
+    return None
+
+
 class ObjectStore(CatalogueReads):
     """The catalogue ``<collection_name>.files`` of ``db`` over ``storage``'s objects.
 
@@ -96,9 +137,12 @@ class ObjectStore(CatalogueReads):
     :ivar blobs: its backend.
     :ivar chunk_size: the size of the pieces sources are read in and ``readchunk``
         returns.
+    :ivar reservations: the key reservations of the storage's place.
+    :ivar key_field: the entry field whose ``key`` names this store's objects
+        (``"location"``; a queued catalogue's remote copies are in ``"remote"``).
     """
 
-    def __init__(self, db: Any, storage: _ObjectStorage) -> None:
+    def __init__(self, db: Any, storage: _ObjectStorage, *, key_field: str = "location") -> None:
         self.db = db
         self.storage = storage
         self.name = storage.collection_name
@@ -106,10 +150,13 @@ class ObjectStore(CatalogueReads):
         self.blobs: Blobs = storage.blobs()
         self.keys: KeyMaker = storage.keys
         self.chunk_size = DEFAULT_CHUNK_SIZE
+        self.key_field = key_field
+        self.reservations = Reservations(db, self.blobs, self.name, key_field)
 
     #: A catalogue entry, once read, may be read from again without a fresh lookup:
-    #: keys are never reused, so an entry can only name its own file's bytes, and
-    #: bytes deleted since are reported (FileDeletedWhileReading), never mixed up.
+    #: a read checks the object's version the entry recorded, so an entry can only
+    #: ever give its own file's bytes, and bytes deleted or replaced since are
+    #: reported (FileDeletedWhileReading), never mixed up.
     reuses_entries = True
 
     def __repr__(self) -> str:
@@ -135,6 +182,7 @@ class ObjectStore(CatalogueReads):
             await self.files.create_index(list(FILES_INDEX.items()))
         if dict(LOCATION_INDEX) not in existing:
             await self.files.create_index(list(LOCATION_INDEX.items()), unique=True, sparse=True)
+        await self.reservations.ensure_indexes()
         done.add(key)
 
     # -- writing ------------------------------------------------------------------
@@ -193,19 +241,39 @@ class ObjectStore(CatalogueReads):
         )
         return await upload_all(stream, pieces)
 
-    async def free_key(self, key: str, *, overwrite: bool) -> str:
-        """``key``, or the first variant of it that nothing holds.
+    async def reserve_key(
+        self,
+        key: str,
+        *,
+        file_id: Any,
+        token: str,
+        overwrite: bool,
+        reserved: list[str] | None = None,
+    ) -> str:
+        """Reserve ``key``, or its first variant (``photo-2.jpg``...) that is free.
 
-        A key the catalogue names is never reused; with ``overwrite`` false, neither
-        is one an object (not catalogued: left by another tool) is stored under.
+        A key is free when no reservation holds it (no live upload, stored file,
+        dead writer or sweep); for a template that can repeat keys, also when no
+        catalogue entry names it (entries written before reservations existed)
+        and, with ``overwrite`` false, no object (another tool's) is under it.
+        Racing tasks and processes get distinct keys: the reservation's unique
+        ``_id`` decides.
 
+        :param reserved: each key reserved is appended to it at once, so a caller
+            whose task fails midway knows what to release.
         :raises KeyTaken: no free variant in a hundred tries.
+        :raises ValueError: a variant is not a valid key (too long).
         """
         for attempt in range(_KEY_ATTEMPTS):
-            candidate = key if attempt == 0 else KeyMaker.variant(key, attempt + 1)
-            if await self.files.find_one({"location.key": candidate}, {"_id": 1}) is not None:
+            candidate = key if attempt == 0 else check_key(KeyMaker.variant(key, attempt + 1))
+            if not await self.reservations.reserve(candidate, file_id=file_id, token=token):
                 continue
-            if not overwrite and await self.blobs.stat(candidate) is not None:
+            if reserved is not None:
+                reserved.append(candidate)
+            if not self.keys.always_unique and await self._taken(candidate, overwrite):
+                await self.reservations.release(candidate, token=token)
+                if reserved is not None:
+                    reserved.remove(candidate)
                 continue
             return candidate
         raise KeyTaken(
@@ -214,6 +282,24 @@ class ObjectStore(CatalogueReads):
             storage=self.url,
             key=key,
         )
+
+    async def _taken(self, key: str, overwrite: bool) -> bool:
+        """Whether a reserved ``key`` is still not free: an entry names it (one
+        written before reservations), or, without ``overwrite``, an object is there."""
+        field = f"{self.key_field}.key"
+        if await self.files.find_one({field: key}, {"_id": 1}) is not None:
+            return True
+        return not overwrite and await self.blobs.stat(key) is not None
+
+    async def delete_object(self, key: str, *, version: Any, file_id: Any) -> None:
+        """Delete the object of file ``file_id`` at ``key`` (only of ``version``, when
+        known), then release the key's reservation.
+
+        For a file whose entry is already gone. If the object cannot be deleted
+        the error propagates and the reservation stays (the sweep finishes).
+        """
+        await self.blobs.delete(key, version=version)
+        await self.reservations.release(key, file_id=file_id)
 
     # -- reading ------------------------------------------------------------------
 
@@ -250,7 +336,7 @@ class ObjectStore(CatalogueReads):
             return False
         key = location_key(doc)
         if key is not None:
-            await self.blobs.delete(key)
+            await self.delete_object(key, version=location_version(doc), file_id=file_id)
         return True
 
 
@@ -260,8 +346,9 @@ class ObjectUpload(UploadLifecycle):
     Bytes are hashed and counted as they pass and handed to the backend's writer
     in pieces of about 1 MiB (the writer holds at most a part or two more), so
     memory stays bounded whatever the file size, except with :meth:`write_nowait`,
-    which buffers until the next awaited call. :meth:`close` commits the object,
-    then inserts the catalogue entry.
+    which buffers until the next awaited call. The key is reserved at the first
+    write (or close); :meth:`close` commits the object, then inserts the catalogue
+    entry with the object's version.
 
     :ivar file_id: the file's ``_id``.
     :ivar filename: the entry's ``filename``.
@@ -299,10 +386,16 @@ class ObjectUpload(UploadLifecycle):
         self._files_doc: dict[str, Any] | None = None
         self._abort_task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[Any] | None = None
+        # The writer's identity: the reservation's token, carried by the object.
+        self._token = secrets.token_hex(16)
+        self._reserved: list[str] = []
         self._committed = False
+        self._version: Any = None
         self._entry_sent = False
         self._entry_duplicate = False
-        self._key_conflict = False
+        # The sweep took the reservation over (a pause longer than its grace): the
+        # object and the reservation are the sweep's to remove.
+        self._swept = False
 
     def __repr__(self) -> str:
         state = "closed" if self._files_doc else "aborted" if self._abort_task else "open"
@@ -342,8 +435,11 @@ class ObjectUpload(UploadLifecycle):
 
         :raises UploadClosed: the stream was aborted.
         :raises FileAlreadyExists: ``file_id`` is taken in the catalogue.
-        :raises KeyTaken: another upload took the key between its choice and the
-            commit (only with templates without ``{uuid}``/``{id}``).
+        :raises KeyTaken: another tool wrote an object under the reserved key
+            between its choice and the commit (``overwrite=False``), or no free
+            variant of the key was found.
+        :raises UploadInterrupted: the upload paused longer than an orphan sweep's
+            grace, and the sweep took its key over; nothing was stored.
         :raises StorageError: the backend failed.
         """
         if self._files_doc is not None:
@@ -365,6 +461,7 @@ class ObjectUpload(UploadLifecycle):
                 self._check_not_aborted()
                 self._entry_sent = True
                 await self._run(self._insert_entry(doc))
+                await self._run(self._check_reservation(after_entry=True))
             except BaseException as exc:
                 await self._abort_after(exc)
                 raise
@@ -460,22 +557,53 @@ class ObjectUpload(UploadLifecycle):
                 file_id=self.file_id, filename=self.filename, context=self._context
             )
             check_key(key)
-            if not store.keys.always_unique or store.storage.overwrite:
-                key = await self._run(store.free_key(key, overwrite=store.storage.overwrite))
+            await store.ensure_indexes()
+            key = await self._run(
+                store.reserve_key(
+                    key,
+                    file_id=self.file_id,
+                    token=self._token,
+                    overwrite=store.storage.overwrite,
+                    reserved=self._reserved,
+                )
+            )
             self._check_not_aborted()
             self.key = key
-            self._writer = store.blobs.open_writer(key)
+            self._writer = store.blobs.open_writer(key, token=self._token)
         return self._writer
 
     async def _commit(self, writer: BlobWriter) -> None:
         # Runs in its own task (see _run), so what it records is true by the time
-        # the cleanup, which waits for it, reads it.
-        self._committed = True  # maybe committed: the cleanup deletes the object
-        try:
-            await writer.commit(overwrite=self._store.storage.overwrite)
-        except KeyTaken:
-            self._committed = False  # the object under the key is someone else's
-            raise
+        # the cleanup, which waits for it, reads it. Committed only once commit()
+        # returned: a commit that raised or was cancelled is the writer's abort()'s
+        # to undo, and the writer removes only an object that is provably its own.
+        overwrite = self._store.storage.overwrite
+        if overwrite:
+            # An overwriting commit replaces whatever is under the key: make sure
+            # the key is still this upload's (a pause longer than a sweep's grace
+            # lets the sweep take it over and someone else reserve it).
+            await self._check_reservation(after_entry=False)
+        await writer.commit(overwrite=overwrite)
+        self._version = writer.version
+        self._committed = True
+
+    async def _check_reservation(self, *, after_entry: bool) -> None:
+        """Raise :class:`UploadInterrupted` if the sweep took this upload's key over."""
+        assert self.key is not None
+        reservations = self._store.reservations
+        if after_entry:
+            held = await reservations.held(self.key, self._token)
+        else:
+            held = await reservations.confirm(self.key, self._token)
+        if held:
+            return
+        self._swept = True
+        raise UploadInterrupted(
+            f"upload {self.file_id!r} paused longer than an orphan sweep's grace, and the "
+            f"sweep took its key {self.key!r} in {self._store.url} over; nothing was "
+            "stored. Upload it again, and give the sweep a grace far longer than any "
+            "upload."
+        )
 
     async def _make_entry(self) -> dict[str, Any]:
         assert self.key is not None
@@ -488,7 +616,10 @@ class ObjectUpload(UploadLifecycle):
         if self.filename is not None:
             doc["filename"] = self.filename
         doc["metadata"] = {**self._metadata, "sha256": self._sha256.hexdigest()}
-        doc["location"] = {"storage": self._store.storage.kind, "key": self.key}
+        location: dict[str, Any] = {"storage": self._store.storage.kind, "key": self.key}
+        if self._version is not None:
+            location["version"] = self._version
+        doc["location"] = location
         doc.update(self._extra)
         return doc
 
@@ -499,7 +630,6 @@ class ObjectUpload(UploadLifecycle):
         except DuplicateKeyError as exc:
             self._entry_duplicate = True
             if "location" in str(exc.details or exc):
-                self._key_conflict = True
                 raise KeyTaken(
                     f"{self._store.url}: another catalogue entry names the key {self.key!r} "
                     "(taken between its choice and this upload's end); upload again",
@@ -516,16 +646,23 @@ class ObjectUpload(UploadLifecycle):
         store = self._store
         if self._entry_sent and not self._entry_duplicate:
             await store.files.delete_one({"_id": self.file_id, "location.key": self.key})
+        if self._swept:
+            return  # the sweep holds the key now, and removes what is under it
         writer = self._writer
-        if writer is None:
-            return
-        await writer.abort()
-        if self._committed and not self._key_conflict:
-            # Committed, or maybe (an error or cancellation mid-commit): the object
-            # under the key is ours. After a conflict on the key another catalogue
-            # entry names it, so it is not ours to delete.
+        if writer is not None:
             assert self.key is not None
-            await store.blobs.delete(self.key)
+            if self._committed:
+                # Ours for sure: this upload committed it, under its reserved key.
+                await store.blobs.delete(self.key, version=self._version)
+            else:
+                # The writer removes its temp file or multipart upload, and an object
+                # whose commit did not return if it is provably its own.
+                await writer.abort()
+        # Only now is nothing of this upload under its keys: release them. (If the
+        # removal above failed, the reservation stays for the sweep.)
+        for key in list(self._reserved):
+            await store.reservations.release(key, token=self._token)
+            self._reserved.remove(key)
 
 
 class ObjectDownload:
@@ -557,6 +694,7 @@ class ObjectDownload:
                 f"{files_doc.get('location')!r})"
             )
         self.key = key
+        self.version = location_version(files_doc)
         self.length = length
         self.start = start
         self.end = end
@@ -579,7 +717,9 @@ class ObjectDownload:
                 await self._exists()
             raise StopAsyncIteration
         if self._pieces is None:
-            self._pieces = self._store.blobs.open_reader(self.key, self.start, self.end)
+            self._pieces = self._store.blobs.open_reader(
+                self.key, self.start, self.end, version=self.version
+            )
         try:
             piece = await anext(self._pieces)
         except StopAsyncIteration:
@@ -591,6 +731,13 @@ class ObjectDownload:
             self._done = True
             await self.aclose()
             raise
+        except StoredObjectChanged as exc:
+            await self._fail(
+                f"the object under its key {self.key!r} in {self._store.url} is not the "
+                f"one its upload wrote (version {self.version!r}): it was replaced or "
+                "restored behind the catalogue's back",
+                exc,
+            )
         except StoredObjectMissing as exc:
             await self._fail(f"no object under its key {self.key!r} in {self._store.url}", exc)
         self._pos += len(piece)
@@ -604,6 +751,11 @@ class ObjectDownload:
         info = await self._store.blobs.stat(self.key)
         if info is None:
             await self._fail(f"no object under its key {self.key!r} in {self._store.url}")
+        elif self.version is not None and info.version != self.version:
+            await self._fail(
+                f"the object under its key {self.key!r} in {self._store.url} is not the "
+                f"one its upload wrote (version {self.version!r})"
+            )
         elif info.size != self.length:
             await self._fail(
                 f"its object {self.key!r} is {info.size} bytes, the catalogue entry says "

@@ -1,0 +1,484 @@
+"""The promise on every storage: reused, raced or planted keys never give another
+file's bytes or lose one (issue #19, cases 1-6, 9 and 10).
+
+Each test reproduces one case as it was found (a directory and an S3 bucket, on
+real servers) and checks what a user would see: the bytes each saved document
+reads back, the exception a loser gets, what is left on disk or in the bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import asyncassets
+from asyncassets import AssetManager, Document
+from asyncassets.errors import FileDeletedWhileReading, StorageError, TransferFailed
+from asyncassets.fields import FileField, StringField
+from asyncassets.ops import check
+from asyncassets.storage import FileSystemStorage, QueuedStorage, S3Storage, Storage
+from asyncassets.transfers import TransferWorker
+
+KIB = 1024
+MIB = 1024 * KIB
+_names = itertools.count()
+
+
+def payload(size: int, seed: int) -> bytes:
+    block = hashlib.sha256(f"{seed}".encode()).digest()
+    return (block * (size // len(block) + 1))[:size]
+
+
+def storage_of(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, **kw: Any
+) -> FileSystemStorage | S3Storage:
+    name = f"promise{next(_names)}"
+    if kind == "filesystem":
+        return FileSystemStorage(tmp_path / name, collection_name=name, fsync=False, **kw)
+    bucket = request.getfixturevalue("asyncassets_s3_bucket")
+    return S3Storage(
+        **{**bucket.options, "prefix": f"{name}/", "part_size": 5 * MIB},
+        collection_name=name,
+        **kw,
+    )
+
+
+def doc_class(storage: Storage) -> Any:
+    n = next(_names)
+    return type(
+        f"PromiseDoc{n}",
+        (Document,),
+        {
+            "name": StringField(),
+            "photo": FileField(storage=storage),
+            "meta": {"collection": f"promise_docs_{n}"},
+        },
+    )
+
+
+async def keys_of(storage: FileSystemStorage | S3Storage) -> list[str]:
+    return sorted([info.key async for info in storage.blobs().list()])
+
+
+KINDS = ["filesystem", "s3"]
+
+
+async def stored_key(storage: Storage, proxy: Any) -> str:
+    """The key a file's catalogue entry names, read from the catalogue itself."""
+    files = asyncassets.get_db()[f"{storage.collection_name}.files"]
+    entry = await files.find_one({"_id": proxy.file_id})
+    assert entry is not None
+    return str(entry["location"]["key"])
+
+
+# -- case 1: a failed commit never deletes the winner's object -------------------------
+
+_DISK_FULL_LOSER = textwrap.dedent(
+    """
+    import asyncio, resource, signal, sys
+    import asyncassets
+    from asyncassets import Document
+    from asyncassets.fields import FileField
+    from asyncassets.storage import FileSystemStorage
+
+    uri, db, root, name = sys.argv[1:5]
+    storage = FileSystemStorage(root, key_template="{filename}", collection_name=name,
+                                fsync=False)
+
+    class Doc(Document):
+        meta = {"collection": name + "_docs"}
+        photo = FileField(storage=storage)
+
+    async def main():
+        asyncassets.connect(uri, db=db)
+        # Past 1.5 MiB a write fails with EFBIG, as on a full disk.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = 1536 * 1024
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        loser = Doc()
+        await loser.photo.new_file(filename="photo.jpg")
+        await loser.photo.write(b"x" * 1024 * 1024)  # the key is chosen now...
+        winner = Doc()
+        await winner.photo.put(b"the winner's photo", filename="photo.jpg")
+        await winner.save()                  # ...the winner stores meanwhile...
+        await loser.photo.write(b"y" * 600 * 1024)
+        try:
+            await loser.photo.close()        # ...and the loser fails at its commit
+        except Exception as exc:
+            print("loser:", type(exc).__name__, exc, flush=True)
+        else:
+            print("loser: stored", flush=True)
+        print("winner:", winner.pk, flush=True)
+        await asyncassets.disconnect()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_commit_that_fails_never_deletes_the_winners_object(
+    asyncassets_db: Any, asyncassets_server_uri: str, tmp_path: Path
+) -> None:
+    # Case 1: the loser counted itself committed before its commit succeeded, and
+    # its cleanup deleted the key, which held the winner's object.
+    name = f"promise{next(_names)}"
+    root = tmp_path / name
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _DISK_FULL_LOSER, asyncassets_server_uri,
+        asyncassets_db.name, str(root), name,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = (b.decode() for b in await asyncio.wait_for(proc.communicate(), 120))
+    assert proc.returncode == 0, out + err
+    lines = out.splitlines()
+    assert lines[0].startswith("loser: StorageError"), out + err
+    assert "EFBIG" in lines[0] or "file-size limit" in lines[0]
+    storage = FileSystemStorage(root, key_template="{filename}", collection_name=name,
+                                fsync=False)
+
+    class Doc(Document):
+        meta = {"collection": name + "_docs"}
+        photo = FileField(storage=storage)
+
+    winner = await Doc.objects.get()
+    assert await winner.photo.read() == b"the winner's photo"
+    assert await keys_of(storage) == [winner.photo.key]
+    assert (await check(buckets=[name])).ok
+
+
+# -- case 2: overwrite=True never gives a document another document's bytes ----------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_racing_overwriting_puts_each_keep_their_own_bytes(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    storage = storage_of(kind, request, tmp_path, key_template="{filename}", overwrite=True)
+    Doc = doc_class(storage)
+    for round_ in range(6):
+        docs = [await Doc().save() for _ in range(4)]
+        # Equal lengths: a wrong file is only visible by its bytes.
+        datas = [payload(64 * KIB, seed=round_ * 10 + i) for i in range(4)]
+        await asyncio.gather(*(
+            doc.photo.put(data, filename="photo.jpg")
+            for doc, data in zip(docs, datas, strict=True)
+        ))
+        keys = {doc.photo.key for doc in docs}
+        assert len(keys) == 4, keys  # a key an entry names is never overwritten
+        for doc, data in zip(docs, datas, strict=True):
+            loaded = await Doc.objects.get(pk=doc.pk)
+            assert await loaded.photo.read() == data
+        for doc in docs:
+            await doc.delete()
+    assert await keys_of(storage) == []
+    assert (await check(buckets=[storage.collection_name])).ok
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_overwrite_replaces_an_object_no_entry_names(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    storage = storage_of(kind, request, tmp_path, key_template="{filename}", overwrite=True)
+    blobs = storage.blobs()
+    writer = blobs.open_writer("photo.jpg")  # another tool's object under the key
+    await writer.write(b"left by another tool")
+    await writer.commit()
+    Doc = doc_class(storage)
+    doc = await Doc().save()
+    await doc.photo.put(b"mine", filename="photo.jpg")
+    assert doc.photo.key == "photo.jpg"
+    assert await (await Doc.objects.get(pk=doc.pk)).photo.read() == b"mine"
+
+
+# -- case 3: a stale reader never gets the next owner's bytes ------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stale_reader_is_told_its_file_was_deleted_not_given_the_next_one(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    storage = storage_of(kind, request, tmp_path, key_template="{field}/{filename}")
+    Doc = doc_class(storage)
+    first = await Doc().save()
+    await first.photo.put(b"the first photo", filename="photo.jpg")
+    stale = await Doc.objects.get(pk=first.pk)
+    assert await stale.photo.read() == b"the first photo"  # its entry is loaded
+    await first.photo.delete()  # elsewhere
+    second = await Doc().save()
+    await second.photo.put(b"the next photo!", filename="photo.jpg")  # same length
+    assert await stored_key(storage, second.photo) == "photo/photo.jpg"  # used again
+    with pytest.raises(FileDeletedWhileReading):
+        await stale.photo.read()
+    with pytest.raises(FileDeletedWhileReading):
+        _ = [piece async for piece in stale.photo.stream(0, 5)]
+    assert await (await Doc.objects.get(pk=second.pk)).photo.read() == b"the next photo!"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stale_asset_is_told_it_was_deleted_not_given_the_next_one(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    storage = storage_of(kind, request, tmp_path, key_template="{filename}")
+    photos = AssetManager(storage)
+    await photos.add(b"the first asset", asset_id="a", filename="photo.jpg")
+    stale = await photos.get("a")
+    await photos.delete("a")
+    await photos.add(b"the next asset!", asset_id="b", filename="photo.jpg")
+    with pytest.raises(FileDeletedWhileReading):
+        await stale.read()
+    assert await (await photos.get("b")).read() == b"the next asset!"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_object_replaced_behind_the_catalogues_back_is_never_read_as_the_file(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    storage = storage_of(kind, request, tmp_path, key_template="{filename}")
+    Doc = doc_class(storage)
+    doc = await Doc().save()
+    await doc.photo.put(b"the real photo", filename="photo.jpg")
+    # Another tool (or a restore from an older backup) puts other bytes there.
+    writer = storage.blobs().open_writer("photo.jpg")
+    await writer.write(b"a planted file")  # same length
+    await writer.commit(overwrite=True)
+    loaded = await Doc.objects.get(pk=doc.pk)
+    with pytest.raises(asyncassets.errors.CorruptFile, match="not the one its upload wrote"):
+        await loaded.photo.read()
+    report = await check(buckets=[storage.collection_name])
+    assert report.changed_objects == 1 and not report.ok
+
+
+# -- case 4: concurrent uploads of one name get -2, -3... ----------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_concurrent_uploads_of_one_name_get_variants_of_the_key(
+    asyncassets_db: Any, request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    storage = storage_of(kind, request, tmp_path, key_template="{field}/{filename}")
+    Doc = doc_class(storage)
+    docs = [await Doc().save() for _ in range(4)]
+    datas = [payload(32 * KIB, seed=i) for i in range(4)]
+    await asyncio.gather(
+        *(doc.photo.put(data, filename="photo.jpg") for doc, data in zip(docs, datas, strict=True))
+    )
+    assert sorted(doc.photo.key for doc in docs) == [
+        "photo/photo-2.jpg", "photo/photo-3.jpg", "photo/photo-4.jpg", "photo/photo.jpg",
+    ]
+    for doc, data in zip(docs, datas, strict=True):
+        assert await (await Doc.objects.get(pk=doc.pk)).photo.read() == data
+
+
+_RACING_PROCESS = textwrap.dedent(
+    """
+    import asyncio, sys
+    import asyncassets
+    from asyncassets import Document
+    from asyncassets.fields import FileField
+    from asyncassets.storage import FileSystemStorage
+
+    uri, db, root, name, n = sys.argv[1:6]
+
+    class Doc(Document):
+        meta = {"collection": name + "_docs"}
+        photo = FileField(storage=FileSystemStorage(root, key_template="{filename}",
+                                                    collection_name=name, fsync=False))
+
+    async def main():
+        asyncassets.connect(uri, db=db)
+        for i in range(int(n)):
+            doc = Doc()
+            await doc.photo.put(f"{sys.argv[6]}-{i:04d}".encode(), filename="photo.jpg")
+            await doc.save()
+        await asyncassets.disconnect()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_processes_racing_for_one_name_never_share_a_key(
+    asyncassets_db: Any, asyncassets_server_uri: str, tmp_path: Path
+) -> None:
+    name = f"promise{next(_names)}"
+    root = tmp_path / name
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _RACING_PROCESS, asyncassets_server_uri,
+            asyncassets_db.name, str(root), name, "15", f"p{n}",
+            stderr=subprocess.PIPE,
+        )
+        for n in range(3)
+    ]
+    for proc in procs:
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+    storage = FileSystemStorage(root, key_template="{filename}", collection_name=name,
+                                fsync=False)
+
+    class Doc(Document):
+        meta = {"collection": name + "_docs"}
+        photo = FileField(storage=storage)
+
+    docs = await Doc.objects.to_list()
+    assert len(docs) == 45
+    seen = {}
+    for doc in docs:
+        seen[doc.photo.key] = await doc.photo.read()
+    assert len(seen) == 45  # 45 keys: photo.jpg, photo-2.jpg ... photo-45.jpg
+    assert sorted(seen.values()) == sorted(
+        f"p{n}-{i:04d}".encode() for n in range(3) for i in range(15)
+    )
+
+
+# -- case 5: a directory pruned under a writer is made again -------------------------
+
+
+async def test_puts_racing_deletes_in_one_directory_never_fail_with_enoent(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    name = f"promise{next(_names)}"
+    storage = FileSystemStorage(tmp_path / name, key_template="a/b/c/{uuid}",
+                                collection_name=name, fsync=False)
+    Doc = doc_class(storage)
+
+    async def put_then_delete(i: int) -> None:
+        doc = Doc()
+        await doc.photo.put(b"%d" % i)
+        await doc.save()
+        await doc.delete()  # the last file of a/b/c: the directories are pruned
+
+    for round_ in range(40):
+        await asyncio.gather(*(put_then_delete(round_ * 4 + i) for i in range(4)))
+    assert await keys_of(storage) == []
+
+
+# -- case 6: a planted symbolic link is never followed --------------------------------
+
+
+async def test_a_planted_link_under_the_root_is_never_followed(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    name = f"promise{next(_names)}"
+    root = tmp_path / name
+    outside = tmp_path / "outside"
+    storage = FileSystemStorage(root, key_template="2026/{uuid}{ext}", collection_name=name,
+                                fsync=False)
+    Doc = doc_class(storage)
+    kept = await Doc().save()
+    await kept.photo.put(b"stored before the link", filename="a.txt")
+    # Someone moves the directory out and plants a link to it in its place.
+    outside.mkdir()
+    (root / "2026").rename(outside / "2026")
+    (root / "2026").symlink_to(outside / "2026")
+    victim = outside / "2026" / (await stored_key(storage, kept.photo)).split("/")[-1]
+    assert victim.read_bytes() == b"stored before the link"
+
+    doc = Doc()
+    with pytest.raises(StorageError, match="symbolic link"):
+        await doc.photo.put(b"must not land outside", filename="b.txt")
+    assert sorted(p.name for p in (outside / "2026").iterdir()) == [victim.name]
+
+    loaded = await Doc.objects.get(pk=kept.pk)
+    with pytest.raises(asyncassets.errors.CorruptFile):
+        await loaded.photo.read()
+    await loaded.photo.delete()  # removes the reference and the entry, nothing outside
+    assert victim.read_bytes() == b"stored before the link"
+    assert (root / "2026").is_symlink()
+    assert [info async for info in storage.blobs().list()] == []
+
+
+async def test_a_link_planted_as_the_object_itself_is_never_read_or_deleted(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    name = f"promise{next(_names)}"
+    root = tmp_path / name
+    storage = FileSystemStorage(root, key_template="{filename}", collection_name=name,
+                                fsync=False)
+    Doc = doc_class(storage)
+    doc = await Doc().save()
+    await doc.photo.put(b"public bytes", filename="photo.jpg")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"secret bytes")
+    (root / "photo.jpg").unlink()
+    (root / "photo.jpg").symlink_to(secret)
+    loaded = await Doc.objects.get(pk=doc.pk)
+    with pytest.raises(asyncassets.errors.CorruptFile):
+        await loaded.photo.read()
+    await loaded.photo.delete()
+    assert secret.read_bytes() == b"secret bytes"
+
+
+# -- cases 9 and 10: transfers by hand, and the error a failed transfer records -------
+
+
+async def test_a_failed_transfer_records_its_cause_and_transfer_by_hand_tries_once_more(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    name = f"promise{next(_names)}"
+    remote_root = tmp_path / f"{name}-remote"
+    storage = QueuedStorage(
+        local=FileSystemStorage(tmp_path / f"{name}-spool", fsync=False),
+        remote=FileSystemStorage(remote_root, key_template="{filename}", fsync=False),
+        collection_name=name, max_attempts=2, retry_delay=0.01, max_retry_delay=0.02,
+    )
+    remote_root.write_bytes(b"a file where the remote directory should be")
+    Doc = doc_class(storage)
+    doc = Doc()
+    await doc.photo.put(b"queued bytes", filename="q.txt")
+    await doc.save()
+    store = storage.bind(asyncassets.get_db())
+    worker = TransferWorker([store], concurrency=1)
+    for _ in range(50):
+        await worker.run_once()
+        entry = await store.find(doc.photo.file_id)
+        assert entry is not None
+        if entry["transfer"]["state"] == "failed":
+            break
+        await asyncio.sleep(0.03)
+    assert entry["transfer"]["state"] == "failed" and entry["transfer"]["attempts"] == 2
+    # Case 10: the real cause, not the cleanup's.
+    error = entry["transfer"]["error"]
+    assert "not a directory" in error and "removing" not in error, error
+
+    # Case 9: once the cause is fixed, a transfer by hand makes one more attempt.
+    remote_root.unlink()
+    await doc.photo.transfer()
+    await doc.photo.load()
+    assert doc.photo.location == "remote"
+    assert await doc.photo.read() == b"queued bytes"
+    assert (await check(buckets=[name])).ok
+
+
+async def test_a_failed_transfer_by_hand_fails_again_and_stays_failed(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    name = f"promise{next(_names)}"
+    remote_root = tmp_path / f"{name}-remote"
+    storage = QueuedStorage(
+        local=FileSystemStorage(tmp_path / f"{name}-spool", fsync=False),
+        remote=FileSystemStorage(remote_root, fsync=False),
+        collection_name=name, max_attempts=1, retry_delay=0.01, max_retry_delay=0.02,
+    )
+    remote_root.write_bytes(b"still a file")
+    Doc = doc_class(storage)
+    doc = Doc()
+    await doc.photo.put(b"queued", filename="q.txt")
+    await doc.save()
+    store = storage.bind(asyncassets.get_db())
+    await TransferWorker([store], concurrency=1).run_once()
+    assert (await store.find(doc.photo.file_id))["transfer"]["state"] == "failed"
+    with pytest.raises(TransferFailed, match="not a directory") as caught:
+        await doc.photo.transfer()
+    assert caught.value.state == "failed"
+    entry = await store.find(doc.photo.file_id)
+    assert entry["transfer"]["state"] == "failed" and entry["transfer"]["attempts"] == 2
+    assert await doc.photo.read() == b"queued"  # still served from the spool
