@@ -20,6 +20,16 @@ name                        entry field                 example
 Operators are mongoengine's (``gt``, ``in``, ``ne``, ``exists``, ``startswith``,
 ``icontains``, ``not``...); values are prepared as mongoengine prepares them.
 
+**Values are values, never operators.** Stored metadata cannot hold keys that
+start with ``$`` (the metadata check refuses them), so a value that is a dict
+with a ``$`` key (at any depth, also in a list) can only be a query operator
+smuggled in from request data (``gallery_id={"$ne": None}`` would match every
+gallery): it is refused with :class:`~mongoengine.errors.InvalidQueryError`
+before any I/O. Operators are spelled as suffixes, where code says them:
+``gallery_id__ne=None``. And the entry's own fields take values of their type
+(:data:`VALUE_TYPES`): ``uploaded__gt="yesterday"`` is refused rather than
+matching nothing.
+
 **Documents by their files.** In a queryset, a ``FileField`` name (top level, in a
 list, or in an embedded document) followed by one of these names is a condition
 on the file the field references::
@@ -49,7 +59,9 @@ driver unresolved would fail to encode: it can never be sent as it is.
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
+import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -72,8 +84,10 @@ from .schema import fields_with_files
 
 __all__ = [
     "ENTRY_NAMES",
+    "VALUE_TYPES",
     "FileMatch",
     "ResolvingCollection",
+    "check_condition",
     "entry_filter",
     "entry_sort",
     "has_file_conditions",
@@ -113,6 +127,112 @@ _OPERATORS = frozenset(
     }
 )
 
+#: What the entry's own fields hold, by entry path: a condition on one of them
+#: takes values of that type (``None`` too, for equality, ``ne``, ``in``, ``nin``).
+#: Metadata keys hold what the user stored, so their conditions take any value
+#: (only never an operator document, see :func:`check_condition`).
+VALUE_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "length": ("a number of bytes (int)", (int, float)),
+    "uploadDate": ("a datetime (or a date)", (dt.datetime, dt.date)),
+    "filename": ("a str", (str,)),
+    "metadata.content_type": ("a str", (str,)),
+    "metadata.sha256": ("a str", (str,)),
+    "metadata.asset_id": ("a str", (str,)),
+}
+#: Operators by what their value is: one value of the field's type, a list of
+#: them, a bool, a pattern (str) on text.
+_ONE_VALUE = frozenset({"", "ne", "gt", "gte", "lt", "lte"})
+_LISTS = frozenset({"in", "nin", "all"})
+_TEXT = frozenset(transform.STRING_OPERATORS)
+
+
+def _operator_keys(value: Any, path: str = "") -> str | None:
+    """The path of the first ``$`` key in ``value`` (dicts, at any depth, and
+    lists), or ``None``."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and key.startswith("$"):
+                return f"{path}{key}"
+            found = _operator_keys(item, f"{path}{key}.")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for index, item in enumerate(value):
+            found = _operator_keys(item, f"{path}{index}.")
+            if found is not None:
+                return found
+    return None
+
+
+def check_condition(entry_key: str, value: Any, where: str) -> None:
+    """Refuse a condition's value that is not a value: an operator document, or
+    the wrong type for one of the entry's own fields (no I/O).
+
+    ``entry_key`` is the condition in :class:`_CatalogueEntry`'s terms
+    (``uploadDate__gt``, ``metadata__gallery_id__ne``).
+
+    :raises InvalidQueryError: ``value`` holds a key starting with ``$`` (at any
+        depth, also inside lists), or does not fit the field (:data:`VALUE_TYPES`).
+    """
+    dollar = _operator_keys(value)
+    if dollar is not None:
+        raise InvalidQueryError(
+            f"{where}: the value holds the operator {dollar!r}; a condition's value is "
+            "compared as it is and stored metadata never has '$' keys, so this can only "
+            "be a query operator inside the value (from request data?). Write the "
+            "operator as a suffix in code instead: gallery_id__ne=None, "
+            "size__gt=1000, tags__in=[...]"
+        )
+    parts = entry_key.split("__")
+    ops: list[str] = []
+    while parts and parts[-1] in _OPERATORS:
+        ops.insert(0, parts.pop())
+    path = ".".join(parts)
+    if path not in VALUE_TYPES:
+        return
+    kind, types = VALUE_TYPES[path]
+    op = ops[-1] if ops else ""
+
+    def fits(item: Any, none_ok: bool) -> bool:
+        if item is None:
+            return none_ok
+        if isinstance(item, bool):
+            return False
+        if isinstance(item, re.Pattern) and str in types:
+            return op in ("", "not", "in", "nin")
+        return isinstance(item, types)
+
+    if op in _TEXT and str not in types:
+        op = "?"  # a text operator on a number or a time: refused below
+    if op == "exists":
+        ok, wanted = isinstance(value, bool), "True or False"
+    elif op in _LISTS:
+        ok = isinstance(value, (list, tuple, set, frozenset)) and all(
+            fits(item, op != "all") for item in value)
+        wanted = f"a list of values, each {kind}"
+    elif op in _TEXT:
+        ok, wanted = isinstance(value, str), "a str"
+    elif op == "mod" and int in types:
+        ok = (isinstance(value, (list, tuple)) and len(value) == 2
+              and all(fits(item, False) for item in value))
+        wanted = "[divisor, remainder]"
+    elif op in _ONE_VALUE or op == "not":
+        ok, wanted = fits(value, op in ("", "ne")), kind
+    else:
+        raise InvalidQueryError(
+            f"{where}: this operator does not apply to a field holding {kind}; use "
+            "ne, gt, gte, lt, lte, in, nin or exists"
+        )
+    if not ok:
+        hint = ""
+        if isinstance(value, str) and str not in types:
+            parse = "datetime.fromisoformat(text)" if int not in types else "int(text)"
+            hint = f" (parse text first: {parse})"
+        raise InvalidQueryError(
+            f"{where} takes {wanted}, not {value!r}{hint}; a value of another type "
+            "would silently match nothing"
+        )
+
 
 def _entry_key(
     parts: Sequence[str],
@@ -148,11 +268,11 @@ def _entry_key(
 
 
 def _translate(node: QNode, rename: Any) -> QNode:
-    """A copy of ``node`` with each leaf's keys renamed by ``rename(key) -> key``."""
+    """A copy of ``node`` with each leaf's keys renamed by ``rename(key, value) -> key``."""
     if isinstance(node, QCombination):
         return QCombination(node.operation, [_translate(c, rename) for c in node.children])
     if isinstance(node, Q):
-        return Q(**{k if k == "__raw__" else rename(k): v for k, v in node.query.items()})
+        return Q(**{rename(k, v): v for k, v in node.query.items()})
     raise TypeError(f"expected Q objects, not {type(node).__name__}")
 
 
@@ -173,7 +293,11 @@ def entry_filter(
         makes ``gallery_id`` mean ``metadata.gallery_id`` (assets); ``None``
         refuses it.
     :param names: more names and the entry paths they stand for.
-    :raises InvalidQueryError: a name is not part of a catalogue entry.
+    :raises InvalidQueryError: a name is not part of a catalogue entry; a value
+        is an operator document or the wrong type (:func:`check_condition`); a
+        raw filter (``__raw__``) was given: operators are written as suffixes
+        (``gallery_id__ne=None``), so keyword arguments built from request data
+        can never carry a filter of their own.
     """
     tree: QNode = Q(**conditions)
     for node in nodes:
@@ -181,8 +305,17 @@ def entry_filter(
             raise TypeError(f"conditions are Q objects and keywords, not {node!r}")
         tree = tree & node
 
-    def rename(key: str) -> str:
-        return _entry_key(key.split("__"), bare, f"{where} {key!r}", names)
+    def rename(key: str, value: Any) -> str:
+        if key == "__raw__":
+            raise InvalidQueryError(
+                f"{where}: __raw__ filters are not taken here; write each operator as a "
+                "suffix (gallery_id__ne=None, size__gt=1000, Q(a=1) | Q(b=2)). For what "
+                "suffixes cannot say ($expr, $text), query the catalogue collection "
+                "with PyMongo."
+            )
+        entry_key = _entry_key(key.split("__"), bare, f"{where} {key!r}", names)
+        check_condition(entry_key, value, f"{where} {key!r}")
+        return entry_key
 
     query: dict[str, Any] = _translate(tree, rename).to_query(_CatalogueEntry)
     return query
@@ -284,16 +417,30 @@ def has_file_conditions(document: Any, node: QNode) -> bool:
 
     Cheap for the common query: for a class without file fields, or keys whose
     first part names none, the answer comes from a cached set of names.
+
+    The file conditions found are checked on the way, so a bad one is refused
+    when the queryset is made, not when it runs.
+
+    :raises InvalidQueryError: as :func:`mark_file_conditions`.
     """
     holders = fields_with_files(document)
     if not holders:
         return False
     if isinstance(node, QCombination):
-        return any(has_file_conditions(document, child) for child in node.children)
-    return isinstance(node, Q) and any(
-        key.split("__", 1)[0] in holders and _file_path(document, key) is not None
-        for key in node.query
-    )
+        # Every child, not the first that has one: each gets checked.
+        return any([has_file_conditions(document, child) for child in node.children])
+    if not isinstance(node, Q):
+        return False
+    any_found = False
+    for key, value in node.query.items():
+        if key.split("__", 1)[0] not in holders:
+            continue
+        file_path = _file_path(document, key)
+        if file_path is not None:
+            where = f"{document.__name__} query {key!r}"
+            check_condition(_entry_key(file_path[2], None, where), value, where)
+            any_found = True
+    return any_found
 
 
 def mark_file_conditions(node: QNode, document: Any) -> QNode:
@@ -301,7 +448,8 @@ def mark_file_conditions(node: QNode, document: Any) -> QNode:
     :class:`FileMatch` placeholders (conditions on one field in one leaf: one
     placeholder, so they hold for the same file).
 
-    :raises InvalidQueryError: a condition names no part of a catalogue entry.
+    :raises InvalidQueryError: a condition names no part of a catalogue entry, or
+        its value is an operator document or the wrong type (:func:`check_condition`).
     """
     if isinstance(node, QCombination):
         children = [mark_file_conditions(child, document) for child in node.children]
@@ -316,7 +464,9 @@ def mark_file_conditions(node: QNode, document: Any) -> QNode:
             plain[key] = value
             continue
         db_path, field, rest = found
-        entry_key = _entry_key(rest, None, f"{document.__name__} query {key!r}")
+        where = f"{document.__name__} query {key!r}"
+        entry_key = _entry_key(rest, None, where)
+        check_condition(entry_key, value, where)
         by_field.setdefault(db_path, (field, {}))[1][entry_key] = value
     if not by_field:
         return node

@@ -174,3 +174,44 @@ async def test_few_matching_documents_narrow_the_catalogue_query(
         "Aquila", "Marmota", "Sciurus"]
     assert await genera(zoo.objects(Q(photo__content_type__startswith="image/") | Q(legs=2))) == [
         "Aquila", "Marmota", "Sciurus"]
+
+
+async def test_operator_documents_in_file_conditions_are_refused_before_any_io(
+    zoo: Any,
+) -> None:
+    """Issue 19, case 11: Doc.objects(photo__metadata__gallery={"$ne": ...}).delete()
+    deleted documents: an operator smuggled in as a value (from request data)."""
+    for bad in ({"$ne": "g2"}, [{"$ne": "g2"}], {"a": [{"$exists": True}]}):
+        # refused when the queryset is made, with what to write instead
+        with pytest.raises(InvalidQueryError, match=r"operator '.*\$.*__ne="):
+            zoo.objects(photo__metadata__gallery_id=bad)
+    with pytest.raises(InvalidQueryError, match=r"operator '0\.\$ne'"):
+        zoo.objects(photo__metadata__gallery_id__in=[{"$ne": None}])
+    with pytest.raises(InvalidQueryError, match="operator"):
+        zoo.objects(Q(genus="Bufo") | Q(frame__image__content_type={"$gt": ""}))
+    with pytest.raises(InvalidQueryError, match="operator"):
+        zoo.objects(extras__metadata__gallery_id={"$ne": None}).filter(legs=4)
+    # After another file condition, refused when the query is built: still before I/O.
+    chained = zoo.objects(photo__length__gt=0).filter(photo__metadata__gallery_id={"$ne": "g2"})
+    with pytest.raises(InvalidQueryError, match="operator"):
+        await chained.delete()
+    assert await zoo.objects.count() == 4  # nothing was deleted
+    # Operators are written as suffixes, in code.
+    assert await genera(zoo.objects(photo__metadata__gallery_id__ne="g2")) == [
+        "Bufo", "Marmota", "Sciurus"]
+    assert await zoo.objects(photo__metadata__gallery_id__ne="g2").delete() == 3
+    assert await genera(zoo.objects) == ["Aquila"]
+
+
+async def test_file_conditions_on_entry_fields_take_values_of_their_type(zoo: Any) -> None:
+    """Issue 19, case 12: uploaded__gt="yesterday" silently matched nothing."""
+    with pytest.raises(InvalidQueryError, match=r"photo__uploaded__gt' takes a datetime"):
+        zoo.objects(photo__uploaded__gt="yesterday")
+    with pytest.raises(InvalidQueryError, match=r"photo__length__lt' takes a number"):
+        zoo.objects(genus="Bufo", photo__length__lt="1000")
+    with pytest.raises(InvalidQueryError, match=r"content_type' takes a str, not 5"):
+        zoo.objects(frame__image__content_type=5)
+    with pytest.raises(InvalidQueryError, match=r"extras__length__in' takes a list"):
+        zoo.objects(extras__length__in=["4"])
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    assert await zoo.objects(photo__uploaded__gt=since, photo__length__lt=1000).count() == 1
