@@ -49,9 +49,9 @@ from bson import ObjectId
 from mongoengine.queryset.visitor import QNode
 from pymongo.errors import DuplicateKeyError
 
-from ._tasks import spawn
+from ._tasks import settle, spawn
 from .connection import DEFAULT_ALIAS, get_db
-from .errors import AssetExists, AssetNotFound
+from .errors import AssetExists, AssetNotFound, FileConflict
 from .filequery import entry_filter, entry_sort
 from .files.names import FilenameTemplate
 from .files.proxy import FileProxy
@@ -72,10 +72,20 @@ __all__ = [
     "assets_in_use",
 ]
 
-#: Where an entry keeps its asset id: live (``asset_id``), a replacement not yet
-#: live (``asset_pending``), a version being replaced (``asset_replaced``).
+#: Where an entry keeps its asset id: live (``asset_id``, unique), a replacement
+#: not yet live (``asset_pending``), a version being replaced (``asset_replaced``).
 LIVE, PENDING, REPLACED = "asset_id", "asset_pending", "asset_replaced"
-_MARKERS = (LIVE, PENDING, REPLACED)
+#: The id again, under a unique index of its own: set with ``asset_id`` in the one
+#: update that claims an id, and kept by a version being replaced until its
+#: replacement holds ``asset_id``. At every moment an entry holds the id in one
+#: of the two, so an add can never take the id of an asset being replaced.
+HOLD = "asset_hold"
+#: On a version being replaced: the ``_id`` of its replacement (the swap's lock).
+NEXT = "asset_next"
+#: The id on every entry of the asset, whatever its state: one indexed query (a
+#: consistent snapshot) gives a reader all of them, old and new version alike.
+OF = "asset_of"
+_MARKERS = (LIVE, PENDING, REPLACED, HOLD, NEXT, OF)
 #: The projection that gives :func:`assets_in_use` what it reads of an entry.
 ASSET_FIELDS: dict[str, int] = {f"metadata.{m}": 1 for m in _MARKERS}
 #: Metadata keys an asset cannot have: the markers, and the names that queries
@@ -86,6 +96,11 @@ RESERVED_KEYS = frozenset(
 )
 _MAX_ID_BYTES = 1024
 _CLAIM_ATTEMPTS = 100
+#: How many times a reader or writer finishes a swap it finds and looks again
+#: before it answers with what it saw (each round means another writer moved on).
+_ROUNDS = 8
+#: The largest skip and limit the server accepts (a BSON int64).
+_MAX_COUNT = 2**63 - 1
 #: A number no id part holds, to find where KeyMaker.variant puts the "-N".
 _PROBE = 918273645
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -118,30 +133,49 @@ async def assets_in_use(files: Any, entries: Iterable[Mapping[str, Any]]) -> set
     ``entries`` are read from the catalogue ``files`` with at least
     :data:`ASSET_FIELDS` in the projection; entries of no asset cost no query.
 
-    An entry holding a live asset id; and the entries of a replacement that did
-    not finish, when no live entry has their asset id (the asset's bytes are
-    there, and the next :meth:`AssetManager.get` finishes the swap). A pending
-    replacement or a replaced version whose asset is live again is garbage, like
-    an upload no document references: the sweep removes it after its grace period.
+    Kept: an entry holding an asset id (``asset_id`` or ``asset_hold``: a live
+    asset, or a version being replaced, whose bytes readers may still be given);
+    a replacement not yet live (``asset_pending``) while a version being replaced
+    names it in ``asset_next`` (the next reader or writer finishes that swap).
+    Everything else is garbage, like an upload no document references, and the
+    sweep removes it after its grace period: a replacement that was abandoned, a
+    replaced version that gave its hold up. Entries written before ``asset_of``
+    existed keep the rule of their time: a half-swapped pair is kept while no
+    entry holds their asset id.
     """
     in_use: set[Any] = set()
-    unfinished: list[tuple[Any, str, Any]] = []
+    pending: list[Any] = []
+    legacy: list[tuple[Any, str, Any]] = []
     for doc in entries:
         meta = doc.get("metadata")
         if not isinstance(meta, dict) or not any(m in meta for m in _MARKERS):
             continue
-        if LIVE in meta:
+        if LIVE in meta or HOLD in meta:
             in_use.add(doc["_id"])
-        else:
+        elif OF in meta:
+            if PENDING in meta:
+                pending.append(doc["_id"])
+        elif PENDING in meta or REPLACED in meta:
             kind = PENDING if PENDING in meta else REPLACED
-            unfinished.append((doc["_id"], kind, meta[kind]))
-    if not unfinished:
-        return in_use
+            legacy.append((doc["_id"], kind, meta[kind]))
+    if pending:
+        named = files.find({f"metadata.{NEXT}": {"$in": pending}}, {f"metadata.{NEXT}": 1})
+        in_use |= {d["metadata"][NEXT] async for d in named} & set(pending)
+    if legacy:
+        in_use |= await _legacy_in_use(files, legacy)
+    return in_use
+
+
+async def _legacy_in_use(files: Any, unfinished: list[tuple[Any, str, Any]]) -> set[Any]:
+    """The half-swapped entries of a replace by a version before ``asset_of`` that
+    the next :meth:`AssetManager.get` finishes: kept while no entry holds their id."""
+    in_use: set[Any] = set()
     names = list({asset_id for _, _, asset_id in unfinished})
     live = {d["metadata"][LIVE] async for d in files.find(
         {f"metadata.{LIVE}": {"$in": names}}, {f"metadata.{LIVE}": 1})}
     replaced = {d["metadata"][REPLACED] async for d in files.find(
-        {f"metadata.{REPLACED}": {"$in": names}}, {f"metadata.{REPLACED}": 1})}
+        {f"metadata.{REPLACED}": {"$in": names}, f"metadata.{OF}": {"$exists": False}},
+        {f"metadata.{REPLACED}": 1})}
     for entry_id, kind, asset_id in unfinished:
         if asset_id in live:
             continue
@@ -151,7 +185,12 @@ async def assets_in_use(files: Any, entries: Iterable[Mapping[str, Any]]) -> set
 
 
 def _check_asset_id(value: Any) -> str:
-    if not isinstance(value, str) or not value or "\0" in value:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"an asset id is a str, not {type(value).__name__} ({value!r:.60}); convert "
+            "it yourself if that is meant (str(...)), or check where it comes from"
+        )
+    if not value or "\0" in value:
         raise ValueError(f"an asset id is a non-empty str without NUL, not {value!r}")
     if len(value.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES:
         raise ValueError(
@@ -272,6 +311,9 @@ class AssetManager:
         done = _indexed.setdefault(db.client, set())
         wanted: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
             ([(f"metadata.{LIVE}", 1)], {"unique": True, "sparse": True}),
+            ([(f"metadata.{HOLD}", 1)], {"unique": True, "sparse": True}),
+            ([(f"metadata.{OF}", 1)], {"sparse": True}),
+            ([(f"metadata.{NEXT}", 1)], {"sparse": True}),
             ([(f"metadata.{PENDING}", 1)], {"sparse": True}),
             ([(f"metadata.{REPLACED}", 1)], {"sparse": True}),
             *((keys, {}) for keys in self.indexes),
@@ -294,7 +336,17 @@ class AssetManager:
     # -- adding -----------------------------------------------------------------
 
     def make_id(self, asset_id: str | None = None, filename: str | None = None) -> str:
-        """The id :meth:`add` asks for (before a taken one is renamed), no I/O."""
+        """The id :meth:`add` asks for (before a taken one is renamed), no I/O.
+
+        :raises TypeError: ``asset_id`` or ``filename`` is not a str.
+        :raises ValueError: the id is empty, holds NUL or is over 1,024 bytes.
+        """
+        if asset_id is not None and not isinstance(asset_id, str):
+            _check_asset_id(asset_id)  # raises TypeError, before a template reads it
+        if filename is not None and not isinstance(filename, str):
+            raise TypeError(
+                f"filename must be a str, not {type(filename).__name__} ({filename!r:.60})"
+            )
         if self.id_template is not None:
             name = asset_id if asset_id is not None else filename
             return _check_asset_id(expand_template(self.id_template, name))
@@ -326,12 +378,15 @@ class AssetManager:
             ``name-2.ext``; ``"error"``: raise. Default: the manager's.
         :param metadata: the asset's metadata (values as BSON stores them).
         :returns: the asset's id.
-        :raises AssetExists: the id is taken and ``on_conflict="error"``.
+        :raises AssetExists: the id is taken and ``on_conflict="error"``; or, renaming,
+            its next variant would be longer than 1,024 bytes.
         :raises FileValidationError: the manager's rules refused the file.
         :raises TypeError, ValueError: bad source, id or metadata; nothing stored.
 
-        Cancelled or failing at any point, it leaves nothing behind: what was
-        stored is removed (shielded) before the exception propagates.
+        An id is never taken from an asset that holds it, also not while that
+        asset is being replaced. Cancelled or failing at any point, it leaves
+        nothing behind: what was stored is removed (shielded) before the exception
+        propagates.
         """
         mode = _check_conflict(on_conflict or self.on_conflict)
         if filename is None:
@@ -339,6 +394,7 @@ class AssetManager:
         meta = _check_metadata(content_type, metadata)
         wanted = self.make_id(asset_id, filename)
         store = await self._ready()
+        # Saves the upload when the id is plainly taken; the claim decides in any case.
         if mode == "error" and await self._live(store, wanted, {"_id": 1}) is not None:
             raise _taken(wanted, store)
         entry = await self._upload(store, source, filename, content_type, meta, wanted)
@@ -378,12 +434,18 @@ class AssetManager:
             await pieces.aclose()
 
     async def _claim(self, store: Store, entry_id: Any, wanted: str, mode: str) -> str:
-        """Give the entry ``wanted``, or (renaming) the next free variant of it."""
+        """Give the entry ``wanted``, or (renaming) the next free variant of it.
+
+        One update sets the id and its hold: the unique index of either refuses
+        an id that an entry holds, live or being replaced.
+        """
         candidate = wanted
         for _ in range(_CLAIM_ATTEMPTS):
             try:
                 await store.files.update_one(
-                    {"_id": entry_id}, {"$set": {f"metadata.{LIVE}": candidate}}
+                    {"_id": entry_id},
+                    {"$set": {f"metadata.{LIVE}": candidate, f"metadata.{HOLD}": candidate,
+                              f"metadata.{OF}": candidate}},
                 )
                 return candidate
             except DuplicateKeyError:
@@ -397,21 +459,45 @@ class AssetManager:
         )
 
     async def _next_variant(self, store: Store, wanted: str) -> str:
-        """``wanted``'s variant after the highest one taken (``a/b-3.jpg``): one
-        query whatever their number, and a deleted asset's id is not given again
-        while a higher variant lives."""
+        """``wanted``'s variant after the highest one held (``a/b-3.jpg``): a range
+        query per marker whatever their number, and a deleted asset's id is not given
+        again while a higher variant lives.
+
+        A range on the part before the number, filtered here, rather than a regex:
+        the regex of a long id is longer than servers take (SecantusDB: 1,000
+        characters), and a range reads the index.
+
+        :raises AssetExists: the variant would be longer than an id may be.
+        """
         prefix, _, suffix = KeyMaker.variant(wanted, _PROBE).rpartition(f"-{_PROBE}")
-        pattern = f"^{re.escape(prefix)}-([0-9]+){re.escape(suffix)}$"
+        pattern = re.compile(f"{re.escape(prefix)}-([0-9]+){re.escape(suffix)}", re.DOTALL)
+        # Every variant starts with prefix + "-"; "." is the character after "-".
+        between = {"$gte": f"{prefix}-", "$lt": f"{prefix}."}
         highest = 1
-        async for doc in store.files.find(
-            {f"metadata.{LIVE}": {"$regex": pattern}}, {f"metadata.{LIVE}": 1}
-        ):
-            match = re.match(pattern, str(doc["metadata"][LIVE]))
-            if match:
-                highest = max(highest, int(match.group(1)))
-        return KeyMaker.variant(wanted, highest + 1)
+        for marker in (LIVE, HOLD):
+            path = f"metadata.{marker}"
+            async for doc in store.files.find({path: between}, {path: 1}):
+                match = pattern.fullmatch(str(doc["metadata"][marker]))
+                if match:
+                    highest = max(highest, int(match.group(1)))
+        candidate = KeyMaker.variant(wanted, highest + 1)
+        if len(candidate.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES:
+            raise AssetExists(
+                f"asset id {wanted[:40]!r}... ({len(wanted.encode('utf-8', 'surrogatepass'))} "
+                f"bytes) is taken, and its next free variant would be longer than the "
+                f"{_MAX_ID_BYTES} bytes an id may have; pass a shorter id, or replace() "
+                "the asset that has it",
+                asset_id=wanted,
+            )
+        return candidate
 
     # -- reading ----------------------------------------------------------------
+    #
+    # Every entry of an asset carries its id in ``asset_of``, so one indexed query
+    # gives a reader all of them at one moment: the live version, or during a swap's
+    # gap the version being replaced, which still holds the id and its bytes.
+    # Two queries (by ``asset_id``, then by ``asset_hold``) could each run while the
+    # id was elsewhere, and an ``$or`` of both is a collection scan on SecantusDB.
 
     async def _live(
         self, store: Store, asset_id: str, projection: Mapping[str, Any] | None = None
@@ -421,20 +507,54 @@ class AssetManager:
         )
         return found
 
-    async def _entry(self, store: Store, asset_id: str) -> dict[str, Any] | None:
-        entry = await self._live(store, asset_id)
-        if entry is None:
-            entry = await self._finish_replace(store, asset_id)
-        return entry
+    async def _entries(self, store: Store, asset_id: str) -> list[dict[str, Any]]:
+        """Every entry of the asset (live, replaced, pending), read in one query."""
+        return [doc async for doc in store.files.find({f"metadata.{OF}": asset_id})]
+
+    async def _current(
+        self, store: Store, asset_id: str, *, repair: bool
+    ) -> dict[str, Any] | None:
+        """The entry that is the asset now (during a swap's gap, the version being
+        replaced); ``None`` when there is none.
+
+        ``repair``: finish (or undo) a swap found on the way, stopped or running,
+        and look again, so the answer is the asset as it is once no swap is open.
+        """
+        found: dict[str, Any] | None = None
+        for _ in range(_ROUNDS):
+            entries = await self._entries(store, asset_id)
+            if not entries:
+                # An entry written before asset_of existed has only asset_id; a swap
+                # gives it asset_of before it takes asset_id away, so a second look
+                # by asset_of finds it if the first look by asset_id missed it.
+                legacy = await self._live(store, asset_id)
+                if legacy is not None:
+                    if repair:  # one query from now on
+                        await store.files.update_one(
+                            {"_id": legacy["_id"], f"metadata.{LIVE}": asset_id},
+                            {"$set": {f"metadata.{OF}": asset_id}},
+                        )
+                    return legacy
+                entries = await self._entries(store, asset_id)
+                if not entries:
+                    return await self._finish_legacy(store, asset_id) if repair else None
+            found = _pick(entries, asset_id)
+            if not repair or not await self._settle(store, asset_id, entries):
+                return found
+        return found
 
     async def get(self, asset_id: str) -> Asset:
         """The asset with this id.
 
+        During a replace it is the old version or the new one, never missing; a
+        replace that stopped midway (its process died) is finished here.
+
         :raises AssetNotFound: there is none.
+        :raises TypeError, ValueError: ``asset_id`` is not an asset id.
         """
         _check_asset_id(asset_id)
         store = self._store()
-        entry = await self._entry(store, asset_id)
+        entry = await self._current(store, asset_id, repair=True)
         if entry is None:
             raise AssetNotFound(asset_id, f"{store.name}.files")
         return Asset(self, store, entry)
@@ -444,10 +564,13 @@ class AssetManager:
         return self.get(asset_id)
 
     async def exists(self, asset_id: str) -> bool:
-        """Whether an asset has this id."""
+        """Whether an asset has this id (also while it is being replaced); reads only.
+
+        :raises TypeError, ValueError: ``asset_id`` is not an asset id.
+        """
         _check_asset_id(asset_id)
         store = self._store()
-        return await self._live(store, asset_id, {"_id": 1}) is not None
+        return await self._current(store, asset_id, repair=False) is not None
 
     def search(self, *conditions: QNode, **query: Any) -> AssetSearch:
         """The assets matching ``query``, in mongoengine's syntax (no I/O until used).
@@ -462,7 +585,20 @@ class AssetManager:
                 ...
             page = await am.search(gallery_id="g1").order_by("uploaded").skip(40).limit(20)
 
-        :raises InvalidQueryError: a condition names a reserved or unknown field.
+        Values are compared as they are: operators are written as suffixes
+        (``gallery_id__ne=None``), and a value holding a ``$`` key (an operator
+        document, say from request data) is refused, as are values of the wrong
+        type for the entry's own fields (``uploaded__gt="yesterday"``). There is
+        no ``__raw__``: for what the suffixes cannot say, query :attr:`catalogue`
+        with PyMongo.
+
+        A search is one query over many entries: an asset whose replace is
+        between its two steps can be missing from it for that moment (:meth:`get`
+        and :meth:`exists` never miss it).
+
+        :raises InvalidQueryError: a condition names a reserved or unknown field,
+            its value is an operator document or of the wrong type, or ``__raw__``
+            was given.
         """
         return AssetSearch(self, _asset_filter(conditions, query))
 
@@ -476,21 +612,41 @@ class AssetManager:
     async def delete(self, asset_id: str, *, missing_ok: bool = False) -> bool:
         """Delete the asset: its catalogue entry first, then its bytes (shielded).
 
+        A replace running meanwhile is finished first, so the asset ends deleted
+        (its new version too), never with the new version alive after this returned.
+
         :returns: ``True``; ``False`` when there was none and ``missing_ok``.
         :raises AssetNotFound: there was none.
+        :raises TypeError, ValueError: ``asset_id`` is not an asset id.
         """
         _check_asset_id(asset_id)
         store = self._store()
-        for _ in range(3):
-            entry = await self._entry(store, asset_id)
+        for _ in range(_ROUNDS):
+            entry = await self._current(store, asset_id, repair=True)
             if entry is None:
                 break
-            if await store.delete(entry["_id"]):
+            if await settle(self._remove(store, asset_id, entry["_id"])):
                 return True
-            # Replaced meanwhile: delete the asset as it is now.
+            # A replace locked it meanwhile: finish that, delete the asset as it is then.
+        else:
+            raise FileConflict(
+                f"asset {asset_id!r} was replaced {_ROUNDS} times while this delete "
+                "tried to remove it; delete it again"
+            )
         if missing_ok:
             return False
         raise AssetNotFound(asset_id, f"{store.name}.files")
+
+    async def _remove(self, store: Store, asset_id: str, entry_id: Any) -> bool:
+        """Take the id from the entry, unless a replace has locked it, then delete it."""
+        taken = await store.files.update_one(
+            {"_id": entry_id, f"metadata.{LIVE}": asset_id, f"metadata.{NEXT}": {"$exists": False}},
+            {"$unset": {f"metadata.{m}": "" for m in (LIVE, HOLD, OF)}},
+        )
+        if not taken.matched_count:
+            return False
+        await store.delete(entry_id)
+        return True
 
     async def replace(
         self,
@@ -504,77 +660,207 @@ class AssetManager:
         """Give the asset new bytes; keep its id and metadata (``metadata`` updates it).
 
         The new bytes are stored beside the old ones, then the id moves to them and
-        the old version is deleted. Readers see the old asset or the new one; if the
-        process dies mid-swap, the next :meth:`get` of the id finishes it.
+        the old version is deleted. Readers see the old asset or the new one, never
+        none; adds never take the id meanwhile. Of replaces racing for one asset,
+        one wins and the others raise :class:`~asyncassets.errors.FileConflict`. If
+        the process dies mid-swap, the next :meth:`get`, :meth:`replace` or
+        :meth:`delete` of the id finishes it; a cancelled replace finishes its swap
+        before the cancellation propagates.
 
         :param filename: default: the asset's.
         :param content_type: default: guessed or sniffed anew.
         :returns: the asset as it is now.
-        :raises AssetNotFound: there is no such asset (nothing is stored).
-        :raises AssetExists: the asset was deleted and added again by another
-            writer while this replaced it: theirs keeps the id, this is undone.
+        :raises AssetNotFound: there is no such asset, or it was deleted while the
+            new bytes were stored (nothing is left of them).
+        :raises FileConflict: another replace of the asset won (it started from the
+            same version and moved the id first); nothing is left of this one.
+            ``get()`` the asset and replace it again if yours should still win.
         :raises FileValidationError: the manager's rules refused the file.
+        :raises TypeError, ValueError: bad id, source or metadata; nothing stored.
         """
         current = await self.get(asset_id)
         meta = {k: v for k, v in current.metadata.items() if k != "content_type"}
         meta.update(metadata)
         meta = _check_metadata(content_type, meta)
+        meta[OF] = asset_id
         meta[PENDING] = asset_id
         if filename is None:
             filename = current.filename or _source_name(source)
         store = await self._ready()
         entry = await self._upload(store, source, filename, content_type, meta, asset_id)
-        # From here on a cancelled caller leaves the swap to finish: stopping it
-        # between its steps is what get() would have to repair.
-        return await asyncio.shield(spawn(self._swap(store, asset_id, entry)))
+        # From here on a cancelled caller waits for the swap to end: stopping it
+        # between its steps would leave it to the next reader.
+        return await settle(self._swap(store, asset_id, current.file_id, entry))
 
-    async def _swap(self, store: Store, asset_id: str, entry: dict[str, Any]) -> Asset:
-        files = store.files
+    async def _swap(
+        self, store: Store, asset_id: str, old_id: Any, entry: dict[str, Any]
+    ) -> Asset:
+        new_id = entry["_id"]
         try:
-            old = await files.find_one_and_update(
-                {f"metadata.{LIVE}": asset_id},
-                {"$rename": {f"metadata.{LIVE}": f"metadata.{REPLACED}"}},
-            )
+            await self._lock(store, asset_id, old_id, new_id)
         except BaseException:
-            await store.delete(entry["_id"])
+            await self._abandon(store, asset_id, old_id, new_id)
             raise
-        if old is None:
-            await store.delete(entry["_id"])
+        if not await self._roll_forward(store, asset_id, old_id, new_id):
+            raise FileConflict(
+                f"the new version of asset {asset_id!r} was removed before it went live "
+                "(by the orphan sweep, whose grace was shorter than this upload?); the "
+                "asset keeps its old version. Replace it again."
+            )
+        now = await store.files.find_one({"_id": new_id})
+        if now is None:  # deleted right after it went live
+            now = {**entry, "metadata": {**entry["metadata"], LIVE: asset_id}}
+        return Asset(self, store, now)
+
+    async def _lock(self, store: Store, asset_id: str, old_id: Any, new_id: Any) -> None:
+        """Lock the version read for the swap: it names the replacement and holds
+        the id (``asset_hold``). Gives an entry written before ``asset_of`` its markers.
+
+        :raises FileConflict: another replace locked it first or already swapped.
+        :raises AssetNotFound: the asset was deleted meanwhile.
+        """
+        files = store.files
+        for _ in range(_ROUNDS):
+            try:
+                locked = await files.update_one(
+                    {"_id": old_id, f"metadata.{LIVE}": asset_id,
+                     f"metadata.{NEXT}": {"$exists": False}},
+                    {"$set": {f"metadata.{NEXT}": new_id, f"metadata.{HOLD}": asset_id,
+                              f"metadata.{OF}": asset_id}},
+                )
+            except DuplicateKeyError:
+                # The version before still holds the id: its swap has not let go yet.
+                await self._settle(store, asset_id, await self._entries(store, asset_id))
+                continue
+            if locked.matched_count:
+                return
+            break
+        else:
+            raise FileConflict(
+                f"asset {asset_id!r} kept being replaced by other writers; replace it again"
+            )
+        # Not the live, unlocked version this replace read any more: whoever moved
+        # on is finished first, so the answer below is final.
+        if await self._current(store, asset_id, repair=True) is None:
             raise AssetNotFound(asset_id, f"{store.name}.files")
+        raise FileConflict(
+            f"asset {asset_id!r} was replaced by another writer while this replace "
+            "stored its bytes; that one won and this one was undone. get() the asset "
+            "and replace it again if yours should still win."
+        )
+
+    async def _abandon(self, store: Store, asset_id: str, old_id: Any, new_id: Any) -> None:
+        """Remove a replacement that will not go live, unless it went live already
+        (a lock whose reply was lost, finished by a reader): then it is the asset."""
+        stripped = await store.files.update_one(
+            {"_id": new_id, f"metadata.{PENDING}": asset_id},
+            {"$unset": {f"metadata.{m}": "" for m in (PENDING, OF)}},
+        )
+        if stripped.matched_count:
+            await self._roll_back(store, asset_id, old_id, new_id)
+            await store.delete(new_id)
+
+    async def _settle(self, store: Store, asset_id: str, entries: list[dict[str, Any]]) -> bool:
+        """Finish every swap among ``entries`` (a snapshot of the asset's entries):
+        forward when the replacement is there, back when it is gone; delete the
+        replaced versions that gave their hold up. Whether there was any."""
+        present = {e["_id"] for e in entries}
+        busy = False
+        for entry in entries:
+            meta = entry.get("metadata") or {}
+            if NEXT not in meta or (LIVE in meta and meta.get(HOLD) != asset_id):
+                continue
+            if meta.get(HOLD) != asset_id:
+                # Released, its replacement live: only its deletion was left (the
+                # sweep's too). Not a swap in progress, so no reason to look again.
+                await store.delete(entry["_id"])
+                continue
+            busy = True
+            if meta[NEXT] in present:
+                await self._roll_forward(store, asset_id, entry["_id"], meta[NEXT])
+            else:
+                await self._roll_back(store, asset_id, entry["_id"], meta[NEXT])
+        return busy
+
+    async def _roll_forward(self, store: Store, asset_id: str, old_id: Any, new_id: Any) -> bool:
+        """The swap's steps after the lock, each conditional, so any number of
+        finishers may run them: the old version gives the id up (keeping the hold),
+        the new one takes it (the moment the replace happens), the old one gives the
+        hold up and is deleted. ``False`` when the new one was gone (rolled back)."""
+        files = store.files
+        await files.update_one(
+            {"_id": old_id, f"metadata.{LIVE}": asset_id, f"metadata.{NEXT}": new_id},
+            {"$set": {f"metadata.{REPLACED}": asset_id}, "$unset": {f"metadata.{LIVE}": ""}},
+        )
         try:
-            await files.update_one(
-                {"_id": entry["_id"], f"metadata.{PENDING}": asset_id},
-                {"$rename": {f"metadata.{PENDING}": f"metadata.{LIVE}"}},
+            taken = await files.update_one(
+                {"_id": new_id, f"metadata.{PENDING}": asset_id},
+                {"$set": {f"metadata.{LIVE}": asset_id},
+                 "$unset": {f"metadata.{PENDING}": ""}},
             )
         except DuplicateKeyError:
-            await store.delete(entry["_id"])
-            await store.delete(old["_id"])
+            # Only a writer that does not lock (a version before asset_hold) can have
+            # taken the id while the old version held it: that one keeps it.
+            await self._abandon(store, asset_id, old_id, new_id)
+            await self._release(store, asset_id, old_id, new_id)
             raise AssetExists(
-                f"asset {asset_id!r} was added again by another writer while it was being "
-                "replaced; that one keeps the id and this replacement was undone",
+                f"asset {asset_id!r} was added again by a writer that does not lock "
+                "(an older asyncassets?) while it was being replaced; that one keeps "
+                "the id and this replacement was undone",
                 asset_id=asset_id,
             ) from None
-        await store.delete(old["_id"])
-        now = await files.find_one({"_id": entry["_id"]})
-        return Asset(self, store, now or entry)
+        if not taken.matched_count:
+            now = await files.find_one({"_id": new_id}, {f"metadata.{LIVE}": 1})
+            if (now or {}).get("metadata", {}).get(LIVE) != asset_id:
+                # Gone before it went live: the old version takes the id back. If it
+                # cannot (it gave the hold up), the new one did go live, and was deleted.
+                return not await self._roll_back(store, asset_id, old_id, new_id)
+        await self._release(store, asset_id, old_id, new_id)
+        await store.delete(old_id)
+        return True
 
-    async def _finish_replace(self, store: Store, asset_id: str) -> dict[str, Any] | None:
-        """Finish a replacement that stopped between its steps, if one did: the new
-        version takes the id (it is complete), else the old one gets it back."""
+    async def _release(self, store: Store, asset_id: str, old_id: Any, new_id: Any) -> None:
+        await store.files.update_one(
+            {"_id": old_id, f"metadata.{NEXT}": new_id, f"metadata.{HOLD}": asset_id},
+            {"$unset": {f"metadata.{HOLD}": ""}},
+        )
+
+    async def _roll_back(self, store: Store, asset_id: str, old_id: Any, new_id: Any) -> bool:
+        """Undo a swap whose replacement is gone: the old version, which still holds
+        the id, takes ``asset_id`` back and is unlocked. Whether it did."""
         files = store.files
-        old = await files.find_one({f"metadata.{REPLACED}": asset_id}, {"_id": 1})
+        try:
+            back = await files.update_one(
+                {"_id": old_id, f"metadata.{HOLD}": asset_id, f"metadata.{NEXT}": new_id},
+                {"$set": {f"metadata.{LIVE}": asset_id},
+                 "$unset": {f"metadata.{REPLACED}": "", f"metadata.{NEXT}": ""}},
+            )
+        except DuplicateKeyError:
+            # A writer that does not lock took the id meanwhile: it keeps it.
+            await self._release(store, asset_id, old_id, new_id)
+            return False
+        return bool(back.matched_count)
+
+    async def _finish_legacy(self, store: Store, asset_id: str) -> dict[str, Any] | None:
+        """Finish a swap of a version before ``asset_of`` that stopped between its
+        steps, if one did: the new version takes the id (it is complete), else the
+        old one gets it back."""
+        files = store.files
+        legacy = {f"metadata.{OF}": {"$exists": False}}
+        old = await files.find_one({f"metadata.{REPLACED}": asset_id, **legacy}, {"_id": 1})
         if old is None:
             return None
-        new = await files.find_one({f"metadata.{PENDING}": asset_id}, {"_id": 1})
+        new = await files.find_one({f"metadata.{PENDING}": asset_id, **legacy}, {"_id": 1})
         holder, marker = (new, PENDING) if new is not None else (old, REPLACED)
         try:
             await files.update_one(
                 {"_id": holder["_id"], f"metadata.{marker}": asset_id},
-                {"$rename": {f"metadata.{marker}": f"metadata.{LIVE}"}},
+                {"$set": {f"metadata.{LIVE}": asset_id, f"metadata.{OF}": asset_id},
+                 "$unset": {f"metadata.{marker}": ""}},
             )
         except DuplicateKeyError:
-            pass  # another reader or writer made the id live meanwhile
-        return await self._live(store, asset_id)
+            return await self._current(store, asset_id, repair=False)
+        return await self._current(store, asset_id, repair=False)
 
 
 def _check_conflict(value: Any) -> Literal["rename", "error"]:
@@ -610,6 +896,19 @@ def _source_name(source: Any) -> str | None:
     return None
 
 
+def _pick(entries: list[dict[str, Any]], asset_id: str) -> dict[str, Any] | None:
+    """Of a snapshot of an asset's entries, the one that is the asset: the live
+    version, else the version being replaced (it holds the id in a swap's gap)."""
+    held = None
+    for entry in entries:
+        meta = entry.get("metadata") or {}
+        if meta.get(LIVE) == asset_id:
+            return entry
+        if meta.get(HOLD) == asset_id and NEXT in meta:
+            held = entry
+    return held
+
+
 def _asset_filter(conditions: Sequence[QNode], query: Mapping[str, Any]) -> dict[str, Any]:
     entry_query = entry_filter(*conditions, bare="metadata", names=_NAMES, where="search", **query)
     only_assets = {f"metadata.{LIVE}": {"$exists": True}}
@@ -637,7 +936,8 @@ class Asset:
         self._manager = manager
         self._store = store
         self.entry = entry
-        self.asset_id: str = (entry.get("metadata") or {}).get(LIVE) or ""
+        meta = entry.get("metadata") or {}
+        self.asset_id: str = meta.get(LIVE) or meta.get(HOLD) or ""
 
     def __repr__(self) -> str:
         return f"<Asset {self.asset_id!r} {self.length} bytes {self.content_type or '?'}>"
@@ -838,23 +1138,39 @@ class AssetSearch:
         return self._copy(sort=entry_sort(keys, bare="metadata", names=_NAMES))
 
     def skip(self, n: int) -> AssetSearch:
-        """Leave out the first ``n``."""
+        """Leave out the first ``n``.
+
+        :raises ValueError: ``n`` is not an int from 0 to 2**63 - 1 (checked here,
+            not when the search runs).
+        """
         return self._copy(skip=_count("skip", n))
 
     def limit(self, n: int) -> AssetSearch:
-        """At most ``n`` (0: no limit)."""
+        """At most ``n`` (0: no limit).
+
+        :raises ValueError: as :meth:`skip`.
+        """
         return self._copy(limit=_count("limit", n))
 
     def page(self, number: int, size: int) -> AssetSearch:
         """Page ``number`` (from 1) of ``size`` assets.
 
         The same as ``skip((number - 1) * size).limit(size)``.
+
+        :raises ValueError: a number below 1, or a page starting beyond the
+            2**63 - 1 assets the server can skip (checked here, not when it runs).
         """
         if _count("page number", number) < 1:
             raise ValueError("pages are numbered from 1")
         if _count("page size", size) < 1:
             raise ValueError("a page holds at least one asset")
-        return self._copy(skip=(number - 1) * size, limit=size)
+        skip = (number - 1) * size
+        if skip > _MAX_COUNT:
+            raise ValueError(
+                f"page {number} of {size} would start after {skip} assets; the server "
+                f"skips at most {_MAX_COUNT} (2**63 - 1): ask for an earlier page"
+            )
+        return self._copy(skip=skip, limit=size)
 
     def hint(self, index: str | Sequence[tuple[str, int]]) -> AssetSearch:
         """Make the server use this index (its name or its keys) for the search.
@@ -907,6 +1223,8 @@ class AssetSearch:
 
 
 def _count(what: str, n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"{what} takes an int >= 0, not {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= _MAX_COUNT:
+        raise ValueError(
+            f"{what} takes an int from 0 to 2**63 - 1 (what the server accepts), not {n!r}"
+        )
     return n

@@ -263,32 +263,181 @@ async def test_a_cancelled_add_leaves_nothing(storage: Storage, asyncassets_db: 
     assert not await am.exists("cancelled.bin")
 
 
-async def test_a_replace_cut_mid_swap_is_finished_by_get_and_swept_clean(
+async def legacy_asset(am: AssetManager, asset_id: str, data: bytes, **meta: Any) -> Any:
+    """An asset as the version before ``asset_of``/``asset_hold`` stored it: the id
+    in ``metadata.asset_id`` alone."""
+    store = await am._ready()
+    entry = await am._upload(store, data, asset_id, None, dict(meta), asset_id)
+    await store.files.update_one(
+        {"_id": entry["_id"]}, {"$set": {"metadata.asset_id": asset_id}})
+    return entry["_id"]
+
+
+async def test_assets_stored_by_the_previous_version_work_and_take_the_new_markers(
+    asyncassets_db: Any,
+) -> None:
+    am = AssetManager(GridFSStorage("legacy"))
+    files = asyncassets_db[am.catalogue]
+    for name in ("a.txt", "b.txt", "c.txt"):
+        await legacy_asset(am, name, name.encode(), note="old")
+    assert await am.exists("a.txt") and await am.exists("c.txt")
+    assert await (await am.get("a.txt")).read() == b"a.txt"
+    assert [a.asset_id for a in await am.search(note="old").order_by("asset_id")] == [
+        "a.txt", "b.txt", "c.txt"]
+    replaced = await am.replace("a.txt", b"new a")
+    assert await replaced.read() == b"new a" and replaced.note == "old"
+    assert await am.add(b"x", asset_id="b.txt") == "b-2.txt"
+    assert await am.delete("b.txt") is True
+    assert not await am.exists("b.txt")
+    entries = {e["metadata"]["asset_id"]: e["metadata"] async for e in files.find()}
+    assert sorted(entries) == ["a.txt", "b-2.txt", "c.txt"]
+    # Replaced and added entries carry the new markers; an untouched one may not.
+    assert entries["a.txt"]["asset_of"] == "a.txt"
+    assert entries["b-2.txt"]["asset_hold"] == "b-2.txt"
+    assert (await check(buckets=["legacy"])).ok
+    assert await asyncassets_db["legacy.chunks"].count_documents({}) == 3
+
+
+async def test_a_replace_of_the_previous_version_cut_mid_swap_is_finished_by_get(
     asyncassets_db: Any,
 ) -> None:
     am = AssetManager(GridFSStorage("swap"))
-    await am.add(b"old bytes", asset_id="a.txt", note="kept")
+    old_id = await legacy_asset(am, "a.txt", b"old bytes", note="kept")
     store = await am._ready()
     files = asyncassets_db[am.catalogue]
-    # The process died between the swap's steps: the new version is stored and
-    # marked pending, the old one no longer holds the id.
-    new = await am._upload(store, b"new bytes", "a.txt", None, {"note": "kept",
-                                                              "asset_pending": "a.txt"}, "a.txt")
-    old = await files.find_one_and_update(
-        {"metadata.asset_id": "a.txt"},
-        {"$rename": {"metadata.asset_id": "metadata.asset_replaced"}},
-    )
+    # The previous version's replace died between its steps: the new version is
+    # stored and marked pending, the old one no longer holds the id.
+    new = await am._upload(store, b"new bytes", "a.txt", None,
+                           {"note": "kept", "asset_pending": "a.txt"}, "a.txt")
+    await files.update_one({"_id": old_id},
+                           {"$rename": {"metadata.asset_id": "metadata.asset_replaced"}})
     assert await am.search().count() == 0
-    both = [old["_id"], new["_id"]]
+    both = [old_id, new["_id"]]
     entries = await files.find({"_id": {"$in": both}}, ASSET_FIELDS).to_list()
-    assert await assets_in_use(files, entries) == {old["_id"], new["_id"]}
+    assert await assets_in_use(files, entries) == {old_id, new["_id"]}
     asset = await am.get("a.txt")  # finishes the swap: the complete new version wins
     assert asset.file_id == new["_id"] and await asset.read() == b"new bytes"
     entries = await files.find({"_id": {"$in": both}}, ASSET_FIELDS).to_list()
     assert await assets_in_use(files, entries) == {new["_id"]}
-    report = await sweep_orphans(grace=0)
-    assert report.files_deleted == 1 and report.deleted_files[0].file_id == old["_id"]
+    report = await sweep_orphans(grace=0, buckets=["swap"])
+    assert report.files_deleted == 1 and report.deleted_files[0].file_id == old_id
     assert await (await am.get("a.txt")).read() == b"new bytes"
+
+
+async def test_operator_documents_as_values_are_refused_and_operators_are_suffixes(
+    asyncassets_db: Any,
+) -> None:
+    """Issue 19, case 11: search(gallery_id={"$ne": None}) returned every gallery's
+    assets, an operator smuggled in as a value (from request data)."""
+    am = AssetManager()
+    await am.add(b"1", asset_id="a", gallery_id="g1")
+    await am.add(b"2", asset_id="b", gallery_id="g2")
+    await am.add(b"3", asset_id="c", place={"city": "Bern"}, tags=["x", "y"])
+    for bad in ({"$ne": None}, {"$gt": ""}, [{"$ne": None}], {"city": {"$exists": True}}):
+        # refused when the search is made, before any query
+        with pytest.raises(InvalidQueryError, match=r"operator '.*\$.*gallery_id__ne=None"):
+            am.search(gallery_id=bad)
+        with pytest.raises(InvalidQueryError, match="operator"):
+            am.searchmd(gallery_id=bad)
+    with pytest.raises(InvalidQueryError, match=r"operator '0\.\$ne'"):
+        am.search(gallery_id__in=[{"$ne": None}])
+    with pytest.raises(InvalidQueryError, match="operator"):
+        am.search(Q(gallery_id="g1") | Q(gallery_id={"$ne": None}))
+    with pytest.raises(InvalidQueryError, match="operator"):
+        am.search(asset_id={"$regex": "."})
+    with pytest.raises(InvalidQueryError, match="__raw__ filters are not taken"):
+        am.search(__raw__={"metadata.gallery_id": {"$ne": None}})
+    # Operators are written as suffixes, in code.
+    ids = lambda assets: sorted(a.asset_id for a in assets)  # noqa: E731
+    assert ids(await am.search(gallery_id__ne=None)) == ["a", "b"]
+    assert ids(await am.search(gallery_id__exists=True)) == ["a", "b"]
+    assert ids(await am.search(gallery_id="g1")) == ["a"]
+    assert [r["asset_id"] for r in await am.searchmd(gallery_id__in=["g2"])] == ["b"]
+    # A dict or list without operators is a value, compared as it is.
+    assert ids(await am.search(place={"city": "Bern"})) == ["c"]
+    assert ids(await am.search(tags=["x", "y"])) == ["c"]
+
+
+async def test_conditions_on_an_entrys_own_fields_take_values_of_their_type(
+    asyncassets_db: Any,
+) -> None:
+    """Issue 19, case 12: uploaded__gt="yesterday" silently matched nothing."""
+    am = AssetManager()
+    await am.add(b"x" * 10, asset_id="a.txt", filename="a.txt")
+    with pytest.raises(InvalidQueryError, match=r"uploaded__gt' takes a datetime .*"
+                                                r"'yesterday'.*fromisoformat"):
+        am.search(uploaded__gt="yesterday")
+    with pytest.raises(InvalidQueryError, match=r"size__gt' takes a number of bytes .*int\(text"):
+        am.searchmd(size__gt="5")
+    bad = [{"upload_date__lte": 1700000000}, {"length__in": ["10"]}, {"size": 10.0j},
+           {"filename__startswith": 5}, {"content_type": ["image/png"]},
+           {"asset_id__in": [1]}, {"uploaded__exists": "yes"}, {"size__startswith": "1"},
+           {"sha256__gt": None}]
+    for condition in bad:
+        with pytest.raises(InvalidQueryError, match=r"takes|does not apply"):
+            am.search(**condition)
+    # Values of the right type work as before.
+    long_ago = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+    assert await am.search(uploaded__gt=long_ago).count() == 1
+    assert await am.search(uploaded__gte=dt.date(2000, 1, 1), size__in=[10, 11]).count() == 1
+    assert await am.search(size__gte=9.5, filename="a.txt").count() == 1
+    assert await am.search(content_type__startswith="text/").count() == 1
+    assert await am.search(sha256__ne=None, content_type__exists=True).count() == 1
+
+
+async def test_a_taken_long_id_gets_a_variant_or_a_clear_error(asyncassets_db: Any) -> None:
+    """Issue 19, case 12: renaming a taken 1,000-byte id failed with the server's
+    "regex pattern ... exceeds the 1000-char cap" (OperationFailure)."""
+    am = AssetManager()
+    long_id = "a" * 996 + ".jpg"  # 1,000 bytes
+    await am.add(b"1", asset_id=long_id)
+    assert await am.add(b"2", asset_id=long_id) == "a" * 996 + "-2.jpg"
+    assert await am.add(b"3", asset_id=long_id) == "a" * 996 + "-3.jpg"
+    longest = "é" * 510 + ".txt"  # 1,024 bytes of UTF-8: a variant cannot fit
+    await am.add(b"4", asset_id=longest)
+    with pytest.raises(AssetExists, match="longer than the 1024 bytes an id may have"):
+        await am.add(b"5", asset_id=longest)
+    assert await asyncassets_db[am.catalogue].count_documents({}) == 4  # nothing left over
+    # Variants are counted by their number only, after the highest, non-ASCII too.
+    await am.add(b"x", asset_id="fé.jpg")
+    for near in ("fé-10.jpg", "fé-x.jpg", "fé-99.jpgz", "fé.jpg-50", "fé-7.jpg"):
+        await am.add(b"y", asset_id=near)
+    assert await am.add(b"z", asset_id="fé.jpg") == "fé-11.jpg"
+
+
+async def test_ids_of_the_wrong_type_are_refused_before_a_template_reads_them(
+    asyncassets_db: Any,
+) -> None:
+    """Issue 19, case 12: a dict or int asset id with an id template raised
+    AttributeError."""
+    am = AssetManager(id_template="%Y/%m/%n")
+    for bad in ({"$ne": None}, 42, b"bytes.jpg"):
+        with pytest.raises(TypeError, match=f"an asset id is a str, not {type(bad).__name__}"):
+            await am.add(b"x", asset_id=bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="an asset id is a str"):
+            am.make_id(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="an asset id is a str"):
+            await am.get(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="an asset id is a str"):
+            await am.exists(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="an asset id is a str"):
+            await am.delete(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="filename must be a str, not int"):
+        await am.add(b"x", filename=7)  # type: ignore[arg-type]
+    assert await asyncassets_db[am.catalogue].count_documents({}) == 0
+    assert await am.add(b"x", asset_id="fine.jpg") == f"{PREFIX}fine.jpg"
+
+
+def test_skip_limit_and_pages_beyond_what_the_server_takes_are_refused_at_call_time() -> None:
+    """Issue 19, case 12: page(2**62, 20) raised OverflowError only when awaited."""
+    search = AssetManager().search()
+    with pytest.raises(ValueError, match=r"page 4611686018427387904 of 20 .* \(2\*\*63 - 1\)"):
+        search.page(2**62, 20)
+    with pytest.raises(ValueError, match=r"skip takes an int from 0 to 2\*\*63 - 1"):
+        search.skip(2**63)
+    with pytest.raises(ValueError, match=r"limit takes an int from 0 to 2\*\*63 - 1"):
+        search.limit(2**64)
+    assert search.page(2**58, 20)._skip == (2**58 - 1) * 20  # within the server's range
 
 
 async def test_sweep_and_check_keep_assets_beside_document_files(asyncassets_db: Any) -> None:
