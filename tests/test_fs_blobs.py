@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncassets.errors import KeyTaken, StorageError, StoredObjectMissing
+from asyncassets.errors import KeyTaken, StorageError, StoredObjectChanged, StoredObjectMissing
 from asyncassets.storage.objects import filesystem
 from asyncassets.storage.objects.blobs import BlobInfo, Blobs, BlobWriter
 from asyncassets.storage.objects.filesystem import FileSystemBlobs
@@ -757,3 +757,78 @@ async def test_transient_errors_are_retried_from_the_byte_reached(
     with pytest.raises(StorageError, match="EAGAIN") as caught:
         await read_all(blobs, "flaky.bin")
     assert caught.value.transient is True
+
+
+# -- versions, writer tokens and links (issue #19) -------------------------------------
+
+
+async def test_a_committed_file_has_a_version_carrying_its_writers_token(
+    blobs: FileSystemBlobs,
+) -> None:
+    writer = blobs.open_writer("v/a.bin", token="c0ffee00" * 4)
+    await writer.write(b"versioned")
+    await writer.commit()
+    info = await blobs.stat("v/a.bin")
+    assert info is not None and info.version == writer.version
+    assert blobs.made_by(info, "c0ffee00" * 4) and not blobs.made_by(info, "1" * 32)
+    # Never later than now: the sweep must not see a young object as younger still.
+    assert info.modified <= datetime.datetime.now(datetime.timezone.utc)
+
+
+async def test_a_read_or_delete_of_another_version_leaves_the_file_alone(
+    blobs: FileSystemBlobs, root: Path
+) -> None:
+    first = blobs.open_writer("v/b.bin")
+    await first.write(b"first file")
+    await first.commit()
+    second = blobs.open_writer("v/b.bin")
+    await second.write(b"other file")  # the same length
+    await second.commit(overwrite=True)
+    with pytest.raises(StoredObjectChanged):
+        _ = [p async for p in blobs.open_reader("v/b.bin", 0, 10, version=first.version)]
+    assert b"".join(
+        [p async for p in blobs.open_reader("v/b.bin", 0, 10, version=second.version)]
+    ) == b"other file"
+    assert await blobs.delete("v/b.bin", version=first.version) is False
+    assert (root / "v" / "b.bin").read_bytes() == b"other file"
+    assert await blobs.delete("v/b.bin", version=second.version) is True
+    assert files_under(root) == []
+
+
+async def test_a_link_in_the_path_is_never_followed(
+    blobs: FileSystemBlobs, root: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    (outside / "12").mkdir(parents=True)
+    (outside / "12" / "x.bin").write_bytes(b"outside")
+    root.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240  (a test's setup)
+    (root / "2026").symlink_to(outside)
+    writer = blobs.open_writer("2026/12/new.bin")
+    await writer.write(b"must not land outside")
+    with pytest.raises(StorageError, match=r"symbolic link stands at .*2026") as caught:
+        await writer.commit()
+    assert "never follows links" in str(caught.value)
+    assert sorted(p.name for p in (outside / "12").iterdir()) == ["x.bin"]
+    with pytest.raises(StoredObjectMissing, match="never followed"):
+        _ = [p async for p in blobs.open_reader("2026/12/x.bin", 0, 7)]
+    assert await blobs.stat("2026/12/x.bin") is None
+    assert await blobs.delete("2026/12/x.bin") is False
+    assert (outside / "12" / "x.bin").read_bytes() == b"outside"
+    assert (root / "2026").is_symlink()
+    assert [info async for info in blobs.list()] == []
+
+
+async def test_a_link_or_a_fifo_as_the_object_is_never_read_or_removed(
+    blobs: FileSystemBlobs, root: Path, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"secret")
+    root.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240  (a test's setup)
+    (root / "link.bin").symlink_to(secret)
+    os.mkfifo(root / "fifo.bin")
+    for key in ("link.bin", "fifo.bin"):
+        with pytest.raises(StoredObjectMissing):  # and no hang on the FIFO
+            _ = [p async for p in blobs.open_reader(key, 0, 6)]
+        assert await blobs.stat(key) is None
+        assert await blobs.delete(key) is False
+    assert secret.read_bytes() == b"secret" and (root / "link.bin").is_symlink()

@@ -442,3 +442,124 @@ async def test_sweep_aborts_multipart_uploads_of_dead_writers_after_the_grace(
     await dead.abort()
     assert [info async for info in blobs.list()] == []
     await blobs.aclose()
+
+
+# -- key reservations left by writers that died (issue #19) ---------------------------
+
+
+async def _reservation(store: ObjectStore, key: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = await store.reservations.collection.find_one(
+        {"_id": store.reservations.id_of(key)}
+    )
+    return found
+
+
+async def test_the_sweep_deletes_what_a_dead_writer_committed_under_its_reservation(
+    asyncassets_db, declare, storage
+):
+    # A writer reserved its key and committed its object, then died before its
+    # catalogue entry: the object is its own (it carries the writer's token).
+    store = _store(storage, asyncassets_db)
+    declare(storage)
+    await store.ensure_indexes()
+    token = uuid.uuid4().hex
+    key = await store.reserve_key("dead/photo.jpg", file_id=ObjectId(), token=token,
+                                  overwrite=False)
+    writer = store.blobs.open_writer(key, token=token)
+    await writer.write(b"committed, never catalogued")
+    await writer.commit()
+    stored = await _upload(store, b"a stored file")  # its reservation is alive
+    await declare(storage)(f=stored["_id"]).save()
+
+    young = await sweep_orphans(grace=3600, buckets=[storage.collection_name])
+    assert young.reservations_released == 0 and await _present(store, key)
+
+    report = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+    assert report.reservations_released == 1
+    assert [o.key for o in report.deleted_objects] == [key]
+    assert not await _present(store, key) and await _reservation(store, key) is None
+    assert await _reservation(store, _key(stored)) is not None
+    assert await store.read(stored) == b"a stored file"
+    assert (await check(buckets=[storage.collection_name])).ok
+
+
+async def test_the_sweep_never_deletes_another_writers_object_under_a_dead_reservation(
+    asyncassets_db, declare, storage
+):
+    # The writer died before its commit; another tool then wrote under the key:
+    # not the dead writer's object, so it is left (only the reservation goes).
+    store = _store(storage, asyncassets_db)
+    declare(storage)
+    await store.ensure_indexes()
+    key = await store.reserve_key("dead/other.jpg", file_id=ObjectId(),
+                                  token=uuid.uuid4().hex, overwrite=False)
+    await store.reservations.collection.update_one(
+        {"_id": store.reservations.id_of(key)}, {"$set": {"at": DAYS_AGO}})
+    await _commit_object(store, key, b"another tool's")  # just now
+    report = await sweep_orphans(grace=3600, buckets=[storage.collection_name])
+    assert report.reservations_released == 1 and report.objects_deleted == 0
+    assert await _reservation(store, key) is None
+    assert await store.read({"_id": 1, "length": 14, "location": {"key": key}}) == (
+        b"another tool's"
+    )
+    # Now unreserved and named by no entry: an orphan object, which a sweep
+    # removes once it is older than the grace (as it removes any tool's leftovers),
+    # under a reservation of its own.
+    again = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+    assert [o.key for o in again.deleted_objects] in ([key], [])  # S3 times: whole seconds
+    await asyncio.sleep(1.1)
+    await sweep_orphans(grace=0, buckets=[storage.collection_name])
+    assert not await _present(store, key) and await _reservation(store, key) is None
+
+
+async def test_an_upload_paused_past_the_grace_loses_its_key_to_the_sweep_and_stores_nothing(
+    asyncassets_db, declare, storage
+):
+    from asyncassets.errors import UploadInterrupted
+
+    store = _store(storage, asyncassets_db)
+    declare(storage)
+    upload = store.open_upload(filename="slow.bin")
+    await upload.write(b"x" * (BUFFER + 1))  # the key is reserved, bytes are out
+    await asyncio.sleep(0.05)
+    report = await sweep_orphans(grace=0.01, buckets=[storage.collection_name])
+    assert report.reservations_released == 1
+    with pytest.raises(UploadInterrupted, match="grace"):
+        await upload.close()
+    assert await store.files.count_documents({}) == 0
+    assert [info async for info in store.blobs.list()] == []
+    assert await store.reservations.collection.count_documents(
+        {"place": store.reservations.place}) == 0
+
+
+async def test_a_delete_whose_object_cannot_be_removed_keeps_the_key_for_the_sweep(
+    asyncassets_db, declare, tmp_path: Path
+):
+    # The bytes cannot be removed (here: a read-only place) after the entry is gone:
+    # the reservation stays, so no upload writes the key until the sweep, able to
+    # remove the object later, has done so.
+    root = tmp_path / "ro"
+    storage = FileSystemStorage(root, key_template="{filename}",
+                                collection_name=f"st_{_suffix()}")
+    store = _store(storage, asyncassets_db)
+    declare(storage)
+    entry = await _upload(store, b"kept bytes")
+    key = _key(entry)
+    real_unlink = os.unlink
+
+    def refuse(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", path)
+
+    os.unlink = refuse  # type: ignore[assignment]
+    try:
+        with pytest.raises(StorageError, match="Permission denied"):
+            await store.delete(entry["_id"])
+    finally:
+        os.unlink = real_unlink
+    assert await store.find(entry["_id"]) is None  # the entry went first
+    assert await _reservation(store, key) is not None
+    again = await store.upload(b"same name", filename="f.bin")
+    assert _key(again) != key  # the key is still taken
+    report = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+    assert report.reservations_released == 1
+    assert not await _present(store, key) and await _reservation(store, key) is None

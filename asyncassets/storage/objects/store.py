@@ -69,6 +69,7 @@ from ...errors import (
     FileAlreadyExists,
     FileDeletedWhileReading,
     KeyTaken,
+    StorageError,
     StoredObjectChanged,
     StoredObjectMissing,
     UploadClosed,
@@ -583,7 +584,15 @@ class ObjectUpload(UploadLifecycle):
             # the key is still this upload's (a pause longer than a sweep's grace
             # lets the sweep take it over and someone else reserve it).
             await self._check_reservation(after_entry=False)
-        await writer.commit(overwrite=overwrite)
+        try:
+            await writer.commit(overwrite=overwrite)
+        except StorageError as exc:
+            # A sweep that took the key over also removed the writer's temp file or
+            # multipart upload: say so, rather than what the commit then met.
+            if await self._store.reservations.held(self.key or "", self._token):
+                raise
+            self._swept = True
+            raise self._interrupted() from exc
         self._version = writer.version
         self._committed = True
 
@@ -598,7 +607,10 @@ class ObjectUpload(UploadLifecycle):
         if held:
             return
         self._swept = True
-        raise UploadInterrupted(
+        raise self._interrupted()
+
+    def _interrupted(self) -> UploadInterrupted:
+        return UploadInterrupted(
             f"upload {self.file_id!r} paused longer than an orphan sweep's grace, and the "
             f"sweep took its key {self.key!r} in {self._store.url} over; nothing was "
             "stored. Upload it again, and give the sweep a grace far longer than any "
@@ -646,9 +658,13 @@ class ObjectUpload(UploadLifecycle):
         store = self._store
         if self._entry_sent and not self._entry_duplicate:
             await store.files.delete_one({"_id": self.file_id, "location.key": self.key})
-        if self._swept:
-            return  # the sweep holds the key now, and removes what is under it
         writer = self._writer
+        if self._swept:
+            # The key is not this upload's any more: only an object it committed
+            # (by its version) is removed; the reservation is the sweep's.
+            if self._committed and self.key is not None:
+                await store.blobs.delete(self.key, version=self._version)
+            return
         if writer is not None:
             assert self.key is not None
             if self._committed:
