@@ -483,6 +483,8 @@ class Hostile:
 
     #: Whether the run also plants other bytes under live keys (an I1 probe).
     probes = True
+    #: How often a batch gets a hostile operation.
+    rate = 0.08
 
     async def run(self, op: Op, races: Races) -> None:
         raise NotImplementedError
@@ -879,7 +881,7 @@ class Races:
             elif op.kind in READERS and t is not None and t.stale and rng.random() < 0.4:
                 op.via = "stale"
                 op.span = None
-        if L.hostile is not None and rng.random() < 0.08:
+        if L.hostile is not None and rng.random() < L.hostile.rate:
             ops.append(Op("plant", index=rng.randrange(1 << 30), delay=("yield", rng.randrange(4))))
         return ops
 
@@ -1447,6 +1449,8 @@ class Races:
                 )
                 self.frozen.pop(pk)
                 await coll.delete_one({"_id": pk})
+                if raw is not None:  # its files are orphans now: reported once, here
+                    self.known_orphans.update(all_ids(ids_stored(raw)))
         for i, t in enumerate(self.tracked):
             if i in self.set_aside:
                 continue  # a fresh document: its predecessor's files were lost
