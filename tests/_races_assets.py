@@ -42,16 +42,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from _races_core import (
-    Faults,
-    ProcessDied,
-    Workers,
-    decode,
-    encode,
-    exception_from,
-    injected,
-    show,
-)
+from _races_core import Faults, injected, show
+from _races_procs import ProcessDied, Workers, decode, encode, exception_from
 
 import asyncassets
 from asyncassets.assets import AssetManager

@@ -77,33 +77,28 @@ counted by kind, and fail the test at the end. ``pytest -s`` prints the counts.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import io
 import itertools
-import json
 import os
 import random
-import signal
-import sys
 import time
 import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from _consistency import MARKERS, NO_OBJECT, WRONG_BYTES, WRONG_SIZE
+from _races_procs import ProcessDied, Workers, decode, encode, exception_from, jsonable_id
 from bson import ObjectId
 from mongoengine.errors import ValidationError
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import AutoReconnect, PyMongoError, WriteConcernError
 
 import asyncassets
-from asyncassets import errors as aa_errors
 from asyncassets.connection import connect, disconnect, get_db
 from asyncassets.errors import (
     CorruptFile,
@@ -121,8 +116,6 @@ from asyncassets.errors import (
 from asyncassets.testing import unique_db_name
 
 PAGES = 2
-HERE = Path(__file__).parent
-WORKER_SCRIPT = HERE / "_race_worker.py"
 
 
 # -- the documents ---------------------------------------------------------------------
@@ -278,199 +271,6 @@ def _written_id(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], result
         return getattr(result, "inserted_id", None)
     query = args[0] if args else kwargs.get("filter", {})
     return query.get("_id") if isinstance(query, dict) else None
-
-
-# -- racing processes ------------------------------------------------------------------------
-
-
-class ProcessDied(Exception):
-    """The worker process ended (killed) before it answered."""
-
-
-def encode(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode()
-
-
-def decode(text: str | None) -> bytes | None:
-    return None if text is None else base64.b64decode(text)
-
-
-def jsonable_id(value: Any) -> Any:
-    return {"$oid": str(value)} if isinstance(value, ObjectId) else value
-
-
-def exception_from(report: dict[str, Any]) -> BaseException:
-    """The exception a worker process reported, as an instance of the same class
-    (without running its ``__init__``), so it is classified as a local one."""
-    cls = getattr(aa_errors, report.get("type", ""), None)
-    message = f"[in a worker process] {report.get('message', '')}"
-    if isinstance(cls, type) and issubclass(cls, BaseException):
-        # A subclass whose str() is the message: some classes' own __str__ reads
-        # attributes their __init__ would have set.
-        remote = type(cls.__name__, (cls,), {"__str__": lambda self: message})
-        exc = remote.__new__(remote)
-        BaseException.__init__(exc, message)
-        return exc
-    return RuntimeError(f"{report.get('type')}: {message}")
-
-
-class Worker:
-    """One worker subprocess (tests/_race_worker.py): a JSON command a line on its
-    stdin, JSON lines back on its stdout (events, then the result)."""
-
-    def __init__(self, spec: dict[str, Any], log: Path, number: int) -> None:
-        self.spec = spec
-        self.log = log
-        self.number = number
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._results: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._events: dict[int, list[str]] = {}
-        self._event_seen: dict[int, asyncio.Event] = {}
-        self._ids = itertools.count()
-        self.killed = False
-
-    def _stderr(self) -> Any:
-        return open(self.log, "ab")
-
-    async def start(self) -> Worker:
-        err = self._stderr()
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(WORKER_SCRIPT), json.dumps(self.spec),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                limit=2**24,
-            )  # fmt: skip
-        finally:
-            err.close()
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
-        if json.loads(line or b"{}").get("ready") is not True:
-            raise RuntimeError(f"worker process did not start: {line!r}; see {self.log}")
-        self._reader = asyncio.ensure_future(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while True:
-            line = await self.proc.stdout.readline()
-            if not line:
-                break
-            message = json.loads(line)
-            n = message["id"]
-            if "event" in message:
-                self._events.setdefault(n, []).append(message["event"])
-                if n in self._event_seen:
-                    self._event_seen[n].set()
-                continue
-            future = self._results.pop(n, None)
-            if future is not None and not future.done():
-                future.set_result(message)
-        for future in self._results.values():
-            if not future.done():
-                future.set_exception(ProcessDied(f"worker process {self.number} ended"))
-
-    def send(self, command: dict[str, Any]) -> tuple[int, asyncio.Future[dict[str, Any]]]:
-        assert self.proc is not None and self.proc.stdin is not None
-        n = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._results[n] = future
-        self._event_seen[n] = asyncio.Event()
-        self.proc.stdin.write(json.dumps({**command, "id": n}).encode() + b"\n")
-        return n, future
-
-    async def event(self, n: int, timeout: float) -> bool:
-        """Wait (at most ``timeout`` s) for an event of command ``n``."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event_seen[n].wait(), timeout)
-            return True
-        return False
-
-    def events(self, n: int) -> list[str]:
-        return self._events.get(n, [])
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.killed = True
-            self.proc.send_signal(signal.SIGKILL)
-
-    async def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.returncode is None and self.proc.stdin is not None and not self.killed:
-            self.proc.stdin.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), 10)
-        if self.proc.returncode is None:
-            self.proc.kill()
-        await self.proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(BaseException):
-                await self._reader
-
-
-class Workers:
-    """A pool of worker processes; a killed one is replaced in the background."""
-
-    def __init__(self, spec: dict[str, Any], log_dir: Path, size: int) -> None:
-        self.spec = spec
-        self.log = log_dir / "race-workers.log"
-        self.size = size
-        self.free: asyncio.Queue[Worker] = asyncio.Queue()
-        self.all: list[Worker] = []
-        self.starting: set[asyncio.Task[None]] = set()
-        self.started = 0
-        self.errors: list[BaseException] = []
-
-    def start(self) -> None:
-        """Start the pool's processes; they join as they are ready."""
-        for _ in range(self.size):
-            self._spawn()
-
-    def _spawn(self) -> None:
-        self.started += 1
-        worker = Worker(self.spec, self.log, self.started)
-        self.all.append(worker)
-
-        async def ready() -> None:
-            try:
-                await worker.start()
-            except BaseException as exc:
-                self.errors.append(exc)
-                raise
-            self.free.put_nowait(worker)
-
-        task = asyncio.ensure_future(ready())
-        self.starting.add(task)
-        task.add_done_callback(self.starting.discard)
-
-    def take(self) -> Worker | None:
-        """A free worker, or ``None`` (none is ready: the operation runs here)."""
-        try:
-            return self.free.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
-    def give_back(self, worker: Worker) -> None:
-        if worker.killed or worker.proc is None or worker.proc.returncode is not None:
-            self._spawn()  # its replacement
-        else:
-            self.free.put_nowait(worker)
-
-    async def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.free.qsize() < min(1, self.size) and time.monotonic() < deadline:
-            if self.errors:
-                raise self.errors[0]
-            await asyncio.sleep(0.05)
-
-    async def close(self) -> None:
-        for task in list(self.starting):
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        await asyncio.gather(*(w.close() for w in self.all), return_exceptions=True)
 
 
 # -- the layouts -----------------------------------------------------------------------------
@@ -753,6 +553,9 @@ class Races:
         self.seconds_checking = 0.0
         self.reported: set[str] = set()
         self.set_aside: set[int] = set()
+        #: Files a disaster damaged, and broken unreferenced entries already reported.
+        self.damaged_ids: set[Any] = set()
+        self.broken_reported: set[Any] = set()
 
     # -- setup and helpers
 
@@ -855,6 +658,7 @@ class Races:
         """What object storages add: names, processes, stale readers, hostile changes."""
         L = self.layout
         procs = 0
+        companions: list[Op] = []
         for op in ops:
             if L.filenames and op.kind in WRITERS and op.kind != "delete":
                 op.filename = rng.choice(L.filenames)
@@ -878,9 +682,20 @@ class Races:
                         op.pause = max(op.pause, 0.0005)
                     elif L.disk_full and roll < 0.35:
                         op.fault = "disk full"
+                        companions.append(op)
             elif op.kind in READERS and t is not None and t.stale and rng.random() < 0.4:
                 op.via = "stale"
                 op.span = None
+        for j, op in enumerate(companions):
+            # The issue's case 1: an upload of the same name from another document
+            # commits while the full disk makes this one's commit fail; the loser's
+            # cleanup must not remove the winner's object.
+            other = Op("add_file", (op.doc + 1 + j) % self.ndocs, "files", filename=op.filename)
+            other.content = self._content(rng, f"{self.batch_no}.d{j}", True)
+            other.pieces = [other.content]
+            other.delay = ("sleep", rng.random() * 0.006)
+            ops.append(other)
+            self.stats["disk full vs an upload of its name from another document"] += 1
         if L.hostile is not None and rng.random() < L.hostile.rate:
             ops.append(Op("plant", index=rng.randrange(1 << 30), delay=("yield", rng.randrange(4))))
         return ops
@@ -1428,6 +1243,7 @@ class Races:
                 self.violation(kind, message, ops)
             self.set_aside: set[int] = set()
             damaged = L.hostile.damaged(self)
+            self.damaged_ids |= damaged
             if damaged:
                 await self._set_aside(damaged, raws)
         faulted_docs = {doc_id for _, _, doc_id in hits}
@@ -1480,6 +1296,18 @@ class Races:
                 ops,
             )
         self.known_orphans = orphans
+        if L.extras:
+            # An entry nobody references must still name its own whole object: a
+            # cleanup that removed it (or an upload that overwrote it) broke I2.
+            for file_id in sorted(orphans - self.broken_reported - self.damaged_ids, key=str):
+                content = snap.content(file_id)
+                if not isinstance(content, bytes):
+                    self.broken_reported.add(file_id)
+                    self.violation(
+                        "an unreferenced entry's object is gone or another's (I2)",
+                        f"entry {file_id} (key {snap.files[file_id].get('location')}): {content!r}",
+                        ops,
+                    )
         # Objects and temp files no entry names: only a killed process leaves them.
         debris = snap.debris()
         killed = any(op.via == "proc" and op.kill_after is not None and op.status == "unknown"

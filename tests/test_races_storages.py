@@ -46,6 +46,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -71,7 +72,6 @@ from _races_core import (
     Layout,
     Op,
     Races,
-    Workers,
     all_ids,
     ids_stored,
     print_counts,
@@ -82,6 +82,7 @@ from _races_core import (
     storage_from_spec,
     write_report,
 )
+from _races_procs import Workers
 
 from asyncassets._s3server import S3Server, create_bucket
 from asyncassets.assets import AssetManager
@@ -375,6 +376,9 @@ class Setup:
         self.uri = uri
         self.db = db
         self.run = run
+        #: In catalogue names: the classes of one run are still declared in the next
+        #: (the long run makes several in one test), and one catalogue has one storage.
+        self.tag = re.sub(r"\W", "_", run)
         self.readers: list[BucketReader] = []
         self.cleanups: list[Callable[[], Awaitable[None]]] = []
 
@@ -423,7 +427,7 @@ def s3_spec(bucket: Any, prefix: str, name: str, template: str, overwrite: bool)
 def directory_layout(setup: Setup, template_name: str, *, processes: int, kills: int) -> Layout:
     template, overwrite = TEMPLATES[template_name]
     root = setup.tmp / "root"
-    catalogue = "race_dir"
+    catalogue = f"race_dir_{setup.tag}"
     first = {
         "uuid": [time.strftime("%Y", time.gmtime())],  # {date:%Y/%m}: root/<year> -> outside
         "filename": ["photo.jpg"],  # a link to a file outside, where photo.jpg would go
@@ -452,7 +456,7 @@ def s3_layout(
     kills it amid commits instead of planting objects."""
     template, overwrite = TEMPLATES[template_name]
     prefix = f"{setup.run}/"
-    catalogue = "race_s3"
+    catalogue = f"race_s3_{setup.tag}"
     reader = setup.s3_reader(bucket, prefix)
     hostile: Hostile = (
         PlantedObjects(reader, overwrite) if server is None
@@ -572,7 +576,7 @@ def queued_layout(
     setup: Setup, kind: str, bucket: Any, *, processes: int, kills: int, seed: int,
     transfer_kills: int,
 ) -> tuple[Layout, Transfers]:
-    catalogue = "race_q"
+    catalogue = f"race_q_{setup.tag}"
     if kind == "fs-s3":
         # The spool's directories are emptied and pruned after each transfer (case 5).
         local = directory_spec(setup.tmp / "spool", catalogue, "{field}/{filename}", False)
@@ -740,7 +744,7 @@ async def test_racing_operations_on_a_queued_storage_keep_every_invariant(
 
 
 def asset_layout(setup: Setup, kind: str, bucket: Any, *, processes: int, kills: int) -> Any:
-    catalogue = f"race_assets_{kind}"
+    catalogue = f"race_assets_{setup.tag}"
     if kind == "gridfs":
         storage_spec: dict[str, Any] = {"kind": "gridfs", "collection_name": catalogue,
                                         "chunk_size": 64}  # fmt: skip
@@ -778,7 +782,7 @@ async def race_assets(
     kind: str, *, uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: Any,
     seeds: list[int], operations: int, processes: int = 3, kills: int = 1,
 ) -> tuple[Counter[str], list[str], Counter[str]]:
-    faults = Faults(f"race_assets_{kind}.files")  # an add's claim, a replace's swap
+    faults = Faults("")  # set per run: the catalogue (an add's claim, a replace's swap)
     faults.install(monkeypatch)
     total: Counter[str] = Counter()
     violations: list[str] = []
@@ -789,6 +793,7 @@ async def race_assets(
         async with races_db(uri, ALIAS) as db:
             setup = Setup(tmp_path, uri, db, f"assets-{kind}-{seed}")
             layout = asset_layout(setup, kind, bucket, processes=processes, kills=kills)
+            faults.collection = f"{layout.catalogue}.files"
             workers = None
             if layout.processes:
                 workers = Workers(layout.spec or {}, setup.tmp, layout.processes)
