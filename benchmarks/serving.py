@@ -1,20 +1,30 @@
-"""FileResponse against Starlette's FileResponse, through uvicorn on loopback.
+"""asyncassets.web against Starlette's FileResponse, through uvicorn on loopback.
 
     python benchmarks/serving.py                     # 32 MiB file, 7 rounds
     python benchmarks/serving.py --size-mib 8 --rounds 3
 
-The same bytes are served three ways by one uvicorn process (a subprocess, on a
-free 127.0.0.1 port, one worker, ``--http h11`` unless ``--http`` says otherwise):
+The same bytes are served five ways by one uvicorn process (a subprocess, on a
+free 127.0.0.1 port, one worker, ``--http h11`` unless ``--http`` says
+otherwise), against an on-disk SecantusDB started here (``--sync-on-commit``,
+as for persistent data):
 
 ``starlette``
-    ``starlette.responses.FileResponse`` of a file on the local disk: the baseline,
-    which needs no database.
-``filesystem``
-    ``asyncassets.web.FileResponse`` of a ``FileSystemStorage`` field: one catalogue
-    lookup in MongoDB (an in-memory SecantusDB started here), then the bytes from
-    the same disk.
+    ``starlette.responses.FileResponse`` of a file on the local disk: the
+    baseline, which needs no database.
+``loaded``
+    ``asyncassets.web.FileResponse(doc.file, request)`` on a ``FileSystemStorage``
+    field whose catalogue entry is already loaded (the document was read once,
+    with ``load_files``): no query, the bytes from the same disk.
+``signed``
+    a signed link of that file (``proxy.url()``) through ``files_app``: the
+    token checked, the catalogue entry looked up (one query), the bytes read.
+``lookup``
+    ``FileResponse`` on that field, the document read per request (one query)
+    and its entry then loaded with it (the proxy's own look-up: one more).
 ``gridfs``
-    ``asyncassets.web.FileResponse`` of a GridFS field: the bytes from MongoDB.
+    ``FileResponse`` on a GridFS field whose document is loaded: the entry is
+    looked up (one query), the bytes come from MongoDB, and the entry is looked
+    up again once they are read (one response, one version).
 
 This process is the client (``http.client``, one keep-alive connection per
 contender), so client and server do not share an interpreter. Each round runs
@@ -24,8 +34,13 @@ every contender in turn, in a rotating order, and measures:
 * **ranged**: ``--ranged-requests`` GETs of 64 KiB at random offsets: requests
   per second and time to first byte.
 
-Figures are medians over rounds (time to first byte: the median of every request);
-the JSON written to ``benchmarks/results/`` keeps every round and the machine's load.
+After each round a probe inside the server times, without HTTP, one catalogue
+lookup and a whole read of the GridFS file by PyMongo's own ``AsyncGridFSBucket``:
+what a signed link and a GridFS response cannot go below.
+
+Ratios to ``starlette`` are taken per round (the same round's figures, so a
+busy moment weighs on both) and their median is reported; the JSON written to
+``benchmarks/results/`` keeps every round and the machine's load.
 """
 
 from __future__ import annotations
@@ -49,8 +64,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import MiB, embedded_server, fmt_table, loadavg, log, machine, median
 
-CONTENDERS = ("starlette", "filesystem", "gridfs")
+CONTENDERS = ("starlette", "loaded", "signed", "lookup", "gridfs")
 RANGE_SIZE = 64 * 1024
+SECRET = "benchmark secret, long enough to sign"
+#: The issue's targets: (contender, section, least ratio to starlette).
+TARGETS = (("loaded", "ranged", 1.0), ("signed", "ranged", 0.8), ("gridfs", "whole", 1.0))
 
 
 # -- the server (a subprocess) ------------------------------------------------------
@@ -62,35 +80,69 @@ def make_app(uri: str, path: str, ids: dict[str, str]) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import FileResponse as StarletteFileResponse
-    from starlette.responses import Response
-    from starlette.routing import Route
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Mount, Route
 
     import asyncassets
-    from asyncassets.web import FileResponse
+    from asyncassets.web import FileResponse, files_app
 
     models = bench_models(os.path.dirname(path))
+    loaded: dict[str, Any] = {}
 
     async def starlette(request: Request) -> Response:
         return StarletteFileResponse(path, media_type="application/octet-stream")
 
-    def served(kind: str) -> Any:
-        model = models[kind]
-        pk = ObjectId(ids[kind])
+    async def from_loaded(request: Request) -> Response:
+        return FileResponse(loaded["disk"].file, request)
 
-        async def endpoint(request: Request) -> Response:
-            doc = await model.objects.get(pk=pk)
-            return FileResponse(doc.file, request)
+    async def looked_up(request: Request) -> Response:
+        doc = await models["disk"].objects.get(pk=ObjectId(ids["disk"]))
+        return FileResponse(doc.file, request)
 
-        return endpoint
+    async def gridfs(request: Request) -> Response:
+        return FileResponse(loaded["gridfs"].file, request)
+
+    async def signed_url(request: Request) -> Response:
+        return PlainTextResponse(await loaded["disk"].file.url(expires=86400))
+
+    async def probe(request: Request) -> Response:
+        # Where the time goes, without HTTP: one catalogue lookup, and the whole
+        # GridFS file read by PyMongo's own bucket (the driver and the server alone).
+        from gridfs import AsyncGridFSBucket
+
+        db = asyncassets.get_db()
+        store = loaded["disk"].file.storage.bind(db)
+        lookups = []
+        for _ in range(50):
+            started = time.perf_counter()
+            await store.find(loaded["disk"].file.file_id)
+            lookups.append((time.perf_counter() - started) * 1000)
+        bucket = AsyncGridFSBucket(db, "bench_served")
+        started = time.perf_counter()
+        stream = await bucket.open_download_stream(loaded["gridfs"].file.file_id)
+        got = len(await stream.read())
+        seconds = time.perf_counter() - started
+        return PlainTextResponse(
+            json.dumps({"lookup_ms": median(lookups), "raw_gridfs_mb_s": got / seconds / 1e6})
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         asyncassets.connect(uri)
+        for kind, model in models.items():
+            loaded[kind] = await model.objects(pk=ObjectId(ids[kind])).load_files("file").get()
         yield
         await asyncassets.disconnect()
 
-    routes = [Route("/starlette", starlette)]
-    routes += [Route(f"/{kind}", served(kind)) for kind in ("filesystem", "gridfs")]
+    routes = [
+        Route("/starlette", starlette),
+        Route("/loaded", from_loaded),
+        Route("/lookup", looked_up),
+        Route("/gridfs", gridfs),
+        Route("/signed-url", signed_url),
+        Route("/probe", probe),
+        Mount("/files", files_app(secret=SECRET, base_url="/files")),
+    ]
     return Starlette(routes=routes, lifespan=lifespan)
 
 
@@ -107,7 +159,7 @@ def bench_models(root: str) -> dict[str, Any]:
         file = FileField(collection_name="bench_served")
         meta = {"collection": "bench_served_gridfs"}
 
-    return {"filesystem": ServedOnDisk, "gridfs": ServedFromGridFS}
+    return {"disk": ServedOnDisk, "gridfs": ServedFromGridFS}
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -183,20 +235,22 @@ def get(
     return response.status, first - start, end - start, size
 
 
-def measure(port: int, kind: str, size: int, ranged: int, rng: random.Random) -> dict[str, Any]:
+def measure(
+    port: int, path: str, size: int, ranged: int, rng: random.Random
+) -> dict[str, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        get(conn, f"/{kind}", {"range": "bytes=0-0"})  # warm the connection
-        status, ttfb, total, got = get(conn, f"/{kind}", {})
-        assert (status, got) == (200, size), (kind, status, got)
+        get(conn, path, {"range": "bytes=0-0"})  # warm the connection
+        status, ttfb, total, got = get(conn, path, {})
+        assert (status, got) == (200, size), (path, status, got)
         whole = {"mb_s": size / total / 1e6, "ttfb_ms": ttfb * 1000, "seconds": total}
         ttfbs = []
         started = time.perf_counter()
         for _ in range(ranged):
             offset = rng.randrange(0, size - RANGE_SIZE)
             header = {"range": f"bytes={offset}-{offset + RANGE_SIZE - 1}"}
-            status, ttfb, _total, got = get(conn, f"/{kind}", header)
-            assert (status, got) == (206, RANGE_SIZE), (kind, status, got)
+            status, ttfb, _total, got = get(conn, path, header)
+            assert (status, got) == (206, RANGE_SIZE), (path, status, got)
             ttfbs.append(ttfb * 1000)
         elapsed = time.perf_counter() - started
         return {
@@ -223,6 +277,25 @@ async def store_files(uri: str, root: str, data: bytes) -> dict[str, str]:
         await asyncassets.disconnect()
 
 
+def run_probe(port: int) -> dict[str, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("GET", "/probe")
+        found: dict[str, float] = json.loads(conn.getresponse().read())
+        return found
+    finally:
+        conn.close()
+
+
+def signed_path(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/signed-url")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=32)
@@ -245,7 +318,11 @@ def main() -> None:
     size = args.size_mib * MiB
     data = os.urandom(size)
     rng = random.Random(1)
-    with tempfile.TemporaryDirectory() as root, embedded_server(None) as server:
+    load_before = loadavg()
+    with (
+        tempfile.TemporaryDirectory() as root,
+        embedded_server(None, os.path.join(root, "db")) as server,
+    ):
         uri = server.uri + "bench_serving"
         path = os.path.join(root, "bench.bin")
         with open(path, "wb") as f:
@@ -253,23 +330,34 @@ def main() -> None:
         ids = asyncio.run(store_files(uri, root, data))
         rounds: list[dict[str, Any]] = []
         with server_process(uri, path, ids, args.http) as port:
-            log(f"serving {args.size_mib} MiB on 127.0.0.1:{port} ({args.http}); load {loadavg()}")
+            paths = {kind: f"/{kind}" for kind in CONTENDERS}
+            paths["signed"] = signed_path(port)
+            log(f"serving {args.size_mib} MiB on 127.0.0.1:{port} ({args.http})")
             for n in range(args.rounds):
-                order = CONTENDERS[n % 3 :] + CONTENDERS[: n % 3]
+                shift = n % len(CONTENDERS)
+                order = CONTENDERS[shift:] + CONTENDERS[:shift]
                 results = {
-                    kind: measure(port, kind, size, args.ranged_requests, rng) for kind in order
+                    kind: measure(port, paths[kind], size, args.ranged_requests, rng)
+                    for kind in order
                 }
+                results["probe"] = run_probe(port)
                 rounds.append(results)
                 log(
                     f"  round {n + 1}: "
                     + ", ".join(
                         f"{k} {r['whole']['mb_s']:.0f} MB/s {r['ranged']['requests_s']:.0f} req/s"
                         for k, r in results.items()
+                        if k != "probe"
                     )
+                    + f"; probe {results['probe']}"
                 )
 
     def med(kind: str, section: str, key: str) -> float:
         return median([r[kind][section][key] for r in rounds])
+
+    def ratio(kind: str, section: str) -> float:
+        key = "mb_s" if section == "whole" else "requests_s"
+        return median([r[kind][section][key] / r["starlette"][section][key] for r in rounds])
 
     def all_ttfb(kind: str) -> float:
         return median([t for r in rounds for t in r[kind]["ranged"]["all"]])
@@ -280,17 +368,42 @@ def main() -> None:
             [
                 kind,
                 med(kind, "whole", "mb_s"),
+                ratio(kind, "whole"),
                 med(kind, "whole", "ttfb_ms"),
                 med(kind, "ranged", "requests_s"),
+                ratio(kind, "ranged"),
                 all_ttfb(kind),
             ]
         )
     print(
         fmt_table(
-            ["served by", "whole MB/s", "whole TTFB ms", "64 KiB ranges req/s", "range TTFB ms"],
+            [
+                "served by",
+                "whole MB/s",
+                "x starlette",
+                "whole TTFB ms",
+                "64 KiB req/s",
+                "x starlette",
+                "range TTFB ms",
+            ],
             rows,
         )
     )
+    lookup_ms = median([r["probe"]["lookup_ms"] for r in rounds])
+    raw_gridfs = median(
+        [r["probe"]["raw_gridfs_mb_s"] / r["starlette"]["whole"]["mb_s"] for r in rounds]
+    )
+    print(
+        f"probe (in the server, no HTTP): one catalogue lookup {lookup_ms:.2f} ms; "
+        f"PyMongo's AsyncGridFSBucket reads the file at {raw_gridfs:.2f}x starlette's "
+        "whole-file rate"
+    )
+    for kind, section, least in TARGETS:
+        got = ratio(kind, section)
+        verdict = "met" if got >= least else "NOT met"
+        print(f"target {kind} {section} >= {least:.1f}x starlette: {got:.2f}x, {verdict}")
+    load_after = loadavg()
+    log(f"load average before {load_before}, after {load_after}")
     out = (
         Path(args.out)
         if args.out
@@ -298,13 +411,14 @@ def main() -> None:
     )
     out.parent.mkdir(exist_ok=True)
     for r in rounds:
-        for kind in r:
+        for kind in CONTENDERS:
             r[kind]["ranged"].pop("all")
     out.write_text(
         json.dumps(
             {
                 "machine": machine(),
-                "load_after": loadavg(),
+                "load_before": load_before,
+                "load_after": load_after,
                 "size_mib": args.size_mib,
                 "rounds": rounds,
                 "ranged_requests": args.ranged_requests,
