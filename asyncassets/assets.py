@@ -4,7 +4,7 @@ An :class:`AssetManager` stores any file, with keyword metadata, in one storage
 of this project (GridFS, a directory, S3) and keeps MongoDB's catalogue as the
 metadata store: an asset *is* its catalogue entry, a document of
 ``<collection_name>.files`` whose ``metadata`` holds the user's keys and the
-asset's id (``metadata.asset_id``, under a unique index).
+asset's id (``metadata.asset_id``, under a unique index, and the markers below).
 
 .. code-block:: python
 
@@ -23,7 +23,19 @@ uploaded beside the asset it replaces and takes the id over when complete, so fo
 a moment two entries belong to one asset; and GridFS keys chunks by the entry's
 ``_id``, so two uploads racing for one ``_id`` would write into each other's
 chunks. Each upload has its own ``ObjectId``; the asset id is claimed afterwards
-with one update that the unique index arbitrates.
+with one update that the unique indexes arbitrate.
+
+``add``, ``replace`` and ``delete`` of one id are linearizable. The id moves
+from the old version to the new one in steps (each one conditional update):
+the old version is locked (``asset_next``: the new one's ``_id``) while it holds
+the id twice, in ``asset_id`` and in ``asset_hold`` (both unique); it gives
+``asset_id`` up, the new version takes it, the old one gives ``asset_hold`` up
+and is deleted. An add sets both markers in one update, so it can never take an
+id held by either; every entry of an asset carries ``asset_of``, so a reader
+gets all of them in one indexed query, one snapshot, in which one of them holds
+the id. Whoever finds a lock finishes the swap (or undoes it, if the new version
+is gone), so a writer that died midway is finished by the next reader or writer.
+docs/assets.rst ("Where assets live") has the layout and the steps.
 
 Guarantees (those of ``FileField``): the bytes are stored completely before the
 entry exists (the stores insert it last); an add claims its id only once its entry
@@ -136,7 +148,11 @@ async def assets_in_use(files: Any, entries: Iterable[Mapping[str, Any]]) -> set
     Kept: an entry holding an asset id (``asset_id`` or ``asset_hold``: a live
     asset, or a version being replaced, whose bytes readers may still be given);
     a replacement not yet live (``asset_pending``) while a version being replaced
-    names it in ``asset_next`` (the next reader or writer finishes that swap).
+    names it in ``asset_next`` (the next reader or writer finishes that swap), or
+    once it has gone live since it was read. A replacement neither named nor live
+    may be locked right after this looked: deleting it then makes that swap roll
+    back (the asset keeps its old version). The sweep's grace period keeps every
+    replacement younger than it whatever its state.
     Everything else is garbage, like an upload no document references, and the
     sweep removes it after its grace period: a replacement that was abandoned, a
     replaced version that gave its hold up. Entries written before ``asset_of``
@@ -159,8 +175,14 @@ async def assets_in_use(files: Any, entries: Iterable[Mapping[str, Any]]) -> set
             kind = PENDING if PENDING in meta else REPLACED
             legacy.append((doc["_id"], kind, meta[kind]))
     if pending:
+        # As they are now, not as the caller read them: a replacement may have been
+        # locked, or gone live and had its old version deleted, since. Names first:
+        # a swap names its replacement before the replacement takes the id.
         named = files.find({f"metadata.{NEXT}": {"$in": pending}}, {f"metadata.{NEXT}": 1})
         in_use |= {d["metadata"][NEXT] async for d in named} & set(pending)
+        live = files.find({"_id": {"$in": pending}, f"metadata.{LIVE}": {"$exists": True}},
+                          {"_id": 1})
+        in_use |= {d["_id"] async for d in live}
     if legacy:
         in_use |= await _legacy_in_use(files, legacy)
     return in_use
