@@ -27,12 +27,15 @@ as for persistent data):
     up again once they are read (one response, one version).
 
 This process is the client (``http.client``, one keep-alive connection per
-contender), so client and server do not share an interpreter. Each round runs
-every contender in turn, in a rotating order, and measures:
+contender), so client and server do not share an interpreter. Each round
+measures, for every contender in a rotating order:
 
-* **whole**: GET of the whole file: throughput (MB/s) and time to first byte;
-* **ranged**: ``--ranged-requests`` GETs of 64 KiB at random offsets: requests
-  per second and time to first byte.
+* **whole**: ``--whole-requests`` GETs of the whole file, the contenders taking
+  turns: throughput (MB/s) and time to first byte;
+* **ranged**: ``--ranged-requests`` GETs of 64 KiB at random offsets, the
+  contenders taking turns request by request (each the same offset), so that
+  load from elsewhere falls on all alike: requests per second (of the time
+  spent in that contender's requests) and time to first byte.
 
 After each round a probe inside the server times, without HTTP, one catalogue
 lookup and a whole read of the GridFS file by PyMongo's own ``AsyncGridFSBucket``:
@@ -235,30 +238,65 @@ def get(
     return response.status, first - start, end - start, size
 
 
-def measure(
-    port: int, path: str, size: int, ranged: int, rng: random.Random
+def measure_round(
+    port: int,
+    paths: dict[str, str],
+    order: tuple[str, ...],
+    size: int,
+    wholes: int,
+    ranged: int,
+    rng: random.Random,
 ) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    """One round: whole files, then 64 KiB ranges, the contenders interleaved.
+
+    Requests alternate between contenders one by one (ranges: the same offset
+    for each), starting with a rotating one, so a burst of load from elsewhere
+    falls on all of them alike.
+    """
+    conns = {kind: http.client.HTTPConnection("127.0.0.1", port, timeout=120) for kind in order}
     try:
-        get(conn, path, {"range": "bytes=0-0"})  # warm the connection
-        status, ttfb, total, got = get(conn, path, {})
-        assert (status, got) == (200, size), (path, status, got)
-        whole = {"mb_s": size / total / 1e6, "ttfb_ms": ttfb * 1000, "seconds": total}
-        ttfbs = []
-        started = time.perf_counter()
-        for _ in range(ranged):
+        for kind in order:
+            get(conns[kind], paths[kind], {"range": "bytes=0-0"})  # warm the connection
+        whole_spent = dict.fromkeys(order, 0.0)
+        whole_ttfbs: dict[str, list[float]] = {kind: [] for kind in order}
+        for n in range(wholes):
+            shift = n % len(order)
+            for kind in order[shift:] + order[:shift]:
+                status, ttfb, total, got = get(conns[kind], paths[kind], {})
+                assert (status, got) == (200, size), (kind, status, got)
+                whole_spent[kind] += total
+                whole_ttfbs[kind].append(ttfb * 1000)
+        results: dict[str, Any] = {
+            kind: {
+                "whole": {
+                    "mb_s": wholes * size / whole_spent[kind] / 1e6,
+                    "ttfb_ms": median(whole_ttfbs[kind]),
+                    "seconds": whole_spent[kind] / wholes,
+                }
+            }
+            for kind in order
+        }
+        spent = dict.fromkeys(order, 0.0)
+        ttfbs: dict[str, list[float]] = {kind: [] for kind in order}
+        for n in range(ranged):
             offset = rng.randrange(0, size - RANGE_SIZE)
             header = {"range": f"bytes={offset}-{offset + RANGE_SIZE - 1}"}
-            status, ttfb, _total, got = get(conn, path, header)
-            assert (status, got) == (206, RANGE_SIZE), (path, status, got)
-            ttfbs.append(ttfb * 1000)
-        elapsed = time.perf_counter() - started
-        return {
-            "whole": whole,
-            "ranged": {"requests_s": ranged / elapsed, "ttfb_ms": median(ttfbs), "all": ttfbs},
-        }
+            shift = n % len(order)
+            for kind in order[shift:] + order[:shift]:
+                status, ttfb, total, got = get(conns[kind], paths[kind], header)
+                assert (status, got) == (206, RANGE_SIZE), (kind, status, got)
+                spent[kind] += total
+                ttfbs[kind].append(ttfb * 1000)
+        for kind in order:
+            results[kind]["ranged"] = {
+                "requests_s": ranged / spent[kind],
+                "ttfb_ms": median(ttfbs[kind]),
+                "all": ttfbs[kind],
+            }
+        return results
     finally:
-        conn.close()
+        for conn in conns.values():
+            conn.close()
 
 
 async def store_files(uri: str, root: str, data: bytes) -> dict[str, str]:
@@ -300,6 +338,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--whole-requests", type=int, default=3)
     parser.add_argument("--ranged-requests", type=int, default=200)
     parser.add_argument("--http", default="h11", choices=["h11", "httptools"])
     parser.add_argument("--out", default=None, help="JSON output path")
@@ -336,10 +375,9 @@ def main() -> None:
             for n in range(args.rounds):
                 shift = n % len(CONTENDERS)
                 order = CONTENDERS[shift:] + CONTENDERS[:shift]
-                results = {
-                    kind: measure(port, paths[kind], size, args.ranged_requests, rng)
-                    for kind in order
-                }
+                results = measure_round(
+                    port, paths, order, size, args.whole_requests, args.ranged_requests, rng
+                )
                 results["probe"] = run_probe(port)
                 rounds.append(results)
                 log(
