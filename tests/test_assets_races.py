@@ -236,6 +236,7 @@ async def test_adds_and_readers_during_a_slowed_down_swap_never_take_or_miss_the
                 stop.set()
 
         outcomes = await asyncio.gather(replace(), adds(), exists(), return_exceptions=True)
+        print(f"\nslowed swap on {spec['kind']}: {dict(results)}")
         assert not violations, violations
         assert outcomes[0].asset_id == "x.jpg", outcomes
         assert results["variant"] >= 3 and results["AssetExists"] >= 3, results
@@ -457,6 +458,7 @@ async def test_processes_and_tasks_racing_on_one_asset_keep_it_linearizable(
     assert "shared.bin" not in strangers
     assert len(strangers) == len([e for e in reports if e["op"] == "add"])  # distinct ids
     counts = Counter(f"{e['op']}:{e.get('error', 'ok')}" for e in reports)
+    print(f"\nprocess race on {spec['kind']}: {sum(counts.values())} operations {dict(counts)}")
     assert counts["replace:ok"] >= 5 and counts["get:ok"] >= 5, counts
     final = await read_tag(am, "shared.bin")
     assert final in went_live
@@ -483,6 +485,7 @@ async def test_a_process_killed_at_each_step_of_a_swap_leaves_a_whole_asset(
     finished = {step for step, w in zip(steps, workers, strict=True)
                 if {"done": True} in await events(w)}
     killed = set(steps) - finished
+    print(f"\nkilled at swap writes {sorted(killed)} on {spec['kind']}; finished: {finished}")
     # Killed before, at and after the moment the new version takes the id.
     assert {0, 1, 2, 3, 4} <= killed, finished
     files = asyncassets_db[am.catalogue]
@@ -549,6 +552,8 @@ async def test_processes_and_tasks_racing_long(
         for w in range(4)
     ]
     reports = [event for w in workers for event in await events(w, timeout=900)]
+    counts = Counter(f"{e['op']}:{e.get('error', 'ok')}" for e in reports)
+    print(f"\nlong process race on {spec['kind']}: {len(reports)} operations {dict(counts)}")
     errors = [e for e in reports if e.get("error") not in (None, "FileConflict")]
     assert not errors, errors
     went_live = {"v0"} | {e["version"] for e in reports if e["op"] == "replace" and e.get("ok")}
