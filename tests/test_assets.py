@@ -514,6 +514,12 @@ def test_the_cli_lists_and_searches_assets(
         assert out.returncode == 0 and "other.txt" in out.stdout and "66542" in out.stdout
         out = run("--where", "size")
         assert out.returncode == 1 and "bad --where 'size'" in out.stderr
+        # An operator document given as a value is refused, not run (case 11 of #19).
+        out = run("--where", 'gallery_id={"$ne": null}', "--json")
+        assert out.returncode == 1 and "operator '$ne'" in out.stderr, out
+        assert out.stdout == ""
+        out = run("--where", "size__gt=big")
+        assert out.returncode == 1 and "takes a number of bytes" in out.stderr, out
     finally:
         import pymongo
 
