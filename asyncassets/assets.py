@@ -592,7 +592,14 @@ class AssetManager:
         """
         _check_asset_id(asset_id)
         store = self._store()
-        return await self._current(store, asset_id, repair=False) is not None
+        if await self._live(store, asset_id, {"_id": 1}) is not None:
+            return True
+        # Missed by asset_id: in a swap's gap the id is held by an entry with
+        # asset_of (every entry but one written before asset_of has it, and those
+        # keep asset_id until a swap gives them asset_of), so this second look,
+        # after the first, finds an asset that existed all along.
+        entries = await self._entries(store, asset_id)
+        return _pick(entries, asset_id) is not None
 
     def search(self, *conditions: QNode, **query: Any) -> AssetSearch:
         """The assets matching ``query``, in mongoengine's syntax (no I/O until used).
