@@ -516,9 +516,10 @@ class FileProxy:
             and known.get("_id") == self.grid_id
             and getattr(bucket, "reuses_entries", False)
         ):
-            # An object storage's entry names bytes under a key never reused: the
-            # entry loaded is as good as a fresh one (a file deleted since is
-            # reported by the read itself). GridFS looks its files document up.
+            # An object storage's read checks the object's version the entry
+            # recorded, so the entry loaded is as good as a fresh one (a file
+            # deleted or replaced since is reported by the read itself). GridFS
+            # looks its files document up.
             return known
         doc = await bucket.find(self.grid_id)
         if doc is None:

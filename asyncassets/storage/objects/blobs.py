@@ -99,6 +99,10 @@ class Blobs(Protocol):
 
     #: How messages name the storage: ``file:///srv/media``, ``s3://media/trailers/``.
     url: str
+    @property
+    def place(self) -> str:
+        """How key reservations name the place: ``file:/srv/media``, ``s3:<endpoint>/media/``."""
+        ...
 
     def reservation_id(self, key: str) -> str:
         """The name under which the object at ``key`` is reserved in MongoDB

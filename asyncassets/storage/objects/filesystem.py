@@ -378,6 +378,11 @@ class FileSystemBlobs:
 
     # --- the Blobs protocol -------------------------------------------------
 
+    @property
+    def place(self) -> str:
+        """Where the objects are, as their reservations name it: ``file:<root>``."""
+        return "file:" + self._root
+
     def reservation_id(self, key: str) -> str:
         """The object's one name across storages: ``file:<absolute path>``.
 

@@ -26,7 +26,7 @@ The reservations live in the collection ``asyncassets.keys`` of the catalogue's
 database, one document per reserved object::
 
     {"_id": "file:/srv/media/2026/12/photo.jpg",     # Blobs.reservation_id(key)
-     "place": "file:///srv/media",                   # the storage's url
+     "place": "file:/srv/media",                     # the storage's place
      "key": "2026/12/photo.jpg", "catalogue": "fs_local", "field": "location",
      "file": ObjectId("..."),
      "token": "3f2c...", "state": "writing", "at": datetime(...)}
@@ -76,7 +76,8 @@ class Reservations:
         self.blobs = blobs
         self.catalogue = catalogue
         self.field = field
-        self.place: str = blobs.url
+        #: The place's name: ``file:/srv/media``, ``s3:<endpoint>/<bucket>/<prefix>``.
+        self.place: str = blobs.place
         self.collection = _driver.acknowledged(db[COLLECTION])
 
     def __repr__(self) -> str:

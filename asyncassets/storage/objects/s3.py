@@ -366,6 +366,12 @@ class S3Blobs:
 
     # -- the Blobs protocol ---------------------------------------------------
 
+    @property
+    def place(self) -> str:
+        """Where the objects are, as their reservations name it:
+        ``s3:<endpoint>/<bucket>/<prefix>`` (``aws`` for AWS's endpoint)."""
+        return f"s3:{self.endpoint_url or 'aws'}/{self.bucket}/{self.prefix}"
+
     def reservation_id(self, key: str) -> str:
         """The object's one name across storages: ``s3:<endpoint>/<bucket>/<full key>``."""
         return f"s3:{self.endpoint_url or 'aws'}/{self.bucket}/{self._full_key(key)}"
