@@ -184,6 +184,11 @@ class FileConflict(GridFSError):
     that no longer belongs to its saved document (popped from a list, its field
     reassigned, or copied into another document). Nothing was lost: the file this
     call uploaded was removed again. Reload and retry.
+
+    Also raised by :meth:`AssetManager.replace
+    <asyncassets.assets.AssetManager.replace>` when another replace of the asset
+    won (it moved the id on from the version this one started from); the bytes
+    this one stored were removed. ``get()`` the asset and replace it again.
     """
 
 
