@@ -303,6 +303,10 @@ class Hostile:
         documented answer to what was done behind the library's back."""
         return False
 
+    def describe(self, op: Op) -> str | None:
+        """A name for the violation of an operation that met what was planted."""
+        return None
+
     def damaged(self, races: Races) -> set[Any]:
         """Files whose bytes were lost or replaced behind the library's back (a
         crashed server restored from a backup): their documents are set aside."""
@@ -556,6 +560,9 @@ class Races:
         #: Files a disaster damaged, and broken unreferenced entries already reported.
         self.damaged_ids: set[Any] = set()
         self.broken_reported: set[Any] = set()
+        self.batch_ops: list[Op] = []
+        #: Bytes planted (by another tool) under keys: never the library's to delete.
+        self.planted_objects: dict[str, bytes] = {}
 
     # -- setup and helpers
 
@@ -882,8 +889,9 @@ class Races:
             and not isinstance(exc, KeyTaken)
             and self.layout.hostile.excuses(op)
         ):
-            # A planted link where the key needs a directory, a server down.
-            return "missed" if op.kind in READERS else "refused"
+            # A planted link where the key needs a directory, a server down (whether a
+            # writer's change was applied before the error is then unknown).
+            return "missed" if op.kind in READERS else "unknown"
         already_open = type(exc) is GridFSError and "open" in str(exc)
         allowed: dict[str, tuple[type[BaseException], ...]] = {
             "put": (FileAlreadyExists, FileConflict),
@@ -1119,6 +1127,7 @@ class Races:
             self.faults.armed = "write concern error" if arm < 0.06 else "dropped reply"
         hits_before = len(self.faults.hits)
         before = {i: (t.stored, t.mem) for i, t in enumerate(self.tracked)}
+        self.batch_ops = ops
         started = time.monotonic()
         await asyncio.gather(*(self.run_op(op) for op in ops))
         self.seconds_running += time.monotonic() - started
@@ -1162,6 +1171,9 @@ class Races:
         original = t.stored[0]
         planted = b"<planted>" + self.rng.randbytes(len(original) - len(b"<planted>"))
         await L.hostile.overwrite(key, planted)
+        # Deleting the entry later must leave the planted object alone (its version
+        # is not the entry's): the sweep removes it as another tool's object.
+        self.planted_objects[key] = planted
         self.stats["probes: bytes planted over a live object"] += 1
         fresh = await L.doc.objects.get(pk=t.doc.pk)
         try:
@@ -1177,7 +1189,8 @@ class Races:
                     [],
                 )
         # Its file is damaged for good: set the document aside.
-        await self._quarantine(i)
+        self.damaged_ids.add(entry["_id"])
+        await self._quarantine(i, "after a probe damaged their file")
 
     def _fit(self, op: Op) -> Op | None:
         if op.doc is None:
@@ -1225,6 +1238,8 @@ class Races:
                 kind = "sweep removed chunks of an upload younger than its grace"
             else:
                 kind = violation_kind(op)
+                if L.hostile is not None:
+                    kind = L.hostile.describe(op) or kind
             self.violation(kind, repr(op.error), ops)
         snap = self.snap = await L.snapshot(db)
         raws = {raw["_id"]: raw async for raw in coll.find({})}
@@ -1312,10 +1327,13 @@ class Races:
         debris = snap.debris()
         killed = any(op.via == "proc" and op.kill_after is not None and op.status == "unknown"
                      for op in ops)
-        if debris - self.known_debris and not killed:
+        objects = getattr(getattr(snap, "raw", None), "objects", {})
+        planted = {f"object {k}" for k, data in self.planted_objects.items()
+                   if objects.get(k) == data}  # fmt: skip
+        if debris - self.known_debris - planted and not killed:
             self.violation(
                 "objects or temp files left that no entry names (I2)",
-                str(sorted(debris - self.known_debris)),
+                str(sorted(debris - self.known_debris - planted)),
                 ops,
             )
         self.known_debris = debris
@@ -1625,7 +1643,7 @@ class Races:
                 self.set_aside.add(i)
         self.known_orphans.update(self.snap.files)
 
-    async def _quarantine(self, i: int) -> None:
+    async def _quarantine(self, i: int, why: str = "after a violation") -> None:
         """Set a broken document aside (raw), so one violation is reported once."""
         t = self.tracked[i]
         coll = get_db(self.layout.alias)[self.layout.collection]
@@ -1634,8 +1652,12 @@ class Races:
             if (await coll.find_one({"_id": pk})) is None:
                 self.frozen.pop(pk)
         self.known_orphans.update(self.snap.files)
+        # Its broken files were reported with it: not again as unreferenced entries.
+        self.broken_reported.update(
+            i for i in self.snap.files if not isinstance(self.snap.content(i), bytes)
+        )
         self.tracked[i] = self._new_doc()
-        self.stats["documents quarantined after a violation"] += 1
+        self.stats[f"documents quarantined {why}"] += 1
 
     # -- a run
 

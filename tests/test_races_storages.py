@@ -87,7 +87,7 @@ from _races_procs import Workers
 from asyncassets._s3server import S3Server, create_bucket
 from asyncassets.assets import AssetManager
 from asyncassets.connection import get_db
-from asyncassets.errors import CorruptFile, FileNotFound, StorageError
+from asyncassets.errors import CorruptFile, FileNotFound, KeyTaken, StorageError
 from asyncassets.transfers import TransferWorker
 
 ALIAS = "races_storages"
@@ -110,8 +110,9 @@ class PlantedLinks(Hostile):
     """Symbolic links planted under a directory storage's root, to a directory and a
     file outside it (I4): nothing may be written, read or removed out there."""
 
-    def __init__(self, root: Path, outside: Path, first: list[str]) -> None:
+    def __init__(self, root: Path, outside: Path, first: list[str], overwrite: bool) -> None:
         self.root = root
+        self.uploads_replace = overwrite  # the storage's overwrite=True
         self.outside = outside
         #: Names planted before the first upload: where the template's first keys go.
         self.first = first
@@ -128,6 +129,17 @@ class PlantedLinks(Hostile):
             target = self.outside if is_dir else self.outside / "canary.txt"
             os.symlink(target, self.root / name, target_is_directory=is_dir)
             self.planted.add(name)
+
+    def _take_back(self, name: str) -> None:
+        """Remove a planted link, unless an upload with ``overwrite=True`` may have
+        put its object in its place (a rename over a link replaces the link): that
+        is not the hostile user's to remove, and checking first would leave a gap."""
+        path = self.root / name
+        if self.uploads_replace and not path.is_dir():
+            return
+        if path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _free(self, name: str) -> bool:
         """Nothing under ``name``, its directory there, and no link on the way."""
@@ -148,9 +160,8 @@ class PlantedLinks(Hostile):
             # The hostile user takes a link away again: the name is free for real.
             name = sorted(self.planted)[op.index % len(self.planted)]
             op.style = f"unlink {name}"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.root / name)
             self.planted.discard(name)
+            self._take_back(name)
             return
         for entry in snap.files.values():
             key = (entry.get("location") or {}).get("key")
@@ -197,6 +208,12 @@ class PlantedLinks(Hostile):
     def excuses(self, op: Op) -> bool:
         return bool(self.planted) and "link" in str(op.error).lower()
 
+    def describe(self, op: Op) -> str | None:
+        key = getattr(op.error, "key", None)
+        if isinstance(op.error, KeyTaken) and key in self.planted:
+            return "KeyTaken at a name where a link stood before the upload chose it (I3)"
+        return None
+
     async def overwrite(self, key: str, data: bytes) -> None:
         def put() -> None:
             path = self.root / key
@@ -235,19 +252,22 @@ class PlantedObjects(Hostile):
         op.style = f"object {key}"
         await asyncio.to_thread(self.reader.put, key, data)
         self.planted[key] = data
-        races.known_debris.add(f"object {key}")
+        races.planted_objects[key] = data
         races.stats["objects planted"] += 1
 
     async def check(self, races: Races, final: bool) -> list[tuple[str, str]]:
         snap = races.snap
         named = {(e.get("location") or {}).get("key") for e in snap.files.values()}
+        # A racing sweep removes an object nothing names (as documented): its key is
+        # then free for an upload in the same batch.
+        swept = any(op.kind == "sweep" for op in races.batch_ops)
         out = []
         for key, data in list(self.planted.items()):
             now = snap.raw.objects.get(key)
             if now == data:
                 continue
             del self.planted[key]
-            if now is None:
+            if now is None or swept:
                 continue  # swept (nothing names it), as the sweep documents
             if not self.overwrite_allowed or key not in named:
                 out.append((
@@ -434,7 +454,7 @@ def directory_layout(setup: Setup, template_name: str, *, processes: int, kills:
         "field-filename": ["f"],  # {field}: root/f -> outside
         "filename-overwrite": ["photo.jpg"],
     }[template_name]
-    hostile = PlantedLinks(root, setup.tmp / "outside", first)
+    hostile = PlantedLinks(root, setup.tmp / "outside", first, overwrite)
     hostile.start()
 
     async def snapshot(db: Any, final: bool = False) -> ObjectSnapshot:
@@ -509,7 +529,9 @@ class Transfers:
         self.module = module
 
     async def start(self) -> None:
-        self.worker = TransferWorker([self.store], concurrency=2, poll_interval=0.05)
+        # Polls are claims (a find_one_and_update each): not so often that they load
+        # the server; uploads in this process wake this worker at once anyway.
+        self.worker = TransferWorker([self.store], concurrency=2, poll_interval=0.2)
         await self.worker.start()
         await self._start_command()
         self.chaos = asyncio.ensure_future(self._chaos())
@@ -518,7 +540,7 @@ class Transfers:
         self.command = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "asyncassets", "--uri", self.setup.uri,
             "--db", self.setup.db.name, "--import", self.module, "transfer", "--forever",
-            "--poll", "0.02", "-c", "2", "--shutdown-timeout", "5",
+            "--poll", "0.1", "-c", "2", "--shutdown-timeout", "5",
             cwd=self.setup.tmp, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
