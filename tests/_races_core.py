@@ -1685,12 +1685,17 @@ class Races:
         for i, t in enumerate(self.tracked):
             if t.stored is None:
                 self._abandon(i)
-        report = await asyncassets.sweep_orphans(grace=0, buckets=L.bucket, alias=L.alias)
-        self.stats["final sweep: files deleted"] += report.files_deleted
-        if L.extras:
-            self.stats["final sweep: objects deleted"] += report.objects_deleted
-            self.stats["final sweep: temp files deleted"] += report.temps_deleted
-            self.stats["final sweep: multipart uploads aborted"] += report.uploads_aborted
+        try:
+            report = await asyncassets.sweep_orphans(grace=0, buckets=L.bucket, alias=L.alias)
+        except (GridFSError, StorageError) as exc:
+            self.violation(f"the final sweep raised: {violation_kind(Op('sweep', error=exc))}",
+                           repr(exc), [])  # fmt: skip
+        else:
+            self.stats["final sweep: files deleted"] += report.files_deleted
+            if L.extras:
+                self.stats["final sweep: objects deleted"] += report.objects_deleted
+                self.stats["final sweep: temp files deleted"] += report.temps_deleted
+                self.stats["final sweep: multipart uploads aborted"] += report.uploads_aborted
         snap = self.snap = await L.snapshot(db, final=True)
         referenced: set[Any] = set()
         async for raw in db[L.collection].find({}):
@@ -1719,7 +1724,11 @@ class Races:
                 raw = await db[L.collection].find_one({"_id": t.doc.pk})
                 if raw is None or resolve(snap, ids_stored(raw)) != t.stored:
                     self.violation("final state differs from the model", f"{t.name}", [])
-        report = await asyncassets.check(buckets=L.bucket, alias=L.alias, verify=L.verify)
+        try:
+            report = await asyncassets.check(buckets=L.bucket, alias=L.alias, verify=L.verify)
+        except (GridFSError, StorageError) as exc:
+            self.violation("asyncassets.check() raised", repr(exc), [])
+            return
         if L.check_all:
             wrong = not report.ok
         else:
