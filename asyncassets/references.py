@@ -389,7 +389,7 @@ def _applier(
 
     async def finish() -> None:
         if drop_old:
-            await proxy._delete_stored(old)
+            await proxy._drop_replaced(old)
 
     return finish
 
@@ -733,4 +733,4 @@ async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None
             proxies[key] = proxy
     for key, ids in groups.items():
         for file_id in ids:
-            await proxies[key]._delete_stored(file_id)
+            await proxies[key]._drop_replaced(file_id)

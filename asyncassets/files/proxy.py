@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import weakref
 from collections.abc import AsyncIterator, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import bson
+from pymongo.errors import PyMongoError
 
 from .._tasks import settle
 from ..connection import DEFAULT_ALIAS, get_db
@@ -32,6 +34,7 @@ from ..errors import (
     FileNotFound,
     FileNotLoaded,
     GridFSError,
+    StorageError,
     UploadClosed,
 )
 from ..storage import GridFSStorage, Storage, Store, Upload
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
     from ..fields import FileField
 
 __all__ = ["FileProxy", "NewFile"]
+
+_logger = logging.getLogger("asyncassets.files")
 
 #: Largest encoded ``metadata`` sub-document accepted (a files document must stay
 #: under MongoDB's 16 MiB limit).
@@ -781,6 +786,23 @@ class FileProxy:
         """Delete a stored file of this field (an image also deletes its thumbnail)."""
         await self._bucket().delete(file_id)
 
+    async def _drop_replaced(self, file_id: Any) -> None:
+        """Delete ``file_id`` once no stored reference of this field holds it (a
+        replace or delete whose switch applied, a cascade after its documents).
+
+        The change is made and a failure here cannot undo it, so a storage or
+        server error is logged (the ``asyncassets.files`` logger), not raised: what
+        is left is named by no reference, its key stays reserved, and the orphan
+        sweep removes it.
+        """
+        try:
+            await self._delete_stored(file_id)
+        except (StorageError, PyMongoError) as exc:
+            _logger.warning(
+                "file %r of %s was dereferenced but could not be deleted (%s); it is "
+                "left to the orphan sweep", file_id, self._collection_name, exc,
+            )
+
     def _refuse_if_orphaned(self) -> None:
         if self._orphaned and self._owner is None:
             raise FileConflict(
@@ -818,7 +840,7 @@ class FileProxy:
         self._set_file(new_id, new_doc)
         self._assigned = False
         if drop_old:
-            await settle(self._delete_stored(old))
+            await settle(self._drop_replaced(old))
 
     # -- streaming upload -------------------------------------------------------
 
