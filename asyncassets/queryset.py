@@ -170,7 +170,9 @@ class QuerySet(Generic[T]):
                 raise TypeError(f"filter() takes Q objects and keywords, not {q_obj!r}")
             node = node & q_obj
         clone._query_obj = clone._query_obj & node
-        if not clone._file_conditions and filequery.has_file_conditions(self._document, node):
+        # Called for every filter, so each new file condition is checked (and a bad
+        # one refused) when the queryset is made, not when it runs.
+        if filequery.has_file_conditions(self._document, node):
             clone._file_conditions = True
         return clone
 
