@@ -151,7 +151,9 @@ async def main(spec: dict[str, Any]) -> None:
         try:
             got = await runner.run(n, cmd)
         except Exception as exc:
-            emit({"id": n, "ok": False, "type": type(exc).__name__, "message": str(exc)})
+            key = getattr(exc, "key", None)  # a StorageError's key
+            emit({"id": n, "ok": False, "type": type(exc).__name__, "message": str(exc),
+                  "key": key if isinstance(key, str) else None})  # fmt: skip
         else:
             emit({"id": n, "ok": True, "got": got})
         finally:

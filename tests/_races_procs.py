@@ -58,6 +58,8 @@ def exception_from(report: dict[str, Any]) -> BaseException:
         remote = type(cls.__name__, (cls,), {"__str__": lambda self: message})
         exc = remote.__new__(remote)
         BaseException.__init__(exc, message)
+        if report.get("key") is not None:
+            exc.key = report["key"]  # type: ignore[attr-defined]
         return exc
     return RuntimeError(f"{report.get('type')}: {message}")
 
