@@ -446,6 +446,10 @@ class Op:
     kill_after: float | None = None
     #: A process: "disk full" (RLIMIT_FSIZE below the content's size).
     fault: str | None = None
+    #: Set when this operation's source is read to the end (it commits next) ...
+    signal: asyncio.Event | None = None
+    #: ... which this operation waits for before its delay.
+    wait_for: asyncio.Event | None = None
     trace: list[str] = field(default_factory=list)
     instance: Any = None
     #: A stale reader: the contents its copy held when it was loaded.
@@ -687,7 +691,7 @@ class Races:
                     if roll < 0.15:
                         op.kill_after = rng.random() * 0.004
                         op.pause = max(op.pause, 0.0005)
-                    elif L.disk_full and roll < 0.35:
+                    elif L.disk_full and roll < 0.6:
                         op.fault = "disk full"
                         companions.append(op)
             elif op.kind in READERS and t is not None and t.stale and rng.random() < 0.4:
@@ -700,7 +704,9 @@ class Races:
             other = Op("add_file", (op.doc + 1 + j) % self.ndocs, "files", filename=op.filename)
             other.content = self._content(rng, f"{self.batch_no}.d{j}", True)
             other.pieces = [other.content]
-            other.delay = ("sleep", rng.random() * 0.006)
+            # It goes to its commit when the full disk's upload does, give or take.
+            op.signal = other.wait_for = asyncio.Event()
+            other.pause = rng.random() * 0.002
             ops.append(other)
             self.stats["disk full vs an upload of its name from another document"] += 1
         if L.hostile is not None and rng.random() < L.hostile.rate:
@@ -1001,7 +1007,18 @@ class Races:
 
     async def _op_add_file(self, op: Op) -> None:
         doc = await self._instance(op)
-        await doc.add_file("files", op.content, content_type="text/plain", **self._named(op))
+        source = op.content if op.wait_for is None else self._gated_source(op)
+        await doc.add_file("files", source, content_type="text/plain", **self._named(op))
+
+    async def _gated_source(self, op: Op) -> Any:
+        """All but the last byte at once, the last when ``op.wait_for`` is set: this
+        upload then chooses its key and commits when the other one does."""
+        assert op.content is not None and op.wait_for is not None
+        yield op.content[:-1]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(op.wait_for.wait(), 5)
+        await asyncio.sleep(op.pause)
+        yield op.content[-1:]
 
     async def _op_save(self, op: Op) -> None:
         doc = self.tracked[op.doc].doc
@@ -1048,6 +1065,8 @@ class Races:
         """Run the operation in a worker process, on a copy it loads itself."""
         worker = None if self.workers is None else self.workers.take()
         if worker is None:
+            if op.signal is not None:
+                op.signal.set()
             # No process ready (one is being replaced after a kill): here, as a copy.
             self.stats["process operations run here (no process ready)"] += 1
             op.via = "copy"
@@ -1075,6 +1094,15 @@ class Races:
         if op.kill_after is not None and self.kills_left <= 0:
             op.kill_after = None
         n, result = worker.send(command)
+        relay = None
+        if op.signal is not None:
+            signal = op.signal
+
+            async def relay_source_done() -> None:
+                await worker.event(n, 5.0)
+                signal.set()
+
+            relay = asyncio.ensure_future(relay_source_done())
         try:
             if op.kill_after is not None:
                 if await worker.event(n, 2.0) and not result.done():
@@ -1092,6 +1120,9 @@ class Races:
             report = await asyncio.wait_for(result, 60)
         finally:
             self.workers.give_back(worker)  # type: ignore[union-attr]
+            if relay is not None:
+                relay.cancel()
+                op.signal.set()  # type: ignore[union-attr]
         op.trace.extend(f"proc: {e}" for e in report.get("trace", ()))
         if not report["ok"]:
             raise exception_from(report)
