@@ -101,6 +101,9 @@ class Reservations:
         :returns: ``False`` if the key is reserved already (by a live upload, a
             stored file, a writer that died, or the sweep).
         """
+        return await self._insert(key, file_id, token, "writing")
+
+    async def _insert(self, key: str, file_id: Any, token: str, state: str) -> bool:
         try:
             await self.collection.insert_one(
                 {
@@ -111,7 +114,7 @@ class Reservations:
                     "field": self.field,
                     "file": file_id,
                     "token": token,
-                    "state": "writing",
+                    "state": state,
                     "at": now_as_stored(self.collection),
                 }
             )
@@ -210,23 +213,7 @@ class Reservations:
 
     async def reserve_for_sweep(self, key: str, token: str) -> bool:
         """For the sweep: reserve an orphan object's key before deleting it."""
-        try:
-            await self.collection.insert_one(
-                {
-                    "_id": self.id_of(key),
-                    "place": self.place,
-                    "key": key,
-                    "catalogue": self.catalogue,
-                    "field": self.field,
-                    "file": None,
-                    "token": token,
-                    "state": "sweeping",
-                    "at": now_as_stored(self.collection),
-                }
-            )
-        except DuplicateKeyError:
-            return False
-        return True
+        return await self._insert(key, None, token, "sweeping")
 
     async def reserved(self, keys: list[str]) -> set[str]:
         """Which of ``keys`` are reserved (in any state)."""
