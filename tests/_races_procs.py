@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import itertools
 import json
 import signal
@@ -29,6 +30,14 @@ from bson import ObjectId
 from asyncassets import errors as aa_errors
 
 WORKER_SCRIPT = Path(__file__).parent / "_race_worker.py"
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: Linux SIGKILLs it when the test run dies, so a run
+    killed by a timeout leaves no worker (or ``transfer --forever``) behind."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class ProcessDied(Exception):
@@ -89,7 +98,7 @@ class Worker:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(WORKER_SCRIPT), json.dumps(self.spec),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                limit=2**24,
+                limit=2**24, preexec_fn=die_with_parent,
             )  # fmt: skip
         finally:
             err.close()
