@@ -482,3 +482,26 @@ async def test_a_failed_transfer_by_hand_fails_again_and_stays_failed(
     entry = await store.find(doc.photo.file_id)
     assert entry["transfer"]["state"] == "failed" and entry["transfer"]["attempts"] == 2
     assert await doc.photo.read() == b"queued"  # still served from the spool
+
+
+async def test_a_link_or_a_directory_at_a_free_key_makes_the_upload_take_the_next_key(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    # Found by the race suite: a link at the key is no object (so the key looked
+    # free), but no object can be linked over it either: every upload of the name
+    # failed with KeyTaken instead of taking photo-2.jpg.
+    name = f"promise{next(_names)}"
+    root = tmp_path / name
+    storage = FileSystemStorage(root, key_template="{filename}", collection_name=name,
+                                fsync=False)
+    Doc = doc_class(storage)
+    root.mkdir()
+    (root / "photo.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    (root / "a.txt").mkdir()
+    first = await Doc().save()
+    await first.photo.put(b"a photo", filename="photo.jpg")
+    second = await Doc().save()
+    await second.photo.put(b"a text", filename="a.txt")
+    assert (first.photo.key, second.photo.key) == ("photo-2.jpg", "a-2.txt")
+    assert await first.photo.read() == b"a photo" and await second.photo.read() == b"a text"
+    assert (root / "photo.jpg").is_symlink() and not (tmp_path / "elsewhere.jpg").exists()

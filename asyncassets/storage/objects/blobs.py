@@ -138,6 +138,12 @@ class Blobs(Protocol):
         """The object under ``key``, or ``None`` if there is none."""
         ...
 
+    async def occupied(self, key: str) -> bool:
+        """Whether anything stands under ``key`` that a new object could not be
+        committed over without overwriting (an object; on disk also a link or a
+        directory, which are not objects)."""
+        ...
+
     async def delete(self, key: str, *, version: Any = None) -> bool:
         """Delete the object under ``key`` (only if of ``version``, when given).
 

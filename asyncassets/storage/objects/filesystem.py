@@ -478,6 +478,20 @@ class FileSystemBlobs:
             return None
         return BlobInfo(key, st.st_size, _utc(st.st_mtime), st.st_mtime_ns)
 
+    async def occupied(self, key: str) -> bool:
+        """Whether anything stands under ``key``: a file, or a link, directory, FIFO
+        or socket, which is not an object but which a new object could not be
+        linked over either.
+
+        :raises StorageError: the place cannot be examined.
+        """
+        directories, name = _split(key)
+        examine = functools.partial(self._lstat, directories, name)
+        try:
+            return await self._retrying(functools.partial(_in_thread, examine))
+        except OSError as exc:
+            raise self._error(exc, "examining", key, self._path(key), reading=True) from exc
+
     async def delete(self, key: str, *, version: Any = None) -> bool:
         """Delete the file under ``key`` (only if of ``version``, when given), then
         the directories it leaves empty.
@@ -657,6 +671,25 @@ class FileSystemBlobs:
         finally:
             _close_all(fds)
         return st if stat_module.S_ISREG(st.st_mode) else None
+
+    def _lstat(self, directories: _Names, name: str) -> bool:
+        try:
+            fds = self._walk_to(directories, create=False)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return True  # a link where a directory of the key is: nothing fits
+            if exc.errno in _ABSENT:
+                return False
+            raise
+        try:
+            os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return False
+            raise
+        finally:
+            _close_all(fds)
+        return True
 
     def _remove(self, directories: _Names, name: str, version: Any, *, temp: bool) -> bool:
         """Remove the regular file ``name`` (of ``version``), then prune; ``True`` if removed."""

@@ -495,6 +495,10 @@ class S3Blobs:
             str(token) if token is not None else None,
         )
 
+    async def occupied(self, key: str) -> bool:
+        """Whether an object is under ``key``."""
+        return await self.stat(key) is not None
+
     async def delete(self, key: str, *, version: Any = None) -> bool:
         """DeleteObject, with ``If-Match: <version>`` when the version is given.
 

@@ -290,7 +290,7 @@ class ObjectStore(CatalogueReads):
         field = f"{self.key_field}.key"
         if await self.files.find_one({field: key}, {"_id": 1}) is not None:
             return True
-        return not overwrite and await self.blobs.stat(key) is not None
+        return not overwrite and await self.blobs.occupied(key)
 
     async def delete_object(self, key: str, *, version: Any, file_id: Any) -> None:
         """Delete the object of file ``file_id`` at ``key`` (only of ``version``, when
