@@ -987,8 +987,16 @@ class Races:
                     raise RuntimeError("abandon the upload")
             return
         await proxy.new_file()
-        await proxy.write(op.pieces[0])
-        await self._pause(op)
+        try:
+            await proxy.write(op.pieces[0])  # may fail: a link planted where the key goes
+            await self._pause(op)
+        except UploadClosed:
+            raise  # someone else closed or aborted it: nothing of ours to clean up
+        except BaseException:
+            # As documented: an upload that fails is aborted (as `async with` does).
+            with contextlib.suppress(UploadClosed):
+                await proxy.abort()
+            raise
         await proxy.abort()
 
     async def _op_abort_race(self, op: Op) -> None:

@@ -676,8 +676,8 @@ class FileSystemBlobs:
         try:
             fds = self._walk_to(directories, create=False)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return True  # a link where a directory of the key is: nothing fits
+            # A link or a file where a directory of the key goes: no variant of the
+            # name fits there either; the write says what stands in the way.
             if exc.errno in _ABSENT:
                 return False
             raise
