@@ -7,7 +7,9 @@
   URLs without mounting the app;
 * :class:`ContentPolicy`: which files are shown inline, under which type,
   sandboxed (user content is served safe by default);
-* :func:`run_lifespan`: run an app's lifespan in a test that calls it in-process.
+* :func:`run_lifespan`: run an app's lifespan in a test that calls it in-process;
+* :func:`storage_error_response`: an exception handler that answers a storage
+  or database outage with ``503`` instead of a dropped connection.
 
 See :doc:`/serving`.
 """
@@ -25,6 +27,7 @@ except ImportError as exc:  # the `web` extra is not installed
 
 from ..files.urls import configure_urls
 from .app import files_app
+from .failures import HANDLED_ERRORS, RETRY_AFTER_SECONDS, storage_error_response
 from .lifespan import LifespanFailed, run_lifespan
 from .policy import (
     DEFAULT_POLICY,
@@ -38,8 +41,10 @@ from .response import FileResponse
 
 __all__ = [
     "DEFAULT_POLICY",
+    "HANDLED_ERRORS",
     "INLINE_TYPES",
     "LABELLED_TYPES",
+    "RETRY_AFTER_SECONDS",
     "UNSANDBOXED_TYPES",
     "ContentPolicy",
     "FileResponse",
@@ -48,4 +53,5 @@ __all__ = [
     "configure_urls",
     "files_app",
     "run_lifespan",
+    "storage_error_response",
 ]

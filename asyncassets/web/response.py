@@ -24,6 +24,7 @@ from ..fields import FileProxy
 from ..files.urls import content_disposition, file_name
 from ..storage import Store
 from ..storage.catalogue import compression_of, content_type_of, content_version, original_length
+from .failures import failure_answer
 from .http import ByteRange, Unsatisfiable, etag_matches, http_date, parse_http_date, parse_range
 from .policy import DEFAULT_POLICY, ContentPolicy, MediaType, parse_media_type
 from .reading import RangeReader, same_version, verifies_reads
@@ -167,7 +168,11 @@ class FileResponse(Response):
     * headers only for ``HEAD`` (no byte is read); ``405`` for other methods;
     * ``404`` when the field is empty, its file is missing, or its catalogue
       entry cannot describe a file (no valid length: logged as a warning on the
-      ``asyncassets.web`` logger).
+      ``asyncassets.web`` logger);
+    * ``503`` with ``Retry-After`` when the file's storage or the database cannot
+      be reached (after the storage's retries), ``500`` when the stored bytes
+      are damaged: complete answers, logged, on a connection the client can
+      keep using (see :mod:`asyncassets.web.failures`).
 
     See :mod:`asyncassets.web.http` for how odd and hostile ``Range`` headers are
     treated. Every byte of a response comes from the version of the file its
@@ -296,7 +301,12 @@ class FileResponse(Response):
         if method not in ("GET", "HEAD"):
             await self._plain(send, 405, "Method Not Allowed", [(b"allow", b"GET, HEAD")])
             return
-        found = await self._locate()
+        try:
+            found = await self._locate()
+        except BaseException as exc:
+            if not await self._answer_failure(send, exc):
+                raise
+            return
         if found is None:
             await self._plain(send, 404, "Not Found")
             return
@@ -428,8 +438,11 @@ class FileResponse(Response):
                 first = await anext(pieces)
             except StopAsyncIteration:
                 first = b""
-            except FileNotFound:
-                await self._plain(send, 404, "Not Found")
+            except BaseException as exc:
+                # Nothing is sent yet: answer now, completely, rather than let the
+                # server close a connection the client may reuse (web/failures.py).
+                if not await self._answer_failure(send, exc):
+                    raise
                 return
             await self._send_start(send, status, headers)
             await self._stream(first, pieces, receive, send)
@@ -511,6 +524,15 @@ class FileResponse(Response):
             ],
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _answer_failure(self, send: Send, exc: BaseException) -> bool:
+        """Answer a failure met before the response began; ``False``: raise it."""
+        answer = failure_answer(exc)
+        if answer is None:
+            return False
+        status, text, headers = answer
+        await self._plain(send, status, text, [(b"cache-control", b"no-store"), *headers])
+        return True
 
     async def _body(
         self,
