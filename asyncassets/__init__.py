@@ -54,6 +54,7 @@ from .errors import (
     GridFSError,
     IntegrityError,
     PendingFileMissing,
+    StorageConflict,
     UploadClosed,
     UploadInterrupted,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "Q",
     "QuerySet",
     "SaveConditionError",
+    "StorageConflict",
     "SweepReport",
     "UploadClosed",
     "UploadInterrupted",

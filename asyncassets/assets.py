@@ -68,6 +68,7 @@ from .filequery import entry_filter, entry_sort
 from .files.names import FilenameTemplate
 from .files.proxy import FileProxy
 from .files.rules import UploadGuard, UploadRules
+from .schema import add_declarations, declared_file_storages, storage_conflict
 from .storage import GridFSStorage, Storage, Store
 from .storage.catalogue import content_type_of, original_length, user_metadata
 from .storage.objects.keys import KeyMaker
@@ -137,6 +138,10 @@ def asset_catalogues() -> dict[tuple[str, str], dict[Storage, list[str]]]:
         if repr(manager) not in labels:
             labels.append(repr(manager))
     return found
+
+
+# A document class declared later is checked against the managers' catalogues too.
+add_declarations(asset_catalogues)
 
 
 async def assets_in_use(files: Any, entries: Iterable[Mapping[str, Any]]) -> set[Any]:
@@ -262,6 +267,8 @@ class AssetManager:
         what uploads accept and how they are stored, as ``FileField``'s options
         (:class:`~asyncassets.files.rules.UploadRules`).
     :raises TypeError, ValueError: an option is wrong.
+    :raises StorageConflict: a document class (or another manager) gives the
+        catalogue ``storage.collection_name`` another storage.
     """
 
     def __init__(
@@ -300,6 +307,14 @@ class AssetManager:
             filename_template=filename_template,
             compress=compress,
         )
+        target = (alias, storage.collection_name)
+        declared = declared_file_storages().get(target, {})
+        if declared and storage not in declared:
+            raise storage_conflict(
+                target, {**declared, storage: [repr(self)]},
+                hint=f" (say, {type(storage).__name__}(..., collection_name="
+                f"{storage.collection_name + '_assets'!r}) for this manager)",
+            )
         self.indexes: list[list[tuple[str, int]]] = []
         for spec in indexes:
             keys = [spec] if isinstance(spec, str) else list(spec)

@@ -37,8 +37,10 @@ from mongoengine.queryset import transform
 from . import references
 from .connection import DEFAULT_ALIAS, get_client, get_db
 from .connection import _lookup as _connection
+from .errors import StorageConflict
 from .fields import _LOADING
 from .queryset import QuerySet, QuerySetManager, with_write_concern
+from .schema import check_declared_storages
 
 if TYPE_CHECKING:
     from pymongo.asynchronous.collection import AsyncCollection
@@ -266,11 +268,23 @@ class Document(mongoengine.Document):
     # no type information).
     _created: bool
     _changed_fields: list[str]
+    #: Set on a class whose declaration was refused (StorageConflict).
+    _asyncassets_refused: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for field in cls._fields.values():
             _disable_auto_dereference(field)
+        if not cls._meta.get("abstract"):
+            try:
+                # At declaration, not at the first request or sweep: a catalogue
+                # belongs to one storage.
+                check_declared_storages(cls)
+            except StorageConflict:
+                # The class object exists until collected; the sweep and the
+                # check must not count it meanwhile.
+                cls._asyncassets_refused = True
+                raise
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

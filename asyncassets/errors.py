@@ -47,8 +47,10 @@ __all__ = [
     "LifespanFailed",
     "PendingFileMissing",
     "PillowMissing",
+    "ServerBinaryMissing",
     "SignatureInvalid",
     "SignedURLError",
+    "StorageConflict",
     "StorageError",
     "StoredObjectChanged",
     "StoredObjectMissing",
@@ -76,6 +78,19 @@ class WrongEventLoop(AsyncAssetsError, RuntimeError):
 
 class EmbeddedServerError(AsyncAssetsError, RuntimeError):
     """The local database server could not be started, reached or stopped."""
+
+
+class ServerBinaryMissing(EmbeddedServerError):
+    """No server to start: neither ``mongod`` on ``PATH`` nor SecantusDB installed
+    (``pip install 'asyncassets[embedded]'``), or not the binary asked for.
+
+    :ivar reason: what is missing, without the advice on installing a server
+        that the message adds.
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class CLIError(AsyncAssetsError):
@@ -251,6 +266,19 @@ class StorageError(AsyncAssetsError):
         self.storage = storage
         self.key = key
         self.transient = transient
+
+
+class StorageConflict(AsyncAssetsError, ValueError):
+    """Two declarations give one catalogue different storages.
+
+    A catalogue (``<collection_name>.files`` on one connection alias) belongs to
+    one storage. Raised when a document class, or an
+    :class:`~asyncassets.assets.AssetManager`, is declared with a field whose
+    storage differs from the one another declaration gives the same catalogue;
+    and by the sweep, the check and ``files_app`` when they meet such
+    declarations. The message names the declarations and their storages: give
+    them equal storages, or one of them its own ``collection_name``.
+    """
 
 
 class StoredObjectMissing(StorageError, LookupError):

@@ -10,7 +10,7 @@ class it allows, or every registered one), at any depth.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mongoengine
@@ -23,19 +23,35 @@ from mongoengine.fields import (
     ListField,
 )
 
+from .connection import DEFAULT_ALIAS
+from .errors import StorageConflict
 from .fields import FileField
+from .storage import Storage
 
 __all__ = [
+    "DeclaredStorages",
+    "add_declarations",
     "all_embedded",
     "cascade_fields",
+    "check_declared_storages",
     "class_and_subclasses",
+    "declared_file_storages",
     "document_classes",
     "embedded_classes",
     "fields_with_files",
     "file_field_names",
     "file_paths",
     "holds_files",
+    "storage_conflict",
 ]
+
+#: ``{(alias, collection_name): {storage: [who declares it]}}``: the storage each
+#: declaration (``Class.path`` of a field, or an asset manager) gives a catalogue.
+DeclaredStorages = dict[tuple[str, str], dict[Storage, list[str]]]
+
+#: Declarations of catalogues made by other things than document classes (the
+#: asset managers, :mod:`asyncassets.assets`, which sits above this module).
+_other_declarations: list[Callable[[], DeclaredStorages]] = []
 
 
 def document_classes() -> list[Any]:
@@ -63,6 +79,7 @@ def document_classes() -> list[Any]:
         for cls in found.values()
         if hasattr(cls, "_switch_file_reference")
         and not cls._meta.get("abstract")
+        and not cls.__dict__.get("_asyncassets_refused")
         and cls._get_collection_name()
     ]
 
@@ -205,3 +222,93 @@ def file_field_names(doc_cls: Any) -> list[str]:
         if isinstance(field, FileField) or isinstance(inner, FileField):
             names.append(name)
     return names
+
+
+# -- which storage each catalogue has --------------------------------------------------
+
+
+def _declared_by(cls: Any, into: DeclaredStorages) -> None:
+    """Add the catalogues the file fields of document class ``cls`` declare."""
+    doc_alias = cls._meta.get("db_alias") or DEFAULT_ALIAS
+    for top in cls._fields.values():
+        for segments, _queryable, file_field in file_paths(top):
+            target = (file_field.db_alias or doc_alias, file_field.collection_name)
+            names = into.setdefault(target, {}).setdefault(file_field.storage, [])
+            name = f"{cls._class_name}.{'.'.join(segments)}"
+            if name not in names:
+                names.append(name)
+
+
+def add_declarations(source: Callable[[], DeclaredStorages]) -> None:
+    """Count the catalogues ``source()`` declares, besides the document classes'
+    (how :mod:`asyncassets.assets` adds its managers'), in
+    :func:`declared_file_storages` and :func:`check_declared_storages`."""
+    if source not in _other_declarations:
+        _other_declarations.append(source)
+
+
+def declared_file_storages(exclude: Any = None) -> DeclaredStorages:
+    """The storages the registered document classes and the other declarations
+    (asset managers) give each catalogue, and who gives them.
+
+    ``exclude``: a document class left out, with any class of the same module and
+    name (an earlier version of it, from a module reloaded).
+    """
+    same = (exclude.__module__, exclude.__qualname__) if exclude is not None else None
+    found: DeclaredStorages = {}
+    for cls in document_classes():
+        if cls is not exclude and (cls.__module__, cls.__qualname__) != same:
+            _declared_by(cls, found)
+    for source in _other_declarations:
+        for target, declared in source().items():
+            for storage, labels in declared.items():
+                known = found.setdefault(target, {}).setdefault(storage, [])
+                known.extend(label for label in labels if label not in known)
+    return found
+
+
+def storage_conflict(
+    target: tuple[str, str], declared: dict[Storage, list[str]], *, hint: str = ""
+) -> StorageConflict:
+    """The error for catalogue ``target`` declared with the storages ``declared``."""
+    alias, name = target
+    who = "; ".join(
+        f"{', '.join(labels)} {'declare' if len(labels) > 1 else 'declares'} {storage!r}"
+        for storage, labels in declared.items()
+    )
+    return StorageConflict(
+        f"catalogue {name!r} (alias {alias!r}) is declared with different storages: "
+        f"{who}. One catalogue belongs to one storage: give the fields equal storages, "
+        f"or one of them another collection_name{hint}"
+    )
+
+
+def check_declared_storages(new: Any) -> None:
+    """Refuse a declaration that gives a catalogue another storage than it has.
+
+    ``new`` is a document class being declared. Its file fields are compared with
+    each other, with every other registered class and with the asset managers;
+    a class of the same module and name as ``new`` is taken to be an earlier
+    version of it (a module reloaded) and is left out.
+
+    :raises StorageConflict: a catalogue would have two storages; the message
+        names the declarations and what to write.
+    """
+    mine: DeclaredStorages = {}
+    _declared_by(new, mine)
+    if not mine:
+        return
+    others = declared_file_storages(exclude=new)
+    for target, declared in sorted(mine.items()):
+        merged = {storage: list(labels) for storage, labels in others.get(target, {}).items()}
+        for storage, labels in declared.items():
+            merged.setdefault(storage, []).extend(labels)
+        if len(merged) > 1:
+            known = others.get(target, {})
+            _storage, labels = next(
+                ((s, ls) for s, ls in declared.items() if s not in known),
+                next(iter(declared.items())),
+            )
+            suggestion = f"{target[1]}_{labels[0].rsplit('.', 1)[-1]}"
+            hint = f" (say, collection_name={suggestion!r} for the storage of {labels[0]})"
+            raise storage_conflict(target, merged, hint=hint)

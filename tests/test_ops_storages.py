@@ -23,7 +23,7 @@ from bson import ObjectId
 from mongoengine.base.common import _document_registry
 
 from asyncassets import Document
-from asyncassets.errors import StorageError
+from asyncassets.errors import StorageConflict, StorageError
 from asyncassets.fields import FileField, ListField
 from asyncassets.ops import check, declared_storages, sweep_orphans
 from asyncassets.storage import FileSystemStorage, GridFSStorage, S3Storage, Storage
@@ -349,19 +349,47 @@ async def test_an_undeclared_object_catalogue_is_not_checked_as_a_gridfs_bucket(
     assert await _catalogued(store, doc["_id"]) and await _present(store, _key(doc))
 
 
-async def test_two_storages_declared_for_one_catalogue_are_refused(
+async def test_a_class_giving_a_declared_catalogue_another_storage_is_refused(
     asyncassets_db, declare, tmp_path: Path
 ):
     name = f"st_{_suffix()}"
     directory = FileSystemStorage(tmp_path / "media", collection_name=name)
     OnDisk = declare(directory)
-    InGridFS = declare(GridFSStorage(name))
+    with pytest.raises(StorageConflict) as raised:
+        declare(GridFSStorage(name))
+    message = str(raised.value)
+    assert f"catalogue {name!r}" in message and f"{OnDisk._class_name}.f" in message
+    assert directory.url in message and f"gridfs:{name}" in message
+    assert f"collection_name='{name}_f'" in message  # what to write
+    # The refused class is not counted: the sweep and the check work as before.
+    assert declared_storages()[("default", name)] == directory
+    assert (await check(buckets=[name])).ok
+
+
+def _made_by_one_function(storage: Storage, suffix: str) -> Any:
+    # Classes made by one function share a module and a name: each is taken for a
+    # new version of the other (a module reloaded), so declaring is not refused.
+    class Doc(Document):
+        f = FileField(storage=storage)
+        many = ListField(FileField(storage=storage))
+        meta = {"collection": f"store_docs_{suffix}", "auto_create_index": False}
+
+    return Doc
+
+
+async def test_two_storages_declared_for_one_catalogue_are_refused_by_sweep_and_check(
+    asyncassets_db, tmp_path: Path
+):
+    name = f"st_{_suffix()}"
+    directory = FileSystemStorage(tmp_path / "media", collection_name=name)
+    OnDisk = _made_by_one_function(directory, _suffix())
+    InGridFS = _made_by_one_function(GridFSStorage(name), _suffix())
     for call in (
         sweep_orphans(grace=0, buckets=[name]),
         check(buckets=[name]),
         check(),
     ):
-        with pytest.raises(ValueError) as raised:
+        with pytest.raises(StorageConflict) as raised:
             await call
         message = str(raised.value)
         assert f"catalogue {name!r}" in message

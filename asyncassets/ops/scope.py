@@ -8,7 +8,9 @@ declare. Aliases that may share a database see one another's references, so a
 file referenced through either is never an orphan.
 
 One catalogue belongs to one storage: two fields naming the same catalogue with
-different storages make the sweep and the check refuse (``ValueError``). And one
+different storages make the sweep and the check refuse
+(:class:`~asyncassets.errors.StorageConflict`, a ``ValueError``; declaring such
+classes is refused already, unless they are made by one function). And one
 place of stored objects belongs to one catalogue: when several declared
 catalogues keep their objects in the same directory or bucket prefix (or one
 inside another's), an object is kept while any of them names it.
@@ -22,11 +24,11 @@ from dataclasses import field as dataclass_field
 from typing import Any
 
 from ..connection import DEFAULT_ALIAS, _connections, get_db, registered_aliases
-from ..errors import ConnectionNotRegistered
-from ..schema import document_classes, file_paths
+from ..errors import ConnectionNotRegistered, StorageConflict
+from ..schema import document_classes, file_paths, storage_conflict
 from ..storage import FileSystemStorage, GridFSStorage, QueuedStorage, S3Storage, Storage
 
-__all__ = ["declared_buckets", "declared_storages"]
+__all__ = ["declared_buckets", "declared_storage", "declared_storages"]
 
 
 @dataclass(frozen=True)
@@ -127,29 +129,36 @@ def declared_buckets() -> list[tuple[str, str]]:
 def declared_storages() -> dict[tuple[str, str], Storage]:
     """The storage of each ``(alias, catalogue name)`` registered classes declare.
 
-    :raises ValueError: two fields declare different storages for one catalogue.
+    :raises StorageConflict: (a ``ValueError``) two fields declare different
+        storages for one catalogue.
     """
     _refs, storages = _declarations()
     return {target: _storage_of(target, storages) for target in sorted(storages)}
 
 
-def _conflict(target: _Target, declared: dict[Storage, list[str]]) -> ValueError:
-    alias, name = target
-    who = "; ".join(
-        f"{', '.join(fields)} {'declare' if len(fields) > 1 else 'declares'} {storage!r}"
-        for storage, fields in declared.items()
-    )
-    return ValueError(
-        f"catalogue {name!r} (alias {alias!r}) is declared with different storages: "
-        f"{who}. One catalogue belongs to one storage: give the fields equal storages, "
-        "or one of them another collection_name"
-    )
+def _conflict(target: _Target, declared: dict[Storage, list[str]]) -> StorageConflict:
+    return storage_conflict(target, declared)
+
+
+def declared_storage(alias: str, name: str) -> Storage | None:
+    """The storage declared for catalogue ``name`` on ``alias``, or ``None`` when
+    no document class or asset manager declares it.
+
+    Unlike :func:`declared_storages`, a conflict on another catalogue does not
+    matter here.
+
+    :raises StorageConflict: declarations give this catalogue different storages.
+    """
+    _refs, storages = _declarations()
+    if not storages.get((alias, name)):
+        return None
+    return _storage_of((alias, name), storages)
 
 
 def _storage_of(target: _Target, storages: _StorageMap) -> Storage:
     """The one storage declared for ``target``; GridFS for an undeclared bucket.
 
-    :raises ValueError: fields declare different storages for it.
+    :raises StorageConflict: fields declare different storages for it.
     """
     declared = storages.get(target)
     if not declared:

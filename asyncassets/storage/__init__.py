@@ -9,7 +9,15 @@ stores the bytes in the GridFS spec's chunks, :mod:`.objects` in a directory or
 a bucket; :mod:`.read` is the one way stored bytes are read back.
 """
 
-from .base import FileSystemStorage, GridFSStorage, S3Storage, Storage, Store, Upload
+from .base import (
+    FileSystemStorage,
+    GridFSStorage,
+    S3Storage,
+    Storage,
+    Store,
+    Upload,
+    default_collection_name,
+)
 from .gridfs import (
     DEFAULT_BUFFER_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -37,4 +45,5 @@ __all__ = [
     "Store",
     "Upload",
     "UploadStream",
+    "default_collection_name",
 ]

@@ -19,14 +19,22 @@ bucket. Both answer the same calls (``open_upload``, ``upload``, ``find``,
 ``find_many``, ``open_download``, ``read``, ``delete``), so the file proxy, the
 read path, the sweep and the check are written once for every storage.
 
-One catalogue belongs to one storage: two fields that name the same
-``collection_name`` on the same database must declare equal storages (the
-sweep and the check refuse otherwise, saying which fields disagree).
+One catalogue belongs to one storage, so each place has a catalogue of its own by
+default: ``fs`` for GridFS (its bucket), ``fs_local_<directory name>`` for a
+directory, ``fs_s3_<bucket>[_<prefix>]`` for S3 and
+``fs_queued_[<local directory name>_]<remote>`` for a queued storage
+(:func:`default_collection_name`). Two fields that name the same
+``collection_name`` on the same database must declare equal storages: declaring
+a document class that disagrees with one declared before raises
+:class:`~asyncassets.errors.StorageConflict`, saying which fields disagree and
+what to write.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -49,6 +57,7 @@ __all__ = [
     "Storage",
     "Store",
     "Upload",
+    "default_collection_name",
 ]
 
 
@@ -97,6 +106,60 @@ class Store(Protocol):
     async def delete(self, file_id: Any) -> bool: ...
 
 
+#: Characters a default catalogue name keeps from a directory, bucket or prefix.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+#: The longest part a default catalogue name takes from one place (MongoDB caps a
+#: namespace, ``<database>.<collection>.files``, at 255 bytes).
+_MAX_PART = 60
+
+
+def _slug(text: str) -> str:
+    """``text`` cut down to letters, digits, ``-`` and ``_`` (runs of anything else
+    become one ``_``); a long one is cut and given a hash of the whole, so two
+    places never share a name by being cut alike."""
+    slug = _UNSAFE.sub("_", text).strip("_")
+    if len(slug) > _MAX_PART:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        slug = f"{slug[:_MAX_PART - 9]}_{digest}"
+    return slug
+
+
+def _place_part(storage: Storage) -> str:
+    """What tells a directory or S3 place apart in a default catalogue name: the
+    directory's own name; the bucket and the prefix."""
+    if isinstance(storage, FileSystemStorage):
+        return _slug(os.path.basename(storage.root.rstrip("/")))
+    if isinstance(storage, S3Storage):
+        return "_".join(p for p in (_slug(storage.bucket), _slug(storage.prefix)) if p)
+    return ""
+
+
+def default_collection_name(storage: Storage) -> str:
+    """The catalogue a storage gets when no ``collection_name`` is given.
+
+    Named after where the bytes are, so storages declared the natural way never
+    share a catalogue:
+
+    * ``GridFSStorage()``: ``fs``;
+    * ``FileSystemStorage("/srv/media/avatars")``: ``fs_local_avatars``;
+    * ``S3Storage("media")``: ``fs_s3_media``, and with ``prefix="trailers/"``:
+      ``fs_s3_media_trailers``;
+    * ``QueuedStorage(local=FileSystemStorage("/var/spool/up"),
+      remote=S3Storage("media", prefix="trailers/"))``:
+      ``fs_queued_up_media_trailers``; with ``local=GridFSStorage()``:
+      ``fs_queued_media_trailers``.
+
+    A directory is named by its last part only, so moving it (``~/app/avatars``
+    in development, ``/srv/app/avatars`` in production) keeps its catalogue. Two
+    directories of the same name, or one bucket and prefix on two S3 endpoints,
+    get the same name: declaring both is refused
+    (:class:`~asyncassets.errors.StorageConflict`), and one of them needs a
+    ``collection_name``. Characters other than letters, digits, ``-`` and ``_``
+    become ``_``.
+    """
+    return storage._default_name()
+
+
 def _collection_name(value: Any) -> str:
     if not isinstance(value, str) or not value or "$" in value or "\0" in value:
         raise ValueError(
@@ -119,6 +182,10 @@ class Storage:
     def bind(self, db: Any) -> Store:
         """The store of this storage on database ``db`` (no I/O)."""
         raise NotImplementedError
+
+    def _default_name(self) -> str:
+        """The ``collection_name`` of this storage when none is given."""
+        return "fs"
 
     @property
     def url(self) -> str:
@@ -179,12 +246,15 @@ class _ObjectStorage(Storage):
     def __init__(
         self,
         *,
-        collection_name: str,
+        collection_name: str | None,
         key_template: KeyTemplate,
         overwrite: bool,
         retry: Retry | None,
     ) -> None:
-        self.collection_name = _collection_name(collection_name)
+        # Subclasses set where the bytes are first: the default name comes from it.
+        self.collection_name = _collection_name(
+            default_collection_name(self) if collection_name is None else collection_name
+        )
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite must be True or False, not {overwrite!r}")
         if retry is not None and not isinstance(retry, Retry):
@@ -211,6 +281,11 @@ class _ObjectStorage(Storage):
     def bind(self, db: Any) -> ObjectStore:
         return ObjectStore(db, self)
 
+    def _default_name(self) -> str:
+        kind = "fs_local" if isinstance(self, FileSystemStorage) else "fs_s3"
+        part = _place_part(self)
+        return f"{kind}_{part}" if part else kind
+
 
 class FileSystemStorage(_ObjectStorage):
     """Bytes in files under a local directory; MongoDB keeps the catalogue.
@@ -223,7 +298,11 @@ class FileSystemStorage(_ObjectStorage):
         string with ``{date:%Y/%m}``, ``{uuid}``, ``{ext}``, ``{field}``, ``{id}``
         and ``{filename}`` (sanitised), or a callable ``(document, filename) -> key``;
         see :doc:`/storage`.
-    :param collection_name: the catalogue is ``<collection_name>.files``.
+    :param collection_name: the catalogue is ``<collection_name>.files``; by
+        default ``fs_local_<the directory's name>`` (see
+        :func:`default_collection_name`). Before 0.1.0 the default was
+        ``fs_local``: pass ``collection_name="fs_local"`` to keep the files
+        catalogued there.
     :param overwrite: replace an existing file at a new key (``False``: a taken key
         gets another one, never overwritten).
     :param retry: how transient errors are retried (default: no retry; local disks
@@ -239,21 +318,21 @@ class FileSystemStorage(_ObjectStorage):
         root: str | os.PathLike[str],
         *,
         key_template: KeyTemplate = DEFAULT_KEY_TEMPLATE,
-        collection_name: str = "fs_local",
+        collection_name: str | None = None,
         overwrite: bool = False,
         retry: Retry | None = None,
         fsync: bool = True,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
             raise TypeError(f"root must be a directory path, not {root!r}")
+        self.root = os.path.abspath(os.fspath(root))
+        self.fsync = bool(fsync)
         super().__init__(
             collection_name=collection_name,
             key_template=key_template,
             overwrite=overwrite,
             retry=retry if retry is not None else Retry(attempts=1),
         )
-        self.root = os.path.abspath(os.fspath(root))
-        self.fsync = bool(fsync)
 
     @property
     def url(self) -> str:
@@ -283,7 +362,11 @@ class S3Storage(_ObjectStorage):
     :param region: the region to sign for; the environment's if ``None``.
     :param access_key_id, secret_access_key, session_token: credentials; the
         usual AWS environment variables if ``None``.
-    :param key_template, collection_name, overwrite: as :class:`FileSystemStorage`.
+    :param key_template, overwrite: as :class:`FileSystemStorage`.
+    :param collection_name: the catalogue is ``<collection_name>.files``; by
+        default ``fs_s3_<bucket>[_<prefix>]`` (see :func:`default_collection_name`).
+        Before 0.1.0 the default was ``fs_s3``: pass ``collection_name="fs_s3"``
+        to keep the files catalogued there.
     :param retry: how transient errors (timeouts, 5xx, throttling) are retried.
     :param part_size: multipart part size, at least 5 MiB (S3's minimum).
     :param public_url: where the bucket is served publicly (a CDN, or a provider's
@@ -305,7 +388,7 @@ class S3Storage(_ObjectStorage):
         secret_access_key: str | None = None,
         session_token: str | None = None,
         key_template: KeyTemplate = DEFAULT_KEY_TEMPLATE,
-        collection_name: str = "fs_s3",
+        collection_name: str | None = None,
         overwrite: bool = False,
         retry: Retry | None = None,
         part_size: int = 8 * 1024 * 1024,
@@ -332,14 +415,14 @@ class S3Storage(_ObjectStorage):
             raise ValueError(
                 f"part_size must be an int of at least 5 MiB (S3's minimum), not {part_size!r}"
             )
+        self.bucket = bucket
+        self.prefix = prefix
         super().__init__(
             collection_name=collection_name,
             key_template=key_template,
             overwrite=overwrite,
             retry=retry,
         )
-        self.bucket = bucket
-        self.prefix = prefix
         self.endpoint_url = endpoint_url
         self.region = region
         self._credentials = (access_key_id, secret_access_key, session_token)

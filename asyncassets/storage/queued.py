@@ -87,7 +87,7 @@ from ..errors import (
     StoredObjectMissing,
     TransferFailed,
 )
-from .base import FileSystemStorage, GridFSStorage, Storage, Upload, _ObjectStorage
+from .base import FileSystemStorage, GridFSStorage, Storage, Upload, _ObjectStorage, _place_part
 from .catalogue import read_range
 from .entries import CatalogueReads
 from .gridfs import GridBucket
@@ -189,7 +189,13 @@ class QueuedStorage(Storage):
         it; workers renew every third of it, and a worker that died is replaced
         once it ran out.
     :param collection_name: the catalogue is ``<collection_name>.files`` (and a
-        GridFS local copy's chunks ``<collection_name>.chunks``).
+        GridFS local copy's chunks ``<collection_name>.chunks``); by default
+        ``fs_queued_[<local directory's name>_]<remote>``, e.g.
+        ``fs_queued_spool_media_photos`` for a spool directory and the S3 bucket
+        ``media``, prefix ``photos/`` (see
+        :func:`~asyncassets.storage.base.default_collection_name`). Before 0.1.0
+        the default was ``fs_queued``: pass ``collection_name="fs_queued"`` to
+        keep the files catalogued there.
     """
 
     kind = "queued"
@@ -205,7 +211,7 @@ class QueuedStorage(Storage):
         retry_delay: float = 60.0,
         max_retry_delay: float = 3600.0,
         lease: float = 60.0,
-        collection_name: str = "fs_queued",
+        collection_name: str | None = None,
     ) -> None:
         from .base import _collection_name
 
@@ -233,9 +239,11 @@ class QueuedStorage(Storage):
                 raise TypeError(f"{name} must be True or False, not {value!r}")
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an int of at least 1, not {max_attempts!r}")
-        self.collection_name = _collection_name(collection_name)
         self.local = local
         self.remote = remote
+        self.collection_name = _collection_name(
+            self._default_name() if collection_name is None else collection_name
+        )
         self.delete_local = delete_local
         self.delayed = delayed
         self.max_attempts = max_attempts
@@ -253,6 +261,10 @@ class QueuedStorage(Storage):
     @property
     def url(self) -> str:
         return f"queued:{self.local.url}->{self.remote.url}"
+
+    def _default_name(self) -> str:
+        parts = ("fs_queued", _place_part(self.local), _place_part(self.remote))
+        return "_".join(p for p in parts if p)
 
     def _identity(self) -> tuple[Any, ...]:
         # Where files are; the queue's settings do not change that.

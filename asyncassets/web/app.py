@@ -13,7 +13,7 @@ from starlette.routing import Route, Router
 from ..connection import get_db
 from ..errors import SignatureInvalid, StorageError, URLExpired
 from ..files.urls import configure_urls, read_token, url_config
-from ..ops.scope import declared_storages
+from ..ops.scope import declared_storage
 from ..storage import GridFSStorage, Storage, Store
 from ..storage.objects.store import location_key
 from .policy import DEFAULT_POLICY, ContentPolicy
@@ -50,17 +50,23 @@ class _Storages:
 
     def __init__(self, given: Iterable[Storage]) -> None:
         self._given = {storage.collection_name: storage for storage in given}
-        self._declared: dict[tuple[str, str], Storage] | None = None
         self._bound: dict[tuple[str, str], tuple[Any, Storage, Store]] = {}
 
-    def find(self, alias: str, collection: str) -> Storage:
+    def find(self, alias: str, collection: str) -> tuple[Storage, bool]:
+        """The storage of a catalogue, and whether it was given or declared.
+
+        Looked up at the first request of each catalogue, not when the app is
+        built (document classes may be declared after it), and for that one
+        catalogue: declarations that disagree about another do not matter here.
+
+        :raises StorageConflict: declarations give this catalogue different storages.
+        """
         if collection in self._given:
-            return self._given[collection]
-        if self._declared is None or (alias, collection) not in self._declared:
-            # Declared lazily, and again on a miss: document classes may be
-            # defined after the app was built.
-            self._declared = declared_storages()
-        return self._declared.get((alias, collection)) or GridFSStorage(collection)
+            return self._given[collection], True
+        declared = declared_storage(alias, collection)
+        if declared is None:
+            return GridFSStorage(collection), False
+        return declared, True
 
     def bound(self, alias: str, collection: str) -> tuple[Storage, Store]:
         """The storage of a catalogue and its store on the alias's database now.
@@ -73,9 +79,9 @@ class _Storages:
         kept = self._bound.get((alias, collection))
         if kept is not None and kept[0] is db:
             return kept[1], kept[2]
-        storage = self.find(alias, collection)
+        storage, known = self.find(alias, collection)
         store = storage.bind(db)
-        if collection in self._given or (alias, collection) in (self._declared or {}):
+        if known:
             # Not the GridFS taken for an undeclared catalogue: a class declared
             # later must still be found.
             self._bound[(alias, collection)] = (db, storage, store)
