@@ -60,6 +60,21 @@ credentials explicitly; ``~/.aws`` is never read.
     ``options``, the keyword arguments of ``S3Storage``). Its pending uploads,
     its objects and the bucket itself are deleted after the test.
 
+Document classes declared in a test are forgotten when it ends. The sweep, the
+check and ``files_app`` work on every Document class alive in the process, so
+a class a test declares (inside the test function, a fixture or a helper,
+whose directory is gone after the test or whose catalogue another test gives
+another storage) would otherwise be counted by every later test; and declaring
+a class whose field gives a catalogue another storage than an earlier class
+does is refused (:class:`~asyncassets.errors.StorageConflict`). After each test
+the plugin takes out of mongoengine's registry the classes the test added or
+replaced there, unless a module holds them as a global (a models module
+imported during the test stays imported and registered), then runs the garbage
+collector so they are gone. To keep the classes a test declares, mark it
+``@pytest.mark.asyncassets_keep_document_classes``; to keep them for the whole
+suite, set ``asyncassets_forget_document_classes = false`` in the ``[pytest]``
+(or ``[tool.pytest.ini_options]``) configuration.
+
 The async fixtures are declared with ``pytest_asyncio.fixture``, so they work in
 pytest-asyncio's ``auto`` and ``strict`` modes alike; in strict mode mark the
 tests themselves with ``@pytest.mark.asyncio``. They run in the test's event
@@ -70,8 +85,10 @@ one loop, so a test with another ``loop_scope`` should call
 
 from __future__ import annotations
 
+import gc
 import os
 import re
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -79,6 +96,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from mongoengine.base.common import _document_registry
 from pymongo.errors import ConnectionFailure
 
 from ._s3server import (
@@ -102,6 +120,7 @@ __all__ = [
     "asyncassets_s3_server",
     "asyncassets_server",
     "asyncassets_server_uri",
+    "forget_document_classes",
     "unique_db_name",
 ]
 
@@ -119,6 +138,69 @@ def unique_db_name(hint: str = "test") -> str:
     """
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", hint).strip("_")[:_MAX_SLUG] or "test"
     return f"aa_{slug}_{uuid.uuid4().hex[:12]}"
+
+
+_FORGET_INI = "asyncassets_forget_document_classes"
+_KEEP_MARK = "asyncassets_keep_document_classes"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """The ``asyncassets_forget_document_classes`` ini option (default: true)."""
+    parser.addini(
+        _FORGET_INI,
+        "forget the Document classes each test declares when it ends (asyncassets)",
+        type="bool",
+        default=True,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``asyncassets_keep_document_classes`` marker."""
+    config.addinivalue_line(
+        "markers",
+        f"{_KEEP_MARK}: keep the Document classes this test declares after it ends",
+    )
+
+
+def _module_global(cls: Any) -> bool:
+    """Whether ``cls`` is a global of its module (a models module's class)."""
+    module = sys.modules.get(getattr(cls, "__module__", ""))
+    return module is not None and vars(module).get(cls.__name__) is cls
+
+
+def forget_document_classes(before: dict[str, Any]) -> list[str]:
+    """Put mongoengine's class registry back as ``before`` had it, but for the
+    classes a module holds as globals; return the names taken out or put back.
+
+    What the plugin does after each test (``before`` being a copy of
+    ``mongoengine.base.common._document_registry`` taken when the test began).
+    """
+    changed = [
+        name for name, cls in list(_document_registry.items())
+        if before.get(name) is not cls and not _module_global(cls)
+    ]
+    for name in changed:
+        if name in before:
+            _document_registry[name] = before[name]
+        else:
+            del _document_registry[name]
+    if changed:
+        # Classes hold reference cycles: until collected, __subclasses__() still
+        # lists them, and the sweep finds classes there too.
+        gc.collect()
+    return changed
+
+
+@pytest.fixture(autouse=True)
+def _asyncassets_forget_document_classes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Forget the Document classes the test declared, when it ends (see above)."""
+    forget = request.config.getini(_FORGET_INI) and (
+        request.node.get_closest_marker(_KEEP_MARK) is None
+    )
+    before = dict(_document_registry)
+    yield
+    if forget:
+        forget_document_classes(before)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -171,3 +171,79 @@ def test_teardown_survives_a_server_killed_and_restarted_by_the_test(inner, monk
     )
     result = _run(inner, "auto")
     result.assert_outcomes(passed=3, errors=0)
+
+
+# Document classes declared in one test, seen (or not) by the next ones. The first
+# test's directory is gone once it ends: its class, still counted, would make every
+# later sweep work on a directory that is no more, and a class giving a catalogue
+# another storage would be refused at declaration.
+_CLASSES_SUITE = """
+import pytest
+
+from asyncassets import Document, check, sweep_orphans
+from asyncassets.fields import FileField
+from asyncassets.schema import document_classes
+from asyncassets.storage import FileSystemStorage
+
+import models  # a models module imported by a test: its class stays
+
+MARK_FIRST
+async def test_declares_a_class(asyncassets_db, tmp_path):
+    class Scratch(Document):
+        f = FileField(storage=FileSystemStorage(tmp_path / "media", collection_name="media"))
+
+    doc = Scratch()
+    await doc.f.put(b"bytes")
+    await doc.save()
+    assert Scratch in document_classes()
+
+MARK_SECOND
+async def test_the_next_test_does_not_see_it(asyncassets_db, tmp_path):
+    assert [c.__name__ for c in document_classes()] == EXPECTED
+    # The same catalogue on another directory: refused only if Scratch is still counted.
+    class Other(Document):
+        f = FileField(storage=FileSystemStorage(tmp_path / "other", collection_name="media"))
+
+    assert (await sweep_orphans(grace=0)).files_deleted == 0
+    assert (await check()).ok
+"""
+
+_MODELS = """
+from asyncassets import Document
+from asyncassets.fields import FileField
+
+class Kept(Document):
+    f = FileField()
+"""
+
+
+def _classes_suite(inner: pytest.Pytester, first: str, second: str, expected: str) -> None:
+    inner.makepyfile(
+        models=_MODELS,
+        test_inner=_CLASSES_SUITE.replace("MARK_FIRST", first)
+        .replace("MARK_SECOND", second)
+        .replace("EXPECTED", expected),
+    )
+
+
+def test_classes_a_test_declares_are_forgotten_when_it_ends(shared_server):
+    _classes_suite(shared_server, "", "", '["Kept"]')
+    result = _run(shared_server, "auto")
+    result.assert_outcomes(passed=2)
+
+
+def test_a_marked_test_keeps_the_classes_it_declares(shared_server):
+    _classes_suite(
+        shared_server, "@pytest.mark.asyncassets_keep_document_classes", "", '["Kept", "Scratch"]'
+    )
+    result = _run(shared_server, "auto")
+    # Scratch is still counted: declaring Other is refused.
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*StorageConflict*catalogue 'media'*"])
+
+
+def test_the_ini_option_keeps_every_test_s_classes(shared_server):
+    _classes_suite(shared_server, "", "", '["Kept", "Scratch"]')
+    result = _run(shared_server, "auto", "-o", "asyncassets_forget_document_classes=false")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*StorageConflict*catalogue 'media'*"])
