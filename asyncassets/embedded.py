@@ -44,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Literal
 
-from .errors import EmbeddedServerError
+from .errors import EmbeddedServerError, ServerBinaryMissing
 
 if TYPE_CHECKING:
     from pymongo import MongoClient
@@ -62,7 +62,8 @@ _LOG_NAME = "asyncassets-server.log"
 _INSTALL_HINT = (
     "Install SecantusDB with `pip install 'asyncassets[embedded]'`, or install "
     "MongoDB's `mongod` and put it on PATH; or point your code at a running "
-    "server with a URI (the test plugin reads MONGODB_URI)."
+    "server with a URI (the test plugin reads MONGODB_URI; the command line "
+    "--uri or ASYNCASSETS_URI)."
 )
 _POLL_INTERVAL = 0.05
 _PORT_ATTEMPTS = 3
@@ -121,17 +122,17 @@ def _resolve_binary(binary: str | os.PathLike[str] | None) -> tuple[str, ServerK
         if name == "secantusdb":
             found = _which_secantus()
             if found is None:
-                raise EmbeddedServerError(
+                raise _missing(
                     f"binary='secantusdb' was asked for but {_SECANTUS_SCRIPT} was not "
-                    f"found beside {sys.executable} nor on PATH. {_INSTALL_HINT}"
+                    f"found beside {sys.executable} nor on PATH."
                 )
             return found, "secantusdb"
         found = shutil.which(name)
         if found is None:
-            raise EmbeddedServerError(
+            raise _missing(
                 f"Server binary {name!r} was not found or is not executable. Pass the "
                 f"path of `mongod` or `{_SECANTUS_SCRIPT}`, or omit binary= to pick one "
-                f"automatically. {_INSTALL_HINT}"
+                "automatically."
             )
         return found, _kind_of(found)
 
@@ -146,22 +147,28 @@ def _resolve_binary(binary: str | os.PathLike[str] | None) -> tuple[str, ServerK
         if mongod is not None:
             return mongod, "mongod"
         if forced == "mongod":
-            raise EmbeddedServerError(
+            raise ServerBinaryMissing(
                 "ASYNCASSETS_SERVER=mongod but no `mongod` is on PATH. Install MongoDB "
-                "or unset ASYNCASSETS_SERVER to fall back to SecantusDB."
+                "or unset ASYNCASSETS_SERVER to fall back to SecantusDB.",
+                reason="ASYNCASSETS_SERVER=mongod but no `mongod` is on PATH (unset "
+                "ASYNCASSETS_SERVER to fall back to SecantusDB).",
             )
     secantus = _which_secantus()
     if secantus is not None:
         return secantus, "secantusdb"
     if forced == "secantusdb":
-        raise EmbeddedServerError(
+        raise _missing(
             f"ASYNCASSETS_SERVER=secantusdb but {_SECANTUS_SCRIPT} was not found beside "
-            f"{sys.executable} nor on PATH. {_INSTALL_HINT}"
+            f"{sys.executable} nor on PATH."
         )
-    raise EmbeddedServerError(
+    raise _missing(
         f"No MongoDB server to start: neither `mongod` on PATH nor SecantusDB "
-        f"(`{_SECANTUS_SCRIPT}`) is installed. {_INSTALL_HINT}"
+        f"(`{_SECANTUS_SCRIPT}`) is installed."
     )
+
+
+def _missing(reason: str) -> ServerBinaryMissing:
+    return ServerBinaryMissing(f"{reason} {_INSTALL_HINT}", reason=reason)
 
 
 def _free_port() -> int:
@@ -249,13 +256,25 @@ class EmbeddedServer:
         for an ephemeral server.
     :param startup_timeout: seconds :meth:`start` waits for the server to answer.
     :param extra_args: more command-line flags for the server, e.g.
-        ``["--cache-size", "4G"]`` for SecantusDB.
+        ``["--log-level", "DEBUG"]`` for SecantusDB.
+    :param cache_size: the server's cache, ``"256M"``, ``"1G"``...
+        (SecantusDB's ``--cache-size``, mongod's ``--wiredTigerCacheSizeGB``, at
+        least 256M for mongod); ``None`` leaves the server's default (1G for
+        SecantusDB, half the RAM for mongod). An in-memory SecantusDB keeps all
+        its data in this cache and refuses writes beyond it.
+    :param oplog: SecantusDB only: ``False`` starts it as a standalone server
+        (``--standalone``), which keeps no oplog: every write is stored once
+        instead of twice (the oplog holds a copy of each inserted document), at
+        the price of change streams and transactions, which asyncassets does not
+        use. mongod is always run standalone.
 
     With persistent storage, SecantusDB is started with ``--sync-on-commit`` so an
     acknowledged write survives a crash of the server process (``kill -9``) even
     without ``j=True``; mongod journals by default.
+
     :raises EmbeddedServerError: no server binary could be found.
-    :raises ValueError: ``port`` is not between 1 and 65535.
+    :raises ValueError: ``port`` is not between 1 and 65535, or ``cache_size`` is
+        not a size like ``"256M"``.
 
     Usage::
 
@@ -272,6 +291,8 @@ class EmbeddedServer:
         log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
+        cache_size: str | None = None,
+        oplog: bool = True,
     ) -> None:
         if storage_path is None or os.fspath(storage_path) == MEMORY:
             self._storage: Path | None = None
@@ -284,6 +305,11 @@ class EmbeddedServer:
         self._log_path = Path(log_path).expanduser().resolve() if log_path is not None else None
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args)
+        self.cache_size = cache_size
+        self._cache_bytes = _cache_bytes(cache_size) if cache_size is not None else None
+        if not isinstance(oplog, bool):
+            raise TypeError(f"oplog must be True or False, not {oplog!r}")
+        self.oplog = oplog
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
         self._runtime_dir: str | None = None
@@ -454,11 +480,16 @@ class EmbeddedServer:
                 dbpath = Path(self._runtime_dir) / "db"
                 shutil.rmtree(dbpath, ignore_errors=True)
                 dbpath.mkdir()
+            cache: list[str] = []
+            if self._cache_bytes is not None:
+                gigabytes = max(0.25, self._cache_bytes / 1024**3)
+                cache = ["--wiredTigerCacheSizeGB", f"{gigabytes:g}"]
             return [
                 self._binary,
                 "--bind_ip", _HOST,
                 "--port", str(self._port),
                 "--dbpath", str(dbpath),
+                *cache,
                 *self.extra_args,
             ]  # fmt: skip
         # An explicit --config disables SecantusDB's auto-discovery of
@@ -473,6 +504,9 @@ class EmbeddedServer:
             "--port", str(self._port),
             "--storage-path", str(self._storage) if self._storage is not None else MEMORY,
             *(["--sync-on-commit"] if self._storage is not None else []),
+            *(["--cache-size", f"{max(1, self._cache_bytes // 1024**2)}M"]
+              if self._cache_bytes is not None else []),
+            *([] if self.oplog else ["--standalone"]),
             *self.extra_args,
         ]  # fmt: skip
 
@@ -535,6 +569,13 @@ class EmbeddedServer:
                 code = proc.poll()
                 if code is not None:
                     tail = _tail(log_path, log_start)
+                    if self._storage is not None and _says_locked(tail):
+                        raise EmbeddedServerError(
+                            f"The data directory {self._storage} is in use by another "
+                            f"server: {_lock_holder(self._storage)}. Stop that server, or "
+                            "connect to it instead of starting one; a directory holds one "
+                            f"server at a time.{_log_excerpt(log_path, tail)}"
+                        )
                     message = (
                         f"The {self._kind} server ({self._binary}) exited with code {code} "
                         f"while starting on {_HOST}:{port}.{_log_excerpt(log_path, tail)}"
@@ -589,6 +630,81 @@ class EmbeddedServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+
+#: What the servers log when another process holds their data directory.
+_LOCKED_MESSAGES = (
+    "already being managed by another process",  # WiredTiger (SecantusDB)
+    "device or resource busy",
+    "another mongod instance is already running",  # mongod
+    "unable to lock the lock file",
+)
+
+
+def _says_locked(log_tail: str) -> bool:
+    text = log_tail.lower()
+    return any(message in text for message in _LOCKED_MESSAGES)
+
+
+def _lock_holder(directory: Path) -> str:
+    """Which process holds the data directory's lock, as far as can be told:
+    ``pid 1234 (secantusd-py --storage-path ...)``, else a plain description."""
+    pid: int | None = None
+    mongod_lock = directory / "mongod.lock"
+    with contextlib.suppress(OSError, ValueError):
+        text = mongod_lock.read_text().strip()
+        pid = int(text) if text else None
+    if pid is None:
+        pid = _posix_lock_pid(directory / "WiredTiger.lock")
+    if pid is None:
+        return "a process that this system does not name (see `lsof +D` on it)"
+    command = ""
+    with contextlib.suppress(OSError):
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        command = " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    return f"pid {pid}" + (f" ({command[:200]})" if command else "")
+
+
+def _posix_lock_pid(path: Path) -> int | None:
+    """The process holding a POSIX lock on ``path``, from ``/proc/locks`` (Linux)."""
+    try:
+        info = path.stat()
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in locks.splitlines():
+        # "1: POSIX  ADVISORY  WRITE 8438 fe:00:2154565 0 EOF"
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "POSIX":
+            continue
+        with contextlib.suppress(ValueError):
+            major, minor, inode = fields[5].split(":")
+            if (
+                int(inode) == info.st_ino
+                and int(major, 16) == os.major(info.st_dev)
+                and int(minor, 16) == os.minor(info.st_dev)
+            ):
+                return int(fields[4])
+    return None
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _cache_bytes(size: str) -> int:
+    """``"256M"`` as bytes.
+
+    :raises ValueError: not a positive number with an optional K, M, G or T.
+    """
+    text = size.strip().upper().removesuffix("B") if isinstance(size, str) else ""
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in "KMGT" else (text, "")
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise ValueError(f"cache_size must be a size such as '256M' or '1G', not {size!r}")
+    return int(value)
 
 
 class _PortTaken(Exception):

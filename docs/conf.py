@@ -25,7 +25,8 @@ extensions = [
     "sphinx.ext.viewcode",
 ]
 
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+# _footprint.rst is included by two pages (one set of figures), not a page itself.
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "_footprint.rst"]
 root_doc = "index"
 nitpicky = False
 default_role = "literal"

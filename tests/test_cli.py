@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -303,8 +304,8 @@ def test_sweep_and_check_use_the_imported_document_classes(cli: CLI, tmp_path: P
     module = f"cli_models_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{module}.py").write_text(MODELS)
     env = _env(PYTHONPATH=str(tmp_path))
-    kept = _put(cli, str(cli.file("kept.txt", b"referenced")))
-    orphan = _put(cli, str(cli.file("orphan.txt", b"nobody's")))
+    kept = _put(cli, "--sweepable", str(cli.file("kept.txt", b"referenced")))
+    orphan = _put(cli, "--sweepable", str(cli.file("orphan.txt", b"nobody's")))
     from bson import ObjectId
 
     cli.db["cli_animals"].insert_one({"name": "marmot", "photo": ObjectId(kept)})
@@ -333,8 +334,45 @@ def test_sweep_and_check_use_the_imported_document_classes(cli: CLI, tmp_path: P
     assert clean.code == 0 and "OK" in clean.out
 
 
+def test_put_then_sweep_keeps_the_file_and_check_does_not_report_it(
+    cli: CLI, tmp_path: Path
+):
+    # Models that store files in the bucket `put` writes to, fs: its files are
+    # those the sweep judges. A file put has no document to reference it.
+    module = f"cli_models_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(MODELS)
+    env = _env(PYTHONPATH=str(tmp_path))
+    data = b"put from the shell"
+    put = cli("put", "--json", str(cli.file("notes.txt", data)), "--meta", "owner=ops")
+    assert put.code == 0, put
+    [row] = put.json()
+    assert row["asset_id"] == "notes.txt" and row["metadata"] == {"owner": "ops"}
+    again = cli("put", "--json", str(cli.file("notes.txt", b"other")))
+    assert again.json()[0]["asset_id"] == "notes-2.txt"  # a taken name gets the next one
+    sweepable = _put(cli, "--sweepable", str(cli.file("scratch.txt", b"scratch")))
+
+    found = cli("--import", module, "check", "--json", env=env).json()
+    assert found["orphaned_files"] == 1, found
+    assert [f["file_id"] for f in found["orphaned_file_ids"]] == [sweepable]
+    swept = cli("--import", module, "sweep", "--grace", "0", "--json", env=env)
+    assert swept.code == 0, swept
+    assert [f["file_id"] for f in swept.json()["deleted_files"]] == [sweepable]
+
+    assert cli("cat", row["id"]).stdout == data
+    clean = cli("--import", module, "check", "--verify", env=env)
+    assert clean.code == 0 and "OK" in clean.out, clean
+    listed = cli("assets", "--bucket", "fs", "--json").json()
+    assert sorted(a["asset_id"] for a in listed) == ["notes-2.txt", "notes.txt"]
+
+
+def test_put_refuses_metadata_keys_an_asset_keeps_for_itself(cli: CLI):
+    result = cli("put", str(cli.file("a.txt", b"a")), "--meta", "size=3")
+    assert_one_line_error(result, "'size' is a name")
+    assert cli.db["fs.files"].count_documents({}) == 0
+
+
 def test_sweep_refuses_to_guess_which_files_are_referenced(cli: CLI):
-    _put(cli, str(cli.file("a.txt", b"a")))
+    _put(cli, "--sweepable", str(cli.file("a.txt", b"a")))
     assert_one_line_error(cli("sweep"), "--import")
     assert_one_line_error(cli("sweep", "--bucket", "fs"), "--force")
     forced = cli("sweep", "--bucket", "fs", "--force", "--grace", "0", "--dry-run", "--json")
@@ -407,7 +445,8 @@ def test_file_commands_work_on_an_s3_storage(cli: CLI, request: pytest.FixtureRe
     file_id = _put(cli, str(cli.file("scan.bin", data)), *storage, env=env)
     rows = cli(*storage, "ls", "--json", env=env).json()
     assert [row["id"] for row in rows] == [file_id] and rows[0]["storage"] == "s3"
-    assert cli.db["fs_s3.files"].count_documents({}) == 1  # S3's default catalogue
+    # The default catalogue of S3Storage(bucket, prefix="media/"), as a field's.
+    assert cli.db[f"fs_s3_{bucket.name}_media.files"].count_documents({}) == 1
     assert cli(*storage, "cat", file_id, env=env).stdout == data
     verified = cli(*storage, "verify", env=env)
     assert verified.code == 0 and f"OK           {file_id}" in verified.out, verified
@@ -439,8 +478,8 @@ def test_sweep_and_check_work_on_the_storage_the_models_declare(cli: CLI, tmp_pa
     media = tmp_path / "media"
     env = _env(PYTHONPATH=str(tmp_path), CLI_MEDIA=str(media))
     storage = ("--storage", media.as_uri(), "--collection", "cli_posters")
-    kept = _put(cli, str(cli.file("kept.txt", b"referenced")), *storage)
-    orphan = _put(cli, str(cli.file("orphan.txt", b"nobody's")), *storage)
+    kept = _put(cli, "--sweepable", str(cli.file("kept.txt", b"referenced")), *storage)
+    orphan = _put(cli, "--sweepable", str(cli.file("orphan.txt", b"nobody's")), *storage)
     from bson import ObjectId
 
     cli.db["cli_poster_docs"].insert_one({"poster": ObjectId(kept)})
@@ -878,6 +917,63 @@ def test_demo_on_a_given_server_drops_its_scratch_database(cli: CLI):
     assert name not in cli.client.list_database_names()
 
 
+@pytest.mark.parametrize("option", [["--import", "nosuchmod"], ["--db", "mine"],
+                                    ["--storage", "file:///tmp/x"]])
+def test_demo_refuses_the_options_it_would_ignore(option: list[str]):
+    result = run("demo", *option)
+    assert result.code == 2, result
+    assert f"demo takes no {option[0]}" in result.err
+
+
+def test_demo_help_says_which_server_it_uses():
+    result = run("demo", "--help")
+    assert result.code == 0
+    text = " ".join(result.out.split())
+    assert "never on the embedded default's data nor on $ASYNCASSETS_URI" in text
+
+
+def test_get_writes_files_with_the_users_umask(cli: CLI, tmp_path: Path):
+    file_id = _put(cli, str(cli.file("mode.txt", b"bytes")))
+    out = tmp_path / "out"
+    out.mkdir()
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        target = out / f"got-{umask:o}.txt"
+        proc = subprocess.run(
+            ["sh", "-c", f'umask {umask:03o} && exec "$0" -m asyncassets "$@"',
+             sys.executable, "--uri", cli.uri, "--db", cli.db_name, "get", file_id,
+             "-o", str(target)],
+            env=_env(), capture_output=True, timeout=120, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert stat.S_IMODE(target.stat().st_mode) == mode
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="names the holder from /proc/locks")
+def test_a_data_directory_held_by_another_server_is_named_with_its_process(tmp_path: Path):
+    from asyncassets.embedded import EmbeddedServer
+
+    data = tmp_path / "data"
+    holder = EmbeddedServer(data).start()  # say, a script of the user's on the default data
+    try:
+        result = run("ls", env=_env(ASYNCASSETS_DATA_DIR=str(data)))
+        assert_one_line_error(result, f"The data directory {data} is in use by another server")
+        assert f"pid {holder.pid}" in result.err
+        assert "(--debug shows its log)" in result.err
+    finally:
+        holder.stop()
+
+
+def test_no_server_to_start_points_at_uri_and_asyncassets_uri(tmp_path: Path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = run("ls", env=_env(ASYNCASSETS_SERVER="mongod", PATH=str(empty),
+                                ASYNCASSETS_DATA_DIR=str(tmp_path / "data")))
+    assert_one_line_error(result, "no embedded server to start")
+    assert "--uri or $ASYNCASSETS_URI" in result.err
+    assert "pip install 'asyncassets[embedded]'" in result.err
+    assert "--debug shows its log" not in result.err and "test plugin" not in result.err
+
+
 # -- progress and docs ---------------------------------------------------------------
 
 
@@ -963,3 +1059,106 @@ def test_every_command_has_help(capsys):
             parser.parse_args([name, "--help"])
         assert exit_info.value.code == 0
         assert f"usage: asyncassets {name}" in capsys.readouterr().out
+
+
+# -- every command line the docs show ----------------------------------------------
+
+#: What separates two commands of a shell line.
+_SHELL_SEPARATOR = re.compile(r"\s(?:&&|\|\||;|&)\s|;\s*$|;(?=\s*\S)")
+#: Where a command's arguments end: a pipe, a redirection, a comment.
+_ARGS_END = re.compile(r"\s(?:\||#)(?:\s|$)|\s\d?>|\s<")
+#: A command that runs asyncassets: ``asyncassets``, ``python -m asyncassets``,
+#: ``.venv/bin/python -m asyncassets`` (after a cron schedule or a ``$`` prompt).
+_RUNS_IT = re.compile(r"(?:^|\s)(?:\S*python3? -m )?asyncassets(?=\s|$)(.*)")
+
+
+def _invocations(text: str, shell: bool = True) -> list[str]:
+    """The argument strings of each ``asyncassets`` command in a line of shell (or,
+    not ``shell``, of a synopsis, where ``|`` separates alternatives)."""
+    found = []
+    for segment in _SHELL_SEPARATOR.split(text) if shell else [text]:
+        words = segment.split()
+        if not words or words[0] in ("pip", "pip3") or "install" in words[:3]:
+            continue
+        match = _RUNS_IT.search(segment)
+        if match:
+            rest = match[1]
+            end = _ARGS_END.search(rest) if shell else None
+            found.append((rest[: end.start()] if end else rest).strip())
+    return found
+
+
+def _documented_command_lines() -> list[tuple[str, str, bool]]:
+    """``(where, arguments, from a code block)`` of every asyncassets command line in
+    the README and the docs: shell lines in code blocks (``$ asyncassets ...``,
+    ``python -m asyncassets ...``, cron lines) and inline literals in the prose."""
+    from _docs import PAGES, code_lines, inline_literals
+
+    lines: list[tuple[str, str, bool]] = []
+    for page in PAGES:
+        for number, line in code_lines(page):
+            text = line.strip().removeprefix("$ ")
+            if "asyncassets" not in text or text.startswith(("from ", "import ", ">>>")):
+                continue
+            if "=" in text.split("asyncassets")[0] and "&&" not in text:
+                continue  # a Python assignment, or an environment variable's value
+            for args in _invocations(text):
+                lines.append((f"{page.name}:{number}", args, True))
+        for number, literal in inline_literals(page):
+            if literal.startswith(("asyncassets ", "python -m asyncassets ")):
+                for args in _invocations(literal, shell=False):
+                    lines.append((f"{page.name}:{number}", args, False))
+    return lines
+
+
+def _options_of(parser) -> set[str]:
+    return {o for a in parser._actions for o in a.option_strings}
+
+
+def test_every_command_line_the_docs_show_exists():
+    """Each ``asyncassets`` line of the README and the docs names a command and
+    options that exist: lines of code blocks are parsed by the command's own
+    parser as written (and their storage options checked as a run checks them);
+    synopses (``FILE...``, ``[--json]``) and the prose's inline ones have each
+    command and option looked up."""
+    import shlex
+
+    from asyncassets.cli.storages import storage_from
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    shared = _options_of(parser)
+    problems: list[str] = []
+    lines = _documented_command_lines()
+    assert len(lines) > 40, lines  # the pages were found and read
+    for where, args, in_code in lines:
+        try:
+            argv = shlex.split(args)
+        except ValueError as exc:
+            problems.append(f"{where}: {args!r}: {exc}")
+            continue
+        synopsis = any(t.endswith("...") or t.startswith("[") or t.endswith("]")
+                       or t == "|" for t in argv)
+        if in_code and not synopsis and argv not in ([], ["..."]):
+            try:
+                parsed = parser.parse_args(argv)
+            except SystemExit:
+                problems.append(f"{where}: `asyncassets {args}` is refused by the parser")
+                continue
+            if parsed.command not in ("demo", None):
+                try:
+                    storage_from(parsed)
+                except Exception as exc:
+                    problems.append(f"{where}: `asyncassets {args}`: {exc}")
+            continue
+        words = [t.strip("[]") for t in argv]
+        named = [w for w in words if w in commands]
+        known = shared | (_options_of(commands[named[0]]) if named else set())
+        if not named and not any(w.startswith("-") for w in words):
+            problems.append(f"{where}: `asyncassets {args}` names no command")
+        for word in words:
+            option = word.split("=", 1)[0]
+            if option.startswith("-") and option not in known:
+                problems.append(f"{where}: `asyncassets {args}`: no option {option}")
+    assert not problems, "\n".join(problems)
+

@@ -304,3 +304,40 @@ def test_server_dies_with_a_parent_killed_without_cleanup(tmp_path: Path) -> Non
     while _alive(server_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(server_pid), "the server outlived the process that started it"
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="names the holder from /proc/locks")
+def test_a_data_directory_in_use_says_so_and_by_which_process(tmp_path):
+    first = EmbeddedServer(tmp_path / "db").start()
+    try:
+        with pytest.raises(EmbeddedServerError) as info:
+            EmbeddedServer(tmp_path / "db").start()
+        headline = str(info.value).splitlines()[0]
+        assert f"The data directory {tmp_path / 'db'} is in use by another server" in headline
+        assert f"pid {first.pid}" in headline
+        assert first.running  # the first server is untouched
+    finally:
+        first.stop()
+
+
+def test_cache_size_and_no_oplog_reach_the_server(tmp_path):
+    server = EmbeddedServer(tmp_path / "db", cache_size="128M", oplog=False)
+    if server.kind != "secantusdb":
+        pytest.skip("the oplog switch is SecantusDB's; mongod always runs standalone")
+    with server:
+        client = _client(server)
+        try:
+            assert "setName" not in client.admin.command("hello")  # standalone
+            client.x.y.insert_one({"a": 1})
+            assert "oplog.rs" not in client.local.list_collection_names()
+        finally:
+            client.close()
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--standalone" in cmdline
+        assert cmdline[cmdline.index(b"--cache-size") + 1] == b"128M"
+
+
+@pytest.mark.parametrize("size", ["", "big", "-1G", "0"])
+def test_a_cache_size_that_is_no_size_is_refused(size):
+    with pytest.raises(ValueError, match="cache_size must be a size such as '256M'"):
+        EmbeddedServer(cache_size=size)

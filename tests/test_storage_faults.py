@@ -725,3 +725,33 @@ async def test_close_refuses_an_upload_whose_chunks_a_sweep_removed(asyncassets_
         await upload.close()
     assert await bucket.files.count_documents({}) == 0
     assert await bucket.chunks.count_documents({}) == 0
+
+
+@pytest.mark.parametrize("removed", [0, 3, 5])  # the last chunk is written at close
+async def test_close_finds_a_removed_chunk_in_every_range_it_counts(
+    asyncassets_db, monkeypatch, removed
+):
+    # A large upload's chunks are counted in ranges of n (a server may hold what
+    # one count matches in memory): a chunk removed from any range is found.
+    from asyncassets.storage.gridfs import upload as upload_module
+
+    monkeypatch.setattr(upload_module, "COUNT_WINDOW_BYTES", 8)  # two 4-byte chunks
+    assert len(upload_module.chunk_windows("x", 7, 4)) == 4
+    bucket = GridBucket(asyncassets_db, chunk_size=4)
+    upload = bucket.open_upload(filename="paused")
+    await upload.write(b"0123456789abcdefghijklmn01")  # seven chunks
+    await upload.flush()
+    await bucket.chunks.delete_many({"files_id": upload.file_id, "n": removed})
+    with pytest.raises(UploadInterrupted, match="wrote 7 chunks but 6 are left"):
+        await upload.close()
+    assert await bucket.files.count_documents({}) == 0
+
+
+async def test_close_counts_a_large_upload_in_ranges_and_stores_it(asyncassets_db, monkeypatch):
+    from asyncassets.storage.gridfs import upload as upload_module
+
+    monkeypatch.setattr(upload_module, "COUNT_WINDOW_BYTES", 8)
+    bucket = GridBucket(asyncassets_db, chunk_size=4)
+    doc = await bucket.upload(b"0123456789abcdefghijklmn01", filename="whole")
+    assert doc["length"] == 26
+    assert await bucket.read(doc) == b"0123456789abcdefghijklmn01"

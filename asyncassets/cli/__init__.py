@@ -43,6 +43,7 @@ info, rm, verify, sweep, check) and :mod:`.demo`. The commands read bytes only t
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -60,6 +61,28 @@ from .uris import describe_uri
 __all__ = ["build_parser", "describe_uri", "main", "parse_duration"]
 
 
+#: Shared options that mean nothing to ``demo`` (it declares its own class and
+#: database, on a server of its own), as ``(attribute, option)``.
+_NOT_FOR_DEMO = (
+    ("imports", "--import"),
+    ("db", "--db"),
+    ("storage", "--storage"),
+    ("collection", "--collection"),
+    ("s3_endpoint", "--s3-endpoint"),
+    ("s3_region", "--s3-region"),
+)
+
+
+def _check_demo_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit status 2) the shared options ``demo`` would otherwise ignore."""
+    for attribute, option in _NOT_FOR_DEMO:
+        if getattr(args, attribute, None) is not None:
+            parser.error(
+                f"demo takes no {option}: it runs on a throwaway server (or --uri), in a "
+                "database and with a document class of its own"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``asyncassets`` command; return its exit status."""
     parser = build_parser()
@@ -69,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = uri_from(args)
         uri = found[0] if found else None
         if args.command == "demo":
+            _check_demo_options(parser, args)
             return run_demo(args)
         preflight(args)
         import_models(args.imports)

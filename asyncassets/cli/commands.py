@@ -28,7 +28,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from pathlib import Path
 from typing import IO, Any
 
-from ..connection import disconnect, get_db
+from ..assets import RESERVED_KEYS, AssetManager
+from ..connection import DEFAULT_ALIAS, disconnect, get_db
 from ..errors import (
     ChecksumMissing,
     CLIError,
@@ -38,7 +39,7 @@ from ..errors import (
 )
 from ..files.names import sanitize_filename
 from ..ops import _human_bytes, check, declared_buckets, sweep_orphans
-from ..storage import Storage, Store
+from ..storage import GridFSStorage, Storage, Store
 from ..storage.catalogue import content_type_of
 from ..storage.gridfs import GridBucket
 from ..storage.read import iter_original, verify_file
@@ -171,6 +172,12 @@ def preflight(args: argparse.Namespace) -> None:
     """
     if args.command == "put":
         args.meta_pairs = parse_pairs(args.meta, "--meta")
+        taken = sorted(set(args.meta_pairs) & RESERVED_KEYS)
+        if taken and not args.sweepable:
+            raise CLIError(
+                f"bad --meta {taken[0]}=...: {taken[0]!r} is a name the file's entry keeps "
+                "for itself (files put here are assets: docs/assets); use another key"
+            )
         if args.files.count("-") > 1:
             raise CLIError("'-' (standard input) can be given only once")
         args.sizes = {}
@@ -236,29 +243,50 @@ def import_models(modules: Sequence[str] | None) -> None:
 
 
 async def _cmd_put(ctx: Context) -> int:
+    """Upload each file; as an asset (kept by the sweep) unless ``--sweepable``.
+
+    A file put here has no document to reference it, so the orphan sweep would
+    take it for an abandoned upload and delete it once older than its grace, and
+    ``check`` would list it as an orphan. An asset is referenced by existing as
+    one (:func:`asyncassets.assets.assets_in_use`): its id is the file's name
+    (``photo-2.jpg`` when that is taken), or a new hex id for standard input.
+    """
     args = ctx.args
     meta = args.meta_pairs
     bucket = ctx.bucket()
-    await bucket.ensure_indexes()
+    manager = None
+    if not args.sweepable:
+        storage = ctx.storage or GridFSStorage(bucket.name)
+        manager = AssetManager(storage, alias=DEFAULT_ALIAS)
+        await manager.ensure_indexes()
+    else:
+        await bucket.ensure_indexes()
     results = []
     for path in args.files:
         content_type = args.content_type
-        if path == "-":
-            metadata = {**({"content_type": content_type} if content_type else {}), **meta}
-            doc = await bucket.upload(sys.stdin.buffer, metadata=metadata)
-        else:
-            filename = args.names[path]
+        filename = None if path == "-" else args.names[path]
+        if filename is not None:
             content_type = content_type or mimetypes.guess_type(filename)[0]
-            metadata = {**({"content_type": content_type} if content_type else {}), **meta}
-            progress = Progress(args.sizes[path], f"put {filename}")
-            try:
-                # One command, one task: nothing else waits while the disk is read.
-                with open(path, "rb") as raw:  # noqa: ASYNC230
-                    doc = await bucket.upload(
-                        CountingReader(raw, progress), filename=filename, metadata=metadata
+        progress = Progress(None if path == "-" else args.sizes[path], f"put {filename}")
+        try:
+            with contextlib.ExitStack() as stack:
+                if path == "-":
+                    raw: IO[bytes] = sys.stdin.buffer
+                else:
+                    # One command, one task: nothing else waits while the disk is read.
+                    raw = stack.enter_context(open(path, "rb"))  # noqa: ASYNC230
+                source = CountingReader(raw, progress)  # no name: the stored one is given
+                if manager is not None:
+                    asset_id = await manager.add(
+                        source, filename, filename=filename, content_type=content_type, **meta
                     )
-            finally:
-                progress.close()
+                    doc = (await manager.get(asset_id)).entry
+                else:
+                    metadata = {**({"content_type": content_type} if content_type else {}),
+                                **meta}
+                    doc = await bucket.upload(source, filename=filename, metadata=metadata)
+        finally:
+            progress.close()
         results.append(file_summary(doc, bucket.name))
         if not args.json:
             print(show_id(doc["_id"]), flush=True)
@@ -297,6 +325,9 @@ async def _cmd_get(ctx: Context) -> int:
     # Written to a temporary file first, so a failed download leaves no half file.
     fd, tmp = tempfile.mkstemp(prefix=".asyncassets-", suffix=".part", dir=target.parent)
     try:
+        # mkstemp makes it 0600; the file is the user's, with the mode their umask
+        # gives a new file (0644 under umask 022), as cp or curl -o would make it.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as out:
             written = await _write_file(ctx, doc, out, f"get {target.name}")
         _put_in_place(tmp, target, args.force)
@@ -306,6 +337,14 @@ async def _cmd_get(ctx: Context) -> int:
         raise
     note(f"wrote {written} bytes to {target}")
     return 0
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then setting it back: the command
+    has one thread that makes files)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _output_path(output: str | None, doc: dict[str, Any]) -> Path:

@@ -19,6 +19,7 @@ from typing import IO, Any
 from bson import ObjectId
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
+from ..assets import ASSET_FIELDS
 from ..errors import AsyncAssetsError, CLIError, EmbeddedServerError
 from ..storage.catalogue import (
     compression_of,
@@ -138,6 +139,10 @@ def file_summary(doc: Mapping[str, Any], bucket: str) -> dict[str, Any]:
     meta = user_metadata(doc)
     meta.pop("content_type", None)  # shown on its own
     meta.pop("location", None)  # where the bytes are: shown as the key, not metadata
+    # An asset's id is shown on its own; the markers of its swaps are not the user's.
+    asset_id = meta.get("asset_id")
+    for marker in ASSET_FIELDS:
+        meta.pop(marker.split(".", 1)[1], None)
     info = compression_of(doc)
     summary: dict[str, Any] = {
         "id": doc["_id"],
@@ -151,6 +156,7 @@ def file_summary(doc: Mapping[str, Any], bucket: str) -> dict[str, Any]:
         "compression": info["codec"] if info else None,
         "stored_length": doc.get("length"),
         "metadata": meta,
+        "asset_id": asset_id,
     }
     key = location_key(doc)
     if key is not None:
@@ -235,7 +241,9 @@ def _one_line(exc: BaseException, text: str, where: str) -> str:
     if isinstance(exc, OperationFailure) and exc.code in (13, 18):
         return f"not authorised by {where}: {first_line(text)}"
     if isinstance(exc, EmbeddedServerError):
-        return f"the embedded server failed: {first_line(text)} (--debug shows its log)"
+        # The log's last lines follow the first line of the message, when there is a log.
+        more = " (--debug shows its log)" if "\n" in text.strip() else ""
+        return f"the embedded server failed: {first_line(text)}{more}"
     if isinstance(exc, OSError) and exc.strerror:
         name = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{name}"

