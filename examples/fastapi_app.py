@@ -3,7 +3,7 @@
 docs/serving.rst shows this file, and tests/test_web_fastapi.py runs it under
 uvicorn (and in-process, with its lifespan run by ``run_lifespan``)::
 
-    pip install fastapi uvicorn python-multipart 'asyncassets[web]'
+    pip install -e '.[web]' fastapi uvicorn python-multipart   # from a checkout
     uvicorn --factory 'examples.fastapi_app:create_app'   # MONGODB_URI, FILES_SECRET
 
 * ``POST /reports`` (a form with ``file`` and ``title``): the upload streams into
@@ -53,7 +53,9 @@ def create_app(uri: str | None = None, secret: str | None = None) -> FastAPI:
     @app.post("/reports", status_code=201)
     async def upload(file: UploadFile, title: str = Form("")) -> dict[str, Any]:
         report = Report(title=title)
-        await report.file.put(file, content_type=file.content_type, filename=file.filename)
+        await report.file.put(
+            file, content_type=file.content_type, filename=file.filename
+        )
         await report.save()
         return {"id": str(report.pk), "link": await report.file.url(expires=3600)}
 

@@ -8,7 +8,9 @@ One command starts it on a throwaway local database server::
 What it shows:
 
 * an upload form whose validation errors (not an image, too big, no title) are
-  shown beside the fields: ``ImageField`` and ``FileField`` rules do the checking;
+  shown beside the fields, all at once: ``ImageField`` and ``FileField`` rules
+  check the file even when the title is missing, and a good file sent back for
+  its title is named, to be chosen again (a browser keeps no file in a form);
 * a gallery of thumbnails made by ``ImageField``, served by ``FileResponse``,
   which browsers revalidate with a 304 on the next visit;
 * a video/audio page whose player seeks: ``FileResponse`` answers its Range
@@ -26,8 +28,18 @@ import contextlib
 import html
 import os
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
+
+try:
+    import PIL  # noqa: F401  (ImageField's thumbnails)
+    import starlette  # noqa: F401
+except ImportError as missing:  # say what to install, not a traceback
+    sys.exit(
+        f"examples/web_app.py needs {missing.name}: pip install -e '.[examples]' "
+        "(Starlette, uvicorn, Pillow and the embedded server)"
+    )
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -67,7 +79,8 @@ class Clip(Document):
 # -- pages -------------------------------------------------------------------------
 
 STYLE = """
-body { font: 15px/1.4 system-ui, sans-serif; margin: 0; color: #222; background: #fafafa; }
+body { font: 15px/1.4 system-ui, sans-serif; margin: 0; color: #222; }
+body { background: #fafafa; }
 header { background: #234; color: #fff; padding: 10px 24px; }
 header a { color: #fff; margin-right: 18px; text-decoration: none; }
 main { padding: 16px 24px; max-width: 900px; }
@@ -82,30 +95,34 @@ a.button { background: #234; color: #fff; padding: 6px 12px; text-decoration: no
 
 
 def page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title>"
     return HTMLResponse(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body><header><a href='/'>Gallery</a>"
-        f"<a href='/upload'>Upload</a></header><main><h1>{html.escape(title)}</h1>{body}"
-        "</main></body></html>",
+        f"<!doctype html><html><head>{head}<style>{STYLE}</style></head><body>"
+        "<header><a href='/'>Gallery</a><a href='/upload'>Upload</a></header>"
+        f"<main><h1>{html.escape(title)}</h1>{body}</main></body></html>",
         status_code=status,
     )
 
 
-def upload_form(errors: dict[str, str] | None = None, values: dict[str, str] | None = None) -> str:
+def upload_form(
+    errors: dict[str, str] | None = None, values: dict[str, str] | None = None
+) -> str:
     errors, values = errors or {}, values or {}
 
     def error(name: str) -> str:
         message = errors.get(name)
-        return (
-            f"<div class='error' id='{name}-error'>{html.escape(message)}</div>" if message else ""
-        )
+        if not message:
+            return ""
+        return f"<div class='error' id='{name}-error'>{html.escape(message)}</div>"
 
     def form(kind: str, what: str, accept: str) -> str:
         title = html.escape(values.get(f"{kind}_title", ""))
         return (
-            f"<form method='post' action='/upload' enctype='multipart/form-data' id='{kind}-form'>"
-            f"<h2>{what}</h2><input type='hidden' name='kind' value='{kind}'>"
-            f"<label>Title <input name='title' value='{title}'></label>{error(f'{kind}_title')}"
+            "<form method='post' action='/upload' enctype='multipart/form-data' "
+            f"id='{kind}-form'><h2>{what}</h2>"
+            f"<input type='hidden' name='kind' value='{kind}'>"
+            f"<label>Title <input name='title' value='{title}'></label>"
+            f"{error(f'{kind}_title')}"
             f"<label>File <input type='file' name='file' accept='{accept}'></label>"
             f"{error(f'{kind}_file')}<button type='submit'>Upload</button></form>"
         )
@@ -119,8 +136,9 @@ async def gallery(request: Request) -> Response:
     photos = await Photo.objects.order_by("-id").load_files("image").to_list()
     clips = await Clip.objects.order_by("-id").load_files("media").to_list()
     cards = "".join(
-        f"<div class='card'><a href='/photos/{p.pk}'><img src='/photos/{p.pk}/thumbnail' "
-        f"alt='{html.escape(p.title)}' width='240' height='180'></a>{html.escape(p.title)}</div>"
+        f"<div class='card'><a href='/photos/{p.pk}'>"
+        f"<img src='/photos/{p.pk}/thumbnail' alt='{html.escape(p.title)}' "
+        f"width='240' height='180'></a>{html.escape(p.title)}</div>"
         for p in photos
     )
     listing = "".join(
@@ -147,16 +165,27 @@ async def upload(request: Request) -> Response:
             errors[f"{kind}_title"] = "Give it a title."
         if not isinstance(file, UploadFile) or not file.filename:
             errors[f"{kind}_file"] = "Choose a file."
-        if not errors:
-            assert isinstance(file, UploadFile)
+        else:
+            # The file is checked even without a title: every error shows at once.
             doc: Any = Photo(title=title) if kind == "photo" else Clip(title=title)
             proxy = doc.image if kind == "photo" else doc.media
             try:
-                # FileField reads the upload in pieces; ImageField checks it is an image.
-                await proxy.put(file, content_type=file.content_type, filename=file.filename)
-                await doc.save()
+                # FileField reads the upload in pieces; ImageField checks the image.
+                await proxy.put(
+                    file, content_type=file.content_type, filename=file.filename
+                )
             except FileValidationError as exc:
                 errors[f"{kind}_file"] = str(exc).split(": ", 1)[-1]
+            else:
+                if errors:
+                    # Good, but the form goes back for its title, and a browser
+                    # keeps no file in a form it shows again: name it, to choose.
+                    await proxy.delete()
+                    errors[f"{kind}_file"] = (
+                        f"{file.filename} is fine: choose it again with the title."
+                    )
+                else:
+                    await doc.save()
     if errors:
         values = {f"{kind}_title": title}
         return page("Upload", upload_form(errors, values), status=400)
@@ -172,8 +201,8 @@ async def photo_page(request: Request) -> Response:
         f"<p><img src='/photos/{photo.pk}/image' alt='{html.escape(photo.title)}' "
         f"style='max-width: 100%'></p><p>{photo.image.width} x {photo.image.height} "
         f"{html.escape(photo.image.format or '')}, {photo.image.length:,} bytes. "
-        f"<a class='button' id='download' href='{html.escape(download or '')}'>Download</a> "
-        "(a signed link, valid for an hour)</p>"
+        f"<a class='button' id='download' href='{html.escape(download or '')}'>"
+        "Download</a> (a signed link, valid for an hour)</p>"
     )
     return page(photo.title, body)
 
@@ -184,10 +213,12 @@ async def clip_page(request: Request) -> Response:
     tag = "audio" if (clip.media.content_type or "").startswith("audio/") else "video"
     download = await clip.media.url(expires=3600, download=True)
     body = (
-        f"<{tag} id='player' controls preload='metadata' src='/clips/{clip.pk}/media' "
-        f"style='width: 100%'></{tag}><p>{html.escape(clip.media.content_type or '')}, "
-        f"{clip.media.length:,} bytes. <a class='button' id='download' "
-        f"href='{html.escape(download or '')}'>Download</a> (a signed link, valid for an hour)</p>"
+        f"<{tag} id='player' controls preload='metadata' "
+        f"src='/clips/{clip.pk}/media' style='width: 100%'></{tag}>"
+        f"<p>{html.escape(clip.media.content_type or '')}, "
+        f"{clip.media.length:,} bytes. "
+        f"<a class='button' id='download' href='{html.escape(download or '')}'>"
+        "Download</a> (a signed link, valid for an hour)</p>"
     )
     return page(clip.title, body)
 
@@ -243,7 +274,9 @@ def create_app(uri: str, *, secret: str | None = None) -> Starlette:
             Route("/clips/{pk}/media", clip_media, methods=["GET", "HEAD"]),
             Mount("/files", files_app(secret=secret or secrets.token_urlsafe(32))),
         ],
-        exception_handlers={404: not_found, DoesNotExist: not_found, ValidationError: not_found},
+        exception_handlers={
+            404: not_found, DoesNotExist: not_found, ValidationError: not_found
+        },
         lifespan=lifespan,
     )
 

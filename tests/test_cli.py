@@ -1096,8 +1096,14 @@ def _documented_command_lines() -> list[tuple[str, str, bool]]:
 
     lines: list[tuple[str, str, bool]] = []
     for page in PAGES:
+        joined: list[tuple[int, str]] = []
         for number, line in code_lines(page):
-            text = line.strip().removeprefix("$ ")
+            if joined and joined[-1][1].endswith("\\"):  # a continued shell line
+                joined[-1] = (joined[-1][0], joined[-1][1][:-1] + " " + line.strip())
+            else:
+                joined.append((number, line.strip()))
+        for number, line in joined:
+            text = line.removeprefix("$ ")
             if "asyncassets" not in text or text.startswith(("from ", "import ", ">>>")):
                 continue
             if "=" in text.split("asyncassets")[0] and "&&" not in text:

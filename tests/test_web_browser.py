@@ -204,8 +204,16 @@ def upload(page: Any, site: Site, kind: str, title: str, name: str, data: bytes,
 
 
 def test_the_upload_form_shows_validation_errors(page: Any, site: Site, tmp_path: Path) -> None:
+    # Every error at once: no title, and a file that is no image.
     upload(page, site, "photo", "", "notes.txt", b"not an image", "text/plain")
     assert page.locator("#photo_title-error").inner_text() == "Give it a title."
+    assert "not an image" in page.locator("#photo_file-error").inner_text()
+    # A good file sent back for its title is named, to be chosen again.
+    upload(page, site, "photo", "", "alps.png", png(), "image/png")
+    assert page.locator("#photo_title-error").inner_text() == "Give it a title."
+    assert page.locator("#photo_file-error").inner_text() == (
+        "alps.png is fine: choose it again with the title."
+    )
     upload(page, site, "photo", "Not a photo", "notes.txt", b"not an image", "text/plain")
     assert "not an image" in page.locator("#photo_file-error").inner_text()
     assert page.locator("#photo-form input[name=title]").input_value() == "Not a photo"
