@@ -514,6 +514,36 @@ async def test_write_accepts_any_bytes_like_and_refuses_the_rest(asyncassets_db)
     assert await bucket.read(doc) == b"abcfghijklmn" + array.array("H", [0x4241]).tobytes()
 
 
+async def test_bytes_written_are_not_copied_while_their_chunks_wait(asyncassets_db):
+    # Chunks cut from bytes are copied only when their insert is encoded: an upload
+    # waiting for a connection holds a view of the caller's bytes, not a copy
+    # (issue #22: 500 concurrent 1 MiB uploads held a 1 MiB copy each).
+    bucket = GridBucket(asyncassets_db, chunk_size=64 * 1024, buffer_size=8 * 1024 * 1024)
+    data = payload(1024 * 1024 + 100)
+    stream = bucket.open_upload()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        await stream.write(data)  # 16 whole chunks wait for a batch of 64
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 64 * 1024, f"the upload copied {held} bytes of what it was given"
+    doc = await stream.close()
+    assert await bucket.read(doc) == data
+
+
+async def test_a_buffer_changed_after_write_is_stored_as_it_was_written(asyncassets_db):
+    bucket = GridBucket(asyncassets_db, chunk_size=8, buffer_size=1024)
+    stream = bucket.open_upload()
+    buffer = bytearray(b"0123456789abcdefghij")
+    await stream.write(buffer)
+    await stream.write(memoryview(buffer)[:10])
+    buffer[:] = b"X" * len(buffer)  # the caller reuses its buffer
+    doc = await stream.close()
+    assert await bucket.read(doc) == b"0123456789abcdefghij0123456789"
+
+
 async def test_metadata_is_copied_not_mutated(asyncassets_db):
     metadata = {"a": 1}
     doc = await GridBucket(asyncassets_db).upload(b"data", metadata=metadata)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
@@ -14,6 +14,7 @@ from ..._tasks import spawn
 from ...errors import FileAlreadyExists, UploadClosed, UploadInterrupted
 from ..lifecycle import UploadLifecycle
 from ..sources import byte_view, check_size
+from .chunkdoc import LazyChunk, is_immutable
 from .spec import DEFAULT_CHUNK_SIZE, DUPLICATE_KEY_CODES, check_extra, now_as_stored
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class UploadStream(UploadLifecycle):
         self._sha256 = hashlib.sha256()
         self._length = 0
         self._tail = bytearray()  # the bytes of the chunk being filled
-        self._ready: list[dict[str, Any]] = []  # full chunks not yet sent
+        self._ready: list[MutableMapping[str, Any]] = []  # full chunks not yet sent
         self._next_n = 0
         self._yielded_n = 0
         self._inflight: asyncio.Task[Any] | None = None
@@ -258,7 +259,18 @@ class UploadStream(UploadLifecycle):
                 return
             self._emit(bytes(tail))
             tail = self._tail = bytearray()
-        # Slicing bytes copies once; a whole-chunk bytes piece is not copied at all.
+        # A whole-chunk bytes piece is used as it is. Chunks cut from bytes that
+        # cannot change are copied only when their insert is encoded (chunkdoc.py);
+        # from a buffer the caller may reuse, now.
+        whole = type(data) is bytes and not pos and size == chunk_size
+        if size - pos >= chunk_size and not whole and is_immutable(data):
+            view = data if isinstance(data, memoryview) else memoryview(data)
+            while size - pos >= chunk_size:
+                self._ready.append(
+                    LazyChunk(self.file_id, self._next_n, view[pos : pos + chunk_size])
+                )
+                self._next_n += 1
+                pos += chunk_size
         while size - pos >= chunk_size:
             piece = data[pos : pos + chunk_size]
             self._emit(piece if isinstance(piece, bytes) else bytes(piece))
@@ -304,7 +316,7 @@ class UploadStream(UploadLifecycle):
         if self._inflight is task:
             self._inflight = None
 
-    async def _insert_chunks(self, batch: list[dict[str, Any]]) -> None:
+    async def _insert_chunks(self, batch: list[MutableMapping[str, Any]]) -> None:
         await self._bucket.ensure_indexes()
         try:
             await self._bucket.chunks.insert_many(batch)
