@@ -343,26 +343,30 @@ def test_put_then_sweep_keeps_the_file_and_check_does_not_report_it(
     (tmp_path / f"{module}.py").write_text(MODELS)
     env = _env(PYTHONPATH=str(tmp_path))
     data = b"put from the shell"
-    put = cli("put", "--json", str(cli.file("notes.txt", data)), "--meta", "owner=ops")
-    assert put.code == 0, put
-    [row] = put.json()
+    file_id = _put(cli, str(cli.file("notes.txt", data)), "--meta", "owner=ops")
+
+    found = cli("--import", module, "check", "--json", env=env)
+    assert found.code == 0 and found.json()["orphaned_files"] == 0, found
+    swept = cli("--import", module, "sweep", "--grace", "0", "--json", env=env)
+    assert swept.code == 0 and swept.json()["files_deleted"] == 0, swept
+    assert cli("cat", file_id).stdout == data
+
+    # It is an asset named after the file; a taken name gets the next one.
+    row = cli("info", file_id, "--json").json()
     assert row["asset_id"] == "notes.txt" and row["metadata"] == {"owner": "ops"}
     again = cli("put", "--json", str(cli.file("notes.txt", b"other")))
-    assert again.json()[0]["asset_id"] == "notes-2.txt"  # a taken name gets the next one
-    sweepable = _put(cli, "--sweepable", str(cli.file("scratch.txt", b"scratch")))
-
-    found = cli("--import", module, "check", "--json", env=env).json()
-    assert found["orphaned_files"] == 1, found
-    assert [f["file_id"] for f in found["orphaned_file_ids"]] == [sweepable]
-    swept = cli("--import", module, "sweep", "--grace", "0", "--json", env=env)
-    assert swept.code == 0, swept
-    assert [f["file_id"] for f in swept.json()["deleted_files"]] == [sweepable]
-
-    assert cli("cat", row["id"]).stdout == data
-    clean = cli("--import", module, "check", "--verify", env=env)
-    assert clean.code == 0 and "OK" in clean.out, clean
+    assert again.json()[0]["asset_id"] == "notes-2.txt"
     listed = cli("assets", "--bucket", "fs", "--json").json()
     assert sorted(a["asset_id"] for a in listed) == ["notes-2.txt", "notes.txt"]
+
+    # --sweepable: a plain file, which the sweep takes once no document holds it.
+    sweepable = _put(cli, "--sweepable", str(cli.file("scratch.txt", b"scratch")))
+    found = cli("--import", module, "check", "--json", env=env).json()
+    assert [f["file_id"] for f in found["orphaned_file_ids"]] == [sweepable]
+    swept = cli("--import", module, "sweep", "--grace", "0", "--json", env=env)
+    assert [f["file_id"] for f in swept.json()["deleted_files"]] == [sweepable]
+    clean = cli("--import", module, "check", "--verify", env=env)
+    assert clean.code == 0 and "OK" in clean.out, clean
 
 
 def test_put_refuses_metadata_keys_an_asset_keeps_for_itself(cli: CLI):

@@ -19,7 +19,6 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from asyncassets import Document
-from asyncassets.errors import StorageConflict
 from asyncassets.fields import FileField, StringField
 from asyncassets.files import urls
 from asyncassets.ops import check, declared_storages, sweep_orphans
@@ -158,6 +157,8 @@ async def test_directories_s3_and_a_queued_field_are_served_swept_and_checked(
 async def test_two_directories_of_one_name_are_refused_at_declaration(
     asyncassets_db: Any, tmp_path: Path
 ) -> None:
+    from asyncassets.errors import StorageConflict
+
     class Avatar(Document):
         image = FileField(storage=FileSystemStorage(tmp_path / "a" / "media"))
 
