@@ -129,3 +129,23 @@ def test_the_package_metadata_names_the_storages_and_its_urls() -> None:
         project["urls"]
     )
     assert all(url.startswith(BASE) for url in project["urls"].values())
+
+
+def test_the_example_app_says_what_to_install_without_its_extra() -> None:
+    """In the README's first venv (the embedded extra only), the example app says
+    which extra it needs instead of dying on ``ModuleNotFoundError``."""
+    import subprocess
+    import sys
+
+    hide = (
+        "import runpy, sys; sys.modules['starlette'] = None; "
+        "runpy.run_path('examples/web_app.py', run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", hide], cwd=REPO, capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert done.stderr.decode().strip() == (
+        "examples/web_app.py needs starlette: pip install -e '.[examples]' "
+        "(Starlette, uvicorn, Pillow and the embedded server)"
+    )
