@@ -832,3 +832,20 @@ async def test_a_link_or_a_fifo_as_the_object_is_never_read_or_removed(
         assert await blobs.stat(key) is None
         assert await blobs.delete(key) is False
     assert secret.read_bytes() == b"secret" and (root / "link.bin").is_symlink()
+
+
+async def test_a_temp_file_stamped_by_its_committing_writer_is_not_taken_for_stale(
+    blobs: FileSystemBlobs, root: Path
+) -> None:
+    # A committing writer stamps its temp file with its version (up to a second
+    # before now) just before linking it: a sweep with a short grace must not see a
+    # writer that is alive as dead (found by a hostile review: uploads failed with
+    # ENOENT under sweeps with a grace under a second).
+    writer = blobs.open_writer("t/live.bin")
+    await writer.write(payload(BUFFER))
+    (temp,) = temps_under(root)
+    stamped = datetime.datetime.now().timestamp() - 0.8
+    os.utime(root / temp, (stamped, stamped))
+    cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=0.5)
+    assert [info async for info in blobs.list_stale_temps(cutoff)] == []
+    await writer.commit()

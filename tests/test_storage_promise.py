@@ -9,6 +9,7 @@ reads back, the exception a loser gets, what is left on disk or in the bucket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import subprocess
@@ -23,8 +24,9 @@ import asyncassets
 from asyncassets import AssetManager, Document
 from asyncassets.errors import FileDeletedWhileReading, StorageError, TransferFailed
 from asyncassets.fields import FileField, StringField
-from asyncassets.ops import check
-from asyncassets.storage import FileSystemStorage, QueuedStorage, S3Storage, Storage
+from asyncassets.ops import check, sweep_orphans
+from asyncassets.storage import FileSystemStorage, QueuedStorage, Retry, S3Storage, Storage
+from asyncassets.storage.objects.keys import KeyMaker
 from asyncassets.transfers import TransferWorker
 
 KIB = 1024
@@ -505,3 +507,243 @@ async def test_a_link_or_a_directory_at_a_free_key_makes_the_upload_take_the_nex
     assert (first.photo.key, second.photo.key) == ("photo-2.jpg", "a-2.txt")
     assert await first.photo.read() == b"a photo" and await second.photo.read() == b"a text"
     assert (root / "photo.jpg").is_symlink() and not (tmp_path / "elsewhere.jpg").exists()
+
+
+# -- S3 requests whose outcome the client cannot know (found by a hostile review) -----
+
+
+class _ShadyProxy:
+    """A pass-through proxy in front of moto that keeps connections alive, and does
+    one thing to the first PUT whose request line names ``victim``:
+
+    ``"lose-reply"``: moto gets the PUT and answers; the client never sees the answer
+    (its connection is reset), so the HTTP client sends the PUT again by itself.
+    ``"late"``: the client is answered ``503`` at once (so it gives up), and moto gets
+    the PUT a moment later, as a slow server applies a request after its client left.
+    """
+
+    def __init__(self, upstream: int, victim: bytes, mode: str, delay: float = 1.0) -> None:
+        self.upstream, self.victim, self.mode, self.delay = upstream, victim, mode, delay
+        self.hit = False
+        self.server: asyncio.AbstractServer | None = None
+        self.background: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        swallow = asyncio.Event()
+
+        async def down() -> None:
+            while data := await up_reader.read(65536):
+                if swallow.is_set() and not data.startswith(b"HTTP/1.1 100"):
+                    writer.transport.abort()  # the reply is lost
+                    up_writer.transport.abort()
+                    return
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        downstream = asyncio.ensure_future(down())
+        try:
+            while data := await reader.read(65536):
+                line = data.split(b"\r\n", 1)[0]
+                if not self.hit and line.startswith(b"PUT ") and self.victim in line:
+                    self.hit = True
+                    if self.mode == "lose-reply":
+                        swallow.set()
+                    else:
+                        request = data + await _rest_of_request(reader, writer, data)
+                        late = asyncio.ensure_future(self._deliver_late(request))
+                        self.background.add(late)
+                        writer.write(b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n"
+                                     b"Connection: close\r\n\r\n")
+                        await writer.drain()
+                        writer.close()
+                        return
+                up_writer.write(data)
+                await up_writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            up_writer.close()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await downstream
+
+    async def _deliver_late(self, request: bytes) -> None:
+        await asyncio.sleep(self.delay)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        writer.write(request)
+        await writer.drain()
+        await reader.read(65536)
+        writer.close()
+
+
+async def _rest_of_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes
+) -> bytes:
+    """The bytes of a request not read yet, its first bytes being ``head`` (headers,
+    then a body of Content-Length bytes; botocore sends no chunked PUTs here). A
+    client that asks (``Expect: 100-continue``) is told to send its body."""
+    read = b""
+    while b"\r\n\r\n" not in head + read:
+        more = await reader.read(65536)
+        if not more:
+            return read
+        read += more
+    head += read
+    headers, _, body = head.partition(b"\r\n\r\n")
+    length = 0
+    for line in headers.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+        if name.strip().lower() == b"expect" and value.strip().lower() == b"100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+    return read + await reader.readexactly(max(length - len(body), 0))
+
+
+def _s3_via(request: pytest.FixtureRequest, endpoint: str, **kw: Any) -> S3Storage:
+    bucket = request.getfixturevalue("asyncassets_s3_bucket")
+    name = f"promise{next(_names)}"
+    return S3Storage(**{**bucket.options, "endpoint_url": endpoint, "prefix": f"{name}/",
+                        "part_size": 5 * MIB}, collection_name=name, **kw)
+
+
+async def test_a_put_whose_reply_is_lost_and_resent_by_the_http_client_is_still_ours(
+    asyncassets_db: Any, request: pytest.FixtureRequest
+) -> None:
+    # The PUT is applied, its reply lost; the HTTP client sends it again on its own,
+    # and If-None-Match refuses the copy: that 412 is this upload's own object, not
+    # another's (it carries the upload's token). It failed with KeyTaken and left
+    # its object behind.
+    bucket = request.getfixturevalue("asyncassets_s3_bucket")
+    port = int(bucket.endpoint_url.rsplit(":", 1)[1].strip("/"))
+    async with _ShadyProxy(port, b"photo.jpg", "lose-reply") as endpoint:
+        storage = _s3_via(request, endpoint, key_template="{filename}")
+        Doc = doc_class(storage)
+        doc = await Doc().save()
+        await doc.photo.put(b"one upload", filename="photo.jpg")
+        assert doc.photo.key == "photo.jpg"
+        assert await (await Doc.objects.get(pk=doc.pk)).photo.read() == b"one upload"
+        report = await check(buckets=[storage.collection_name])
+        assert report.ok and report.orphaned_objects == 0, report
+        await storage.blobs().aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_put_applied_after_its_client_gave_up_never_replaces_the_next_upload(
+    asyncassets_db: Any, request: pytest.FixtureRequest
+) -> None:
+    # overwrite=True: the first upload's PUT failed on the client's side but the
+    # server applies it a second later. The key stays reserved (the outcome is
+    # unknown), so the next upload of the name takes another key; the late object
+    # is the sweep's. It released the key at once, and the late PUT replaced the
+    # next upload's object under its live entry.
+    bucket = request.getfixturevalue("asyncassets_s3_bucket")
+    port = int(bucket.endpoint_url.rsplit(":", 1)[1].strip("/"))
+    async with _ShadyProxy(port, b"photo.jpg", "late", delay=1.0) as endpoint:
+        storage = _s3_via(request, endpoint, key_template="{filename}", overwrite=True,
+                          retry=Retry(attempts=1))
+        Doc = doc_class(storage)
+        first = await Doc().save()
+        with pytest.raises(StorageError):
+            await first.photo.put(b"first upload", filename="photo.jpg")
+        second = await Doc().save()
+        await second.photo.put(b"next upload!", filename="photo.jpg")  # same length
+        assert second.photo.key == "photo-2.jpg"
+        await asyncio.sleep(1.5)  # the late PUT lands
+        assert await (await Doc.objects.get(pk=second.pk)).photo.read() == b"next upload!"
+        report = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+        assert report.reservations_released == 1  # the late object, by its token
+        assert await keys_of(storage) == ["photo-2.jpg"]
+        assert (await check(buckets=[storage.collection_name])).ok
+        await storage.blobs().aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_file_rewritten_in_place_during_a_read_is_never_handed_out(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    # Another tool rewrites the object in place (no new inode) while a reader is
+    # between two pieces: the reader stops, it never yields bytes of the rewrite.
+    name = f"promise{next(_names)}"
+    storage = FileSystemStorage(tmp_path / name, key_template="{filename}",
+                                collection_name=name, fsync=False)
+    Doc = doc_class(storage)
+    doc = await Doc().save()
+    old = payload(3 * MIB, seed=1)
+    await doc.photo.put(old, filename="big.bin")
+    stream = doc.photo.stream()
+    got = [await anext(stream)]
+    path = tmp_path / name / "big.bin"
+    with open(path, "r+b") as raw:  # noqa: ASYNC230  (the other tool, in place)
+        raw.write(payload(3 * MIB, seed=2))
+    with pytest.raises(asyncassets.errors.CorruptFile):
+        async for piece in stream:
+            got.append(piece)
+    assert old.startswith(b"".join(got))
+
+
+async def test_the_hundred_and_first_file_of_one_name_gets_its_own_key_at_once(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    name = f"promise{next(_names)}"
+    storage = FileSystemStorage(tmp_path / name, key_template="{filename}",
+                                collection_name=name, fsync=False)
+    store = storage.bind(asyncassets.get_db())
+    keys = [(await store.upload(b"%d" % i, filename="IMG_0001.jpg"))["location"]["key"]
+            for i in range(105)]
+    assert keys[:3] == ["IMG_0001.jpg", "IMG_0001-2.jpg", "IMG_0001-3.jpg"]
+    assert keys[-1] == "IMG_0001-105.jpg" and len(set(keys)) == 105
+    # A variant is found by one query on the reservations, not by trying each.
+    assert await store.reservations.highest_variant("IMG_0001.jpg") == 105
+
+
+async def test_a_directory_at_the_key_makes_an_overwriting_upload_take_the_next_key(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    name = f"promise{next(_names)}"
+    root = tmp_path / name
+    storage = FileSystemStorage(root, key_template="{filename}", collection_name=name,
+                                fsync=False, overwrite=True)
+    (root / "report.pdf").mkdir(parents=True)
+    (root / "notes.txt").write_bytes(b"another tool's")  # a file: overwritten
+    store = storage.bind(asyncassets.get_db())
+    first = await store.upload(b"a report", filename="report.pdf")
+    second = await store.upload(b"my notes", filename="notes.txt")
+    assert first["location"]["key"] == "report-2.pdf"
+    assert second["location"]["key"] == "notes.txt"
+    assert (root / "notes.txt").read_bytes() == b"my notes"
+
+
+def test_templates_that_cannot_make_a_key_for_every_name_fail_at_declaration(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match=r"empty.*for a file named None"):
+        FileSystemStorage(tmp_path, key_template="{ext}")
+    with pytest.raises(ValueError, match=r"temp file.*'x\.0123456789abcdef\.part'"):
+        FileSystemStorage(tmp_path, key_template=".{filename}")
+
+
+async def test_a_key_as_long_as_allowed_still_gets_variants(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    name = f"promise{next(_names)}"
+    long_key = "d/" + "k" * 200 + ".bin"  # a 1,024-byte key would not fit a file name
+    storage = FileSystemStorage(tmp_path / name, key_template=lambda doc, fn: long_key,
+                                collection_name=name, fsync=False)
+    store = storage.bind(asyncassets.get_db())
+    first = await store.upload(b"1")
+    second = await store.upload(b"2")
+    assert first["location"]["key"] == long_key
+    assert second["location"]["key"] == "d/" + "k" * 200 + "-2.bin"
+    assert len(KeyMaker.variant("a" * 1020 + ".bin", 12).encode()) == 1024

@@ -645,7 +645,11 @@ class QueuedStore(CatalogueReads):
         except Exception as exc:
             status = await settle(self._record_failure(claim, exc))
             return self._outcome(claim, status, started, 0, exc, raise_errors)
-        status = await settle(self._switch(claim, key, version))
+        try:
+            status = await settle(self._switch(claim, key, version))
+        except Exception as exc:  # the switch was refused: an attempt that failed
+            status = await settle(self._record_failure(claim, exc))
+            return self._outcome(claim, status, started, 0, exc, raise_errors)
         return self._outcome(claim, status, started, length, None, raise_errors)
 
     def _outcome(
@@ -783,6 +787,8 @@ class QueuedStore(CatalogueReads):
                     await self.remote.blobs.delete(writer.key, version=writer.version)
                 else:
                     await writer.abort()
+                    if not writer.settled:
+                        return  # its commit may still land: the sweep decides
             for key in reserved:
                 await self.remote.reservations.release(key, token=token)
         except Exception as cleanup:
@@ -803,6 +809,7 @@ class QueuedStore(CatalogueReads):
         remote: dict[str, Any] = {"storage": self.storage.remote.kind, "key": key}
         if version is not None:
             remote["version"] = version
+        confirmed = True
         try:
             result = await self.files.update_one(
                 {"_id": claim.file_id, "transfer.token": claim.token,
@@ -816,10 +823,24 @@ class QueuedStore(CatalogueReads):
             # Unknown outcome: find out; if that fails too, the sweep decides later.
             current = await self.find(claim.file_id)
             switched = current is not None and (current.get("remote") or {}).get("key") == key
+            confirmed = False
+            if not switched and current is not None and (
+                (current.get("transfer") or {}).get("token") == claim.token
+            ):
+                # Refused (a primary stepping down, say) and the claim is still ours:
+                # drop the copy and let run() record a failed attempt, retried later.
+                await self.remote.blobs.delete(key, version=version)
+                await self.remote.reservations.release(key, token=claim.remote_token)
+                raise
         if not switched:
             await self.remote.blobs.delete(key, version=version)
             await self.remote.reservations.release(key, token=claim.remote_token)
             return "gone"
+        if not confirmed:
+            # Applied, but not confirmed by a majority (a write-concern error): a
+            # failover may still roll it back to the local copy, so that copy stays.
+            # Named by no entry once the switch is durable, the orphan sweep takes it.
+            return "done"
         if self.storage.delete_local:
             try:
                 await self._delete_copies({**claim.entry, "remote": None}, local=True)

@@ -69,6 +69,11 @@ class BlobWriter(Protocol):
     key: str
     #: The committed object's version (``None`` until :meth:`commit` returns).
     version: Any
+    #: After :meth:`abort`: whether nothing of this writer can appear under the key
+    #: any more. ``False`` when a request's outcome is unknown (an S3 PUT cut short
+    #: may still be applied by the server): its key must stay reserved, and the
+    #: orphan sweep removes what lands there (it carries the writer's token).
+    settled: bool
 
     async def write(self, data: bytes | memoryview) -> None:
         """Append ``data``; may wait while a full part is sent (bounded memory).
@@ -138,10 +143,11 @@ class Blobs(Protocol):
         """The object under ``key``, or ``None`` if there is none."""
         ...
 
-    async def occupied(self, key: str) -> bool:
-        """Whether anything stands under ``key`` that a new object could not be
-        committed over without overwriting (an object; on disk also a link or a
-        directory, which are not objects)."""
+    async def occupied(self, key: str, *, overwrite: bool = False) -> bool:
+        """Whether something stands under ``key`` that a commit (with
+        ``overwrite``, an overwriting one) could not put a new object in place
+        of: without it, any object (on disk also a link or a directory, which are
+        not objects); with it, only what cannot be replaced (a directory)."""
         ...
 
     async def delete(self, key: str, *, version: Any = None) -> bool:

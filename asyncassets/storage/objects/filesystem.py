@@ -253,6 +253,21 @@ def _pwrite_all(fd: int, pieces: list[memoryview], position: int) -> int:
     return position
 
 
+def _pread_checked(fd: int, size: int, position: int, version: Any) -> bytes:
+    """``pread``, then make sure the file is still of ``version``.
+
+    Another tool may rewrite the file in place under an open descriptor; writing
+    updates the file's time before the bytes, so bytes read from a rewrite show
+    as another version here (the piece is then never handed out). A rewrite that
+    sets the old time back afterwards cannot be seen this way (nor by any read
+    short of the checksum: ``verify``).
+    """
+    piece = os.pread(fd, size, position)
+    if version is not None and os.fstat(fd).st_mtime_ns != version:
+        raise _Changed
+    return piece
+
+
 def _fsync_directory(fd: int) -> None:
     try:
         os.fsync(fd)
@@ -445,10 +460,12 @@ class FileSystemBlobs:
             position = start
             while position < end:
                 read = functools.partial(
-                    os.pread, fd, min(self.piece_size, end - position), position
+                    _pread_checked, fd, min(self.piece_size, end - position), position, version
                 )
                 try:
                     piece = await self._retrying(functools.partial(calls.run, read))
+                except _Changed:
+                    raise self._changed(key) from None
                 except OSError as exc:
                     raise self._error(
                         exc, "reading", key, self._path(key), reading=True
@@ -478,15 +495,16 @@ class FileSystemBlobs:
             return None
         return BlobInfo(key, st.st_size, _utc(st.st_mtime), st.st_mtime_ns)
 
-    async def occupied(self, key: str) -> bool:
-        """Whether anything stands under ``key``: a file, or a link, directory, FIFO
-        or socket, which is not an object but which a new object could not be
-        linked over either.
+    async def occupied(self, key: str, *, overwrite: bool = False) -> bool:
+        """Whether something stands under ``key`` that a new object cannot be put
+        in place of: anything (a file, a link, a directory, a FIFO; none of them
+        can be linked over), or with ``overwrite`` a directory (a rename replaces
+        anything else).
 
         :raises StorageError: the place cannot be examined.
         """
         directories, name = _split(key)
-        examine = functools.partial(self._lstat, directories, name)
+        examine = functools.partial(self._lstat, directories, name, overwrite)
         try:
             return await self._retrying(functools.partial(_in_thread, examine))
         except OSError as exc:
@@ -544,6 +562,9 @@ class FileSystemBlobs:
         """
         if older_than.tzinfo is None or older_than.utcoffset() is None:
             raise ValueError("older_than must be timezone-aware (UTC)")
+        # A committing writer stamps its temp file with its version, up to a second
+        # before now, just before linking it: read temp times as a second later.
+        older_than -= datetime.timedelta(seconds=1)
         async for info in self._walk(temps=True):
             if info.modified < older_than:
                 yield info
@@ -672,7 +693,7 @@ class FileSystemBlobs:
             _close_all(fds)
         return st if stat_module.S_ISREG(st.st_mode) else None
 
-    def _lstat(self, directories: _Names, name: str) -> bool:
+    def _lstat(self, directories: _Names, name: str, overwrite: bool) -> bool:
         try:
             fds = self._walk_to(directories, create=False)
         except OSError as exc:
@@ -682,14 +703,14 @@ class FileSystemBlobs:
                 return False
             raise
         try:
-            os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
         except OSError as exc:
             if exc.errno in _ABSENT:
                 return False
             raise
         finally:
             _close_all(fds)
-        return True
+        return not overwrite or stat_module.S_ISDIR(st.st_mode)
 
     def _remove(self, directories: _Names, name: str, version: Any, *, temp: bool) -> bool:
         """Remove the regular file ``name`` (of ``version``), then prune; ``True`` if removed."""
@@ -964,6 +985,8 @@ class FileSystemBlobWriter:
     ) -> None:
         self.key = key
         self.version: int | None = None
+        #: Always true after :meth:`abort`: every call on the file has returned.
+        self.settled = True
         self._blobs = blobs
         self._directories = directories
         self._name = name

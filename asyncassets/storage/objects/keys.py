@@ -46,6 +46,10 @@ _FIELDS = frozenset({"date", "uuid", "id", "ext", "field", "filename"})
 #: Fields that make every key different: without one, a taken key is looked for first.
 _UNIQUE_FIELDS = frozenset({"uuid", "id"})
 _MAX_KEY_BYTES = 1024
+#: The file names a template is tried with when it is declared.
+_PROBE_NAMES = ("example.txt", None, "README", "x.0123456789abcdef.part")
+#: A key segment a directory storage's writer uses for its temp files.
+_TEMP_SEGMENT = re.compile(r"\..*\.[0-9a-f]{16}\.part", re.DOTALL)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _EXT = re.compile(r"^\.[a-z0-9]{1,16}$")
 
@@ -81,6 +85,8 @@ def check_key(key: Any, origin: str = "key") -> str:
         problem = "it contains a backslash or a control character"
     elif any(part in ("", ".", "..") for part in key.split("/")):
         problem = "it has an empty, '.' or '..' segment"
+    elif any(_TEMP_SEGMENT.fullmatch(part) for part in key.split("/")):
+        problem = "a segment is shaped like a directory writer's temp file (.name.<hex>.part)"
     elif len(key.encode("utf-8", "surrogatepass")) > _MAX_KEY_BYTES:
         problem = f"it is longer than {_MAX_KEY_BYTES} bytes"
     if problem:
@@ -121,8 +127,14 @@ class KeyMaker:
             )
         #: Whether every key is new (``{uuid}`` or ``{id}``): no look for a taken key.
         self.always_unique = bool(names & _UNIQUE_FIELDS)
-        # Fail at declaration, not at the first upload.
-        self.make(file_id="0" * 24, filename="example.txt")
+        # Fail at declaration, not at the first upload: with a name like a user's,
+        # none at all, one without an extension, and one shaped like a writer's
+        # temp file (a template that puts a '.' before it would make one).
+        for probe in _PROBE_NAMES:
+            try:
+                self.make(file_id="0" * 24, filename=probe)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (for a file named {probe!r})") from None
 
     def __repr__(self) -> str:
         return f"KeyMaker({self.template!r})"
@@ -161,9 +173,21 @@ class KeyMaker:
 
     @staticmethod
     def variant(key: str, attempt: int) -> str:
-        """Another key close to ``key`` for the ``attempt``-th try: ``a/b-2.jpg``."""
+        """Another key close to ``key`` for the ``attempt``-th try: ``a/b-2.jpg``.
+
+        The name's stem is shortened when the variant would be longer than a key
+        may be (1,024 bytes), so a long key has variants too.
+        """
         head, sep, last = key.rpartition("/")
         stem, dot, ext = last.rpartition(".")
         if not dot or not stem:
             stem, ext, dot = last, "", ""
-        return f"{head}{sep}{stem}-{attempt}{dot}{ext}"
+        made = f"{head}{sep}{stem}-{attempt}{dot}{ext}"
+        over = len(made.encode("utf-8", "surrogatepass")) - _MAX_KEY_BYTES
+        while over > 0 and stem:
+            # Cut whole characters until it fits (a character may be several bytes).
+            cut = stem[-1]
+            stem = stem[:-1]
+            over -= len(cut.encode("utf-8", "surrogatepass"))
+            made = f"{head}{sep}{stem}-{attempt}{dot}{ext}"
+        return made

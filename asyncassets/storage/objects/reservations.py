@@ -50,6 +50,7 @@ from pymongo.errors import DuplicateKeyError
 
 from ... import _driver
 from ..gridfs.spec import now_as_stored
+from .keys import KeyMaker
 
 __all__ = ["COLLECTION", "Reservations"]
 
@@ -59,6 +60,8 @@ COLLECTION = "asyncassets.keys"
 PLACE_INDEX = {"place": 1, "at": 1}
 
 _indexed: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+#: A number no key holds, to find where a variant's "-N" goes in a reservation id.
+_PROBE = 918273645
 
 
 class Reservations:
@@ -193,7 +196,7 @@ class Reservations:
                 by_catalogue.setdefault((catalogue, field), []).append(reservation)
         for (catalogue, field), group in by_catalogue.items():
             wanted = {(r.get("file"), r.get("key")): r["_id"] for r in group}
-            files = self.db[f"{catalogue}.files"]
+            files = _driver.acknowledged(self.db[f"{catalogue}.files"])  # the primary's
             query = {"_id": {"$in": [r.get("file") for r in group]}}
             async for entry in files.find(query, {f"{field}.key": 1}):
                 place = entry.get(field)
@@ -214,6 +217,27 @@ class Reservations:
     async def reserve_for_sweep(self, key: str, token: str) -> bool:
         """For the sweep: reserve an orphan object's key before deleting it."""
         return await self._insert(key, None, token, "sweeping")
+
+    async def highest_variant(self, key: str) -> int:
+        """The highest ``N`` of a reserved variant ``key-N`` (``photo-7.jpg``), or 1.
+
+        One range query on ``_id``, whatever the number of variants, so the 500th
+        upload of ``photo.jpg`` tries ``photo-500.jpg`` at once.
+        """
+        probe = str(_PROBE)
+        before, _, after = self.id_of(KeyMaker.variant(key, _PROBE)).rpartition(probe)
+        highest = 1
+        found = self.collection.find(
+            {"_id": {"$gte": before, "$lt": before + "\uffff"}}, {"_id": 1}
+        )
+        async for doc in found:
+            name = str(doc["_id"])
+            if not name.endswith(after):
+                continue
+            middle = name[len(before) : len(name) - len(after)]
+            if middle.isdigit():
+                highest = max(highest, int(middle))
+        return highest
 
     async def reserved(self, keys: list[str]) -> set[str]:
         """Which of ``keys`` are reserved (in any state)."""

@@ -495,9 +495,10 @@ class S3Blobs:
             str(token) if token is not None else None,
         )
 
-    async def occupied(self, key: str) -> bool:
-        """Whether an object is under ``key``."""
-        return await self.stat(key) is not None
+    async def occupied(self, key: str, *, overwrite: bool = False) -> bool:
+        """Whether an object is under ``key`` that a write may not replace (with
+        ``overwrite``, nothing is: a PUT replaces any object)."""
+        return not overwrite and await self.stat(key) is not None
 
     async def delete(self, key: str, *, version: Any = None) -> bool:
         """DeleteObject, with ``If-Match: <version>`` when the version is given.
@@ -721,6 +722,9 @@ class _S3Writer:
     def __init__(self, blobs: S3Blobs, key: str, token: str | None = None) -> None:
         self.key = key
         self.version: str | None = None
+        #: After :meth:`abort`: whether nothing of this writer can appear under the
+        #: key any more (``False``: a PUT's outcome is unknown).
+        self.settled = True
         self._token = token or uuid.uuid4().hex
         self._blobs = blobs
         self._full_key = blobs._full_key(key)
@@ -886,8 +890,10 @@ class _S3Writer:
         try:
             response = await self._blobs._call("write", self.key, put)
         except KeyTaken:
-            # A lost reply to an earlier try that did create the object?
-            if tries > 1 and await self._is_ours():
+            # A lost reply to an earlier try that did create the object? Also on what
+            # looks like the first try: the HTTP client itself sends a PUT again on a
+            # connection that dropped, and the second one meets the first's object.
+            if await self._is_ours():
                 return
             raise
         self.version = _etag(response.get("ETag"))
@@ -910,8 +916,9 @@ class _S3Writer:
         try:
             response = await self._blobs._call("complete the upload of", self.key, complete)
         except StorageError as exc:
-            # Refused or unknown after a retry: an earlier try may have completed it.
-            if tries > 1 and (isinstance(exc, KeyTaken) or _cause_code(exc) == "NoSuchUpload"):
+            # Refused or unknown: an earlier try (ours, or the HTTP client's own
+            # resend) may have completed it.
+            if isinstance(exc, KeyTaken) or _cause_code(exc) == "NoSuchUpload":
                 if await self._is_ours():
                     return
             if isinstance(exc, KeyTaken):
@@ -953,6 +960,9 @@ class _S3Writer:
         if self._state in ("committed", "aborted"):
             return
         self._buffer = io.BytesIO()
+        # Unknown until proven otherwise (a PUT whose outcome is unknown may still
+        # be applied later by the server).
+        self.settled = False
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             in_flight.cancel()  # its part goes with the upload
@@ -968,18 +978,29 @@ class _S3Writer:
             error = None if finish.cancelled() else finish.exception()
             if isinstance(error, KeyTaken):
                 self._state = "aborted"  # nothing of ours was created
+                self.settled = True
                 return
             if error is None and not finish.cancelled():
                 # Committed, but commit() never returned to its caller.
                 await self._delete_if_ours()
                 self._state = "aborted"
+                self.settled = True
                 return
         if upload_id is not None:
             known = await self._abort_upload(upload_id)
             if not known and finish is not None:
                 await self._delete_if_ours()  # the completion may have gone through
+            # Aborted, a late completion cannot succeed; or it did, and is removed.
+            self.settled = True
         elif finish is not None:
             await self._delete_if_ours()  # the PUT's outcome is unknown
+            error = None if finish.cancelled() else finish.exception()
+            # A refused PUT (403, a missing bucket...) wrote nothing. A PUT cut short
+            # (cancelled, timed out, a reset connection, 5xx) may still be applied
+            # after this HEAD: the key must stay reserved until the orphan sweep.
+            self.settled = isinstance(error, StorageError) and not error.transient
+        else:
+            self.settled = True  # nothing was ever sent
         self._state = "aborted"
 
     async def _delete_if_ours(self) -> None:

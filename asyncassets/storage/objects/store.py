@@ -256,17 +256,27 @@ class ObjectStore(CatalogueReads):
         A key is free when no reservation holds it (no live upload, stored file,
         dead writer or sweep); for a template that can repeat keys, also when no
         catalogue entry names it (entries written before reservations existed)
-        and, with ``overwrite`` false, no object (another tool's) is under it.
-        Racing tasks and processes get distinct keys: the reservation's unique
-        ``_id`` decides.
+        and, with ``overwrite`` false, nothing (another tool's object, a link, a
+        directory) is under it; with ``overwrite``, nothing an object cannot
+        replace (a directory). Racing tasks and processes get distinct keys: the
+        reservation's unique ``_id`` decides. After the key itself, the variant
+        after the highest one reserved is tried (one query), then the next ones.
 
         :param reserved: each key reserved is appended to it at once, so a caller
             whose task fails midway knows what to release.
         :raises KeyTaken: no free variant in a hundred tries.
         :raises ValueError: a variant is not a valid key (too long).
         """
+        number = 1
         for attempt in range(_KEY_ATTEMPTS):
-            candidate = key if attempt == 0 else check_key(KeyMaker.variant(key, attempt + 1))
+            if attempt == 0:
+                candidate = key
+            else:
+                if attempt == 1:
+                    # Past the variants reserved already, in one query.
+                    number = await self.reservations.highest_variant(key)
+                number += 1
+                candidate = check_key(KeyMaker.variant(key, number))
             if not await self.reservations.reserve(candidate, file_id=file_id, token=token):
                 continue
             if reserved is not None:
@@ -290,7 +300,7 @@ class ObjectStore(CatalogueReads):
         field = f"{self.key_field}.key"
         if await self.files.find_one({field: key}, {"_id": 1}) is not None:
             return True
-        return not overwrite and await self.blobs.occupied(key)
+        return await self.blobs.occupied(key, overwrite=overwrite)
 
     async def delete_object(self, key: str, *, version: Any, file_id: Any) -> None:
         """Delete the object of file ``file_id`` at ``key`` (only of ``version``, when
@@ -674,6 +684,10 @@ class ObjectUpload(UploadLifecycle):
                 # The writer removes its temp file or multipart upload, and an object
                 # whose commit did not return if it is provably its own.
                 await writer.abort()
+                if not writer.settled:
+                    # A commit whose outcome is unknown may still land: the key stays
+                    # reserved, and the orphan sweep removes what lands (its token).
+                    return
         # Only now is nothing of this upload under its keys: release them. (If the
         # removal above failed, the reservation stays for the sweep.)
         for key in list(self._reserved):
