@@ -11,7 +11,7 @@ import inspect
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, ReadPreference
 from pymongo.write_concern import WriteConcern
 
 __all__ = [
@@ -82,16 +82,46 @@ async def aggregate(
 
 
 def acknowledged(collection: Any) -> Any:
-    """``collection``, with ``w=1`` if it is configured unacknowledged (``w=0``).
+    """``collection`` as the file layer writes and reads it: ``w="majority"``, primary reads.
 
-    For writes whose result decides what happens next (a reference switch, the
-    GridFS chunk/files order): an unacknowledged write reports nothing to decide on.
-    Both drivers' collections have ``write_concern`` and ``with_options``.
+    Every collection the file layer touches goes through here: GridFS files and
+    chunks, catalogues, key reservations, the documents whose references it
+    switches or cascades, and the documents the sweep and the check read. On a
+    replica set:
+
+    * **Writes are acknowledged by a majority.** A write acknowledged by the
+      primary alone is rolled back if the primary fails before a secondary has
+      it, while later writes on the new primary stay. An upload whose first
+      chunks were rolled back, then referenced by a switch on the new primary,
+      would be a dangling reference; a switch rolled back after the old bytes
+      were deleted, a lost file. So ``w`` of 0, 1 or unset (the server's
+      default, which is 1 on a primary-secondary-arbiter set) becomes
+      ``"majority"``; a ``w`` of 2 or more, a tag set, and ``wtimeout`` and ``j``
+      are kept as configured. A write-concern error or timeout is an unknown
+      outcome, which keeps data (see :mod:`asyncassets.references`). On a
+      standalone server ``"majority"`` is the server alone.
+    * **Reads go to the primary.** What the file layer reads decides what it
+      writes or deletes next (the sweep: which files no document references; a
+      reservation: whether a key is free; a read: whether the entry still names
+      its bytes). A lagging secondary could show a document from before its
+      switch and have the sweep delete the file it references now. A client's
+      ``readPreference`` applies to its own queries (``Doc.objects``), not here.
+
+    Both drivers' collections have ``write_concern``, ``read_preference`` and
+    ``with_options``.
     """
+    options: dict[str, Any] = {}
     concern = getattr(collection, "write_concern", None)
-    if concern is not None and not concern.acknowledged:
-        return collection.with_options(write_concern=WriteConcern(w=1))
-    return collection
+    if concern is not None:
+        document = concern.document
+        w = document.get("w")
+        if w is None or w == 0 or w == 1:
+            kept = {key: document[key] for key in ("wtimeout", "j") if key in document}
+            options["write_concern"] = WriteConcern(w="majority", **kept)
+    preference = getattr(collection, "read_preference", None)
+    if preference is not None and preference.mode != ReadPreference.PRIMARY.mode:
+        options["read_preference"] = ReadPreference.PRIMARY
+    return collection.with_options(**options) if options else collection
 
 
 def parse_uri(uri: str) -> dict[str, Any]:

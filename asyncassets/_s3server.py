@@ -83,7 +83,7 @@ class S3Server:
             self._port = _free_port()
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", _HOST, "-p", str(self._port)],
+            self._command(self._port),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -92,6 +92,10 @@ class S3Server:
         )
         self._wait_until_ready()
         return self
+
+    def _command(self, port: int) -> list[str]:
+        """The server's command line (a subclass may run moto another way)."""
+        return [sys.executable, "-m", "moto.server", "-H", _HOST, "-p", str(port)]
 
     def _wait_until_ready(self) -> None:
         assert self._proc is not None

@@ -759,6 +759,10 @@ class QuerySet(Generic[T]):
         paths = cascade_paths(self._document)
         if not paths and self._limit is None and not self._skip:
             return int((await collection.delete_many(self._query)).deleted_count)
+        if paths:
+            # Files are deleted once the documents are: a delete a failover could roll
+            # back would bring back documents whose files are gone (_driver.acknowledged).
+            collection = _driver.acknowledged(collection)
 
         deleted = 0
         projection = dict.fromkeys(paths or ["_id"], 1)
@@ -796,6 +800,7 @@ class QuerySet(Generic[T]):
         if not paths:
             result = await collection.delete_one({"_id": db_id})
             return bool(result.deleted_count)
+        collection = _driver.acknowledged(collection)  # majority, as in delete()
         projection = dict.fromkeys(paths, 1)
         projection["_cls"] = 1
         son = await collection.find_one_and_delete({"_id": db_id}, projection=projection)

@@ -14,8 +14,10 @@ so a switch never interleaves with the document's own write. The rules it owns:
 * **Unknown outcomes keep data.** When the update's outcome is unknown (a lost
   reply, a write-concern error, a cancelled caller), neither file is deleted: the
   stored document is read back to learn which file it holds, and the other one is
-  left to the orphan sweep. An unacknowledged collection (``w=0``) is written
-  with ``w=1`` here, since the switch must know whether it applied.
+  left to the orphan sweep. Switches are written with ``w="majority"`` whatever
+  the collection's write concern (see :func:`asyncassets._driver.acknowledged`):
+  the switch must know whether it applied, and the old file is deleted only once
+  no failover can roll the switch back.
 * **One document, one path.** A proxy belongs to the document it was loaded into
   or created in. Copying a proxy or an embedded document into another document
   gives that document its own proxy (see :func:`bind`); the file is then shared,
@@ -446,7 +448,8 @@ async def _not_matched(
     """Tell apart a conflict, a deleted document, and a part not saved yet."""
     new = None if new_doc is None else new_doc["_id"]
     top = path[0][0]
-    stored = await type(root)._get_collection().find_one({"_id": _stored_id(root)}, {top: 1})
+    collection = _driver.acknowledged(type(root)._get_collection())  # the primary's answer
+    stored = await collection.find_one({"_id": _stored_id(root)}, {top: 1})
     if stored is None and _state(root).maybe_stored:
         # The save whose outcome was unknown did not store it after all; the old
         # file is kept (a retry may have stored it; the sweep decides).
@@ -481,7 +484,7 @@ async def _find_out(
 ) -> None:
     """After an update of unknown outcome: learn what is stored, delete nothing."""
     try:
-        stored = await type(root)._get_collection().find_one(
+        stored = await _driver.acknowledged(type(root)._get_collection()).find_one(
             {"_id": _stored_id(root)}, {path[0][0]: 1}
         )
     except PyMongoError as read_error:

@@ -591,3 +591,41 @@ async def test_a_delete_whose_object_cannot_be_removed_keeps_the_key_for_the_swe
     report = await sweep_orphans(grace=0, buckets=[storage.collection_name])
     assert report.reservations_released == 1
     assert not await _present(store, key) and await _reservation(store, key) is None
+
+
+@pytest.mark.parametrize("kind", ["filesystem", "s3"])
+async def test_one_place_named_two_ways_is_never_swept_as_its_own_orphans(
+    asyncassets_db, declare, tmp_path: Path, request: pytest.FixtureRequest, kind: str
+):
+    # Found by a hostile review: a directory reached through a link to it, or an S3
+    # endpoint spelled 127.0.0.1 here and localhost there, made each catalogue's
+    # sweep delete the other's live objects as orphans.
+    if kind == "filesystem":
+        real = tmp_path / "real"
+        real.mkdir()
+        (tmp_path / "alias").symlink_to(real)
+        first: Storage = FileSystemStorage(real, collection_name=f"st_{_suffix()}")
+        second: Storage = FileSystemStorage(tmp_path / "alias",
+                                            collection_name=f"st_{_suffix()}")
+    else:
+        bucket = request.getfixturevalue("asyncassets_s3_bucket")
+        other_spelling = bucket.endpoint_url.replace("127.0.0.1", "localhost")
+        assert other_spelling != bucket.endpoint_url
+        first = S3Storage(**bucket.options, prefix="p/", collection_name=f"st_{_suffix()}")
+        second = S3Storage(**{**bucket.options, "endpoint_url": other_spelling},
+                           prefix="p/", collection_name=f"st_{_suffix()}")
+    First, Second = declare(first), declare(second)
+    a = await _upload(_store(first, asyncassets_db), b"first's")
+    b = await _upload(_store(second, asyncassets_db), b"second's")
+    await First(f=a["_id"]).save()
+    await Second(f=b["_id"]).save()
+    await asyncio.sleep(1.1)  # S3 object times are whole seconds
+    for storage in (first, second):
+        report = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+        assert report.objects_deleted == 0, report
+    assert await _store(first, asyncassets_db).read(a) == b"first's"
+    assert await _store(second, asyncassets_db).read(b) == b"second's"
+    for storage in (first, second):
+        closer = getattr(getattr(storage, "_blobs", None), "aclose", None)
+        if closer is not None:
+            await closer()

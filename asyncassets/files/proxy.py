@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import bson
+import bson.errors
 from pymongo.errors import PyMongoError
 
 from .._tasks import settle
@@ -675,7 +676,14 @@ class FileProxy:
         meta = dict(extra)
         if content_type is not None:
             meta["content_type"] = content_type
-        size = len(bson.encode(meta))
+        try:
+            size = len(bson.encode(meta))
+        except bson.errors.InvalidDocument as exc:
+            raise TypeError(
+                f"file metadata cannot be stored: {exc}. Metadata values must be what "
+                "MongoDB stores: str, int, float, bool, None, datetime, bytes, ObjectId, "
+                "lists and dicts of them."
+            ) from None
         if size > MAX_METADATA_BYTES:
             raise ValueError(
                 f"file metadata is {size} bytes encoded; the limit is {MAX_METADATA_BYTES}. "

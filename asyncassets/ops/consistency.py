@@ -793,7 +793,7 @@ async def _check_references(
     report: CheckReport,
 ) -> None:
     for source in sources:
-        collection = get_db(source.alias)[source.collection]
+        collection = _driver.acknowledged(get_db(source.alias)[source.collection])
         pending: list[tuple[str, Any, str, Any]] = []
         cursor = collection.find(
             {source.dotted: {"$exists": True}},

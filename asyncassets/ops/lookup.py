@@ -124,7 +124,8 @@ async def _referenced(sources: list[_Source], ids: list[Any]) -> set[Any]:
         remaining = [i for i in wanted if i not in found]
         if not remaining:
             break
-        collection = get_db(source.alias)[source.collection]
+        # From the primary: a lagging secondary's document may predate its switch.
+        collection = _driver.acknowledged(get_db(source.alias)[source.collection])
         if source.queryable:
             query: dict[str, Any] = {source.dotted: {"$in": remaining}}
         else:
@@ -280,7 +281,7 @@ async def _named_keys(sharers: list[_Sharer], keys: list[str]) -> set[str]:
                 theirs[their_key] = key
         if not theirs:
             continue
-        files = get_db(sharer.alias)[f"{sharer.catalogue}.files"]
+        files = _driver.acknowledged(get_db(sharer.alias)[f"{sharer.catalogue}.files"])
         cursor = files.find({sharer.field: {"$in": list(theirs)}}, {sharer.field: 1})
         holder, _, leaf = sharer.field.partition(".")
         try:

@@ -372,6 +372,10 @@ async def _delete_orphan(
         now = await store.blobs.stat(info.key)
         if now is None:
             return None  # gone meanwhile: nothing to delete, nothing freed
+        if now.token is not None and await reservations.held_by_writer(now.token):
+            # Written by an upload whose reservation names the place another way
+            # (another endpoint spelling): a live file's object, not an orphan.
+            return None
         if not _old_enough(blob_time(now.modified), cutoff):
             report.recent_orphaned_objects += 1
             return None

@@ -14,8 +14,10 @@ on a connection that stays usable:
 * the file is gone (:class:`~asyncassets.errors.FileNotFound`, or its object
   missing from the directory or bucket): ``404``;
 * the storage or the database cannot be reached, or failed after its retries
-  (:class:`~asyncassets.errors.StorageError`, PyMongo's ``ConnectionFailure``):
-  ``503`` with ``Retry-After``, and a warning on the ``asyncassets.web`` logger;
+  (:class:`~asyncassets.errors.StorageError`, PyMongo's ``ConnectionFailure``), or
+  an upload was interrupted by an orphan sweep whose grace is shorter than it
+  (:class:`~asyncassets.errors.UploadInterrupted`; nothing was stored): ``503``
+  with ``Retry-After``, and a warning on the ``asyncassets.web`` logger;
 * the stored bytes are damaged (:class:`~asyncassets.errors.CorruptFile`,
   :class:`~asyncassets.errors.IntegrityError`): ``500``, logged as an error.
 
@@ -34,7 +36,14 @@ from pymongo.errors import ConnectionFailure
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from ..errors import CorruptFile, FileNotFound, IntegrityError, StorageError, StoredObjectMissing
+from ..errors import (
+    CorruptFile,
+    FileNotFound,
+    IntegrityError,
+    StorageError,
+    StoredObjectMissing,
+    UploadInterrupted,
+)
 
 __all__ = ["HANDLED_ERRORS", "RETRY_AFTER_SECONDS", "failure_answer", "storage_error_response"]
 
@@ -50,6 +59,7 @@ HANDLED_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFound,
     StorageError,
     ConnectionFailure,
+    UploadInterrupted,
     CorruptFile,
     IntegrityError,
 )
@@ -67,10 +77,10 @@ def failure_answer(exc: BaseException) -> tuple[int, str, list[tuple[bytes, byte
     if isinstance(exc, StoredObjectMissing):
         logger.warning("answered 404: %s", exc)
         return 404, "Not Found", []
-    if isinstance(exc, (StorageError, ConnectionFailure)):
+    if isinstance(exc, (StorageError, ConnectionFailure, UploadInterrupted)):
         logger.warning("answered 503 (try again later): %s: %s", type(exc).__name__, exc)
         retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
-        return 503, "Service Unavailable: the file's storage cannot be reached now", retry
+        return 503, "Service Unavailable: try again later", retry
     if isinstance(exc, (CorruptFile, IntegrityError)):
         logger.error("answered 500: a stored file is damaged", exc_info=exc)
         return 500, "Internal Server Error: the stored file is damaged", []

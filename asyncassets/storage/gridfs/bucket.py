@@ -93,8 +93,9 @@ class GridBucket(CatalogueReads):
         self.db = db
         self.name = name
         # The bucket's guarantees rest on knowing what each write did (chunks before
-        # the files document; cleanup of what an aborted upload wrote), so a database
-        # configured unacknowledged (w=0) is written with w=1 here.
+        # the files document; cleanup of what an aborted upload wrote) and on no
+        # failover rolling it back: written with w="majority", read from the primary
+        # (_driver.acknowledged).
         self.files = _driver.acknowledged(db[f"{name}.files"])
         self.chunks = _driver.acknowledged(db[f"{name}.chunks"])
         self.chunk_size = check_size("chunk_size", chunk_size)

@@ -387,6 +387,7 @@ class FileSystemBlobs:
         self._root = str(self.root)
         # Cleared the first time link() says the filesystem has no hard links.
         self._hard_links = True
+        self._resolved_root: str | None = None
 
     def __repr__(self) -> str:
         return f"FileSystemBlobs({self._root!r})"
@@ -395,17 +396,26 @@ class FileSystemBlobs:
 
     @property
     def place(self) -> str:
-        """Where the objects are, as their reservations name it: ``file:<root>``."""
-        return "file:" + self._root
+        """Where the objects are, as their reservations name it: ``file:<root>``,
+        the root's real path (its links resolved)."""
+        return "file:" + self._real_root()
 
     def reservation_id(self, key: str) -> str:
-        """The object's one name across storages: ``file:<absolute path>``.
+        """The object's one name across storages: ``file:<real absolute path>``.
 
-        Two storages whose roots overlap (``/srv`` and ``/srv/media``) give the
-        same name to the same file, so their key reservations meet.
+        Two storages whose roots overlap (``/srv`` and ``/srv/media``), or name one
+        directory two ways (through a link to it), give the same name to the same
+        file, so their key reservations meet.
         """
         directories, name = _split(key)
-        return "file:" + os.path.join(self._root, *directories, name)
+        return "file:" + os.path.join(self._real_root(), *directories, name)
+
+    def _real_root(self) -> str:
+        # Resolved once, at the first use (the root may not exist before the first
+        # upload): links in the root's own path are followed here, and only here.
+        if self._resolved_root is None:
+            self._resolved_root = os.path.realpath(self._root)
+        return self._resolved_root
 
     def made_by(self, info: BlobInfo, token: str) -> bool:
         """Whether the object ``info`` describes was committed by a writer given

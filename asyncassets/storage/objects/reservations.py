@@ -58,6 +58,9 @@ __all__ = ["COLLECTION", "Reservations"]
 COLLECTION = "asyncassets.keys"
 #: The index the sweep finds a place's old reservations with.
 PLACE_INDEX = {"place": 1, "at": 1}
+#: The index the sweep asks with whether an object's writer holds a reservation
+#: anywhere (under another spelling of the same place).
+TOKEN_INDEX = {"token": 1}
 
 _indexed: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 #: A number no key holds, to find where a variant's "-N" goes in a reservation id.
@@ -92,6 +95,7 @@ class Reservations:
         if self.db.name in done:
             return
         await self.collection.create_index(list(PLACE_INDEX.items()))
+        await self.collection.create_index(list(TOKEN_INDEX.items()))
         done.add(self.db.name)
 
     def id_of(self, key: str) -> str:
@@ -238,6 +242,12 @@ class Reservations:
             if middle.isdigit():
                 highest = max(highest, int(middle))
         return highest
+
+    async def held_by_writer(self, token: str) -> bool:
+        """Whether any reservation, of any place, is the writer ``token``'s: an
+        object carrying that token belongs to a live file or upload, even when the
+        place is named another way here (``localhost`` for ``127.0.0.1``)."""
+        return await self.collection.find_one({"token": token}, {"_id": 1}) is not None
 
     async def reserved(self, keys: list[str]) -> set[str]:
         """Which of ``keys`` are reserved (in any state)."""
