@@ -372,6 +372,30 @@ async def _switch(root: Any, proxy: FileProxy, old: Any, new_doc: dict[str, Any]
         await _update(root, proxy, path, old, new_doc)
 
 
+async def _check_still_stored(proxy: FileProxy, new: Any) -> None:
+    """Refuse to reference a new file the orphan sweep removed before the switch.
+
+    Until the switch, nothing references the upload: a sweep whose grace is shorter
+    than the time from the upload's end to the switch (a process stalled under load)
+    removes it, and the switch would then store a dangling reference (issue #22's
+    deployment test saw it with a 5 s grace). As ``save()`` does for files uploaded
+    before it: look, and raise :class:`~asyncassets.errors.PendingFileMissing`.
+    """
+    if new is None:
+        return
+    store = proxy._bucket()
+    if await store.find(new) is None:
+        raise PendingFileMissing(
+            f"The file uploaded to replace {proxy.grid_id!r} ({new!r}, bucket "
+            f"{store.name!r}) is gone before the document referenced it: most likely "
+            "sweep_orphans() ran with a grace shorter than the time since the upload. "
+            "Nothing changed; upload it again (and use a longer grace).",
+            file_id=new,
+            bucket=store.name,
+            alias=proxy.db_alias,
+        )
+
+
 def _applier(
     proxy: FileProxy, old: Any, new_doc: dict[str, Any] | None, *, pending: bool = False
 ) -> Any:
@@ -421,6 +445,7 @@ async def _update(
         update = {"$pull": {".".join(parts[:-1]): old}}
     else:
         update = {"$unset": {dotted: ""}}
+    await _check_still_stored(proxy, new)
     collection = _driver.acknowledged(type(root)._get_collection())
     try:
         result = await collection.update_one(query, update)
@@ -618,6 +643,11 @@ async def _push(doc: Any, field: Any, proxy: FileProxy, files_doc: dict[str, Any
             proxy._pending = True
             values.append(proxy)
             return
+        try:
+            await _check_still_stored(proxy, new_id)
+        except PendingFileMissing:
+            proxy._set_file(None, None)
+            raise
         collection = _driver.acknowledged(type(doc)._get_collection())
         try:
             result = await collection.update_one(

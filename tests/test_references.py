@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+from typing import Any
 
 import pytest
 from bson import ObjectId
@@ -1041,3 +1042,34 @@ async def test_put_into_an_element_another_writer_removed_is_a_conflict(asyncass
     with pytest.raises(FileConflict):
         await stale.pages[1].image.put(b"lost?")
     assert await file_ids(asyncassets_db) == set()  # the upload was removed again
+
+
+async def test_a_replace_whose_upload_the_sweep_removed_before_the_switch_changes_nothing(
+    asyncassets_db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload ends, the process stalls (a loaded machine) for longer than the
+    sweep's grace, and the sweep removes the file nothing references yet. The
+    switch must not then reference it (issue #22: a dangling reference, seen in the
+    deployment test with a 5 s grace): it raises PendingFileMissing, as save() does,
+    and the document keeps its old file."""
+    from asyncassets import check, references, sweep_orphans
+
+    class Stalled(Document):
+        f = FileField(collection_name="stalled")
+
+    doc = Stalled()
+    await doc.f.put(b"old" * 100)
+    await doc.save()
+    update = references._update
+
+    async def stalled(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.2)  # the upload is older than the grace meanwhile
+        await sweep_orphans(grace=1)
+        return await update(*args, **kwargs)
+
+    monkeypatch.setattr(references, "_update", stalled)
+    with pytest.raises(PendingFileMissing, match="grace"):
+        await doc.f.replace(b"new" * 100)
+    stored = await Stalled.objects.get(pk=doc.pk)
+    assert await stored.f.read() == b"old" * 100
+    assert (await check()).ok

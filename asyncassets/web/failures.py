@@ -16,8 +16,10 @@ on a connection that stays usable:
 * the storage or the database cannot be reached, or failed after its retries
   (:class:`~asyncassets.errors.StorageError`, PyMongo's ``ConnectionFailure``), or
   an upload was interrupted by an orphan sweep whose grace is shorter than it
-  (:class:`~asyncassets.errors.UploadInterrupted`; nothing was stored): ``503``
-  with ``Retry-After``, and a warning on the ``asyncassets.web`` logger;
+  (:class:`~asyncassets.errors.UploadInterrupted`,
+  :class:`~asyncassets.errors.PendingFileMissing`; nothing was stored or
+  changed): ``503`` with ``Retry-After``, and a warning on the
+  ``asyncassets.web`` logger;
 * the stored bytes are damaged (:class:`~asyncassets.errors.CorruptFile`,
   :class:`~asyncassets.errors.IntegrityError`): ``500``, logged as an error.
 
@@ -40,6 +42,7 @@ from ..errors import (
     CorruptFile,
     FileNotFound,
     IntegrityError,
+    PendingFileMissing,
     StorageError,
     StoredObjectMissing,
     UploadInterrupted,
@@ -52,6 +55,7 @@ logger = logging.getLogger("asyncassets.web")
 #: The ``Retry-After`` of a ``503``: storage outages and failovers are usually
 #: over in seconds, and a client told to wait does not add to the load meanwhile.
 RETRY_AFTER_SECONDS = 2
+_RETRY = str(RETRY_AFTER_SECONDS).encode()
 
 #: The exceptions answered with a complete response instead of raised; register
 #: :func:`storage_error_response` for each of them.
@@ -72,6 +76,10 @@ def failure_answer(exc: BaseException) -> tuple[int, str, list[tuple[bytes, byte
     an object missing under a catalogue entry (warning: run ``asyncassets.check()``)
     and damaged bytes (error, with the traceback).
     """
+    if isinstance(exc, PendingFileMissing):
+        # An upload the orphan sweep removed before its switch: nothing changed.
+        logger.warning("answered 503 (try again later): %s", exc)
+        return 503, "Service Unavailable: try again later", [(b"retry-after", _RETRY)]
     if isinstance(exc, FileNotFound):
         return 404, "Not Found", []
     if isinstance(exc, StoredObjectMissing):
@@ -79,8 +87,7 @@ def failure_answer(exc: BaseException) -> tuple[int, str, list[tuple[bytes, byte
         return 404, "Not Found", []
     if isinstance(exc, (StorageError, ConnectionFailure, UploadInterrupted)):
         logger.warning("answered 503 (try again later): %s: %s", type(exc).__name__, exc)
-        retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
-        return 503, "Service Unavailable: try again later", retry
+        return 503, "Service Unavailable: try again later", [(b"retry-after", _RETRY)]
     if isinstance(exc, (CorruptFile, IntegrityError)):
         logger.error("answered 500: a stored file is damaged", exc_info=exc)
         return 500, "Internal Server Error: the stored file is damaged", []
