@@ -629,3 +629,22 @@ async def test_one_place_named_two_ways_is_never_swept_as_its_own_orphans(
         closer = getattr(getattr(storage, "_blobs", None), "aclose", None)
         if closer is not None:
             await closer()
+
+
+async def test_a_renamed_catalogue_keeps_its_objects_whatever_the_reservations_record(
+    asyncassets_db, declare, storage
+):
+    # A reservation records the catalogue its upload wrote to. After a catalogue is
+    # renamed (entries moved, reservations not), its files are still named by a
+    # declared catalogue of the place: the sweep must not take them for the
+    # leftovers of dead writers.
+    store = _store(storage, asyncassets_db)
+    Doc = declare(storage)
+    entry = await _upload(store, b"a live file")
+    await Doc(f=entry["_id"]).save()
+    await store.reservations.collection.update_many(
+        {"place": store.reservations.place}, {"$set": {"catalogue": "renamed_away"}}
+    )
+    report = await sweep_orphans(grace=0, buckets=[storage.collection_name])
+    assert report.reservations_released == 0 and report.objects_deleted == 0
+    assert await store.read(entry) == b"a live file"

@@ -127,8 +127,8 @@ async def sweep_orphans(
             await _sweep_chunks(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
                                 report)
         elif isinstance(store, ObjectStore):
-            await _sweep_reservations(store, bucket_alias, cutoff, dry_run, batch_size,
-                                      max_ids, report)
+            await _sweep_reservations(store, bucket_alias, work.sharers, cutoff, dry_run,
+                                      batch_size, max_ids, report)
             await _sweep_objects(store, bucket_alias, work.sharers, cutoff, dry_run,
                                  batch_size, max_ids, report)
             await _sweep_leftovers(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
@@ -167,14 +167,14 @@ async def _sweep_queued(
     if chunks is not None:
         await _sweep_chunks(chunks, alias, cutoff, dry_run, batch_size, max_ids, report)
     elif isinstance(store.local, ObjectStore):
-        await _sweep_reservations(store.local, alias, cutoff, dry_run, batch_size, max_ids,
-                                  report)
+        await _sweep_reservations(store.local, alias, work.sharers, cutoff, dry_run,
+                                  batch_size, max_ids, report)
         await _sweep_objects(store.local, alias, work.sharers, cutoff, dry_run, batch_size,
                              max_ids, report)
         await _sweep_leftovers(store.local, alias, cutoff, dry_run, batch_size, max_ids,
                                report)
-    await _sweep_reservations(store.remote, alias, cutoff, dry_run, batch_size, max_ids,
-                              report)
+    await _sweep_reservations(store.remote, alias, work.remote_sharers, cutoff, dry_run,
+                              batch_size, max_ids, report)
     await _sweep_objects(store.remote, alias, work.remote_sharers, cutoff, dry_run, batch_size,
                          max_ids, report)
     await _sweep_leftovers(store.remote, alias, cutoff, dry_run, batch_size, max_ids, report)
@@ -268,6 +268,7 @@ async def _sweep_chunks(
 async def _sweep_reservations(
     store: ObjectStore,
     alias: str,
+    sharers: list[_Sharer],
     cutoff: dt.datetime,
     dry_run: bool,
     batch_size: int,
@@ -282,19 +283,28 @@ async def _sweep_reservations(
     confirmed it meanwhile keeps it), looks for the entry once more, deletes the
     object under the key only if it carries the writer's token (it is then that
     writer's, never another's), and releases the key.
+
+    A key that an entry of a catalogue declared for this place names is alive
+    too, whatever catalogue its reservation records (a catalogue renamed since:
+    its entries moved, the reservations did not).
     """
     reservations = store.reservations
     async for batch in _batches(reservations.older_than(cutoff), batch_size):
         alive = await reservations.named(batch)
+        named = await _named_keys(
+            sharers, [str(r.get("key")) for r in batch if r["_id"] not in alive]
+        )
         for reservation in batch:
-            if reservation["_id"] in alive:
+            if reservation["_id"] in alive or str(reservation.get("key")) in named:
                 continue  # a stored file's key
             if dry_run:
                 report.reservations_released += 1
                 continue
             if not await reservations.take_over(reservation):
                 continue  # confirmed or released meanwhile
-            if await reservations.named([reservation]):
+            if await reservations.named([reservation]) or await _named_keys(
+                sharers, [str(reservation.get("key"))]
+            ):
                 await reservations.give_back(reservation)  # its entry came in meanwhile
                 continue
             key = str(reservation.get("key"))
