@@ -4,7 +4,10 @@ For N in (100, 500): N tasks start at once, each uploading (then, in a second wa
 downloading) one 1 MiB file. Reported per contender: wall time of the wave, aggregate
 throughput, p50/p99 latency of a single operation, the errors raised, and the client's
 memory: its resident set at the start of the wave and its peak during it (sampled every
-5 ms), so the growth is what the wave's tasks held.
+5 ms), so the growth is what the wave's tasks held; divided by N, the memory per
+operation in flight (issue #22: at or below raw PyMongo's for 500 uploads). The
+contenders alternate round by round, who goes first too: a process's heap, once
+grown, is not given back, so the wave that runs first in a round pays for it.
 """
 
 from __future__ import annotations

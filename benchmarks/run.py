@@ -333,6 +333,8 @@ def report(out: dict[str, Any]) -> str:
                     a["p99_ms"],
                     f"{w['errors']}/{a['errors']}",
                     f"{w['rss_growth_mib']:.0f}/{a['rss_growth_mib']:.0f}",
+                    f"{w['rss_growth_mib'] / r['tasks']:.2f}/"
+                    f"{a['rss_growth_mib'] / r['tasks']:.2f}",
                 ]
             )
         parts.append(
@@ -350,6 +352,7 @@ def report(out: dict[str, Any]) -> str:
                     "aa p99 ms",
                     "errors raw/aa",
                     "client RSS growth MiB raw/aa",
+                    "MiB per task in flight raw/aa",
                 ],
                 rows,
             )
