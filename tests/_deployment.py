@@ -378,11 +378,13 @@ class Deployment:
         while not self.stopping:
             for kind, procs in (("app process", self.apps), ("transfer worker", self.workers)):
                 for p in procs:
-                    with contextlib.suppress(OSError, ValueError, AssertionError):
+                    with contextlib.suppress(OSError, AssertionError):
                         status = Path(f"/proc/{p.pid}/status").read_text()  # noqa: ASYNC240
-                        kib = int(re.search(r"VmRSS:\s+(\d+)", status)[1])  # type: ignore[index]
+                        found = re.search(r"VmRSS:\s+(\d+)", status)
+                        if found is None:
+                            continue  # killed, not yet reaped
                         key = f"peak RSS of a {kind}, MiB"
-                        self.stats[key] = max(self.stats[key], kib // 1024)
+                        self.stats[key] = max(self.stats[key], int(found[1]) // 1024)
             await asyncio.sleep(0.5)
 
     def _down(self, what: str, start: float, end: float) -> bool:
