@@ -313,6 +313,12 @@ class Hostile:
         """A name for the violation of an operation that met what was planted."""
         return None
 
+    def planted_at(self, key: str | None) -> bool:
+        """Whether this hostile act itself put an object under ``key`` lately: a
+        writer's commit meeting it there gets ``KeyTaken``, as documented (another
+        tool wrote under the key between its choice and the commit)."""
+        return False
+
     def damaged(self, races: Races) -> set[Any]:
         """Files whose bytes were lost or replaced behind the library's back (a
         crashed server restored from a backup): their documents are set aside."""
@@ -895,6 +901,13 @@ class Races:
             and not isinstance(exc, KeyTaken)
         ):
             return "refused"  # the full disk it was given
+        if (
+            self.layout.hostile is not None
+            and isinstance(exc, KeyTaken)
+            and self.layout.hostile.excuses(op)
+            and self.layout.hostile.planted_at(exc.key)
+        ):
+            return "refused"  # the commit met what the hostile act put there
         if (
             self.layout.hostile is not None
             and isinstance(exc, (StorageError, CorruptFile))

@@ -301,6 +301,7 @@ class ServerCrash(Hostile):
         self.reader = reader
         self.prefix = prefix
         self.backups: list[dict[str, bytes]] = []
+        self.restored: set[str] = set()
         self.crash_batch = -1
         self._batch = 1
         self.lost: set[Any] = set()
@@ -320,9 +321,15 @@ class ServerCrash(Hostile):
             self.bucket.access_key_id, self.bucket.secret_access_key, self.bucket.region,
         )  # fmt: skip
         backup = self.backups[0]
+        self.restored = set(backup)
         for key, data in backup.items():
             await asyncio.to_thread(self.reader.put, key, data)
         races.stats["objects restored from a backup"] += len(backup)
+
+    def planted_at(self, key: str | None) -> bool:
+        # The restore put a previous owner's object back under a key that a writer
+        # of the crash batch had reserved since (it was free): its commit refuses.
+        return key is not None and key in self.restored
 
     def excuses(self, op: Op) -> bool:
         # The crash batch, and the next (a retry through the outage may end in it).
