@@ -6,8 +6,11 @@ uvicorn (and in-process, with its lifespan run by ``run_lifespan``)::
     pip install -e '.[web]' fastapi uvicorn python-multipart   # from a checkout
     uvicorn --factory 'examples.fastapi_app:create_app'   # MONGODB_URI, FILES_SECRET
 
-* ``POST /reports`` (a form with ``file`` and ``title``): the upload streams into
-  the field (``UploadFile`` is an async file: ``put()`` reads it in pieces);
+* ``POST /reports`` (a form with ``file`` and ``title``): the report is
+  validated first, so a refused form stores nothing; then the upload streams into
+  the field (``UploadFile`` is an async file: ``put()`` reads it in pieces). A
+  refused title or file is a ``422`` naming the field, and a storage or
+  database outage a ``503`` (``storage_error_response``), never a ``500``;
 * ``GET`` and ``HEAD /reports/{id}/file``: :class:`~asyncassets.web.FileResponse`
   (ranges, ETag/304, the content policy); FastAPI's ``@app.get`` would answer
   ``HEAD`` with 405, hence ``api_route`` with both methods;
@@ -24,11 +27,17 @@ from typing import Any
 
 from bson import ObjectId
 from fastapi import FastAPI, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
 
 import asyncassets
-from asyncassets import Document, DoesNotExist
+from asyncassets import Document, DoesNotExist, ValidationError
 from asyncassets.fields import FileField, StringField
-from asyncassets.web import FileResponse, files_app
+from asyncassets.web import (
+    HANDLED_ERRORS,
+    FileResponse,
+    files_app,
+    storage_error_response,
+)
 
 
 class Report(Document):
@@ -53,11 +62,23 @@ def create_app(uri: str | None = None, secret: str | None = None) -> FastAPI:
     @app.post("/reports", status_code=201)
     async def upload(file: UploadFile, title: str = Form("")) -> dict[str, Any]:
         report = Report(title=title)
+        report.validate()  # before put(): a refused title leaves no stored file
         await report.file.put(
             file, content_type=file.content_type, filename=file.filename
         )
         await report.save()
         return {"id": str(report.pk), "link": await report.file.url(expires=3600)}
+
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
+        # A field's rules said no (FileValidationError is a ValidationError too).
+        assert isinstance(exc, ValidationError)
+        field = exc.field_name or "form"
+        where = exc.to_dict() or {field: str(exc).removeprefix(f"{field}: ")}
+        return JSONResponse({"detail": where}, status_code=422)
+
+    app.add_exception_handler(ValidationError, refused)
+    for error in HANDLED_ERRORS:  # outages: 503 and Retry-After, not a 500
+        app.add_exception_handler(error, storage_error_response)
 
     @app.api_route("/reports/{pk}/file", methods=["GET", "HEAD"])
     async def download(pk: str, request: Request) -> FileResponse:

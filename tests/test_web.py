@@ -32,7 +32,7 @@ from asyncassets import Document
 from asyncassets.errors import CorruptFile, FileDeletedWhileReading
 from asyncassets.fields import FileField, StringField
 from asyncassets.storage import FileSystemStorage, GridFSStorage, S3Storage, Storage
-from asyncassets.web import FileResponse
+from asyncassets.web import INLINE_TYPES, ContentPolicy, FileResponse
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes, every offset's byte is known
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -620,6 +620,113 @@ async def test_caller_headers_cannot_lift_the_sandbox_or_nosniff(
         r = await s.get()
         assert r.headers["content-disposition"] == 'inline; filename="a.mp3"'
         assert "content-security-policy" not in r.headers
+
+
+def csp_middleware(app: Any) -> Any:
+    """A site-wide security-headers middleware, as many apps have: a CSP on every answer."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        async def add(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                extra = (b"content-security-policy", b"frame-ancestors 'self'")
+                message = {**message, "headers": [*message["headers"], extra]}
+            await send(message)
+
+        await app(scope, receive, add)
+
+    return wrapped
+
+
+#: The headers that keep a file from acting as the site.
+GUARDS = ("content-security-policy", "x-content-type-options", "content-disposition")
+HTML_INLINE = ContentPolicy(inline={*INLINE_TYPES, "text/html"})
+PAGE = b"<!doctype html><script>fetch('/pwned?' + document.cookie)</script>"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "filename", "options", "middleware"),
+    [
+        # HTML shown inline under sandbox (a policy the docs allow), the caller
+        # adding a CSP of its own: the reviewer's case.
+        (
+            "text/html",
+            "page.html",
+            {"policy": HTML_INLINE, "headers": {"Content-Security-Policy": "img-src 'self'"}},
+            False,
+        ),
+        ("text/html", "page.html", {"policy": HTML_INLINE}, True),
+        # An unsandboxed type retyped by the caller, which sandboxes it.
+        (
+            "audio/mpeg",
+            "a.mp3",
+            {
+                "headers": {
+                    "Content-Type": "text/html",
+                    "Content-Disposition": "inline",
+                    "Content-Security-Policy": "default-src 'self'",
+                }
+            },
+            False,
+        ),
+        ("audio/mpeg", "a.mp3", {}, True),  # no sandbox on the 200: none on the others
+        ("text/html", "page.html", {}, False),
+    ],
+    ids=["caller-csp", "middleware-csp", "caller-retyped", "audio-middleware", "attachment"],
+)
+async def test_every_answer_about_a_file_carries_the_guards_of_its_200(
+    asyncassets_db: Any,
+    storage: Storage,
+    content_type: str,
+    filename: str,
+    options: dict[str, Any],
+    middleware: bool,
+) -> None:
+    # A browser that revalidates a cached page updates the cached headers from
+    # the 304: Chromium replaces every cached CSP with the 304's. A 304 with a
+    # CSP but no sandbox unsandboxed the cached page (tests/
+    # test_web_browser_revalidation.py shows the script running).
+    doc_cls = doc_class(storage)
+    doc = doc_cls(name="page")
+    await doc.file.put(PAGE, content_type=content_type, filename=filename)
+    await doc.save()
+    app = app_for(doc_cls, **options)
+    transport = httpx.ASGITransport(app=csp_middleware(app) if middleware else app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        s = Served(doc, client, storage)
+        full = await s.get()
+        assert full.status_code == 200
+        guards = {name: full.headers.get_list(name) for name in GUARDS}
+        assert guards["x-content-type-options"] == ["nosniff"]
+        etag = full.headers["etag"]
+        answers = {
+            "304": (304, await s.get(if_none_match=etag)),
+            "304 to HEAD": (304, await s.head(if_none_match=etag)),
+            "412": (412, await s.get(if_match='"another"')),
+            "416": (416, await s.get(range="bytes=99999-")),
+            "HEAD": (200, await s.head()),
+            "206": (206, await s.get(range="bytes=0-3")),
+        }
+        for what, (status, r) in answers.items():
+            assert r.status_code == status, what
+            assert {name: r.headers.get_list(name) for name in GUARDS} == guards, what
+            if status in (200, 206, 304):
+                assert r.headers["content-type"] == full.headers["content-type"], what
+
+
+async def test_every_answer_sends_nosniff_exactly_once(served: Served) -> None:
+    etag = (await served.get()).headers["etag"]
+    answers = [
+        await served.get(),
+        await served.head(),
+        await served.get(range="bytes=0-3"),
+        await served.get(range="bytes=0-3,10-20"),
+        await served.get(range="bytes=99999-"),  # 416: sent it twice
+        await served.get(if_none_match=etag),
+        await served.get(if_match='"another"'),
+        await served.client.post(served.url),
+    ]
+    for r in answers:
+        assert r.headers.get_list("x-content-type-options") == ["nosniff"], r.status_code
 
 
 async def test_cache_control_and_headers_are_settable(

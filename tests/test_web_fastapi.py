@@ -63,8 +63,18 @@ def drop(uri: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(asyncassets_server_uri: str) -> Iterator[str]:
+def database(asyncassets_server_uri: str) -> Iterator[str]:
+    """The URI of the app's database, dropped at the end."""
     uri = database_uri(asyncassets_server_uri, "fastapi")
+    try:
+        yield uri
+    finally:
+        drop(uri)
+
+
+@pytest.fixture(scope="module")
+def served(database: str) -> Iterator[str]:
+    uri = database
     app = example().create_app(uri, secret=SECRET)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -83,7 +93,6 @@ def served(asyncassets_server_uri: str) -> Iterator[str]:
         thread.join(timeout=30)
         sock.close()
         urls._config = None
-        drop(uri)
 
 
 def upload(client: httpx.Client, name: str, data: bytes, content_type: str) -> dict[str, Any]:
@@ -140,6 +149,38 @@ def test_an_uploaded_page_is_never_served_as_one(served: str) -> None:
             assert r.headers["content-disposition"].startswith("attachment")
             assert r.headers["content-type"] == "application/octet-stream"
             assert r.headers["content-security-policy"] == "sandbox"
+
+
+def stored_files(uri: str) -> int:
+    import pymongo
+
+    with pymongo.MongoClient(uri) as client:
+        return int(client.get_default_database()["reports.files"].count_documents({}))
+
+
+def test_a_refused_form_is_a_4xx_and_stores_nothing(served: str, database: str) -> None:
+    # A title over the model's 200 characters failed at save(), after the file
+    # was stored (an orphan), and a file part named "" failed in put(): both 500.
+    nameless = (
+        b'--B\r\nContent-Disposition: form-data; name="title"\r\n\r\nq3\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="file"; filename=""\r\n'
+        b"Content-Type: text/plain\r\n\r\nsome bytes\r\n--B--\r\n"
+    )
+    with httpx.Client(base_url=served) as client:
+        before = stored_files(database)
+        r = client.post(
+            "/reports", data={"title": "T" * 201}, files={"file": ("a.txt", b"hello", "text/plain")}
+        )
+        assert r.status_code == 422, r.text
+        assert "title" in r.json()["detail"]
+        form = {"content-type": "multipart/form-data; boundary=B"}
+        r = client.post("/reports", content=nameless, headers=form)
+        assert r.status_code == 422, r.text
+        assert "file" in r.json()["detail"]
+        assert stored_files(database) == before  # nothing was stored for them
+        # The connection and the app are fine: the next form is taken.
+        assert upload(client, "a.txt", b"hello", "text/plain")["id"]
+        assert stored_files(database) == before + 1
 
 
 def test_the_docs_show_this_example() -> None:

@@ -418,6 +418,69 @@ async def test_odd_catalogue_entries_get_a_safe_answer(
                 assert ".html" not in disposition
 
 
+@pytest.mark.parametrize(
+    ("kind", "change", "status"),
+    [
+        # Lengths no storage holds: the entry cannot describe a file (404, warned).
+        ("gridfs", {"$set": {"length": 2**63 - 1}}, 404),  # HEAD said 200, GET 500
+        ("filesystem", {"$set": {"length": 2**63 - 1}}, 404),
+        ("gridfs", {"$set": {"length": 1e20}}, 404),  # an OverflowError, HEAD too
+        ("filesystem", {"$set": {"length": float(2**63)}}, 404),
+        ("gridfs", {"$set": {"length": 2**53 + 1}}, 404),
+        ("filesystem", {"$set": {"metadata.compression.length": float(2**63)}}, 404),
+        # Entries the store refuses to read by: GET failed with a 500, HEAD said 200.
+        ("gridfs", {"$unset": {"chunkSize": ""}}, 500),
+        ("gridfs", {"$set": {"chunkSize": 0}}, 500),
+        ("gridfs", {"$set": {"chunkSize": -5}}, 500),
+        ("gridfs", {"$set": {"chunkSize": "10"}}, 500),
+        ("gridfs", {"$set": {"metadata.compression.codec": "zstd"}}, 500),
+        ("filesystem", {"$set": {"metadata.compression.codec": "zstd"}}, 500),
+        ("filesystem", {"$set": {"location": "x"}}, 500),
+        ("filesystem", {"$set": {"location": {}}}, 500),
+        ("filesystem", {"$unset": {"location.key": ""}}, 500),
+        ("filesystem", {"$set": {"location.key": 5}}, 500),
+        # Not damage: a shell-written double, and fields a storage does not read by.
+        ("gridfs", {"$set": {"length": 220.0, "chunkSize": 261120.0}}, 200),
+        ("filesystem", {"$unset": {"chunkSize": ""}}, 200),
+    ],
+)
+async def test_head_answers_what_get_would_for_a_damaged_entry(
+    asyncassets_db: Any,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    change: dict[str, Any],
+    status: int,
+) -> None:
+    storage = storage_of(kind, tmp_path)
+    compressed = "metadata.compression" in str(change)
+    doc_cls = doc_class(storage, **({"compress": "gzip"} if compressed else {}))
+    data = b"plain bytes of a file\n" * 10  # 220 bytes
+    doc = await stored(doc_cls, data, content_type="text/plain", filename="notes.txt")
+    async with client_for(app_for(doc_cls)) as client:
+        etag = (await client.get(f"/f/{doc.pk}")).headers["etag"]
+        link = await doc.file.url(expires=600)
+        files = asyncassets_db[f"{storage.collection_name}.files"]
+        await files.update_one({"_id": doc.file.file_id}, change)
+        caplog.clear()
+        for url in (f"/f/{doc.pk}", link):
+            for method, headers in (
+                ("HEAD", {}),
+                ("GET", {}),
+                ("GET", {"range": "bytes=0-9"}),
+                ("GET", {"if-none-match": etag}),
+                ("HEAD", {"if-none-match": etag}),
+            ):
+                r = await client.request(method, url, headers=headers)
+                expected = 304 if status == 200 and "if-none-match" in headers else status
+                if status == 200 and "range" in headers:
+                    expected = 206
+                assert r.status_code == expected, (url, method, headers, r.text)
+                assert r.headers["x-content-type-options"] == "nosniff"
+    logged = {record.levelname for record in caplog.records if record.name == "asyncassets.web"}
+    assert logged == {404: {"WARNING"}, 500: {"ERROR"}, 200: set()}[status], caplog.text
+
+
 async def test_a_huge_stored_name_is_cut_keeping_its_extension(
     asyncassets_db: Any, tmp_path: Any
 ) -> None:

@@ -143,3 +143,16 @@ async def test_a_lifespan_that_never_answers_times_out() -> None:
     with pytest.raises(LifespanFailed, match="did not answer the startup"):
         async with run_lifespan(stuck, timeout=0.2):
             pass
+
+
+async def test_the_blocks_error_is_raised_when_the_shutdown_fails_too() -> None:
+    # A failing test whose app then fails to shut down: the test's own error is
+    # what the report must show, the shutdown's failure noted on it.
+    events: list[str] = []
+    with pytest.raises(KeyError, match="the test failed") as raised:
+        async with run_lifespan(state_app(events, fail="shutdown")):
+            raise KeyError("the test failed")
+    assert events == ["startup", "shutdown"]
+    if sys.version_info >= (3, 11):  # notes (PEP 678)
+        notes = getattr(raised.value, "__notes__", [])
+        assert any("shutdown failed" in note and "cannot close" in note for note in notes), notes

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncassets.web import DEFAULT_POLICY, INLINE_TYPES, ContentPolicy
+from asyncassets.web import DEFAULT_POLICY, INLINE_TYPES, PRESIGNED_INLINE_TYPES, ContentPolicy
 from asyncassets.web.policy import MediaType, parse_media_type
 
 
@@ -109,3 +109,26 @@ def test_bad_configuration_is_refused_at_once() -> None:
         ContentPolicy(inline="image/png")
     # A custom inline list without audio or video needs no unsandboxed list.
     assert ContentPolicy(inline={"image/png"}).unsandboxed == frozenset()
+
+
+def test_a_presigned_link_is_inline_only_for_types_safe_without_nosniff() -> None:
+    # S3 can send neither nosniff nor sandbox: a policy that shows PDFs and
+    # (sandboxed) HTML inline still has presigned links save them.
+    policy = ContentPolicy(
+        inline={*INLINE_TYPES, "application/pdf", "text/html"}, unsandboxed={"application/pdf"}
+    )
+    for essence in ("application/pdf", "text/html"):
+        shown = policy.present_presigned(MediaType(essence), download=False)
+        assert (shown.content_type, shown.inline) == (essence, False)
+    unknown = policy.present_presigned(MediaType("application/x-made-up"), download=False)
+    assert (unknown.content_type, unknown.inline) == ("application/octet-stream", False)
+    text = policy.present_presigned(MediaType("text/plain"), download=False)
+    assert (text.content_type, text.inline) == ("text/plain; charset=utf-8", True)
+    assert not policy.present_presigned(MediaType("image/png"), download=True).inline
+    # And what is inline without those headers is passive, by kind.
+    for essence in PRESIGNED_INLINE_TYPES:
+        top, _, sub = essence.partition("/")
+        passive_media = top in ("image", "audio", "video") and not any(
+            mark in sub for mark in ("+", "xml", "svg")
+        )
+        assert essence == "text/plain" or passive_media, essence

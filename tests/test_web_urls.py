@@ -11,9 +11,12 @@ import contextlib
 import datetime as dt
 import hashlib
 import itertools
+import re
 import subprocess
 import sys
 import time
+import unicodedata
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -27,7 +30,14 @@ from asyncassets import Document
 from asyncassets.errors import SignatureInvalid, StorageError, URLExpired, URLsNotConfigured
 from asyncassets.fields import FileField, StringField
 from asyncassets.files import urls
-from asyncassets.files.urls import SignedFile, configure_urls, expiry_for, read_token, sign_token
+from asyncassets.files.urls import (
+    SignedFile,
+    configure_urls,
+    content_disposition,
+    expiry_for,
+    read_token,
+    sign_token,
+)
 from asyncassets.storage import FileSystemStorage, GridFSStorage, S3Storage, Storage
 from asyncassets.web import files_app
 
@@ -170,6 +180,39 @@ async def test_an_altered_url_is_403(served: Site) -> None:
         assert r.status_code == 403, bad
         assert r.headers["cache-control"] == "no-store"
         assert served.doc.file.file_id.__str__() not in r.text
+
+
+async def test_every_answer_of_files_app_carries_nosniff(
+    asyncassets_db: Any, storage: Storage
+) -> None:
+    # Starlette's own answers (a 405 it raises to the host app's handlers, the
+    # 307 of a trailing slash, its 404s) went out without nosniff.
+    async with site(storage) as mounted:
+        url = await mounted.doc.file.url(expires=600)
+        assert url is not None
+        token = token_of(url)
+        standalone = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=files_app(secret=SECRET, base_url="/files")),
+            base_url="http://test",
+        )
+        async with standalone:
+            for client, base in ((mounted.client, "/files"), (standalone, "")):
+                answers = {
+                    "GET": (200, await client.get(f"{base}/{token}")),
+                    "HEAD": (200, await client.head(f"{base}/{token}")),
+                    "POST": (405, await client.post(f"{base}/{token}")),
+                    "DELETE": (405, await client.delete(f"{base}/{token}")),
+                    "a trailing slash": (403, await client.get(f"{base}/{token}/")),
+                    "a path under the token": (403, await client.get(f"{base}/{token}/x")),
+                    "no token": (403, await client.get(f"{base}/")),
+                    "a path of two segments": (403, await client.get(f"{base}/a/b")),
+                }
+                for what, (status, r) in answers.items():
+                    assert r.status_code == status, (base, what)
+                    nosniff = r.headers.get_list("x-content-type-options")
+                    assert nosniff == ["nosniff"], (base, what)
+                    if status == 405:
+                        assert r.headers["allow"] == "GET, HEAD"
 
 
 async def test_an_expired_url_is_403(served: Site) -> None:
@@ -340,6 +383,47 @@ def test_importing_asyncassets_web_without_starlette_says_what_to_install() -> N
     )
 
 
+# -- names ------------------------------------------------------------------------------------
+
+
+def folds_into_a_forbidden_character(ch: str) -> bool:
+    folded = unicodedata.normalize("NFKD", ch)
+    return folded != ch and any(c in "/\\" or unicodedata.category(c) == "Cc" for c in folded)
+
+
+#: Every code point whose NFKD folding holds a path separator or a control
+#: character: U+FF0F FULLWIDTH SOLIDUS is "/", U+2100 ACCOUNT OF is "a/c"...
+FOLDING_INTO_SEPARATORS = [
+    chr(cp)
+    for cp in range(sys.maxunicode + 1)
+    if not 0xD800 <= cp <= 0xDFFF and folds_into_a_forbidden_character(chr(cp))
+]
+FALLBACK = re.compile(r"""[A-Za-z0-9 !#$&'()+,\-.:=@\[\]^_{}~]+""")
+
+
+def test_the_ascii_fallback_name_never_carries_a_separator() -> None:
+    # Separators were removed before NFKD folding, which makes new ones.
+    assert {"\uff0f", "\u2100", "\u2101", "\u2105", "\u2106", "\uff3c"} <= set(
+        FOLDING_INTO_SEPARATORS
+    )
+    names = [
+        "\uff45\uff56\uff49\uff4c\uff0f..\uff0fx.html",  # the reviewer's: "evil/../x.html"
+        "..\uff0f..\uff0f..\uff0fetc\uff0fpasswd",
+        "a\u2100b\u2106.txt",
+    ]
+    names += [f"evil{ch}..{ch}x{ch}.html" for ch in FOLDING_INTO_SEPARATORS]
+    for name in names:
+        for download in (False, True):
+            value = content_disposition(download, name)
+            match = re.match(r'(inline|attachment); filename="([^"]*)"(; filename\*=.*)?$', value)
+            assert match, value
+            fallback = match.group(2)
+            assert FALLBACK.fullmatch(fallback), (name, fallback)
+            # The exact name is still given, percent-encoded, for browsers.
+            exact = match.group(3)
+            assert exact and urllib.parse.unquote(exact.split("''", 1)[1]) == name
+
+
 # -- S3 ------------------------------------------------------------------------------------
 
 
@@ -359,7 +443,7 @@ async def test_an_s3_url_is_presigned_and_fetches_the_file(
         r = await client.get(url)
         assert r.status_code == 200
         assert r.content == DATA
-        assert r.headers["content-type"] == "text/plain"
+        assert r.headers["content-type"] == "text/plain; charset=utf-8"  # the policy's
         disposition = r.headers["content-disposition"]
         assert disposition.startswith('attachment; filename="Unicode notes.txt"')
         ranged = await client.get(url, headers={"range": "bytes=0-5"})
@@ -367,6 +451,83 @@ async def test_an_s3_url_is_presigned_and_fetches_the_file(
         # (moto does not check signatures, so tampering is S3's to refuse, not tested here.)
     with pytest.raises(ValueError, match="7 days"):
         await doc.file.url(expires=dt.timedelta(days=8))
+
+
+#: stored type, stored name -> what a presigned link sends: (type, disposition).
+#: Inline only what is safe without nosniff and sandbox, which S3 cannot send.
+PRESIGNED = {
+    "page": ("text/html", "a.bin", "application/octet-stream", 'attachment; filename="a.bin"'),
+    "page spelled": (
+        " TEXT/HTML ; charset=utf-8",
+        "a.bin",
+        "application/octet-stream",
+        'attachment; filename="a.bin"',
+    ),
+    "svg": ("image/svg+xml", "a.svg", "application/octet-stream", 'attachment; filename="a.svg"'),
+    "xml": ("text/xml", "a.xml", "application/octet-stream", 'attachment; filename="a.xml"'),
+    "xsl": ("text/xsl", "a.bin", "application/octet-stream", 'attachment; filename="a.bin"'),
+    "xhtml": (
+        "application/xhtml+xml",
+        "a.bin",
+        "application/octet-stream",
+        'attachment; filename="a.bin"',
+    ),
+    "no type, named .html": (
+        None,
+        "x.html",
+        "application/octet-stream",
+        'attachment; filename="x.html"',
+    ),
+    "no type, no name": (None, None, "application/octet-stream", "attachment"),
+    "a header in the type": (
+        "text/html\r\nX-Injected: yes",
+        "a.bin",
+        "application/octet-stream",
+        'attachment; filename="a.bin"',
+    ),
+    "pdf": ("application/pdf", "r.pdf", "application/pdf", 'attachment; filename="r.pdf"'),
+    "text": ("text/plain", "a.txt", "text/plain; charset=utf-8", 'inline; filename="a.txt"'),
+    "png": ("image/png", "a.png", "image/png", 'inline; filename="a.png"'),
+    "audio": ("audio/mpeg", "a.mp3", "audio/mpeg", 'inline; filename="a.mp3"'),
+    "video": ("video/mp4", "a.mp4", "video/mp4", 'inline; filename="a.mp4"'),
+    "no type, named .png": (None, "b.png", "image/png", 'inline; filename="b.png"'),
+}
+
+
+async def test_an_s3_presigned_link_shows_inline_only_what_is_safe_without_nosniff(
+    asyncassets_db: Any, asyncassets_s3_bucket: Any
+) -> None:
+    # S3 sends the type and disposition a link signs, and nothing else of ours:
+    # the stored type and "inline" made HTML, SVG and XML uploads run at the
+    # bucket's origin (tests/test_web_browser_presigned.py shows it in Chromium).
+    storage = S3Storage(**asyncassets_s3_bucket.options, prefix="p/", collection_name="s3policy")
+    doc_cls = doc_class(storage)
+    async with httpx.AsyncClient() as client:
+        for case, (stored, name, content_type, disposition) in PRESIGNED.items():
+            doc = doc_cls(name=case)
+            await doc.file.put(b"<script>alert(1)</script>", content_type=stored, filename=name)
+            await doc.save()
+            if stored is None:  # no type recorded, as other tools leave files
+                await asyncassets_db["s3policy.files"].update_one(
+                    {"_id": doc.file.file_id}, {"$unset": {"metadata.content_type": ""}}
+                )
+                doc = await doc_cls.objects.get(pk=doc.pk)
+            url = await doc.file.url(expires=300)
+            assert url is not None
+            query = parse_qs(urlsplit(url).query)
+            assert query["response-content-type"] == [content_type], case
+            assert query["response-content-disposition"] == [disposition], case
+            r = await client.get(url)
+            assert r.status_code == 200, case
+            assert r.headers["content-type"] == content_type, case
+            assert r.headers["content-disposition"] == disposition, case
+            assert "x-injected" not in r.headers
+            # Asked as a download, everything is an attachment, under the same type.
+            download = await doc.file.url(expires=300, download=True)
+            assert download is not None
+            query = parse_qs(urlsplit(download).query)
+            assert query["response-content-type"] == [content_type], case
+            assert query["response-content-disposition"][0].startswith("attachment"), case
 
 
 async def test_an_s3_storage_with_a_public_url_gives_that_url(

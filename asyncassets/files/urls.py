@@ -1,9 +1,12 @@
 """Signed file URLs: what ``await proxy.url(expires=...)`` returns, and how it is checked.
 
-For a file on S3 the URL is S3's own: a SigV4 presigned GET (at most 7 days), or
-the storage's ``public_url`` joined with the object's key. For GridFS and a local
-directory it points at :func:`asyncassets.web.files_app`, which serves the file
-after checking the URL's token::
+For a file on S3 the URL is S3's own: a SigV4 presigned GET (at most 7 days), whose
+signed ``response-content-type`` and ``response-content-disposition`` follow the
+content policy (:mod:`asyncassets.files.policy`), or the storage's
+``public_url`` joined with the object's key (no response headers of ours at
+all). For GridFS and a local directory it points at
+:func:`asyncassets.web.files_app`, which serves the file after checking the
+URL's token::
 
     <base_url>/<token>          token = base64url(claims) "." base64url(HMAC-SHA256)
 
@@ -31,6 +34,7 @@ import hashlib
 import hmac
 import math
 import re
+import string
 import time
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -44,6 +48,7 @@ from ..errors import SignatureInvalid, URLExpired, URLsNotConfigured
 from ..storage.base import S3Storage
 from ..storage.catalogue import compression_of, content_type_of, content_version
 from ..storage.objects.store import location_key
+from .policy import DEFAULT_POLICY, ContentPolicy, guess_media_type, parse_media_type
 
 if TYPE_CHECKING:
     from ..storage.base import Storage
@@ -353,9 +358,21 @@ def file_name(filename: object) -> str:
     return _bounded(_clean_filename(filename[-8 * MAX_FILENAME_BYTES :]))
 
 
+#: What the ASCII stand-in of a name keeps: letters, digits, space and punctuation
+#: that is neither a path separator, a quote, an escape, a parameter separator nor a
+#: wildcard. Anything else becomes ``_``.
+_FALLBACK_KEEPS = frozenset(string.ascii_letters + string.digits + " !#$&'()+,-.:=@[]^_{}~")
+
+
 def _ascii_fallback(name: str) -> str:
+    """The ``filename="..."`` stand-in of a name: plain ASCII, no separator, no quote.
+
+    Decided after NFKD folding, which turns harmless characters into the very
+    ones a name must not carry (U+FF0F FULLWIDTH SOLIDUS into ``/``, U+2100 ACCOUNT
+    OF into ``a/c``, U+FF3C into ``\\``).
+    """
     folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
-    cleaned = "".join(ch if ch not in '"\\%;' else "_" for ch in folded).strip()
+    cleaned = "".join(ch if ch in _FALLBACK_KEEPS else "_" for ch in folded).strip()
     # A name that lost everything but its extension still says what the file is.
     stem = cleaned.rsplit(".", 1)[0].strip(" ._")
     if not stem:
@@ -368,7 +385,9 @@ def content_disposition(download: bool, filename: object) -> str:
     """A ``Content-Disposition`` value: ``inline`` or ``attachment``, with the file name.
 
     The name is given twice when it is not plain ASCII: ``filename="..."`` with an
-    ASCII stand-in (accents dropped, quotes replaced) for old clients, and RFC 5987's
+    ASCII stand-in for old clients (accents dropped; letters, digits, space and
+    ``!#$&'()+,-.:=@[]^_{}~`` kept, anything else, separators and quotes among
+    them, made ``_`` after folding), and RFC 5987's
     ``filename*=UTF-8''...`` with the exact name, which browsers prefer. The name
     is cleaned by :func:`file_name` first (path separators and control characters
     removed, cut to :data:`MAX_FILENAME_BYTES`); a value that is not a string is
@@ -397,6 +416,7 @@ async def file_url(
     download: bool = False,
     filename: str | None = None,
     now: float | None = None,
+    policy: ContentPolicy = DEFAULT_POLICY,
 ) -> str:
     """A URL a browser can fetch the file of catalogue entry ``doc`` from.
 
@@ -405,9 +425,14 @@ async def file_url(
     * S3 with ``public_url``: ``public_url`` + the object's key (no expiry, no
       disposition: the server's own headers apply);
     * S3 otherwise: a SigV4 presigned GET lasting ``expires`` (at most 7 days),
-      with ``Content-Type`` and ``Content-Disposition`` set through the
-      signed ``response-*`` parameters; a compressed file is served with
-      ``Content-Encoding: gzip``, which browsers undo;
+      with ``Content-Type`` and ``Content-Disposition`` set through the signed
+      ``response-*`` parameters as ``policy`` decides for a link that carries
+      neither ``nosniff`` nor ``sandbox``
+      (:meth:`~asyncassets.files.policy.ContentPolicy.present_presigned`):
+      inline only raster images, audio, video and ``text/plain`` the policy
+      shows inline, everything else an attachment, under
+      ``application/octet-stream`` unless its type is labelled; a compressed
+      file is served with ``Content-Encoding: gzip``, which browsers undo;
     * GridFS or a directory: a URL of :func:`~asyncassets.web.files_app`, signed
       with the configured key (see the module's description).
 
@@ -416,6 +441,10 @@ async def file_url(
     :param download: ``Content-Disposition: attachment`` (a download) instead of inline.
     :param filename: the name the browser saves the file as; the stored one by default.
     :param now: the signing time (seconds since the epoch); the clock's by default.
+    :param policy: what an S3 presigned link shows inline and under which type
+        (:data:`~asyncassets.files.policy.DEFAULT_POLICY` by default, what
+        ``proxy.url()`` uses); a ``files_app`` link is presented by the policy of
+        the ``files_app`` serving it.
     :raises URLsNotConfigured: GridFS or a directory, and no key is configured.
     :raises ValueError: ``expires`` is not positive, or more than 7 days for S3.
     :raises StorageError: S3 could not sign (no credentials).
@@ -438,11 +467,18 @@ async def file_url(
         seconds = _seconds(expires)
         if not seconds > 0:
             raise ValueError(f"expires must be a positive number of seconds, not {expires!r}")
+        # S3 sends no header of ours (no nosniff, no sandbox): what is not safe
+        # without them goes as an attachment, under the policy's type.
+        shown_name = file_name(name)
+        shown = policy.present_presigned(
+            parse_media_type(content_type_of(doc)) or guess_media_type(shown_name),
+            download=bool(download),
+        )
         return await blobs.presigned_get(
             key,
             expires=math.ceil(seconds),
-            content_type=content_type_of(doc),
-            content_disposition=content_disposition(download, name) if name or download else None,
+            content_type=shown.content_type,
+            content_disposition=content_disposition(not shown.inline, shown_name),
             content_encoding="gzip" if compression_of(doc) else None,
         )
     config = _require_config()

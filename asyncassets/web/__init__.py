@@ -6,7 +6,8 @@
 * :func:`configure_urls`: the signing key and base URL, for processes that make
   URLs without mounting the app;
 * :class:`ContentPolicy`: which files are shown inline, under which type,
-  sandboxed (user content is served safe by default);
+  sandboxed (user content is served safe by default; S3 presigned links follow
+  it too);
 * :func:`run_lifespan`: run an app's lifespan in a test that calls it in-process;
 * :func:`storage_error_response`: an exception handler that answers a storage
   or database outage with ``503`` instead of a dropped connection.
@@ -33,6 +34,7 @@ from .policy import (
     DEFAULT_POLICY,
     INLINE_TYPES,
     LABELLED_TYPES,
+    PRESIGNED_INLINE_TYPES,
     UNSANDBOXED_TYPES,
     ContentPolicy,
     Presentation,
@@ -44,6 +46,7 @@ __all__ = [
     "HANDLED_ERRORS",
     "INLINE_TYPES",
     "LABELLED_TYPES",
+    "PRESIGNED_INLINE_TYPES",
     "RETRY_AFTER_SECONDS",
     "UNSANDBOXED_TYPES",
     "ContentPolicy",

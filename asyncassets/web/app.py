@@ -9,6 +9,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, Router
+from starlette.types import Message, Receive, Scope, Send
 
 from ..connection import get_db
 from ..errors import SignatureInvalid, StorageError, URLExpired
@@ -17,7 +18,7 @@ from ..ops.scope import declared_storage
 from ..storage import GridFSStorage, Storage, Store
 from ..storage.objects.store import location_key
 from .policy import DEFAULT_POLICY, ContentPolicy
-from .response import DEFAULT_MAX_RANGES, FileResponse, served_entry
+from .response import DEFAULT_MAX_RANGES, FileResponse, log_unservable, served_entry
 
 __all__ = ["MAX_CACHE_SECONDS", "files_app"]
 
@@ -25,12 +26,61 @@ __all__ = ["MAX_CACHE_SECONDS", "files_app"]
 MAX_CACHE_SECONDS = 86400
 
 
-def _refuse(status: int, text: str) -> Response:
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
+def _refuse(status: int, text: str, headers: dict[str, str] | None = None) -> Response:
     return PlainTextResponse(
         f"{text}\n",
         status_code=status,
-        headers={"cache-control": "no-store", "x-content-type-options": "nosniff"},
+        headers={
+            "cache-control": "no-store",
+            "x-content-type-options": "nosniff",
+            **(headers or {}),
+        },
     )
+
+
+class _FilesRouter(Router):
+    """The router of :func:`files_app`: every response it sends carries ``nosniff``.
+
+    Its own answers carry it already; this covers any other one Starlette
+    could make on its behalf, so none leaves without it.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+
+        async def guarded(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == _NOSNIFF[0] for k, _ in headers):
+                    message = {**message, "headers": [*headers, _NOSNIFF]}
+            await send(message)
+
+        await super().__call__(scope, receive, guarded)
+
+
+class _Endpoint:
+    """An ASGI endpoint for every method: the app answers 405 itself.
+
+    A function endpoint limited to GET and HEAD would leave the 405 to
+    Starlette, which raises it to the host app's exception handlers when
+    mounted, outside this app.
+    """
+
+    def __init__(self, serve: Any) -> None:
+        self._serve = serve
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self._serve(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    await _refuse(404, "Not Found")(scope, receive, send)
 
 
 def _spelled_as_signed(request: Request, token: str) -> bool:
@@ -111,13 +161,16 @@ def files_app(
     ``secret`` is ``None``, in which case the one already configured is used.
 
     Each request's token is checked before any I/O: altered (a token has one
-    valid spelling), signed with an unknown key, or expired: ``403``. Then the
-    file is looked up: deleted since, or its catalogue entry unusable: ``404``;
+    valid spelling; a path with a ``/`` after the token is one too), signed
+    with an unknown key, or expired: ``403``; a method other than ``GET`` and
+    ``HEAD``: ``405``. Then the file is looked up: deleted since, or its
+    catalogue entry unusable: ``404`` (a warning is logged for the entry);
     holding other bytes than when signed (revoked by replacing them): ``403``.
     Otherwise the file is served by :class:`FileResponse` (ranges, ETag,
     304...): as an attachment when the URL says so, else as ``policy`` decides
-    (only passive types inline). See :doc:`/serving` for serving it from an
-    origin of its own.
+    (only passive types inline). Every response carries
+    ``X-Content-Type-Options: nosniff``. See :doc:`/serving` for serving it
+    from an origin of its own.
 
     :param secret: the HMAC key, or several to rotate (the first signs).
     :param base_url: where the app is mounted, as URLs should name it.
@@ -148,6 +201,8 @@ def files_app(
     known = _Storages(storages)
 
     async def serve(request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return _refuse(405, "Method Not Allowed", {"allow": "GET, HEAD"})
         config = url_config()
         assert config is not None
         token = request.path_params["token"]
@@ -172,6 +227,7 @@ def files_app(
             )
         entry = served_entry(doc)
         if entry is None:
+            log_unservable(store, doc)
             return _refuse(404, "Not Found: the file cannot be served.")
         if entry.version != claims.version:
             return _refuse(403, "Forbidden: the file changed since this link was made.")
@@ -188,4 +244,10 @@ def files_app(
         }
         return FileResponse.for_entry(store, doc, request=request, **options)
 
-    return Router(routes=[Route("/{token}", serve, methods=["GET", "HEAD"])])
+    # Any path is a token: "<token>/" or "a/b" is a link altered (403), not a
+    # redirect or a 404 made by Starlette.
+    return _FilesRouter(
+        routes=[Route("/{token:path}", _Endpoint(serve))],
+        redirect_slashes=False,
+        default=_not_found,
+    )

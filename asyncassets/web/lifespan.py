@@ -30,6 +30,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._tasks import add_note
 from ..errors import LifespanFailed
 
 __all__ = ["LifespanFailed", "run_lifespan"]
@@ -48,7 +49,8 @@ async def run_lifespan(app: ASGIApp, *, timeout: float = 60.0) -> AsyncIterator[
 
     :param timeout: seconds to wait for the startup, and for the shutdown.
     :raises LifespanFailed: the app reported that startup or shutdown failed, or
-        did not answer within ``timeout``.
+        did not answer within ``timeout``. When the block itself raised, its
+        error is raised instead, with the failed shutdown in a note (PEP 678).
     :raises Exception: what the app's lifespan raised, if it raised before
         answering the startup.
     """
@@ -93,10 +95,22 @@ async def run_lifespan(app: ASGIApp, *, timeout: float = 60.0) -> AsyncIterator[
 
         try:
             yield with_state
-        finally:
-            # Shut down after a failing block too: the app closes its connections.
+        except BaseException as failure:
+            # Shut down after a failing block too (the app closes its connections),
+            # but the block's error is the one to see: a failed shutdown is noted
+            # on it, not raised in its place.
             inbox.put_nowait({"type": "lifespan.shutdown"})
-            await _answered(stopped, task, timeout, "shutdown")
+            try:
+                await _answered(stopped, task, timeout, "shutdown")
+            except Exception as shutdown_failure:
+                add_note(
+                    failure,
+                    "and then the app's lifespan shutdown failed too: "
+                    f"{type(shutdown_failure).__name__}: {shutdown_failure}"
+                )
+            raise
+        inbox.put_nowait({"type": "lifespan.shutdown"})
+        await _answered(stopped, task, timeout, "shutdown")
     finally:
         if not task.done():
             task.cancel()

@@ -12,7 +12,9 @@ response in order:
   twice;
 * a compressed file is inflated once, from its start to the last range's end;
 * :func:`same_version` tells whether a catalogue entry still names the bytes a
-  response began with, for the stores whose reads do not check that themselves.
+  response began with, for the stores whose reads do not check that themselves;
+* :func:`refused_read` tells, without I/O, whether a read through an entry would
+  be refused for the entry itself, so that ``HEAD`` answers what ``GET`` would.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import datetime as dt
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from ..errors import CorruptFile
 from ..storage import Store
-from ..storage.catalogue import compression_of, content_version
+from ..storage.catalogue import compression_of, content_version, describe
+from ..storage.codec import CODECS
 from ..storage.read import iter_original
 from .http import ByteRange
 
-__all__ = ["GAP", "RangeReader", "same_version", "verifies_reads"]
+__all__ = ["GAP", "RangeReader", "refused_read", "same_version", "verifies_reads"]
 
 #: Ranges closer than this share one storage read (the bytes between are read
 #: and dropped): cheaper than a new query or request, and still one pass.
@@ -68,6 +72,36 @@ def _identity(doc: Mapping[str, Any]) -> tuple[Any, ...]:
         doc.get("chunkSize"),
         _when(doc.get("uploadDate")),
     )
+
+
+async def refused_read(store: Store, doc: Mapping[str, Any]) -> CorruptFile | None:
+    """The error a read through ``doc`` fails with before any I/O, or ``None``.
+
+    Asks the store itself: its download of an empty range is made (which checks
+    the entry as every read does) and closed unread. Refused, with
+    :class:`~asyncassets.errors.CorruptFile`, are an entry of a compression codec
+    asyncassets cannot read (``metadata.compression.codec`` other than ``gzip``),
+    and what the store checks: for GridFS a ``chunkSize`` missing, not a whole
+    number, or not positive; for a directory or S3 a ``location`` that is not a
+    document, or has no string ``key``; for a queued storage an entry naming
+    neither copy. Damage only reading finds (missing chunks, a missing object,
+    bytes that are not the upload's) is not found here.
+
+    :param doc: an entry :func:`~asyncassets.web.response.served_entry` accepts
+        (a mapping with an ``_id`` and a valid length).
+    """
+    info = compression_of(doc)
+    if info is not None and info.get("codec") not in CODECS:
+        return CorruptFile(
+            f"{describe(doc, store.name)} is compressed with {info.get('codec')!r}, which "
+            f"asyncassets cannot read (it reads {', '.join(CODECS)})"
+        )
+    try:
+        download = store.open_download(doc, start=0, end=0)
+    except CorruptFile as exc:
+        return exc
+    await download.aclose()
+    return None
 
 
 async def same_version(store: Store, doc: Mapping[str, Any]) -> bool:

@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
-import mimetypes
 import re
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -26,10 +25,17 @@ from ..storage import Store
 from ..storage.catalogue import compression_of, content_type_of, content_version, original_length
 from .failures import failure_answer
 from .http import ByteRange, Unsatisfiable, etag_matches, http_date, parse_http_date, parse_range
-from .policy import DEFAULT_POLICY, ContentPolicy, MediaType, parse_media_type
-from .reading import RangeReader, same_version, verifies_reads
+from .policy import (
+    DEFAULT_POLICY,
+    ContentPolicy,
+    MediaType,
+    Presentation,
+    guess_media_type,
+    parse_media_type,
+)
+from .reading import RangeReader, refused_read, same_version, verifies_reads
 
-__all__ = ["DEFAULT_CACHE_CONTROL", "DEFAULT_MAX_RANGES", "FileResponse"]
+__all__ = ["DEFAULT_CACHE_CONTROL", "DEFAULT_MAX_RANGES", "MAX_LENGTH", "FileResponse"]
 
 logger = logging.getLogger("asyncassets.web")
 
@@ -45,6 +51,12 @@ _COMPUTED = frozenset({b"content-length", b"content-range", b"x-content-type-opt
 #: Headers a caller's ``headers`` add to rather than replace: every CSP sent is
 #: enforced, so the caller's policy cannot lift the sandbox.
 _ADDED = frozenset({b"set-cookie", b"content-security-policy"})
+#: The longest file a catalogue entry can describe: 2**53 bytes (8 PiB). Longer
+#: is no file any storage holds (an S3 object is at most 5 TiB), and past it a
+#: length written as a double (the mongo shell, JavaScript tools) is no longer
+#: exact; an int64 up to 2**63 - 1 fits in MongoDB but not in any disk or bucket.
+#: An entry claiming more is unusable, like one with no length (404, a warning).
+MAX_LENGTH = 2**53
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
 _SANDBOX = (b"content-security-policy", b"sandbox")
@@ -78,9 +90,10 @@ class ServedEntry:
 
 
 def _count(value: Any) -> int | None:
-    if isinstance(value, float) and value.is_integer():
+    """A length from a catalogue entry: an int (or a whole double) from 0 to MAX_LENGTH."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_LENGTH:
         value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LENGTH:
         return value
     return None
 
@@ -89,9 +102,11 @@ def served_entry(doc: Any) -> ServedEntry | None:
     """The entry's answers, or ``None`` when it cannot describe a servable file.
 
     ``None`` when it is not a mapping, has no ``_id``, no valid ``length`` (or,
-    compressed, no valid original length). Any other odd field is taken as
-    absent: a ``filename`` that is not a string, a content type that is not a
-    media type, an upload time that is not a date.
+    compressed, no valid original length): valid is a whole number from 0 to
+    :data:`MAX_LENGTH`. Any other odd field is taken as absent: a ``filename``
+    that is not a string, a content type that is not a media type, an upload
+    time that is not a date. (Fields the store reads the bytes by are checked
+    by :func:`~asyncassets.web.reading.refused_read`.)
     """
     if not isinstance(doc, Mapping) or "_id" not in doc or _count(doc.get("length")) is None:
         return None
@@ -122,12 +137,14 @@ def served_entry(doc: Any) -> ServedEntry | None:
     )
 
 
-def _guessed(name: str) -> MediaType | None:
-    if not name:
-        return None
-    guessed, encoding = mimetypes.guess_type(name, strict=False)
-    # "x.tar.gz" is ("application/x-tar", "gzip"): the bytes are gzip, not a tar.
-    return None if encoding else parse_media_type(guessed)
+def log_unservable(store: Store, doc: Any) -> None:
+    """Warn that a catalogue entry cannot describe a file (answered ``404``)."""
+    logger.warning(
+        "not serving file %r of catalogue %r: its catalogue entry has no valid "
+        "length (a whole number from 0 to 2**53; run asyncassets.check())",
+        doc.get("_id") if isinstance(doc, Mapping) else None,
+        store.name,
+    )
 
 
 def _seconds_precision(when: Any) -> dt.datetime | None:
@@ -167,12 +184,21 @@ class FileResponse(Response):
       ``412`` for ``If-Match`` / ``If-Unmodified-Since`` that do not;
     * headers only for ``HEAD`` (no byte is read); ``405`` for other methods;
     * ``404`` when the field is empty, its file is missing, or its catalogue
-      entry cannot describe a file (no valid length: logged as a warning on the
-      ``asyncassets.web`` logger);
-    * ``503`` with ``Retry-After`` when the file's storage or the database cannot
-      be reached (after the storage's retries), ``500`` when the stored bytes
-      are damaged: complete answers, logged, on a connection the client can
-      keep using (see :mod:`asyncassets.web.failures`).
+      entry cannot describe a file (no valid length, or one over
+      :data:`MAX_LENGTH`: logged as a warning on the ``asyncassets.web`` logger);
+    * ``500`` for ``GET`` and ``HEAD`` alike when the entry is damaged where the
+      store reads the bytes by it (see
+      :func:`~asyncassets.web.reading.refused_read`), and for ``GET`` when the
+      stored bytes are damaged; ``503`` with ``Retry-After`` when the file's
+      storage or the database cannot be reached (after the storage's retries):
+      complete answers, logged, on a connection the client can keep using (see
+      :mod:`asyncassets.web.failures`).
+
+    The ``304``, ``412`` and ``416`` answers and ``HEAD`` carry the guards of
+    the ``200``: ``nosniff``, its ``Content-Disposition`` and, where the ``200``
+    has it, ``Content-Security-Policy: sandbox`` (the ``304`` its
+    ``Content-Type`` too), since caches update a stored response's headers
+    from a ``304``.
 
     See :mod:`asyncassets.web.http` for how odd and hostile ``Range`` headers are
     treated. Every byte of a response comes from the version of the file its
@@ -313,13 +339,16 @@ class FileResponse(Response):
         store, doc = found
         entry = served_entry(doc)
         if entry is None:
-            logger.warning(
-                "not serving file %r of catalogue %r: its catalogue entry has no valid "
-                "length (run asyncassets.check())",
-                doc.get("_id") if isinstance(doc, Mapping) else None,
-                store.name,
-            )
+            log_unservable(store, doc)
             await self._plain(send, 404, "Not Found")
+            return
+        # An entry the store would refuse to read (a GridFS chunkSize of 0, an
+        # object entry naming no key...) fails GET before its first byte: HEAD and
+        # conditional requests get that same answer, not a 200 or 304 for a file
+        # that cannot be sent.
+        refused = await refused_read(store, entry.doc)
+        if refused is not None:
+            await self._answer_failure(send, refused)
             return
         headers = self.request.headers if self.request is not None else Headers(scope=scope)
         await self._answer(store, entry, method, headers, receive, send)
@@ -357,30 +386,33 @@ class FileResponse(Response):
         if self.cache_control is not None:
             validators.append((b"cache-control", self.cache_control.encode("latin-1")))
 
-        status = self._precondition(request, etag, modified)
-        if status == 412:
-            await self._plain(send, 412, "Precondition Failed", validators)
-            return
-        if status == 304:
-            await self._send_start(send, 304, validators)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-
         name = file_name(self.filename if self.filename is not None else entry.filename)
         shown = self.policy.present(
-            parse_media_type(self.content_type) or entry.content_type or _guessed(name),
+            parse_media_type(self.content_type) or entry.content_type or guess_media_type(name),
             download=self.download,
         )
         media_type = shown.content_type
-        disposition = content_disposition(not shown.inline, name)
-        headers = [
-            *validators,
-            (b"accept-ranges", b"bytes"),
-            _NOSNIFF,
-            (b"content-disposition", disposition.encode("latin-1")),
-        ]
-        if shown.sandbox or self._retyped():
-            headers.append(_SANDBOX)
+        guards = self._guards(shown, name)
+
+        # Every answer about the file carries the guards of its 200. A cache that
+        # gets a 304 updates the stored response's headers from it, and Chromium
+        # replaces all the stored Content-Security-Policy headers with the 304's:
+        # a 304 carrying a CSP (the caller's, or a middleware's) but no sandbox
+        # would unsandbox the cached page.
+        status = self._precondition(request, etag, modified)
+        if status == 412:
+            await self._plain(send, 412, "Precondition Failed", [*validators, *guards])
+            return
+        if status == 304:
+            await self._send_start(
+                send,
+                304,
+                [*validators, *guards, (b"content-type", media_type.encode("latin-1"))],
+            )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+
+        headers = [*validators, (b"accept-ranges", b"bytes"), *guards]
 
         ranges: list[ByteRange] | None = None
         if method == "GET" and "range" in request and self._if_range(request, etag, modified):
@@ -453,6 +485,19 @@ class FileResponse(Response):
         """Whether the caller's headers replace the type or disposition the policy chose."""
         return any(k in (b"content-type", b"content-disposition") for k, _ in self.raw_headers)
 
+    def _guards(self, shown: Presentation, name: str) -> list[tuple[bytes, bytes]]:
+        """The headers that keep the file from acting as the site, as the policy chose them.
+
+        ``nosniff``, the ``Content-Disposition``, and ``sandbox`` unless the
+        policy lets this type go without it and the caller's headers do not
+        replace its type or disposition.
+        """
+        disposition = content_disposition(not shown.inline, name)
+        guards = [_NOSNIFF, (b"content-disposition", disposition.encode("latin-1"))]
+        if shown.sandbox or self._retyped():
+            guards.append(_SANDBOX)
+        return guards
+
     # -- conditions ---------------------------------------------------------------
 
     @staticmethod
@@ -511,8 +556,10 @@ class FileResponse(Response):
         kept = [
             (k, v)
             for k, v in headers or []
-            if k not in (b"content-type", b"content-length", b"content-disposition")
+            if k not in (b"content-type", b"content-length", b"x-content-type-options")
         ]
+        if self._retyped() and _SANDBOX not in kept:
+            kept.append(_SANDBOX)  # the caller's type would apply to this body too
         await self._send_start(
             send,
             status,
