@@ -747,3 +747,20 @@ async def test_a_key_as_long_as_allowed_still_gets_variants(
     assert first["location"]["key"] == long_key
     assert second["location"]["key"] == "d/" + "k" * 200 + "-2.bin"
     assert len(KeyMaker.variant("a" * 1020 + ".bin", 12).encode()) == 1024
+
+
+async def test_a_file_compressed_with_an_unknown_codec_is_refused_not_inflated_as_gzip(
+    asyncassets_db: Any,
+) -> None:
+    class Packed(Document):
+        meta = {"collection": "promise_packed"}
+        f = FileField(compress="gzip")
+
+    doc = await Packed().save()
+    await doc.f.put(b"squeezed " * 100)
+    await asyncassets.get_db()["fs.files"].update_one(
+        {"_id": doc.f.grid_id}, {"$set": {"metadata.compression.codec": "zstd"}}
+    )
+    loaded = await Packed.objects.get(pk=doc.pk)
+    with pytest.raises(asyncassets.errors.CorruptFile, match="codec 'zstd'"):
+        await loaded.f.read()

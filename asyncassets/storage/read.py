@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ChecksumMissing, CorruptFile, IntegrityError
 from .catalogue import compression_of, describe, expected_digest, original_length
-from .codec import GzipError, inflate
+from .codec import CODECS, GzipError, inflate
 
 if TYPE_CHECKING:
     from .base import Store
@@ -95,6 +95,12 @@ async def iter_original(
         document is unchanged.
     """
     info = compression_of(doc)
+    if info is not None and info.get("codec") not in CODECS:
+        raise CorruptFile(
+            f"{_describe(bucket, doc)} is compressed with the codec {info.get('codec')!r}, "
+            f"which this version cannot read (it reads {', '.join(CODECS)}); it was "
+            "written by another tool or a newer version"
+        )
     length = original_length(doc)
     end = length if end is None else end
     if not 0 <= start <= end <= length:
