@@ -22,7 +22,9 @@ test that needs it and stopped when the session ends (``mongod`` if it is on
 Fixtures:
 
 ``asyncassets_server_uri`` (session)
-    The server's URI.
+    The server's URI, as ``MONGODB_URI`` gives it (options and all, a replica
+    set's ``?replicaSet=`` say): build a URI for a database of a test's own with
+    :func:`database_uri` and :func:`unique_db_name`, not by appending to it.
 ``asyncassets_server`` (session)
     The :class:`~asyncassets.embedded.EmbeddedServer` itself, for tests that
     stop or ``kill()`` it; they must ``start()`` it again before they end, as
@@ -120,6 +122,7 @@ __all__ = [
     "asyncassets_s3_server",
     "asyncassets_server",
     "asyncassets_server_uri",
+    "database_uri",
     "forget_document_classes",
     "unique_db_name",
 ]
@@ -138,6 +141,27 @@ def unique_db_name(hint: str = "test") -> str:
     """
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", hint).strip("_")[:_MAX_SLUG] or "test"
     return f"aa_{slug}_{uuid.uuid4().hex[:12]}"
+
+
+def database_uri(uri: str, name: str) -> str:
+    """``uri`` naming database ``name``, its hosts and options kept.
+
+    For a test that builds its own client or app from the session's server::
+
+        database_uri("mongodb://db1,db2/?replicaSet=rs0", "aa_t_1")
+        # 'mongodb://db1,db2/aa_t_1?replicaSet=rs0'
+
+    Appending ``"/" + name`` breaks a ``MONGODB_URI`` that names a database or
+    has options (a replica set's ``?replicaSet=``).
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        raise ValueError(f"not a MongoDB URI (no scheme://): {uri!r}")
+    hosts, _, tail = rest.partition("/")
+    query = tail.partition("?")[2] if "?" in tail else ""
+    if not tail and "?" in hosts:  # mongodb://host?options, no slash
+        hosts, _, query = hosts.partition("?")
+    return f"{scheme}://{hosts}/{name}" + (f"?{query}" if query else "")
 
 
 _FORGET_INI = "asyncassets_forget_document_classes"

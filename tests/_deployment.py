@@ -77,6 +77,7 @@ from asyncassets._s3server import (  # noqa: E402
     environment_credentials,
     unique_bucket_name,
 )
+from asyncassets.testing import database_uri  # noqa: E402
 
 FIELDS = ("gridfs", "directory", "s3", "queued")
 #: A client's keep-alive is shorter than uvicorn's (5 s): a connection the server
@@ -96,14 +97,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def with_db(uri: str, db: str) -> str:
-    """``uri`` naming database ``db`` (its options kept)."""
-    head, sep, query = uri.partition("?")
-    scheme, _, rest = head.partition("://")
-    hosts = rest.split("/", 1)[0]
-    return f"{scheme}://{hosts}/{db}" + (f"?{query}" if sep else "")
 
 
 class DurableS3(S3Server):
@@ -235,7 +228,7 @@ class Deployment:
         self.env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
-            "DEPLOY_MONGODB_URI": with_db(s.uri, self.db),
+            "DEPLOY_MONGODB_URI": database_uri(s.uri, self.db),
             "DEPLOY_ROOT": str(s.workdir / "root"),
             "DEPLOY_SPOOL": str(s.workdir / "spool"),
             "DEPLOY_S3": json.dumps(self.s3_options),
@@ -649,7 +642,7 @@ class Deployment:
 
         s = self.s
         await self.start()
-        asyncassets.connect(with_db(s.uri, self.db), alias="default")
+        asyncassets.connect(database_uri(s.uri, self.db), alias="default")
         try:
             self.started = time.monotonic()
             sweeper = asyncio.ensure_future(self.sweeper())

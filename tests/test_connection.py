@@ -26,7 +26,7 @@ from asyncassets import (
 from asyncassets.connection import DEFAULT_DB, registered_aliases
 from asyncassets.errors import AsyncAssetsError, ConnectionNotRegistered, WrongEventLoop
 from asyncassets.fields import IntField, StringField
-from asyncassets.testing import unique_db_name
+from asyncassets.testing import database_uri, unique_db_name
 
 # Every alias used here starts with "conn_", so cleanup never touches the
 # "default" alias of the asyncassets_db fixture; class names start with "Conn"
@@ -198,7 +198,7 @@ async def test_connect_with_async_mongo_client_uses_it(asyncassets_server_uri, c
 
 
 async def test_connect_with_client_takes_db_name_from_its_uri(asyncassets_server_uri, cleanup):
-    client = AsyncMongoClient(asyncassets_server_uri.rstrip("/") + "/clientdb")
+    client = AsyncMongoClient(database_uri(asyncassets_server_uri, "clientdb"))
     try:
         connect(client=client, alias="conn_given")
         assert get_db("conn_given").name == "clientdb"
@@ -209,7 +209,7 @@ async def test_connect_with_client_takes_db_name_from_its_uri(asyncassets_server
 async def test_connect_with_motor_client_takes_db_name_from_its_uri(
     asyncassets_server_uri, cleanup
 ):
-    client = AsyncIOMotorClient(asyncassets_server_uri.rstrip("/") + "/clientdb")
+    client = AsyncIOMotorClient(database_uri(asyncassets_server_uri, "clientdb"))
     try:
         connect(client=client, alias="conn_given")
         assert get_db("conn_given").name == "clientdb"

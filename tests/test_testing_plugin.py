@@ -247,3 +247,24 @@ def test_the_ini_option_keeps_every_test_s_classes(shared_server):
     result = _run(shared_server, "auto", "-o", "asyncassets_forget_document_classes=false")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*StorageConflict*catalogue 'media'*"])
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("mongodb://h:1/", "mongodb://h:1/aa_t"),
+        ("mongodb://h:1", "mongodb://h:1/aa_t"),
+        ("mongodb://db1,db2/?replicaSet=rs0", "mongodb://db1,db2/aa_t?replicaSet=rs0"),
+        ("mongodb://u:p@h/admin?authSource=admin", "mongodb://u:p@h/aa_t?authSource=admin"),
+        ("mongodb+srv://c.example.net/?w=majority", "mongodb+srv://c.example.net/aa_t?w=majority"),
+        ("mongodb://h?replicaSet=x", "mongodb://h/aa_t?replicaSet=x"),
+    ],
+)
+def test_database_uri_names_the_database_and_keeps_the_options(uri: str, expected: str) -> None:
+    """A MONGODB_URI with a replica set's options stays one (appending "/name" to it
+    made ``...?replicaSet=rs0/aa_t``)."""
+    from asyncassets._driver import parse_uri  # no DNS lookup of mongodb+srv
+    from asyncassets.testing import database_uri
+
+    assert database_uri(uri, "aa_t") == expected
+    assert parse_uri(expected)["database"] == "aa_t"

@@ -108,10 +108,10 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(asyncassets_server_uri: str) -> Iterator[Site]:
-    from asyncassets.testing import unique_db_name
+    from asyncassets.testing import database_uri, unique_db_name
 
     module = load_example()
-    uri = asyncassets_server_uri.rstrip("/") + "/" + unique_db_name("browser")
+    uri = database_uri(asyncassets_server_uri, unique_db_name("browser"))
     recorder = Recorder(module.create_app(uri, secret=SECRET))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -134,7 +134,7 @@ def site(asyncassets_server_uri: str) -> Iterator[Site]:
         import pymongo
 
         with pymongo.MongoClient(uri) as client:
-            client.drop_database(uri.rsplit("/", 1)[1])
+            client.drop_database(client.get_default_database().name)
 
 
 @pytest.fixture(scope="module")

@@ -246,9 +246,9 @@ class Site:
 @pytest.fixture(scope="module")
 def site(asyncassets_server_uri: str) -> Iterator[Site]:
     from asyncassets.files import urls
-    from asyncassets.testing import unique_db_name
+    from asyncassets.testing import database_uri, unique_db_name
 
-    uri = asyncassets_server_uri.rstrip("/") + "/" + unique_db_name("policy")
+    uri = database_uri(asyncassets_server_uri, unique_db_name("policy"))
     app = make_app(uri)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -273,7 +273,7 @@ def site(asyncassets_server_uri: str) -> Iterator[Site]:
         import pymongo
 
         with pymongo.MongoClient(uri) as client:
-            client.drop_database(uri.rsplit("/", 1)[1])
+            client.drop_database(client.get_default_database().name)
 
 
 @pytest.fixture(scope="module")

@@ -238,9 +238,9 @@ class Site:
 
 @pytest.fixture
 def site(asyncassets_server_uri: str, asyncassets_s3_bucket: Any) -> Iterator[Site]:
-    from asyncassets.testing import unique_db_name
+    from asyncassets.testing import database_uri, unique_db_name
 
-    uri = asyncassets_server_uri.rstrip("/") + "/" + unique_db_name("presigned")
+    uri = database_uri(asyncassets_server_uri, unique_db_name("presigned"))
     app = make_app(uri, asyncassets_s3_bucket)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -264,7 +264,7 @@ def site(asyncassets_server_uri: str, asyncassets_s3_bucket: Any) -> Iterator[Si
         import pymongo
 
         with pymongo.MongoClient(uri) as client:
-            client.drop_database(uri.rsplit("/", 1)[1])
+            client.drop_database(client.get_default_database().name)
 
 
 @pytest.fixture(scope="module")

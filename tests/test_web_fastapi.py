@@ -50,16 +50,16 @@ def example() -> Any:
 
 
 def database_uri(server_uri: str, hint: str) -> str:
-    from asyncassets.testing import unique_db_name
+    from asyncassets.testing import database_uri, unique_db_name
 
-    return server_uri.rstrip("/") + "/" + unique_db_name(hint)
+    return database_uri(server_uri, unique_db_name(hint))
 
 
 def drop(uri: str) -> None:
     import pymongo
 
     with pymongo.MongoClient(uri) as client:
-        client.drop_database(uri.rsplit("/", 1)[1])
+        client.drop_database(client.get_default_database().name)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from starlette.routing import Route
 import asyncassets
 from asyncassets.errors import ConnectionNotRegistered, LifespanFailed
 from asyncassets.files import urls
-from asyncassets.testing import unique_db_name
+from asyncassets.testing import database_uri, unique_db_name
 from asyncassets.web import run_lifespan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +47,13 @@ def example() -> Any:
 
 @pytest.fixture
 def uri(asyncassets_server_uri: str) -> Any:
-    found = asyncassets_server_uri.rstrip("/") + "/" + unique_db_name("lifespan")
+    found = database_uri(asyncassets_server_uri, unique_db_name("lifespan"))
     yield found
     urls._config = None
     import pymongo
 
     with pymongo.MongoClient(found) as client:
-        client.drop_database(found.rsplit("/", 1)[1])
+        client.drop_database(client.get_default_database().name)
 
 
 async def test_the_fastapi_example_runs_in_process_with_its_lifespan(uri: str) -> None:
