@@ -188,6 +188,7 @@ async def site(asyncassets_db: Any, asyncassets_s3_bucket: Any) -> AsyncIterator
         sock.close()
         with contextlib.suppress(RuntimeError):
             await relay.shut()
+        await s3.blobs().aclose()  # type: ignore[attr-defined]  # the S3 client's session
 
 
 async def test_a_read_from_an_unreachable_bucket_is_answered_503_and_the_next_request_served(
