@@ -506,7 +506,8 @@ class AssetManager:
 
         :raises AssetExists: the variant would be longer than an id may be.
         """
-        prefix, _, suffix = KeyMaker.variant(wanted, _PROBE).rpartition(f"-{_PROBE}")
+        probe = KeyMaker.variant(wanted, _PROBE, shorten=False)
+        prefix, _, suffix = probe.rpartition(f"-{_PROBE}")
         pattern = re.compile(f"{re.escape(prefix)}-([0-9]+){re.escape(suffix)}", re.DOTALL)
         # Every variant starts with prefix + "-"; "." is the character after "-".
         between = {"$gte": f"{prefix}-", "$lt": f"{prefix}."}
@@ -517,7 +518,7 @@ class AssetManager:
                 match = pattern.fullmatch(str(doc["metadata"][marker]))
                 if match:
                     highest = max(highest, int(match.group(1)))
-        candidate = KeyMaker.variant(wanted, highest + 1)
+        candidate = KeyMaker.variant(wanted, highest + 1, shorten=False)
         if len(candidate.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES:
             raise AssetExists(
                 f"asset id {wanted[:40]!r}... ({len(wanted.encode('utf-8', 'surrogatepass'))} "

@@ -172,11 +172,13 @@ class KeyMaker:
         return check_key(key, f"key_template {template!r}")
 
     @staticmethod
-    def variant(key: str, attempt: int) -> str:
+    def variant(key: str, attempt: int, *, shorten: bool = True) -> str:
         """Another key close to ``key`` for the ``attempt``-th try: ``a/b-2.jpg``.
 
-        The name's stem is shortened when the variant would be longer than a key
-        may be (1,024 bytes), so a long key has variants too.
+        With ``shorten``, the name's stem is shortened when the variant would be
+        longer than a key may be (1,024 bytes), so a long key has variants too;
+        without it (asset ids, which users read), the variant may be too long and
+        the caller says so.
         """
         head, sep, last = key.rpartition("/")
         stem, dot, ext = last.rpartition(".")
@@ -184,7 +186,7 @@ class KeyMaker:
             stem, ext, dot = last, "", ""
         made = f"{head}{sep}{stem}-{attempt}{dot}{ext}"
         over = len(made.encode("utf-8", "surrogatepass")) - _MAX_KEY_BYTES
-        while over > 0 and stem:
+        while shorten and over > 0 and stem:
             # Cut whole characters until it fits (a character may be several bytes).
             cut = stem[-1]
             stem = stem[:-1]
