@@ -72,7 +72,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from bson import ObjectId
 from pymongo.errors import PyMongoError
@@ -288,6 +288,9 @@ class QueuedStorage(Storage):
         return self._remote_place
 
     def bind(self, db: Any) -> QueuedStore:
+        return cast(QueuedStore, super().bind(db))
+
+    def _make_store(self, db: Any) -> QueuedStore:
         return QueuedStore(db, self)
 
 

@@ -121,13 +121,15 @@ class _Storages:
     def bound(self, alias: str, collection: str) -> tuple[Storage, Store]:
         """The storage of a catalogue and its store on the alias's database now.
 
-        The store is kept while the alias names the same database object (a
-        store holds no state of its own but its collections): binding one per
-        request cost a tenth of a signed link's time.
+        The store is kept while the alias names the same database of the same
+        client (``get_db`` makes a new database object each time; a store holds
+        no state of its own but its collections): finding the storage among the
+        declarations and binding it per request cost a tenth of a signed link's
+        time.
         """
         db = get_db(alias)
         kept = self._bound.get((alias, collection))
-        if kept is not None and kept[0] is db:
+        if kept is not None and _same_database(kept[0], db):
             return kept[1], kept[2]
         storage, known = self.find(alias, collection)
         store = storage.bind(db)
@@ -136,6 +138,17 @@ class _Storages:
             # later must still be found.
             self._bound[(alias, collection)] = (db, storage, store)
         return storage, store
+
+
+def _same_database(kept: Any, db: Any) -> bool:
+    return bool(
+        kept is db
+        or (
+            getattr(kept, "client", None) is getattr(db, "client", object())
+            and kept.name == db.name
+            and kept.codec_options == db.codec_options
+        )
+    )
 
 
 def files_app(
