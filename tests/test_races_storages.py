@@ -324,6 +324,10 @@ class ServerCrash(Hostile):
         self.restored = set(backup)
         for key, data in backup.items():
             await asyncio.to_thread(self.reader.put, key, data)
+        # Restored objects are the operator's, as a planted one is another tool's:
+        # an entry deleted later leaves one that is not its version alone, and
+        # the sweep's orphan pass removes it after its grace.
+        races.planted_objects.update(backup)
         races.stats["objects restored from a backup"] += len(backup)
 
     def planted_at(self, key: str | None) -> bool:
