@@ -686,7 +686,11 @@ class FileSystemBlobs:
             raise
         return fd
 
-    def _stat(self, directories: _Names, name: str) -> os.stat_result | None:
+    def _lstat_at(self, directories: _Names, name: str) -> os.stat_result | None:
+        """What is at the key itself (a link is not followed), or ``None`` when
+        nothing is. A link or a file where a directory of the key goes counts as
+        nothing there: no variant of the name fits either, and a write says what
+        stands in the way."""
         try:
             fds = self._walk_to(directories, create=False)
         except OSError as exc:
@@ -694,32 +698,22 @@ class FileSystemBlobs:
                 return None
             raise
         try:
-            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            return os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
         except OSError as exc:
             if exc.errno in _ABSENT:
                 return None
             raise
         finally:
             _close_all(fds)
-        return st if stat_module.S_ISREG(st.st_mode) else None
+
+    def _stat(self, directories: _Names, name: str) -> os.stat_result | None:
+        st = self._lstat_at(directories, name)
+        return st if st is not None and stat_module.S_ISREG(st.st_mode) else None
 
     def _lstat(self, directories: _Names, name: str, overwrite: bool) -> bool:
-        try:
-            fds = self._walk_to(directories, create=False)
-        except OSError as exc:
-            # A link or a file where a directory of the key goes: no variant of the
-            # name fits there either; the write says what stands in the way.
-            if exc.errno in _ABSENT:
-                return False
-            raise
-        try:
-            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in _ABSENT:
-                return False
-            raise
-        finally:
-            _close_all(fds)
+        st = self._lstat_at(directories, name)
+        if st is None:
+            return False
         return not overwrite or stat_module.S_ISDIR(st.st_mode)
 
     def _remove(self, directories: _Names, name: str, version: Any, *, temp: bool) -> bool:
