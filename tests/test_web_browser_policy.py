@@ -23,38 +23,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import socket
-import threading
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from _browser import chromium, require_browser, served
+from _browser import framed as shared_framed
+from _browser import visit as shared_visit
 
-CHROMIUM = "/usr/bin/chromium"
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def _require(found: bool, what: str) -> None:
-    if found:
-        return
-    if IN_CI:
-        pytest.fail(f"the browser policy tests need {what} in CI", pytrace=False)
-    pytest.skip(f"{what} is missing", allow_module_level=True)
-
-
-_require(os.path.exists(CHROMIUM), f"{CHROMIUM} (apt-get install chromium)")
-try:
-    import uvicorn
-    from playwright.sync_api import Error as PlaywrightError
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - the test extra installs both
-    _require(False, "uvicorn and playwright (pip install -e '.[test]')")
-
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run"]
+require_browser("the browser policy tests")
 SECRET = "browser-policy test secret, long enough"
 
 
@@ -250,74 +229,36 @@ def site(asyncassets_server_uri: str) -> Iterator[Site]:
 
     uri = database_uri(asyncassets_server_uri, unique_db_name("policy"))
     app = make_app(uri)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
     try:
-        found = Site(f"http://127.0.0.1:{port}", app)
-        for case, (content_type, name, data) in CORPUS.items():
-            found.put(case, content_type, name, data)
-        yield found
+        with served(app, uri) as url:
+            found = Site(url, app)
+            for case, (content_type, name, data) in CORPUS.items():
+                found.put(case, content_type, name, data)
+            yield found
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
         urls._config = None
-        import pymongo
-
-        with pymongo.MongoClient(uri) as client:
-            client.drop_database(client.get_default_database().name)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def visit(browser: Any, url: str) -> Any:
     """Open ``url`` at top level; what the page shows (``None`` for a download)."""
-    context = browser.new_context(accept_downloads=True)
-    try:
-        page = context.new_page()
-        try:
-            page.goto(url, wait_until="load", timeout=10_000)
-        except PlaywrightError as exc:
-            # An attachment: the navigation turns into a download.
-            assert "Download is starting" in str(exc) or "ERR_ABORTED" in str(exc), exc
-            page.wait_for_timeout(300)
-            return None
-        page.wait_for_timeout(300)  # time for a script, had one run, to send its fetch
-        return page.evaluate(
-            "(() => ({text: document.body ? document.body.innerText : null,"
-            " images: [...document.images].map(i => i.naturalWidth),"
-            " media: [...document.querySelectorAll('video,audio')].length}))()"
-        )
-    finally:
-        context.close()
+    return shared_visit(
+        browser,
+        url,
+        "(() => ({text: document.body ? document.body.innerText : null,"
+        " images: [...document.images].map(i => i.naturalWidth),"
+        " media: [...document.querySelectorAll('video,audio')].length}))()",
+    )
 
 
 def framed(browser: Any, site: Site, urls: list[str]) -> None:
     """Open a page of the site that embeds every URL in an ``<iframe>``."""
-    context = browser.new_context(accept_downloads=True)
-    try:
-        page = context.new_page()
-        query = urllib.parse.urlencode({"urls": json.dumps(urls)})
-        page.goto(f"{site.url}/frames?{query}", wait_until="load", timeout=20_000)
-        page.wait_for_timeout(500)
-    finally:
-        context.close()
+    shared_framed(browser, site.url, urls, 500)
 
 
 # -- the tests ---------------------------------------------------------------------------

@@ -22,42 +22,14 @@ Without ``/usr/bin/chromium`` (or Playwright) these tests skip, except in CI
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import threading
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from _browser import chromium, require_browser, served
 
-CHROMIUM = "/usr/bin/chromium"
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def _require(found: bool, what: str) -> None:
-    if found:
-        return
-    if IN_CI:
-        pytest.fail(f"the browser revalidation tests need {what} in CI", pytrace=False)
-    pytest.skip(f"{what} is missing", allow_module_level=True)
-
-
-_require(os.path.exists(CHROMIUM), f"{CHROMIUM} (apt-get install chromium)")
-try:
-    import uvicorn
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - the test extra installs both
-    _require(False, "uvicorn and playwright (pip install -e '.[test]')")
-
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-]
+require_browser("the browser revalidation tests")
 
 
 def page_bytes(case: str) -> bytes:
@@ -190,36 +162,14 @@ def site(asyncassets_server_uri: str) -> Iterator[Site]:
 
     uri = database_uri(asyncassets_server_uri, unique_db_name("revalidation"))
     app = make_app(uri)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield Site(f"http://127.0.0.1:{port}", app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-        import pymongo
-
-        with pymongo.MongoClient(uri) as client:
-            client.drop_database(client.get_default_database().name)
+    with served(app, uri) as url:
+        yield Site(url, app)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def test_the_control_page_runs_its_script(browser: Any, site: Site) -> None:
