@@ -80,6 +80,7 @@ def document_classes() -> list[Any]:
         if hasattr(cls, "_switch_file_reference")
         and not cls._meta.get("abstract")
         and not cls.__dict__.get("_asyncassets_refused")
+        and not cls.__dict__.get("_asyncassets_forgotten")
         and cls._get_collection_name()
     ]
 

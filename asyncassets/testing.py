@@ -199,20 +199,44 @@ def forget_document_classes(before: dict[str, Any]) -> list[str]:
     What the plugin does after each test (``before`` being a copy of
     ``mongoengine.base.common._document_registry`` taken when the test began).
     """
-    changed = [
-        name for name, cls in list(_document_registry.items())
+    changed = {
+        name: cls for name, cls in list(_document_registry.items())
         if before.get(name) is not cls and not _module_global(cls)
-    ]
-    for name in changed:
+    }  # fmt: skip
+    for name, cls in changed.items():
         if name in before:
             _document_registry[name] = before[name]
         else:
             del _document_registry[name]
+        _detach(cls, keep_name=name in before)
     if changed:
         # Classes hold reference cycles: until collected, __subclasses__() still
         # lists them, and the sweep finds classes there too.
         gc.collect()
-    return changed
+    return list(changed)
+
+
+def _detach(cls: Any, *, keep_name: bool) -> None:
+    """Undo what declaring ``cls`` did to the classes it derives from.
+
+    mongoengine lists a subclass's name in each base's ``_subclasses`` and makes
+    it the owner of the fields they share (``id``, ``_cls``), so a base that is a
+    module's global keeps the class alive, and ``__subclasses__()`` (where the
+    sweep, the check and ``files_app`` find classes) lists it for good. Marked
+    forgotten, it is skipped there whatever still holds it.
+    """
+    type.__setattr__(cls, "_asyncassets_forgotten", True)
+    for base in cls.__mro__[1:]:
+        fields = base.__dict__.get("_fields")
+        if not isinstance(fields, dict):
+            continue
+        subclasses = base.__dict__.get("_subclasses")
+        if not keep_name and isinstance(subclasses, tuple) and cls._class_name in subclasses:
+            kept = tuple(name for name in subclasses if name != cls._class_name)
+            type.__setattr__(base, "_subclasses", kept)
+        for field in fields.values():
+            if getattr(field, "owner_document", None) is cls:
+                field.owner_document = base
 
 
 @pytest.fixture(autouse=True)

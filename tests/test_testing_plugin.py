@@ -249,6 +249,52 @@ def test_the_ini_option_keeps_every_test_s_classes(shared_server):
     result.stdout.fnmatch_lines(["*StorageConflict*catalogue 'media'*"])
 
 
+_SUBCLASS_SUITE = """
+from asyncassets import Document, check
+from asyncassets.fields import FileField
+from asyncassets.schema import document_classes
+from asyncassets.storage import FileSystemStorage
+
+
+class Parent(Document):
+    meta = {"allow_inheritance": True}
+
+
+async def test_one(asyncassets_db, tmp_path):
+    class Child(Parent):
+        f = FileField(storage=FileSystemStorage(tmp_path / "child"))
+
+    child = Child()
+    await child.f.put(b"1")
+    await child.save()
+
+
+async def test_two(asyncassets_db, tmp_path):
+    # The first Child (another directory, the same default catalogue) is gone,
+    # though Parent, a module global, was its base.
+    assert [c.__name__ for c in document_classes()] == ["Parent"]
+    assert Parent._subclasses == ("Parent",)
+    assert Parent._fields["id"].owner_document is Parent
+
+    class Child(Parent):
+        f = FileField(storage=FileSystemStorage(tmp_path / "child"))
+
+    child = Child()
+    await child.f.put(b"2")
+    await child.save()
+    assert (await check()).ok
+"""
+
+
+def test_a_subclass_of_a_module_s_class_is_forgotten_too(shared_server):
+    """Found by a hostile review: mongoengine lists a subclass in its base's
+    ``_subclasses`` and makes it the owner of the fields they share, so the base
+    (a module global) kept it alive and the second test's class was refused."""
+    shared_server.makepyfile(test_inner=_SUBCLASS_SUITE)
+    result = _run(shared_server, "auto")
+    result.assert_outcomes(passed=2)
+
+
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [
