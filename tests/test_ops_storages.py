@@ -249,6 +249,31 @@ async def test_an_object_another_catalogue_names_in_the_same_place_is_kept(
     assert found.orphaned_objects == 0 and found.ok
 
 
+async def test_a_directory_reached_through_a_link_is_one_place_for_sweep_and_check(
+    asyncassets_db, declare, tmp_path: Path
+):
+    """Found by a hostile review: two catalogues declared on one directory named
+    two ways (its path, a link to it) each reported the other's objects as
+    orphans in check(): the places were compared by the paths as written."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    direct = FileSystemStorage(real, collection_name=f"st_{_suffix()}")
+    linked = FileSystemStorage(tmp_path / "link", collection_name=f"st_{_suffix()}")
+    Direct, Linked = declare(direct), declare(linked)
+    one = await _upload(_store(direct, asyncassets_db), b"direct's")
+    other = await _upload(_store(linked, asyncassets_db), b"linked's")
+    await Direct(f=one["_id"]).save()
+    await Linked(f=other["_id"]).save()
+
+    found = await check()
+    assert found.orphaned_objects == 0 and found.ok, found
+    report = await sweep_orphans(grace=0)
+    assert report.objects_deleted == 0
+    assert (real / _key(one)).read_bytes() == b"direct's"
+    assert (real / _key(other)).read_bytes() == b"linked's"
+
+
 # -- check ---------------------------------------------------------------------------
 
 

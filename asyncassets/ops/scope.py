@@ -18,6 +18,7 @@ inside another's), an object is kept while any of them names it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -170,9 +171,10 @@ def _storage_of(target: _Target, storages: _StorageMap) -> Storage:
 
 def _place(storage: Storage) -> tuple[str, str] | None:
     """Where a storage's objects are: ``(space, prefix)`` so that an object's full
-    name is ``prefix + key`` within ``space``; ``None`` for GridFS."""
+    name is ``prefix + key`` within ``space``; ``None`` for GridFS. A directory
+    is named by its real path: reached through a link, it is the same place."""
     if isinstance(storage, FileSystemStorage):
-        return "file", storage.root.rstrip("/") + "/"
+        return "file", os.path.realpath(storage.root).rstrip("/") + "/"
     if isinstance(storage, S3Storage):
         return f"s3 {storage.endpoint_url} {storage.bucket}", storage.prefix
     return None
