@@ -180,6 +180,47 @@ async def test_two_directories_of_one_name_are_refused_at_declaration(
     assert (await check()).ok
 
 
+async def test_queued_fields_with_other_settings_are_refused_one_catalogue(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    """Found by a hostile review: two queued fields on the same directories, one
+    keeping its local copies (delete_local=False), shared one catalogue, and the
+    transfer workers applied the first class's settings to both: the copies the
+    second asked to keep were deleted."""
+    from asyncassets.errors import StorageConflict
+
+    def queued(**settings: Any) -> QueuedStorage:
+        return QueuedStorage(
+            local=FileSystemStorage(tmp_path / "spool"),
+            remote=FileSystemStorage(tmp_path / "archive"),
+            **settings,
+        )
+
+    class Scratch(Document):
+        f = FileField(storage=queued())
+
+    class Twin(Document):  # the same settings: one catalogue, as before
+        f = FileField(storage=queued())
+
+    with pytest.raises(StorageConflict) as raised:
+
+        class Archive(Document):
+            f = FileField(storage=queued(delete_local=False))
+
+    assert "Scratch.f" in str(raised.value) and "Archive.f" in str(raised.value)
+
+    class Archive2(Document):
+        f = FileField(storage=queued(delete_local=False, collection_name="fs_archive"))
+
+    doc = Archive2()
+    await doc.f.put(b"keep my local copy")
+    await doc.save()
+    assert (await run_transfers()).transferred == 1
+    entry = await asyncassets_db["fs_archive.files"].find_one({"_id": doc.f.grid_id})
+    assert entry["remote"]["key"] and entry["location"]["key"]  # both copies
+    assert (await check()).ok
+
+
 async def test_a_catalogue_declared_twice_serves_its_other_catalogues(
     asyncassets_db: Any, tmp_path: Path
 ) -> None:

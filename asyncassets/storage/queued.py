@@ -267,9 +267,23 @@ class QueuedStorage(Storage):
         return "_".join(p for p in parts if p)
 
     def _identity(self) -> tuple[Any, ...]:
-        # Where files are; the queue's settings do not change that.
-        return (self.collection_name, type(self.local), self.local._identity(),
-                type(self.remote), self.remote._identity())
+        # Where files are, and the queue's settings: the transfer workers apply
+        # one storage's settings to every file of its catalogue, so fields that
+        # share one must agree on them (else a StorageConflict at declaration;
+        # a delete_local=False field's local copies were deleted otherwise).
+        return (
+            self.collection_name,
+            type(self.local),
+            self.local._identity(),
+            type(self.remote),
+            self.remote._identity(),
+            self.delete_local,
+            self.delayed,
+            self.max_attempts,
+            self.retry_delay,
+            self.max_retry_delay,
+            self.lease,
+        )
 
     def __repr__(self) -> str:
         return (
