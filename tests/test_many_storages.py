@@ -154,6 +154,42 @@ async def test_directories_s3_and_a_queued_field_are_served_swept_and_checked(
     assert (await check(verify=True)).ok
 
 
+async def test_default_catalogue_names_keep_every_script_and_fit_mongodb(
+    asyncassets_db: Any, tmp_path: Path
+) -> None:
+    """Found by a hostile review: non-ASCII letters were dropped, so ``照片`` was
+    catalogued in ``fs_local`` (the name files stored before 0.1.0 keep) and
+    ``é/`` in the bucket's own catalogue; a queued storage's name could outgrow
+    a MongoDB namespace; explicit names MongoDB refuses came back as driver errors
+    at the first upload (and made check() of the whole app fail)."""
+    photos = FileSystemStorage(tmp_path / "照片")
+    assert photos.collection_name == "fs_local_照片"
+    assert FileSystemStorage(tmp_path / "Fotos_ñ").collection_name == "fs_local_Fotos_ñ"
+    assert S3Storage("media", prefix="é/").collection_name == "fs_s3_media_é"
+    long_queue = QueuedStorage(
+        local=FileSystemStorage(tmp_path / ("l" * 100)),
+        remote=S3Storage("b" * 60, prefix="p" * 100 + "/"),
+    )
+    assert len(long_queue.collection_name.encode()) <= 120
+    for bad in ["system.files", ".a", "a.", "a..b", "x" * 121]:
+        with pytest.raises(ValueError, match="collection_name"):
+            FileSystemStorage(tmp_path / "x", collection_name=bad)
+
+    class Photo(Document):
+        image = FileField(storage=photos)
+
+    class Legacy(Document):  # the pre-0.1.0 catalogue, beside it: no conflict
+        image = FileField(storage=FileSystemStorage(tmp_path / "old", collection_name="fs_local"))
+
+    for cls in (Photo, Legacy):
+        doc = cls()
+        await doc.image.put(cls.__name__.encode())
+        await doc.save()
+    assert await asyncassets_db["fs_local_照片.files"].count_documents({}) == 1
+    assert await asyncassets_db["fs_local.files"].count_documents({}) == 1
+    assert (await check()).ok
+
+
 async def test_two_directories_of_one_name_are_refused_at_declaration(
     asyncassets_db: Any, tmp_path: Path
 ) -> None:

@@ -106,10 +106,11 @@ class Store(Protocol):
     async def delete(self, file_id: Any) -> bool: ...
 
 
-#: Characters a default catalogue name keeps from a directory, bucket or prefix.
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-#: The longest part a default catalogue name takes from one place (MongoDB caps a
-#: namespace, ``<database>.<collection>.files``, at 255 bytes).
+#: Characters a default catalogue name keeps from a directory, bucket or prefix:
+#: letters and digits of any script, ``-`` and ``_``.
+_UNSAFE = re.compile(r"[^\w-]+")
+#: The most bytes of UTF-8 a default catalogue name takes from one place (MongoDB
+#: caps a namespace, ``<database>.<collection>.files``, at 255 bytes).
 _MAX_PART = 60
 
 
@@ -118,10 +119,24 @@ def _slug(text: str) -> str:
     become one ``_``); a long one is cut and given a hash of the whole, so two
     places never share a name by being cut alike."""
     slug = _UNSAFE.sub("_", text).strip("_")
-    if len(slug) > _MAX_PART:
+    if len(slug.encode("utf-8", "surrogatepass")) > _MAX_PART:
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-        slug = f"{slug[:_MAX_PART - 9]}_{digest}"
+        while len(slug.encode("utf-8", "surrogatepass")) > _MAX_PART - 9:
+            slug = slug[:-1]
+        slug = f"{slug}_{digest}"
     return slug
+
+
+def _fitted(name: str) -> str:
+    """A default catalogue name cut to fit :data:`MAX_COLLECTION_NAME`, with a hash
+    of the whole, so two long names never become one."""
+    if len(name.encode("utf-8", "surrogatepass")) <= MAX_COLLECTION_NAME:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    cut = name
+    while len(cut.encode("utf-8", "surrogatepass")) > MAX_COLLECTION_NAME - 9:
+        cut = cut[:-1]
+    return f"{cut}_{digest}"
 
 
 def _place_part(storage: Storage) -> str:
@@ -154,16 +169,43 @@ def default_collection_name(storage: Storage) -> str:
     directories of the same name, or one bucket and prefix on two S3 endpoints,
     get the same name: declaring both is refused
     (:class:`~asyncassets.errors.StorageConflict`), and one of them needs a
-    ``collection_name``. Characters other than letters, digits, ``-`` and ``_``
-    become ``_``.
+    ``collection_name``. Characters other than letters and digits (of any
+    script: ``/srv/照片`` gives ``fs_local_照片``), ``-`` and ``_`` become ``_``.
     """
     return storage._default_name()
 
 
+#: The longest collection_name, in bytes of UTF-8: MongoDB caps a namespace
+#: (``<database>.<collection_name>.chunks``) at 255 bytes, and a database name
+#: may take 64 of them.
+MAX_COLLECTION_NAME = 120
+
+
 def _collection_name(value: Any) -> str:
+    """``value`` if MongoDB can name collections ``<value>.files`` and
+    ``<value>.chunks`` with it, else a ``ValueError`` saying why, at declaration
+    (the server's own errors came at the first upload, and made ``check()`` of
+    the whole app fail)."""
     if not isinstance(value, str) or not value or "$" in value or "\0" in value:
         raise ValueError(
             f"collection_name must be a non-empty str without '$' or NUL, got {value!r}"
+        )
+    if value.startswith("system."):
+        raise ValueError(
+            f"collection_name {value!r} starts with 'system.', which MongoDB keeps for "
+            "its own collections; choose another name"
+        )
+    if value.startswith(".") or value.endswith(".") or ".." in value:
+        raise ValueError(
+            f"collection_name {value!r} has an empty part between dots (MongoDB refuses "
+            "such names); write it without a leading, trailing or doubled '.'"
+        )
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_COLLECTION_NAME:
+        raise ValueError(
+            f"collection_name {value[:40]!r}... is {size} bytes of UTF-8; at most "
+            f"{MAX_COLLECTION_NAME} fit in a MongoDB namespace beside the database's "
+            "name and '.chunks'; choose a shorter one"
         )
     return value
 
@@ -323,7 +365,7 @@ class _ObjectStorage(Storage):
     def _default_name(self) -> str:
         kind = "fs_local" if isinstance(self, FileSystemStorage) else "fs_s3"
         part = _place_part(self)
-        return f"{kind}_{part}" if part else kind
+        return _fitted(f"{kind}_{part}") if part else kind
 
 
 class FileSystemStorage(_ObjectStorage):

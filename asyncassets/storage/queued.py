@@ -87,7 +87,15 @@ from ..errors import (
     StoredObjectMissing,
     TransferFailed,
 )
-from .base import FileSystemStorage, GridFSStorage, Storage, Upload, _ObjectStorage, _place_part
+from .base import (
+    FileSystemStorage,
+    GridFSStorage,
+    Storage,
+    Upload,
+    _fitted,
+    _ObjectStorage,
+    _place_part,
+)
 from .catalogue import read_range
 from .entries import CatalogueReads
 from .gridfs import GridBucket
@@ -264,7 +272,7 @@ class QueuedStorage(Storage):
 
     def _default_name(self) -> str:
         parts = ("fs_queued", _place_part(self.local), _place_part(self.remote))
-        return "_".join(p for p in parts if p)
+        return _fitted("_".join(p for p in parts if p))
 
     def _identity(self) -> tuple[Any, ...]:
         # Where files are, and the queue's settings: the transfer workers apply
