@@ -258,6 +258,12 @@ class Storage:
     def _make_store(self, db: Any) -> Store:
         raise NotImplementedError
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Storage:
+        # A storage is configuration that fields share, holding its clients and
+        # stores once used: a query that copies a file condition naming it (as
+        # mongoengine's Q combination does) shares it too, as it would a str.
+        return self
+
     def _default_name(self) -> str:
         """The ``collection_name`` of this storage when none is given."""
         return "fs"
