@@ -282,11 +282,21 @@ def create_app(uri: str, *, secret: str | None = None) -> Starlette:
 
 
 def main() -> None:
+    import argparse
+
     import uvicorn
 
     from asyncassets.embedded import EmbeddedServer
 
-    port = int(os.environ.get("PORT", "8000"))
+    parser = argparse.ArgumentParser(
+        description="A small media site on an in-memory embedded server: uploads, "
+        "a gallery, signed downloads. Everything is gone when it stops."
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("PORT", "8000")),
+        help="the port on 127.0.0.1 (default: $PORT, else 8000)",
+    )  # fmt: skip
+    port = parser.parse_args().port
     with EmbeddedServer() as server:  # in memory: everything is gone when it stops
         print(f"database: {server.kind} at {server.uri} (in memory)")
         print(f"open http://127.0.0.1:{port}/  (Ctrl-C stops it)")
