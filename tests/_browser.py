@@ -1,4 +1,4 @@
-"""What the Chromium tests share: the browser, a site served by uvicorn, visits.
+"""What the web tests share: Chromium, an app served by uvicorn, visits.
 
 Debian's ``chromium`` (``/usr/bin/chromium``) driven by Playwright, headless and
 without its sandbox (the tests run as root). Without it (or Playwright) the
@@ -50,12 +50,12 @@ def require_browser(tests: str) -> None:
 
 
 @contextlib.contextmanager
-def chromium() -> Iterator[Any]:
+def chromium(args: list[str] = CHROMIUM_ARGS) -> Iterator[Any]:
     """A launched headless Chromium, closed at the end."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
         try:
             yield browser
         finally:
@@ -63,13 +63,15 @@ def chromium() -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def served(app: Any, uri: str) -> Iterator[str]:
+def served(app: Any, uri: str | None = None) -> Iterator[str]:
     """``app`` served by uvicorn (a thread, lifespan on) on a free loopback port:
-    its base URL. At the end the server stops and the database of ``uri`` goes."""
+    its base URL. At the end the server stops and the database of ``uri``, when
+    given, is dropped."""
     import pymongo
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -85,8 +87,9 @@ def served(app: Any, uri: str) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-        with pymongo.MongoClient(uri) as client:
-            client.drop_database(client.get_default_database().name)
+        if uri is not None:
+            with pymongo.MongoClient(uri) as client:
+                client.drop_database(client.get_default_database().name)
 
 
 def visit(browser: Any, url: str, shows: str) -> Any:

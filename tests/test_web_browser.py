@@ -21,10 +21,8 @@ import importlib.util
 import io
 import math
 import os
-import socket
 import struct
 import sys
-import threading
 import time
 import wave
 from collections.abc import Iterator
@@ -32,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _browser import CHROMIUM, chromium, served
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--headless",
@@ -113,38 +111,14 @@ def site(asyncassets_server_uri: str) -> Iterator[Site]:
     module = load_example()
     uri = database_uri(asyncassets_server_uri, unique_db_name("browser"))
     recorder = Recorder(module.create_app(uri, secret=SECRET))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(recorder, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield Site(f"http://127.0.0.1:{port}", recorder, module)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-        import pymongo
-
-        with pymongo.MongoClient(uri) as client:
-            client.drop_database(client.get_default_database().name)
+    with served(recorder, uri) as url:
+        yield Site(url, recorder, module)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium(CHROMIUM_ARGS) as launched:
+        yield launched
 
 
 @pytest.fixture

@@ -15,16 +15,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from _browser import served as serve
 
 from asyncassets.files import urls
 
@@ -76,22 +74,10 @@ def database(asyncassets_server_uri: str) -> Iterator[str]:
 def served(database: str) -> Iterator[str]:
     uri = database
     app = example().create_app(uri, secret=SECRET)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with serve(app) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
         urls._config = None
 
 
