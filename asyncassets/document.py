@@ -37,7 +37,7 @@ from mongoengine.queryset import transform
 from . import references
 from .connection import DEFAULT_ALIAS, get_client, get_db
 from .connection import _lookup as _connection
-from .errors import StorageConflict
+from .errors import FileConflict, StorageConflict
 from .fields import _LOADING
 from .queryset import QuerySet, QuerySetManager, with_write_concern
 from .schema import check_declared_storages
@@ -418,6 +418,12 @@ class Document(mongoengine.Document):
         :raises ValidationError: a field is invalid; nothing was written.
         :raises NotUniqueError: a unique index refused the write.
         :raises SaveConditionError: ``save_condition`` did not match.
+        :raises FileValidationError: data assigned to a file field
+            (``doc.photo = data``, uploaded by this save) was refused by the field's
+            rules; nothing was saved or left stored.
+        :raises FileConflict: a file field assigned data or ``None`` no longer holds,
+            in the stored document, the file this one was loaded with; nothing was
+            saved and this save's uploads were removed.
         :raises OperationError: the server refused the write for another reason.
         """
         signal_kwargs = signal_kwargs or {}
@@ -434,7 +440,23 @@ class Document(mongoengine.Document):
         )
         async with references.saving(self):
             await references.check_assigned_ids(self)
-            await self._write(created, force_insert, write_concern, save_condition)
+            # Data assigned to file fields is uploaded now, and referenced by the
+            # write below (see references.AssignedFiles for the rules).
+            assigned = await references.upload_assigned(self, stored=not created)
+            try:
+                await self._write(
+                    created,
+                    force_insert,
+                    write_concern,
+                    save_condition,
+                    assigned.conditions if assigned is not None else None,
+                )
+            except BaseException as exc:
+                if assigned is not None:
+                    await assigned.failed(exc)
+                raise
+            if assigned is not None:
+                await assigned.succeeded()
             signals.post_save.send(
                 self.__class__, document=self, created=created, **signal_kwargs
             )
@@ -448,6 +470,7 @@ class Document(mongoengine.Document):
         force_insert: bool,
         write_concern: dict[str, Any] | None,
         save_condition: dict[str, Any] | None,
+        file_conditions: list[dict[str, Any]] | None = None,
     ) -> None:
         id_field = self._meta["id_field"]
         if created:
@@ -483,11 +506,26 @@ class Document(mongoengine.Document):
                 if save_condition is not None:
                     select = transform.query(self.__class__, **save_condition)
                 select["_id"] = object_id
+                if file_conditions:
+                    # The switch of files assigned by value: only if the stored
+                    # document still holds what this one was loaded with there.
+                    select["$and"] = [*select.get("$and", []), *file_conditions]
                 update_doc = self._get_update_doc()
                 if update_doc:
-                    upsert = save_condition is None
+                    upsert = save_condition is None and not file_conditions
                     result = await collection.update_one(select, update_doc, upsert=upsert)
                     if not upsert and result.matched_count == 0:
+                        if file_conditions:
+                            raise FileConflict(
+                                f"The stored {type(self).__name__} {object_id!r} no longer "
+                                "holds the files this document was loaded with (changed "
+                                "by another task or process, or deleted)"
+                                + (", or save_condition did not match" if save_condition
+                                   else "")
+                                + ". Nothing was saved; the files uploaded for this save "
+                                "were removed and the fields hold the assigned data. "
+                                "Reload the document, assign again and save()."
+                            )
                         raise SaveConditionError(
                             "Race condition preventing document update detected"
                         )

@@ -40,6 +40,7 @@ __all__ = [
     "FileDeletedWhileReading",
     "FileNotFound",
     "FileNotLoaded",
+    "FileNotSaved",
     "FileValidationError",
     "GridFSError",
     "IntegrityError",
@@ -147,6 +148,14 @@ class FileNotLoaded(GridFSError):
 
     Deliberately not an ``AttributeError``: ``getattr(proxy, "length", None)`` or a
     template engine would otherwise hide the missing ``await proxy.load()``.
+    """
+
+
+class FileNotSaved(FileNotLoaded):
+    """The field holds data assigned to it (``doc.photo = data``) that ``save()`` has
+    not uploaded yet, so there is no stored file to read or describe.
+
+    A :class:`FileNotLoaded`: code that loads before reading handles both alike.
     """
 
 

@@ -25,6 +25,7 @@ from mongoengine.fields import __all__ as _mongoengine_fields
 
 from .errors import GridFSError
 from .files import images as _images
+from .files.assignment import PendingData, is_data
 from .files.images import DEFAULT_MAX_PIXELS, ImageProxy
 from .files.names import FilenameTemplate
 from .files.proxy import FileProxy
@@ -52,8 +53,8 @@ ImageGridFsProxy = ImageProxy
 # FileAlreadyExists included, which is also mongoengine's GridFSError.
 
 _NOT_A_FILE_VALUE = (
-    "{field} takes a file proxy, a file id or None, not {type}. To store bytes or a "
-    "file object, upload it: `await doc.{field}.put(data, content_type=...)`."
+    "{field} takes data to upload on save() (bytes, a binary file object, an async "
+    "file or an async iterable of bytes), a file proxy, a file id or None, not {type}."
 )
 # The id types a file may have: ObjectId (asyncassets, PyMongo), and what other
 # writers chose. Anything else (bytes, file objects, numbers with a fraction...) is
@@ -214,6 +215,8 @@ class FileField(BaseField):
 
     def __set__(self, instance: Any, value: Any) -> None:
         proxy = self.to_python(value)
+        if getattr(instance, "_initialised", False):
+            self._note_replaced(instance, proxy)
         if isinstance(proxy, FileProxy):
             if proxy._instance is not None and (
                 proxy._instance is not instance or proxy._key != self.name
@@ -224,16 +227,42 @@ class FileField(BaseField):
             proxy._bind(instance, self.name)
         super().__set__(instance, proxy)
 
+    def _note_replaced(self, instance: Any, new: Any) -> None:
+        """Remember, for ``save()``, the file the stored document held here.
+
+        Assigning data or ``None`` over a file makes the next ``save()`` switch
+        the reference conditionally (on the stored document still holding that
+        file) and then delete the file, as ``replace()`` and ``delete()`` do.
+        Assigning a proxy or an id keeps today's meaning: the old file is left
+        as it is (another document may hold it; the orphan sweep decides).
+        """
+        replaced = instance.__dict__.get("_aa_replaced")
+        if isinstance(new, FileProxy) and new._assignment is None:
+            if replaced:
+                replaced.pop(self.name, None)  # a file, not data: today's meaning
+            return
+        if replaced is None:
+            replaced = {}
+            # Straight into __dict__: never a field, never saved or copied.
+            instance.__dict__["_aa_replaced"] = replaced
+        if self.name not in replaced:
+            old = instance._data.get(self.name)
+            replaced[self.name] = old if isinstance(old, FileProxy) else None
+        if new is not None:
+            instance._mark_as_changed(self.name)  # equal to an empty proxy, yet a change
+
     def to_python(self, value: Any) -> Any:
         """The one conversion of a value to this field's proxy.
 
         Used for values given to the constructor, assigned, put into a list of
         files, and loaded from the database. ``None`` and proxies pass; a file id
         (an ``ObjectId``, its 24-hex-digit string, or another id type a writer
-        chose) becomes a proxy that ``save()`` checks names an existing file.
+        chose) becomes a proxy that ``save()`` checks names an existing file;
+        data (bytes, a binary file object, an async file such as FastAPI's
+        ``UploadFile``, an async iterable of bytes) becomes a proxy holding it,
+        which ``save()`` uploads (see :mod:`asyncassets.files.assignment`).
 
-        :raises TypeError: bytes, a file object or other data (upload it with
-            ``put()`` instead).
+        :raises TypeError: a value that is neither (a float, ``True``, a dict...).
         """
         if value is None or isinstance(value, FileProxy):
             return value
@@ -241,6 +270,10 @@ class FileField(BaseField):
             # Stored data: whatever another tool (or an older version) wrote, the
             # document loads; a value that names no file reads as FileNotFound.
             return self._proxy(value)
+        if is_data(value) and not (isinstance(value, Binary) and value.subtype != 0):
+            proxy = self._proxy()
+            proxy._assignment = PendingData(value)
+            return proxy
         if (
             not isinstance(value, _ID_TYPES)
             or isinstance(value, bool)
@@ -281,7 +314,12 @@ class FileField(BaseField):
             except TypeError as exc:
                 self.error(str(exc))
             return
-        if self.required and value.grid_id is None and value._upload is None:
+        if (
+            self.required
+            and value.grid_id is None
+            and value._upload is None
+            and value._assignment is None
+        ):
             self.error(
                 f"Field is required: {self._label()} holds no file. Upload one with "
                 f"`await doc.{self._label()}.put(data)` before save()."

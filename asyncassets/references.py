@@ -55,6 +55,7 @@ from .files.proxy import MISSING, FileProxy
 from .schema import cascade_fields, fields_with_files, holds_files
 
 __all__ = [
+    "AssignedFiles",
     "add_to_list",
     "bind",
     "check_assigned_ids",
@@ -64,6 +65,7 @@ __all__ = [
     "saving",
     "switch",
     "unknown_outcome",
+    "upload_assigned",
 ]
 
 # A path segment: (db field name, dict key or list index; True for a list index).
@@ -767,3 +769,216 @@ async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None
     for key, ids in groups.items():
         for file_id in ids:
             await proxies[key]._drop_replaced(file_id)
+
+
+# -- data assigned to file fields: uploaded by save() ---------------------------------
+
+
+def _replaced_records(
+    holder: Any, prefix: tuple[Segment, ...] = ()
+) -> Iterator[tuple[Any, str, tuple[Segment, ...], FileProxy | None]]:
+    """Yield ``(holder, field name, path, old proxy)`` for every file field of ``holder``
+    (or an embedded document in it) that was assigned data or ``None`` since the last
+    save (recorded by :meth:`FileField._note_replaced`)."""
+    records = holder.__dict__.get("_aa_replaced")
+    if records:
+        for name, old in records.items():
+            field = holder._fields.get(name)
+            if field is not None:
+                yield holder, name, (*prefix, (field.db_field, False)), old
+    for name in fields_with_files(type(holder)):
+        field = holder._fields[name]
+        if not isinstance(field, FileField):
+            yield from _records_in(holder._data.get(name), (*prefix, (field.db_field, False)))
+
+
+def _records_in(
+    value: Any, path: tuple[Segment, ...]
+) -> Iterator[tuple[Any, str, tuple[Segment, ...], FileProxy | None]]:
+    if isinstance(value, mongoengine.EmbeddedDocument):
+        yield from _replaced_records(value, path)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _records_in(item, (*path, (str(index), True)))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _records_in(item, (*path, (str(key), False)))
+
+
+class _Upload:
+    __slots__ = ("files_doc", "name", "owner", "path", "pending", "proxy")
+
+    def __init__(
+        self,
+        proxy: FileProxy,
+        path: tuple[Segment, ...],
+        owner: Any,
+        name: str,
+        pending: Any,
+        files_doc: dict[str, Any],
+    ) -> None:
+        self.proxy, self.path, self.owner, self.name = proxy, path, owner, name
+        self.pending, self.files_doc = pending, files_doc
+
+
+class AssignedFiles:
+    """What one ``save()`` does about file fields assigned data or ``None``.
+
+    Made by :func:`upload_assigned` (which uploads the data, before the save's
+    write); the save then adds :attr:`conditions` to its update and calls
+    :meth:`succeeded` or :meth:`failed`. The rules are the switch's:
+
+    * the insert or update that carries the new ids is the switch; for a stored
+      document it is conditional on each replaced path still holding the file it
+      was loaded with (or nothing), so a concurrent change is never undone;
+    * the replaced files are deleted only after the write succeeded (and only if
+      nothing else may hold them);
+    * a write that failed for sure removes the uploads, and the proxies hold the
+      assigned data again (a retried ``save()`` uploads it again);
+    * a write of unknown outcome deletes nothing; the stored document is read back
+      to learn which files the proxies hold.
+    """
+
+    __slots__ = ("conditions", "doc", "replaced", "uploads")
+
+    def __init__(self, doc: Any) -> None:
+        self.doc = doc
+        self.uploads: list[_Upload] = []
+        self.replaced: list[FileProxy] = []
+        #: Conditions on the stored document, added to the save's update filter.
+        self.conditions: list[dict[str, Any]] = []
+
+    async def _remove_uploads(self) -> None:
+        for upload in self.uploads:
+            new = upload.files_doc["_id"]
+            if not upload.proxy._shared_elsewhere(new):
+                await upload.proxy._drop_replaced(new)
+
+    def _restore(self) -> None:
+        for upload in self.uploads:
+            proxy = upload.proxy
+            proxy._set_file(None, None)
+            proxy._pending = False
+            proxy._assignment = upload.pending
+
+    async def failed(self, exc: BaseException) -> None:
+        """The save's write raised ``exc``: undo what may be undone, delete nothing
+        that a stored document might reference."""
+        if not unknown_outcome(exc):
+            await settle(self._remove_uploads())  # refused: nothing references them
+            self._restore()
+            return
+        stored = await settle(self._read_back(exc))
+        applied = (
+            stored is not None
+            and bool(self.uploads)
+            and all(_value_at(stored, u.path) == u.files_doc["_id"] for u in self.uploads)
+        )
+        if applied:
+            _clear_records(self.doc)  # the replaced files are left to the orphan sweep
+        else:
+            self._restore()
+        add_note(
+            exc,
+            "asyncassets: the outcome of this save was unknown; no file was deleted. "
+            + (
+                "The stored document references the uploaded files."
+                if applied
+                else "The fields hold the assigned data again; uploads the stored "
+                "document does not reference are left to the orphan sweep."
+            ),
+        )
+
+    async def _read_back(self, exc: BaseException) -> dict[str, Any] | None:
+        if self.doc.pk is None:
+            return None
+        try:
+            found: dict[str, Any] | None = await _driver.acknowledged(
+                type(self.doc)._get_collection()
+            ).find_one({"_id": _stored_id(self.doc)})
+        except PyMongoError as read_error:
+            add_note(exc, f"asyncassets: reading the document back failed ({read_error}).")
+            return None
+        return found
+
+    async def succeeded(self) -> None:
+        """The write applied: delete the replaced files nothing holds any more."""
+        for upload in self.uploads:
+            upload.proxy._assigned = False
+        held = {
+            (proxy.collection_name, proxy.grid_id)
+            for proxy, _path, _owner, _name in iter_proxies(self.doc)
+            if proxy.grid_id is not None
+        }
+        drop = [
+            (old, old.grid_id)
+            for old in self.replaced
+            if old.grid_id is not None
+            and (old.collection_name, old.grid_id) not in held
+            and old._may_delete(old.grid_id)
+        ]
+        _clear_records(self.doc)
+        for old, file_id in drop:
+            await settle(old._drop_replaced(file_id))
+
+
+def _clear_records(doc: Any) -> None:
+    for holder in {id(h): h for h, _name, _path, _old in _replaced_records(doc)}.values():
+        holder.__dict__.pop("_aa_replaced", None)
+
+
+async def upload_assigned(doc: Any, *, stored: bool) -> AssignedFiles | None:
+    """Upload the data assigned to ``doc``'s file fields, for the ``save()`` under way.
+
+    Called by ``save()`` inside :func:`saving`, after validation and before its
+    write. ``stored``: the save updates a stored document (else it inserts).
+
+    :returns: ``None`` when no file field was assigned data or ``None``.
+    :raises FileValidationError: the field's rules refused the data; every upload
+        of this save was removed and the fields still hold the assigned data.
+    :raises UploadClosed: a stream a failed save had read cannot be read again.
+    """
+    if not holds_files(type(doc)):
+        return None
+    records = list(_replaced_records(doc))
+    pending = [
+        (proxy, path, owner, name)
+        for proxy, path, owner, name in iter_proxies(doc)
+        if proxy._assignment is not None
+    ]
+    if not records and not pending:
+        return None
+    assigned = AssignedFiles(doc)
+    for holder, _name, path, old in records:
+        if old is not None and old.grid_id is not None:
+            assigned.replaced.append(old)
+        if not stored:
+            continue
+        dotted = ".".join(part for part, _ in path)
+        if old is not None and old.grid_id is not None:
+            if not old._assigned and not old._pending:
+                assigned.conditions.append({dotted: old.grid_id})
+        elif holder is doc:
+            assigned.conditions.append(
+                {"$or": [{dotted: {"$exists": False}}, {dotted: {"$type": "null"}}]}
+            )
+    try:
+        for proxy, path, owner, name in pending:
+            data = proxy._assignment
+            assert data is not None
+            where = ".".join(part for part, _ in path)
+            files_doc = await proxy._upload_new(
+                await data.source(where), data.content_type, data.filename, {}
+            )
+            assigned.uploads.append(_Upload(proxy, path, owner, name, data, files_doc))
+    except BaseException:
+        await settle(assigned._remove_uploads())
+        raise
+    for upload in assigned.uploads:
+        proxy = upload.proxy
+        proxy._assignment = None
+        proxy._set_file(upload.files_doc["_id"], upload.files_doc)
+        proxy._assigned = False
+        proxy._pending = True  # referenced in memory until the write succeeds
+        upload.owner._mark_as_changed(upload.name)
+    return assigned

@@ -34,6 +34,7 @@ from ..errors import (
     FileConflict,
     FileNotFound,
     FileNotLoaded,
+    FileNotSaved,
     GridFSError,
     StorageError,
     UploadClosed,
@@ -47,6 +48,7 @@ from ..storage.catalogue import (
 )
 from ..storage.read import iter_original, read_original
 from ..storage.read import verify_file as _verify_file
+from .assignment import PendingData
 from .rules import guarded_close, guarded_upload, guarded_write, make_guard
 
 if TYPE_CHECKING:
@@ -192,6 +194,11 @@ class FileProxy:
     ``QuerySet.load_files``); and at most one streaming upload in progress.
     """
 
+    #: Data assigned to the field (``doc.photo = data``) that the next ``save()``
+    #: uploads; see :mod:`asyncassets.files.assignment`. (A class default: most
+    #: proxies are loaded, and loading must not pay for it.)
+    _assignment: PendingData | None = None
+
     def __init__(
         self,
         grid_id: Any = None,
@@ -282,6 +289,7 @@ class FileProxy:
         clone._unverified = self._unverified
         clone._pending = self._pending
         clone._assigned = True
+        clone._assignment = self._assignment
         return clone
 
     def _identity(self) -> Any:
@@ -361,6 +369,8 @@ class FileProxy:
         return self.grid_id
 
     def _doc(self, attribute: str | None = None) -> dict[str, Any] | None:
+        if self._assignment is not None:
+            self._refuse_unsaved(f"its {attribute!r}" if attribute else "its metadata")
         if self.grid_id is None:
             return None
         if isinstance(self._files_doc, _Missing):
@@ -374,6 +384,14 @@ class FileProxy:
             )
         return self._files_doc
 
+    def _refuse_unsaved(self, what: str) -> None:
+        name = self._key or getattr(self._field, "name", None) or "field"
+        raise FileNotSaved(
+            f"{name} holds data assigned to it that is not uploaded yet, so {what} "
+            "cannot be read: `await doc.save()` first (filename, content_type and, "
+            "for bytes, length are known before)."
+        )
+
     @property
     def metadata(self) -> dict[str, Any]:
         """``content_type`` and the extra keywords given at upload, as a new dict."""
@@ -385,19 +403,25 @@ class FileProxy:
     @property
     def content_type(self) -> str | None:
         """The MIME type given at upload (``None`` when none was)."""
+        if self._assignment is not None:
+            return self._assignment.content_type
         doc = self._doc()
         return None if doc is None else content_type_of(doc)
 
     @property
     def filename(self) -> str | None:
         """The file name stored with the file."""
+        if self._assignment is not None:
+            return self._assignment.filename
         doc = self._doc()
         return None if doc is None else doc.get("filename")
 
     @property
     def length(self) -> int | None:
         """Size in bytes (of the original bytes, for a compressed file)."""
-        doc = self._doc()
+        if self._assignment is not None and self._assignment.length is not None:
+            return self._assignment.length
+        doc = self._doc("length")
         return None if doc is None else original_length(doc)
 
     @property
@@ -513,6 +537,8 @@ class FileProxy:
         return await self.load()
 
     async def _fetch(self) -> dict[str, Any] | None:
+        if self._assignment is not None:
+            self._refuse_unsaved("the file")
         if self.grid_id is None:
             return None
         bucket = self._bucket()
@@ -658,6 +684,7 @@ class FileProxy:
     # -- writing ----------------------------------------------------------------
 
     def _refuse_if_full(self, what: str) -> None:
+        self._refuse_if_assigned(what)
         if self._upload is not None:
             raise GridFSError(
                 f"{what}: a streaming upload is already open on this field; "
@@ -667,6 +694,13 @@ class FileProxy:
             raise FileAlreadyExists(
                 "This document already has a file. Either delete it or call "
                 "replace to overwrite it."
+            )
+
+    def _refuse_if_assigned(self, what: str) -> None:
+        if self._assignment is not None:
+            raise GridFSError(
+                f"{what}: this field holds data assigned to it that save() has not "
+                "uploaded yet. Save the document first, or assign the data instead."
             )
 
     @staticmethod
@@ -761,6 +795,7 @@ class FileProxy:
             unknown (a lost reply, a write-concern error), neither file was deleted
             and the proxy holds the file the stored document was read back to hold.
         """
+        self._refuse_if_assigned("replace()")
         if self._upload is not None:
             raise GridFSError(
                 "replace(): a streaming upload is open on this field; close it first."
@@ -784,6 +819,7 @@ class FileProxy:
             await asyncio.shield(self._closing)
         if self._upload is not None:
             await self.abort()
+        self._assignment = None  # data assigned and not saved: nothing stored to delete
         old = self.grid_id
         if old is None:
             return
@@ -878,6 +914,7 @@ class FileProxy:
         :param replace: ``False`` refuses a field that already holds a file.
         :raises FileAlreadyExists: the field holds a file and ``replace`` is false.
         """
+        self._refuse_if_assigned("new_file()")
         if self._upload is not None or self._closing is not None:
             raise GridFSError("new_file(): a streaming upload is already open on this field.")
         self._refuse_if_orphaned()
@@ -1070,7 +1107,7 @@ class FileProxy:
     # -- plumbing -----------------------------------------------------------------
 
     def __bool__(self) -> bool:
-        return self.grid_id is not None
+        return self.grid_id is not None or self._assignment is not None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FileProxy):
@@ -1093,6 +1130,8 @@ class FileProxy:
         ``<no file>`` for an empty field or a file found missing; ``<not loaded>``
         until the metadata is loaded.
         """
+        if self._assignment is not None:
+            return f"<{type(self).__name__}: {self._assignment.filename} (not saved)>"
         if self.grid_id is None or isinstance(self._files_doc, _Missing):
             label = "<no file>"
         elif self._files_doc is None:

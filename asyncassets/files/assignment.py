@@ -1,0 +1,112 @@
+"""Data assigned to a file field: ``doc.photo = data`` uploads on ``save()``.
+
+Assigning bytes, a file object (``open(path, "rb")``), an async file object
+(FastAPI's ``UploadFile``) or an async iterable of bytes records a
+:class:`PendingData` on the field's proxy; nothing is read or uploaded then (no
+I/O in an assignment). ``await doc.save()`` uploads it through the field's rules
+and references it (see :mod:`asyncassets.references`). Until then the proxy
+answers ``filename``, ``content_type`` and, for bytes, ``length`` from what was
+assigned; reading the bytes raises :class:`~asyncassets.errors.FileNotSaved`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import posixpath
+from typing import Any
+
+from ..errors import UploadClosed
+
+__all__ = ["PendingData", "is_data"]
+
+
+def is_data(value: Any) -> bool:
+    """Whether ``value`` is data to upload (rather than a file id or a proxy).
+
+    Bytes-like objects, objects with a ``read`` method (file objects, sync or
+    async) and async iterables. ``str`` is never data: it is a file id.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return True
+    if isinstance(value, str):
+        return False
+    return callable(getattr(value, "read", None)) or hasattr(value, "__aiter__")
+
+
+def _name_of(value: Any) -> str | None:
+    # UploadFile.filename, a file object's name (a path; an int for a descriptor).
+    for attribute in ("filename", "name"):
+        name = getattr(value, attribute, None)
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        if isinstance(name, str) and name:
+            base = posixpath.basename(name.replace("\\", "/"))
+            if base:
+                return base  # sanitised by the field's rules at upload
+    return None
+
+
+class PendingData:
+    """What was assigned to a file field and is uploaded by the next ``save()``.
+
+    :ivar data: the object assigned (kept as given; read only by ``save()``).
+    :ivar filename: its ``filename`` or ``name`` (the last path segment), if any.
+    :ivar content_type: its ``content_type`` (an ``UploadFile``'s), if any; else
+        the upload guesses it from the name or sniffs it, as ``put()`` does.
+    :ivar length: the size of bytes-like data; ``None`` for a stream.
+    """
+
+    __slots__ = ("_start", "_used", "content_type", "data", "filename", "length")
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.filename = _name_of(data)
+        content_type = getattr(data, "content_type", None)
+        self.content_type = content_type if isinstance(content_type, str) else None
+        self.length: int | None = None
+        if isinstance(data, (bytes, bytearray)):
+            self.length = len(data)
+        elif isinstance(data, memoryview):
+            self.length = data.nbytes
+        #: Where a seekable file object was when assigned: a retried save reads from there.
+        self._start: int | None = None
+        tell = getattr(data, "tell", None)
+        if callable(tell) and not inspect.iscoroutinefunction(tell):
+            try:
+                position = tell()
+            except (OSError, ValueError):
+                position = None
+            if isinstance(position, int):
+                self._start = position
+        elif callable(getattr(data, "seek", None)):
+            self._start = 0  # an async file (UploadFile): as received, from its start
+        self._used = False
+
+    async def source(self, field_name: str) -> Any:
+        """The data to upload; a second call (a retried save) rewinds a file first.
+
+        :raises UploadClosed: the data is a stream a failed save already read, and
+            cannot be read again: assign it again.
+        """
+        data = self.data
+        if not self._used or isinstance(data, (bytes, bytearray, memoryview)):
+            self._used = True
+            return data
+        seek = getattr(data, "seek", None)
+        if self._start is not None and callable(seek):
+            try:
+                done = seek(self._start)
+                if inspect.isawaitable(done):
+                    await done
+            except (OSError, ValueError) as exc:
+                raise self._spent(field_name) from exc
+            return data
+        raise self._spent(field_name)
+
+    @staticmethod
+    def _spent(field_name: str) -> UploadClosed:
+        return UploadClosed(
+            f"{field_name}: the data assigned to it is a stream that a failed save() "
+            "already read, and it cannot be rewound. Assign the data again "
+            f"(`doc.{field_name} = ...`), then save()."
+        )

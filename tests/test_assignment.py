@@ -1,0 +1,379 @@
+"""Assigning data to a file field uploads it on save (issue 24, item 2).
+
+``doc.file = data`` (bytes, a file object, an async file such as FastAPI's
+``UploadFile``, an async iterable) records the data; ``await doc.save()`` uploads
+it with the field's rules and references it, with the guarantees of ``replace()``:
+a failed or cancelled save leaves no file and no reference, the replaced file goes
+only after the switch, an unknown outcome deletes nothing. Run on GridFS, a
+directory and an S3 bucket (the ``storage`` fixture of test_storages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import pytest
+from _races_core import Faults, injected
+from bson import ObjectId
+from mongoengine.errors import ValidationError
+from test_storages import (  # noqa: F401  (fixtures)
+    KIB,
+    MIB,
+    doc_class,
+    leftovers,
+    make_storage,
+    objects,
+    payload,
+    slow_pieces,
+    storage,
+    storage_kind,
+    stored_entry,
+)
+
+from asyncassets import Document
+from asyncassets.errors import (
+    FileConflict,
+    FileNotSaved,
+    FileValidationError,
+    GridFSError,
+    UploadClosed,
+)
+from asyncassets.fields import FileField, IntField, ListField, StringField
+from asyncassets.storage import GridFSStorage
+
+
+class AsyncUpload:
+    """What FastAPI/Starlette hand a view: an async file with a name and a type."""
+
+    def __init__(self, data: bytes, filename: str, content_type: str) -> None:
+        self.file = io.BytesIO(data)
+        self.filename = filename
+        self.content_type = content_type
+        self.reads = 0
+
+    async def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        await asyncio.sleep(0)
+        return self.file.read(size)
+
+    async def seek(self, offset: int) -> None:
+        self.file.seek(offset)
+
+
+async def stored(doc: Any) -> dict[str, Any]:
+    found = await type(doc)._get_collection().find_one({"_id": doc.pk})
+    assert found is not None
+    return dict(found)
+
+
+async def entries(storage: Any, db: Any) -> list[dict[str, Any]]:
+    return [e async for e in db[f"{storage.collection_name}.files"].find({})]
+
+
+# -- what is assigned, what is stored ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda data: data, id="bytes"),
+        pytest.param(lambda data: bytearray(data), id="bytearray"),
+        pytest.param(lambda data: memoryview(data), id="memoryview"),
+        pytest.param(lambda data: io.BytesIO(data), id="file object"),
+        pytest.param(lambda data: AsyncUpload(data, "a.bin", "application/x-a"), id="async file"),
+        pytest.param(lambda data: slow_pieces(data, 100 * KIB), id="async iterable"),
+    ],
+)
+async def test_assigned_data_is_uploaded_and_referenced_by_save(asyncassets_db, storage, make):
+    Doc = doc_class(storage)
+    data = payload(300 * KIB + 7)
+    doc = Doc(name="new")
+    doc.file = make(data)
+    assert await leftovers(storage, asyncassets_db) == (0, 0)  # nothing before save()
+    await doc.save()
+    assert (await stored(doc))["file"] == doc.file.grid_id
+    loaded = await Doc.objects.get(pk=doc.pk)
+    assert await loaded.file.read() == data
+    [entry] = await entries(storage, asyncassets_db)
+    assert entry["_id"] == doc.file.grid_id and entry["length"] == len(data)
+
+
+async def test_name_and_type_come_from_the_object_and_the_rules_apply(
+    asyncassets_db, storage, tmp_path
+):
+    Doc = doc_class(storage)
+    path = tmp_path / "sub" / "Marmot Photo.PNG"
+    path.parent.mkdir()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    doc = await Doc(name="x").save()
+    with open(path, "rb") as f:  # noqa: ASYNC230  (a sync file, as users pass)
+        doc.file = f
+        await doc.save()
+    await doc.file.load()
+    assert doc.file.filename == "Marmot Photo.PNG"  # the last path segment only
+    assert doc.file.content_type == "image/png"  # guessed from the name, as put() does
+    doc2 = await Doc(name="y").save()
+    doc2.file = AsyncUpload(b"%PDF-1.4 hello", "../../etc/report.pdf", "application/pdf")
+    await doc2.save()
+    entry = await stored_entry(storage, asyncassets_db, doc2.file.grid_id)
+    assert entry["filename"] == "report.pdf"
+    assert entry["metadata"]["content_type"] == "application/pdf"
+
+
+async def test_reading_between_assignment_and_save_says_save_first(asyncassets_db):
+    Doc = doc_class(GridFSStorage("assigned_reads"))
+    doc = Doc()
+    doc.file = AsyncUpload(b"abc", "a.txt", "text/plain")
+    assert bool(doc.file)
+    assert (doc.file.filename, doc.file.content_type) == ("a.txt", "text/plain")
+    assert str(doc.file) == "<FileProxy: a.txt (not saved)>"
+    with pytest.raises(FileNotSaved, match="save"):
+        await doc.file.read()
+    with pytest.raises(FileNotSaved, match="save"):
+        _ = doc.file.upload_date
+    with pytest.raises(GridFSError, match="not uploaded yet"):
+        await doc.file.put(b"other")
+    doc.file = b"12345"
+    assert doc.file.length == 5
+    await doc.save()
+    assert await doc.file.read() == b"12345"  # the file uploaded is at hand
+
+
+# -- the field's rules and other failures: nothing left, data kept ---------------------------
+
+
+async def test_max_size_exceeded_leaves_nothing_and_keeps_the_data(asyncassets_db, storage):
+    Doc = doc_class(storage, max_size=MIB)
+    doc = await Doc(name="small").save()
+    doc.file = slow_pieces(payload(3 * MIB), 256 * KIB)
+    with pytest.raises(FileValidationError, match="file"):
+        await doc.save()
+    assert await leftovers(storage, asyncassets_db) == (0, 0)
+    assert "file" not in await stored(doc)
+    # The stream is spent: a retry says so instead of storing a truncated file.
+    with pytest.raises(UploadClosed, match="Assign the data again"):
+        await doc.save()
+    doc.file = payload(MIB)
+    await doc.save()
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == payload(MIB)
+
+
+async def test_a_wrong_type_is_refused_before_anything_is_stored(asyncassets_db, storage):
+    Doc = doc_class(storage, allowed_content_types=["image/*"])
+    doc = Doc(name="pdf")
+    doc.file = AsyncUpload(b"%PDF-1.4 not an image", "cat.png", "image/png")
+    with pytest.raises(FileValidationError, match="content type"):
+        await doc.save()
+    assert await leftovers(storage, asyncassets_db) == (0, 0)
+    assert await Doc.objects.count() == 0
+    assert doc.file.filename == "cat.png"  # still the assigned data, to fix and retry
+
+
+async def test_a_validation_error_of_another_field_uploads_nothing(asyncassets_db, storage):
+    n = id(storage)
+    Doc = type(
+        f"AssignedRequired{n}",
+        (Document,),
+        {
+            "title": StringField(required=True),
+            "file": FileField(storage=storage),
+            "meta": {"collection": f"assigned_required_{n}"},
+        },
+    )
+    doc = Doc()
+    doc.file = b"data"
+    with pytest.raises(ValidationError, match="title"):
+        await doc.save()
+    assert await leftovers(storage, asyncassets_db) == (0, 0)
+    doc.title = "fixed"
+    await doc.save()  # the data was kept: the retry stores it
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == b"data"
+
+
+async def test_a_duplicate_key_removes_the_upload(asyncassets_db, storage):
+    n = id(storage)
+    Doc = type(
+        f"AssignedUnique{n}",
+        (Document,),
+        {
+            "code": IntField(unique=True),
+            "file": FileField(storage=storage),
+            "meta": {"collection": f"assigned_unique_{n}"},
+        },
+    )
+    first = Doc(code=1)
+    first.file = b"first"
+    await first.save()
+    second = Doc(code=1)
+    second.file = b"second"
+    with pytest.raises(Exception, match="duplicate"):
+        await second.save()
+    [entry] = await entries(storage, asyncassets_db)
+    assert entry["_id"] == first.file.grid_id
+    assert await leftovers(storage, asyncassets_db) == (1, len(await objects(storage, asyncassets_db)))
+    assert second.file.grid_id is None and second.file.filename is None
+
+
+async def test_a_save_cancelled_mid_upload_leaves_no_file_and_no_reference(
+    asyncassets_db, storage
+):
+    Doc = doc_class(storage)
+    doc = Doc(name="cancelled")
+    doc.picture = Doc.picture.document_type()
+    doc.picture.image = b"a first, small file uploaded before the slow one"
+    started = asyncio.Event()
+
+    async def slow():  # type: ignore[no-untyped-def]
+        for _ in range(50):
+            yield payload(256 * KIB)
+            started.set()
+            await asyncio.sleep(0.01)
+
+    doc.file = slow()
+    task = asyncio.create_task(doc.save())
+    await started.wait()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await leftovers(storage, asyncassets_db) == (0, 0)
+    assert await Doc.objects.count() == 0
+    assert doc.picture.image.grid_id is None and doc.picture.image  # data still assigned
+
+
+# -- replacing and removing by assignment ---------------------------------------------------
+
+
+async def test_assignment_replaces_the_old_file_only_after_the_switch(
+    asyncassets_db, storage, monkeypatch
+):
+    Doc = doc_class(storage)
+    doc = await Doc(name="r").save()
+    await doc.file.put(b"old bytes")
+    old_id = doc.file.grid_id
+    seen: list[Any] = []
+    original = type(doc.file)._drop_replaced
+
+    async def watch(proxy: Any, file_id: Any) -> None:
+        seen.append(((await stored(doc)).get("file"), file_id))
+        await original(proxy, file_id)
+
+    monkeypatch.setattr(type(doc.file), "_drop_replaced", watch)
+    loaded = await Doc.objects.get(pk=doc.pk)
+    loaded.file = b"new bytes"
+    await loaded.save()
+    new_id = loaded.file.grid_id
+    assert seen == [(new_id, old_id)]  # deleted when the document held the new one
+    assert [e["_id"] for e in await entries(storage, asyncassets_db)] == [new_id]
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == b"new bytes"
+
+
+async def test_assigning_none_then_saving_deletes_the_file(asyncassets_db, storage):
+    Doc = doc_class(storage)
+    doc = Doc(name="gone")
+    doc.file = b"to be removed"
+    await doc.save()
+    loaded = await Doc.objects.get(pk=doc.pk)
+    loaded.file = None
+    await loaded.save()
+    assert "file" not in await stored(loaded)
+    assert await leftovers(storage, asyncassets_db) == (0, 0)
+
+
+async def test_two_saves_of_one_document_with_different_files_one_wins(asyncassets_db, storage):
+    Doc = doc_class(storage)
+    doc = Doc(name="race")
+    doc.file = b"original"
+    await doc.save()
+    a = await Doc.objects.get(pk=doc.pk)
+    b = await Doc.objects.get(pk=doc.pk)
+    a.file = slow_pieces(payload(600 * KIB, seed=1), 100 * KIB, delay=0.005)
+    b.file = slow_pieces(payload(600 * KIB, seed=2), 100 * KIB, delay=0.005)
+    results = await asyncio.gather(a.save(), b.save(), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert len(failures) == 1 and isinstance(failures[0], FileConflict), results
+    winner = a if results[0] is a else b
+    stored_id = (await stored(doc))["file"]
+    assert stored_id == winner.file.grid_id
+    # The winner's file alone is left: the original went after the switch, the
+    # loser's upload was removed.
+    assert [e["_id"] for e in await entries(storage, asyncassets_db)] == [stored_id]
+    loaded = await Doc.objects.get(pk=doc.pk)
+    assert await loaded.file.read() == payload(600 * KIB, seed=1 if winner is a else 2)
+
+
+async def test_a_save_whose_outcome_is_unknown_deletes_nothing(asyncassets_db, monkeypatch):
+    Doc = doc_class(GridFSStorage("assigned_unknown"))
+    faults = Faults(Doc._get_collection_name())
+    faults.install(monkeypatch)
+    doc = Doc(name="u")
+    doc.file = b"first"
+    await doc.save()
+    first = doc.file.grid_id
+    doc.file = b"second"
+    faults.armed = "dropped reply"  # the update applies; its reply is lost
+    with pytest.raises(Exception) as raised:
+        await doc.save()
+    assert injected(raised.value)
+    second = doc.file.grid_id  # read back: the stored document holds the new file
+    assert second is not None and (await stored(doc))["file"] == second
+    files = asyncassets_db["assigned_unknown.files"]
+    assert {e["_id"] async for e in files.find({})} == {first, second}  # nothing deleted
+    assert await doc.file.read() == b"second"
+
+
+# -- lists and embedded documents -------------------------------------------------------
+
+
+async def test_lists_and_embedded_documents_take_assigned_data(asyncassets_db, storage):
+    Doc = doc_class(storage)
+    doc = Doc(name="many", files=[b"one", io.BytesIO(b"two")])
+    doc.picture = Doc.picture.document_type(image=b"inside")
+    await doc.save()
+    loaded = await Doc.objects.get(pk=doc.pk)
+    assert [await f.read() for f in loaded.files] == [b"one", b"two"]
+    assert await loaded.picture.image.read() == b"inside"
+    loaded.files.append(b"three")
+    old_image = loaded.picture.image.grid_id
+    loaded.picture.image = b"replaced inside"
+    await loaded.save()
+    again = await Doc.objects.get(pk=doc.pk)
+    assert [await f.read() for f in again.files] == [b"one", b"two", b"three"]
+    assert await again.picture.image.read() == b"replaced inside"
+    ids = {e["_id"] for e in await entries(storage, asyncassets_db)}
+    assert old_image not in ids and len(ids) == 4
+
+
+async def test_assigning_a_file_id_or_a_proxy_keeps_its_meaning(asyncassets_db):
+    Doc = doc_class(GridFSStorage("assigned_ids"))
+    source = Doc(name="src")
+    source.file = b"shared"
+    await source.save()
+    other = Doc(name="by id")
+    other.file = source.file.grid_id
+    await other.save()
+    copy = Doc(name="by proxy", file=source.file)
+    await copy.save()
+    await other.delete()  # an id assigned by hand is never deleted from here
+    assert await (await Doc.objects.get(pk=copy.pk)).file.read() == b"shared"
+    bad = Doc(name="bad")
+    bad.file = ObjectId()
+    with pytest.raises(FileValidationError, match="names no file"):
+        await bad.save()
+    with pytest.raises(TypeError, match="not float"):
+        bad.file = 1.5
+
+
+async def test_a_list_field_of_files_still_uploads_with_add_file(asyncassets_db):
+    Doc = doc_class(GridFSStorage("assigned_lists"))
+    doc = await Doc(name="l").save()
+    await doc.add_file("files", b"added")
+    doc.files.append(b"assigned")
+    await doc.save()
+    loaded = await Doc.objects.get(pk=doc.pk)
+    assert [await f.read() for f in loaded.files] == [b"added", b"assigned"]
+
+
+_ = ListField  # the list field class the documents above use
