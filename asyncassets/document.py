@@ -455,13 +455,15 @@ class Document(mongoengine.Document):
                 if assigned is not None:
                     await assigned.failed(exc)
                 raise
-            if assigned is not None:
-                await assigned.succeeded()
             signals.post_save.send(
                 self.__class__, document=self, created=created, **signal_kwargs
             )
             self._clear_changed_fields()
             self._created = False
+            if assigned is not None:
+                # After the state is updated: a caller cancelled during these
+                # deletes still has a document that knows it is stored.
+                await assigned.succeeded()
         return self
 
     async def _write(
@@ -581,6 +583,7 @@ class Document(mongoengine.Document):
         self._changed_fields = list(set(self._changed_fields) - set(fields)) if fields else []
         self._created = False
         references.bind(self, loaded=True)
+        references.forget_assigned(self, fields)
         return self
 
     async def modify(self, query: dict[str, Any] | None = None, **update: Any) -> bool:
@@ -608,6 +611,7 @@ class Document(mongoengine.Document):
         self._changed_fields = []
         self._created = False
         references.bind(self, loaded=True)
+        references.forget_assigned(self, ())
         return True
 
     async def update(self, **kwargs: Any) -> int:

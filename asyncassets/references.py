@@ -60,6 +60,7 @@ __all__ = [
     "bind",
     "check_assigned_ids",
     "delete_files_of",
+    "forget_assigned",
     "iter_proxies",
     "load_files",
     "saving",
@@ -920,6 +921,18 @@ class AssignedFiles:
         _clear_records(self.doc)
         for old, file_id in drop:
             await settle(old._drop_replaced(file_id))
+
+
+def forget_assigned(doc: Any, fields: Sequence[str]) -> None:
+    """After ``reload()`` or ``modify()``: what was stored is in memory again, so no
+    file is replaced by the next save (of ``fields`` only, when given)."""
+    if not fields:
+        _clear_records(doc)
+        return
+    records = doc.__dict__.get("_aa_replaced")
+    if records:
+        for name in fields:
+            records.pop(name, None)
 
 
 def _clear_records(doc: Any) -> None:

@@ -18,17 +18,14 @@ import pytest
 from _races_core import Faults, injected
 from bson import ObjectId
 from mongoengine.errors import ValidationError
-from test_storages import (  # noqa: F401  (fixtures)
+from test_storages import (
     KIB,
     MIB,
     doc_class,
     leftovers,
     make_storage,
-    objects,
     payload,
     slow_pieces,
-    storage,
-    storage_kind,
     stored_entry,
 )
 
@@ -41,7 +38,12 @@ from asyncassets.errors import (
     UploadClosed,
 )
 from asyncassets.fields import FileField, IntField, ListField, StringField
-from asyncassets.storage import GridFSStorage
+from asyncassets.storage import GridFSStorage, Storage
+
+
+@pytest.fixture(params=["gridfs", "filesystem", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Any) -> Storage:
+    return make_storage(request.param, request, tmp_path)
 
 
 class AsyncUpload:
@@ -86,7 +88,9 @@ async def entries(storage: Any, db: Any) -> list[dict[str, Any]]:
         pytest.param(lambda data: slow_pieces(data, 100 * KIB), id="async iterable"),
     ],
 )
-async def test_assigned_data_is_uploaded_and_referenced_by_save(asyncassets_db, storage, make):
+async def test_assigned_data_is_uploaded_and_referenced_by_save(asyncassets_db, make):
+    # Every kind of data on GridFS; the other storages get each kind in the tests below.
+    storage = GridFSStorage("assigned_kinds")
     Doc = doc_class(storage)
     data = payload(300 * KIB + 7)
     doc = Doc(name="new")
@@ -212,7 +216,8 @@ async def test_a_duplicate_key_removes_the_upload(asyncassets_db, storage):
         await second.save()
     [entry] = await entries(storage, asyncassets_db)
     assert entry["_id"] == first.file.grid_id
-    assert await leftovers(storage, asyncassets_db) == (1, len(await objects(storage, asyncassets_db)))
+    assert await leftovers(storage, asyncassets_db) == (1, 1)  # the first file's bytes
+    assert await (await Doc.objects.get(code=1)).file.read() == b"first"
     assert second.file.grid_id is None and second.file.filename is None
 
 
@@ -304,7 +309,10 @@ async def test_two_saves_of_one_document_with_different_files_one_wins(asyncasse
     assert await loaded.file.read() == payload(600 * KIB, seed=1 if winner is a else 2)
 
 
-async def test_a_save_whose_outcome_is_unknown_deletes_nothing(asyncassets_db, monkeypatch):
+@pytest.mark.parametrize("fault", ["dropped reply", "write concern error"])
+async def test_a_save_whose_outcome_is_unknown_deletes_nothing(
+    asyncassets_db, monkeypatch, fault
+):
     Doc = doc_class(GridFSStorage("assigned_unknown"))
     faults = Faults(Doc._get_collection_name())
     faults.install(monkeypatch)
@@ -313,7 +321,7 @@ async def test_a_save_whose_outcome_is_unknown_deletes_nothing(asyncassets_db, m
     await doc.save()
     first = doc.file.grid_id
     doc.file = b"second"
-    faults.armed = "dropped reply"  # the update applies; its reply is lost
+    faults.armed = fault  # the update applies; its reply is lost or says it may not last
     with pytest.raises(Exception) as raised:
         await doc.save()
     assert injected(raised.value)
@@ -374,6 +382,90 @@ async def test_a_list_field_of_files_still_uploads_with_add_file(asyncassets_db)
     await doc.save()
     loaded = await Doc.objects.get(pk=doc.pk)
     assert [await f.read() for f in loaded.files] == [b"added", b"assigned"]
+
+
+async def test_reload_forgets_the_assignment_and_deletes_nothing(asyncassets_db):
+    Doc = doc_class(GridFSStorage("assigned_reload"))
+    doc = Doc(name="kept")
+    doc.file = b"kept"
+    await doc.save()
+    doc.file = b"never saved"
+    await doc.reload()
+    doc.name = "renamed"
+    await doc.save()
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == b"kept"
+    assert await asyncassets_db["assigned_reload.files"].count_documents({}) == 1
+
+
+async def test_a_large_file_object_is_read_in_pieces(asyncassets_db, storage):
+    """Bounded memory: the data is streamed, never read whole."""
+    sizes: list[int] = []
+
+    class Counting(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            sizes.append(-1 if size is None else size)
+            return super().read(size)
+
+    Doc = doc_class(storage)
+    doc = Doc(name="big")
+    doc.file = Counting(payload(3 * MIB + 1))
+    await doc.save()
+    assert sizes and all(0 < n <= 5 * MIB for n in sizes), sizes
+    assert len(sizes) >= 2
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == payload(3 * MIB + 1)
+
+
+async def test_a_queued_storage_field_takes_assigned_data(
+    asyncassets_db, tmp_path, request: pytest.FixtureRequest
+):
+    from asyncassets.storage import FileSystemStorage, QueuedStorage, S3Storage
+
+    bucket = request.getfixturevalue("asyncassets_s3_bucket")
+    queued = QueuedStorage(
+        local=FileSystemStorage(tmp_path / "spool", fsync=False),
+        remote=S3Storage(**{**bucket.options, "prefix": "assigned/", "part_size": 5 * MIB}),
+        collection_name="assigned_queued",
+    )
+    Doc = doc_class(queued)
+    doc = Doc(name="q")
+    doc.file = AsyncUpload(b"queued bytes", "q.txt", "text/plain")
+    await doc.save()
+    loaded = await Doc.objects.get(pk=doc.pk)
+    assert await loaded.file.read() == b"queued bytes"
+    await loaded.file.load()
+    assert loaded.file.location == "local" and loaded.file.filename == "q.txt"
+    loaded.file = b"replaced"
+    await loaded.save()
+    assert await asyncassets_db["assigned_queued.files"].count_documents({}) == 1
+
+
+async def test_an_image_field_takes_an_assigned_image_and_checks_it(asyncassets_db):
+    from test_images import make_image
+
+    from asyncassets.fields import ImageField
+
+    Doc = type(
+        "AssignedImageDoc",
+        (Document,),
+        {
+            "image": ImageField(thumbnail_size=(10, 10, True), collection_name="assigned_img"),
+            "meta": {"collection": "assigned_images"},
+        },
+    )
+    doc = Doc()
+    doc.image = io.BytesIO(make_image(40, 30))
+    await doc.save()
+    loaded = await Doc.objects.get(pk=doc.pk)
+    await loaded.image.load()
+    assert loaded.image.size == (40, 30) and loaded.image.thumbnail is not None
+    loaded.image = b"not an image"
+    with pytest.raises(FileValidationError):
+        await loaded.save()
+    # Refused: the image and its thumbnail are as they were, nothing else is stored.
+    assert await asyncassets_db["assigned_img.files"].count_documents({}) == 2
+    loaded.image = None
+    await loaded.save()
+    assert await asyncassets_db["assigned_img.files"].count_documents({}) == 0
 
 
 _ = ListField  # the list field class the documents above use

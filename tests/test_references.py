@@ -907,16 +907,20 @@ async def test_an_unknown_file_id_is_refused_at_save_like_an_assigned_one(asynca
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: b"", lambda: io.BytesIO(b"x")], ids=["empty_bytes", "file_object"]
+    ("make", "expected"),
+    [(lambda: b"", b""), (lambda: io.BytesIO(b"x"), b"x")],
+    ids=["empty_bytes", "file_object"],
 )
-async def test_bytes_or_a_file_object_given_to_the_constructor_are_refused_with_a_hint_to_put(
-    asyncassets_db, make
+async def test_bytes_or_a_file_object_given_to_the_constructor_are_uploaded_by_save(
+    asyncassets_db, make, expected
 ):
-    with pytest.raises(TypeError, match=r"put\("):
-        doc = RefDoc(name="ctor", f=make())
-        await doc.save()  # at the latest, before anything is stored
-    assert await RefDoc._get_collection().count_documents({}) == 0
-    assert await asyncassets_db["fs.files"].count_documents({}) == 0
+    """Issue 24: data given to the constructor (or assigned) uploads on save()."""
+    doc = RefDoc(name="ctor", f=make())
+    assert await asyncassets_db["fs.files"].count_documents({}) == 0  # not before save
+    await doc.save()
+    assert (await stored(doc))["f"] == doc.f.grid_id
+    assert await (await fresh(doc)).f.read() == expected
+    await assert_consistent(asyncassets_db)
 
 
 @pytest.mark.parametrize("as_hex", [False, True], ids=["object_id", "hex_string"])
