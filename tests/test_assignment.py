@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import runpy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,6 +46,11 @@ from asyncassets.storage import GridFSStorage, Storage
 @pytest.fixture(params=["gridfs", "filesystem", "s3"])
 def storage(request: pytest.FixtureRequest, tmp_path: Any) -> Storage:
     return make_storage(request.param, request, tmp_path)
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "assign_on_save.py"
+FILES_PAGE = (REPO / "docs" / "files.rst").read_text(encoding="utf-8")
 
 
 class AsyncUpload:
@@ -469,3 +476,22 @@ async def test_an_image_field_takes_an_assigned_image_and_checks_it(asyncassets_
 
 
 _ = ListField  # the list field class the documents above use
+
+
+async def test_the_documented_example_runs_as_shown(asyncassets_db):
+    """docs/files.rst includes examples/assign_on_save.py."""
+    assert "literalinclude:: ../examples/assign_on_save.py" in FILES_PAGE
+    example = runpy.run_path(str(EXAMPLE))
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+    animal = await example["create"]("Marmota", AsyncUpload(png, "m.png", "image/png"))
+    first = animal.photo.grid_id
+    assert await (await example["Animal"].objects.get(pk=animal.pk)).photo.read() == png
+    refused = await example["change_photo"](animal, b"%PDF-1.4 not a photo")
+    assert refused.startswith("refused: ") and "content type" in refused
+    files = asyncassets_db["fs.files"]
+    assert [e["_id"] async for e in files.find({})] == [first]
+    assert (await example["change_photo"](animal, png + b"2")) == "changed"
+    assert [e["_id"] async for e in files.find({})] == [animal.photo.grid_id] != [first]
+    await example["remove_photo"](animal)
+    assert await files.count_documents({}) == 0
+    assert await asyncassets_db["fs.chunks"].count_documents({}) == 0
