@@ -840,17 +840,23 @@ class AssignedFiles:
       to learn which files the proxies hold.
     """
 
-    __slots__ = ("conditions", "doc", "replaced", "uploads")
+    __slots__ = ("conditions", "doc", "replaced", "uploads", "written")
 
     def __init__(self, doc: Any) -> None:
         self.doc = doc
         self.uploads: list[_Upload] = []
+        #: ``(holder, field name, value written there)`` of every replaced path.
+        self.written: list[tuple[Any, str, Any]] = []
         self.replaced: list[FileProxy] = []
         #: Conditions on the stored document, added to the save's update filter.
         self.conditions: list[dict[str, Any]] = []
 
     async def _remove_uploads(self) -> None:
-        for upload in self.uploads:
+        await self._remove(self.uploads)
+
+    @staticmethod
+    async def _remove(uploads: list[_Upload]) -> None:
+        for upload in uploads:
             new = upload.files_doc["_id"]
             if not upload.proxy._shared_elsewhere(new):
                 await upload.proxy._drop_replaced(new)
@@ -919,6 +925,13 @@ class AssignedFiles:
             and old._may_delete(old.grid_id)
         ]
         _clear_records(self.doc)
+        for holder, name, value in self.written:
+            if not _same_value(holder._data.get(name), value):
+                # Assigned again while the write ran: that assignment replaces
+                # what this save stored there.
+                records = holder.__dict__.setdefault("_aa_replaced", {})
+                records[name] = value if isinstance(value, FileProxy) else None
+                holder._mark_as_changed(name)
         for old, file_id in drop:
             await settle(old._drop_replaced(file_id))
 
@@ -933,6 +946,18 @@ def forget_assigned(doc: Any, fields: Sequence[str]) -> None:
     if records:
         for name in fields:
             records.pop(name, None)
+
+
+def _same_value(current: Any, written: Any) -> bool:
+    if current is written:
+        return True
+
+    def empty(value: Any) -> bool:
+        return value is None or (
+            isinstance(value, FileProxy) and value.grid_id is None and value._assignment is None
+        )
+
+    return empty(current) and empty(written)
 
 
 def _clear_records(doc: Any) -> None:
@@ -976,22 +1001,43 @@ async def upload_assigned(doc: Any, *, stored: bool) -> AssignedFiles | None:
                 {"$or": [{dotted: {"$exists": False}}, {dotted: {"$type": "null"}}]}
             )
     try:
-        for proxy, path, owner, name in pending:
-            data = proxy._assignment
-            assert data is not None
-            where = ".".join(part for part, _ in path)
-            files_doc = await proxy._upload_new(
-                await data.source(where), data.content_type, data.filename, {}
-            )
-            assigned.uploads.append(_Upload(proxy, path, owner, name, data, files_doc))
+        while pending:
+            for proxy, path, owner, name in pending:
+                data = proxy._assignment
+                if data is None:
+                    continue
+                where = ".".join(part for part, _ in path)
+                files_doc = await proxy._upload_new(
+                    await data.source(where), data.content_type, data.filename, {}
+                )
+                upload = _Upload(proxy, path, owner, name, data, files_doc)
+                assigned.uploads.append(upload)
+                proxy._assignment = None
+                proxy._set_file(files_doc["_id"], files_doc)
+                proxy._assigned = False
+                proxy._pending = True  # referenced in memory until the write succeeds
+            # Data assigned while these uploads ran (another task, same document
+            # object) is what the document holds now: upload it too, in this save.
+            pending = [
+                (proxy, path, owner, name)
+                for proxy, path, owner, name in iter_proxies(doc)
+                if proxy._assignment is not None
+            ]
     except BaseException:
         await settle(assigned._remove_uploads())
         raise
+    held = {id(proxy): path for proxy, path, _owner, _name in iter_proxies(doc)}
+    superseded = [u for u in assigned.uploads if id(u.proxy) not in held]
+    if superseded:
+        # Replaced in the document during the upload: nothing will reference them.
+        assigned.uploads = [u for u in assigned.uploads if id(u.proxy) in held]
+        await settle(AssignedFiles._remove(superseded))
     for upload in assigned.uploads:
-        proxy = upload.proxy
-        proxy._assignment = None
-        proxy._set_file(upload.files_doc["_id"], upload.files_doc)
-        proxy._assigned = False
-        proxy._pending = True  # referenced in memory until the write succeeds
+        upload.path = held[id(upload.proxy)]
         upload.owner._mark_as_changed(upload.name)
+    # What the write stores at each replaced path: if another assignment changes
+    # it before the write ends, that one replaces what this save wrote.
+    assigned.written = [
+        (holder, name, holder._data.get(name)) for holder, name, _path, _old in records
+    ]
     return assigned

@@ -495,3 +495,43 @@ async def test_the_documented_example_runs_as_shown(asyncassets_db):
     await example["remove_photo"](animal)
     assert await files.count_documents({}) == 0
     assert await asyncassets_db["fs.chunks"].count_documents({}) == 0
+
+
+@pytest.mark.parametrize("when", ["during the upload", "during the write"])
+async def test_two_tasks_assigning_to_one_document_object_the_last_assignment_wins(
+    asyncassets_db, monkeypatch, when
+):
+    """Same object, two tasks: no file is left that nothing references."""
+    Doc = doc_class(GridFSStorage("assigned_same"))
+    doc = Doc(name="same")
+    doc.file = b"original"
+    await doc.save()
+    started = asyncio.Event()
+
+    async def slow():  # type: ignore[no-untyped-def]
+        for _ in range(5):
+            yield b"a" * 1000
+            started.set()
+            await asyncio.sleep(0.01)
+
+    if when == "during the write":
+        original = Doc._write
+
+        async def slow_write(self: Any, *args: Any) -> None:
+            started.set()
+            await asyncio.sleep(0.05)
+            await original(self, *args)
+
+        monkeypatch.setattr(Doc, "_write", slow_write)
+        doc.file = b"a" * 5000
+    else:
+        doc.file = slow()
+    first = asyncio.create_task(doc.save())
+    await started.wait()
+    doc.file = b"b" * 10
+    await first
+    await doc.save()
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == b"b" * 10
+    files = asyncassets_db["assigned_same.files"]
+    assert [e["_id"] async for e in files.find({})] == [doc.file.grid_id]
+    assert await asyncassets_db["assigned_same.chunks"].count_documents({}) == 1
