@@ -6,11 +6,12 @@ uvicorn (and in-process, with its lifespan run by ``run_lifespan``)::
     pip install -e '.[web]' fastapi uvicorn python-multipart   # from a checkout
     uvicorn --factory 'examples.fastapi_app:create_app'   # MONGODB_URI, FILES_SECRET
 
-* ``POST /reports`` (a form with ``file`` and ``title``): the report is
-  validated first, so a refused form stores nothing; then the upload streams into
-  the field (``UploadFile`` is an async file: ``put()`` reads it in pieces). A
-  refused title or file is a ``422`` naming the field, and a storage or
-  database outage a ``503`` (``storage_error_response``), never a ``500``;
+* ``POST /reports`` (a form with ``file`` and ``title``): the ``UploadFile`` is
+  assigned to the field, and ``save()`` validates the report, then streams the
+  upload into the field (``UploadFile`` is an async file, read in pieces) and
+  inserts the report; a refused form stores nothing. A refused title or file is
+  a ``422`` naming the field, and a storage or database outage a ``503``
+  (``storage_error_response``), never a ``500``;
 * ``GET`` and ``HEAD /reports/{id}/file``: :class:`~asyncassets.web.FileResponse`
   (ranges, ETag/304, the content policy); FastAPI's ``@app.get`` would answer
   ``HEAD`` with 405, hence ``api_route`` with both methods;
@@ -61,11 +62,9 @@ def create_app(uri: str | None = None, secret: str | None = None) -> FastAPI:
 
     @app.post("/reports", status_code=201)
     async def upload(file: UploadFile, title: str = Form("")) -> dict[str, Any]:
-        report = Report(title=title)
-        report.validate()  # before put(): a refused title leaves no stored file
-        await report.file.put(
-            file, content_type=file.content_type, filename=file.filename
-        )
+        # Its name and content type are the UploadFile's; save() uploads it
+        # once the report is valid, and removes it again if the insert fails.
+        report = Report(title=title, file=file)
         await report.save()
         return {"id": str(report.pk), "link": await report.file.url(expires=3600)}
 

@@ -34,15 +34,17 @@ def is_data(value: Any) -> bool:
 
 
 def _name_of(value: Any) -> str | None:
-    # UploadFile.filename, a file object's name (a path; an int for a descriptor).
-    for attribute in ("filename", "name"):
-        name = getattr(value, attribute, None)
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        if isinstance(name, str) and name:
-            base = posixpath.basename(name.replace("\\", "/"))
-            if base:
-                return base  # sanitised by the field's rules at upload
+    # UploadFile.filename: as given, "" included (a form's empty file part), for
+    # the field's rules to judge as put(filename=...) would. A file object's name
+    # is its path (an int for a descriptor): its last segment, if any.
+    filename = getattr(value, "filename", None)
+    if isinstance(filename, str):
+        return posixpath.basename(filename.replace("\\", "/"))
+    name = getattr(value, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    if isinstance(name, str) and name:
+        return posixpath.basename(name.replace("\\", "/")) or None
     return None
 
 
