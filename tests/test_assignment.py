@@ -535,3 +535,38 @@ async def test_two_tasks_assigning_to_one_document_object_the_last_assignment_wi
     files = asyncassets_db["assigned_same.files"]
     assert [e["_id"] async for e in files.find({})] == [doc.file.grid_id]
     assert await asyncassets_db["assigned_same.chunks"].count_documents({}) == 1
+
+
+@pytest.mark.slow
+async def test_a_gib_assigned_as_a_stream_is_saved_in_bounded_memory(asyncassets_db, tmp_path):
+    """The big version of test_a_large_file_object_is_read_in_pieces (pytest -m slow)."""
+    import hashlib
+    import tracemalloc
+
+    from asyncassets.storage import FileSystemStorage
+
+    block = payload(MIB)
+    blocks = 1024
+
+    async def gib():  # type: ignore[no-untyped-def]
+        for _ in range(blocks):
+            yield block
+
+    Doc = doc_class(FileSystemStorage(tmp_path / "big", collection_name="assigned_big"))
+    doc = Doc(name="gib")
+    doc.file = gib()
+    tracemalloc.start()
+    try:
+        await doc.save()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * MIB, f"saving a GiB held {peak} bytes at its peak"
+    assert doc.file.length == blocks * MIB
+    expected = hashlib.sha256()
+    for _ in range(blocks):
+        expected.update(block)
+    got = hashlib.sha256()
+    async for piece in (await Doc.objects.get(pk=doc.pk)).file.stream():
+        got.update(piece)
+    assert got.hexdigest() == expected.hexdigest()
