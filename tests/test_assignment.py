@@ -570,3 +570,22 @@ async def test_a_gib_assigned_as_a_stream_is_saved_in_bounded_memory(asyncassets
     async for piece in (await Doc.objects.get(pk=doc.pk)).file.stream():
         got.update(piece)
     assert got.hexdigest() == expected.hexdigest()
+
+
+async def test_assigning_none_is_conditional_on_the_field_as_loaded(asyncassets_db):
+    """``doc.file = None`` means "no file", as loaded: a file another task set
+    meanwhile is a conflict, not a reference silently dropped (and leaked)."""
+    Doc = doc_class(GridFSStorage("assigned_none"))
+    doc = await Doc(name="empty").save()
+    other = await Doc.objects.get(pk=doc.pk)
+    await other.file.put(b"set by another task")
+    doc.file = None
+    doc.name = "renamed"
+    with pytest.raises(FileConflict, match="no longer holds"):
+        await doc.save()
+    stored_doc = await stored(doc)
+    assert stored_doc["name"] == "empty" and stored_doc["file"] == other.file.grid_id
+    await doc.reload()
+    doc.name = "renamed"
+    await doc.save()  # reloaded: nothing assigned any more
+    assert (await stored(doc))["file"] == other.file.grid_id
