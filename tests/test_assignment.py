@@ -589,3 +589,24 @@ async def test_assigning_none_is_conditional_on_the_field_as_loaded(asyncassets_
     doc.name = "renamed"
     await doc.save()  # reloaded: nothing assigned any more
     assert (await stored(doc))["file"] == other.file.grid_id
+
+
+async def test_a_list_element_replaced_by_index_leaves_the_old_file_to_the_sweep(
+    asyncassets_db,
+):
+    from asyncassets.ops import sweep_orphans
+
+    Doc = doc_class(GridFSStorage("assigned_index"))
+    doc = Doc(name="album", files=[b"first", b"second"])
+    await doc.save()
+    old = doc.files[0].grid_id
+    loaded = await Doc.objects.get(pk=doc.pk)
+    loaded.files[0] = b"new first"
+    await loaded.save()
+    again = await Doc.objects.get(pk=doc.pk)
+    assert [await f.read() for f in again.files] == [b"new first", b"second"]
+    files = asyncassets_db["assigned_index.files"]
+    assert await files.count_documents({"_id": old}) == 1  # unreferenced, not deleted
+    await sweep_orphans(grace=0)
+    assert await files.count_documents({"_id": old}) == 0
+    assert await files.count_documents({}) == 2
