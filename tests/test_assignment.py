@@ -610,3 +610,40 @@ async def test_a_list_element_replaced_by_index_leaves_the_old_file_to_the_sweep
     await sweep_orphans(grace=0)
     assert await files.count_documents({"_id": old}) == 0
     assert await files.count_documents({}) == 2
+
+
+async def test_an_unknown_outcome_that_did_not_apply_keeps_both_files_and_the_data(
+    asyncassets_db, monkeypatch
+):
+    """The reply is lost before the update reaches the server: nothing applied, and
+    nothing may be deleted (the save cannot know); a retry works, the sweep cleans."""
+    from pymongo.asynchronous.collection import AsyncCollection
+    from pymongo.errors import AutoReconnect
+
+    from asyncassets.ops import sweep_orphans
+
+    Doc = doc_class(GridFSStorage("assigned_lost"))
+    doc = Doc(name="lost")
+    doc.file = b"first"
+    await doc.save()
+    first = doc.file.grid_id
+    original = AsyncCollection.update_one
+    armed = [True]
+
+    async def lost(coll: Any, *args: Any, **kwargs: Any) -> Any:
+        if coll.name == Doc._get_collection_name() and armed and armed.pop():
+            raise AutoReconnect("injected: connection lost before the update was sent")
+        return await original(coll, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncCollection, "update_one", lost)
+    doc.file = b"second"
+    with pytest.raises(AutoReconnect):
+        await doc.save()
+    assert (await stored(doc))["file"] == first
+    files = asyncassets_db["assigned_lost.files"]
+    assert await files.count_documents({}) == 2  # the first, and the upload kept
+    assert doc.file.grid_id is None and doc.file.length == 6  # the data, assigned
+    await doc.save()  # the retry uploads again and switches
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == b"second"
+    await sweep_orphans(grace=0)  # the upload of the failed save was nobody's
+    assert [e["_id"] async for e in files.find({})] == [doc.file.grid_id]
