@@ -58,7 +58,7 @@ from .errors import (
     UploadClosed,
     UploadInterrupted,
 )
-from .fields import FileField, FileProxy, ImageField, ImageProxy
+from .fields import FileField, FileProxy, GridFSProxy, ImageField, ImageGridFsProxy, ImageProxy
 from .ops import CheckReport, SweepReport, check, sweep_orphans
 from .queryset import Q, QuerySet
 
@@ -88,7 +88,9 @@ __all__ = [
     "FileProxy",
     "FileValidationError",
     "GridFSError",
+    "GridFSProxy",
     "ImageField",
+    "ImageGridFsProxy",
     "ImageProxy",
     "IntegrityError",
     "InvalidQueryError",

@@ -60,7 +60,10 @@ class QuerySet(Generic[T]):
         self._projection: dict[str, int] | None = None
         self._only_fields: list[str] | None = None
         self._as_pymongo = False
-        self._file_fields: tuple[str, ...] = ()
+        #: Top-level fields whose files' catalogue entries come with the documents;
+        #: ``None``: every field that can hold a file (the default), ``()``: none
+        #: (``no_files()``). See :meth:`load_files`.
+        self._file_fields: tuple[str, ...] | None = None
         self._batch_size: int | None = None
         #: Fields whose values replace the documents (``scalar``/``values_list``).
         self._scalar: tuple[str, ...] = ()
@@ -290,24 +293,40 @@ class QuerySet(Generic[T]):
         return clone
 
     def load_files(self, *field_names: str) -> QuerySet[T]:
-        """Also load the file metadata of these ``FileField``\\ s (all when none given).
+        """Load the catalogue entries of these file fields only (all when none given).
 
-        One query per field and bucket for the whole result of :meth:`to_list`
-        (per batch of ``async for``), instead of one per document, so listing
-        pages can show ``doc.photo.length`` without N+1 queries.
+        Documents come with their files' catalogue entries by default (every field
+        that can hold a file: ``FileField``\\ s, lists and dicts of them, and those in
+        embedded documents), fetched with one query per catalogue for the whole
+        result of :meth:`to_list` (per batch of ``async for``), so ``doc.photo.length``,
+        ``doc.photo.content_type``, ``str(doc.photo)`` and an image's ``size`` need
+        no ``await doc.photo.load()``. This narrows that to the top-level fields
+        named; :meth:`no_files` turns it off.
         """
         from .schema import file_field_names
 
         available = file_field_names(self._document)
-        names = field_names or tuple(available)
-        unknown = [n for n in names if n not in available]
+        unknown = [n for n in field_names if n not in available]
         if unknown:
             raise ValueError(
-                f"load_files() takes FileField names of {self._document.__name__}; "
-                f"{', '.join(unknown)} is not one (file fields: {', '.join(available) or 'none'})"
+                f"load_files() takes fields of {self._document.__name__} that hold "
+                f"files; {', '.join(unknown)} is not one (they are: "
+                f"{', '.join(available) or 'none'})"
             )
         clone = self._clone()
-        clone._file_fields = tuple(names)
+        clone._file_fields = tuple(field_names) if field_names else None
+        return clone
+
+    def no_files(self) -> QuerySet[T]:
+        """Load the documents without their files' catalogue entries.
+
+        Saves the one query per catalogue and batch that loading them costs, for
+        code that never reads file metadata (or reads it with
+        ``await doc.photo.load()``). Reading the bytes is unchanged: ``read()``
+        and ``stream()`` fetch what they need.
+        """
+        clone = self._clone()
+        clone._file_fields = ()
         return clone
 
     def _db_name(self, name: str) -> str:
@@ -399,27 +418,38 @@ class QuerySet(Generic[T]):
             return
         batch: list[T] = []
         build = self._build
+        files = self._files_to_load()
         async for son in _each(self._cursor()):
             doc = build(son)
-            if not self._file_fields:
+            if files is None:
                 yield doc
                 continue
             batch.append(doc)
             if len(batch) >= BATCH_SIZE:
-                await self._load_files(batch)
+                await self._load_files(batch, files)
                 for doc in batch:
                     yield doc
                 batch = []
         if batch:
-            await self._load_files(batch)
+            await self._load_files(batch, files)
             for doc in batch:
                 yield doc
 
-    async def _load_files(self, docs: Sequence[Any]) -> None:
-        if self._file_fields and not self._as_pymongo and not self._scalar:
+    def _files_to_load(self) -> tuple[str, ...] | None:
+        """The fields whose catalogue entries come with the documents (``None``: none)."""
+        if self._file_fields == () or self._as_pymongo or self._scalar:
+            return None
+        from .schema import file_field_names, holds_files
+
+        if not holds_files(self._document):
+            return None
+        return self._file_fields or tuple(file_field_names(self._document))
+
+    async def _load_files(self, docs: Sequence[Any], files: tuple[str, ...] | None) -> None:
+        if files is not None and docs:
             from .references import load_files
 
-            await load_files(docs, self._file_fields)
+            await load_files(docs, files)
 
     async def to_list(self, length: int | None = None) -> list[T]:
         """Every matching document (at most ``length``), as a list."""
@@ -434,7 +464,7 @@ class QuerySet(Generic[T]):
         docs: list[T] = []
         while sons := await cursor.to_list(BATCH_SIZE):
             docs += [build(son) for son in sons]
-        await qs._load_files(docs)
+        await qs._load_files(docs, qs._files_to_load())
         return docs
 
     async def first(self) -> T | None:
@@ -475,14 +505,15 @@ class QuerySet(Generic[T]):
     async def _raw_with_ids(self) -> AsyncIterator[tuple[Any, Any]]:
         """``(stored _id, built result)`` for every match, files loaded per batch."""
         batch: list[tuple[Any, Any]] = []
+        files = self._files_to_load()
         async for son in self._cursor():
             batch.append((son["_id"], self._build(son)))
             if len(batch) >= BATCH_SIZE:
-                await self._load_files([item for _, item in batch])
+                await self._load_files([item for _, item in batch], files)
                 for pair in batch:
                     yield pair
                 batch = []
-        await self._load_files([item for _, item in batch])
+        await self._load_files([item for _, item in batch], files)
         for pair in batch:
             yield pair
 
@@ -688,7 +719,11 @@ class QuerySet(Generic[T]):
             sort=self._sort(),
             return_document=ReturnDocument.AFTER,
         )
-        return None if son is None else self._document._from_son(son, created=False)
+        if son is None:
+            return None
+        doc = self._document._from_son(son, created=False)
+        await self._load_files([doc], self._files_to_load())
+        return doc
 
     def _update_doc(self, update: dict[str, Any]) -> dict[str, Any]:
         if not update:
@@ -740,7 +775,13 @@ class QuerySet(Generic[T]):
                 sort=sort,
                 return_document=ReturnDocument.AFTER if new else ReturnDocument.BEFORE,
             )
-        return None if son is None else self._build(son)
+        return None if son is None else await self._built_with_files(son)
+
+    async def _built_with_files(self, son: dict[str, Any]) -> Any:
+        """One document built from ``son``, with its files' entries (as reads give)."""
+        doc = self._build(son)
+        await self._load_files([doc], self._files_to_load())
+        return doc
 
     async def delete(self, write_concern: dict[str, Any] | None = None) -> int:
         """Delete every matching document, then the files their ``FileField``\\ s hold.

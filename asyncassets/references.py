@@ -716,24 +716,41 @@ async def check_assigned_ids(doc: Any) -> None:
             )
 
 
-async def load_files(docs: Sequence[Any], field_names: Sequence[str]) -> None:
-    """Load the files documents of ``field_names`` for all ``docs``: one query per bucket."""
-    groups: dict[tuple[str, str], list[FileProxy]] = defaultdict(list)
+async def load_files(docs: Sequence[Any], field_names: Sequence[str] | None = None) -> None:
+    """Load the catalogue entries of the files ``docs`` hold: one query per catalogue.
+
+    ``field_names``: the top-level fields to cover (``None``: every field that can
+    hold a file, in lists, dicts and embedded documents at any depth). A file whose
+    entry is not there is marked missing (its attributes raise ``FileNotFound``).
+    Entries that come with an entry (an image's thumbnail) are loaded in one more
+    query per catalogue, only when there are any.
+    """
+    proxies: list[FileProxy] = []
     for doc in docs:
-        for name in field_names:
-            value = getattr(doc, name)
-            if isinstance(value, dict):
-                proxies = list(value.values())
-            elif isinstance(value, (list, tuple)):
-                proxies = list(value)
-            else:
-                proxies = [value]
-            for proxy in proxies:
-                if isinstance(proxy, FileProxy) and proxy.grid_id is not None:
-                    groups[(proxy.db_alias, proxy.collection_name)].append(proxy)
-    for proxies in groups.values():
-        found = await proxies[0]._bucket().find_many([p.grid_id for p in proxies])
-        for proxy in proxies:
+        names = fields_with_files(type(doc)) if field_names is None else field_names
+        for name in names:
+            field = doc._fields.get(name)
+            value = doc._data.get(name)
+            if field is None or value is None:
+                continue  # another subclass's field, or left out by only()/exclude()
+            for proxy, _path, _owner, _name in _walk(value, field, (), doc, name):
+                if proxy.grid_id is not None:
+                    proxies.append(proxy)
+    await _load_entries(proxies)
+    companions = [c for proxy in proxies for c in proxy._companions()]
+    if companions:
+        await _load_entries(companions)
+
+
+async def _load_entries(proxies: Sequence[FileProxy]) -> None:
+    groups: dict[tuple[str, str], list[FileProxy]] = defaultdict(list)
+    for proxy in proxies:
+        groups[(proxy.db_alias, proxy.collection_name)].append(proxy)
+    for group in groups.values():
+        # Each entry is one document read whole: a proxy gets the entry of the id
+        # it holds as it was at one instant, or is marked missing; never a mix.
+        found = await group[0]._bucket().find_many([p.grid_id for p in group])
+        for proxy in group:
             proxy._files_doc = found.get(proxy.grid_id, MISSING)
 
 

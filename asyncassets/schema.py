@@ -216,13 +216,15 @@ def cascade_fields(doc_cls: Any) -> tuple[str, ...]:
 
 
 def file_field_names(doc_cls: Any) -> list[str]:
-    """Top-level fields that are a ``FileField`` or a list/dict of them."""
-    names = []
-    for name, field in doc_cls._fields.items():
-        inner = getattr(field, "field", None)
-        if isinstance(field, FileField) or isinstance(inner, FileField):
-            names.append(name)
-    return names
+    """Top-level fields of ``doc_cls`` and its subclasses that can hold files.
+
+    A ``FileField``, a list or dict of them, or an embedded document (or a list of
+    them) with one at any depth: what ``QuerySet.load_files`` takes.
+    """
+    names: dict[str, None] = {}
+    for cls in class_and_subclasses(doc_cls):
+        names.update(dict.fromkeys(fields_with_files(cls)))
+    return list(names)
 
 
 # -- which storage each catalogue has --------------------------------------------------

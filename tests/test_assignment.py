@@ -139,7 +139,7 @@ async def test_reading_between_assignment_and_save_says_save_first(asyncassets_d
     doc.file = AsyncUpload(b"abc", "a.txt", "text/plain")
     assert bool(doc.file)
     assert (doc.file.filename, doc.file.content_type) == ("a.txt", "text/plain")
-    assert str(doc.file) == "<FileProxy: a.txt (not saved)>"
+    assert str(doc.file) == "<GridFSProxy: a.txt (not saved)>"
     with pytest.raises(FileNotSaved, match="save"):
         await doc.file.read()
     with pytest.raises(FileNotSaved, match="save"):

@@ -77,7 +77,12 @@ def size_option(name: str, value: Any) -> tuple[int, int, bool] | None:
 
 
 class ImageProxy(FileProxy):
-    """A :class:`FileProxy` that also knows the image's size, format and thumbnail."""
+    """A :class:`FileProxy` that also knows the image's size, format and thumbnail.
+
+    Also importable as mongoengine's name for it, ``ImageGridFsProxy``.
+    """
+
+    _mongoengine_name = "ImageGridFsProxy"
 
     #: The thumbnail proxy handed out last, so that what was loaded into it stays.
     _thumb: ThumbnailProxy | None = None
@@ -133,6 +138,14 @@ class ImageProxy(FileProxy):
                 storage=self.storage,
             )
         return thumb
+
+    def _companions(self) -> tuple[FileProxy, ...]:
+        # A query that loads images loads their thumbnails' entries too (one more
+        # query per catalogue), so ``thumbnail.size`` needs no load() either.
+        if not isinstance(self._files_doc, dict):
+            return ()
+        thumb = self.thumbnail
+        return () if thumb is None else (thumb,)
 
     async def load(self) -> FileProxy:
         """Fetch the image's metadata, and its thumbnail's (one more query).

@@ -189,9 +189,12 @@ def _root_of(obj: Any) -> tuple[Any, bool]:
 class FileProxy:
     """Handle on one GridFS file referenced by a document field.
 
+    Also importable as mongoengine's name for it, ``GridFSProxy``.
+
     Holds the file id (``file_id``, no I/O); the file's metadata once something
-    loaded it (``read``, ``stream``, ``put``, ``close``, ``replace``, ``load`` or
-    ``QuerySet.load_files``); and at most one streaming upload in progress.
+    loaded it (``read``, ``stream``, ``put``, ``close``, ``replace``, ``load``, or
+    the query that loaded the document); and at most one streaming upload in
+    progress.
     """
 
     #: Data assigned to the field (``doc.photo = data``) that the next ``save()``
@@ -379,8 +382,8 @@ class FileProxy:
             what = f" so its {attribute!r} cannot be read" if attribute else ""
             raise FileNotLoaded(
                 f"The metadata of file {self.grid_id!r} is not loaded yet,{what}: "
-                "`await doc.<field>.load()` first (or read it, or use "
-                "Doc.objects.load_files(...) when listing)."
+                "`await doc.<field>.load()` first (or read it). Documents loaded by a "
+                "query come with it, unless the query said no_files()."
             )
         return self._files_doc
 
@@ -499,6 +502,11 @@ class FileProxy:
         """
         doc = await self._fetch()
         return None if doc is None else await _verify_file(self._bucket(), doc)
+
+    def _companions(self) -> tuple[FileProxy, ...]:
+        """Proxies whose entries a query loads along with this one's (once it is
+        loaded): an image's thumbnail. None for a plain file."""
+        return ()
 
     @property
     def loaded(self) -> bool:
@@ -1124,21 +1132,29 @@ class FileProxy:
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self._collection_name} {self.grid_id!r}>"
 
-    def __str__(self) -> str:
-        """mongoengine's form, ``<FileProxy: marmot.jpg (<id>)>``, without I/O.
+    #: The class's name in mongoengine, which ``str()`` shows.
+    _mongoengine_name = "GridFSProxy"
 
-        ``<no file>`` for an empty field or a file found missing; ``<not loaded>``
-        until the metadata is loaded.
+    def __str__(self) -> str:
+        """mongoengine's form, ``<GridFSProxy: marmot.jpg (<id>)>``, without I/O.
+
+        Named as mongoengine names the class (``GridFSProxy``, ``ImageGridFsProxy``:
+        asyncassets exports both names), so ported code that compares it works; a
+        subclass of your own shows its own name. The file name is there once the
+        catalogue entry is at hand (documents loaded by a query come with it);
+        ``<not loaded>`` before, ``<no file>`` for an empty field or a file found
+        missing.
         """
+        name = type(self).__dict__.get("_mongoengine_name", type(self).__name__)
         if self._assignment is not None:
-            return f"<{type(self).__name__}: {self._assignment.filename} (not saved)>"
+            return f"<{name}: {self._assignment.filename} (not saved)>"
         if self.grid_id is None or isinstance(self._files_doc, _Missing):
             label = "<no file>"
         elif self._files_doc is None:
             label = "<not loaded>"
         else:
             label = str(self._files_doc.get("filename"))
-        return f"<{type(self).__name__}: {label} ({self.grid_id})>"
+        return f"<{name}: {label} ({self.grid_id})>"
 
 
 _NOT_ABORTED = object()
