@@ -13,3 +13,15 @@ class BenchFile(Document):
     name = StringField()
     n = IntField()
     f = FileField()
+
+
+#: The connection alias of the peers' metadata listing (their own database).
+META_ALIAS = "peer_meta"
+
+
+class BenchMeta(Document):
+    """The documents of the peers' metadata listing: one file each (``peers.py``)."""
+
+    meta = {"collection": "peer_meta", "db_alias": META_ALIAS}
+    name = StringField()
+    f = FileField()

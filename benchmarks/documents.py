@@ -43,6 +43,19 @@ def read_cases(sizes: list[int], calls: int) -> list[dict[str, Any]]:
                 "n": n,
             },
             {
+                "case": f"to_list().no_files(), FileField, {n:,} docs",
+                "op": "load:to_list_no_files",
+                "coll": f"files_{n}",
+                "n": n,
+            },
+            {
+                # Issue 24: what ported mongoengine code does with a listing.
+                "case": f"to_list() + each file's content type, {n:,} docs",
+                "op": "load:content_types",
+                "coll": f"files_{n}",
+                "n": n,
+            },
+            {
                 "case": f"to_list(), embedded + lists, {n:,} docs",
                 "op": "load:to_list",
                 "coll": f"nested_{n}",
@@ -107,32 +120,63 @@ def write_cases(n: int, bulk: int) -> list[dict[str, Any]]:
     return cases
 
 
+def select(cases: list[dict[str, Any]], only: list[str] | None) -> list[dict[str, Any]]:
+    """The cases whose label contains one of ``only`` (every case when none given)."""
+    if not only:
+        return cases
+    return [c for c in cases if any(part in c["case"] for part in only)]
+
+
 def seed(uri: str, db: str, sizes: list[int]) -> None:
-    """The read collections, written once with sync PyMongo."""
+    """The read collections, written once with sync PyMongo.
+
+    The ``FileField`` documents reference catalogue entries that exist (in
+    ``fs.files``, as GridFS writes them, without bytes): loading them costs what
+    it costs with real files, and their content types can be read.
+    """
     import pymongo
     from bson import ObjectId
     from documents_worker import _nested_extra, _plain_son
 
     client: Any = pymongo.MongoClient(uri)
     try:
+        client[db]["fs.files"].drop()
         for n in sizes:
             for kind in ("plain", "files", "nested"):
                 coll = client[db][f"{kind}_{n}"]
                 coll.drop()
-                sons = []
+                sons, entries = [], []
                 for i in range(n):
                     son = _plain_son(i)
                     if kind == "files":
                         son["f"] = ObjectId()
+                        entries.append(_entry(son["f"], i))
                     elif kind == "nested":
                         son.update(_nested_extra(i))
                     sons.append(son)
                 coll.insert_many(sons)
+                if entries:
+                    client[db]["fs.files"].insert_many(entries)
                 # background=False as mongoengine asks for it, so its ensure_indexes
                 # finds the same index rather than a conflicting one.
                 coll.create_index("n", background=False)
     finally:
         client.close()
+
+
+def _entry(file_id: Any, i: int) -> dict[str, Any]:
+    """A GridFS files document of an empty file, as GridFS and mongoengine write it
+    (top-level ``contentType``), which every contender reads."""
+    import datetime as dt
+
+    return {
+        "_id": file_id,
+        "length": 0,
+        "chunkSize": 261120,
+        "uploadDate": dt.datetime.now(dt.timezone.utc),
+        "filename": f"file-{i}.png",
+        "contentType": "image/png",
+    }
 
 
 class Worker:
@@ -238,16 +282,20 @@ def run(
     bulk_n: int,
     profile: bool,
     progress: Progress,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Seed, then run the read and write cases (those matching ``only``, if given)."""
     progress(f"  documents: seeding {sizes} documents of each kind")
     seed(uri, db, sizes)
     workers = {name: Worker(name, uri, db) for name in CONTENDERS}
     out: dict[str, Any] = {"rows": [], "errors": {}, "profiles": {}}
     try:
         for what, cases in (
-            ("reads", read_cases(sizes, calls)),
-            ("writes", write_cases(write_n, bulk_n)),
+            ("reads", select(read_cases(sizes, calls), only)),
+            ("writes", select(write_cases(write_n, bulk_n), only)),
         ):
+            if not cases:
+                continue
             times: dict[str, dict[str, list[float | None]]] = {
                 c["case"]: {name: [] for name in CONTENDERS} for c in cases
             }
@@ -256,7 +304,7 @@ def run(
             }
             _rounds(workers, cases, rounds, times, cpu, out["errors"], progress, what)
             out["rows"] += [_row(c, times[c["case"]], cpu[c["case"]]) for c in cases]
-        if profile:
+        if profile and not only:
             big = max(sizes)
             for kind in ("plain", "files", "nested"):
                 inner = {"op": "load:to_list", "coll": f"{kind}_{big}", "n": big}

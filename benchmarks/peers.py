@@ -5,10 +5,17 @@ Each peer gets its own virtualenv in a temporary directory (``python -m venv`` a
 or with asyncassets. Rounds alternate: asyncassets in this process, then each peer in
 a fresh process, in a rotating order. A peer whose install fails is skipped with the
 reason printed.
+
+Then the metadata listing (issue 24): ``--peer-meta`` documents, each referencing
+a file, loaded and each file's content type read: asyncassets's documents come
+with their catalogue entries (one query per batch); mongomotor asks for each
+file's metadata (``await doc.f.get()``), sync mongoengine loads it on attribute
+access, one query per document both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -21,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from _harness import MiB, Progress, Timer, median
-from _models import BenchFile
+from _models import META_ALIAS, BenchFile, BenchMeta
 
 WORKER = Path(__file__).resolve().parent / "peer_worker.py"
 
@@ -89,6 +96,7 @@ async def run(
     budget_s: float,
     venv_root: str | None,
     progress: Progress,
+    meta_n: int = 1000,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + budget_s
     temp = None
@@ -147,7 +155,12 @@ async def run(
                 row[f"{op}_MBps"] = size_mib / med
                 row[f"asyncassets_speedup_{op}"] = med / aa[op]
             rows.append(row)
-        return {"size_mib": size_mib, "rows": rows, "skipped": skipped, "venvs": str(root)}
+        out = {"size_mib": size_mib, "rows": rows, "skipped": skipped, "venvs": str(root)}
+        if meta_n:
+            out["meta"] = await _meta_rounds(
+                uri, db, meta_n, rounds, ready, skipped, deadline, progress
+            )
+        return out
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
@@ -168,12 +181,106 @@ async def _aa_round(data: bytes) -> dict[str, float]:
     return {"put_s": put.seconds, "read_s": read.seconds}
 
 
-def _peer_round(
-    py: Path, kind: str, uri: str, db: str, size_mib: int, timeout: float
+def _seed_meta(uri: str, db: str, n: int) -> None:
+    """``n`` documents in ``peer_meta``, each referencing a GridFS entry of its own
+    (an empty file, its files document as GridFS writes it)."""
+    import datetime as dt
+
+    import pymongo
+    from bson import ObjectId
+
+    client: Any = pymongo.MongoClient(uri)
+    try:
+        database = client[db]
+        database["peer_meta"].drop()
+        database["fs.files"].delete_many({"filename": {"$regex": "^meta-"}})
+        now = dt.datetime.now(dt.timezone.utc)
+        ids = [ObjectId() for _ in range(n)]
+        database["fs.files"].insert_many(
+            {
+                "_id": file_id,
+                "length": 0,
+                "chunkSize": 261120,
+                "uploadDate": now,
+                "filename": f"meta-{i}.png",
+                "contentType": "image/png",
+            }
+            for i, file_id in enumerate(ids)
+        )
+        database["peer_meta"].insert_many({"name": f"m{i}", "f": f} for i, f in enumerate(ids))
+    finally:
+        client.close()
+
+
+async def _aa_meta(n: int) -> float:
+    gc.collect()
+    with Timer() as listing:
+        docs = await BenchMeta.objects.to_list()
+        types = [doc.f.content_type for doc in docs]
+    assert len(types) == n and types[0] == "image/png"
+    return listing.seconds
+
+
+async def _meta_rounds(
+    uri: str,
+    db: str,
+    n: int,
+    rounds: int,
+    ready: dict[str, Any],
+    skipped: dict[str, str],
+    deadline: float,
+    progress: Progress,
 ) -> dict[str, Any]:
+    import asyncassets
+
+    await asyncio.to_thread(_seed_meta, uri, db, n)
+    asyncassets.connect(host=uri, db=db, alias=META_ALIAS)
+    try:
+        await _aa_meta(n)  # warm-up; each peer warms up in its worker
+        times: dict[str, list[float]] = {"asyncassets": []}
+        times.update({name: [] for name, py in ready.items() if not isinstance(py, dict)})
+        names = [name for name in times if name not in skipped]
+        for r in range(rounds):
+            if time.monotonic() > deadline:
+                progress(f"  peers metadata: time budget used up after {r} rounds")
+                break
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                if name == "asyncassets":
+                    times[name].append(await _aa_meta(n))
+                    continue
+                t = _peer_round(
+                    ready[name], KIND[name], uri, db, 0, max(30.0, deadline - time.monotonic()),
+                    meta=n,
+                )
+                if "error" in t:
+                    progress(f"  peers metadata: {name} failed: {t['error']}")
+                    continue
+                times[name].append(t["meta_s"])
+            progress(f"  peers metadata round {r + 1}/{rounds} done")
+    finally:
+        await asyncassets.disconnect(META_ALIAS)
+    aa = median(times["asyncassets"])
+    rows = [
+        {
+            "contender": name,
+            "rounds": len(per),
+            "median_s": median(per),
+            "asyncassets_speedup": median(per) / aa,
+            "rounds_s": per,
+        }
+        for name, per in times.items()
+        if per
+    ]
+    return {"n": n, "rows": rows}
+
+
+def _peer_round(
+    py: Path, kind: str, uri: str, db: str, size_mib: int, timeout: float, meta: int = 0
+) -> dict[str, Any]:
+    args = ["meta", str(meta)] if meta else [str(size_mib)]
     try:
         proc = subprocess.run(
-            [str(py), str(WORKER), kind, uri, db, str(size_mib)],
+            [str(py), str(WORKER), kind, uri, db, *args],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -65,6 +65,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--doc-bulk", type=int, default=None, help="documents per bulk insert (10000)")
     p.add_argument(
+        "--doc-cases",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=None,
+        help="run only the document cases whose label contains one of these "
+        "comma-separated texts (e.g. 'FileField,content type'); no profile then",
+    )
+    p.add_argument(
         "--no-profile",
         dest="doc_profile",
         action="store_false",
@@ -114,6 +121,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the peers section (default unless --quick)",
     )
     p.add_argument("--no-peers", dest="peers", action="store_false")
+    p.add_argument(
+        "--peer-meta",
+        type=int,
+        default=1000,
+        help="documents of the peers' metadata listing (1000; 0 skips it)",
+    )
     p.add_argument(
         "--peer-budget", type=float, default=600.0, help="seconds for peers, installs included"
     )
@@ -206,6 +219,7 @@ async def bench_section(
                 args.doc_bulk,
                 args.doc_profile,
                 log,
+                args.doc_cases,
             )
         elif section == "throughput":
             import throughput
@@ -251,6 +265,7 @@ async def bench_section(
                 args.peer_budget,
                 args.peer_venvs,
                 log,
+                args.peer_meta,
             )
     finally:
         await asyncassets.disconnect()
@@ -453,6 +468,19 @@ def report(out: dict[str, Any]) -> str:
         )
         for name, why in g["skipped"].items():
             text += f"\nskipped {name}: {why}"
+        if "meta" in g:
+            m = g["meta"]
+            text += (
+                f"\n\nPeers, load {m['n']:,} documents and read each file's content type "
+                "(speed-up = peer time / asyncassets time)\n"
+            )
+            text += fmt_table(
+                ["contender", "rounds", "median ms", "aa speed-up"],
+                [
+                    [r["contender"], r["rounds"], r["median_s"] * 1000, r["asyncassets_speedup"]]
+                    for r in m["rows"]
+                ],
+            )
         parts.append(text)
     return "\n\n".join(parts)
 
