@@ -161,7 +161,7 @@ async def test_put_keywords_read_back_as_attributes(asyncassets_db):
 
 async def test_an_unloaded_files_metadata_attribute_raises_file_not_loaded(asyncassets_db):
     marmot = await saved_with_file(foo="bar")
-    loaded = await MigAnimal.objects.get(pk=marmot.pk)
+    loaded = await MigAnimal.objects.no_files().get(pk=marmot.pk)
     with pytest.raises(FileNotLoaded, match="'foo'"):
         loaded.photo.foo  # noqa: B018
     # The forwarding never turns a missing load() into a silent default.
@@ -254,16 +254,18 @@ async def test_get_proxy_obj_gives_an_empty_proxy_of_the_field(asyncassets_db):
 
 
 async def test_str_names_the_file_as_mongoengine_does(asyncassets_db):
-    assert str(MigAnimal().photo) == "<FileProxy: <no file> (None)>"
+    assert str(MigAnimal().photo) == "<GridFSProxy: <no file> (None)>"
     marmot = await saved_with_file()
     file_id = marmot.photo.file_id
-    assert str(marmot.photo) == f"<FileProxy: marmot.jpg ({file_id})>"
-    loaded = await MigAnimal.objects.get(pk=marmot.pk)
-    assert str(loaded.photo) == f"<FileProxy: <not loaded> ({file_id})>"  # no I/O
+    assert str(marmot.photo) == f"<GridFSProxy: marmot.jpg ({file_id})>"
+    loaded = await MigAnimal.objects.get(pk=marmot.pk)  # with its entry: no I/O
+    assert str(loaded.photo) == f"<GridFSProxy: marmot.jpg ({file_id})>"
+    unloaded = await MigAnimal.objects.no_files().get(pk=marmot.pk)
+    assert str(unloaded.photo) == f"<GridFSProxy: <not loaded> ({file_id})>"
     await asyncassets_db["fs.files"].delete_many({})
     with pytest.raises(FileNotFound):
-        await loaded.photo.load()
-    assert str(loaded.photo) == f"<FileProxy: <no file> ({file_id})>"
+        await unloaded.photo.load()
+    assert str(unloaded.photo) == f"<GridFSProxy: <no file> ({file_id})>"
 
 
 class MigAlbum(Document):
