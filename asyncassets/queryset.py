@@ -301,7 +301,9 @@ class QuerySet(Generic[T]):
         result of :meth:`to_list` (per batch of ``async for``), so ``doc.photo.length``,
         ``doc.photo.content_type``, ``str(doc.photo)`` and an image's ``size`` need
         no ``await doc.photo.load()``. This narrows that to the top-level fields
-        named; :meth:`no_files` turns it off.
+        named; :meth:`no_files` turns it off, and so does
+        ``meta = {"load_files": False}`` on a document class (then
+        ``load_files()`` asks for them).
         """
         from .schema import file_field_names
 
@@ -314,7 +316,7 @@ class QuerySet(Generic[T]):
                 f"{', '.join(available) or 'none'})"
             )
         clone = self._clone()
-        clone._file_fields = tuple(field_names) if field_names else None
+        clone._file_fields = tuple(field_names) if field_names else tuple(available)
         return clone
 
     def no_files(self) -> QuerySet[T]:
@@ -439,6 +441,8 @@ class QuerySet(Generic[T]):
         """The fields whose catalogue entries come with the documents (``None``: none)."""
         if self._file_fields == () or self._as_pymongo or self._scalar:
             return None
+        if self._file_fields is None and self._document._meta.get("load_files") is False:
+            return None  # the class said so: load_files() still asks for them
         from .schema import file_field_names, holds_files
 
         if not holds_files(self._document):

@@ -66,10 +66,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc-bulk", type=int, default=None, help="documents per bulk insert (10000)")
     p.add_argument(
         "--doc-cases",
-        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        type=lambda text: [part.strip() for part in text.split("|") if part.strip()],
         default=None,
         help="run only the document cases whose label contains one of these "
-        "comma-separated texts (e.g. 'FileField,content type'); no profile then",
+        "|-separated texts (labels have commas), e.g. 'FileField|content type'; "
+        "no profile then",
     )
     p.add_argument(
         "--no-profile",

@@ -11,10 +11,12 @@ query.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import uuid
 
 import pytest
+from bson import ObjectId
 from pymongo import AsyncMongoClient, monitoring
 
 import asyncassets
@@ -68,6 +70,11 @@ class PrefetchNested(Document):
 class PrefetchImage(Document):
     image = ImageField(thumbnail_size=(8, 8, True), collection_name="pf_images")
     meta = {"db_alias": ALIAS, "collection": "pf_images_docs"}
+
+
+class PrefetchOptOut(Document):
+    photo = FileField()
+    meta = {"db_alias": ALIAS, "collection": "pf_opt_out", "load_files": False}
 
 
 class PrefetchPlain(Document):
@@ -189,6 +196,37 @@ async def test_one_query_per_catalogue_per_batch(finds, monkeypatch):
     docs = await PrefetchDoc.objects.to_list()
     assert finds.take() == ["fs.files", "pf_docs", "pf_scans.files"]  # to_list: one batch
     assert [d.photo.length for d in docs] == list(range(1, 8))
+
+
+async def test_entries_are_asked_for_a_hundred_at_a_time(finds):
+    # Entries and documents written directly, as another tool would: 250 files.
+    now = dt.datetime.now(dt.timezone.utc)
+    entries = [
+        {"_id": ObjectId(), "length": 0, "chunkSize": 255, "uploadDate": now, "filename": f"e{i}"}
+        for i in range(250)
+    ]
+    await db()["fs.files"].insert_many(entries)
+    await db()["pf_docs"].insert_many(
+        [{"name": f"r{i:03}", "photo": e["_id"]} for i, e in enumerate(entries)]
+    )
+    finds.take()
+    docs = await PrefetchDoc.objects.order_by("name").to_list()
+    assert finds.take() == ["fs.files"] * 3 + ["pf_docs"]  # 100, 100 and 50 ids
+    assert [d.photo.filename for d in docs] == [f"e{i}" for i in range(250)]
+
+
+async def test_a_class_can_say_its_documents_come_without_entries(finds):
+    doc = PrefetchOptOut()
+    await doc.photo.put(b"opt out", filename="out.txt")
+    await doc.save()
+    finds.take()
+    loaded = await PrefetchOptOut.objects.first()
+    assert finds.take() == ["pf_opt_out"]
+    with pytest.raises(FileNotLoaded):
+        loaded.photo.filename  # noqa: B018
+    loaded = await PrefetchOptOut.objects.load_files().first()
+    assert finds.take() == ["fs.files", "pf_opt_out"]
+    assert loaded.photo.filename == "out.txt"
 
 
 async def test_no_files_and_load_files_choose_what_comes(finds):
