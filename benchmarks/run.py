@@ -402,7 +402,7 @@ def report(out: dict[str, Any]) -> str:
             + fmt_table(
                 ["case", "docs", "files find", "files getMore", "all commands", "median ms"], rows
             )
-            + f"\nload_files speed-up: {g['speedup']:.1f}x"
+            + f"\nentries-with-documents speed-up: {g['speedup']:.1f}x"
         )
     if "memory" in out:
         rows = []
