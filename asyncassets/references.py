@@ -745,7 +745,8 @@ async def load_files(docs: Sequence[Any], field_names: Sequence[str] | None = No
 #: Most ids one catalogue query asks for. A query per batch of documents would
 #: do, but the test server's ``$in`` costs grow with the square of its length (500
 #: ids: 250-420 ms, five queries of 100 sent together: 80 ms; docs/performance.rst),
-#: and on MongoDB 100 ids are 100 index lookups either way.
+#: and on MongoDB 100 ids are 100 index lookups either way. Below the server's
+#: first batch of 101 documents, so a query needs no getMore.
 ENTRIES_PER_QUERY = 100
 
 

@@ -195,7 +195,7 @@ class Raw(AsyncContender):
         files = self.db["fs.files"]
         answers = await asyncio.gather(
             *(
-                files.find({"_id": {"$in": ids[i : i + 100]}}, batch_size=100).to_list()
+                files.find({"_id": {"$in": ids[i : i + 100]}}).to_list()
                 for i in range(0, len(ids), 100)
             )
         )

@@ -31,7 +31,7 @@ TOTAL, ASKED, ROUNDS = 11_000, 1_000, 5
 
 async def _ask(files: Any, ids: list[Any], size: int, together: bool) -> int:
     chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
-    queries = [files.find({"_id": {"$in": c}}, batch_size=len(c)).to_list() for c in chunks]
+    queries = [files.find({"_id": {"$in": c}}).to_list() for c in chunks]
     if together:
         answers = await asyncio.gather(*queries)
     else:

@@ -28,6 +28,7 @@ from asyncassets import (
     FileProxy,
     ImageProxy,
     queryset,
+    references,
 )
 from asyncassets.fields import (
     DictField,
@@ -87,10 +88,13 @@ class Finds(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.finds: list[str] = []
+        self.get_mores: list[str] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name == "find":
             self.finds.append(event.command["find"])
+        elif event.command_name == "getMore":
+            self.get_mores.append(event.command["collection"])
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -148,8 +152,10 @@ async def test_every_way_of_loading_comes_with_the_entries_one_query_per_catalog
     finds.take()
     expected = ["fs.files", "pf_docs", "pf_scans.files"]
 
+    finds.get_mores.clear()
     docs = await PrefetchDoc.objects(name__ne="d9").order_by("name").to_list()
     assert finds.take() == expected
+    assert finds.get_mores == []  # each entry query is answered in one reply
     for doc in docs:
         check_at_hand(doc)
     assert finds.take() == []  # reading the attributes did no I/O
@@ -210,8 +216,10 @@ async def test_entries_are_asked_for_a_hundred_at_a_time(finds):
         [{"name": f"r{i:03}", "photo": e["_id"]} for i, e in enumerate(entries)]
     )
     finds.take()
+    finds.get_mores.clear()
     docs = await PrefetchDoc.objects.order_by("name").to_list()
     assert finds.take() == ["fs.files"] * 3 + ["pf_docs"]  # 100, 100 and 50 ids
+    assert "fs.files" not in finds.get_mores
     assert [d.photo.filename for d in docs] == [f"e{i}" for i in range(250)]
 
 
@@ -251,6 +259,10 @@ async def test_no_files_and_load_files_choose_what_comes(finds):
     # Back to every field after narrowing.
     doc = await PrefetchDoc.objects.no_files().load_files().first()
     assert finds.take() == ["fs.files", "pf_docs", "pf_scans.files"]
+    # mongoengine's caching and dereferencing switches change nothing here.
+    doc = await PrefetchDoc.objects.no_dereference().no_cache().first()
+    assert finds.take() == ["fs.files", "pf_docs", "pf_scans.files"]
+    assert doc.scan.length == 1
     with pytest.raises(ValueError, match="name"):
         PrefetchDoc.objects.load_files("name")
 
@@ -356,6 +368,32 @@ def test_mongoengine_names_of_the_proxy_classes_import():
     assert asyncassets.GridFSProxy is GridFSProxy is FileProxy
     assert asyncassets.ImageGridFsProxy is ImageGridFsProxy is ImageProxy
     assert isinstance(PrefetchDoc().photo, asyncassets.GridFSProxy)
+
+
+async def test_a_cancelled_query_leaves_no_entry_query_running(finds, monkeypatch):
+    await make_docs(3)
+    monkeypatch.setattr(references, "ENTRIES_PER_QUERY", 1)  # many queries
+
+    def entry_queries() -> list[asyncio.Task]:
+        return [
+            t for t in asyncio.all_tasks() if "find_many" in t.get_coro().__qualname__
+        ]
+
+    outcomes = set()
+    for delay in (0, 0.001, 0.003, 0.01, 0.03):
+        task = asyncio.ensure_future(PrefetchDoc.objects.to_list())
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            docs = await task
+            outcomes.add("done")
+            assert [d.photo.length for d in docs] == [1, 2, 3]
+        except asyncio.CancelledError:
+            outcomes.add("cancelled")
+        assert entry_queries() == []
+    assert "cancelled" in outcomes
+    docs = await PrefetchDoc.objects.to_list()
+    assert sorted(d.photo.length for d in docs) == [1, 2, 3]
 
 
 # -- entries missing, or changed since loading --------------------------------------------

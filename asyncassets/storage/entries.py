@@ -37,10 +37,7 @@ class CatalogueReads:
         ids = list(dict.fromkeys(file_ids))
         if not ids:
             return {}
-        # All of them in the first reply: the server's default of 101 would add a
-        # round trip per further 101 ids.
-        found = self.files.find({"_id": {"$in": ids}}, batch_size=len(ids))
-        return {doc["_id"]: doc async for doc in found}
+        return {doc["_id"]: doc async for doc in self.files.find({"_id": {"$in": ids}})}
 
     async def read(
         self, files_doc: Mapping[str, Any], *, start: int = 0, end: int | None = None
