@@ -742,12 +742,14 @@ async def load_files(docs: Sequence[Any], field_names: Sequence[str] | None = No
         await _load_entries(companions)
 
 
-#: Most ids one catalogue query asks for. A query per batch of documents would
-#: do, but the test server's ``$in`` costs grow with the square of its length (500
-#: ids: 250-420 ms, five queries of 100 sent together: 80 ms; docs/performance.rst),
-#: and on MongoDB 100 ids are 100 index lookups either way. Below the server's
-#: first batch of 101 documents, so a query needs no getMore.
-ENTRIES_PER_QUERY = 100
+#: Most ids one catalogue query asks for; the queries of a batch are sent
+#: together. One query per batch of documents would do, but the test server's
+#: ``$in`` costs grow with the square of its length: 1,000 ids took 1.1 to 1.2 s
+#: in one query, 90 to 100 ms in queries of 25 or 50, 120 to 190 ms in queries of
+#: 100 (benchmarks/entries_query.py, docs/performance.rst). On MongoDB an ``_id``
+#: ``$in`` is index lookups either way. Below the server's first batch of 101
+#: documents, so a query needs no getMore.
+ENTRIES_PER_QUERY = 50
 
 
 async def _load_entries(proxies: Sequence[FileProxy]) -> None:

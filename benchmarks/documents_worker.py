@@ -188,15 +188,15 @@ class Raw(AsyncContender):
         coll = self.db[cmd["coll"]]
         t = _start()
         docs = await coll.find().to_list()
-        # What a careful hand-written listing does: $in queries for the entries, 100
+        # What a careful hand-written listing does: $in queries for the entries, 50
         # ids each, sent together (one $in of 1,000 ids takes seconds on the test
         # server; see docs/performance.rst), as asyncassets sends them.
         ids = [d["f"] for d in docs]
         files = self.db["fs.files"]
         answers = await asyncio.gather(
             *(
-                files.find({"_id": {"$in": ids[i : i + 100]}}).to_list()
-                for i in range(0, len(ids), 100)
+                files.find({"_id": {"$in": ids[i : i + 50]}}).to_list()
+                for i in range(0, len(ids), 50)
             )
         )
         entries = {e["_id"]: e for answer in answers for e in answer}

@@ -5,7 +5,7 @@
 On a fresh on-disk server of its own: the same 1,000 random ids (5 rounds, fresh
 ids each round) asked for in one ``$in``, in ``$in`` queries of 25 to 200 ids sent
 together, and in queries of 100 sent one after the other; then a plain ``find`` of
-1,000 entries for scale. Why asyncassets asks for 100 ids per query
+1,000 entries for scale. Why asyncassets asks for 50 ids per query
 (``asyncassets.references.ENTRIES_PER_QUERY``): docs/performance.rst.
 """
 

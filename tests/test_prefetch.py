@@ -204,7 +204,7 @@ async def test_one_query_per_catalogue_per_batch(finds, monkeypatch):
     assert [d.photo.length for d in docs] == list(range(1, 8))
 
 
-async def test_entries_are_asked_for_a_hundred_at_a_time(finds):
+async def test_entries_are_asked_for_fifty_at_a_time(finds):
     # Entries and documents written directly, as another tool would: 250 files.
     now = dt.datetime.now(dt.timezone.utc)
     entries = [
@@ -218,7 +218,7 @@ async def test_entries_are_asked_for_a_hundred_at_a_time(finds):
     finds.take()
     finds.get_mores.clear()
     docs = await PrefetchDoc.objects.order_by("name").to_list()
-    assert finds.take() == ["fs.files"] * 3 + ["pf_docs"]  # 100, 100 and 50 ids
+    assert finds.take() == ["fs.files"] * 5 + ["pf_docs"]  # 50 ids each
     assert "fs.files" not in finds.get_mores
     assert [d.photo.filename for d in docs] == [f"e{i}" for i in range(250)]
 
