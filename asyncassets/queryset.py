@@ -297,8 +297,9 @@ class QuerySet(Generic[T]):
 
         Documents come with their files' catalogue entries by default (every field
         that can hold a file: ``FileField``\\ s, lists and dicts of them, and those in
-        embedded documents), fetched with one query per catalogue for the whole
-        result of :meth:`to_list` (per batch of ``async for``), so ``doc.photo.length``,
+        embedded documents), fetched per batch of documents (the whole result of
+        :meth:`to_list`, each batch of ``async for``) with a query per catalogue
+        and 50 files, sent together, so ``doc.photo.length``,
         ``doc.photo.content_type``, ``str(doc.photo)`` and an image's ``size`` need
         no ``await doc.photo.load()``. This narrows that to the top-level fields
         named; :meth:`no_files` turns it off, and so does
@@ -322,7 +323,7 @@ class QuerySet(Generic[T]):
     def no_files(self) -> QuerySet[T]:
         """Load the documents without their files' catalogue entries.
 
-        Saves the one query per catalogue and batch that loading them costs, for
+        Saves the queries per catalogue and batch that loading them costs, for
         code that never reads file metadata (or reads it with
         ``await doc.photo.load()``). Reading the bytes is unchanged: ``read()``
         and ``stream()`` fetch what they need.

@@ -717,13 +717,14 @@ async def check_assigned_ids(doc: Any) -> None:
 
 
 async def load_files(docs: Sequence[Any], field_names: Sequence[str] | None = None) -> None:
-    """Load the catalogue entries of the files ``docs`` hold: one query per catalogue.
+    """Load the catalogue entries of the files ``docs`` hold, a query per catalogue
+    and ``ENTRIES_PER_QUERY`` files, sent together.
 
     ``field_names``: the top-level fields to cover (``None``: every field that can
     hold a file, in lists, dicts and embedded documents at any depth). A file whose
     entry is not there is marked missing (its attributes raise ``FileNotFound``).
     Entries that come with an entry (an image's thumbnail) are loaded in one more
-    query per catalogue, only when there are any.
+    round of queries, only when there are any.
     """
     proxies: list[FileProxy] = []
     for doc in docs:
