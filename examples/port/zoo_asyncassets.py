@@ -30,8 +30,9 @@ async def change_photo(genus, data):
 
 async def describe(genus):
     animal = await Animal.objects.get(genus=genus)
+    length = animal.photo.length  # before any read: the metadata is at hand
     data = await animal.photo.read()
-    return animal.genus, bool(animal.photo), animal.photo.length, data
+    return animal.genus, bool(animal.photo), length, data
 
 
 async def names():

@@ -29,8 +29,9 @@ def change_photo(genus, data):
 
 def describe(genus):
     animal = Animal.objects.get(genus=genus)
+    length = animal.photo.length  # before any read: the metadata is at hand
     data = animal.photo.read()
-    return animal.genus, bool(animal.photo), animal.photo.length, data
+    return animal.genus, bool(animal.photo), length, data
 
 
 def names():
