@@ -555,7 +555,7 @@ async def test_saving_a_reference_to_no_file_is_refused(hostile: RelDoc, bad: An
 
 async def test_unsupported_id_type_is_refused_at_assignment(hostile: RelDoc) -> None:
     doc = RelDoc(name="wrong id")
-    with pytest.raises(TypeError, match="put"):
+    with pytest.raises(TypeError, match="a file id or None, not dict"):
         doc.f = {"not": "an id"}
 
 
