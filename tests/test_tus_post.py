@@ -75,6 +75,7 @@ async def test_creation_with_upload_keeps_the_body_and_a_whole_file_is_attached(
         ({"Upload-Length": "-1"}, 400),
         ({"Upload-Length": "12abc"}, 400),
         ({"Upload-Length": "1" * 30}, 400),
+        ({"Upload-Length": "9" * 19}, 413),  # over 64-bit integers
         ({}, 400),
         ({"Upload-Defer-Length": "1"}, 400),
         ({"Upload-Length": "1000001"}, 413),  # over the field's max_size

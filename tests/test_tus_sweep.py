@@ -73,3 +73,19 @@ async def test_a_finished_upload_survives_the_sweep_of_its_expired_session(async
     assert stored.file.sha256 == hashlib.sha256(data).hexdigest()
     assert (await leftovers(asyncassets_db, cls))["sessions"] == 0
     assert (await asyncassets.check(verify=True, buckets=name)).ok
+
+
+async def test_finishing_keeps_a_session_from_the_sweep_for_an_hour(asyncassets_db, setup):
+    # An upload completed a moment before its expiry: while it is attached (a
+    # retry may take a while) the sweep must not remove its bytes.
+    cls, doc = setup
+    name = cls._fields["file"].storage.collection_name
+    sessions = asyncassets_db[f"{name}.uploads"]
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, 4)).headers["location"]
+        soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)
+        await sessions.update_many({}, {"$set": {"expires": soon}})
+        assert (await patch(http, location, 0, b"abcd")).status_code == 204
+    session = await sessions.find_one({})
+    left = session["expires"].replace(tzinfo=dt.timezone.utc) - dt.datetime.now(dt.timezone.utc)
+    assert left > dt.timedelta(minutes=59)

@@ -78,6 +78,8 @@ _BATCH_BYTES = 4 * 1024 * 1024
 _COMMIT_BYTES = 16 * 1024 * 1024
 
 _UTC = dt.timezone.utc
+#: How long past the start of its finish a session is kept from the sweep at least.
+_FINISHING = dt.timedelta(hours=1)
 #: Running hashes kept per :class:`UploadSessions` (uploads in flight in a process).
 _HASHES_KEPT = 10_000
 
@@ -488,7 +490,11 @@ class UploadSessions:
                 "$expr": {"$eq": ["$offset", "$length"]},
                 "$or": [{"lease": {"$exists": False}}, {"lease.until": {"$lt": _now()}}],
             },
-            {"$set": {"state": FINISHING}},
+            # Kept from the sweep while it is attached, however late in its life.
+            [{"$set": {
+                "state": FINISHING,
+                "expires": {"$max": ["$expires", _now() + _FINISHING]},
+            }}],
             return_document=ReturnDocument.AFTER,
         )
         if taken is not None:

@@ -77,6 +77,8 @@ _KEY = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: tus-js-client, Uppy and tuspy send them.
 _NAME_KEYS = ("filename", "name")
 _TYPE_KEYS = ("filetype", "type", "contentType")
+#: The longest upload whatever the app allows (MongoDB stores 64-bit integers).
+MAX_LENGTH = 2**62
 #: The metadata key on the stored file that names the upload it came from.
 UPLOAD_MARK = "tus_upload"
 
@@ -257,6 +259,8 @@ class _TusApp:
         if "upload-defer-length" in request.headers:
             raise _Refused(400, "Upload-Defer-Length is not supported: send Upload-Length")
         length = _number(request.headers.get("upload-length"), "Upload-Length")
+        if length > MAX_LENGTH:
+            raise _Refused(413, f"Upload-Length {length} is over {MAX_LENGTH} bytes")
         if self.max_size is not None and length > self.max_size:
             raise _Refused(413, f"Upload-Length {length} is over this server's "
                            f"Tus-Max-Size {self.max_size}")
