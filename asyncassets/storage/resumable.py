@@ -35,8 +35,10 @@ reservations, versions and cleanup, once the bytes are complete.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -47,6 +49,7 @@ from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from .. import _driver
+from .._tasks import spawn
 from ..errors import (
     CorruptFile,
     UploadChecksumMismatch,
@@ -78,6 +81,7 @@ _BATCH_BYTES = 4 * 1024 * 1024
 _COMMIT_BYTES = 16 * 1024 * 1024
 
 _UTC = dt.timezone.utc
+_logger = logging.getLogger("asyncassets.storage")
 #: How long past the start of its finish a session is kept from the sweep at least.
 _FINISHING = dt.timedelta(hours=1)
 #: Running hashes kept per :class:`UploadSessions` (uploads in flight in a process).
@@ -270,12 +274,21 @@ class UploadSessions:
         """
         token = secrets.token_hex(8)
         session = await self._acquire(upload_id, offset, token)
+        released = False
         try:
-            return await self._write(session, token, pieces, checksum)
+            inserts = _Inserts(self)
+            try:
+                after = await self._write(session, token, pieces, checksum, inserts)
+                released = "lease" not in after
+                return after
+            finally:
+                # No insert of this write may land after its lease is given back.
+                await inserts.settle()
         finally:
-            await self.sessions.update_one(
-                {"_id": upload_id, "lease.token": token}, {"$unset": {"lease": ""}}
-            )
+            if not released:
+                await self.sessions.update_one(
+                    {"_id": upload_id, "lease.token": token}, {"$unset": {"lease": ""}}
+                )
 
     async def _acquire(self, upload_id: str, offset: int, token: str) -> dict[str, Any]:
         now = _now()
@@ -312,14 +325,18 @@ class UploadSessions:
         token: str,
         pieces: AsyncIterator[Any],
         checksum: tuple[str, bytes] | None,
+        inserts: _Inserts,
     ) -> dict[str, Any]:
         upload_id = session["_id"]
         size = int(session["chunk_size"])
         start_n = n = int(session["n"])
         length = int(session["length"])
         chunks, owner, value = self._where(session)
-        # A write that died after inserting chunks but before committing them.
-        await self._drop_from(session, start_n)
+        # A write that died after inserting chunks but before committing them left
+        # chunk start_n (each write inserts in order from its start): a read, so
+        # that a write after a clean one costs no delete.
+        if await chunks.find_one({owner: value, "n": start_n}, {"_id": 1}) is not None:
+            await self._drop_from(session, start_n)
         known = self._hashes.pop(upload_id, None)
         running = known[1] if known is not None and known[0] == session["offset"] else None
         buffer = bytearray(session["tail"])
@@ -340,6 +357,7 @@ class UploadSessions:
                 # The source failed (a dropped connection): keep what came, unless
                 # it was to be checked whole.
                 if hasher is not None:
+                    await inserts.settle()
                     await self._drop_from(session, start_n)
                     raise
                 failure = exc
@@ -375,17 +393,20 @@ class UploadSessions:
                 batch.append({owner: value, "n": n, "data": data})
                 n += 1
                 if len(batch) * size >= _BATCH_BYTES:
-                    await self._insert(chunks, upload_id, batch)
+                    # One batch in flight while the next is cut, as GridFS uploads do.
+                    await inserts.send(chunks, upload_id, batch)
                     batch = []
                     if hasher is None and (n - committed_n) * size >= _COMMIT_BYTES:
                         # The bytes in memory (less than a chunk) are committed later.
+                        await inserts.wait()
                         await self._commit(upload_id, token, n, n * size, b"")
                         committed_n, renewed = n, time.monotonic()
             # The lease is renewed by time too: a slow client keeps it.
             if time.monotonic() - renewed > renew_every:
                 if batch:
-                    await self._insert(chunks, upload_id, batch)
+                    await inserts.send(chunks, upload_id, batch)
                     batch = []
+                await inserts.wait()
                 if hasher is None:
                     await self._commit(upload_id, token, n, n * size, b"")
                     committed_n = n
@@ -393,6 +414,7 @@ class UploadSessions:
                     await self._renew(upload_id, token)
                 renewed = time.monotonic()
         if hasher is not None and checksum is not None and hasher.digest() != checksum[1]:
+            await inserts.settle()
             await self._drop_from(session, start_n)
             raise UploadChecksumMismatch(
                 f"the bytes sent to upload {upload_id} do not match their {checksum[0]}; "
@@ -400,8 +422,11 @@ class UploadSessions:
                 upload_id=upload_id,
             )
         if batch:
-            await self._insert(chunks, upload_id, batch)
-        after = await self._commit(upload_id, token, n, n * size + len(buffer), bytes(buffer))
+            await inserts.send(chunks, upload_id, batch)
+        await inserts.wait()
+        after = await self._commit(
+            upload_id, token, n, n * size + len(buffer), bytes(buffer), release=failure is None
+        )
         if running is not None and position == after["offset"]:
             self._remember(upload_id, position, running)
         if failure is not None:
@@ -448,20 +473,22 @@ class UploadSessions:
             )
 
     async def _commit(
-        self, upload_id: str, token: str, n: int, offset: int, tail: bytes
+        self, upload_id: str, token: str, n: int, offset: int, tail: bytes,
+        *, release: bool = False,
     ) -> dict[str, Any]:
+        """Record the offset (and renew the lease, or give it back with ``release``),
+        if this write still holds the lease."""
         now = _now()
+        update: dict[str, Any] = {
+            "$set": {"n": n, "offset": offset, "tail": Binary(tail), "written": now}
+        }
+        if release:
+            update["$unset"] = {"lease": ""}
+        else:
+            update["$set"]["lease.until"] = now + self.lease
         after = await self.sessions.find_one_and_update(
             {"_id": upload_id, "lease.token": token},
-            {
-                "$set": {
-                    "n": n,
-                    "offset": offset,
-                    "tail": Binary(tail),
-                    "lease.until": now + self.lease,
-                    "written": now,
-                }
-            },
+            update,
             return_document=ReturnDocument.AFTER,
         )
         if after is None:
@@ -676,6 +703,36 @@ class UploadSessions:
             return []
         live = {s["_id"] async for s in self.sessions.find({"_id": {"$in": ids}}, {"_id": 1})}
         return [i for i in ids if i not in live]
+
+
+class _Inserts:
+    """The inserts of one write: one batch in flight while the next is cut."""
+
+    def __init__(self, sessions: UploadSessions) -> None:
+        self._sessions = sessions
+        self._task: asyncio.Task[None] | None = None
+
+    async def send(self, chunks: Any, upload_id: str, batch: list[dict[str, Any]]) -> None:
+        await self.wait()
+        self._task = spawn(self._sessions._insert(chunks, upload_id, batch))
+
+    async def wait(self) -> None:
+        """Wait for the insert in flight; raise its error."""
+        task = self._task
+        if task is not None:
+            # Shielded: a cancelled request must not cancel an insert halfway.
+            await asyncio.shield(task)
+            self._task = None
+
+    async def settle(self) -> None:
+        """Wait for the insert in flight to end, on a path already failing: its own
+        error, if any, is left to that failure (what it wrote past the committed
+        offset is removed by the next write)."""
+        task, self._task = self._task, None
+        if task is not None:
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is not None:
+                _logger.debug("an insert of a failed write failed too: %r", task.exception())
 
 
 def _lease_holds(session: Mapping[str, Any]) -> bool:
