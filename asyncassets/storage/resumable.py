@@ -286,8 +286,10 @@ class UploadSessions:
                 await inserts.settle()
         finally:
             if not released:
+                # Failed or cut short: it may have left chunks past the offset.
                 await self.sessions.update_one(
-                    {"_id": upload_id, "lease.token": token}, {"$unset": {"lease": ""}}
+                    {"_id": upload_id, "lease.token": token},
+                    {"$unset": {"lease": ""}, "$set": {"dirty": True}},
                 )
 
     async def _acquire(self, upload_id: str, offset: int, token: str) -> dict[str, Any]:
@@ -301,10 +303,13 @@ class UploadSessions:
                 "$or": [{"lease": {"$exists": False}}, {"lease.until": {"$lt": now}}],
             },
             {"$set": {"lease": {"token": token, "until": now + self.lease}}},
-            return_document=ReturnDocument.AFTER,
+            # Before: whether the last write ended cleanly (no lease, not dirty).
+            return_document=ReturnDocument.BEFORE,
         )
         if taken is not None:
-            return dict(taken)
+            session = dict(taken)
+            session["leftovers"] = bool(session.pop("lease", None) or session.get("dirty"))
+            return session
         session = await self.get(upload_id)
         if session.get("state") != OPEN or session["offset"] != offset:
             raise UploadOffsetMismatch(
@@ -332,10 +337,9 @@ class UploadSessions:
         start_n = n = int(session["n"])
         length = int(session["length"])
         chunks, owner, value = self._where(session)
-        # A write that died after inserting chunks but before committing them left
-        # chunk start_n (each write inserts in order from its start): a read, so
-        # that a write after a clean one costs no delete.
-        if await chunks.find_one({owner: value, "n": start_n}, {"_id": 1}) is not None:
+        # A write that died (its lease ran out) or failed may have inserted chunks
+        # past the offset it committed; after a clean one there is nothing to do.
+        if session.get("leftovers", True):
             await self._drop_from(session, start_n)
         known = self._hashes.pop(upload_id, None)
         running = known[1] if known is not None and known[0] == session["offset"] else None
@@ -483,7 +487,7 @@ class UploadSessions:
             "$set": {"n": n, "offset": offset, "tail": Binary(tail), "written": now}
         }
         if release:
-            update["$unset"] = {"lease": ""}
+            update["$unset"] = {"lease": "", "dirty": ""}
         else:
             update["$set"]["lease.until"] = now + self.lease
         after = await self.sessions.find_one_and_update(
