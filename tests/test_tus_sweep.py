@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import os
@@ -89,3 +90,28 @@ async def test_finishing_keeps_a_session_from_the_sweep_for_an_hour(asyncassets_
     session = await sessions.find_one({})
     left = session["expires"].replace(tzinfo=dt.timezone.utc) - dt.datetime.now(dt.timezone.utc)
     assert left > dt.timedelta(minutes=59)
+
+
+async def test_two_uploads_into_one_field_finishing_at_once_leave_one_file(
+    asyncassets_db, setup
+):
+    # Each finish moves the reference with replace()'s conditional switch: one
+    # after the other, or one refused (409) if they cross; never a dangling
+    # reference, and after a sweep the field's file is the only one left.
+    cls, doc = setup
+    name = cls._fields["file"].storage.collection_name
+    first, second = os.urandom(300_000), os.urandom(300_000)
+    async with client(app_for(cls)) as http:
+        places = [(await create(http, doc, len(d))).headers["location"] for d in (first, second)]
+        for place, data in zip(places, (first, second), strict=True):
+            assert (await patch(http, place, 0, data[:-10])).status_code == 204
+        answers = await asyncio.gather(*(
+            patch(http, place, len(data) - 10, data[-10:])
+            for place, data in zip(places, (first, second), strict=True)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes in ([204, 204], [204, 409]), [a.text for a in answers]
+    stored = await cls.objects(pk=doc.pk).first()
+    assert await stored.file.read() in (first, second)
+    await asyncassets.sweep_orphans(grace=0, buckets=name)
+    assert (await asyncassets.check(verify=True, buckets=name)).ok
+    assert await asyncassets_db[f"{name}.files"].count_documents({}) == 1
