@@ -219,3 +219,22 @@ async def test_a_slow_patch_keeps_its_lease_past_the_lease_time(setup):
         assert "being written by another request" in other.text
         assert (await slow).status_code == 204
     assert await (await cls.objects(pk=doc.pk).first()).file.read() == piece * 10
+
+
+async def test_staged_bytes_lost_before_the_finish_are_410_and_nothing_is_attached(
+    asyncassets_db, tmp_path
+):
+    cls = doc_class(FileSystemStorage(tmp_path, collection_name="tus_lost"))
+    doc = cls(owner="ann")
+    await doc.save()
+    data = os.urandom(3 * 1024 * 1024)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:-10])).status_code == 204
+        await asyncassets_db["tus_lost.uploads.staged"].delete_many({"n": 1})
+        last = await patch(http, location, len(data) - 10, data[-10:])
+        assert last.status_code == 410, last.text
+        assert (await http.head(location)).status_code == 404
+    assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
+    assert await asyncassets_db["tus_lost.files"].count_documents({}) == 0
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no object, no temp

@@ -482,6 +482,10 @@ class _TusApp:
             raise _Refused(415, f"{exc}; the upload was dropped") from exc
         except FileConflict as exc:
             raise _Refused(409, f"{exc} (send the last PATCH again to retry)") from exc
+        except UploadNotFound as exc:
+            # Its staged bytes went meanwhile (terminated or swept): nothing to store.
+            await sessions.remove(upload_id)
+            raise _Refused(410, str(exc)) from exc
         except (PyMongoError, StorageError) as exc:
             # Unknown outcome or storage failure: the staged bytes stay, and a
             # retried last PATCH finds out (the stored file names this upload).
