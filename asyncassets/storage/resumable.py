@@ -677,11 +677,13 @@ class UploadSessions:
         bytes (a GridFS session's chunks are the file's now). The session stays
         (answering with its full offset) until it expires."""
         self._hashes.pop(upload_id, None)
-        await self.sessions.update_one(
+        before = await self.sessions.find_one_and_update(
             {"_id": upload_id},
             {"$set": {"state": DONE, "file_id": file_id, "tail": Binary(b"")}},
+            {"into": 1},
         )
-        await self.chunks.delete_many({"upload": upload_id})
+        if before is not None and before.get("into") != "gridfs":
+            await self.chunks.delete_many({"upload": upload_id})
 
     # -- the sweep -----------------------------------------------------------------
 
