@@ -181,3 +181,39 @@ async def test_creation_with_upload_needs_the_octet_stream_type(setup):
                               headers={"Content-Type": "text/plain"})
         assert answer.status_code == 201
         assert answer.headers["upload-offset"] == "0"
+
+
+async def test_creation_with_a_bad_checksum_creates_the_upload_and_keeps_nothing(
+    asyncassets_db, setup
+):
+    cls, doc = setup
+    async with client(app_for(cls)) as http:
+        answer = await create(http, doc, 6, content=b"abcdef", filename="a.txt",
+                              headers={"Upload-Checksum": "sha256 " + base64.b64encode(
+                                  hashlib.sha256(b"other!").digest()).decode()})
+        assert answer.status_code == 201, answer.text
+        assert answer.headers["upload-offset"] == "0"
+        assert (await http.head(answer.headers["location"])).headers["upload-offset"] == "0"
+    assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
+
+
+async def test_creation_with_upload_whose_document_is_gone_is_not_201(asyncassets_db, setup):
+    # The whole file in the POST, and nothing to attach it to: a 201 would say done.
+    cls, doc = setup
+
+    async def authorize(request, upload):
+        from asyncassets.web import UploadTarget
+
+        if upload.id is None:
+            target = UploadTarget(doc, "file")
+            await asyncassets_db[cls._get_collection_name()].delete_one({"_id": doc.pk})
+            return target
+        return True
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    app = Starlette(routes=[Mount("/uploads", tus_app(authorize))])
+    async with client(app) as http:
+        answer = await create(http, doc, 6, content=b"abcdef", filename="a.txt")
+    assert answer.status_code == 410, answer.text

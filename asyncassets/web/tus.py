@@ -310,9 +310,12 @@ class _TusApp:
             try:
                 session = await self._write(request, sessions, session, 0)
             except _Refused as refused:
-                if refused.status == 415:
+                if refused.status not in (400, 460):
+                    # Refused by the field, or complete but not attached: a 201
+                    # would tell the client it is done.
                     raise
-                # The upload exists: the client resumes it from HEAD's offset.
+                # A bad checksum, a body cut short: the upload exists and the
+                # client resumes it from HEAD's offset.
                 _logger.info("first bytes of new upload %s not kept: %s",
                              session["_id"], refused.text)
                 session = await sessions.get(session["_id"])
