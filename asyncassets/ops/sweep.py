@@ -46,6 +46,7 @@ from .reports import (
     SweepReport,
     _keep,
 )
+from .resumable import live_upload_files, sweep_resumable
 from .scope import _plan, _prune, _Sharer, _Source, _Work
 
 __all__ = ["sweep_orphans"]
@@ -83,6 +84,11 @@ async def sweep_orphans(
     writers untouched since the cutoff and S3 multipart uploads started before it,
     when the backend can list them. An object is kept while any declared
     catalogue keeping objects in the same place names it.
+
+    Resumable (tus) uploads past their expiry are deleted with their staged
+    bytes, on every storage (:func:`~asyncassets.ops.resumable.sweep_resumable`);
+    a live upload's bytes are staged apart from the catalogue's and never count
+    as orphans.
 
     References are re-read for each batch of candidate files right before deleting
     them, and a file's files document is deleted before its chunks (or object), so
@@ -136,6 +142,7 @@ async def sweep_orphans(
         elif isinstance(store, QueuedStore):
             await _sweep_queued(store, bucket_alias, work, cutoff, dry_run, batch_size,
                                 max_ids, report)
+        await sweep_resumable(get_db(bucket_alias), name, dry_run=dry_run, report=report)
     report.duration = time.monotonic() - started
     return report
 
@@ -241,6 +248,10 @@ async def _sweep_chunks(
     report: SweepReport,
 ) -> None:
     async for groups in _orphaned_chunk_groups(bucket, batch_size):
+        # A resumable upload writing into the bucket: its chunks wait for their
+        # files document until it completes or expires (then sweep_resumable's).
+        live = await live_upload_files(bucket.db, bucket.name, [g["_id"] for g in groups])
+        groups = [g for g in groups if not (_hashable(g["_id"]) and g["_id"] in live)]
         doomed = []
         for group in groups:
             if _old_enough(_chunks_time(group), cutoff):
