@@ -29,6 +29,7 @@ from ..storage import GridFSStorage, Store
 from ..storage.catalogue import (
     compression_of,
     expected_digest,
+    new_hasher,
     original_length,
     original_sha256,
 )
@@ -520,7 +521,7 @@ class _Digests:
 
     def __init__(self, doc: dict[str, Any]) -> None:
         self.stored = expected_digest(doc)
-        self.stored_hash = hashlib.new(self.stored[0]) if self.stored else None
+        self.stored_hash = new_hasher(self.stored[0]) if self.stored else None
         info = compression_of(doc)
         self.original = original_sha256(doc) if info and info.get("sha256") else None
         self.original_hash = hashlib.sha256() if self.original else None
