@@ -399,3 +399,47 @@ async def test_expired_session_is_swept_live_one_is_kept(
     assert gone.status_code == 404
     await site.put_part(live, 2, data[PART:])
     assert (await site.finalize(live)).status_code == 200
+
+
+async def test_completion_applied_but_its_reply_lost_is_finished_by_the_next_finalize(
+    site: Site, asyncassets_db: Any
+) -> None:
+    """A finalize whose process died after S3 completed the upload (the reply lost,
+    the entry never inserted): the session is left "completing". The next finalize,
+    once the lease ran out, finds the completed object carrying the session's
+    token, and records it; nothing is lost, nothing stored twice."""
+    doc = await new_doc(site)
+    data = payload(PART + 11)
+    session = (await site.create(doc, data)).json()
+    await site.send_all(session, data)
+    stored = await asyncassets_db[SESSIONS].find_one({"_id": session["id"]})
+    client = raw_client(site.bucket)
+    parts = client.list_parts(Bucket=site.bucket.name, Key="media/" + stored["key"],
+                              UploadId=stored["upload_id"])["Parts"]
+    client.complete_multipart_upload(
+        Bucket=site.bucket.name, Key="media/" + stored["key"], UploadId=stored["upload_id"],
+        MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]}
+                                   for p in parts]},
+    )
+    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    await asyncassets_db[SESSIONS].update_one(
+        {"_id": session["id"]}, {"$set": {"state": "completing", "lease": "dead",
+                                          "at": long_ago}})
+    reply = await site.finalize(session)
+    assert reply.status_code == 200, reply.text
+    loaded = await site.cls.objects(pk=doc.pk).first()
+    assert await loaded.video.read() == data
+    assert bucket_state(site.bucket) == (["media/" + stored["key"]], [])
+
+
+async def test_a_running_finalize_holds_the_session(site: Site, asyncassets_db: Any) -> None:
+    doc = await new_doc(site)
+    data = payload(PART + 11)
+    session = (await site.create(doc, data)).json()
+    await site.send_all(session, data)
+    now = dt.datetime.now(dt.timezone.utc)
+    await asyncassets_db[SESSIONS].update_one(
+        {"_id": session["id"]}, {"$set": {"state": "completing", "lease": "x", "at": now}})
+    reply = await site.finalize(session)
+    assert reply.status_code == 409 and "another finalize" in reply.json()["error"]
+    assert bucket_state(site.bucket)[1] == ["media/" + session["key"]]

@@ -409,10 +409,11 @@ class DirectUploads:
         claimed = await self._claim(session)
         lease = claimed["lease"]
         try:
-            parts: list[dict[str, Any]] = []
+            parts: list[dict[str, Any]] | None = []
             if session.get("upload_id") is not None:
-                parts = await self.list_parts(session)
-                self._check_parts(session, parts)  # missing parts: 409, nothing changes
+                parts = await self._parts_if_pending(claimed)
+                if parts is not None:
+                    self._check_parts(session, parts)  # missing: 409, nothing changes
             version, sha256_info = await self._finish_object(claimed, parts)
             if check_head is not None:
                 await self._check_head(claimed, version, check_head)
@@ -433,6 +434,18 @@ class DirectUploads:
             return_document=ReturnDocument.AFTER,
         )
         return dict(stored or claimed), entry
+
+    async def _parts_if_pending(self, session: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+        """The upload's parts; ``None`` when S3 knows the upload no more (completed by
+        an earlier finalize whose reply was lost, or aborted)."""
+        try:
+            return await self.list_parts(session)
+        except StorageError as exc:
+            cause = exc.__cause__
+            code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
+            if code == "NoSuchUpload":
+                return None
+            raise
 
     def _require_open_or_stale(self, session: Mapping[str, Any]) -> None:
         if session.get("state") == "completing":
@@ -499,7 +512,7 @@ class DirectUploads:
             )
 
     async def _finish_object(
-        self, session: dict[str, Any], parts: list[dict[str, Any]]
+        self, session: dict[str, Any], parts: list[dict[str, Any]] | None
     ) -> tuple[str | None, dict[str, Any]]:
         """Complete (multipart) or find (POST) the object; return its ETag and the
         checksum to record."""
@@ -523,6 +536,19 @@ class DirectUploads:
                 )
             return info.version, {"sha256": digest}
         checksums = session.get("checksums") or {}
+        if parts is None:
+            # The upload is gone: completed by an earlier finalize (its object
+            # carries this session's token), or aborted.
+            found = await self.blobs.stat(key)
+            if found is None or not self.blobs.made_by(found, str(session["token"])):
+                raise DirectUploadError(
+                    "the multipart upload is gone (aborted, or expired and swept); start "
+                    "a new upload",
+                    status=410,
+                )
+            layout = parts_layout(int(session["size"]), int(session["part_size"]))
+            parts = [{"PartNumber": n, "Size": size} for n, size in enumerate(layout, 1)]
+            return await self._verified(session, parts, checksums, found.version)
         missing = [p["PartNumber"] for p in parts if str(p["PartNumber"]) not in checksums]
         if missing:
             raise DirectUploadError(
@@ -540,6 +566,17 @@ class DirectUploads:
             ]
         }
         version = await self._complete_upload(session, body)
+        return await self._verified(session, ordered, checksums, version)
+
+    async def _verified(
+        self,
+        session: Mapping[str, Any],
+        ordered: list[dict[str, Any]],
+        checksums: Mapping[str, Any],
+        version: str | None,
+    ) -> tuple[str | None, dict[str, Any]]:
+        """Check the completed object's length and composite SHA-256."""
+        key = str(session["key"])
         head = await self._head(key)
         if head is None:
             raise DirectUploadError(
