@@ -49,6 +49,7 @@ __all__ = [
     "LifespanFailed",
     "PendingFileMissing",
     "PillowMissing",
+    "ResumableUploadError",
     "ServerBinaryMissing",
     "SignatureInvalid",
     "SignedURLError",
@@ -59,8 +60,14 @@ __all__ = [
     "TransferFailed",
     "URLExpired",
     "URLsNotConfigured",
+    "UploadChecksumMismatch",
     "UploadClosed",
+    "UploadExpired",
     "UploadInterrupted",
+    "UploadLocked",
+    "UploadNotFound",
+    "UploadOffsetMismatch",
+    "UploadTooLarge",
     "WebExtraMissing",
     "WrongEventLoop",
 ]
@@ -425,3 +432,48 @@ class TransferFailed(StorageError):
         self.file_id = file_id
         self.state = state
 
+
+
+class ResumableUploadError(AsyncAssetsError):
+    """A resumable upload session refused a request (see :doc:`/uploads`).
+
+    :ivar upload_id: the session's id.
+    """
+
+    def __init__(self, message: str, *, upload_id: str = "") -> None:
+        super().__init__(message)
+        self.upload_id = upload_id
+
+
+class UploadNotFound(ResumableUploadError, LookupError):
+    """No resumable upload has this id (never created, terminated, or swept)."""
+
+
+class UploadExpired(UploadNotFound):
+    """The resumable upload is past its expiry; start a new one."""
+
+
+class UploadOffsetMismatch(ResumableUploadError):
+    """The write starts elsewhere than the session's durable offset: ask for the
+    offset (tus: ``HEAD``) and resume from there.
+
+    :ivar offset: the session's durable offset.
+    """
+
+    def __init__(self, message: str, *, upload_id: str = "", offset: int = 0) -> None:
+        super().__init__(message, upload_id=upload_id)
+        self.offset = offset
+
+
+class UploadLocked(ResumableUploadError):
+    """Another request is writing to this upload right now (its lease holds);
+    retry after it ends or its lease expires."""
+
+
+class UploadChecksumMismatch(ResumableUploadError):
+    """The bytes of one write do not match the checksum sent with them; nothing of
+    that write was kept. Send them again."""
+
+
+class UploadTooLarge(ResumableUploadError):
+    """More bytes than the upload's declared length, or than the field accepts."""

@@ -1,0 +1,622 @@
+"""``tus_app``: resumable uploads into a document's ``FileField`` (the tus 1.0 protocol).
+
+.. code-block:: python
+
+    async def authorize(request, upload):
+        if upload.id is None:                       # creation: say where it goes
+            user = await current_user(request)
+            return UploadTarget(user, "avatar")
+        return upload.info["owner"] == request.headers.get("x-user")
+
+    app.mount("/uploads", tus_app(authorize))
+
+A client (tus-js-client, Uppy, tuspy) creates an upload with ``POST``, sends its
+bytes with ``PATCH`` in as many requests as it likes, asks where it stands with
+``HEAD`` after a dropped connection, and may give up with ``DELETE``. The bytes
+are kept durably as they arrive (:mod:`asyncassets.storage.resumable`); the
+``PATCH`` that completes them stores them in the field's storage through the
+field's rules and moves the document's reference to them with the switch
+:meth:`~asyncassets.files.proxy.FileProxy.replace` uses. See :doc:`/uploads`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import email.utils
+import hashlib
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from dataclasses import field as _field
+from typing import Any
+from urllib.parse import quote, unquote
+
+from mongoengine.base import get_document
+from pymongo.errors import PyMongoError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ..connection import get_db
+from ..errors import (
+    FileConflict,
+    FileValidationError,
+    ResumableUploadError,
+    StorageError,
+    UploadChecksumMismatch,
+    UploadExpired,
+    UploadLocked,
+    UploadNotFound,
+    UploadOffsetMismatch,
+    UploadTooLarge,
+)
+from ..files.proxy import FileProxy
+from ..files.rules import make_guard
+from ..files.sniffing import HEAD_SIZE
+from ..ops.scope import declared_storages
+from ..storage.resumable import DEFAULT_LEASE, DEFAULT_STAGING_CHUNK, DONE, UploadSessions
+
+__all__ = ["TUS_EXTENSIONS", "TusUpload", "UploadTarget", "tus_app"]
+
+_logger = logging.getLogger("asyncassets.web")
+
+TUS_VERSION = "1.0.0"
+#: The tus extensions :func:`tus_app` offers.
+TUS_EXTENSIONS = ("creation", "creation-with-upload", "termination", "expiration", "checksum")
+#: Checksum algorithms of ``Upload-Checksum`` (the tus spec requires sha1).
+_ALGORITHMS = {"sha1": "sha1", "sha256": "sha256"}
+_OCTETS = "application/offset+octet-stream"
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_KEY = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: The metadata keys a file name and a content type are taken from, as
+#: tus-js-client, Uppy and tuspy send them.
+_NAME_KEYS = ("filename", "name")
+_TYPE_KEYS = ("filetype", "type", "contentType")
+#: The metadata key on the stored file that names the upload it came from.
+UPLOAD_MARK = "tus_upload"
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """Where an upload goes: a saved document and the name of its ``FileField``.
+
+    :ivar info: JSON-like values kept with the upload and shown to the hook on
+        later requests (``upload.info``): who created it, say.
+    """
+
+    document: Any
+    field: str
+    info: Mapping[str, Any] = _field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TusUpload:
+    """What the authorisation hook is shown.
+
+    :ivar id: ``None`` when the request creates the upload, else its id.
+    :ivar length: the declared length in bytes.
+    :ivar metadata: the client's ``Upload-Metadata``, decoded (values ``None``
+        for a key sent without one).
+    :ivar info: at creation empty; later what the hook's :class:`UploadTarget`
+        carried, with ``document`` (class name, id) and ``field``.
+    """
+
+    id: str | None
+    length: int
+    metadata: Mapping[str, str | None]
+    info: Mapping[str, Any]
+
+
+#: The hook: ``(request, upload) -> UploadTarget`` at creation (``None`` or
+#: ``False`` refuses, 403), ``-> bool`` on later requests.
+Authorize = Callable[[Request, TusUpload], Awaitable[Any]]
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, text: str, headers: Mapping[str, str] | None = None):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.headers = dict(headers or {})
+
+
+def tus_app(
+    authorize: Authorize,
+    *,
+    max_size: int | None = None,
+    expires: dt.timedelta = dt.timedelta(hours=24),
+    lease: dt.timedelta = DEFAULT_LEASE,
+    chunk_size: int = DEFAULT_STAGING_CHUNK,
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """An ASGI app speaking tus 1.0 (core, creation, creation-with-upload,
+    termination, expiration, checksum) into documents' ``FileField``\\ s.
+
+    Mount it in Starlette (``Mount("/uploads", tus_app(authorize))``) or FastAPI
+    (``app.mount("/uploads", tus_app(authorize))``). Uploads are created at the
+    mount point and live at ``<mount>/<alias>/<catalogue>/<id>``, the id being
+    32 random hex digits.
+
+    Every request is authorised by ``authorize(request, upload)``
+    (:class:`TusUpload`): at creation it returns an :class:`UploadTarget` (the
+    saved document and field the upload is for) or ``None``/``False`` (403);
+    later (``HEAD``, ``PATCH``, ``DELETE``) a truth value (false: 403).
+
+    The field's rules apply: a declared length over the field's ``max_size``
+    (or this app's) is refused at creation (413), and so is a file name or a
+    declared content type the field refuses (415); the first bytes are sniffed
+    when they arrive (415, and the upload is dropped). The ``PATCH`` that
+    completes the bytes stores them and moves the reference (see :doc:`/uploads`
+    for what a failure there leaves and how a client completes it).
+
+    :param authorize: the hook.
+    :param max_size: the largest upload, in bytes, whatever the field allows
+        (``Tus-Max-Size``).
+    :param expires: how long an upload lives after its creation (``Upload-Expires``);
+        the sweep removes it after.
+    :param lease: how long one ``PATCH`` holds the upload against others unless
+        it makes progress; a server killed mid-``PATCH`` blocks the upload this long.
+    :param chunk_size: bytes per staged chunk.
+    """
+    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int)
+                                 or max_size < 0):
+        raise ValueError(f"max_size must be an int >= 0 or None, not {max_size!r}")
+    if not isinstance(expires, dt.timedelta) or expires <= dt.timedelta(0):
+        raise ValueError(f"expires must be a positive timedelta, not {expires!r}")
+    return _TusApp(authorize, max_size, expires, lease, chunk_size)
+
+
+class _TusApp:
+    def __init__(
+        self,
+        authorize: Authorize,
+        max_size: int | None,
+        expires: dt.timedelta,
+        lease: dt.timedelta,
+        chunk_size: int,
+    ) -> None:
+        self.authorize = authorize
+        self.max_size = max_size
+        self.expires = expires
+        self.lease = lease
+        self.chunk_size = chunk_size
+        self._sessions: dict[tuple[str, str, int], UploadSessions] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self._handle(request)
+        except _Refused as refused:
+            response = _text(refused.status, refused.text, refused.headers)
+        await response(scope, receive, send)
+
+    def sessions(self, alias: str, catalogue: str) -> UploadSessions:
+        db = get_db(alias)
+        key = (alias, catalogue, id(db.client))
+        found = self._sessions.get(key)
+        if found is None:
+            found = UploadSessions(db, catalogue, chunk_size=self.chunk_size, lease=self.lease)
+            self._sessions[key] = found
+        return found
+
+    # -- dispatch ------------------------------------------------------------------
+
+    async def _handle(self, request: Request) -> Response:
+        method = request.method
+        override = request.headers.get("x-http-method-override")
+        if method == "POST" and override:
+            method = override.upper()
+        path = request.scope.get("path", "")
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        parts = [p for p in path.split("/") if p]
+        if method == "OPTIONS":
+            return self._options()
+        if request.headers.get("tus-resumable") != TUS_VERSION:
+            raise _Refused(412, f"this server speaks tus {TUS_VERSION}; send "
+                           f"Tus-Resumable: {TUS_VERSION}", {"Tus-Version": TUS_VERSION})
+        if not parts:
+            if method != "POST":
+                raise _Refused(405, "create an upload with POST", {"Allow": "POST, OPTIONS"})
+            return await self._create(request)
+        if len(parts) != 3:
+            raise _Refused(404, "no such upload")
+        alias, catalogue, upload_id = (unquote(p) for p in parts)
+        if (alias, catalogue) not in declared_storages():
+            raise _Refused(404, "no such upload")
+        sessions = self.sessions(alias, catalogue)
+        if method == "HEAD":
+            return await self._head(request, sessions, upload_id)
+        if method == "PATCH":
+            return await self._patch(request, sessions, upload_id)
+        if method == "DELETE":
+            return await self._delete(request, sessions, upload_id)
+        raise _Refused(405, f"{method} is not a tus method here",
+                       {"Allow": "HEAD, PATCH, DELETE, OPTIONS"})
+
+    def _options(self) -> Response:
+        headers = {
+            "Tus-Version": TUS_VERSION,
+            "Tus-Extension": ",".join(TUS_EXTENSIONS),
+            "Tus-Checksum-Algorithm": ",".join(_ALGORITHMS),
+        }
+        if self.max_size is not None:
+            headers["Tus-Max-Size"] = str(self.max_size)
+        return _empty(204, headers)
+
+    # -- POST ------------------------------------------------------------------------
+
+    async def _create(self, request: Request) -> Response:
+        if "upload-defer-length" in request.headers:
+            raise _Refused(400, "Upload-Defer-Length is not supported: send Upload-Length")
+        length = _number(request.headers.get("upload-length"), "Upload-Length")
+        if self.max_size is not None and length > self.max_size:
+            raise _Refused(413, f"Upload-Length {length} is over this server's "
+                           f"Tus-Max-Size {self.max_size}")
+        raw_metadata = request.headers.get("upload-metadata", "")
+        metadata = parse_metadata(raw_metadata)
+        upload = TusUpload(None, length, metadata, {})
+        target = await self.authorize(request, upload)
+        if not isinstance(target, UploadTarget):
+            if target is None or target is False:
+                raise _Refused(403, "this upload was refused")
+            raise TypeError(
+                f"the tus authorize hook must return an UploadTarget (or None to refuse) "
+                f"when an upload is created, not {type(target).__name__}"
+            )
+        document, proxy = _target_proxy(target)
+        limit = getattr(getattr(proxy._field, "rules", None), "max_size", None)
+        if limit is not None and length > limit:
+            raise _Refused(413, f"{target.field}: Upload-Length {length} is over the "
+                           f"field's max_size={limit} bytes")
+        filename = _first(metadata, _NAME_KEYS)
+        content_type = _first(metadata, _TYPE_KEYS)
+        try:
+            guard = make_guard(proxy, content_type, filename, {})
+        except FileValidationError as exc:
+            raise _Refused(415, str(exc)) from exc
+        alias = proxy.db_alias
+        catalogue = proxy.storage.collection_name
+        sessions = self.sessions(alias, catalogue)
+        info = {
+            "document": {"class": type(document)._class_name, "id": document.pk},
+            "field": target.field,
+            "filename": filename,
+            "content_type": guard.content_type if content_type is not None else None,
+            "metadata": raw_metadata,
+            "app": dict(target.info),
+        }
+        session = await sessions.create(
+            length=length, expires=dt.datetime.now(dt.timezone.utc) + self.expires, info=info
+        )
+        location = _location(request, alias, catalogue, session["_id"])
+        headers = {"Location": location, "Upload-Expires": _http_date(session["expires"])}
+        if request.headers.get("content-type") == _OCTETS:
+            # creation-with-upload: the body is the first bytes.
+            try:
+                session = await self._write(request, sessions, session, 0)
+            except _Refused as refused:
+                if refused.status == 415:
+                    raise
+                # The upload exists: the client resumes it from HEAD's offset.
+                _logger.info("first bytes of new upload %s not kept: %s",
+                             session["_id"], refused.text)
+                session = await sessions.get(session["_id"])
+        headers["Upload-Offset"] = str(session["offset"])
+        return _empty(201, headers)
+
+    # -- HEAD, DELETE ---------------------------------------------------------------------
+
+    async def _session(
+        self, request: Request, sessions: UploadSessions, upload_id: str
+    ) -> dict[str, Any]:
+        try:
+            session = await sessions.get(upload_id)
+        except UploadExpired as exc:
+            raise _Refused(410, str(exc)) from exc
+        except UploadNotFound as exc:
+            raise _Refused(404, str(exc)) from exc
+        info = session.get("info") or {}
+        upload = TusUpload(
+            upload_id, int(session["length"]), parse_metadata(info.get("metadata") or ""), info
+        )
+        if not await self.authorize(request, upload):
+            raise _Refused(403, "this request on the upload was refused")
+        return session
+
+    async def _head(self, request: Request, sessions: UploadSessions, upload_id: str) -> Response:
+        session = await self._session(request, sessions, upload_id)
+        headers = {
+            "Upload-Offset": str(session["offset"]),
+            "Upload-Length": str(session["length"]),
+            "Upload-Expires": _http_date(session["expires"]),
+            "Cache-Control": "no-store",
+        }
+        raw = (session.get("info") or {}).get("metadata")
+        if raw:
+            headers["Upload-Metadata"] = raw
+        return _empty(200, headers)
+
+    async def _delete(
+        self, request: Request, sessions: UploadSessions, upload_id: str
+    ) -> Response:
+        session = await self._session(request, sessions, upload_id)
+        if session.get("state") == DONE:
+            raise _Refused(409, "this upload is complete and attached; delete the file "
+                           "through its document instead")
+        try:
+            await sessions.terminate(upload_id)
+        except UploadLocked as exc:
+            raise _Refused(409, str(exc)) from exc
+        except UploadNotFound as exc:
+            raise _Refused(404, str(exc)) from exc
+        return _empty(204, {})
+
+    # -- PATCH ------------------------------------------------------------------------
+
+    async def _patch(self, request: Request, sessions: UploadSessions, upload_id: str) -> Response:
+        if request.headers.get("content-type") != _OCTETS:
+            raise _Refused(415, f"PATCH takes Content-Type: {_OCTETS}")
+        offset = _number(request.headers.get("upload-offset"), "Upload-Offset")
+        session = await self._session(request, sessions, upload_id)
+        length = int(session["length"])
+        if session["offset"] == length and offset == length:
+            # Complete already: a retried last PATCH (the attach failed or its
+            # reply was lost) attaches it, or finds it attached.
+            await self._finish(sessions, session)
+            return _empty(204, _offset_headers(session))
+        declared = request.headers.get("content-length")
+        if declared is not None and _DIGITS.fullmatch(declared) and (
+            offset + int(declared) > length
+        ):
+            raise _Refused(413, f"this PATCH goes past the upload's length of {length} bytes")
+        session = await self._write(request, sessions, session, offset)
+        return _empty(204, _offset_headers(session))
+
+    async def _write(
+        self, request: Request, sessions: UploadSessions, session: dict[str, Any], offset: int
+    ) -> dict[str, Any]:
+        upload_id = session["_id"]
+        checksum = _checksum(request.headers.get("upload-checksum"))
+        pieces: AsyncIterator[Any] = request.stream()
+        if offset < HEAD_SIZE:
+            pieces = self._sniffed(pieces, session, offset)
+        try:
+            session = await sessions.write(upload_id, offset, pieces, checksum=checksum)
+        except UploadChecksumMismatch as exc:
+            raise _Refused(460, str(exc)) from exc
+        except UploadOffsetMismatch as exc:
+            raise _Refused(409, str(exc), {"Upload-Offset": str(exc.offset)}) from exc
+        except UploadLocked as exc:
+            raise _Refused(409, str(exc)) from exc
+        except UploadTooLarge as exc:
+            raise _Refused(413, str(exc)) from exc
+        except UploadExpired as exc:
+            raise _Refused(410, str(exc)) from exc
+        except UploadNotFound as exc:
+            raise _Refused(404, str(exc)) from exc
+        except FileValidationError as exc:
+            await sessions.remove(upload_id)
+            raise _Refused(415, f"{exc}; the upload was dropped") from exc
+        except ClientDisconnect:
+            # What arrived is kept; no one is listening for an answer.
+            raise _Refused(400, "the client went away") from None
+        if session["offset"] == session["length"]:
+            await self._finish(sessions, session)
+        return session
+
+    def _sniffed(
+        self, pieces: AsyncIterator[Any], session: Mapping[str, Any], offset: int
+    ) -> AsyncIterator[Any]:
+        """Check the file's first bytes by the field's rules as they pass (only a
+        write from offset 0 sees them; the stored file is checked again whole)."""
+        if offset != 0:
+            return pieces
+        info = session.get("info") or {}
+        length = int(session["length"])
+
+        async def check() -> AsyncIterator[Any]:
+            head = bytearray()
+            checked = False
+            async for piece in pieces:
+                if not checked:
+                    head += bytes(piece[: HEAD_SIZE - len(head)])
+                    if len(head) >= min(HEAD_SIZE, length):
+                        await self._check_head(info, bytes(head))
+                        checked = True
+                yield piece
+
+        return check()
+
+    async def _check_head(self, info: Mapping[str, Any], head: bytes) -> None:
+        _document, proxy = await _load_target(info)
+        guard = make_guard(proxy, info.get("content_type"), info.get("filename"), {})
+        guard.check_head(head)
+
+    # -- finishing ------------------------------------------------------------------------
+
+    async def _finish(self, sessions: UploadSessions, session: Mapping[str, Any]) -> None:
+        upload_id = session["_id"]
+        if session.get("state") == DONE:
+            return
+        try:
+            session = await sessions.begin_finish(upload_id)
+        except ResumableUploadError as exc:
+            raise _Refused(409, str(exc)) from exc
+        if session.get("state") == DONE:
+            return
+        info = session.get("info") or {}
+        _document, proxy = await _load_target(info)
+        if await _attached_already(proxy, upload_id):
+            await sessions.mark_done(upload_id, proxy.grid_id)
+            return
+        try:
+            await proxy.replace(
+                sessions.read(session),
+                content_type=info.get("content_type"),
+                filename=info.get("filename"),
+                **{UPLOAD_MARK: upload_id},
+            )
+        except FileValidationError as exc:
+            await sessions.remove(upload_id)
+            raise _Refused(415, f"{exc}; the upload was dropped") from exc
+        except FileConflict as exc:
+            raise _Refused(409, f"{exc} (send the last PATCH again to retry)") from exc
+        except (PyMongoError, StorageError) as exc:
+            # Unknown outcome or storage failure: the staged bytes stay, and a
+            # retried last PATCH finds out (the stored file names this upload).
+            _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
+            raise _Refused(503, f"the upload is complete but could not be attached yet "
+                           f"({type(exc).__name__}); send the last PATCH again",
+                           {"Retry-After": "1"}) from exc
+        await sessions.mark_done(upload_id, proxy.grid_id)
+
+
+async def _attached_already(proxy: FileProxy, upload_id: str) -> bool:
+    """Whether the field holds the file this upload made (an attach whose reply
+    was lost, retried)."""
+    if proxy.grid_id is None:
+        return False
+    entry = await proxy._bucket().find(proxy.grid_id)
+    if entry is None:
+        return False
+    return bool((entry.get("metadata") or {}).get(UPLOAD_MARK) == upload_id)
+
+
+def _target_proxy(target: UploadTarget) -> tuple[Any, FileProxy]:
+    document = target.document
+    if getattr(document, "pk", None) is None:
+        raise TypeError(
+            "the tus authorize hook returned an unsaved document: save it first, so the "
+            "finished upload has a stored document to be attached to"
+        )
+    proxy = getattr(document, target.field, None)
+    if not isinstance(proxy, FileProxy):
+        raise TypeError(
+            f"the tus authorize hook named {target.field!r}, which is not a FileField of "
+            f"{type(document).__name__}"
+        )
+    return document, proxy
+
+
+async def _load_target(info: Mapping[str, Any]) -> tuple[Any, FileProxy]:
+    where = info.get("document") or {}
+    try:
+        cls = get_document(where.get("class"))
+    except Exception as exc:  # mongoengine raises NotRegistered, a bare Exception subclass
+        raise _Refused(410, f"the upload's document class {where.get('class')!r} is not "
+                       "declared in this process") from exc
+    document = await cls.objects(pk=where.get("id")).first()
+    if document is None:
+        raise _Refused(410, "the document this upload was for was deleted; the upload "
+                       "cannot be attached")
+    return _target_proxy(UploadTarget(document, str(info.get("field"))))
+
+
+# -- headers -------------------------------------------------------------------------
+
+
+def parse_metadata(raw: str) -> dict[str, str | None]:
+    """``Upload-Metadata`` decoded: ``key base64,key2 base64,key3``.
+
+    Strict: a key of token characters, at most once; a value of canonical base64
+    that decodes to UTF-8.
+
+    :raises _Refused: (400) anything else.
+    """
+    metadata: dict[str, str | None] = {}
+    if not raw.strip():
+        return metadata
+    for pair in raw.split(","):
+        bits = pair.strip().split(" ")
+        if len(bits) > 2 or not _KEY.fullmatch(bits[0]):
+            raise _Refused(400, f"Upload-Metadata: {pair.strip()[:40]!r} is not "
+                           "'key base64value'")
+        key = bits[0]
+        if key in metadata:
+            raise _Refused(400, f"Upload-Metadata: key {key!r} is given twice")
+        if len(bits) == 1:
+            metadata[key] = None
+            continue
+        try:
+            value = base64.b64decode(bits[1], validate=True).decode("utf-8")
+        except (binascii.Error, ValueError) as exc:
+            raise _Refused(400, f"Upload-Metadata: the value of {key!r} is not base64 of "
+                           "UTF-8 text") from exc
+        metadata[key] = value
+    return metadata
+
+
+def _checksum(raw: str | None) -> tuple[str, bytes] | None:
+    if raw is None:
+        return None
+    bits = raw.strip().split(" ")
+    if len(bits) != 2 or bits[0] not in _ALGORITHMS:
+        raise _Refused(400, f"Upload-Checksum must be '<algorithm> <base64 digest>' with "
+                       f"one of {', '.join(_ALGORITHMS)}")
+    try:
+        digest = base64.b64decode(bits[1], validate=True)
+    except binascii.Error as exc:
+        raise _Refused(400, "Upload-Checksum: the digest is not base64") from exc
+    algorithm = _ALGORITHMS[bits[0]]
+    if len(digest) != hashlib.new(algorithm).digest_size:
+        raise _Refused(400, f"Upload-Checksum: a {algorithm} digest is "
+                       f"{hashlib.new(algorithm).digest_size} bytes")
+    return algorithm, digest
+
+
+def _number(raw: str | None, name: str) -> int:
+    if raw is None or not _DIGITS.fullmatch(raw):
+        raise _Refused(400, f"{name} must be a non-negative integer")
+    return int(raw)
+
+
+def _first(metadata: Mapping[str, str | None], keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        value = metadata.get(key)
+        if value:
+            return value
+    return None
+
+
+def _location(request: Request, alias: str, catalogue: str, upload_id: str) -> str:
+    base = str(request.url.replace(query="", fragment="")).rstrip("/")
+    return f"{base}/{quote(alias, safe='')}/{quote(catalogue, safe='')}/{upload_id}"
+
+
+def _http_date(when: dt.datetime) -> str:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return email.utils.format_datetime(when.astimezone(dt.timezone.utc), usegmt=True)
+
+
+def _offset_headers(session: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        "Upload-Offset": str(session["offset"]),
+        "Upload-Expires": _http_date(session["expires"]),
+    }
+
+
+_COMMON = {
+    "Tus-Resumable": TUS_VERSION,
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _empty(status: int, headers: Mapping[str, str]) -> Response:
+    return Response(status_code=status, headers={**_COMMON, **headers})
+
+
+def _text(status: int, text: str, headers: Mapping[str, str]) -> Response:
+    return Response(
+        f"{text}\n",
+        status_code=status,
+        media_type="text/plain; charset=utf-8",
+        headers={**_COMMON, "Tus-Version": TUS_VERSION, **headers},
+    )
