@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
 import pytest
-from _tus import STORAGES, app_for, client, create, doc_class, make_storage, patch
+from _tus import STORAGES, app_for, client, create, doc_class, make_storage, patch, sha256_header
 
 
 @pytest.fixture(params=STORAGES)
@@ -35,3 +36,133 @@ async def test_an_upload_in_pieces_becomes_the_documents_file(asyncassets_db, st
     stored = await cls.objects(pk=doc.pk).first()
     assert await stored.file.read() == data
     assert stored.file.filename == "big.bin"
+
+
+@pytest.fixture
+async def setup(asyncassets_db, request, tmp_path):
+    cls = doc_class(make_storage("gridfs", request, tmp_path))
+    doc = cls(owner="ann")
+    await doc.save()
+    return cls, doc
+
+
+async def staged(db: Any, cls: Any) -> int:
+    name = cls._fields["file"].storage.collection_name
+    return await db[f"{name}.uploads.chunks"].count_documents({})
+
+
+async def test_a_wrong_offset_is_409_with_the_right_one(setup):
+    cls, doc = setup
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, 100)).headers["location"]
+        assert (await patch(http, location, 0, b"a" * 10)).status_code == 204
+        for wrong in (0, 5, 11, 100):
+            answer = await patch(http, location, wrong, b"b")
+            assert answer.status_code == 409, wrong
+            assert answer.headers["upload-offset"] == "10"
+        assert (await http.head(location)).headers["upload-offset"] == "10"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Content-Type": "application/octet-stream"}, {"Upload-Offset": "-1"},
+     {"Upload-Offset": "x"}, {"Upload-Checksum": "md5 AAAA"},
+     {"Upload-Checksum": "sha256 not-base64!"}, {"Upload-Checksum": "sha256 AAAA"}],
+)
+async def test_bad_patch_headers_are_refused(setup, headers):
+    cls, doc = setup
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, 100)).headers["location"]
+        sent = {"Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+        sent.update(headers)
+        answer = await http.patch(location, headers=sent, content=b"abc")
+        assert answer.status_code in (400, 415), answer.text
+        assert (await http.head(location)).headers["upload-offset"] == "0"
+
+
+async def test_a_checksum_mismatch_is_460_and_keeps_nothing_of_that_patch(asyncassets_db, setup):
+    cls, doc = setup
+    first, second = os.urandom(3000), os.urandom(5000)
+    async with client(app_for(cls, chunk_size=1024)) as http:
+        location = (await create(http, doc, 8000)).headers["location"]
+        ok = await patch(http, location, 0, first, **{"Upload-Checksum": sha256_header(first)})
+        assert ok.status_code == 204
+        bad = await patch(http, location, 3000, second,
+                          **{"Upload-Checksum": sha256_header(second[:-1] + b"!")})
+        assert bad.status_code == 460, bad.text
+        assert (await http.head(location)).headers["upload-offset"] == "3000"
+        assert await staged(asyncassets_db, cls) == 2  # 2 chunks, the tail in the session
+        done = await patch(http, location, 3000, second,
+                           **{"Upload-Checksum": sha256_header(second)})
+        assert done.status_code == 204
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == first + second
+    assert await staged(asyncassets_db, cls) == 0
+
+
+async def test_bytes_past_the_length_are_413(setup):
+    cls, doc = setup
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, 10)).headers["location"]
+        assert (await patch(http, location, 0, b"x" * 11)).status_code == 413
+        assert (await http.head(location)).headers["upload-offset"] == "0"
+
+
+async def test_two_patches_at_once_one_wins_the_other_gets_409(asyncassets_db, setup):
+    cls, doc = setup
+    data = os.urandom(200_000)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow() -> Any:
+        yield data[:100_000]
+        started.set()
+        await release.wait()
+        yield data[100_000:]
+
+    async with client(app_for(cls, chunk_size=4096)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        first = asyncio.ensure_future(patch(http, location, 0, slow()))  # type: ignore[arg-type]
+        await started.wait()
+        await asyncio.sleep(0.2)
+        second = await patch(http, location, 0, b"z" * 1000)
+        assert second.status_code == 409, second.text
+        release.set()
+        assert (await first).status_code == 204
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == data
+
+
+async def test_finishing_replaces_the_old_file_which_is_deleted_after(asyncassets_db, setup):
+    cls, doc = setup
+    await doc.file.put(b"old bytes", filename="old.txt")
+    old_id = doc.file.grid_id
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, 9)).headers["location"]
+        assert (await patch(http, location, 0, b"new bytes")).status_code == 204
+        # A retried last PATCH (its reply lost) finds the upload attached.
+        assert (await patch(http, location, 9, b"")).status_code == 204
+    stored = await cls.objects(pk=doc.pk).first()
+    assert stored.file.grid_id != old_id
+    assert await stored.file.read() == b"new bytes"
+    name = cls._fields["file"].storage.collection_name
+    assert await asyncassets_db[f"{name}.files"].count_documents({}) == 1
+
+
+async def test_an_attach_that_failed_is_completed_by_a_retried_last_patch(asyncassets_db, setup):
+    cls, doc = setup
+    name = cls._fields["file"].storage.collection_name
+    async with client(app_for(cls)) as http:
+        data = b"abcdef" * 100
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:550])).status_code == 204
+        # The document is gone: the complete upload cannot be attached (410) ...
+        await asyncassets_db[cls._get_collection_name()].delete_one({"_id": doc.pk})
+        assert (await patch(http, location, 550, data[550:])).status_code == 410
+        # ... and its bytes stay staged, nothing is in the catalogue.
+        assert await asyncassets_db[f"{name}.files"].count_documents({}) == 0
+        assert (await http.head(location)).headers["upload-offset"] == str(len(data))
+        # The document comes back (a restore): the retried last PATCH attaches.
+        await asyncassets_db[cls._get_collection_name()].insert_one(
+            {"_id": doc.pk, "owner": "ann"})
+        assert (await patch(http, location, len(data), b"")).status_code == 204
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == data
+    assert await staged(asyncassets_db, cls) == 0

@@ -201,6 +201,9 @@ class SweepReport:
     #: storage's backend can list them).
     uploads_aborted: int = 0
     aborted_uploads: list[StoredObject] = field(default_factory=list)
+    #: Resumable (tus) upload sessions past their expiry, deleted with their
+    #: staged bytes (see :doc:`/uploads`); any storage.
+    resumable_expired: int = 0
     #: Bytes of file data deleted: the ``length`` of deleted files plus the size of
     #: deleted orphaned chunks, objects and temp files.
     bytes_freed: int = 0
@@ -228,6 +231,8 @@ class SweepReport:
                 f"  stale multipart uploads {'to abort' if self.dry_run else 'aborted'}: "
                 f"{self.uploads_aborted}",
             ]
+        if self.resumable_expired:
+            lines.append(f"  expired resumable uploads {verb}: {self.resumable_expired}")
         lines.append(
             f"  space {'to free' if self.dry_run else 'freed'}: {_human_bytes(self.bytes_freed)}"
         )

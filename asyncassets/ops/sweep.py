@@ -47,6 +47,7 @@ from .reports import (
     SweepReport,
     _keep,
 )
+from .resumable import sweep_resumable
 from .scope import _plan, _prune, _Sharer, _Source, _Work
 
 __all__ = ["sweep_orphans"]
@@ -84,6 +85,11 @@ async def sweep_orphans(
     writers untouched since the cutoff and S3 multipart uploads started before it,
     when the backend can list them. An object is kept while any declared
     catalogue keeping objects in the same place names it.
+
+    Resumable (tus) uploads past their expiry are deleted with their staged
+    bytes, on every storage (:func:`~asyncassets.ops.resumable.sweep_resumable`);
+    a live upload's bytes are staged apart from the catalogue's and never count
+    as orphans.
 
     References are re-read for each batch of candidate files right before deleting
     them, and a file's files document is deleted before its chunks (or object), so
@@ -141,6 +147,7 @@ async def sweep_orphans(
         elif isinstance(store, QueuedStore):
             await _sweep_queued(store, bucket_alias, work, cutoff, dry_run, batch_size,
                                 max_ids, report)
+        await sweep_resumable(get_db(bucket_alias), name, dry_run=dry_run, report=report)
     report.duration = time.monotonic() - started
     return report
 

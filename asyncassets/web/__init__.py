@@ -8,6 +8,8 @@
 * :class:`ContentPolicy`: which files are shown inline, under which type,
   sandboxed (user content is served safe by default; S3 presigned links follow
   it too);
+* :func:`tus_app`: resumable uploads (the tus protocol) into a document's
+  ``FileField``, authorised by a hook of the app's (see :doc:`/uploads`);
 * :func:`run_lifespan`: run an app's lifespan in a test that calls it in-process;
 * :func:`storage_error_response`: an exception handler that answers a storage
   or database outage with ``503`` instead of a dropped connection.
@@ -40,6 +42,7 @@ from .policy import (
     Presentation,
 )
 from .response import FileResponse
+from .tus import TUS_EXTENSIONS, TusUpload, UploadTarget, tus_app
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -48,13 +51,17 @@ __all__ = [
     "LABELLED_TYPES",
     "PRESIGNED_INLINE_TYPES",
     "RETRY_AFTER_SECONDS",
+    "TUS_EXTENSIONS",
     "UNSANDBOXED_TYPES",
     "ContentPolicy",
     "FileResponse",
     "LifespanFailed",
     "Presentation",
+    "TusUpload",
+    "UploadTarget",
     "configure_urls",
     "files_app",
     "run_lifespan",
     "storage_error_response",
+    "tus_app",
 ]

@@ -370,6 +370,9 @@ class _TusApp:
             # reply was lost) attaches it, or finds it attached.
             await self._finish(sessions, session)
             return _empty(204, _offset_headers(session))
+        if offset != session["offset"]:
+            raise _Refused(409, f"the upload is at offset {session['offset']}, not {offset}; "
+                           "resume from its offset", {"Upload-Offset": str(session["offset"])})
         declared = request.headers.get("content-length")
         if declared is not None and _DIGITS.fullmatch(declared) and (
             offset + int(declared) > length

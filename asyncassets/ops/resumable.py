@@ -1,0 +1,39 @@
+"""The sweep of resumable uploads: sessions past their expiry, and their staged bytes.
+
+A resumable upload (:mod:`asyncassets.storage.resumable`) keeps its bytes in
+``<catalogue>.uploads.chunks`` until it is complete and attached, apart from the
+catalogue's files and chunks, so the orphan sweep of files, chunks and objects
+never mistakes a live upload's bytes for an orphan. This pass removes what the
+uploads themselves leave: sessions past their ``expires`` (abandoned; a write
+still holding its lease is left for the next sweep) and staged chunks whose
+session is gone (a terminate or sweep interrupted between its two deletes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from ..storage.resumable import UploadSessions
+from .reports import SweepReport
+
+__all__ = ["sweep_resumable"]
+
+
+async def sweep_resumable(db: Any, catalogue: str, *, dry_run: bool, report: SweepReport) -> None:
+    """Delete the expired upload sessions of ``catalogue`` and their staged bytes.
+
+    Expiry is the grace of a resumable upload (``tus_app(expires=...)``), so the
+    sweep's own ``grace`` does not delay it.
+    """
+    sessions = UploadSessions(db, catalogue)
+    now = dt.datetime.now(dt.timezone.utc)
+    for session in await sessions.expired(now):
+        report.resumable_expired += 1
+        if session.get("state") != "done":
+            report.bytes_freed += max(int(session.get("offset") or 0), 0)
+        if not dry_run:
+            await sessions.remove(session["_id"])
+    for upload_id in await sessions.headless_chunks():
+        if not dry_run:
+            await sessions.chunks.delete_many({"upload": upload_id})
