@@ -93,7 +93,8 @@ class DirectUploadIntent:
     target: Mapping[str, Any] = field(default_factory=dict)
 
 
-#: The hook: ``(request, intent) -> (document, field name)``, or ``None`` to refuse.
+#: The hook: ``(request, intent) -> (document, field name)`` (or tus's
+#: ``UploadTarget(document, field)``), or ``None`` to refuse.
 Authorize = Callable[[Request, DirectUploadIntent], Awaitable["tuple[Any, str] | None"]]
 
 
@@ -219,7 +220,10 @@ class _DirectApp:
         chosen = await self.authorize(request, intent)
         if chosen is None:
             raise DirectUploadError("not allowed to upload here", status=403)
-        document, field_name = chosen
+        if hasattr(chosen, "document") and hasattr(chosen, "field"):
+            document, field_name = chosen.document, str(chosen.field)  # tus's UploadTarget
+        else:
+            document, field_name = chosen
         if document.pk is None or getattr(document, "_created", False):
             raise DirectUploadError(
                 "the hook returned an unsaved document; save it first", status=409
