@@ -129,7 +129,8 @@ const stopAt = Number(new URLSearchParams(location.search).get('stop') || 0);
 window.uploadState = {{progress: 0, done: false, error: null, resumedAt: null}};
 async function target() {{
   const title = document.getElementById('title').value;
-  const r = await fetch('/large/new', {{method: 'POST', body: JSON.stringify({{title}})}});
+  const body = JSON.stringify({{title}});
+  const r = await fetch('/large/new', {{method: 'POST', body}});
   return (await r.json()).id;
 }}
 function run(kind) {{
@@ -152,7 +153,9 @@ function run(kind) {{
       state.done = true; state.result = result || null;
       bar.value = 1; status.textContent = 'Done.';
     }},
-    onError(error) {{ state.error = String(error); status.textContent = String(error); }},
+    onError(error) {{
+      state.error = String(error); status.textContent = state.error;
+    }},
   }};
   const memory = `large:${{kind}}:${{file.name}}:${{file.size}}:${{file.lastModified}}`;
   const start = async () => {{
