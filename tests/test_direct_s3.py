@@ -13,17 +13,19 @@ import asyncio
 import base64
 import datetime as dt
 import hashlib
+import itertools
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 import pytest_asyncio
 import uvicorn
 
 from asyncassets import Document
 from asyncassets.fields import FileField, StringField
-from asyncassets.ops import sweep_orphans
+from asyncassets.ops import check, sweep_orphans
 from asyncassets.storage import S3Storage
 from asyncassets.storage.objects.direct import SESSIONS
 from asyncassets.storage.objects.reservations import COLLECTION as RESERVATIONS
@@ -202,6 +204,9 @@ async def test_multipart_upload_is_byte_exact_referenced_and_verifiable(
     assert str(loaded.video.grid_id) == answer["file_id"]
     assert await loaded.video.read() == data
     assert await loaded.video.verify() is True
+    report = await check(verify=True)
+    assert report.ok and report.checksum_mismatches == 0, report
+    assert report.unverifiable == 0, report
     entry = await asyncassets_db[f"{loaded.video.collection_name}.files"].find_one()
     parts = [hashlib.sha256(data[i : i + PART]).digest() for i in range(0, len(data), PART)]
     assert entry["metadata"]["sha256_parts"] == {
@@ -443,3 +448,17 @@ async def test_a_running_finalize_holds_the_session(site: Site, asyncassets_db: 
     reply = await site.finalize(session)
     assert reply.status_code == 409 and "another finalize" in reply.json()["error"]
     assert bucket_state(site.bucket)[1] == ["media/" + session["key"]]
+
+
+@pytest.mark.parametrize("cuts", [(), (3,), (5, 10), (1, 2, 14, 22)])
+def test_the_parts_digest_does_not_depend_on_how_the_bytes_arrive(cuts: tuple[int, ...]) -> None:
+    from asyncassets.storage.catalogue import new_hasher
+    from asyncassets.storage.objects.direct import composite_sha256
+
+    data = payload(23)
+    hasher = new_hasher("sha256-parts:5")
+    edges = [0, *cuts, len(data)]
+    for start, end in itertools.pairwise(edges):
+        hasher.update(data[start:end])
+    parts = [hashlib.sha256(data[i : i + 5]).digest() for i in range(0, len(data), 5)]
+    assert hasher.hexdigest() == composite_sha256(parts)

@@ -245,7 +245,8 @@ async def _check_files(
     projection = {"_id": 1, "length": 1, "chunkSize": 1, **_ENTRY_MARKS}
     if verify:
         # What the catalogue needs to say what a file is checked against.
-        projection.update({"md5": 1, "metadata.sha256": 1, "metadata.compression": 1})
+        projection.update({"md5": 1, "metadata.sha256": 1, "metadata.sha256_parts": 1,
+                           "metadata.compression": 1})
     query: dict[str, Any] = GRIDFS_FILES
     if isinstance(bucket, QueuedStore):
         projection.update({"location": 1, "uploadDate": 1, "filename": 1, "local": 1,

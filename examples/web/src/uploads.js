@@ -79,8 +79,9 @@ export function directUpload(file, options) {
         content_type: uppyFile.type || null,
         target: options.target || {},
       })
-      localStorage.setItem(memory, JSON.stringify({ uploadId: session.id, key: session.key }))
-      return { uploadId: session.id, key: session.key }
+      const started = { uploadId: session.id, key: session.key }
+      localStorage.setItem(memory, JSON.stringify(started))
+      return started
     },
     async signPart(uppyFile, { uploadId, partNumber, body }) {
       const sha256 = await sha256Base64(body)
@@ -104,7 +105,9 @@ export function directUpload(file, options) {
   })
   uppy.on('upload-success', (f, response) => options.onSuccess(response.body))
   uppy.on('upload-error', (f, error) => options.onError(error))
-  const id = uppy.addFile({ name: file.name, type: file.type, data: file, source: 'page' })
+  const id = uppy.addFile({
+    name: file.name, type: file.type, data: file, source: 'page',
+  })
   return {
     async start() {
       const saved = JSON.parse(localStorage.getItem(memory) || 'null')
