@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import itertools
@@ -133,9 +134,10 @@ def bucket_state(bucket: S3Bucket) -> tuple[list[str], list[str]]:
     return sorted(objects), sorted(uploads)
 
 
-@pytest_asyncio.fixture
-async def site(asyncassets_db: Any, asyncassets_s3_bucket: S3Bucket) -> AsyncIterator[Site]:
-    storage = S3Storage(**asyncassets_s3_bucket.options, prefix="media/", part_size=PART)
+@contextlib.asynccontextmanager
+async def serving(bucket: S3Bucket) -> AsyncIterator[Site]:
+    """The direct-upload app for a ``Trailer.video`` field on ``bucket``, under uvicorn."""
+    storage = S3Storage(**bucket.options, prefix="media/", part_size=PART)
 
     class Trailer(Document):
         title = StringField()
@@ -164,7 +166,7 @@ async def site(asyncassets_db: Any, asyncassets_s3_bucket: S3Bucket) -> AsyncIte
     while not server.started:
         assert not task.done(), task
         await asyncio.sleep(0.02)
-    site = Site(f"http://127.0.0.1:{port}", counter, Trailer, asyncassets_s3_bucket)
+    site = Site(f"http://127.0.0.1:{port}", counter, Trailer, bucket)
     holder["site"] = site
     try:
         yield site
@@ -174,6 +176,12 @@ async def site(asyncassets_db: Any, asyncassets_s3_bucket: S3Bucket) -> AsyncIte
         await task
         sock.close()
         await storage.blobs().aclose()  # type: ignore[attr-defined]
+
+
+@pytest_asyncio.fixture
+async def site(asyncassets_db: Any, asyncassets_s3_bucket: S3Bucket) -> AsyncIterator[Site]:
+    async with serving(asyncassets_s3_bucket) as made:
+        yield made
 
 
 async def new_doc(site: Site) -> Any:
@@ -462,3 +470,60 @@ def test_the_parts_digest_does_not_depend_on_how_the_bytes_arrive(cuts: tuple[in
         hasher.update(data[start:end])
     parts = [hashlib.sha256(data[i : i + 5]).digest() for i in range(0, len(data), 5)]
     assert hasher.hexdigest() == composite_sha256(parts)
+
+
+async def test_s3_killed_mid_part_loses_nothing_acknowledged(
+    asyncassets_db: Any, tmp_path: Any
+) -> None:
+    """moto (behind the write-ahead log of tests/_durable_s3.py, as a real S3 keeps
+    what it acknowledged) is SIGKILLed while a part is on its way: that part's
+    PUT fails, the part sent before survives the restart under the same upload
+    id, the client sends the cut part again and finalizes; the file is
+    byte-exact, and a sweep afterwards finds nothing to remove."""
+    from _deployment import DurableS3
+
+    from asyncassets.testing import FAKE_CREDENTIALS, create_bucket
+
+    server = DurableS3(tmp_path / "s3.log").start()
+    try:
+        bucket = S3Bucket(name="durable-direct", endpoint_url=server.endpoint_url,
+                          region="us-east-1", **FAKE_CREDENTIALS)
+        create_bucket(bucket.name, bucket.endpoint_url, bucket.access_key_id,
+                      bucket.secret_access_key, bucket.region)
+        async with serving(bucket) as site:
+            doc = await new_doc(site)
+            data = payload(2 * PART + 321, seed=9)
+            session = (await site.create(doc, data)).json()
+            assert (await site.put_part(session, 1, data[:PART])).status_code == 200
+            part = data[PART : 2 * PART]
+            digest = base64.b64encode(hashlib.sha256(part).digest()).decode()
+            signed = (await site.http.post(f"{site.url}/uploads/{session['id']}/parts/2",
+                                           json={"sha256": digest})).json()
+
+            async def slow_body() -> AsyncIterator[bytes]:
+                for start in range(0, len(part), 256 * 1024):
+                    yield part[start : start + 256 * 1024]
+                    await asyncio.sleep(0.05)
+
+            cut = asyncio.ensure_future(site.http.put(
+                signed["url"], content=slow_body(),
+                headers={**signed["headers"], "content-length": str(len(part))}))
+            await asyncio.sleep(0.3)
+            assert not cut.done()
+            await asyncio.to_thread(server.kill)
+            with pytest.raises(httpx.HTTPError):
+                await cut
+            await asyncio.to_thread(server.start)
+            listed = (await site.http.get(f"{site.url}/uploads/{session['id']}/parts")).json()
+            assert [p["PartNumber"] for p in listed] == [1]  # acknowledged: kept
+            assert (await site.put_part(session, 2, part)).status_code == 200
+            assert (await site.put_part(session, 3, data[2 * PART :])).status_code == 200
+            reply = await site.finalize(session)
+            assert reply.status_code == 200, reply.text
+            loaded = await site.cls.objects(pk=doc.pk).first()
+            assert await loaded.video.read() == data
+            report = await sweep_orphans(grace=0)
+            assert report.uploads_aborted == 0 and report.objects_deleted == 0, report
+            assert bucket_state(bucket) == (["media/" + session["key"]], [])
+    finally:
+        server.stop()
