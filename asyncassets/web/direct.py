@@ -95,7 +95,7 @@ class DirectUploadIntent:
 
 #: The hook: ``(request, intent) -> (document, field name)`` (or tus's
 #: ``UploadTarget(document, field)``), or ``None`` to refuse.
-Authorize = Callable[[Request, DirectUploadIntent], Awaitable["tuple[Any, str] | None"]]
+Authorize = Callable[[Request, DirectUploadIntent], Awaitable[Any]]
 
 
 def _error(status: int, message: str) -> Response:
@@ -217,7 +217,7 @@ class _DirectApp:
         if not isinstance(target, dict):
             raise DirectUploadError("target must be a JSON object", status=400)
         intent = DirectUploadIntent(filename, size, content_type, target)
-        chosen = await self.authorize(request, intent)
+        chosen: Any = await self.authorize(request, intent)
         if chosen is None:
             raise DirectUploadError("not allowed to upload here", status=403)
         if hasattr(chosen, "document") and hasattr(chosen, "field"):
