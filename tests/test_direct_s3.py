@@ -527,3 +527,36 @@ async def test_s3_killed_mid_part_loses_nothing_acknowledged(
             assert bucket_state(bucket) == (["media/" + session["key"]], [])
     finally:
         server.stop()
+
+
+async def test_a_small_file_of_another_length_than_declared_is_removed(
+    site: Site, asyncassets_db: Any
+) -> None:
+    doc = await new_doc(site)
+    data = payload(1000, seed=4)
+    session = (await site.create(doc, len(data) + 1)).json()
+    post = session["post"]
+    sent = await site.http.post(post["url"], data=post["fields"],
+                                files={"file": ("clip.bin", data)})
+    if sent.status_code in (200, 204):  # S3 enforces the policy's length; moto does not
+        reply = await site.finalize(session)
+        assert reply.status_code == 422 and "1000 bytes" in reply.json()["error"]
+    assert bucket_state(site.bucket) == ([], [])
+    assert await reservations(asyncassets_db) == []
+    assert await asyncassets_db[f"{doc.video.collection_name}.files"].count_documents({}) == 0
+
+
+async def test_document_deleted_before_finalize_removes_the_upload(
+    site: Site, asyncassets_db: Any
+) -> None:
+    doc = await new_doc(site)
+    data = payload(PART + 1)
+    session = (await site.create(doc, data)).json()
+    await site.send_all(session, data)
+    await doc.delete()
+    reply = await site.finalize(session)
+    assert reply.status_code == 410 and "gone" in reply.json()["error"]
+    assert bucket_state(site.bucket) == ([], [])
+    assert await reservations(asyncassets_db) == []
+    parts = await site.http.get(f"{site.url}/uploads/{session['id']}/parts")
+    assert parts.status_code == 409 and "aborted" in parts.json()["error"]

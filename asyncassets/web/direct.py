@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mongoengine.base import get_document
+from pymongo.errors import PyMongoError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
@@ -286,6 +287,7 @@ class _DirectApp:
 
     async def parts(self, request: Request) -> Response:
         uploads, session = await self._session_store(request.path_params["id"])
+        uploads._require_open(session, "list the parts")
         if session.get("upload_id") is None:
             return _ok([])
         return _ok(await uploads.list_parts(session))
@@ -295,7 +297,12 @@ class _DirectApp:
         uploads, session = await self._session_store(session_id)
         if session.get("state") == "done":
             return _ok(session["answer"])
-        proxy, _document = await self._target_proxy(session, load=True)
+        try:
+            proxy, _document = await self._target_proxy(session, load=True)
+        except DirectUploadError as exc:
+            if exc.status == 410 and session.get("state") == "open":
+                await uploads.abort(session_id)  # its document is gone: so is the upload
+            raise
         guard = make_guard(
             proxy,
             (session.get("metadata") or {}).get("content_type"),
@@ -350,7 +357,11 @@ def _endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable[...
         except FileValidationError as exc:
             return _error(422, str(exc))
         except StorageError as exc:
-            return _error(503, f"the storage failed: {exc}")
+            return _error(503, f"the storage failed: {exc}; try again")
+        except PyMongoError as exc:
+            # Nothing is lost: the session says where the upload stands, and the
+            # same call again picks it up (a finalize is idempotent).
+            return _error(503, f"the database failed: {exc}; try again")
 
     return endpoint
 
