@@ -560,3 +560,43 @@ async def test_document_deleted_before_finalize_removes_the_upload(
     assert await reservations(asyncassets_db) == []
     parts = await site.http.get(f"{site.url}/uploads/{session['id']}/parts")
     assert parts.status_code == 409 and "aborted" in parts.json()["error"]
+
+
+async def test_completion_whose_reply_is_lost_is_found_by_its_token(
+    asyncassets_db: Any, asyncassets_s3_bucket: S3Bucket
+) -> None:
+    """S3 applies the CompleteMultipartUpload, and its reply is cut (an unknown
+    outcome); the retry meets NoSuchUpload. The object carries the session's
+    token, so the finalize knows it is its own and records it: one file, the
+    bytes exact, no upload left."""
+    import dataclasses
+
+    from test_s3_blobs import FaultProxy
+
+    port = int(asyncassets_s3_bucket.endpoint_url.rsplit(":", 1)[1].strip("/"))
+
+    def cut_completion(seen: Any) -> tuple[str, float]:
+        completes = seen.method == "POST" and "uploadId=" in seen.target
+        return ("cut", 0) if completes else ("forward", 0)
+
+    proxy = await FaultProxy(port, rule=cut_completion).start()
+    try:
+        bucket = dataclasses.replace(asyncassets_s3_bucket, endpoint_url=proxy.endpoint_url)
+        async with serving(bucket) as site:
+            doc = await new_doc(site)
+            data = payload(PART + 77, seed=5)
+            session = (await site.create(doc, data)).json()
+            await site.send_all(session, data)
+            reply = await site.finalize(session)
+            assert reply.status_code == 200, reply.text
+            assert sum(1 for s in proxy.seen
+                       if s.method == "POST" and "uploadId=" in s.target) >= 1
+            loaded = await site.cls.objects(pk=doc.pk).first()
+            assert await loaded.video.read() == data
+            # Straight to moto: a blocking client through the proxy would stall the
+            # event loop the proxy runs on.
+            assert bucket_state(asyncassets_s3_bucket) == (["media/" + session["key"]], [])
+            files = asyncassets_db[f"{doc.video.collection_name}.files"]
+            assert await files.count_documents({}) == 1
+    finally:
+        await proxy.close()

@@ -222,6 +222,7 @@ def run_direct(browser: Any, server_uri: str, bucket: S3Bucket, tmp_path: Path,
         assert state["resumedAt"] >= state["stopped_at"] * size - 5 * MIB
         assert state["result"]["length"] == size, json.dumps(state["result"])
         through_app = counter.total
+        print(f"direct upload of {size} bytes: {through_app} bytes through the app server")
         assert same_bytes(f"{url}/large/{state['document']}/file", path)
     return through_app
 

@@ -61,9 +61,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ... import _driver
+from ..._tasks import spawn
 from ...errors import DirectUploadError, KeyTaken, StorageError
 from ..gridfs.spec import now_as_stored
 from .keys import check_key
@@ -227,7 +228,7 @@ class DirectUploads:
                 session["post"] = await self._sign_post(key, token, size, content_type)
             await self.sessions.insert_one(session)
         except BaseException:
-            await asyncio.shield(self._undo_create(upload_id, reserved, token))
+            await asyncio.shield(spawn(self._undo_create(upload_id, reserved, token)))
             raise
         return session
 
@@ -397,8 +398,7 @@ class DirectUploads:
             (503: finalize again).
         """
         session = await self.get(session_id)
-        task = asyncio.ensure_future(self._complete(session, check_head))
-        return await asyncio.shield(task)
+        return await asyncio.shield(spawn(self._complete(session, check_head)))
 
     async def _complete(
         self, session: dict[str, Any], check_head: Callable[[bytes], None] | None
@@ -422,11 +422,16 @@ class DirectUploads:
             if exc.status in (409, 503):  # nothing removed: finalize may be retried
                 await self._release_claim(claimed, lease)
             else:
-                await asyncio.shield(self._fail(claimed, str(exc)))
+                await asyncio.shield(spawn(self._fail(claimed, str(exc))))
+            raise
+        except (StorageError, PyMongoError):
+            # Unknown: the upload may be completed, the entry inserted. A finalize
+            # again finds out (the object's token, the entry's _id): give it back.
+            await asyncio.shield(spawn(self._release_claim(claimed, lease)))
             raise
         except BaseException:
-            # Unknown: the object may be in; the session stays "completing" until a
-            # finalize takes the lease over, or the sweep after expiry.
+            # Cancelled or a bug: the session stays "completing" until a finalize
+            # takes the lease over, or the sweep after expiry.
             raise
         stored = await self.sessions.find_one_and_update(
             {"_id": claimed["_id"], "state": "completing", "lease": lease},
@@ -778,7 +783,7 @@ class DirectUploads:
             raise DirectUploadError(
                 f"cannot abort: the upload is {current.get('state')}", status=409
             )
-        await asyncio.shield(self._abort_claimed(dict(claimed)))
+        await asyncio.shield(spawn(self._abort_claimed(dict(claimed))))
 
     async def _abort_claimed(self, session: dict[str, Any]) -> None:
         await self.remove_upload(session)
