@@ -20,7 +20,7 @@ async def test_termination_removes_the_session_and_its_bytes(asyncassets_db, set
     async with client(app_for(cls, chunk_size=1000)) as http:
         location = (await create(http, doc, 10_000)).headers["location"]
         assert (await patch(http, location, 0, b"y" * 4500)).status_code == 204
-        assert await asyncassets_db[f"{name}.uploads.chunks"].count_documents({}) == 4
+        assert await asyncassets_db[f"{name}.uploads.staged"].count_documents({}) == 4
         answer = await http.delete(location)
         assert answer.status_code == 204
         assert answer.headers["tus-resumable"] == "1.0.0"
@@ -28,7 +28,7 @@ async def test_termination_removes_the_session_and_its_bytes(asyncassets_db, set
         assert (await patch(http, location, 4500, b"y")).status_code == 404
         assert (await http.delete(location)).status_code == 404
     assert await asyncassets_db[f"{name}.uploads"].count_documents({}) == 0
-    assert await asyncassets_db[f"{name}.uploads.chunks"].count_documents({}) == 0
+    assert await asyncassets_db[f"{name}.uploads.staged"].count_documents({}) == 0
     assert await asyncassets_db[f"{name}.files"].count_documents({}) == 0
     assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
 

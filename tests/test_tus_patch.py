@@ -48,7 +48,7 @@ async def setup(asyncassets_db, request, tmp_path):
 
 async def staged(db: Any, cls: Any) -> int:
     name = cls._fields["file"].storage.collection_name
-    return await db[f"{name}.uploads.chunks"].count_documents({})
+    return await db[f"{name}.uploads.staged"].count_documents({})
 
 
 async def test_a_wrong_offset_is_409_with_the_right_one(setup):

@@ -140,7 +140,7 @@ async def test_the_first_bytes_are_sniffed_and_a_refused_type_drops_the_upload(
                               filename="a.png")
         assert answer.status_code == 415, answer.text
     assert await count_sessions(asyncassets_db, cls) == 0
-    staged = asyncassets_db[f"{cls._fields['file'].storage.collection_name}.uploads.chunks"]
+    staged = asyncassets_db[f"{cls._fields['file'].storage.collection_name}.uploads.staged"]
     assert await staged.count_documents({}) == 0
 
 

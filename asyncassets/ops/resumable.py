@@ -1,7 +1,7 @@
 """The sweep of resumable uploads: sessions past their expiry, and their staged bytes.
 
 A resumable upload (:mod:`asyncassets.storage.resumable`) keeps its bytes in
-``<catalogue>.uploads.chunks`` until it is complete and attached, apart from the
+``<catalogue>.uploads.staged`` until it is complete and attached, apart from the
 catalogue's files and chunks, so the orphan sweep of files, chunks and objects
 never mistakes a live upload's bytes for an orphan. This pass removes what the
 uploads themselves leave: sessions past their ``expires`` (abandoned; a write

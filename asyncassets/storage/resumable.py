@@ -1,9 +1,10 @@
 """Resumable upload sessions: bytes that arrive over many requests, kept durably.
 
 A session is a record in ``<catalogue>.uploads``; the bytes received so far are
-staged in ``<catalogue>.uploads.chunks`` as numbered chunks of ``chunk_size``
+staged in ``<catalogue>.uploads.staged`` as numbered chunks of ``chunk_size``
 bytes, and the bytes short of a whole chunk (the tail) sit in the session record
-itself. The session's ``offset`` is always ``n * chunk_size + len(tail)`` where
+itself. (Not ``.chunks``: a collection named so is taken for a GridFS bucket's
+by the sweep and the check.) The session's ``offset`` is always ``n * chunk_size + len(tail)`` where
 ``n`` is the number of chunks it counts, and it is written only after those
 chunks are: the offset a session reports is durable. A process killed halfway
 through a write leaves chunks numbered ``n`` and above, which the next write
@@ -80,7 +81,7 @@ def _aware(value: Any) -> Any:
 
 class UploadSessions:
     """The resumable uploads of one catalogue: ``<catalogue>.uploads`` (sessions)
-    and ``<catalogue>.uploads.chunks`` (staged bytes).
+    and ``<catalogue>.uploads.staged`` (staged bytes).
 
     :param db: a PyMongo ``AsyncDatabase`` (or Motor database).
     :param catalogue: the storage's ``collection_name``.
@@ -103,7 +104,7 @@ class UploadSessions:
             raise ValueError(f"lease must be a positive timedelta, not {lease!r}")
         self.catalogue = catalogue
         self.sessions = _driver.acknowledged(db[f"{catalogue}.uploads"])
-        self.chunks = _driver.acknowledged(db[f"{catalogue}.uploads.chunks"])
+        self.chunks = _driver.acknowledged(db[f"{catalogue}.uploads.staged"])
         self.chunk_size = chunk_size
         self.lease = lease
         self._indexed = False

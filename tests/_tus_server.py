@@ -1,0 +1,62 @@
+"""A tus server as its own process, for the fault tests (tests/test_tus_faults.py).
+
+``python tests/_tus_server.py PORT URI KIND [ROOT|S3_ENDPOINT]`` serves
+``tus_app`` at ``http://127.0.0.1:PORT/uploads/`` with uvicorn, into the ``file``
+field of ``TusFaultDoc`` (collection ``tus_fault_docs``) on the database of
+``URI``, stored in GridFS (``gridfs``), a directory (``filesystem`` ROOT) or S3
+(``s3`` ``ENDPOINT|BUCKET``, the test's bucket and its credentials in
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``). Any upload may go to the document
+named by its ``doc`` metadata. The lease is 2 seconds, so an upload whose server
+was killed mid-PATCH is free again soon after the restart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Mount
+
+import asyncassets
+from asyncassets import Document
+from asyncassets.fields import FileField
+from asyncassets.storage import FileSystemStorage, GridFSStorage, S3Storage, Storage
+from asyncassets.web import TusUpload, UploadTarget, tus_app
+
+
+def storage(kind: str, where: str) -> Storage:
+    if kind == "gridfs":
+        return GridFSStorage("tusfaults")
+    if kind == "filesystem":
+        return FileSystemStorage(where, collection_name="tusfaults", fsync=True)
+    endpoint, bucket = where.split("|")
+    return S3Storage(bucket, endpoint_url=endpoint, region="us-east-1",
+                     collection_name="tusfaults")
+
+
+def main() -> None:
+    port, uri, kind = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    where = sys.argv[4] if len(sys.argv) > 4 else ""
+
+    class TusFaultDoc(Document):
+        file = FileField(storage=storage(kind, where))
+        meta = {"collection": "tus_fault_docs"}
+
+    async def authorize(request: Request, upload: TusUpload) -> Any:
+        if upload.id is None:
+            doc = await TusFaultDoc.objects(pk=upload.metadata.get("doc")).first()
+            return None if doc is None else UploadTarget(doc, "file")
+        return True
+
+    asyncassets.connect(host=uri)
+    app = Starlette(routes=[Mount("/uploads", tus_app(authorize,
+                                                      lease=dt.timedelta(seconds=2)))])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
