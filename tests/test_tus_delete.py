@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from _tus import app_for, client, create, doc_class, make_storage, patch
 
+from asyncassets.storage import FileSystemStorage, GridFSStorage
+
 
 @pytest.fixture
 async def setup(asyncassets_db, request, tmp_path):
@@ -14,13 +16,19 @@ async def setup(asyncassets_db, request, tmp_path):
     return cls, doc
 
 
-async def test_termination_removes_the_session_and_its_bytes(asyncassets_db, setup):
-    cls, doc = setup
-    name = cls._fields["file"].storage.collection_name
+@pytest.mark.parametrize("kind", ["gridfs", "filesystem"])
+async def test_termination_removes_the_session_and_its_bytes(asyncassets_db, tmp_path, kind):
+    # 1000-byte chunks: in the bucket's chunks (GridFS) or staged (a directory).
+    name = f"tus_term_{kind}"
+    cls = doc_class(GridFSStorage(name, chunk_size=1000) if kind == "gridfs"
+                    else FileSystemStorage(tmp_path, collection_name=name))
+    doc = cls(owner="ann")
+    await doc.save()
+    where = f"{name}.chunks" if kind == "gridfs" else f"{name}.uploads.staged"
     async with client(app_for(cls, chunk_size=1000)) as http:
         location = (await create(http, doc, 10_000)).headers["location"]
         assert (await patch(http, location, 0, b"y" * 4500)).status_code == 204
-        assert await asyncassets_db[f"{name}.uploads.staged"].count_documents({}) == 4
+        assert await asyncassets_db[where].count_documents({}) == 4
         answer = await http.delete(location)
         assert answer.status_code == 204
         assert answer.headers["tus-resumable"] == "1.0.0"
@@ -28,7 +36,7 @@ async def test_termination_removes_the_session_and_its_bytes(asyncassets_db, set
         assert (await patch(http, location, 4500, b"y")).status_code == 404
         assert (await http.delete(location)).status_code == 404
     assert await asyncassets_db[f"{name}.uploads"].count_documents({}) == 0
-    assert await asyncassets_db[f"{name}.uploads.staged"].count_documents({}) == 0
+    assert await asyncassets_db[where].count_documents({}) == 0
     assert await asyncassets_db[f"{name}.files"].count_documents({}) == 0
     assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
 

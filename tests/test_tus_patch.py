@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from typing import Any
 
 import pytest
 from _tus import STORAGES, app_for, client, create, doc_class, make_storage, patch, sha256_header
+
+import asyncassets
+from asyncassets.storage import FileSystemStorage, GridFSStorage
 
 
 @pytest.fixture(params=STORAGES)
@@ -47,8 +51,11 @@ async def setup(asyncassets_db, request, tmp_path):
 
 
 async def staged(db: Any, cls: Any) -> int:
+    """Chunks of unfinished uploads: staged, or in the bucket without a files document."""
     name = cls._fields["file"].storage.collection_name
-    return await db[f"{name}.uploads.staged"].count_documents({})
+    files = {d["_id"] async for d in db[f"{name}.files"].find({}, {"_id": 1})}
+    headless = await db[f"{name}.chunks"].count_documents({"files_id": {"$nin": list(files)}})
+    return headless + await db[f"{name}.uploads.staged"].count_documents({})
 
 
 async def test_a_wrong_offset_is_409_with_the_right_one(setup):
@@ -80,8 +87,15 @@ async def test_bad_patch_headers_are_refused(setup, headers):
         assert (await http.head(location)).headers["upload-offset"] == "0"
 
 
-async def test_a_checksum_mismatch_is_460_and_keeps_nothing_of_that_patch(asyncassets_db, setup):
-    cls, doc = setup
+@pytest.mark.parametrize("kind", ["gridfs", "filesystem"])
+async def test_a_checksum_mismatch_is_460_and_keeps_nothing_of_that_patch(
+    asyncassets_db, tmp_path, kind
+):
+    # 1 KiB chunks: in the bucket's chunks (GridFS) or staged (a directory).
+    cls = doc_class(GridFSStorage(f"tus_sum_{kind}", chunk_size=1024) if kind == "gridfs"
+                    else FileSystemStorage(tmp_path, collection_name="tus_sum_fs"))
+    doc = cls(owner="ann")
+    await doc.save()
     first, second = os.urandom(3000), os.urandom(5000)
     async with client(app_for(cls, chunk_size=1024)) as http:
         location = (await create(http, doc, 8000)).headers["location"]
@@ -166,3 +180,18 @@ async def test_an_attach_that_failed_is_completed_by_a_retried_last_patch(asynca
         assert (await patch(http, location, len(data), b"")).status_code == 204
     assert await (await cls.objects(pk=doc.pk).first()).file.read() == data
     assert await staged(asyncassets_db, cls) == 0
+
+
+async def test_writes_through_two_app_processes_record_the_right_sha256(asyncassets_db, setup):
+    # Two apps stand for two worker processes: neither saw every byte, so the
+    # one that finishes hashes the chunks back; the recorded SHA-256 is verified.
+    cls, doc = setup
+    data = os.urandom(600_000)
+    async with client(app_for(cls)) as one, client(app_for(cls)) as two:
+        location = (await create(one, doc, len(data))).headers["location"]
+        assert (await patch(two, location, 0, data[:250_000])).status_code == 204
+        assert (await patch(one, location, 250_000, data[250_000:])).status_code == 204
+    stored = await cls.objects(pk=doc.pk).first()
+    assert await stored.file.read() == data
+    assert stored.file.sha256 == hashlib.sha256(data).hexdigest()
+    assert (await asyncassets.check(verify=True)).ok

@@ -805,6 +805,25 @@ class FileProxy:
         await self._commit(doc, previous=previous)
         return self
 
+    async def adopt(self, files_doc: dict[str, Any]) -> FileProxy:
+        """Make a complete file already stored in this field's storage (its
+        catalogue entry ``files_doc``) this field's file, as :meth:`replace` does
+        with the file it uploads: the reference moves with the same switch, and the
+        old file is deleted only after.
+
+        For writers that store a file by other means than :meth:`put` (a resumable
+        upload, :doc:`/uploads`), having applied the field's rules themselves.
+
+        :raises FileConflict: another task changed this file first; the adopted file
+            was removed (unless another document holds it).
+        :raises pymongo.errors.PyMongoError: as :meth:`replace`.
+        """
+        if self._upload is not None:
+            raise GridFSError("adopt(): a streaming upload is open on this field; close it first.")
+        previous = self.grid_id
+        await self._commit(dict(files_doc), previous=previous)
+        return self
+
     async def delete(self) -> None:
         """Remove the file and this field's reference to it.
 

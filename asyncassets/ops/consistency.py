@@ -68,6 +68,7 @@ from .reports import (
     StoredObject,
     _keep,
 )
+from .resumable import live_upload_files
 from .scope import (
     _aliases_in_scope,
     _buckets_in,
@@ -224,7 +225,11 @@ async def _check_gridfs(
         finally:
             await _close(cursor)
     async for groups in _orphaned_chunk_groups(bucket, batch_size):
+        # An open resumable upload's chunks wait for their files document.
+        live = await live_upload_files(bucket.db, bucket.name, [g["_id"] for g in groups])
         for group in groups:
+            if _hashable(group["_id"]) and group["_id"] in live:
+                continue
             chunks, size = int(group["chunks"]), max(int(group.get("bytes") or 0), 0)
             report.orphaned_chunks += chunks
             orphans = OrphanedChunks(alias, name, group["_id"], chunks, size)

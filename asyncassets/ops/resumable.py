@@ -33,7 +33,13 @@ async def sweep_resumable(db: Any, catalogue: str, *, dry_run: bool, report: Swe
         if session.get("state") != "done":
             report.bytes_freed += max(int(session.get("offset") or 0), 0)
         if not dry_run:
-            await sessions.remove(session["_id"])
+            await sessions.remove(session["_id"], session)
     for upload_id in await sessions.headless_chunks():
         if not dry_run:
             await sessions.chunks.delete_many({"upload": upload_id})
+
+
+async def live_upload_files(db: Any, catalogue: str, file_ids: list[Any]) -> set[Any]:
+    """Which of ``file_ids`` (of chunks without a files document in a GridFS
+    bucket) are resumable uploads still open: not orphans, whatever their age."""
+    return await UploadSessions(db, catalogue).live_file_ids(file_ids)

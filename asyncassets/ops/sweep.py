@@ -47,7 +47,7 @@ from .reports import (
     SweepReport,
     _keep,
 )
-from .resumable import sweep_resumable
+from .resumable import live_upload_files, sweep_resumable
 from .scope import _plan, _prune, _Sharer, _Source, _Work
 
 __all__ = ["sweep_orphans"]
@@ -253,6 +253,10 @@ async def _sweep_chunks(
     report: SweepReport,
 ) -> None:
     async for groups in _orphaned_chunk_groups(bucket, batch_size):
+        # A resumable upload writing into the bucket: its chunks wait for their
+        # files document until it completes or expires (then sweep_resumable's).
+        live = await live_upload_files(bucket.db, bucket.name, [g["_id"] for g in groups])
+        groups = [g for g in groups if not (_hashable(g["_id"]) and g["_id"] in live)]
         doomed = []
         for group in groups:
             if _old_enough(_chunks_time(group), cutoff):

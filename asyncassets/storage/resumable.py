@@ -17,6 +17,14 @@ end. A second write while the lease holds raises
 :class:`~asyncassets.errors.UploadLocked`; a write that does not start at the
 durable offset raises :class:`~asyncassets.errors.UploadOffsetMismatch`.
 
+In front of a GridFS bucket the chunks go straight where the finished file's
+chunks belong (``<catalogue>.chunks``, under the ``_id`` the file will have), so
+finishing writes only the last chunk and the files document
+(:meth:`UploadSessions.complete_in_bucket`); no byte is copied. The orphan sweep
+leaves the chunks of a live session alone (:meth:`UploadSessions.live_file_ids`).
+Its SHA-256 comes from the hash the writing process kept when every write of
+the upload went through it, else from reading the chunks back once.
+
 This module knows nothing of documents: finishing (streaming the staged bytes into
 a field's storage, through the field's rules and the reference switch) is the
 caller's, with :meth:`UploadSessions.read` and :meth:`UploadSessions.mark_done`.
@@ -31,14 +39,15 @@ import datetime as dt
 import hashlib
 import secrets
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bson import Binary
+from bson import Binary, ObjectId
 from pymongo import ReturnDocument
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from .. import _driver
 from ..errors import (
+    CorruptFile,
     UploadChecksumMismatch,
     UploadExpired,
     UploadLocked,
@@ -46,6 +55,10 @@ from ..errors import (
     UploadOffsetMismatch,
     UploadTooLarge,
 )
+from .gridfs.spec import now_as_stored
+
+if TYPE_CHECKING:
+    from .gridfs.bucket import GridBucket
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -62,6 +75,8 @@ DEFAULT_LEASE = dt.timedelta(seconds=30)
 _BATCH_BYTES = 4 * 1024 * 1024
 
 _UTC = dt.timezone.utc
+#: Running hashes kept per :class:`UploadSessions` (uploads in flight in a process).
+_HASHES_KEPT = 10_000
 
 #: Session states: receiving bytes; complete and being attached; attached.
 OPEN, FINISHING, DONE = "open", "finishing", "done"
@@ -105,6 +120,13 @@ class UploadSessions:
         self.catalogue = catalogue
         self.sessions = _driver.acknowledged(db[f"{catalogue}.uploads"])
         self.chunks = _driver.acknowledged(db[f"{catalogue}.uploads.staged"])
+        #: A GridFS bucket's own chunks, where a session created ``into`` it writes.
+        self.bucket_chunks = _driver.acknowledged(db[f"{catalogue}.chunks"])
+        self.bucket_files = _driver.acknowledged(db[f"{catalogue}.files"])
+        # The running SHA-256 of uploads whose every write went through this
+        # object, by id: (offset hashed up to, hasher). Bounded; a miss means
+        # reading the bytes back once at the end.
+        self._hashes: dict[str, tuple[int, Any]] = {}
         self.chunk_size = chunk_size
         self.lease = lease
         self._indexed = False
@@ -126,28 +148,37 @@ class UploadSessions:
         length: int,
         expires: dt.datetime,
         info: Mapping[str, Any] | None = None,
+        into: GridBucket | None = None,
     ) -> dict[str, Any]:
         """Create a session for ``length`` bytes, valid until ``expires``; return it.
 
         ``info`` is kept as it is (the caller's: what the upload is for).
-        The id is 32 random hex digits: unguessable.
+        The id is 32 random hex digits: unguessable. ``into``: the GridFS bucket
+        of this catalogue, to write the chunks where the finished file has them
+        (finish with :meth:`complete_in_bucket`); else they are staged.
         """
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise ValueError(f"length must be an int >= 0, not {length!r}")
         await self.ensure_indexes()
+        if into is not None:
+            await into.ensure_indexes()
         session = {
             "_id": secrets.token_hex(16),
             "length": length,
             "offset": 0,
             "n": 0,
             "tail": Binary(b""),
-            "chunk_size": self.chunk_size,
+            "chunk_size": self.chunk_size if into is None else into.chunk_size,
             "created": _now(),
             "expires": _aware(expires),
             "state": OPEN,
             "info": dict(info or {}),
         }
+        if into is not None:
+            session["into"] = "gridfs"
+            session["file_id"] = ObjectId()
         await self.sessions.insert_one(session)
+        self._hashes[session["_id"]] = (0, hashlib.sha256())
         return session
 
     async def get(self, upload_id: str) -> dict[str, Any]:
@@ -189,13 +220,23 @@ class UploadSessions:
                 f"upload {upload_id} is being written or attached; retry when that ends",
                 upload_id=upload_id,
             )
-        # Chunks first: an interrupted terminate leaves a session the sweep removes.
-        await self.chunks.delete_many({"upload": upload_id})
-        await self.sessions.delete_one({"_id": upload_id})
+        await self.remove(upload_id, session)
 
-    async def remove(self, upload_id: str) -> None:
-        """Delete a session and its staged bytes, whatever its state (the sweep's)."""
+    async def remove(self, upload_id: str, session: Mapping[str, Any] | None = None) -> None:
+        """Delete a session and its bytes, whatever its state (the sweep's).
+
+        Chunks first: an interrupted removal leaves a session the sweep removes.
+        The chunks of a finished GridFS upload are its file's: they stay.
+        """
+        if session is None:
+            found = await self.sessions.find_one({"_id": upload_id}, {"tail": 0})
+            session = found if found is not None else {"_id": upload_id}
+        self._hashes.pop(upload_id, None)
         await self.chunks.delete_many({"upload": upload_id})
+        if session.get("into") == "gridfs" and session.get("state") != DONE:
+            # Never a file's whose files document exists (a finish that went that far).
+            if await self.bucket_files.find_one({"_id": session["file_id"]}, {"_id": 1}) is None:
+                await self.bucket_chunks.delete_many({"files_id": session["file_id"]})
         await self.sessions.delete_one({"_id": upload_id})
 
     # -- writing -----------------------------------------------------------------
@@ -271,8 +312,11 @@ class UploadSessions:
         size = int(session["chunk_size"])
         start_n = n = int(session["n"])
         length = int(session["length"])
+        chunks, owner, value = self._where(session)
         # A write that died after inserting chunks but before committing them.
-        await self.chunks.delete_many({"upload": upload_id, "n": {"$gte": start_n}})
+        await self._drop_from(session, start_n)
+        known = self._hashes.pop(upload_id, None)
+        running = known[1] if known is not None and known[0] == session["offset"] else None
         buffer = bytearray(session["tail"])
         position = int(session["offset"])
         hasher = hashlib.new(checksum[0]) if checksum is not None else None
@@ -288,7 +332,7 @@ class UploadSessions:
                 # The source failed (a dropped connection): keep what came, unless
                 # it was to be checked whole.
                 if hasher is not None:
-                    await self._drop_from(upload_id, start_n)
+                    await self._drop_from(session, start_n)
                     raise
                 failure = exc
                 break
@@ -303,47 +347,63 @@ class UploadSessions:
             position += len(view)
             if hasher is not None:
                 hasher.update(view)
+            if running is not None:
+                running.update(view)
             buffer += view
             if len(buffer) >= size:
                 cut = len(buffer) // size * size
                 for start in range(0, cut, size):
                     data = bytes(buffer[start : start + size])
-                    batch.append({"upload": upload_id, "n": n, "data": data})
+                    batch.append({owner: value, "n": n, "data": data})
                     n += 1
                 del buffer[:cut]
             if len(batch) * size >= _BATCH_BYTES:
-                await self._insert(batch)
+                await self._insert(chunks, upload_id, batch)
                 batch = []
                 if hasher is None:
                     # The bytes in memory (less than a chunk) are committed later.
                     await self._commit(upload_id, token, n, n * size, b"")
         if hasher is not None and checksum is not None and hasher.digest() != checksum[1]:
-            await self._drop_from(upload_id, start_n)
+            await self._drop_from(session, start_n)
             raise UploadChecksumMismatch(
                 f"the bytes sent to upload {upload_id} do not match their {checksum[0]}; "
                 "nothing of them was kept: send them again",
                 upload_id=upload_id,
             )
         if batch:
-            await self._insert(batch)
+            await self._insert(chunks, upload_id, batch)
         after = await self._commit(upload_id, token, n, n * size + len(buffer), bytes(buffer))
+        if running is not None and position == after["offset"]:
+            self._remember(upload_id, position, running)
         if failure is not None:
             raise failure
         return after
 
-    async def _drop_from(self, upload_id: str, n: int) -> None:
-        await self.chunks.delete_many({"upload": upload_id, "n": {"$gte": n}})
+    def _remember(self, upload_id: str, offset: int, hasher: Any) -> None:
+        if len(self._hashes) >= _HASHES_KEPT:
+            self._hashes.pop(next(iter(self._hashes)))
+        self._hashes[upload_id] = (offset, hasher)
 
-    async def _insert(self, batch: list[dict[str, Any]]) -> None:
+    def _where(self, session: Mapping[str, Any]) -> tuple[Any, str, Any]:
+        """The collection of a session's chunks, the field naming their owner, its value."""
+        if session.get("into") == "gridfs" and session.get("state") != DONE:
+            return self.bucket_chunks, "files_id", session["file_id"]
+        return self.chunks, "upload", session["_id"]
+
+    async def _drop_from(self, session: Mapping[str, Any], n: int) -> None:
+        chunks, owner, value = self._where(session)
+        await chunks.delete_many({owner: value, "n": {"$gte": n}})
+
+    async def _insert(self, chunks: Any, upload_id: str, batch: list[dict[str, Any]]) -> None:
         try:
-            await self.chunks.insert_many(batch, ordered=True)
+            await chunks.insert_many(batch, ordered=True)
         except BulkWriteError as exc:
             # Another writer's chunk at one of these numbers: this write lost its
             # lease to it; what it inserted is removed by the next write.
             raise UploadLocked(
-                f"upload {batch[0]['upload']} was taken over by another request while "
+                f"upload {upload_id} was taken over by another request while "
                 "this one wrote (its lease expired); resume from the upload's offset",
-                upload_id=str(batch[0]["upload"]),
+                upload_id=upload_id,
             ) from exc
 
     async def _commit(
@@ -432,9 +492,115 @@ class UploadSessions:
         if session["tail"]:
             yield bytes(session["tail"])
 
+    async def complete_in_bucket(
+        self,
+        session: Mapping[str, Any],
+        bucket: GridBucket,
+        *,
+        filename: str | None,
+        metadata: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Make a complete session written ``into`` a GridFS bucket a file of it:
+        its last chunk (the tail), then its files document; return the latter.
+
+        Again after a finish that died or failed, it completes the same file
+        (the same ``_id``, the same bytes). Its SHA-256 is the one this object
+        hashed while it received every byte, else the chunks are read back once.
+
+        :raises CorruptFile: the chunks are not the session's (removed meanwhile).
+        """
+        file_id = session["file_id"]
+        found = await bucket.files.find_one({"_id": file_id})
+        if found is not None:
+            return dict(found)
+        size = int(session["chunk_size"])
+        n = int(session["n"])
+        tail = bytes(session["tail"])
+        known = self._hashes.get(session["_id"])
+        if known is not None and known[0] == session["offset"]:
+            digest = known[1].hexdigest()
+            if await self.bucket_chunks.count_documents(
+                {"files_id": file_id, "n": {"$lt": n}}
+            ) != n:
+                raise CorruptFile(
+                    f"upload {session['_id']} lost chunks of file {file_id!r} (removed "
+                    "while it was open); start a new upload"
+                )
+        else:
+            digest = await self._hash_back(session, n, size, tail)
+        if tail:
+            await bucket.chunks.replace_one(
+                {"files_id": file_id, "n": n},
+                {"files_id": file_id, "n": n, "data": Binary(tail)},
+                upsert=True,
+            )
+        doc: dict[str, Any] = {
+            "_id": file_id,
+            "length": int(session["length"]),
+            "chunkSize": size,
+            "uploadDate": now_as_stored(bucket.files),
+        }
+        if filename is not None:
+            doc["filename"] = filename
+        doc["metadata"] = {**metadata, "sha256": digest}
+        try:
+            await bucket.files.insert_one(doc)
+        except DuplicateKeyError:
+            again = await bucket.files.find_one({"_id": file_id})
+            if again is None:
+                raise
+            return dict(again)
+        return doc
+
+    async def _hash_back(self, session: Mapping[str, Any], n: int, size: int, tail: bytes) -> str:
+        hasher = hashlib.sha256()
+        expected = 0
+        cursor = self.bucket_chunks.find(
+            {"files_id": session["file_id"], "n": {"$lt": n}}, sort=[("n", 1)], batch_size=8
+        )
+        async for chunk in cursor:
+            if chunk["n"] != expected or len(chunk["data"]) != size:
+                break
+            hasher.update(chunk["data"])
+            expected += 1
+        if expected != n:
+            raise CorruptFile(
+                f"upload {session['_id']} lost chunk {expected} of file {session['file_id']!r} "
+                "(removed while it was open); start a new upload"
+            )
+        hasher.update(tail)
+        return hasher.hexdigest()
+
+    async def head(self, session: Mapping[str, Any], size: int) -> bytes:
+        """The first ``size`` bytes of a session written ``into`` a bucket."""
+        out = bytearray()
+        cursor = self.bucket_chunks.find(
+            {"files_id": session["file_id"], "n": {"$lt": int(session["n"])}},
+            sort=[("n", 1)], batch_size=2,
+        )
+        async for chunk in cursor:
+            out += chunk["data"]
+            if len(out) >= size:
+                break
+        if len(out) < size:
+            out += bytes(session["tail"])
+        return bytes(out[:size])
+
+    async def live_file_ids(self, file_ids: list[Any]) -> set[Any]:
+        """Which of ``file_ids`` are the future files of sessions not yet done: their
+        chunks are an upload in progress, not orphans."""
+        if not file_ids:
+            return set()
+        found = self.sessions.find(
+            {"file_id": {"$in": file_ids}, "state": {"$ne": DONE}}, {"file_id": 1}
+        )
+        return {s["file_id"] async for s in found}
+
     async def mark_done(self, upload_id: str, file_id: Any) -> None:
         """Record that the session's bytes became file ``file_id``; drop the staged
-        bytes. The session stays (answering with its full offset) until it expires."""
+        bytes (a GridFS session's chunks are the file's now). The session stays
+        (answering with its full offset) until it expires."""
+        self._hashes.pop(upload_id, None)
         await self.sessions.update_one(
             {"_id": upload_id},
             {"$set": {"state": DONE, "file_id": file_id, "tail": Binary(b"")}},

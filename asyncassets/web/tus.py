@@ -42,6 +42,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..connection import get_db
 from ..errors import (
+    CorruptFile,
     FileConflict,
     FileValidationError,
     ResumableUploadError,
@@ -57,6 +58,7 @@ from ..files.proxy import FileProxy
 from ..files.rules import make_guard
 from ..files.sniffing import HEAD_SIZE
 from ..ops.scope import declared_storages
+from ..storage import GridFSStorage
 from ..storage.resumable import DEFAULT_LEASE, DEFAULT_STAGING_CHUNK, DONE, UploadSessions
 
 __all__ = ["TUS_EXTENSIONS", "TusUpload", "UploadTarget", "tus_app"]
@@ -292,7 +294,10 @@ class _TusApp:
             "app": dict(target.info),
         }
         session = await sessions.create(
-            length=length, expires=dt.datetime.now(dt.timezone.utc) + self.expires, info=info
+            length=length,
+            expires=dt.datetime.now(dt.timezone.utc) + self.expires,
+            info=info,
+            into=proxy._bucket() if _writes_in_place(proxy) else None,  # type: ignore[arg-type]
         )
         location = _location(request, alias, catalogue, session["_id"])
         headers = {"Location": location, "Upload-Expires": _http_date(session["expires"])}
@@ -458,6 +463,9 @@ class _TusApp:
         if await _attached_already(proxy, upload_id):
             await sessions.mark_done(upload_id, proxy.grid_id)
             return
+        if session.get("into") == "gridfs":
+            await self._finish_in_bucket(sessions, session, proxy)
+            return
         try:
             await proxy.replace(
                 sessions.read(session),
@@ -478,6 +486,52 @@ class _TusApp:
                            f"({type(exc).__name__}); send the last PATCH again",
                            {"Retry-After": "1"}) from exc
         await sessions.mark_done(upload_id, proxy.grid_id)
+
+    async def _finish_in_bucket(
+        self, sessions: UploadSessions, session: Mapping[str, Any], proxy: FileProxy
+    ) -> None:
+        """The chunks are in the field's GridFS bucket already: check the first
+        bytes by the field's rules, write the files document, move the reference."""
+        upload_id = session["_id"]
+        info = session.get("info") or {}
+        try:
+            guard = make_guard(proxy, info.get("content_type"), info.get("filename"),
+                               {UPLOAD_MARK: upload_id})
+            guard.check_head(await sessions.head(session, HEAD_SIZE))
+        except FileValidationError as exc:
+            await sessions.remove(upload_id)
+            raise _Refused(415, f"{exc}; the upload was dropped") from exc
+        bucket = proxy._bucket()
+        try:
+            files_doc = await sessions.complete_in_bucket(
+                session, bucket, filename=guard.filename, metadata=guard.metadata  # type: ignore[arg-type]
+            )
+            await proxy.adopt(files_doc)
+        except FileConflict as exc:
+            await sessions.remove(upload_id)
+            raise _Refused(409, f"{exc} The upload was dropped: upload again.") from exc
+        except CorruptFile as exc:
+            await sessions.remove(upload_id)
+            raise _Refused(410, str(exc)) from exc
+        except PyMongoError as exc:
+            _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
+            raise _Refused(503, f"the upload is complete but could not be attached yet "
+                           f"({type(exc).__name__}); send the last PATCH again",
+                           {"Retry-After": "1"}) from exc
+        await sessions.mark_done(upload_id, proxy.grid_id)
+
+
+def _writes_in_place(proxy: FileProxy) -> bool:
+    """Whether an upload to ``proxy``'s field writes its chunks where the finished
+    file has them: a plain file field (no image processing, no compression) on a
+    GridFS bucket. Other fields stage the bytes and store them through
+    :meth:`~asyncassets.files.proxy.FileProxy.replace` at the end."""
+    rules = getattr(proxy._field, "rules", None)
+    return (
+        type(proxy) is FileProxy
+        and type(proxy.storage) is GridFSStorage
+        and getattr(rules, "compress", None) is None
+    )
 
 
 async def _attached_already(proxy: FileProxy, upload_id: str) -> bool:
