@@ -69,10 +69,12 @@ __all__ = [
 #: Bytes per staged chunk.
 DEFAULT_STAGING_CHUNK = 1024 * 1024
 #: How long a write's lease holds without being renewed (it is renewed at every
-#: commit, about every :data:`_BATCH_BYTES`).
+#: commit, about every :data:`_COMMIT_BYTES`).
 DEFAULT_LEASE = dt.timedelta(seconds=30)
-#: Bytes of chunks inserted (and committed) at once.
+#: Bytes of chunks inserted at once.
 _BATCH_BYTES = 4 * 1024 * 1024
+#: Bytes of chunks a long write commits at once (its offset becomes durable).
+_COMMIT_BYTES = 16 * 1024 * 1024
 
 _UTC = dt.timezone.utc
 #: Running hashes kept per :class:`UploadSessions` (uploads in flight in a process).
@@ -252,7 +254,7 @@ class UploadSessions:
         """Append the bytes of ``pieces`` at ``offset``; return the session after.
 
         Without ``checksum``, what was received is kept even when ``pieces`` fails
-        midway (a dropped connection), and committed as it goes (every few MiB),
+        midway (a dropped connection), and committed as it goes (every 16 MiB),
         so a long write that dies keeps most of its bytes. With ``checksum``
         (a :mod:`hashlib` algorithm name and the digest of this write's bytes),
         nothing of this write is kept unless they match.
@@ -321,6 +323,7 @@ class UploadSessions:
         position = int(session["offset"])
         hasher = hashlib.new(checksum[0]) if checksum is not None else None
         batch: list[dict[str, Any]] = []
+        committed_n = start_n
         failure: BaseException | None = None
         iterator = pieces.__aiter__()
         while True:
@@ -352,17 +355,19 @@ class UploadSessions:
             buffer += view
             if len(buffer) >= size:
                 cut = len(buffer) // size * size
-                for start in range(0, cut, size):
-                    data = bytes(buffer[start : start + size])
-                    batch.append({owner: value, "n": n, "data": data})
-                    n += 1
+                with memoryview(buffer) as whole:
+                    for start in range(0, cut, size):
+                        data = bytes(whole[start : start + size])
+                        batch.append({owner: value, "n": n, "data": data})
+                        n += 1
                 del buffer[:cut]
             if len(batch) * size >= _BATCH_BYTES:
                 await self._insert(chunks, upload_id, batch)
                 batch = []
-                if hasher is None:
+                if hasher is None and (n - committed_n) * size >= _COMMIT_BYTES:
                     # The bytes in memory (less than a chunk) are committed later.
                     await self._commit(upload_id, token, n, n * size, b"")
+                    committed_n = n
         if hasher is not None and checksum is not None and hasher.digest() != checksum[1]:
             await self._drop_from(session, start_n)
             raise UploadChecksumMismatch(
