@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 from typing import Any
@@ -195,3 +196,25 @@ async def test_writes_through_two_app_processes_record_the_right_sha256(asyncass
     assert await stored.file.read() == data
     assert stored.file.sha256 == hashlib.sha256(data).hexdigest()
     assert (await asyncassets.check(verify=True)).ok
+
+
+async def test_a_slow_patch_keeps_its_lease_past_the_lease_time(setup):
+    cls, doc = setup
+    piece = os.urandom(10_000)
+
+    async def trickle() -> Any:
+        for _ in range(10):
+            yield piece
+            await asyncio.sleep(0.2)
+
+    async with client(app_for(cls, lease=dt.timedelta(seconds=0.9))) as http:
+        location = (await create(http, doc, 100_000)).headers["location"]
+        # Checksummed, so it commits nothing before its end: the offset stays 0.
+        slow = asyncio.ensure_future(patch(  # type: ignore[arg-type]
+            http, location, 0, trickle(), **{"Upload-Checksum": sha256_header(piece * 10)}))
+        await asyncio.sleep(1.5)  # past the lease: renewed as the bytes came
+        other = await patch(http, location, 0, b"x")
+        assert other.status_code == 409
+        assert "being written by another request" in other.text
+        assert (await slow).status_code == 204
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == piece * 10

@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,7 @@ __all__ = [
 #: Bytes per staged chunk.
 DEFAULT_STAGING_CHUNK = 1024 * 1024
 #: How long a write's lease holds without being renewed (it is renewed at every
-#: commit, about every :data:`_COMMIT_BYTES`).
+#: commit, every :data:`_COMMIT_BYTES`, and every third of it).
 DEFAULT_LEASE = dt.timedelta(seconds=30)
 #: Bytes of chunks inserted at once.
 _BATCH_BYTES = 4 * 1024 * 1024
@@ -324,6 +325,8 @@ class UploadSessions:
         hasher = hashlib.new(checksum[0]) if checksum is not None else None
         batch: list[dict[str, Any]] = []
         committed_n = start_n
+        renewed = time.monotonic()
+        renew_every = self.lease.total_seconds() / 3
         failure: BaseException | None = None
         iterator = pieces.__aiter__()
         while True:
@@ -361,13 +364,18 @@ class UploadSessions:
                         batch.append({owner: value, "n": n, "data": data})
                         n += 1
                 del buffer[:cut]
-            if len(batch) * size >= _BATCH_BYTES:
+            # The lease is renewed by time too: a slow client keeps it.
+            due = time.monotonic() - renewed > renew_every
+            if batch and (len(batch) * size >= _BATCH_BYTES or due):
                 await self._insert(chunks, upload_id, batch)
                 batch = []
-                if hasher is None and (n - committed_n) * size >= _COMMIT_BYTES:
-                    # The bytes in memory (less than a chunk) are committed later.
-                    await self._commit(upload_id, token, n, n * size, b"")
-                    committed_n = n
+            if hasher is None and (due or (n - committed_n) * size >= _COMMIT_BYTES):
+                # The bytes in memory (less than a chunk) are committed later.
+                await self._commit(upload_id, token, n, n * size, b"")
+                committed_n, renewed = n, time.monotonic()
+            elif due:
+                await self._renew(upload_id, token)
+                renewed = time.monotonic()
         if hasher is not None and checksum is not None and hasher.digest() != checksum[1]:
             await self._drop_from(session, start_n)
             raise UploadChecksumMismatch(
@@ -410,6 +418,18 @@ class UploadSessions:
                 "this one wrote (its lease expired); resume from the upload's offset",
                 upload_id=upload_id,
             ) from exc
+
+    async def _renew(self, upload_id: str, token: str) -> None:
+        renewed = await self.sessions.update_one(
+            {"_id": upload_id, "lease.token": token},
+            {"$set": {"lease.until": _now() + self.lease}},
+        )
+        if not renewed.matched_count:
+            raise UploadLocked(
+                f"upload {upload_id} was taken over by another request while this one "
+                "wrote (its lease expired); resume from the upload's offset",
+                upload_id=upload_id,
+            )
 
     async def _commit(
         self, upload_id: str, token: str, n: int, offset: int, tail: bytes
