@@ -36,8 +36,6 @@ from asyncassets.fields import FileField
 from asyncassets.storage import FileSystemStorage, GridFSStorage, S3Storage, Storage
 from asyncassets.testing import database_uri
 
-pytest.importorskip("tusclient")
-
 HERE = Path(__file__).resolve().parent
 CHUNK = 256 * 1024
 
