@@ -31,7 +31,9 @@ MEDIA_ROOT = os.environ.get("MEDIA_ROOT", "/tmp/asyncassets-media")
 
 class Recording(Document):
     owner = StringField(required=True)
-    file = FileField(storage=FileSystemStorage(MEDIA_ROOT, collection_name="recordings"))
+    file = FileField(
+        storage=FileSystemStorage(MEDIA_ROOT, collection_name="recordings")
+    )
     meta = {"collection": "recordings"}
 
 
