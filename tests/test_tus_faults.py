@@ -229,3 +229,68 @@ async def test_two_clients_resuming_at_once_one_wins_the_other_gets_409(
                  if racer.returncode)
     assert "409" in loser, loser
     await invariants(cls, doc, data, db)
+
+
+def start_durable_s3(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """moto behind a write-ahead log (tests/_durable_s3.py): killed, it keeps its writes."""
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "_durable_s3.py"), str(port), str(log)],
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(
+            ("127.0.0.1", port), timeout=0.2
+        ):
+            return proc
+        assert proc.poll() is None and time.monotonic() < deadline, "moto did not start"
+        time.sleep(0.05)
+
+
+async def test_s3_killed_at_the_finish_keeps_the_upload_and_a_retry_attaches_it(
+    asyncassets_db, tmp_path
+):
+    import boto3
+    from _tus import app_for, client, create, patch
+
+    from asyncassets.storage import Retry
+
+    port, log = free_port(), tmp_path / "s3.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = start_durable_s3(port, log)
+    try:
+        keys = {"aws_access_key_id": "k", "aws_secret_access_key": "s"}
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                     **keys).create_bucket(Bucket="tus-kill")
+
+        class TusKillDoc(Document):
+            owner = asyncassets.fields.StringField()
+            file = FileField(storage=S3Storage(
+                "tus-kill", endpoint_url=endpoint, region="us-east-1",
+                access_key_id="k", secret_access_key="s", collection_name="tuskill",
+                retry=Retry(attempts=2, delay=0.05)))
+
+        doc = TusKillDoc(owner="ann")
+        await doc.save()
+        data = os.urandom(3 * 1024 * 1024 + 17)  # one PUT: the log replays it
+        async with client(app_for(TusKillDoc)) as http:
+            location = (await create(http, doc, len(data))).headers["location"]
+            assert (await patch(http, location, 0, data[:-1000])).status_code == 204
+            moto.send_signal(signal.SIGKILL)
+            moto.wait()
+            last = await patch(http, location, len(data) - 1000, data[-1000:])
+            assert last.status_code == 503, last.text
+            assert (await http.head(location)).headers["upload-offset"] == str(len(data))
+            assert (await TusKillDoc.objects(pk=doc.pk).first()).file.grid_id is None
+            moto = start_durable_s3(port, log)
+            again = await patch(http, location, len(data), b"")
+            assert again.status_code == 204, again.text
+        stored = await TusKillDoc.objects(pk=doc.pk).first()
+        assert await stored.file.read() == data
+        assert (await asyncassets.check(verify=True)).ok
+        await asyncassets.sweep_orphans(grace=0)
+        assert await asyncassets_db["tuskill.files"].count_documents({}) == 1
+        assert await asyncassets_db["tuskill.uploads.staged"].count_documents({}) == 0
+    finally:
+        moto.kill()
+        moto.wait()

@@ -355,26 +355,40 @@ class UploadSessions:
                 hasher.update(view)
             if running is not None:
                 running.update(view)
-            buffer += view
-            if len(buffer) >= size:
-                cut = len(buffer) // size * size
-                with memoryview(buffer) as whole:
-                    for start in range(0, cut, size):
-                        data = bytes(whole[start : start + size])
-                        batch.append({owner: value, "n": n, "data": data})
-                        n += 1
-                del buffer[:cut]
+            # Cut into chunks as it comes, a batch inserted as soon as it fills:
+            # a write holds a batch and a chunk, whatever the size of a piece.
+            pos, end = 0, len(view)
+            while pos < end:
+                if buffer or end - pos < size:
+                    take = min(size - len(buffer), end - pos)
+                    buffer += view[pos : pos + take]
+                    pos += take
+                    if len(buffer) < size:
+                        continue
+                    data = bytes(buffer)
+                    buffer = bytearray()
+                else:
+                    data = bytes(view[pos : pos + size])
+                    pos += size
+                batch.append({owner: value, "n": n, "data": data})
+                n += 1
+                if len(batch) * size >= _BATCH_BYTES:
+                    await self._insert(chunks, upload_id, batch)
+                    batch = []
+                    if hasher is None and (n - committed_n) * size >= _COMMIT_BYTES:
+                        # The bytes in memory (less than a chunk) are committed later.
+                        await self._commit(upload_id, token, n, n * size, b"")
+                        committed_n, renewed = n, time.monotonic()
             # The lease is renewed by time too: a slow client keeps it.
-            due = time.monotonic() - renewed > renew_every
-            if batch and (len(batch) * size >= _BATCH_BYTES or due):
-                await self._insert(chunks, upload_id, batch)
-                batch = []
-            if hasher is None and (due or (n - committed_n) * size >= _COMMIT_BYTES):
-                # The bytes in memory (less than a chunk) are committed later.
-                await self._commit(upload_id, token, n, n * size, b"")
-                committed_n, renewed = n, time.monotonic()
-            elif due:
-                await self._renew(upload_id, token)
+            if time.monotonic() - renewed > renew_every:
+                if batch:
+                    await self._insert(chunks, upload_id, batch)
+                    batch = []
+                if hasher is None:
+                    await self._commit(upload_id, token, n, n * size, b"")
+                    committed_n = n
+                else:
+                    await self._renew(upload_id, token)
                 renewed = time.monotonic()
         if hasher is not None and checksum is not None and hasher.digest() != checksum[1]:
             await self._drop_from(session, start_n)
