@@ -11,9 +11,11 @@
     ``PATCH`` requests of ``--patch-mib`` (8) MiB, the last of which stores the
     file and moves the reference.
 
-Ratio = put time / tus time (1: as fast as a plain put). Memory: the peak growth of
-this process's resident set while ``--parallel`` (4) tus uploads of ``--size-mib``
-run at once, divided by that number: the server's memory per upload in flight.
+Ratio = put time / tus time (1: as fast as a plain put). Memory: the server alone,
+``tus_app`` under uvicorn in a process of its own (tests/_tus_server.py), its
+resident set sampled every 5 ms while ``--parallel`` (4) clients upload
+``--size-mib`` each over loopback in ``--patch-mib`` requests: the peak growth over
+its resident set before, divided by the uploads in flight.
 Contenders alternate round by round, on an on-disk SecantusDB, a directory and
 moto on loopback; the load average before and after is printed with the figures.
 """
@@ -22,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import json
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -33,7 +38,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
-from _harness import MiB, RssSampler, Timer, embedded_server, fmt_table, loadavg, median
+from _harness import MiB, Timer, embedded_server, fmt_table, loadavg, median
+from bson import ObjectId
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -41,7 +47,10 @@ import asyncassets
 from asyncassets import Document
 from asyncassets.fields import FileField
 from asyncassets.storage import FileSystemStorage, GridFSStorage, S3Storage, Storage
+from asyncassets.testing import database_uri
 from asyncassets.web import UploadTarget, tus_app
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
 def payload(size: int) -> bytes:
@@ -110,15 +119,8 @@ async def bench(kind: str, args: argparse.Namespace, root: Path,
             assert (await stored.file.read())[-100:] == data[-100:]
             await stored.delete()
     ratios = [p / t for p, t in zip(times["put"], times["tus"], strict=True)]
-    docs = [doc_cls() for _ in range(args.parallel)]
-    for doc in docs:
-        await doc.save()
-    with RssSampler() as rss:
-        await asyncio.gather(*(tus_upload(http, d, data, args.patch_mib * MiB)
-                               for d in docs))
-    for doc in docs:
-        await (await doc_cls.objects(pk=doc.pk).get()).delete()
     await http.aclose()
+    rss_per_upload = await server_memory(kind, args, data, root, endpoint)
     mb = size / MiB
     return {
         "put_mb_s": mb / median(times["put"]),
@@ -126,9 +128,92 @@ async def bench(kind: str, args: argparse.Namespace, root: Path,
         "ratio": median(ratios),
         "min": min(ratios),
         "max": max(ratios),
-        "rss_per_upload_mib": (rss.peak - rss.start_rss) / MiB / args.parallel,
+        "rss_per_upload_mib": rss_per_upload,
         "times": times,
     }
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def server_memory(kind: str, args: argparse.Namespace, data: bytes, root: Path,
+                        endpoint: str | None) -> float:
+    """MiB of the tus server's resident set per upload in flight (see the module doc)."""
+    from asyncassets.connection import get_db
+
+    db = get_db()
+    env = dict(os.environ)
+    where = ""
+    if kind == "filesystem":
+        where = str(root / "server-files")
+    elif kind == "s3":
+        where = f"{endpoint}|bench-tus"
+        env.update(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = database_uri(args.server_uri, db.name)
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, str(TESTS / "_tus_server.py"), str(port), uri, kind, where, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the tus server did not start"
+                await asyncio.sleep(0.05)
+        ids = [ObjectId() for _ in range(args.parallel)]
+        await db["tus_fault_docs"].insert_many([{"_id": i} for i in ids])
+        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
+                                 headers={"Tus-Resumable": "1.0.0"})
+        # One upload first: the server's imports, pools and caches are warm.
+        await remote_upload(http, ObjectId(), db, data[: 9 * MiB], args.patch_mib * MiB)
+        before = peak = _rss(server.pid)
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _rss(server.pid))
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.ensure_future(sample())
+        await asyncio.gather(*(remote_upload(http, i, db, data, args.patch_mib * MiB,
+                                             created=True) for i in ids))
+        done.set()
+        await sampler
+        await http.aclose()
+        return (peak - before) / MiB / args.parallel
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+async def remote_upload(http: httpx.AsyncClient, pk: ObjectId, db: Any, data: bytes,
+                        patch: int, created: bool = False) -> None:
+    if not created:
+        await db["tus_fault_docs"].insert_one({"_id": pk})
+    meta = "doc " + base64.b64encode(str(pk).encode()).decode()
+    made = await http.post("/uploads/", headers={"Upload-Length": str(len(data)),
+                                                 "Upload-Metadata": meta})
+    assert made.status_code == 201, made.text
+    location = made.headers["location"]
+    view = memoryview(data)
+
+    async def body(offset: int) -> Any:
+        # 256 KiB pieces, as a browser's or tuspy's body reaches the socket.
+        for start in range(offset, min(offset + patch, len(data)), 256 * 1024):
+            yield bytes(view[start:min(start + 256 * 1024, offset + patch, len(data))])
+
+    for offset in range(0, len(data), patch):
+        answer = await http.patch(location, content=body(offset), headers={
+            "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream",
+            "Content-Length": str(min(patch, len(data) - offset))})
+        assert answer.status_code == 204, answer.text
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -136,6 +221,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = tempfile.mkdtemp(prefix="aa-bench-tus-db-")
     moto = None
     with embedded_server(args.cache_size, data_dir) as server:
+        args.server_uri = server.uri
         asyncassets.connect(host=server.uri, db="bench_uploads")
         try:
             with tempfile.TemporaryDirectory(prefix="aa-bench-tus-fs-") as root:
@@ -184,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = asyncio.run(main_async(args))
     args.only = sorted(args.only)
+    out["args"] = sorted((k, str(v)) for k, v in vars(args).items())
     print(report(out))
     default = Path(__file__).parent / "results" / f"uploads-{int(time.time())}.json"
     path = Path(args.json or default)
