@@ -159,9 +159,9 @@ async def invariants(cls: Any, doc: Any, data: bytes, db: Any) -> None:
     """Byte-exact, referenced, nothing wrong, nothing left after a sweep."""
     stored = await cls.objects(pk=doc.pk).first()
     assert hashlib.sha256(await stored.file.read()).digest() == hashlib.sha256(data).digest()
-    report = await asyncassets.check(verify=True)
+    report = await asyncassets.check(verify=True, buckets="tusfaults")
     assert report.ok, str(report)
-    await asyncassets.sweep_orphans(grace=0)
+    await asyncassets.sweep_orphans(grace=0, buckets="tusfaults")
     assert await db["tusfaults.files"].count_documents({}) == 1
     assert await db["tusfaults.uploads.staged"].count_documents({}) == 0
     assert await stored.file.read() == data
@@ -287,8 +287,8 @@ async def test_s3_killed_at_the_finish_keeps_the_upload_and_a_retry_attaches_it(
             assert again.status_code == 204, again.text
         stored = await TusKillDoc.objects(pk=doc.pk).first()
         assert await stored.file.read() == data
-        assert (await asyncassets.check(verify=True)).ok
-        await asyncassets.sweep_orphans(grace=0)
+        assert (await asyncassets.check(verify=True, buckets="tuskill")).ok
+        await asyncassets.sweep_orphans(grace=0, buckets="tuskill")
         assert await asyncassets_db["tuskill.files"].count_documents({}) == 1
         assert await asyncassets_db["tuskill.uploads.staged"].count_documents({}) == 0
     finally:

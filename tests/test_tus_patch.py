@@ -195,7 +195,8 @@ async def test_writes_through_two_app_processes_record_the_right_sha256(asyncass
     stored = await cls.objects(pk=doc.pk).first()
     assert await stored.file.read() == data
     assert stored.file.sha256 == hashlib.sha256(data).hexdigest()
-    assert (await asyncassets.check(verify=True)).ok
+    name = cls._fields["file"].storage.collection_name
+    assert (await asyncassets.check(verify=True, buckets=name)).ok
 
 
 async def test_a_slow_patch_keeps_its_lease_past_the_lease_time(setup):
