@@ -78,10 +78,12 @@ class Server:
             self.proc.wait()
 
 
-def client(server: Server, path: Path, store: Path, doc: Any, retries: int = 3) -> Any:
+def client(
+    server: Server, path: Path, store: Path, doc: Any, retries: int = 3, chunk: int = CHUNK
+) -> Any:
     return subprocess.Popen(
         [sys.executable, str(HERE / "_tus_client.py"), server.url, str(path), str(store),
-         str(doc.pk), str(CHUNK), str(retries)],
+         str(doc.pk), str(chunk), str(retries)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -155,16 +157,25 @@ def payload(tmp_path: Path) -> Iterator[tuple[Path, bytes]]:
     yield path, data
 
 
-async def invariants(cls: Any, doc: Any, data: bytes, db: Any) -> None:
-    """Byte-exact, referenced, nothing wrong, nothing left after a sweep."""
+async def streamed_sha256(proxy: Any) -> str:
+    hasher = hashlib.sha256()
+    async for piece in proxy.stream():
+        hasher.update(piece)
+    return hasher.hexdigest()
+
+
+async def invariants(cls: Any, doc: Any, data: bytes | str, db: Any) -> None:
+    """Byte-exact, referenced, nothing wrong, nothing left after a sweep (``data``:
+    the bytes, or the SHA-256 of a file too large to hold)."""
+    digest = data if isinstance(data, str) else hashlib.sha256(data).hexdigest()
     stored = await cls.objects(pk=doc.pk).first()
-    assert hashlib.sha256(await stored.file.read()).digest() == hashlib.sha256(data).digest()
+    assert await streamed_sha256(stored.file) == digest
     report = await asyncassets.check(verify=True, buckets="tusfaults")
     assert report.ok, str(report)
     await asyncassets.sweep_orphans(grace=0, buckets="tusfaults")
     assert await db["tusfaults.files"].count_documents({}) == 1
     assert await db["tusfaults.uploads.staged"].count_documents({}) == 0
-    assert await stored.file.read() == data
+    assert await streamed_sha256(stored.file) == digest
 
 
 @ALL
@@ -294,3 +305,27 @@ async def test_s3_killed_at_the_finish_keeps_the_upload_and_a_retry_attaches_it(
     finally:
         moto.kill()
         moto.wait()
+
+
+@pytest.mark.slow
+@ALL
+async def test_a_1_gib_upload_killed_at_half_resumes_byte_exact(world, tmp_path):
+    """The issue's case: 1 GiB in 8 MiB chunks, the client SIGKILLed at 50%."""
+    cls, server, db = world
+    path, hasher = tmp_path / "big.bin", hashlib.sha256()
+    with path.open("wb") as out:
+        for _ in range(1024):
+            block = os.urandom(1024 * 1024)
+            hasher.update(block)
+            out.write(block)
+    size, chunk = 1024 * 1024 * 1024, 8 * 1024 * 1024
+    doc = cls()
+    await doc.save()
+    store = tmp_path / "urls.json"
+    first = client(server, path, store, doc, chunk=chunk)
+    acknowledged = read_until(first, size // 2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    resumed_from = finish(client(server, path, store, doc, chunk=chunk))
+    assert acknowledged <= resumed_from <= acknowledged + chunk
+    await invariants(cls, doc, hasher.hexdigest(), db)
