@@ -88,6 +88,20 @@ class Counter:
         await self.app(scope, counted_receive, counted_send)
 
 
+@pytest.fixture
+def disk_server_uri(tmp_path: Path) -> Iterator[str]:
+    """A database server of the test's own that keeps its data on disk: the
+    session's server is in memory and holds about 470 MiB, less than 1 GiB."""
+    from asyncassets.embedded import EmbeddedServer
+
+    server = EmbeddedServer(storage_path=tmp_path / "db")
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     _bundle()
@@ -197,10 +211,10 @@ def test_tus_upload_stopped_at_half_resumes_after_reload_byte_exact(
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gridfs", "filesystem", "s3"])
 def test_tus_1gib_upload_stopped_at_half_resumes_after_reload(
-    browser: Any, asyncassets_server_uri: str, request: pytest.FixtureRequest,
+    browser: Any, disk_server_uri: str, request: pytest.FixtureRequest,
     tmp_path: Path, kind: str,
 ) -> None:
-    run_tus(request, browser, asyncassets_server_uri, tmp_path, kind, HUGE)
+    run_tus(request, browser, disk_server_uri, tmp_path, kind, HUGE)
 
 
 def run_direct(browser: Any, server_uri: str, bucket: S3Bucket, tmp_path: Path,
@@ -242,9 +256,9 @@ def test_direct_s3_upload_stopped_at_half_resumes_and_skips_the_app_server(
 
 @pytest.mark.slow
 def test_direct_s3_1gib_upload_carries_under_1mb_through_the_app_server(
-    browser: Any, asyncassets_server_uri: str, asyncassets_s3_bucket: S3Bucket,
+    browser: Any, disk_server_uri: str, asyncassets_s3_bucket: S3Bucket,
     tmp_path: Path,
 ) -> None:
-    through_app = run_direct(browser, asyncassets_server_uri, asyncassets_s3_bucket,
+    through_app = run_direct(browser, disk_server_uri, asyncassets_s3_bucket,
                              tmp_path, HUGE)
     assert through_app < 1_000_000, through_app
