@@ -39,9 +39,9 @@ The protocol (JSON in and out; every error is ``{"error": "..."}`` with a 4xx or
 The session id is the capability for everything after the creation: it is a
 random 192-bit secret the hook's caller received. The hook runs once, at the
 creation; the document it chose is loaded again at finalize and its field
-switched as :meth:`FileProxy.replace() <asyncassets.files.proxy.FileProxy.replace>`
-does (conditional update; the old file deleted only after the switch; an unknown
-outcome keeps both files).
+switched by :meth:`~asyncassets.files.proxy.FileProxy.adopt`, as ``replace()``
+does (conditional update; the old file deleted only after the switch; an
+unknown outcome keeps both files).
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ class _DirectApp:
             try:
                 # The same switch as replace(): conditional update, then the old
                 # file is deleted; an unknown outcome keeps both.
-                await proxy._commit(entry, previous=proxy.grid_id)
+                await proxy.adopt(entry)
             except FileConflict as exc:
                 await uploads.mark(session, "failed", reason=str(exc))
                 raise DirectUploadError(str(exc), status=409) from exc
