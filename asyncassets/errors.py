@@ -34,6 +34,7 @@ __all__ = [
     "ChecksumMissing",
     "ConnectionNotRegistered",
     "CorruptFile",
+    "DirectUploadError",
     "EmbeddedServerError",
     "FileAlreadyExists",
     "FileConflict",
@@ -313,6 +314,21 @@ class StoredObjectChanged(StoredObjectMissing):
 
 class KeyTaken(StorageError):
     """An object already exists under the key, and overwriting was not allowed."""
+
+
+class DirectUploadError(AsyncAssetsError):
+    """A direct-to-S3 upload session refused a request (:mod:`asyncassets.web.direct`).
+
+    :ivar status: the HTTP status the app answers with: 400 bad input, 403 refused
+        by the app's hook, 404 no such session, 409 a state that another call must
+        change first (parts missing, another finalize running), 410 expired, 413
+        too large, 422 the uploaded bytes do not match what was declared (the
+        upload was removed), 503 the storage failed (try again).
+    """
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class WebExtraMissing(AsyncAssetsError, ImportError):

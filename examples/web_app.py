@@ -16,7 +16,12 @@ What it shows:
 * a video/audio page whose player seeks: ``FileResponse`` answers its Range
   requests, reading only those bytes;
 * download links signed with ``proxy.url(download=True)``, served by
-  ``files_app`` mounted at ``/files``.
+  ``files_app`` mounted at ``/files``;
+* a large-upload page (``/large``) with a progress bar: tus-js-client through the
+  app's ``tus_app`` into any storage, or Uppy's ``@uppy/aws-s3`` straight to the
+  bucket through ``direct_uploads_app`` when the uploads' storage is S3; both
+  resume after a page reload. Its script is ``examples/web/src/uploads.js``,
+  bundled with its npm packages by ``npm ci && npm run build`` in ``examples/web``.
 
 ``create_app(uri)`` builds the app for any MongoDB URI (the tests run it under
 uvicorn and drive it with a real browser).
@@ -26,10 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import html
+import json
 import os
 import secrets
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 try:
@@ -44,13 +51,23 @@ except ImportError as missing:  # say what to install, not a traceback
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import (
+    FileResponse as StaticFile,
+)
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Mount, Route
 
 import asyncassets
 from asyncassets import Document, DoesNotExist, FileValidationError, ValidationError
 from asyncassets.fields import FileField, ImageField, StringField
-from asyncassets.web import FileResponse, files_app
+from asyncassets.storage import Storage
+from asyncassets.web import FileResponse, UploadTarget, files_app, tus_app
+from asyncassets.web.direct import DirectUploadIntent, direct_uploads_app
 
 MIB = 1024 * 1024
 
@@ -76,6 +93,93 @@ class Clip(Document):
     meta = {"collection": "example_clips"}
 
 
+#: The bundle of examples/web/src/uploads.js (``npm run build`` in examples/web).
+UPLOADS_SCRIPT = Path(__file__).parent / "web" / "build" / "uploads.js"
+#: tus-js-client's chunk: a reload re-sends at most this much.
+TUS_CHUNK = 4 * MIB
+
+
+def large_upload_document(storage: Storage | None) -> type[Document]:
+    """The document class of the large-upload page, its file in ``storage``."""
+    kind = storage.kind if storage is not None else "gridfs"
+
+    class LargeUpload(Document):
+        title = StringField(max_length=80)
+        file = FileField(storage=storage, max_size=4096 * MIB,
+                         collection_name=None if storage else "example_large")
+        meta = {"collection": f"example_large_{kind}"}
+
+    return LargeUpload
+
+
+LARGE_PAGE = """
+<form id='large-form' onsubmit='return false'>
+<label>Title <input id='title' value='A large file'></label>
+<label>File <input type='file' id='file'></label>
+<button id='tus' type='button'>Upload (resumable, through the app)</button>
+{direct}
+<p><progress id='progress' max='1' value='0' style='width: 100%'></progress></p>
+<p id='status'>Choose a file.</p></form>
+<script src='/static/uploads.js'></script>
+<script>
+const config = {config};
+const status = document.getElementById('status');
+const bar = document.getElementById('progress');
+const stopAt = Number(new URLSearchParams(location.search).get('stop') || 0);
+window.uploadState = {{progress: 0, done: false, error: null, resumedAt: null}};
+async function target() {{
+  const title = document.getElementById('title').value;
+  const body = JSON.stringify({{title}});
+  const r = await fetch('/large/new', {{method: 'POST', body}});
+  return (await r.json()).id;
+}}
+function run(kind) {{
+  const file = document.getElementById('file').files[0];
+  if (!file) {{ status.textContent = 'Choose a file first.'; return; }}
+  const state = window.uploadState;
+  let handle;
+  const options = {{
+    onProgress(sent, total) {{
+      if (state.resumedAt === null) state.resumedAt = sent;
+      state.progress = sent / total;
+      bar.value = state.progress;
+      status.textContent = `${{sent}} of ${{total}} bytes`;
+      if (stopAt && state.progress >= stopAt && !state.stopped) {{
+        state.stopped = true;  // the tests' "page closed mid-upload"
+        handle.abort();
+      }}
+    }},
+    onSuccess(result) {{
+      state.done = true; state.result = result || null;
+      bar.value = 1; status.textContent = 'Done.';
+    }},
+    onError(error) {{
+      state.error = String(error); status.textContent = state.error;
+    }},
+  }};
+  const memory = `large:${{kind}}:${{file.name}}:${{file.size}}:${{file.lastModified}}`;
+  const start = async () => {{
+    let id = localStorage.getItem(memory);
+    if (!id) {{ id = await target(); localStorage.setItem(memory, id); }}
+    state.document = id;
+    if (kind === 'tus') {{
+      handle = AssetUploads.tusUpload(file, {{endpoint: '/uploads/tus/',
+        chunkSize: config.tusChunk, metadata: {{document: id}}, ...options}});
+    }} else {{
+      handle = AssetUploads.directUpload(file, {{endpoint: '/uploads/s3',
+        partSize: config.partSize, target: {{id}}, ...options}});
+    }}
+    state.resumed = await handle.start();
+  }};
+  start().catch((error) => options.onError(error));
+}}
+document.getElementById('tus').onclick = () => run('tus');
+const direct = document.getElementById('direct');
+if (direct) direct.onclick = () => run('direct');
+</script>
+"""
+
+
 # -- pages -------------------------------------------------------------------------
 
 STYLE = """
@@ -98,7 +202,8 @@ def page(title: str, body: str, status: int = 200) -> HTMLResponse:
     head = f"<meta charset='utf-8'><title>{html.escape(title)}</title>"
     return HTMLResponse(
         f"<!doctype html><html><head>{head}<style>{STYLE}</style></head><body>"
-        "<header><a href='/'>Gallery</a><a href='/upload'>Upload</a></header>"
+        "<header><a href='/'>Gallery</a><a href='/upload'>Upload</a>"
+        "<a href='/large'>Large upload</a></header>"
         f"<main><h1>{html.escape(title)}</h1>{body}</main></body></html>",
         status_code=status,
     )
@@ -244,15 +349,70 @@ async def clip_media(request: Request) -> Response:
     return FileResponse(clip.media, request)
 
 
+def large_routes(storage: Storage | None) -> list[Any]:
+    """The large-upload page, its endpoints, and the upload apps it talks to."""
+    cls = large_upload_document(storage)
+    direct = storage is not None and storage.kind == "s3"
+
+    async def large_page(request: Request) -> Response:
+        config = {"tusChunk": TUS_CHUNK,
+                  "partSize": getattr(storage, "part_size", 0)}
+        button = ("<button id='direct' type='button'>Upload straight to S3</button>"
+                  if direct else "")
+        return page("Large upload", LARGE_PAGE.format(
+            config=json.dumps(config), direct=button))
+
+    async def new_upload(request: Request) -> Response:
+        body = json.loads(await request.body() or b"{}")
+        doc = cls(title=str(body.get("title") or "untitled")[:80])
+        await doc.save()
+        return JSONResponse({"id": str(doc.pk)})
+
+    async def large_file(request: Request) -> Response:
+        doc = await cls.objects.get(pk=request.path_params["pk"])
+        return FileResponse(doc.file, request, download=True)
+
+    async def authorize_tus(request: Request, upload: Any) -> Any:
+        if upload.id is not None:
+            return True  # the upload's URL is its capability
+        doc = await cls.objects(pk=upload.metadata.get("document")).first()
+        return None if doc is None else UploadTarget(doc, "file")
+
+    async def authorize_direct(request: Request, intent: DirectUploadIntent) -> Any:
+        doc = await cls.objects(pk=intent.target.get("id")).first()
+        return None if doc is None else (doc, "file")
+
+    async def script(request: Request) -> Response:
+        if not UPLOADS_SCRIPT.exists():
+            return Response("run `npm ci && npm run build` in examples/web",
+                            status_code=404)
+        return StaticFile(UPLOADS_SCRIPT, media_type="text/javascript")
+
+    routes: list[Any] = [
+        Route("/large", large_page),
+        Route("/large/new", new_upload, methods=["POST"]),
+        Route("/large/{pk}/file", large_file, methods=["GET", "HEAD"]),
+        Route("/static/uploads.js", script),
+        Mount("/uploads/tus", tus_app(authorize_tus)),
+    ]
+    if direct:
+        routes.append(Mount("/uploads/s3", direct_uploads_app(authorize_direct)))
+    return routes
+
+
 async def not_found(request: Request, exc: Exception) -> Response:
     return page("Not found", "<p>There is nothing here.</p>", status=404)
 
 
-def create_app(uri: str, *, secret: str | None = None) -> Starlette:
+def create_app(
+    uri: str, *, secret: str | None = None, large_storage: Storage | None = None
+) -> Starlette:
     """The app, on the MongoDB database named in ``uri`` (connected at start-up).
 
     :param secret: the key signing download links; a random one by default (links
         then stop working when the process restarts).
+    :param large_storage: where the large-upload page stores files (GridFS by
+        default); an ``S3Storage`` adds the direct-to-S3 upload.
     """
 
     @contextlib.asynccontextmanager
@@ -273,6 +433,7 @@ def create_app(uri: str, *, secret: str | None = None) -> Starlette:
             Route("/clips/{pk}", clip_page),
             Route("/clips/{pk}/media", clip_media, methods=["GET", "HEAD"]),
             Mount("/files", files_app(secret=secret or secrets.token_urlsafe(32))),
+            *large_routes(large_storage),
         ],
         exception_handlers={
             404: not_found, DoesNotExist: not_found, ValidationError: not_found

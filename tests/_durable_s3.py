@@ -13,9 +13,13 @@ middleware that makes it durable the simple way:
   bytes under the same ETags (an ETag is the MD5 of the body).
 
 A request logged but cut short by the kill is replayed as if it had been applied:
-to its client that is an unknown outcome, which S3 has too (a reply lost). What the
-replay cannot restore: multipart uploads (a new upload id each time; keep objects
-under ``part_size``), and the ``LastModified`` times (the replay's).
+to its client that is an unknown outcome, which S3 has too (a reply lost).
+Multipart uploads survive too: moto gives a replayed CreateMultipartUpload a new
+upload id, so each one's id as its client saw it is logged (a line of its own,
+after the request) and every later request naming it, replayed or live, is
+rewritten to the id of this run. What the replay cannot restore: the
+``LastModified`` times (the replay's), and an upload whose creation was logged
+but whose id was not (its client never learnt it either).
 
 Usage: ``python tests/_durable_s3.py PORT LOG`` (127.0.0.1 only). Reads are not
 logged and run concurrently, as moto's server runs them.
@@ -27,6 +31,7 @@ import base64
 import io
 import json
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -41,6 +46,23 @@ from werkzeug.serving import run_simple
 from werkzeug.test import Client
 
 WRITES = frozenset({"PUT", "POST", "DELETE"})
+_UPLOAD_ID = re.compile(rb"<UploadId>([^<]+)</UploadId>")
+_ID_IN_QUERY = re.compile(r"(uploadId=)([^&]+)")
+
+
+class UploadIds:
+    """The multipart upload ids as clients saw them -> the ids of this run."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, str] = {}
+
+    def rewrite(self, uri_or_query: str) -> str:
+        return _ID_IN_QUERY.sub(
+            lambda m: m.group(1) + self.current.get(m.group(2), m.group(2)), uri_or_query
+        )
+
+
+IDS = UploadIds()
 
 
 def _headers(environ: dict[str, Any]) -> dict[str, str]:
@@ -64,6 +86,9 @@ class Durable:
         self.lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        for name in ("QUERY_STRING", "RAW_URI", "REQUEST_URI"):
+            if environ.get(name) and "uploadId=" in environ[name]:
+                environ[name] = IDS.rewrite(environ[name])
         if environ.get("REQUEST_METHOD") not in WRITES:
             return self.app(environ, start_response)
         length = environ.get("CONTENT_LENGTH")
@@ -89,6 +114,13 @@ class Durable:
                 return lambda data: None
 
             chunks = list(self.app(environ, capture))  # run it to the end, alone
+            query = environ.get("QUERY_STRING", "")
+            if environ["REQUEST_METHOD"] == "POST" and re.search(r"(^|&)uploads(=|&|$)", query):
+                found = _UPLOAD_ID.search(b"".join(chunks))
+                if found:  # this run's id is the one its client knows
+                    line = json.dumps({"upload_id": found.group(1).decode()}) + "\n"
+                    os.write(self.fd, line.encode())
+                    IDS.current[found.group(1).decode()] = found.group(1).decode()
         status, headers, exc_info = out["start"]
         start_response(status, headers, exc_info)
         return chunks
@@ -100,13 +132,19 @@ def replay(app: Any, log: str) -> int:
         return 0
     client = Client(app)
     done = 0
+    created: str | None = None  # this run's id of the upload just replayed
     with open(log, "rb") as lines:
         for line in lines:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue  # the last line, cut short by a kill
-            uri: str = record["uri"]
+            if "upload_id" in record:
+                if created is not None:
+                    IDS.current[record["upload_id"]] = created
+                created = None
+                continue
+            uri: str = IDS.rewrite(record["uri"])
             path, _, query = uri.partition("?")
             response = client.open(
                 path=path,
@@ -116,6 +154,8 @@ def replay(app: Any, log: str) -> int:
                 data=base64.b64decode(record["body"]),
                 environ_overrides={"RAW_URI": uri, "REQUEST_URI": uri},
             )
+            found = _UPLOAD_ID.search(response.get_data())
+            created = found.group(1).decode() if found and record["method"] == "POST" else None
             response.close()
             done += 1
     return done

@@ -29,6 +29,7 @@ from ..storage import GridFSStorage, Store
 from ..storage.catalogue import (
     compression_of,
     expected_digest,
+    new_hasher,
     original_length,
     original_sha256,
 )
@@ -249,7 +250,8 @@ async def _check_files(
     projection = {"_id": 1, "length": 1, "chunkSize": 1, **_ENTRY_MARKS}
     if verify:
         # What the catalogue needs to say what a file is checked against.
-        projection.update({"md5": 1, "metadata.sha256": 1, "metadata.compression": 1})
+        projection.update({"md5": 1, "metadata.sha256": 1, "metadata.sha256_parts": 1,
+                           "metadata.compression": 1})
     query: dict[str, Any] = GRIDFS_FILES
     if isinstance(bucket, QueuedStore):
         projection.update({"location": 1, "uploadDate": 1, "filename": 1, "local": 1,
@@ -525,7 +527,7 @@ class _Digests:
 
     def __init__(self, doc: dict[str, Any]) -> None:
         self.stored = expected_digest(doc)
-        self.stored_hash = hashlib.new(self.stored[0]) if self.stored else None
+        self.stored_hash = new_hasher(self.stored[0]) if self.stored else None
         info = compression_of(doc)
         self.original = original_sha256(doc) if info and info.get("sha256") else None
         self.original_hash = hashlib.sha256() if self.original else None

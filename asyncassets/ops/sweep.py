@@ -20,6 +20,7 @@ from ..storage.gridfs import GridBucket
 from ..storage.objects.blobs import BlobInfo
 from ..storage.objects.store import ObjectStore
 from ..storage.queued import QueuedStore
+from .direct_sweep import live_direct_uploads, sweep_direct_sessions
 from .lookup import (
     _CURSOR_BATCH,
     _ENTRY_MARKS,
@@ -133,12 +134,16 @@ async def sweep_orphans(
             await _sweep_chunks(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
                                 report)
         elif isinstance(store, ObjectStore):
+            # Direct-to-S3 sessions: expired ones removed; live ones' keys and
+            # multipart uploads are left to their session (ops/direct_sweep.py).
+            await sweep_direct_sessions(store, bucket_alias, dry_run, max_ids, report)
+            live_keys, live_uploads = await live_direct_uploads(store)
             await _sweep_reservations(store, bucket_alias, work.sharers, cutoff, dry_run,
-                                      batch_size, max_ids, report)
+                                      batch_size, max_ids, report, skip=live_keys)
             await _sweep_objects(store, bucket_alias, work.sharers, cutoff, dry_run,
                                  batch_size, max_ids, report)
             await _sweep_leftovers(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
-                                   report)
+                                   report, skip=live_uploads)
         elif isinstance(store, QueuedStore):
             await _sweep_queued(store, bucket_alias, work, cutoff, dry_run, batch_size,
                                 max_ids, report)
@@ -285,6 +290,7 @@ async def _sweep_reservations(
     batch_size: int,
     max_ids: int | None,
     report: SweepReport,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> None:
     """Release the key reservations of writers that died, and delete what they left.
 
@@ -308,6 +314,8 @@ async def _sweep_reservations(
         for reservation in batch:
             if reservation["_id"] in alive or str(reservation.get("key")) in named:
                 continue  # a stored file's key
+            if str(reservation.get("key")) in skip:
+                continue  # a live direct upload's
             if dry_run:
                 report.reservations_released += 1
                 continue
@@ -415,6 +423,7 @@ async def _sweep_leftovers(
     batch_size: int,
     max_ids: int | None,
     report: SweepReport,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> None:
     """Remove what dead writers left where listing does not show it, if the backend
     can find it: temp files (``list_stale_temps``/``delete_temp``, the filesystem's)
@@ -434,7 +443,9 @@ async def _sweep_leftovers(
         remover = getattr(blobs, remover_name, None)
         if not (callable(lister) and callable(remover)):
             continue
-        async for batch in _batches(lister(cutoff), batch_size):
+        async for listed_batch in _batches(lister(cutoff), batch_size):
+            # A live direct upload's multipart upload is not a dead writer's.
+            batch = [i for i in listed_batch if getattr(i, "upload_id", None) not in skip]
             if not dry_run:
                 await _bounded([_leftover_handle(item) for item in batch], remover)
             for item in batch:

@@ -34,6 +34,7 @@ __all__ = [
     "content_version",
     "describe",
     "expected_digest",
+    "new_hasher",
     "original_length",
     "original_sha256",
     "read_range",
@@ -64,7 +65,7 @@ SPEC_KEYS = frozenset(
 )
 
 #: Metadata keys asyncassets keeps for itself; exposed as attributes, not in metadata.
-INTERNAL_KEYS = frozenset({"sha256", "compression"})
+INTERNAL_KEYS = frozenset({"sha256", "sha256_parts", "compression"})
 
 
 def compression_of(doc: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -89,15 +90,61 @@ def original_sha256(doc: Mapping[str, Any]) -> str | None:
 def expected_digest(doc: Mapping[str, Any]) -> tuple[str, str] | None:
     """``(algorithm, hex digest)`` to check the stored bytes against, or ``None``.
 
-    The recorded ``metadata.sha256``; else the GridFS ``md5`` that older drivers,
-    mongoengine and mongomotor wrote.
+    The recorded ``metadata.sha256``; else, for a file uploaded straight to S3 in
+    parts, ``metadata.sha256_parts`` (the SHA-256 of the parts' SHA-256 digests, see
+    :mod:`asyncassets.storage.objects.direct`); else the GridFS ``md5`` that older
+    drivers, mongoengine and mongomotor wrote. :func:`new_hasher` makes the hasher
+    of the algorithm named.
     """
     meta = doc.get("metadata") or {}
     if meta.get("sha256"):
         return "sha256", str(meta["sha256"])
+    parts = meta.get("sha256_parts")
+    if isinstance(parts, Mapping) and parts.get("sha256") and _as_int(parts.get("part_size")):
+        return f"{PARTS_ALGORITHM}{_as_int(parts['part_size'])}", str(parts["sha256"])
     if doc.get("md5") and not compression_of(doc):
         return "md5", str(doc["md5"])
     return None
+
+
+#: The algorithm name of a parts digest, followed by the part size.
+PARTS_ALGORITHM = "sha256-parts:"
+
+
+class _PartsHasher:
+    """S3's composite SHA-256: the SHA-256 of the SHA-256 of each ``part_size`` bytes."""
+
+    def __init__(self, part_size: int) -> None:
+        self._part_size = part_size
+        self._part = hashlib.sha256()
+        self._filled = 0
+        self._digests = hashlib.sha256()
+        self._any = False
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            room = self._part_size - self._filled
+            self._part.update(view[:room])
+            self._filled += len(view[:room])
+            self._any = True
+            view = view[room:]
+            if self._filled == self._part_size:
+                self._digests.update(self._part.digest())
+                self._part, self._filled, self._any = hashlib.sha256(), 0, False
+
+    def hexdigest(self) -> str:
+        digests = self._digests.copy()
+        if self._any:
+            digests.update(self._part.digest())
+        return digests.hexdigest()
+
+
+def new_hasher(algorithm: str) -> Any:
+    """A hasher (``update``, ``hexdigest``) for an algorithm :func:`expected_digest` names."""
+    if algorithm.startswith(PARTS_ALGORITHM):
+        return _PartsHasher(int(algorithm[len(PARTS_ALGORITHM):]))
+    return hashlib.new(algorithm)
 
 
 def content_type_of(doc: Mapping[str, Any]) -> str | None:

@@ -12,12 +12,17 @@ Files written by others without a ``sha256`` are checked against their GridFS
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ChecksumMissing, CorruptFile, IntegrityError
-from .catalogue import compression_of, describe, expected_digest, original_length
+from .catalogue import (
+    compression_of,
+    describe,
+    expected_digest,
+    new_hasher,
+    original_length,
+)
 from .codec import CODECS, GzipError, inflate
 
 if TYPE_CHECKING:
@@ -123,7 +128,7 @@ async def iter_original(
             async for piece in download:
                 yield piece
         return
-    hasher = hashlib.new(expected[0]) if expected else None
+    hasher = new_hasher(expected[0]) if expected else None
     pieces = _stored_pieces(bucket, doc)
     source: AsyncGenerator[bytes, None] = _inflate(bucket, doc, pieces) if info else pieces
     pos = 0
@@ -194,7 +199,7 @@ async def verify_file(bucket: Store, doc: Mapping[str, Any]) -> bool:
         raise _nothing_to_check(bucket, doc)
     try:
         if stored is not None:
-            hasher = hashlib.new(stored[0])
+            hasher = new_hasher(stored[0])
             async for piece in _stored_pieces(bucket, doc):
                 hasher.update(piece)
             if hasher.hexdigest() != stored[1]:

@@ -10,6 +10,8 @@
   it too);
 * :func:`tus_app`: resumable uploads (the tus protocol) into a document's
   ``FileField``, authorised by a hook of the app's (see :doc:`/uploads`);
+* :func:`direct_uploads_app`: uploads from the browser straight to an S3
+  bucket; the app signs and records (see :doc:`/uploads`);
 * :func:`run_lifespan`: run an app's lifespan in a test that calls it in-process;
 * :func:`storage_error_response`: an exception handler that answers a storage
   or database outage with ``503`` instead of a dropped connection.
@@ -30,6 +32,7 @@ except ImportError as exc:  # the `web` extra is not installed
 
 from ..files.urls import configure_urls
 from .app import files_app
+from .direct import DirectUploadIntent, direct_uploads_app
 from .failures import HANDLED_ERRORS, RETRY_AFTER_SECONDS, storage_error_response
 from .lifespan import LifespanFailed, run_lifespan
 from .policy import (
@@ -54,12 +57,14 @@ __all__ = [
     "TUS_EXTENSIONS",
     "UNSANDBOXED_TYPES",
     "ContentPolicy",
+    "DirectUploadIntent",
     "FileResponse",
     "LifespanFailed",
     "Presentation",
     "TusUpload",
     "UploadTarget",
     "configure_urls",
+    "direct_uploads_app",
     "files_app",
     "run_lifespan",
     "storage_error_response",
