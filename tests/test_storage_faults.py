@@ -316,6 +316,8 @@ async def test_200_readers_cancelled_mid_stream_leave_no_cursor_and_no_broken_co
     await _cancel_readers_mid_stream(watched, 200)
 
 
+# The same at five times the scale (40 s of the default run's time): with -m slow.
+@pytest.mark.slow
 async def test_1000_readers_cancelled_mid_stream_leave_no_cursor_and_no_broken_connection(
     watched: Watched,
 ) -> None:
