@@ -89,6 +89,8 @@ _HASHES_KEPT = 10_000
 
 #: Session states: receiving bytes; complete and being attached; attached.
 OPEN, FINISHING, DONE = "open", "finishing", "done"
+#: A session being removed by :meth:`UploadSessions.terminate` (no write may start).
+TERMINATING = "terminating"
 
 
 def _now() -> dt.datetime:
@@ -218,18 +220,38 @@ class UploadSessions:
         return dict(found)
 
     async def terminate(self, upload_id: str) -> None:
-        """Delete an open session and its staged bytes.
+        """Delete a session that is not complete, and its staged bytes.
+
+        The session is taken first, in one conditional update (no write holds it,
+        none can start after: it leaves the ``open`` state, and its expiry is now,
+        so an interrupted removal is the sweep's); its bytes go after. A write
+        racing it either holds the session first (:class:`UploadLocked` here) or
+        cannot start.
 
         :raises UploadNotFound: there is none.
         :raises UploadLocked: a write holds it, or it is being attached.
         """
-        session = await self._find(upload_id)
-        if session.get("state") == FINISHING or _lease_holds(session):
-            raise UploadLocked(
-                f"upload {upload_id} is being written or attached; retry when that ends",
-                upload_id=upload_id,
-            )
-        await self.remove(upload_id, session)
+        now = _now()
+        taken = await self.sessions.find_one_and_update(
+            {
+                "_id": upload_id,
+                "state": {"$in": [OPEN, TERMINATING]},
+                "$or": [{"lease": {"$exists": False}}, {"lease.until": {"$lt": now}}],
+            },
+            {"$set": {"state": TERMINATING, "expires": now}, "$unset": {"lease": ""}},
+            projection={"tail": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        if taken is None:
+            session = await self._find(upload_id)
+            if session.get("state") != DONE:
+                raise UploadLocked(
+                    f"upload {upload_id} is being written or attached; retry when that "
+                    "ends",
+                    upload_id=upload_id,
+                )
+            taken = session
+        await self.remove(upload_id, taken)
 
     async def remove(self, upload_id: str, session: Mapping[str, Any] | None = None) -> None:
         """Delete a session and its bytes, whatever its state (the sweep's).
@@ -648,10 +670,12 @@ class UploadSessions:
         return hasher.hexdigest()
 
     async def head(self, session: Mapping[str, Any], size: int) -> bytes:
-        """The first ``size`` bytes of a session written ``into`` a bucket."""
+        """The first ``size`` bytes a session holds (fewer if it holds fewer), staged
+        or written ``into`` a bucket."""
         out = bytearray()
-        cursor = self.bucket_chunks.find(
-            {"files_id": session["file_id"], "n": {"$lt": int(session["n"])}},
+        chunks, owner, value = self._where(session)
+        cursor = chunks.find(
+            {owner: value, "n": {"$lt": int(session["n"])}},
             sort=[("n", 1)], batch_size=2,
         )
         async for chunk in cursor:

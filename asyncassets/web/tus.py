@@ -310,15 +310,29 @@ class _TusApp:
             try:
                 session = await self._write(request, sessions, session, 0)
             except _Refused as refused:
+                if refused.status == 413:
+                    # More bytes than declared: no one learns this upload's URL
+                    # from a 413, so it goes now rather than at its expiry.
+                    await sessions.remove(session["_id"])
+                    raise
                 if refused.status not in (400, 460):
                     # Refused by the field, or complete but not attached: a 201
-                    # would tell the client it is done.
+                    # would tell the client it is done. Where it is, for a retry.
+                    refused.headers.setdefault("Location", location)
                     raise
                 # A bad checksum, a body cut short: the upload exists and the
                 # client resumes it from HEAD's offset.
                 _logger.info("first bytes of new upload %s not kept: %s",
                              session["_id"], refused.text)
                 session = await sessions.get(session["_id"])
+        elif length == 0:
+            # Complete as created: tus-js-client, Uppy and tuspy send no PATCH for
+            # an empty file, so this request attaches it.
+            try:
+                await self._finish(sessions, session)
+            except _Refused as refused:
+                refused.headers.setdefault("Location", location)
+                raise
         headers["Upload-Offset"] = str(session["offset"])
         return _empty(201, headers)
 
@@ -399,8 +413,10 @@ class _TusApp:
         upload_id = session["_id"]
         checksum = _checksum(request.headers.get("upload-checksum"))
         pieces: AsyncIterator[Any] = request.stream()
-        if offset < HEAD_SIZE:
-            pieces = self._sniffed(pieces, session, offset)
+        if offset < min(HEAD_SIZE, int(session["length"])):
+            # The first bytes are not all in yet: sniff them with the ones kept.
+            kept = await sessions.head(session, offset) if offset else b""
+            pieces = self._sniffed(pieces, session, kept)
         try:
             session = await sessions.write(upload_id, offset, pieces, checksum=checksum)
         except UploadChecksumMismatch as exc:
@@ -426,17 +442,18 @@ class _TusApp:
         return session
 
     def _sniffed(
-        self, pieces: AsyncIterator[Any], session: Mapping[str, Any], offset: int
+        self, pieces: AsyncIterator[Any], session: Mapping[str, Any], kept: bytes
     ) -> AsyncIterator[Any]:
-        """Check the file's first bytes by the field's rules as they pass (only a
-        write from offset 0 sees them; the stored file is checked again whole)."""
-        if offset != 0:
-            return pieces
+        """Check the file's first bytes by the field's rules as they pass: ``kept``
+        (the bytes before this write's offset) and this write's, as soon as there
+        are :data:`HEAD_SIZE` of them (or the whole file). A write that ends
+        short of them leaves the check to the next one, whatever the cut; the
+        stored file is checked again whole."""
         info = session.get("info") or {}
         length = int(session["length"])
 
         async def check() -> AsyncIterator[Any]:
-            head = bytearray()
+            head = bytearray(kept)
             checked = False
             async for piece in pieces:
                 if not checked:

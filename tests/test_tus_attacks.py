@@ -1,0 +1,150 @@
+"""tus as a hostile client uses it: the field's rules and the catalogue hold
+whatever the order and the size of the requests."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any
+
+import pytest
+from _tus import app_for, client, create, doc_class, make_storage, patch
+
+from asyncassets.errors import UploadLocked, UploadNotFound, UploadOffsetMismatch
+from asyncassets.storage.resumable import UploadSessions
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 600
+
+
+def catalogue(cls: Any) -> str:
+    return str(cls._fields["file"].storage.collection_name)
+
+
+async def leftovers(db: Any, cls: Any) -> tuple[int, int]:
+    """Sessions, and chunks of unfinished uploads (staged, or in the bucket with
+    no files document)."""
+    name = catalogue(cls)
+    files = [d["_id"] async for d in db[f"{name}.files"].find({}, {"_id": 1})]
+    headless = await db[f"{name}.chunks"].count_documents({"files_id": {"$nin": files}})
+    staged = await db[f"{name}.uploads.staged"].count_documents({})
+    return await db[f"{name}.uploads"].count_documents({}), headless + staged
+
+
+@pytest.fixture(params=["gridfs", "filesystem"])
+async def png_field(asyncassets_db, request, tmp_path):
+    cls = doc_class(make_storage(request.param, request, tmp_path), max_size=100_000,
+                    allowed_content_types=["image/png"])
+    doc = cls(owner="ann")
+    await doc.save()
+    return cls, doc
+
+
+async def test_the_first_bytes_are_sniffed_even_when_the_first_patch_is_one_byte(
+    asyncassets_db, png_field
+):
+    # A field taking PNG only; the client declares a PNG, sends "G" alone, then
+    # the rest of a GIF: the first 512 bytes are sniffed as they arrive, however cut.
+    cls, doc = png_field
+    gif = b"GIF89a" + b"\0" * 2000
+    async with client(app_for(cls)) as http:
+        created = await create(http, doc, len(gif) + 10_000, filename="a.png",
+                               filetype="image/png")
+        location = created.headers["location"]
+        assert (await patch(http, location, 0, gif[:1])).status_code == 204
+        answer = await patch(http, location, 1, gif[1:])
+        assert answer.status_code == 415, answer.text
+        assert (await http.head(location)).status_code == 404
+    assert await leftovers(asyncassets_db, cls) == (0, 0)
+
+
+async def test_a_png_sent_a_few_bytes_at_a_time_is_taken(asyncassets_db, png_field):
+    cls, doc = png_field
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(PNG), filename="a.png")).headers["location"]
+        for start, end in ((0, 3), (3, 9), (9, 400), (400, len(PNG))):
+            answer = await patch(http, location, start, PNG[start:end])
+            assert answer.status_code == 204, answer.text
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == PNG
+
+
+@pytest.mark.parametrize("kind", ["gridfs", "filesystem"])
+async def test_an_empty_file_is_attached_at_its_creation(asyncassets_db, request, tmp_path, kind):
+    # tus-js-client and Uppy send no PATCH for a file of 0 bytes: the POST is all.
+    cls = doc_class(make_storage(kind, request, tmp_path))
+    doc = cls(owner="ann")
+    await doc.save()
+    async with client(app_for(cls)) as http:
+        answer = await create(http, doc, 0, filename="empty.txt")
+        assert answer.status_code == 201, answer.text
+        assert answer.headers["upload-offset"] == "0"
+    stored = await cls.objects(pk=doc.pk).first()
+    assert stored.file.grid_id is not None
+    assert await stored.file.read() == b""
+    assert stored.file.filename == "empty.txt"
+
+
+@pytest.mark.parametrize("kind", ["gridfs", "filesystem"])
+async def test_creation_with_more_bytes_than_declared_is_413_and_leaves_nothing(
+    asyncassets_db, request, tmp_path, kind
+):
+    # No Location in a 413: an upload created anyway would be out of anyone's reach.
+    cls = doc_class(make_storage(kind, request, tmp_path))
+    doc = cls(owner="ann")
+    await doc.save()
+    async with client(app_for(cls, chunk_size=1024)) as http:
+        answer = await create(http, doc, 10, content=b"x" * 5000, filename="a.txt")
+    assert answer.status_code == 413, answer.text
+    assert await leftovers(asyncassets_db, cls) == (0, 0)
+    assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
+
+
+@pytest.mark.parametrize(
+    "length",
+    ["1e3", "+5", "0x10", "5.0", "5 5", "\u0665".encode(), "18446744073709551616"],
+)
+async def test_hostile_upload_lengths_create_nothing(
+    asyncassets_db, request, tmp_path, length
+):
+    cls = doc_class(make_storage("gridfs", request, tmp_path))
+    doc = cls(owner="ann")
+    await doc.save()
+    async with client(app_for(cls)) as http:
+        answer = await create(http, doc, 0, headers={"Upload-Length": length})
+    assert answer.status_code in (400, 413), answer.text
+    assert await leftovers(asyncassets_db, cls) == (0, 0)
+
+
+async def test_termination_racing_a_write_never_leaves_bytes_behind(asyncassets_db):
+    # DELETE and PATCH of one upload at once, in two requests: either the write
+    # wins (the terminate is refused, the bytes are the session's) or the
+    # terminate does (no session, and no byte of the write stays).
+    sessions = UploadSessions(asyncassets_db, "tusrace", chunk_size=16)
+    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+
+    async def pieces() -> Any:
+        for _ in range(8):
+            yield b"y" * 64
+            await asyncio.sleep(0)
+
+    outcomes = set()
+    for _ in range(25):
+        session = await sessions.create(length=10_000, expires=expires)
+        upload_id = session["_id"]
+        ended = await asyncio.gather(
+            sessions.terminate(upload_id), sessions.write(upload_id, 0, pieces()),
+            return_exceptions=True,
+        )
+        terminated, written = ended
+        left = await sessions.sessions.find_one({"_id": upload_id})
+        chunks = await sessions.chunks.count_documents({"upload": upload_id})
+        if terminated is None:
+            outcomes.add("terminated")
+            assert isinstance(written, (UploadLocked, UploadNotFound, UploadOffsetMismatch)), \
+                written
+            assert left is None and chunks == 0
+        else:
+            outcomes.add("written")
+            assert isinstance(terminated, UploadLocked), terminated
+            assert left is not None and left["offset"] == 512 and chunks == 32
+            await sessions.remove(upload_id)
+    assert outcomes
