@@ -148,3 +148,35 @@ async def test_termination_racing_a_write_never_leaves_bytes_behind(asyncassets_
             assert left is not None and left["offset"] == 512 and chunks == 32
             await sessions.remove(upload_id)
     assert outcomes
+
+
+async def test_a_declared_html_or_svg_upload_is_never_served_inline(asyncassets_db, request,
+                                                                    tmp_path):
+    # Sniffing takes markup for text, so the declared type is kept; serving's
+    # allowlists decide what a browser is shown, whatever the upload declared.
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from asyncassets.web import FileResponse
+
+    cls = doc_class(make_storage("gridfs", request, tmp_path))
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'
+
+    async def serve(req: Any) -> Any:
+        doc = await cls.objects.get(pk=req.path_params["pk"])
+        return FileResponse(doc.file, req)
+
+    site = Starlette(routes=[Route("/f/{pk}", serve)])
+    async with client(app_for(cls)) as http, client(site) as browser:
+        for name, declared in (("x.svg", "image/svg+xml"), ("x.html", "text/html")):
+            doc = cls(owner="ann")
+            await doc.save()
+            location = (await create(http, doc, len(svg), filename=name,
+                                     filetype=declared)).headers["location"]
+            assert (await patch(http, location, 0, svg[:1])).status_code == 204
+            assert (await patch(http, location, 1, svg[1:])).status_code == 204
+            served = await browser.get(f"/f/{doc.pk}")
+            assert served.content == svg
+            assert served.headers["content-disposition"].startswith("attachment")
+            assert served.headers["content-type"] == "application/octet-stream"
+            assert served.headers["content-security-policy"] == "sandbox"
