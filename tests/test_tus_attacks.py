@@ -180,3 +180,50 @@ async def test_a_declared_html_or_svg_upload_is_never_served_inline(asyncassets_
             assert served.headers["content-disposition"].startswith("attachment")
             assert served.headers["content-type"] == "application/octet-stream"
             assert served.headers["content-security-policy"] == "sandbox"
+
+
+async def test_the_sweep_racing_the_finish_of_an_upload_never_leaves_a_file_without_bytes(
+    asyncassets_db, request, tmp_path
+):
+    # The last PATCH lands as the upload expires: the sweep (which lists it as
+    # expired and unleased) and the finish run at once. Either the finish wins
+    # and the file has every byte, or the sweep does and there is no file at all.
+    from asyncassets.ops.reports import SweepReport
+    from asyncassets.ops.resumable import sweep_resumable
+
+    cls = doc_class(make_storage("gridfs", request, tmp_path))
+    bucket = cls(owner="ann").file._bucket()
+    name = catalogue(cls)
+    sessions = UploadSessions(asyncassets_db, name)
+    data = b"z" * (3 * bucket.chunk_size + 17)
+
+    async def pieces() -> Any:
+        yield data
+
+    async def finish(upload_id: str) -> Any:
+        session = await sessions.begin_finish(upload_id)
+        return await sessions.complete_in_bucket(session, bucket, filename="f", metadata={})
+
+    outcomes = set()
+    for _ in range(20):
+        soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+        session = await sessions.create(length=len(data), expires=soon, into=bucket)
+        await sessions.write(session["_id"], 0, pieces())
+        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+        await sessions.sessions.update_one({"_id": session["_id"]}, {"$set": {"expires": past}})
+        _, finished = await asyncio.gather(
+            sweep_resumable(asyncassets_db, name, dry_run=False, report=SweepReport(
+                False, dt.timedelta(0), dt.datetime.now(dt.timezone.utc))),
+            finish(session["_id"]), return_exceptions=True,
+        )
+        chunks = await asyncassets_db[f"{name}.chunks"].count_documents(
+            {"files_id": session["file_id"]})
+        files = await asyncassets_db[f"{name}.files"].count_documents(
+            {"_id": session["file_id"]})
+        if isinstance(finished, BaseException):
+            outcomes.add(type(finished).__name__)
+            assert (files, chunks) == (0, 0), finished
+        else:
+            outcomes.add("finished")
+            assert (files, chunks) == (1, 4)
+    assert outcomes

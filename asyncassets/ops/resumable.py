@@ -29,11 +29,12 @@ async def sweep_resumable(db: Any, catalogue: str, *, dry_run: bool, report: Swe
     sessions = UploadSessions(db, catalogue)
     now = dt.datetime.now(dt.timezone.utc)
     for session in await sessions.expired(now):
+        # Taken again as it is removed: a finish may have started since the listing.
+        if not dry_run and not await sessions.remove_expired(session, now):
+            continue
         report.resumable_expired += 1
         if session.get("state") != "done":
             report.bytes_freed += max(int(session.get("offset") or 0), 0)
-        if not dry_run:
-            await sessions.remove(session["_id"], session)
     for upload_id in await sessions.headless_chunks():
         if not dry_run:
             await sessions.chunks.delete_many({"upload": upload_id})

@@ -270,6 +270,31 @@ class UploadSessions:
                 await self.bucket_chunks.delete_many({"files_id": session["file_id"]})
         await self.sessions.delete_one({"_id": upload_id})
 
+    async def remove_expired(self, session: Mapping[str, Any], cutoff: dt.datetime) -> bool:
+        """Remove a session the sweep listed as past its expiry, if it still is and
+        no write holds it; return whether it did.
+
+        The session is taken first, in one conditional update on its expiry and
+        lease (a session not done leaves the ``open`` state, so no write or finish
+        starts after); a finish that began meanwhile has pushed its expiry past
+        ``cutoff``, and keeps it. Its bytes go after.
+        """
+        now = _now()
+        taken = await self.sessions.find_one_and_update(
+            {
+                "_id": session["_id"],
+                "expires": {"$lt": cutoff},
+                "$or": [{"lease": {"$exists": False}}, {"lease.until": {"$lt": now}}],
+            },
+            [{"$set": {"state": {"$cond": [{"$eq": ["$state", DONE]}, DONE, TERMINATING]}}}],
+            projection={"tail": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        if taken is None:
+            return False
+        await self.remove(taken["_id"], taken)
+        return True
+
     # -- writing -----------------------------------------------------------------
 
     async def write(
@@ -555,6 +580,12 @@ class UploadSessions:
         session = await self._find(upload_id)
         if session.get("state") == DONE:
             return session
+        if session.get("state") == TERMINATING:
+            raise UploadExpired(
+                f"upload {upload_id} expired or was terminated as it completed; start a "
+                "new upload",
+                upload_id=upload_id,
+            )
         if _lease_holds(session):
             raise UploadLocked(
                 f"upload {upload_id} is being written by another request",

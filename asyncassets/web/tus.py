@@ -478,6 +478,8 @@ class _TusApp:
             return
         try:
             session = await sessions.begin_finish(upload_id)
+        except UploadNotFound as exc:  # and UploadExpired: swept or terminated meanwhile
+            raise _Refused(410, str(exc)) from exc
         except ResumableUploadError as exc:
             raise _Refused(409, str(exc)) from exc
         if session.get("state") == DONE:
