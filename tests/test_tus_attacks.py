@@ -227,3 +227,51 @@ async def test_the_sweep_racing_the_finish_of_an_upload_never_leaves_a_file_with
             outcomes.add("finished")
             assert (files, chunks) == (1, 4)
     assert outcomes
+
+
+async def test_writes_past_max_writes_are_503_and_memory_per_write_is_bounded(
+    asyncassets_db, request, tmp_path
+):
+    # Many uploads in flight at once: each write holds a bounded amount of memory
+    # (the docs say about 13 MiB), and max_writes bounds how many there are.
+    import tracemalloc
+
+    cls = doc_class(make_storage("filesystem", request, tmp_path))
+    docs = [cls(owner="ann") for _ in range(3)]
+    for doc in docs:
+        await doc.save()
+    size, piece = 8 * 1024 * 1024, 64 * 1024
+    release, both_writing = asyncio.Event(), asyncio.Event()
+    writing: list[int] = []
+
+    async def body(wait: bool) -> Any:
+        for n in range(size // piece):
+            if wait and n == 1:
+                # The app took the first piece: its write runs.
+                writing.append(n)
+                if len(writing) == 2:
+                    both_writing.set()
+                await release.wait()
+            yield b"w" * piece
+
+    async with client(app_for(cls, max_writes=2)) as http:
+        locations = [(await create(http, doc, size, filename="w.bin")).headers["location"]
+                     for doc in docs]
+        tracemalloc.start()
+        try:
+            writes = [asyncio.ensure_future(patch(http, where, 0, body(True)))
+                      for where in locations[:2]]
+            await asyncio.wait_for(both_writing.wait(), 30)
+            third = await patch(http, locations[2], 0, b"x")
+            assert third.status_code == 503, third.text
+            assert third.headers["retry-after"]
+            release.set()
+            assert [(await w).status_code for w in writes] == [204, 204]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak / 2 < 16 * 1024 * 1024, peak
+        assert (await patch(http, locations[2], 0, b"x" * size)).status_code == 204
+    for doc in docs:
+        assert (await cls.objects(pk=doc.pk).first()).file.length == size
+

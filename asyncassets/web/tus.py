@@ -134,6 +134,7 @@ def tus_app(
     expires: dt.timedelta = dt.timedelta(hours=24),
     lease: dt.timedelta = DEFAULT_LEASE,
     chunk_size: int = DEFAULT_STAGING_CHUNK,
+    max_writes: int | None = None,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """An ASGI app speaking tus 1.0 (core, creation, creation-with-upload,
     termination, expiration, checksum) into documents' ``FileField``\\ s.
@@ -163,13 +164,21 @@ def tus_app(
     :param lease: how long one ``PATCH`` holds the upload against others unless
         it makes progress; a server killed mid-``PATCH`` blocks the upload this long.
     :param chunk_size: bytes per staged chunk.
+    :param max_writes: how many ``PATCH`` requests this app (this process) writes
+        at once; one more is ``503`` with ``Retry-After`` (tus clients retry it),
+        and a creation's body is then not taken (``201`` at offset 0). Each write
+        holds about 13 MiB, so this bounds the process's memory for uploads.
+        ``None``: no bound.
     """
     if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int)
                                  or max_size < 0):
         raise ValueError(f"max_size must be an int >= 0 or None, not {max_size!r}")
     if not isinstance(expires, dt.timedelta) or expires <= dt.timedelta(0):
         raise ValueError(f"expires must be a positive timedelta, not {expires!r}")
-    return _TusApp(authorize, max_size, expires, lease, chunk_size)
+    if max_writes is not None and (isinstance(max_writes, bool)
+                                   or not isinstance(max_writes, int) or max_writes < 1):
+        raise ValueError(f"max_writes must be an int >= 1 or None, not {max_writes!r}")
+    return _TusApp(authorize, max_size, expires, lease, chunk_size, max_writes)
 
 
 class _TusApp:
@@ -180,12 +189,16 @@ class _TusApp:
         expires: dt.timedelta,
         lease: dt.timedelta,
         chunk_size: int,
+        max_writes: int | None = None,
     ) -> None:
         self.authorize = authorize
         self.max_size = max_size
         self.expires = expires
         self.lease = lease
         self.chunk_size = chunk_size
+        self.max_writes = max_writes
+        #: PATCH (and creation) bodies being written now, in this process.
+        self._writing = 0
         self._sessions: dict[tuple[str, str, int], UploadSessions] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -305,8 +318,9 @@ class _TusApp:
         )
         location = _location(request, alias, catalogue, session["_id"])
         headers = {"Location": location, "Upload-Expires": _http_date(session["expires"])}
-        if request.headers.get("content-type") == _OCTETS:
-            # creation-with-upload: the body is the first bytes.
+        if request.headers.get("content-type") == _OCTETS and not self._full():
+            # creation-with-upload: the body is the first bytes (unless this
+            # process writes all it may: then the client PATCHes them later).
             try:
                 session = await self._write(request, sessions, session, 0)
             except _Refused as refused:
@@ -408,6 +422,21 @@ class _TusApp:
         return _empty(204, _offset_headers(session))
 
     async def _write(
+        self, request: Request, sessions: UploadSessions, session: dict[str, Any], offset: int
+    ) -> dict[str, Any]:
+        if self._full():
+            raise _Refused(503, f"this server is writing {self._writing} uploads already "
+                           "(max_writes); retry shortly", {"Retry-After": "2"})
+        self._writing += 1
+        try:
+            return await self._write_body(request, sessions, session, offset)
+        finally:
+            self._writing -= 1
+
+    def _full(self) -> bool:
+        return self.max_writes is not None and self._writing >= self.max_writes
+
+    async def _write_body(
         self, request: Request, sessions: UploadSessions, session: dict[str, Any], offset: int
     ) -> dict[str, Any]:
         upload_id = session["_id"]
