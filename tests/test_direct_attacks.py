@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest_asyncio
-from test_direct_s3 import PART, Site, bucket_state, new_doc, payload, serving
+from test_direct_s3 import PART, Site, bucket_state, new_doc, payload, raw_client, serving
 
 
 @pytest_asyncio.fixture
@@ -70,3 +70,24 @@ async def test_hostile_sizes_create_nothing(direct: Site, asyncassets_db: Any) -
             "target": {"id": str(doc.pk)}})
         assert answer.status_code in (400, 413), (size, answer.text)
     assert bucket_state(direct.bucket) == ([], [])
+
+
+async def test_an_object_planted_at_the_reserved_key_is_never_adopted(
+    direct: Site, asyncassets_db: Any
+) -> None:
+    # Someone with write access to the bucket puts other bytes at the key an
+    # upload reserved, before its finalize: the document never references them.
+    doc = await new_doc(direct)
+    data = payload(PART + 3)
+    session = (await direct.create(doc, data, content_type="video/mp4")).json()
+    await direct.send_all(session, data)
+    raw = raw_client(direct.bucket)
+    planted = b"<html>planted</html>"
+    raw.put_object(Bucket=direct.bucket.name, Key="media/" + session["key"], Body=planted)
+    answer = await direct.finalize(session)
+    loaded = await direct.cls.objects(pk=doc.pk).first()
+    if answer.status_code == 200:
+        assert await loaded.video.read() == data
+    else:
+        assert answer.status_code in (409, 410, 422), answer.text
+        assert loaded.video.grid_id is None
