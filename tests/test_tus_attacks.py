@@ -275,3 +275,32 @@ async def test_writes_past_max_writes_are_503_and_memory_per_write_is_bounded(
     for doc in docs:
         assert (await cls.objects(pk=doc.pk).first()).file.length == size
 
+
+
+@pytest.mark.parametrize("kind", ["gridfs", "filesystem"])
+async def test_two_retried_last_patches_at_once_attach_the_file_once(
+    asyncassets_db, request, tmp_path, kind
+):
+    # The finish failed (the document was away); two clients (or a client and
+    # its retry) send the last PATCH again at once: one file, intact, referenced.
+    cls = doc_class(make_storage(kind, request, tmp_path))
+    doc = cls(owner="ann")
+    await doc.save()
+    data = b"retried " * 100_000
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data), filename="r.bin")).headers["location"]
+        assert (await patch(http, location, 0, data[:1000])).status_code == 204
+        await asyncassets_db[cls._get_collection_name()].delete_one({"_id": doc.pk})
+        assert (await patch(http, location, 1000, data[1000:])).status_code == 410
+        await asyncassets_db[cls._get_collection_name()].insert_one(
+            {"_id": doc.pk, "owner": "ann"})
+        answers = await asyncio.gather(*(patch(http, location, len(data), b"")
+                                         for _ in range(3)))
+        codes = sorted(a.status_code for a in answers)
+        assert 204 in codes and set(codes) <= {204, 409}, [a.text for a in answers]
+        # Whoever got 409 retries and finds it attached.
+        assert (await patch(http, location, len(data), b"")).status_code == 204
+    stored = await cls.objects(pk=doc.pk).first()
+    assert await stored.file.read() == data
+    files = asyncassets_db[f"{catalogue(cls)}.files"]
+    assert await files.count_documents({}) == 1

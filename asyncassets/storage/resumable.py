@@ -555,12 +555,19 @@ class UploadSessions:
     async def begin_finish(self, upload_id: str) -> dict[str, Any]:
         """Mark a complete session as being attached (no write may start); return it.
 
-        A session already being attached (an attach that failed or died) is
-        returned as it is, so the caller can attach it again.
+        The finish holds the session's lease (``session["lease"]["token"]``), as a
+        write does: one finish at a time, across processes, so two attaches of one
+        upload never run at once. Keep it with :meth:`renew` while attaching, give
+        it back with :meth:`end_finish` (:meth:`mark_done` does too). A session
+        whose attach failed, or whose finisher died (its lease ran out), is taken
+        again, so the caller can attach it again.
 
         :raises UploadOffsetMismatch: it is not complete.
+        :raises UploadLocked: a write or another finish holds it.
+        :raises UploadExpired: the sweep or a terminate took it.
         :raises UploadNotFound: no such session.
         """
+        lease = {"token": secrets.token_hex(8), "until": _now() + self.lease}
         taken = await self.sessions.find_one_and_update(
             {
                 "_id": upload_id,
@@ -572,6 +579,7 @@ class UploadSessions:
             [{"$set": {
                 "state": FINISHING,
                 "expires": {"$max": ["$expires", _now() + _FINISHING]},
+                "lease": {"$literal": lease},
             }}],
             return_document=ReturnDocument.AFTER,
         )
@@ -588,7 +596,8 @@ class UploadSessions:
             )
         if _lease_holds(session):
             raise UploadLocked(
-                f"upload {upload_id} is being written by another request",
+                f"upload {upload_id} is being written or attached by another request; "
+                "retry when that ends",
                 upload_id=upload_id,
             )
         raise UploadOffsetMismatch(
@@ -596,6 +605,19 @@ class UploadSessions:
             "send the rest first",
             upload_id=upload_id,
             offset=int(session["offset"]),
+        )
+
+    async def renew(self, upload_id: str, token: str) -> None:
+        """Keep the lease ``token`` (a finish's) for another lease time.
+
+        :raises UploadLocked: the lease ran out and another request took it.
+        """
+        await self._renew(upload_id, token)
+
+    async def end_finish(self, upload_id: str, token: str) -> None:
+        """Give back a finish's lease (an attach that failed: a retry may start)."""
+        await self.sessions.update_one(
+            {"_id": upload_id, "lease.token": token}, {"$unset": {"lease": ""}}
         )
 
     async def read(self, session: Mapping[str, Any]) -> AsyncIterator[bytes]:
@@ -734,7 +756,8 @@ class UploadSessions:
         self._hashes.pop(upload_id, None)
         before = await self.sessions.find_one_and_update(
             {"_id": upload_id},
-            {"$set": {"state": DONE, "file_id": file_id, "tail": Binary(b"")}},
+            {"$set": {"state": DONE, "file_id": file_id, "tail": Binary(b"")},
+             "$unset": {"lease": ""}},
             {"into": 1},
         )
         if before is not None and before.get("into") != "gridfs":

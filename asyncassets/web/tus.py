@@ -21,6 +21,7 @@ field's rules and moves the document's reference to them with the switch
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -40,6 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .._tasks import spawn
 from ..connection import get_db
 from ..errors import (
     CorruptFile,
@@ -513,6 +515,33 @@ class _TusApp:
             raise _Refused(409, str(exc)) from exc
         if session.get("state") == DONE:
             return
+        # One finish at a time: it holds the session's lease, renewed while it runs
+        # (a large staged file takes a while to store), given back at its end.
+        token = session["lease"]["token"]
+        keeper = spawn(self._keep_lease(sessions, upload_id, token))
+        try:
+            await self._attach(sessions, session)
+        finally:
+            keeper.cancel()
+            try:
+                await sessions.end_finish(upload_id, token)
+            except PyMongoError as exc:
+                # The lease runs out by itself; a retry waits for that.
+                _logger.warning("upload %s: the lease of its finish was not given back: "
+                                "%s", upload_id, exc)
+
+    async def _keep_lease(self, sessions: UploadSessions, upload_id: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(sessions.lease.total_seconds() / 3)
+            try:
+                await sessions.renew(upload_id, token)
+            except (UploadLocked, PyMongoError) as exc:
+                _logger.warning("upload %s: the lease of its finish was not renewed: %s",
+                                upload_id, exc)
+                return
+
+    async def _attach(self, sessions: UploadSessions, session: Mapping[str, Any]) -> None:
+        upload_id = session["_id"]
         info = session.get("info") or {}
         _document, proxy = await _load_target(info)
         if await _attached_already(proxy, upload_id):
