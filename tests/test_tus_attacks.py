@@ -304,3 +304,20 @@ async def test_two_retried_last_patches_at_once_attach_the_file_once(
     assert await stored.file.read() == data
     files = asyncassets_db[f"{catalogue(cls)}.files"]
     assert await files.count_documents({}) == 1
+
+
+async def test_a_finished_upload_is_never_attached_again(asyncassets_db, request, tmp_path):
+    # The file was replaced by another request after the upload finished; the
+    # client's last PATCH, replayed, does not bring the old upload back.
+    cls = doc_class(make_storage("gridfs", request, tmp_path))
+    doc = cls(owner="ann")
+    await doc.save()
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, 5, content=b"first")).headers["location"]
+        loaded = await cls.objects(pk=doc.pk).first()
+        await loaded.file.replace(b"second")
+        assert (await patch(http, location, 5, b"")).status_code == 204
+        assert (await patch(http, location, 0, b"first")).status_code == 409
+        assert (await http.delete(location)).status_code == 409
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == b"second"
+    assert await asyncassets_db[f"{catalogue(cls)}.files"].count_documents({}) == 1
