@@ -91,3 +91,18 @@ async def test_an_object_planted_at_the_reserved_key_is_never_adopted(
     else:
         assert answer.status_code in (409, 410, 422), answer.text
         assert loaded.video.grid_id is None
+
+
+async def test_a_declared_sha256_that_does_not_match_removes_the_upload(
+    direct: Site, asyncassets_db: Any
+) -> None:
+    # A small file (one presigned POST) is read back at finalize: a declared
+    # whole-file SHA-256 that is not the stored bytes' refuses it, and nothing stays.
+    doc = await new_doc(direct)
+    data = payload(3000, seed=7)
+    wrong = hashlib.sha256(data + b"!").hexdigest()
+    answer = await direct.upload(doc, data, content_type="video/mp4", sha256=wrong)
+    assert answer.status_code == 422 and "SHA-256" in answer.json()["error"], answer.text
+    assert bucket_state(direct.bucket) == ([], [])
+    assert (await direct.cls.objects(pk=doc.pk).first()).video.grid_id is None
+    assert await asyncassets_db[f"{doc.video.collection_name}.files"].count_documents({}) == 0
