@@ -321,3 +321,29 @@ async def test_a_finished_upload_is_never_attached_again(asyncassets_db, request
         assert (await http.delete(location)).status_code == 409
     assert await (await cls.objects(pk=doc.pk).first()).file.read() == b"second"
     assert await asyncassets_db[f"{catalogue(cls)}.files"].count_documents({}) == 1
+
+
+async def test_a_finisher_that_died_holds_the_upload_only_until_its_lease_runs_out(
+    asyncassets_db, request, tmp_path
+):
+    # A server killed while it attached leaves the finish's lease: retries are
+    # 409 until it runs out, then the retried last PATCH attaches the file.
+    cls = doc_class(make_storage("gridfs", request, tmp_path))
+    doc = cls(owner="ann")
+    await doc.save()
+    data = b"d" * 5000
+    lease = dt.timedelta(seconds=0.5)
+    async with client(app_for(cls, lease=lease)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:1000])).status_code == 204
+        await asyncassets_db[cls._get_collection_name()].delete_one({"_id": doc.pk})
+        assert (await patch(http, location, 1000, data[1000:])).status_code == 410
+        await asyncassets_db[cls._get_collection_name()].insert_one(
+            {"_id": doc.pk, "owner": "ann"})
+        # A finisher in another process takes the upload, then dies.
+        dead = UploadSessions(asyncassets_db, catalogue(cls), lease=lease)
+        await dead.begin_finish(location.rsplit("/", 1)[1])
+        assert (await patch(http, location, len(data), b"")).status_code == 409
+        await asyncio.sleep(0.6)
+        assert (await patch(http, location, len(data), b"")).status_code == 204
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == data
