@@ -372,9 +372,13 @@ def large_routes(storage: Storage | None) -> list[Any]:
         doc = await cls.objects.get(pk=request.path_params["pk"])
         return FileResponse(doc.file, request, download=True)
 
+    # This demo has no users: any visitor may upload into any upload document
+    # (ids are ObjectIds, which can be guessed). An app with users looks the
+    # document up with the requester's rights here, and checks the requester on
+    # every later tus request too (upload.info), as docs/uploads.rst shows.
     async def authorize_tus(request: Request, upload: Any) -> Any:
         if upload.id is not None:
-            return True  # the upload's URL is its capability
+            return True  # demo: the upload's URL is its capability
         doc = await cls.objects(pk=upload.metadata.get("document")).first()
         return None if doc is None else UploadTarget(doc, "file")
 
