@@ -490,6 +490,13 @@ async def _not_matched(
         root._mark_as_changed(_field_name(root, top))
         await _applier(proxy, old, new_doc, pending=True)()
         return
+    if stored is not None and new is not None and _value_at(stored, path) == new:
+        # Another writer moved this reference to this very file first (one finished
+        # upload adopted twice): the switch this call asked for is what is stored.
+        # Deleting "our" new file here would leave that document dangling.
+        proxy._set_file(new, new_doc)
+        proxy._assigned = False
+        return
     await _drop_new(proxy, new)
     if stored is None:
         raise FileConflict(

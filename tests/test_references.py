@@ -1077,3 +1077,26 @@ async def test_a_replace_whose_upload_the_sweep_removed_before_the_switch_change
     stored = await Stalled.objects.get(pk=doc.pk)
     assert await stored.f.read() == b"old" * 100
     assert (await check()).ok
+
+
+async def test_one_entry_adopted_twice_keeps_the_reference_and_the_file(asyncassets_db):
+    """Two writers adopting the same finished file (a retried finish racing the
+    first): the second's switch finds the document already holding that file. It
+    must not delete it as "its" failed upload: the document would dangle."""
+    doc = RefDoc(name="a")
+    await doc.f.put(b"old bytes")
+    await doc.save()
+    old = doc.f.grid_id
+    first = await RefDoc.objects.no_files().get(pk=doc.pk)
+    second = await RefDoc.objects.no_files().get(pk=doc.pk)
+    entry = await first.f._bucket().upload(io.BytesIO(b"adopted bytes"), filename="n.bin")
+
+    await asyncio.gather(first.f.adopt(entry), second.f.adopt(entry))
+
+    stored = await asyncassets_db.ref_docs.find_one({"_id": doc.pk})
+    assert stored["f"] == entry["_id"]
+    assert first.f.grid_id == second.f.grid_id == entry["_id"]
+    fresh = await RefDoc.objects.get(pk=doc.pk)
+    assert await fresh.f.read() == b"adopted bytes"
+    assert await asyncassets_db["fs.files"].count_documents({"_id": old}) == 0
+    assert await asyncassets_db["fs.files"].count_documents({}) == 1

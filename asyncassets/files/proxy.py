@@ -822,8 +822,12 @@ class FileProxy:
         For writers that store a file by other means than :meth:`put` (a resumable
         upload, :doc:`/uploads`), having applied the field's rules themselves.
 
+        The same entry adopted twice (a retried finish racing the first) is not a
+        conflict: the second call finds the document already holding that file and
+        leaves it so.
+
         :raises FileConflict: another task changed this file first; the adopted file
-            was removed (unless another document holds it).
+            was removed (unless a document holds it).
         :raises pymongo.errors.PyMongoError: as :meth:`replace`.
         """
         if self._upload is not None:
