@@ -212,6 +212,21 @@ def _init_loaded(
     return self
 
 
+def _state_without_pending_data(doc: Any) -> dict[str, Any]:
+    # mongoengine copies and pickles a document through to_mongo(), where data
+    # assigned to a file field (not uploaded yet) has no id: the copy would hold
+    # an empty field, and its save() would store no file, silently.
+    pending = references.pending_data(doc)
+    if pending:
+        raise TypeError(
+            f"{type(doc).__name__} cannot be copied or pickled while "
+            f"{', '.join(pending)} holds data assigned for upload: save() first, or "
+            "copy the document before assigning the data."
+        )
+    state: dict[str, Any] = BaseDocument.__getstate__(doc)
+    return state
+
+
 class EmbeddedDocument(mongoengine.EmbeddedDocument):
     """Base class of documents stored inside other documents.
 
@@ -225,6 +240,14 @@ class EmbeddedDocument(mongoengine.EmbeddedDocument):
         super().__init_subclass__(**kwargs)
         for field in cls._fields.values():
             _disable_auto_dereference(field)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """mongoengine's state (for ``copy`` and ``pickle``).
+
+        :raises TypeError: a file field holds data assigned for upload, which a
+            copy cannot carry: save first.
+        """
+        return _state_without_pending_data(self)
 
     @classmethod
     def _from_son(
@@ -285,6 +308,14 @@ class Document(mongoengine.Document):
                 # check must not count it meanwhile.
                 cls._asyncassets_refused = True
                 raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        """mongoengine's state (for ``copy`` and ``pickle``).
+
+        :raises TypeError: a file field holds data assigned for upload, which a
+            copy cannot carry: save first.
+        """
+        return _state_without_pending_data(self)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -56,6 +56,12 @@ _NOT_A_FILE_VALUE = (
     "{field} takes data to upload on save() (bytes, a binary file object, an async "
     "file or an async iterable of bytes), a file proxy, a file id or None, not {type}."
 )
+_DATA_IN_QUERY = (
+    "{field}: data to upload (bytes, a file object, an async file or iterable) cannot "
+    "be a query or update value; an update writes what it is given and uploads "
+    "nothing. Assign it (`doc.{field} = data`) and `await doc.save()`, or use "
+    "`await doc.{field}.put(data)` / `replace(data)`."
+)
 # The id types a file may have: ObjectId (asyncassets, PyMongo), and what other
 # writers chose. Anything else (bytes, file objects, numbers with a fraction...) is
 # data, not an id.
@@ -298,9 +304,21 @@ class FileField(BaseField):
         return value
 
     def prepare_query_value(self, op: str, value: Any) -> Any:
-        """A proxy, an id or an id's hex string, as the stored id (for queries)."""
+        """A proxy, an id or an id's hex string, as the stored id (for queries).
+
+        Used by queries and by updates (``update(set__photo=...)``, ``modify``),
+        which write what they are given without uploading anything.
+
+        :raises TypeError: data to upload (bytes, a file object...) or a proxy
+            holding such data: only ``save()`` uploads it; stored as it is, it
+            would be a reference to no file.
+        """
         if isinstance(value, FileProxy):
+            if value._assignment is not None:
+                raise TypeError(_DATA_IN_QUERY.format(field=self._label()))
             return value.grid_id
+        if is_data(value) and not (isinstance(value, Binary) and value.subtype != 0):
+            raise TypeError(_DATA_IN_QUERY.format(field=self._label()))
         if isinstance(value, str) and ObjectId.is_valid(value):
             return ObjectId(value)
         return value

@@ -661,6 +661,8 @@ class QuerySet(Generic[T]):
 
         :returns: the documents with their ids set (or the ids, with ``load_bulk=False``).
         :raises NotUniqueError: a unique index refused one of them.
+        :raises TypeError: a document's file field holds data assigned for upload
+            (``doc.photo = data``), which only ``save()`` uploads; nothing was written.
         """
         # Documents iterate over their field names, so test for one first.
         items: list[T]
@@ -668,6 +670,8 @@ class QuerySet(Generic[T]):
             single, items = True, [docs]
         else:
             single, items = False, list(docs)
+        from .references import pending_data
+
         for doc in items:
             if not isinstance(doc, self._document):
                 raise TypeError(
@@ -675,6 +679,15 @@ class QuerySet(Generic[T]):
                 )
             if doc.pk is not None and not doc._created:
                 raise OperationError("Some documents have ObjectIds, use doc.update() instead")
+            pending = pending_data(doc)
+            if pending:
+                # insert() writes documents as they are and uploads nothing: the
+                # data would be lost and the field stored empty.
+                raise TypeError(
+                    f"insert(): {', '.join(pending)} holds data assigned for upload, which "
+                    "only save() uploads. Save such documents one by one "
+                    "(`await doc.save()`), or upload first (`await doc.<field>.put(data)`)."
+                )
             doc.validate()
         if not items:
             return [] if not single else None

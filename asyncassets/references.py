@@ -115,6 +115,18 @@ def iter_proxies(
         yield from _walk(value, field, (*prefix, (field.db_field, False)), doc, name)
 
 
+def pending_data(doc: Any) -> list[str]:
+    """The dotted paths of ``doc``'s file fields that hold data not uploaded yet
+    (``doc.photo = data``, for the next ``save()``); binds ``doc`` first, as
+    ``save()`` does, so that data put into a list is seen too."""
+    bind(doc)
+    return [
+        ".".join(part for part, _ in path)
+        for proxy, path, _owner, _name in iter_proxies(doc)
+        if proxy._assignment is not None
+    ]
+
+
 def _walk(
     value: Any, field: Any, path: tuple[Segment, ...], owner: Any, name: str
 ) -> Iterator[tuple[FileProxy, tuple[Segment, ...], Any, str]]:
@@ -1053,6 +1065,7 @@ async def upload_assigned(doc: Any, *, stored: bool) -> AssignedFiles | None:
             assigned.conditions.append(
                 {"$or": [{dotted: {"$exists": False}}, {dotted: {"$type": "null"}}]}
             )
+    read: set[int] = set()  # the streams read by this save, by id
     try:
         while pending:
             for proxy, path, owner, name in pending:
@@ -1061,7 +1074,7 @@ async def upload_assigned(doc: Any, *, stored: bool) -> AssignedFiles | None:
                     continue
                 where = ".".join(part for part, _ in path)
                 files_doc = await proxy._upload_new(
-                    await data.source(where), data.content_type, data.filename, {}
+                    await data.source(where, read), data.content_type, data.filename, {}
                 )
                 upload = _Upload(proxy, path, owner, name, data, files_doc)
                 assigned.uploads.append(upload)

@@ -84,15 +84,26 @@ class PendingData:
             self._start = 0  # an async file (UploadFile): as received, from its start
         self._used = False
 
-    async def source(self, field_name: str) -> Any:
-        """The data to upload; a second call (a retried save) rewinds a file first.
+    async def source(self, field_name: str, read: set[int] | None = None) -> Any:
+        """The data to upload; rewound first when it was read before.
 
-        :raises UploadClosed: the data is a stream a failed save already read, and
-            cannot be read again: assign it again.
+        A stream is read before by a failed save (the retry), or, in one save, by
+        another field it was assigned to as well (``a.photo = f; a.scan = f``):
+        both store all of it, not the second an empty rest.
+
+        :param read: ids of the streams this save has read already; this one is
+            added.
+        :raises UploadClosed: the data is a stream read before that cannot be
+            rewound: assign it again.
         """
         data = self.data
-        if not self._used or isinstance(data, (bytes, bytearray, memoryview)):
-            self._used = True
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            return data
+        again = self._used or (read is not None and id(data) in read)
+        self._used = True
+        if read is not None:
+            read.add(id(data))
+        if not again:
             return data
         seek = getattr(data, "seek", None)
         if self._start is not None and callable(seek):
@@ -108,7 +119,8 @@ class PendingData:
     @staticmethod
     def _spent(field_name: str) -> UploadClosed:
         return UploadClosed(
-            f"{field_name}: the data assigned to it is a stream that a failed save() "
-            "already read, and it cannot be rewound. Assign the data again "
-            f"(`doc.{field_name} = ...`), then save()."
+            f"{field_name}: the data assigned to it is a stream that was read already "
+            "(by a failed save(), or for another field of this save), and it cannot "
+            f"be rewound. Assign the data again (`doc.{field_name} = ...`; a new "
+            "stream for each field), then save()."
         )

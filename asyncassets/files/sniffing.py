@@ -14,6 +14,8 @@ import mimetypes
 import unicodedata
 from collections.abc import Iterable
 
+from .policy import parse_media_type
+
 __all__ = [
     "HEAD_SIZE",
     "SIGNATURES",
@@ -147,9 +149,11 @@ def guess_content_type(filename: str | None, head: bytes = b"") -> str | None:
 def content_type_matches(content_type: str | None, patterns: Iterable[str]) -> bool:
     """Whether ``content_type`` matches one of ``patterns`` (``image/*``, ``*/*``...).
 
-    Case-insensitive; parameters such as ``; charset=utf-8`` are ignored.
+    Case-insensitive; parameters such as ``; charset=utf-8`` are ignored. A
+    value that is not a media type (control characters, a wildcard, no ``/``)
+    matches nothing: ``"image/png\\r\\n..."`` is not ``image/png``.
     """
-    if not content_type:
+    parsed = parse_media_type(content_type)
+    if parsed is None:
         return False
-    base = content_type.split(";", 1)[0].strip().lower()
-    return any(fnmatch.fnmatchcase(base, p.lower()) for p in patterns)
+    return any(fnmatch.fnmatchcase(parsed.essence, p.lower()) for p in patterns)
