@@ -8,6 +8,7 @@ serialised while an upload is pending, and the bulk paths that bypass save().
 
 from __future__ import annotations
 
+import array
 import asyncio
 import copy
 import io
@@ -488,3 +489,69 @@ async def test_odd_catalogue_entries_and_ids_load_without_crashing(asyncassets_d
     assert len(await Doc.objects.values_list("name", "file").to_list()) == 7
     assert len(await Doc.objects.only("name").to_list()) == 7
     assert len(await Doc.objects.exclude("file").to_list()) == 7
+
+
+class AsyncReads:
+    """An async file whose read() answers ``answer`` once, then b""."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.done = False
+
+    async def read(self, size: int = -1) -> Any:
+        if self.done:
+            return b""
+        self.done = True
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: io.StringIO("text"), id="StringIO"),
+        pytest.param(lambda: AsyncReads("text"), id="async read str"),
+        pytest.param(lambda: AsyncReads(None), id="async read None"),
+        pytest.param(lambda: AsyncReads(12), id="async read int"),
+    ],
+)
+async def test_a_file_object_reading_non_bytes_is_refused_and_leaves_nothing(asyncassets_db, make):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = Doc(name="x")
+    doc.file = make()
+    with pytest.raises(TypeError):
+        await doc.save()
+    assert await leftovers(storage, asyncassets_db) == (0, 0)
+    assert await Doc.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda d: AsyncReads(bytearray(d)), id="bytearray"),
+        pytest.param(lambda d: AsyncReads(memoryview(d)), id="memoryview"),
+        pytest.param(lambda d: memoryview(array.array("i", range(1000))), id="int memoryview"),
+    ],
+)
+async def test_bytes_like_pieces_are_stored_byte_exact(asyncassets_db, make):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    data = payload(70 * KIB)
+    value = make(data)
+    expected = bytes(value) if isinstance(value, memoryview) else data
+    doc = Doc(name="x")
+    doc.file = value
+    await doc.save()
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == expected
+
+
+async def test_bytes_over_max_size_are_refused_before_anything_is_written(asyncassets_db):
+    storage = gridfs()
+    Doc = doc_class(storage, max_size=10 * KIB)
+    doc = Doc(name="x")
+    doc.file = payload(4 * MIB)
+    chunks = asyncassets_db[f"{storage.collection_name}.chunks"]
+    with pytest.raises(FileValidationError, match="size"):
+        await doc.save()
+    assert await chunks.count_documents({}) == 0
+    assert await leftovers(storage, asyncassets_db) == (0, 0)

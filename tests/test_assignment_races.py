@@ -1,0 +1,210 @@
+"""Assigning data to a file field, raced and cancelled (issue 24, item 2).
+
+A save with assigned data cancelled at every step it awaits, racing a
+``delete()``, a ``replace()``, a ``reload()`` or itself, and a query's entry
+prefetch cut short by ``break``: whatever happens, the stored document
+references a whole file, and every file left is referenced or was left by an
+unknown outcome for the sweep (docs/files.rst, "Assigning data").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from _races_core import Faults, injected
+from test_storages import KIB, doc_class, payload, slow_pieces
+
+from asyncassets.errors import FileConflict
+from asyncassets.storage import GridFSStorage
+
+_n = iter(range(10**6))
+
+
+def gridfs() -> GridFSStorage:
+    return GridFSStorage(f"assign_race{next(_n)}")
+
+
+async def catalogue(storage: GridFSStorage, db: Any) -> dict[Any, int]:
+    """Every file id in the catalogue, with the bytes its chunks hold."""
+    sizes: dict[Any, int] = {}
+    async for entry in db[f"{storage.collection_name}.files"].find({}):
+        sizes[entry["_id"]] = 0
+    async for chunk in db[f"{storage.collection_name}.chunks"].find({}):
+        sizes[chunk["files_id"]] = sizes.get(chunk["files_id"], 0) + len(chunk["data"])
+    return sizes
+
+
+async def stored_file(Doc: Any, pk: Any) -> Any:
+    raw = await Doc._get_collection().find_one({"_id": pk})
+    return None if raw is None else raw.get("file")
+
+
+async def test_a_replacing_save_cancelled_at_every_step_never_dangles_nor_loses(asyncassets_db):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    old_bytes, new_bytes = payload(40 * KIB, seed=1), payload(300 * KIB, seed=2)
+    landed: set[str] = set()
+    outcomes: set[str] = set()
+    step = 0
+    while "finished" not in landed:
+        step += 3
+        doc = Doc(name=f"step{step}")
+        doc.file = old_bytes
+        await doc.save()
+        old_id = doc.file.grid_id
+        doc.file = new_bytes
+        task = asyncio.create_task(doc.save())
+        for _ in range(step):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+            landed.add("finished")
+        except asyncio.CancelledError:
+            landed.add("cancelled")
+        held = await stored_file(Doc, doc.pk)
+        outcomes.add("old" if held == old_id else "new")
+        files = await catalogue(storage, asyncassets_db)
+        # The stored document holds the old file or the new one, whole.
+        assert held in files, (step, held)
+        assert files[held] == (len(new_bytes) if held != old_id else len(old_bytes)), step
+        if held == old_id:
+            # Not switched: the new upload is gone or left to the sweep by an unknown
+            # outcome; the document object holds the data again, and a retry stores it.
+            assert doc.file.grid_id in (None, old_id) or doc.file.grid_id == held, step
+            if doc.file.grid_id is None:
+                await doc.save()
+                held = await stored_file(Doc, doc.pk)
+        loaded = await Doc.objects.get(pk=doc.pk)
+        assert await loaded.file.read() == (new_bytes if held != old_id else old_bytes), step
+        await loaded.delete()
+        await asyncio_drain()
+        # What is left is an unknown outcome's orphan, never a referenced file.
+        left = await catalogue(storage, asyncassets_db)
+        assert held not in left, step
+        for orphan in left:
+            await asyncassets_db[f"{storage.collection_name}.files"].delete_one({"_id": orphan})
+            await asyncassets_db[f"{storage.collection_name}.chunks"].delete_many(
+                {"files_id": orphan}
+            )
+    assert landed == {"finished", "cancelled"}
+    assert outcomes == {"old", "new"}  # cancelled before and after the switch
+
+
+async def asyncio_drain() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_new_document_saved_twice_at_once_is_stored_once_with_one_file(asyncassets_db):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = Doc(name="twice")
+    doc.file = slow_pieces(payload(200 * KIB), 50 * KIB, delay=0.002)
+    results = await asyncio.gather(doc.save(), doc.save(), return_exceptions=True)
+    assert all(r is doc for r in results), results
+    assert await Doc.objects.count() == 1
+    files = await catalogue(storage, asyncassets_db)
+    assert list(files) == [doc.file.grid_id] and files[doc.file.grid_id] == 200 * KIB
+
+
+async def test_a_save_with_data_racing_delete_leaves_no_document_and_no_file(asyncassets_db):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = Doc(name="d")
+    doc.file = b"old"
+    await doc.save()
+    other = await Doc.objects.get(pk=doc.pk)
+    doc.file = slow_pieces(payload(200 * KIB), 50 * KIB, delay=0.005)
+    save = asyncio.create_task(doc.save())
+    await asyncio.sleep(0.01)
+    await other.delete()
+    with pytest.raises(FileConflict):
+        await save
+    assert await Doc.objects.count() == 0
+    assert await catalogue(storage, asyncassets_db) == {}
+
+
+async def test_a_save_with_data_racing_replace_one_wins_and_one_file_is_left(asyncassets_db):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = Doc(name="r")
+    doc.file = b"old"
+    await doc.save()
+    other = await Doc.objects.get(pk=doc.pk)
+    doc.file = slow_pieces(payload(200 * KIB, seed=3), 50 * KIB, delay=0.005)
+    save = asyncio.create_task(doc.save())
+    await asyncio.sleep(0.01)
+    await other.file.replace(b"replaced")
+    with pytest.raises(FileConflict):
+        await save
+    held = await stored_file(Doc, doc.pk)
+    assert held == other.file.grid_id
+    assert list(await catalogue(storage, asyncassets_db)) == [held]
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == b"replaced"
+
+
+async def test_a_reload_during_a_save_with_data_keeps_the_stored_file(asyncassets_db):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = Doc(name="r")
+    doc.file = b"old"
+    await doc.save()
+    old_id = doc.file.grid_id
+    doc.file = slow_pieces(payload(200 * KIB, seed=4), 50 * KIB, delay=0.005)
+    save = asyncio.create_task(doc.save())
+    await asyncio.sleep(0.01)
+    await doc.reload()
+    await save
+    held = await stored_file(Doc, doc.pk)
+    files = await catalogue(storage, asyncassets_db)
+    # Either the save's upload landed before the reload read it back, or it was
+    # superseded by the reload and removed: never a reference to a missing file.
+    assert held in files
+    assert list(files) == [held]
+    assert doc.file.grid_id == held
+    if held == old_id:
+        assert await doc.file.read() == b"old"
+
+
+async def test_breaking_out_of_a_query_leaves_no_task_behind(asyncassets_db):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    for i in range(30):
+        doc = Doc(name=f"b{i}")
+        doc.file = b"x" * i
+        await doc.save()
+    before = {t for t in asyncio.all_tasks() if not t.done()}
+    async for doc in Doc.objects.batch_size(10):
+        assert doc.file.length == int(doc.name[1:])
+        break
+    await asyncio_drain()
+    after = {t for t in asyncio.all_tasks() if not t.done()}
+    assert after <= before
+
+
+@pytest.mark.parametrize("fault", ["dropped reply", "write concern error"])
+async def test_an_insert_with_data_whose_outcome_is_unknown_is_not_inserted_twice(
+    asyncassets_db, monkeypatch, fault
+):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    faults = Faults(Doc._get_collection_name())
+    faults.install(monkeypatch)
+    doc = Doc(name="new")
+    doc.file = b"data"
+    doc.files = [b"in a list"]
+    faults.armed = fault  # the insert applies; its reply is lost
+    with pytest.raises(Exception) as raised:
+        await doc.save()
+    assert injected(raised.value)
+    [raw] = await Doc._get_collection().find({}).to_list()
+    files = await catalogue(storage, asyncassets_db)
+    assert raw["file"] in files and raw["files"][0] in files  # nothing deleted
+    await doc.save()  # the retry a caller makes
+    assert await Doc.objects.count() == 1
+    loaded = await Doc.objects.get(pk=raw["_id"])
+    assert await loaded.file.read() == b"data"
+    assert await loaded.files[0].read() == b"in a list"
