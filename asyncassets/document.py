@@ -448,13 +448,16 @@ class Document(mongoengine.Document):
         :returns: the document itself.
         :raises ValidationError: a field is invalid; nothing was written.
         :raises NotUniqueError: a unique index refused the write.
-        :raises SaveConditionError: ``save_condition`` did not match.
+        :raises SaveConditionError: ``save_condition`` did not match (the file
+            fields assigned data still held what they were loaded with); nothing
+            was saved and this save's uploads were removed.
         :raises FileValidationError: data assigned to a file field
             (``doc.photo = data``, uploaded by this save) was refused by the field's
             rules; nothing was saved or left stored.
         :raises FileConflict: a file field assigned data or ``None`` no longer holds,
-            in the stored document, the file this one was loaded with; nothing was
-            saved and this save's uploads were removed.
+            in the stored document, the file this one was loaded with (or the
+            document was deleted); nothing was saved and this save's uploads were
+            removed.
         :raises OperationError: the server refused the write for another reason.
         """
         signal_kwargs = signal_kwargs or {}
@@ -548,7 +551,12 @@ class Document(mongoengine.Document):
                     upsert = save_condition is None and not file_conditions
                     result = await collection.update_one(select, update_doc, upsert=upsert)
                     if not upsert and result.matched_count == 0:
-                        if file_conditions:
+                        if file_conditions and not (
+                            save_condition is not None
+                            and await collection.count_documents(
+                                {"_id": object_id, "$and": file_conditions}, limit=1
+                            )
+                        ):
                             raise FileConflict(
                                 f"The stored {type(self).__name__} {object_id!r} no longer "
                                 "holds the files this document was loaded with (changed "
@@ -559,8 +567,16 @@ class Document(mongoengine.Document):
                                 "were removed and the fields hold the assigned data. "
                                 "Reload the document, assign again and save()."
                             )
+                        # The files are as loaded (or none was assigned): the
+                        # save_condition did not match, as mongoengine reports it.
                         raise SaveConditionError(
                             "Race condition preventing document update detected"
+                            + (
+                                "; the files uploaded for this save were removed and "
+                                "the fields hold the assigned data"
+                                if file_conditions
+                                else ""
+                            )
                         )
         except pymongo.errors.DuplicateKeyError as err:
             raise NotUniqueError(f"Tried to save duplicate unique keys ({err})") from err

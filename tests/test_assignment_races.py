@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from _races_core import Faults, injected
+from mongoengine.errors import SaveConditionError
 from test_storages import KIB, doc_class, payload, slow_pieces
 
 from asyncassets.errors import FileConflict
@@ -208,3 +209,57 @@ async def test_an_insert_with_data_whose_outcome_is_unknown_is_not_inserted_twic
     loaded = await Doc.objects.get(pk=raw["_id"])
     assert await loaded.file.read() == b"data"
     assert await loaded.files[0].read() == b"in a list"
+
+
+async def test_a_save_condition_that_fails_with_data_assigned_says_save_condition(
+    asyncassets_db,
+):
+    # mongoengine code catches SaveConditionError; with data assigned, a failed
+    # save_condition was reported as FileConflict (someone changed the file).
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = Doc(name="x")
+    doc.file = b"one"
+    await doc.save()
+    first = doc.file.grid_id
+    doc.file = b"two"
+    with pytest.raises(SaveConditionError, match="uploaded for this save were removed"):
+        await doc.save(save_condition={"name": "not this"})
+    assert list(await catalogue(storage, asyncassets_db)) == [first]
+    assert await stored_file(Doc, doc.pk) == first
+    await doc.save(save_condition={"name": "x"})  # the data is still assigned
+    assert await (await Doc.objects.get(pk=doc.pk)).file.read() == b"two"
+    assert list(await catalogue(storage, asyncassets_db)) == [doc.file.grid_id]
+    # The file changed meanwhile: that is a FileConflict, whatever the condition.
+    other = await Doc.objects.get(pk=doc.pk)
+    doc.file = b"three"
+    await other.file.replace(b"elsewhere")
+    with pytest.raises(FileConflict):
+        await doc.save(save_condition={"name": "not this"})
+
+
+async def test_appends_saved_from_two_copies_the_last_list_wins_add_file_keeps_both(
+    asyncassets_db,
+):
+    # As documented: save() writes a list whole (as mongoengine does), so of two
+    # copies appending, the last save's list is stored and the other's new file is
+    # left to the orphan sweep; add_file() pushes, and keeps both.
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = Doc(name="x")
+    doc.files = [b"one"]
+    await doc.save()
+    a = await Doc.objects.get(pk=doc.pk)
+    b = await Doc.objects.get(pk=doc.pk)
+    a.files.append(b"two")
+    b.files.append(b"three")
+    await a.save()
+    await b.save()
+    loaded = await Doc.objects.get(pk=doc.pk)
+    assert [await f.read() for f in loaded.files] == [b"one", b"three"]
+    assert len(await catalogue(storage, asyncassets_db)) == 3  # "two": for the sweep
+    a = await Doc.objects.get(pk=doc.pk)
+    b = await Doc.objects.get(pk=doc.pk)
+    await asyncio.gather(a.add_file("files", b"four"), b.add_file("files", b"five"))
+    loaded = await Doc.objects.get(pk=doc.pk)
+    assert sorted([await f.read() for f in loaded.files]) == [b"five", b"four", b"one", b"three"]
