@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import re
 import weakref
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import mongoengine
 import pymongo
@@ -212,21 +212,6 @@ def _init_loaded(
     return self
 
 
-def _state_without_pending_data(doc: Any) -> dict[str, Any]:
-    # mongoengine copies and pickles a document through to_mongo(), where data
-    # assigned to a file field (not uploaded yet) has no id: the copy would hold
-    # an empty field, and its save() would store no file, silently.
-    pending = references.pending_data(doc)
-    if pending:
-        raise TypeError(
-            f"{type(doc).__name__} cannot be copied or pickled while "
-            f"{', '.join(pending)} holds data assigned for upload: save() first, or "
-            "copy the document before assigning the data."
-        )
-    state: dict[str, Any] = BaseDocument.__getstate__(doc)
-    return state
-
-
 class EmbeddedDocument(mongoengine.EmbeddedDocument):
     """Base class of documents stored inside other documents.
 
@@ -247,7 +232,8 @@ class EmbeddedDocument(mongoengine.EmbeddedDocument):
         :raises TypeError: a file field holds data assigned for upload, which a
             copy cannot carry: save first.
         """
-        return _state_without_pending_data(self)
+        references.refuse_copy_with_pending_data(self)
+        return cast(dict[str, Any], super().__getstate__())
 
     @classmethod
     def _from_son(
@@ -315,7 +301,8 @@ class Document(mongoengine.Document):
         :raises TypeError: a file field holds data assigned for upload, which a
             copy cannot carry: save first.
         """
-        return _state_without_pending_data(self)
+        references.refuse_copy_with_pending_data(self)
+        return cast(dict[str, Any], super().__getstate__())
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import datetime as dt
-import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, overload
 
@@ -31,6 +29,7 @@ from .files.names import FilenameTemplate
 from .files.proxy import FileProxy
 from .files.rules import UploadRules
 from .storage import GridFSStorage, Storage
+from .storage.entries import FILE_ID_TYPES, is_file_id
 
 # mongoengine's file classes do blocking I/O; asyncassets has its own.
 _NOT_REEXPORTED = {"FileField", "GridFSProxy", "GridFSError", "ImageField", "ImageGridFsProxy"}
@@ -65,7 +64,13 @@ _DATA_IN_QUERY = (
 # The id types a file may have: ObjectId (asyncassets, PyMongo), and what other
 # writers chose. Anything else (bytes, file objects, numbers with a fraction...) is
 # data, not an id.
-_ID_TYPES = (ObjectId, str, int, uuid.UUID, Binary, dt.datetime)
+_ID_TYPES = FILE_ID_TYPES
+# Update operators whose value is written into the field: only a file id (or
+# None) may be, never a query operator ({"$ne": None}) a read would then follow.
+_WRITING_OPS = frozenset(
+    {"set", "setOnInsert", "set_on_insert", "push", "pushAll", "push_all", "addToSet",
+     "add_to_set"}
+)
 
 # Set while documents are built from stored data (Document._from_son).
 _LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("_LOADING", default=False)
@@ -321,6 +326,11 @@ class FileField(BaseField):
             raise TypeError(_DATA_IN_QUERY.format(field=self._label()))
         if isinstance(value, str) and ObjectId.is_valid(value):
             return ObjectId(value)
+        if op in _WRITING_OPS and value is not None and not is_file_id(value):
+            raise TypeError(
+                _NOT_A_FILE_VALUE.format(field=self._label(), type=type(value).__name__)
+                + " An update writes only a file id (or None) here."
+            )
         return value
 
     def validate(self, value: Any) -> None:

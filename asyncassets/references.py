@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import weakref
 from collections import defaultdict
@@ -53,6 +54,7 @@ from .errors import FileConflict, FileValidationError, PendingFileMissing
 from .fields import FileField
 from .files.proxy import MISSING, FileProxy
 from .schema import cascade_fields, fields_with_files, holds_files
+from .storage.entries import is_file_id
 
 __all__ = [
     "AssignedFiles",
@@ -113,6 +115,31 @@ def iter_proxies(
         if value is None:
             continue
         yield from _walk(value, field, (*prefix, (field.db_field, False)), doc, name)
+
+
+#: Set while this module copies an embedded document for a new owner (bind):
+#: that copy carries the proxies, pending data included.
+_INTERNAL_COPY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "asyncassets_internal_copy", default=False
+)
+
+
+def refuse_copy_with_pending_data(doc: Any) -> None:
+    """For ``__getstate__``: mongoengine copies and pickles a document through
+    ``to_mongo()``, where data assigned to a file field (not uploaded yet) has no
+    id; the copy would hold an empty field, and its ``save()`` store no file.
+
+    :raises TypeError: ``doc`` holds data assigned for upload.
+    """
+    if _INTERNAL_COPY.get():
+        return
+    pending = pending_data(doc)
+    if pending:
+        raise TypeError(
+            f"{type(doc).__name__} cannot be copied or pickled while "
+            f"{', '.join(pending)} holds data assigned for upload: save() first, or "
+            "copy the document before assigning the data."
+        )
 
 
 def pending_data(doc: Any) -> list[str]:
@@ -265,7 +292,11 @@ def _copy_embedded(value: Any, owner: Any) -> Any:
     mongoengine re-parented the shared one when it was assigned; the original owner
     gets it back, and the new owner gets the copy.
     """
-    clone = copy.copy(value)
+    token = _INTERNAL_COPY.set(True)
+    try:
+        clone = copy.copy(value)
+    finally:
+        _INTERNAL_COPY.reset(token)
     clone._data = {k: _shallow(v) for k, v in value._data.items()}
     clone._changed_fields = []
     getattr(clone, "__dict__", {}).pop("_aa_root", None)
@@ -775,6 +806,11 @@ ENTRIES_PER_QUERY = 50
 async def _load_entries(proxies: Sequence[FileProxy]) -> None:
     groups: dict[tuple[str, str], list[FileProxy]] = defaultdict(list)
     for proxy in proxies:
+        if not is_file_id(proxy.grid_id):
+            # Stored by another tool (a dict, a list...): it names no file, and is
+            # never put in a query (where {"$ne": None} would find another file).
+            proxy._files_doc = MISSING
+            continue
         groups[(proxy.db_alias, proxy.collection_name)].append(proxy)
     keys, tasks = [], []
     for key, group in groups.items():
@@ -824,8 +860,8 @@ async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None
         doc = cls._from_son(son, created=False)  # type: ignore[attr-defined]
         for proxy, _path, _owner, _name in iter_proxies(doc):
             field = proxy._field
-            if proxy.grid_id is None or (field is not None and not field.cascade):
-                continue
+            if not is_file_id(proxy.grid_id) or (field is not None and not field.cascade):
+                continue  # no file, one that names no file (a dict...), or kept
             if proxy._shared_elsewhere(proxy.grid_id):
                 continue  # a live document still holds it (copied): keep it
             # Keyed by proxy class too: an ImageProxy also deletes thumbnails.

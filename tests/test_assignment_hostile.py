@@ -16,10 +16,10 @@ import json
 from typing import Any
 
 import pytest
-from bson import ObjectId
+from bson import ObjectId, Regex
 from test_storages import KIB, MIB, doc_class, leftovers, payload, stored_entry
 
-from asyncassets.errors import FileValidationError, UploadClosed
+from asyncassets.errors import FileNotFound, FileValidationError, UploadClosed
 from asyncassets.storage import GridFSStorage
 
 _n = iter(range(10**6))
@@ -555,3 +555,66 @@ async def test_bytes_over_max_size_are_refused_before_anything_is_written(asynca
         await doc.save()
     assert await chunks.count_documents({}) == 0
     assert await leftovers(storage, asyncassets_db) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"$gt": ""}, {"$ne": None}, {"a": 1}, [ObjectId()], True, 1.5, Regex(".*")],
+    ids=["gt", "ne", "dict", "list", "bool", "float", "regex"],
+)
+async def test_a_stored_reference_that_is_no_id_reads_as_missing_never_as_another_file(
+    asyncassets_db, value
+):
+    # Written by another tool: one such document made every query of its class
+    # raise TypeError (unhashable), and {"$ne": None} read, and a delete removed,
+    # another document's file (the value went into {"_id": value}).
+    storage = gridfs()
+    Doc = doc_class(storage)
+    secret = Doc(name="secret")
+    secret.file = b"SECRET"
+    await secret.save()
+    await Doc._get_collection().insert_one({"name": "odd", "file": value, "files": [value]})
+    docs = {d.name: d for d in await Doc.objects.to_list()}
+    assert docs["secret"].file.length == 6
+    odd = docs["odd"]
+    with pytest.raises(FileNotFound):
+        _ = odd.file.length
+    odd = await Doc.objects.no_files().get(name="odd")
+    with pytest.raises(FileNotFound):
+        await odd.file.read()
+    with pytest.raises(FileNotFound):
+        await odd.files[0].read()
+    await odd.delete()
+    await Doc.objects(name="secret").delete()  # a cascade through the query too
+    await Doc._get_collection().insert_one({"name": "odd", "file": value})
+    await Doc.objects(name="odd").delete()
+    assert await leftovers(storage, asyncassets_db) == (0, 0)  # secret's, by its own delete
+
+
+@pytest.mark.parametrize("value", [{"$ne": None}, [ObjectId()], 1.5, True])
+async def test_an_update_writes_only_a_file_id_into_a_file_field(asyncassets_db, value):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = await Doc(name="x").save()
+    with pytest.raises(TypeError, match="only a file id"):
+        await Doc.objects(pk=doc.pk).update(set__file=value)
+    assert "file" not in await stored(doc)
+    file_id = ObjectId()
+    await Doc.objects(pk=doc.pk).update(set__file=file_id)  # an id, as before
+    assert (await stored(doc))["file"] == file_id
+
+
+async def test_an_embedded_document_with_data_given_to_another_document_uploads_for_both(
+    asyncassets_db,
+):
+    # bind() copies an embedded document another one owns; that internal copy
+    # carries the pending data (only a user's copy/pickle is refused).
+    storage = gridfs()
+    Doc = doc_class(storage)
+    a = Doc(name="a")
+    a.picture = Doc.picture.document_type(image=b"shared bytes")
+    b = Doc(name="b", picture=a.picture)
+    await a.save()
+    await b.save()
+    for pk in (a.pk, b.pk):
+        assert await (await Doc.objects.get(pk=pk)).picture.image.read() == b"shared bytes"

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["CatalogueReads"]
+from bson import Binary, ObjectId
+
+__all__ = ["FILE_ID_TYPES", "CatalogueReads", "is_file_id"]
+
+#: The types a file id may have: ObjectId (asyncassets, PyMongo), and what other
+#: writers chose. An allowlist: anything else never goes into a catalogue query.
+FILE_ID_TYPES = (ObjectId, str, int, uuid.UUID, Binary, dt.datetime)
+
+
+def is_file_id(value: Any) -> bool:
+    """Whether ``value`` can name a file: a scalar of :data:`FILE_ID_TYPES`.
+
+    A stored reference is data another tool may have written: a dict such as
+    ``{"$ne": None}`` in ``{"_id": value}`` is a query operator, and would find
+    (or delete) some other file. Such a value names no file.
+    """
+    return isinstance(value, FILE_ID_TYPES) and not isinstance(value, bool)
 
 
 class CatalogueReads:
@@ -24,6 +42,8 @@ class CatalogueReads:
 
         :raises pymongo.errors.PyMongoError: if the server fails.
         """
+        if not is_file_id(file_id):
+            return None
         doc: dict[str, Any] | None = await self.files.find_one({"_id": file_id})
         return doc
 
@@ -34,7 +54,7 @@ class CatalogueReads:
 
         :raises pymongo.errors.PyMongoError: if the server fails.
         """
-        ids = list(dict.fromkeys(file_ids))
+        ids = list(dict.fromkeys(i for i in file_ids if is_file_id(i)))
         if not ids:
             return {}
         return {doc["_id"]: doc async for doc in self.files.find({"_id": {"$in": ids}})}

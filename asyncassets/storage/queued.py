@@ -97,7 +97,7 @@ from .base import (
     _place_part,
 )
 from .catalogue import read_range
-from .entries import CatalogueReads
+from .entries import CatalogueReads, is_file_id
 from .gridfs import GridBucket
 from .gridfs.spec import DEFAULT_CHUNK_SIZE, as_int, now_as_stored
 from .objects.store import ObjectStore, location_key, location_version
@@ -543,6 +543,8 @@ class QueuedStore(CatalogueReads):
         return await asyncio.shield(spawn(self._delete(file_id)))
 
     async def _delete(self, file_id: Any) -> bool:
+        if not is_file_id(file_id):
+            return False  # names no file: never a query operator
         doc = await self.files.find_one_and_delete({"_id": file_id})
         if isinstance(self.local, GridBucket):
             # Even without an entry: cleans up after a half-deleted file, as GridFS does.

@@ -42,7 +42,7 @@ from typing import Any
 
 from ... import _driver
 from ..._tasks import spawn
-from ..entries import CatalogueReads
+from ..entries import CatalogueReads, is_file_id
 from ..lifecycle import upload_all
 from ..sources import check_size, read_source
 from .download import DownloadStream
@@ -248,6 +248,8 @@ class GridBucket(CatalogueReads):
         :returns: ``True`` if a files document existed.
         :raises pymongo.errors.PyMongoError: if the server fails.
         """
+        if not is_file_id(file_id):
+            return False  # names no file: never a query operator
         return await asyncio.shield(spawn(self._delete(file_id)))
 
     async def _delete(self, file_id: Any) -> bool:
@@ -261,6 +263,8 @@ class GridBucket(CatalogueReads):
 
         :raises pymongo.errors.PyMongoError: if the server fails.
         """
+        if not is_file_id(file_id):
+            return 0
         result = await self.chunks.delete_many({"files_id": file_id})
         return result.deleted_count
 

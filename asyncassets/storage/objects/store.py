@@ -76,7 +76,7 @@ from ...errors import (
     UploadInterrupted,
 )
 from ..catalogue import read_range
-from ..entries import CatalogueReads
+from ..entries import CatalogueReads, is_file_id
 from ..gridfs.spec import DEFAULT_CHUNK_SIZE, FILES_INDEX, check_extra, now_as_stored
 from ..lifecycle import UploadLifecycle, upload_all
 from ..sources import byte_view, check_size, read_source
@@ -342,6 +342,8 @@ class ObjectStore(CatalogueReads):
         return await asyncio.shield(spawn(self._delete(file_id)))
 
     async def _delete(self, file_id: Any) -> bool:
+        if not is_file_id(file_id):
+            return False  # names no file: never a query operator
         doc = await self.files.find_one_and_delete({"_id": file_id})
         if doc is None:
             return False
