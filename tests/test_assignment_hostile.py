@@ -618,3 +618,11 @@ async def test_an_embedded_document_with_data_given_to_another_document_uploads_
     await b.save()
     for pk in (a.pk, b.pk):
         assert await (await Doc.objects.get(pk=pk)).picture.image.read() == b"shared bytes"
+
+
+async def test_upsert_one_with_data_is_refused(asyncassets_db):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    with pytest.raises(TypeError, match="cannot be a query or update value"):
+        await Doc.objects(name="new").upsert_one(set__file=b"data")
+    assert await Doc.objects.count() == 0
