@@ -977,10 +977,18 @@ class AssignedFiles:
             self._restore()
             return
         stored = await settle(self._read_back(exc))
+        # What the write puts at each path it switches: the new file of an upload,
+        # nothing where None was assigned (doc.photo = None). All there: it applied.
+        expected = [(u.path, u.files_doc["_id"]) for u in self.uploads]
+        expected += [
+            (path, None)
+            for holder, name, path, _old in _replaced_records(self.doc)
+            if _empty(holder._data.get(name))
+        ]
         applied = (
             stored is not None
-            and bool(self.uploads)
-            and all(_value_at(stored, u.path) == u.files_doc["_id"] for u in self.uploads)
+            and bool(expected)
+            and all(_value_at(stored, path) == want for path, want in expected)
         )
         if applied:
             _clear_records(self.doc)  # the replaced files are left to the orphan sweep
@@ -990,7 +998,7 @@ class AssignedFiles:
             exc,
             "asyncassets: the outcome of this save was unknown; no file was deleted. "
             + (
-                "The stored document references the uploaded files."
+                "The stored document holds what this save wrote."
                 if applied
                 else "The fields hold the assigned data again; uploads the stored "
                 "document does not reference are left to the orphan sweep."
@@ -1049,16 +1057,17 @@ def forget_assigned(doc: Any, fields: Sequence[str]) -> None:
             records.pop(name, None)
 
 
+def _empty(value: Any) -> bool:
+    """Whether a file field's value holds no file and no data to upload."""
+    return value is None or (
+        isinstance(value, FileProxy) and value.grid_id is None and value._assignment is None
+    )
+
+
 def _same_value(current: Any, written: Any) -> bool:
     if current is written:
         return True
-
-    def empty(value: Any) -> bool:
-        return value is None or (
-            isinstance(value, FileProxy) and value.grid_id is None and value._assignment is None
-        )
-
-    return empty(current) and empty(written)
+    return _empty(current) and _empty(written)
 
 
 def _clear_records(doc: Any) -> None:

@@ -263,3 +263,38 @@ async def test_appends_saved_from_two_copies_the_last_list_wins_add_file_keeps_b
     await asyncio.gather(a.add_file("files", b"four"), b.add_file("files", b"five"))
     loaded = await Doc.objects.get(pk=doc.pk)
     assert sorted([await f.read() for f in loaded.files]) == [b"five", b"four", b"one", b"three"]
+
+
+@pytest.mark.parametrize("fault", ["dropped reply", "write concern error"])
+async def test_a_removal_by_none_whose_outcome_is_unknown_can_be_retried(
+    asyncassets_db, monkeypatch, fault
+):
+    # The read-back only looked for uploads: a `doc.file = None` that applied
+    # left the condition on the old file, and the retry raised FileConflict.
+    storage = gridfs()
+    Doc = doc_class(storage)
+    faults = Faults(Doc._get_collection_name())
+    faults.install(monkeypatch)
+    doc = Doc(name="x")
+    doc.file = b"one"
+    await doc.save()
+    old = doc.file.grid_id
+    doc.file = None
+    faults.armed = fault  # the update applies; its reply is lost
+    with pytest.raises(Exception) as raised:
+        await doc.save()
+    assert injected(raised.value)
+    assert await stored_file(Doc, doc.pk) is None
+    assert list(await catalogue(storage, asyncassets_db)) == [old]  # kept: for the sweep
+    await doc.save()  # the retry a caller makes
+    assert await stored_file(Doc, doc.pk) is None
+    # Not applied (the fault hit another write): the retry switches as asked.
+    doc = Doc(name="y")
+    doc.file = b"two"
+    await doc.save()
+    two = doc.file.grid_id
+    doc.file = None
+    await Doc._get_collection().update_one({"_id": doc.pk}, {"$set": {"name": "z"}})
+    await doc.save()
+    assert await stored_file(Doc, doc.pk) is None
+    assert two not in await catalogue(storage, asyncassets_db)
