@@ -547,7 +547,9 @@ class Document(mongoengine.Document):
                             raise FileConflict(
                                 f"The stored {type(self).__name__} {object_id!r} no longer "
                                 "holds the files this document was loaded with (changed "
-                                "by another task or process, or deleted)"
+                                "by another task or process, or deleted; or the field "
+                                "was left out by only()/exclude(), so it was loaded "
+                                "empty)"
                                 + (", or save_condition did not match" if save_condition
                                    else "")
                                 + ". Nothing was saved; the files uploaded for this save "

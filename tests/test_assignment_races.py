@@ -298,3 +298,26 @@ async def test_a_removal_by_none_whose_outcome_is_unknown_can_be_retried(
     await doc.save()
     assert await stored_file(Doc, doc.pk) is None
     assert two not in await catalogue(storage, asyncassets_db)
+
+
+@pytest.mark.parametrize("value", [b"new", None], ids=["data", "None"])
+async def test_assigning_to_a_field_left_out_of_the_load_says_so_and_changes_nothing(
+    asyncassets_db, value
+):
+    # The field was loaded empty: the save is conditional on "no file", which the
+    # stored document does not meet. The message blamed another writer only.
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = Doc(name="x")
+    doc.file = b"old"
+    await doc.save()
+    loaded = await Doc.objects.only("name").get(pk=doc.pk)
+    loaded.file = value
+    with pytest.raises(FileConflict, match=r"left out by only\(\)/exclude\(\)"):
+        await loaded.save()
+    assert list(await catalogue(storage, asyncassets_db)) == [doc.file.grid_id]
+    await loaded.reload("file")
+    loaded.file = value
+    await loaded.save()
+    assert (await stored_file(Doc, doc.pk) is None) == (value is None)
+    assert len(await catalogue(storage, asyncassets_db)) == (0 if value is None else 1)
