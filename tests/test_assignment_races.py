@@ -321,3 +321,94 @@ async def test_assigning_to_a_field_left_out_of_the_load_says_so_and_changes_not
     await loaded.save()
     assert (await stored_file(Doc, doc.pk) is None) == (value is None)
     assert len(await catalogue(storage, asyncassets_db)) == (0 if value is None else 1)
+
+
+_KILLED_SAVER = r"""
+import asyncio, sys
+import asyncassets
+from asyncassets import Document
+from asyncassets.fields import FileField, StringField
+from bson import ObjectId
+
+uri, db, bucket, pk = sys.argv[1:5]
+
+class Killed(Document):
+    name = StringField()
+    file = FileField(collection_name=bucket)
+    meta = {"collection": bucket + "_docs"}
+
+async def slow():
+    for i in range(1000):
+        yield bytes([i % 251]) * (64 * 1024)
+        if i == 160:  # 10 MiB read: chunks are written
+            print("uploading", flush=True)
+        if i >= 160:
+            await asyncio.sleep(0.05)
+
+async def main():
+    asyncassets.connect(host=uri, db=db)
+    doc = await Killed.objects.get(pk=ObjectId(pk))
+    doc.file = slow()
+    await doc.save()
+    print("saved", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_process_killed_mid_save_leaves_the_old_file_and_what_the_sweep_removes(
+    asyncassets_db, asyncassets_server_uri
+):
+    import os
+    import subprocess
+    import sys
+
+    import asyncassets
+    from asyncassets import Document
+    from asyncassets.fields import FileField, StringField
+
+    bucket = f"killed{next(_n)}"
+    Killed = type(
+        "Killed",
+        (Document,),
+        {
+            "name": StringField(),
+            "file": FileField(collection_name=bucket),
+            "meta": {"collection": bucket + "_docs"},
+        },
+    )
+    doc = Killed(name="k")
+    doc.file = b"the old photo"
+    await doc.save()
+    old = doc.file.grid_id
+    child = subprocess.Popen(  # noqa: ASYNC220  (killed by pid below)
+        [
+            sys.executable,
+            "-c",
+            _KILLED_SAVER,
+            asyncassets_server_uri,
+            asyncassets_db.name,
+            bucket,
+            str(doc.pk),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        # Read a little after the line: the writes of what was read are under way.
+        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)  # type: ignore[union-attr]
+        assert line.strip() == "uploading"
+        await asyncio.sleep(0.3)
+    finally:
+        child.kill()
+        child.wait()
+    raw = await Killed._get_collection().find_one({"_id": doc.pk})
+    assert raw["file"] == old  # never a half-written file
+    chunks = asyncassets_db[f"{bucket}.chunks"]
+    assert await chunks.count_documents({"files_id": {"$ne": old}}) > 0  # the upload's
+    await asyncio.sleep(1.1)  # ObjectId times have a resolution of one second
+    await asyncassets.sweep_orphans(grace=0, buckets=[bucket])
+    assert await chunks.count_documents({"files_id": {"$ne": old}}) == 0
+    assert [e["_id"] async for e in asyncassets_db[f"{bucket}.files"].find({})] == [old]
+    assert await (await Killed.objects.get(pk=doc.pk)).file.read() == b"the old photo"
