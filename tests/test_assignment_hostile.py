@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from bson import ObjectId, Regex
-from test_storages import KIB, MIB, doc_class, leftovers, payload, stored_entry
+from test_storages import KIB, MIB, doc_class, leftovers, make_storage, payload, stored_entry
 
 from asyncassets.errors import FileNotFound, FileValidationError, UploadClosed
 from asyncassets.storage import GridFSStorage
@@ -626,3 +626,26 @@ async def test_upsert_one_with_data_is_refused(asyncassets_db):
     with pytest.raises(TypeError, match="cannot be a query or update value"):
         await Doc.objects(name="new").upsert_one(set__file=b"data")
     assert await Doc.objects.count() == 0
+
+
+@pytest.fixture(params=["gridfs", "filesystem", "s3"])
+def any_storage(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
+    return make_storage(request.param, request, tmp_path)
+
+
+async def test_a_read_failing_after_a_part_was_stored_leaves_nothing_on_any_storage(
+    asyncassets_db, any_storage
+):
+    # 6 MiB read before the failure: an S3 multipart upload has a part, a
+    # directory a temp file, GridFS chunks; all go.
+    Doc = doc_class(any_storage)
+    doc = await Doc(name="x").save()
+    doc.file = Exploding(6 * MIB + 5)
+    with pytest.raises(OSError, match="disk on fire"):
+        await doc.save()
+    assert await leftovers(any_storage, asyncassets_db) == (0, 0)
+    assert "file" not in await stored(doc)
+    doc.file = yields(b"ok ", "then text")
+    with pytest.raises(TypeError):
+        await doc.save()
+    assert await leftovers(any_storage, asyncassets_db) == (0, 0)
