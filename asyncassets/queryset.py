@@ -45,6 +45,33 @@ T = TypeVar("T", bound="Document")
 BATCH_SIZE = 500
 
 
+def _refuse_embedded_data(values: Iterable[Any]) -> None:
+    """An embedded document given to an update must hold no data to upload.
+
+    The update writes it through ``to_mongo()``, where data assigned to its file
+    fields has no id yet: it would be written as an empty field, the data lost.
+    (A file field's own value is checked by ``FileField.prepare_query_value``.)
+
+    :raises TypeError: such data, saying to save the document instead.
+    """
+    from .references import pending_data
+
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            _refuse_embedded_data(value)
+        elif isinstance(value, dict):
+            _refuse_embedded_data(value.values())
+        elif isinstance(value, BaseDocument):
+            pending = pending_data(value)
+            if pending:
+                raise TypeError(
+                    f"{type(value).__name__}: {', '.join(pending)} holds data assigned "
+                    "for upload, which an update writes as an empty field (it uploads "
+                    "nothing). Assign the embedded document to the loaded document and "
+                    "`await doc.save()`."
+                )
+
+
 class QuerySet(Generic[T]):
     """A lazily built query over one :class:`~asyncassets.Document` class.
 
@@ -746,6 +773,7 @@ class QuerySet(Generic[T]):
     def _update_doc(self, update: dict[str, Any]) -> dict[str, Any]:
         if not update:
             raise OperationError("No update parameters, would remove data")
+        _refuse_embedded_data(update.values())
         doc: dict[str, Any] = transform.update(self._document, **update)
         return doc
 

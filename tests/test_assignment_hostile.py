@@ -649,3 +649,29 @@ async def test_a_read_failing_after_a_part_was_stored_leaves_nothing_on_any_stor
     with pytest.raises(TypeError):
         await doc.save()
     assert await leftovers(any_storage, asyncassets_db) == (0, 0)
+
+
+@pytest.mark.parametrize("how", ["constructed", "assigned", "in a list", "modify"])
+async def test_an_update_with_an_embedded_document_holding_data_is_refused(asyncassets_db, how):
+    # The embedded document was written through to_mongo(): {"picture": {}}, the
+    # data dropped without a word.
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = await Doc(name="x").save()
+    Pic = Doc.picture.document_type
+    picture = Pic(image=b"data")
+    if how == "assigned":
+        picture = Pic()
+        picture.image = b"data"
+    with pytest.raises(TypeError, match="image holds data assigned for upload"):
+        if how == "in a list":
+            await Doc.objects(pk=doc.pk).update(set__name="y", set__picture=[picture][0])
+        elif how == "modify":
+            await Doc.objects(pk=doc.pk).modify(set__picture=picture)
+        else:
+            await Doc.objects(pk=doc.pk).update(set__picture=picture)
+    assert await stored(doc) == {"_id": doc.pk, "name": "x", "files": []}
+    assert await leftovers(storage, asyncassets_db) == (0, 0)
+    doc.picture = picture  # the way that uploads
+    await doc.save()
+    assert await (await Doc.objects.get(pk=doc.pk)).picture.image.read() == b"data"
