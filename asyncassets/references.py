@@ -1135,7 +1135,11 @@ async def upload_assigned(doc: Any, *, stored: bool) -> AssignedFiles | None:
                 if proxy._assignment is not None
             ]
     except BaseException:
+        # A later upload failed (a rule, a read, a cancellation): the earlier ones
+        # go too, and their fields hold the assigned data again, not the ids of
+        # the files just removed (a retried save would reference those).
         await settle(assigned._remove_uploads())
+        assigned._restore()
         raise
     held = {id(proxy): path for proxy, path, _owner, _name in iter_proxies(doc)}
     superseded = [u for u in assigned.uploads if id(u.proxy) not in held]

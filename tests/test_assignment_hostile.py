@@ -675,3 +675,28 @@ async def test_an_update_with_an_embedded_document_holding_data_is_refused(async
     doc.picture = picture  # the way that uploads
     await doc.save()
     assert await (await Doc.objects.get(pk=doc.pk)).picture.image.read() == b"data"
+
+
+async def test_a_failure_of_a_later_field_leaves_the_earlier_fields_holding_their_data(
+    asyncassets_db,
+):
+    # The earlier fields' uploads were removed but the fields kept their ids: the
+    # retried save referenced files that were gone.
+    storage = gridfs()
+    Doc = doc_class(storage)
+    doc = Doc(name="x")
+    doc.file = b"fine"
+    doc.files = [b"fine too"]
+    doc.picture = Doc.picture.document_type(image=Exploding(10))  # uploaded last
+    with pytest.raises(OSError, match="disk on fire"):
+        await doc.save()
+    assert await leftovers(storage, asyncassets_db) == (0, 0)
+    assert doc.file.grid_id is None and doc.file.length == 4
+    assert doc.files[0].grid_id is None and doc.files[0].length == 8
+    doc.picture.image = b"fixed"
+    await doc.save()
+    loaded = await Doc.objects.get(pk=doc.pk)
+    assert await loaded.file.read() == b"fine"
+    assert await loaded.files[0].read() == b"fine too"
+    assert await loaded.picture.image.read() == b"fixed"
+    assert await leftovers(storage, asyncassets_db) == (3, 3)

@@ -412,3 +412,42 @@ async def test_a_process_killed_mid_save_leaves_the_old_file_and_what_the_sweep_
     assert await chunks.count_documents({"files_id": {"$ne": old}}) == 0
     assert [e["_id"] async for e in asyncassets_db[f"{bucket}.files"].find({})] == [old]
     assert await (await Killed.objects.get(pk=doc.pk)).file.read() == b"the old photo"
+
+
+async def test_an_insert_with_several_uploads_cancelled_at_every_step_is_all_or_nothing(
+    asyncassets_db,
+):
+    storage = gridfs()
+    Doc = doc_class(storage)
+    Pic = Doc.picture.document_type
+    outcomes: set[str] = set()
+    step = 0
+    while "stored" not in outcomes:
+        step += 4
+        doc = Doc(name=f"step{step}", file=b"top", files=[b"first", b"second"])
+        doc.picture = Pic(image=b"embedded")
+        task = asyncio.create_task(doc.save())
+        for _ in range(step):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        raw = await Doc._get_collection().find_one({"name": f"step{step}"})
+        files = await catalogue(storage, asyncassets_db)
+        if raw is None:
+            outcomes.add("nothing")
+            # Cancelled before the insert: every upload removed, the data kept.
+            assert files == {}, step
+            assert doc.file and doc.file.grid_id is None, step
+            continue
+        outcomes.add("stored")
+        ids = [raw["file"], *raw["files"], raw["picture"]["image"]]
+        assert all(i in files for i in ids), step  # whole, never a dangling one
+        loaded = await Doc.objects.get(pk=raw["_id"])
+        assert [await loaded.files[i].read() for i in range(2)] == [b"first", b"second"]
+        await loaded.delete()
+        await asyncio_drain()
+        assert await catalogue(storage, asyncassets_db) == {}, step
+    assert outcomes == {"nothing", "stored"}
