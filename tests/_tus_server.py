@@ -7,12 +7,15 @@ field of ``TusFaultDoc`` (collection ``tus_fault_docs``) on the database of
 (``s3`` ``ENDPOINT|BUCKET``, the test's bucket and its credentials in
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``). Any upload may go to the document
 named by its ``doc`` metadata. The lease is 2 seconds, so an upload whose server
-was killed mid-PATCH is free again soon after the restart.
+was killed mid-PATCH is free again soon after the restart. The race suite
+(tests/test_races_uploads.py) sets ``TUS_EXPIRES`` (seconds an upload lives) and
+``TUS_CHUNK_SIZE`` (the GridFS chunk size).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from typing import Any
 
@@ -30,7 +33,8 @@ from asyncassets.web import TusUpload, UploadTarget, tus_app
 
 def storage(kind: str, where: str) -> Storage:
     if kind == "gridfs":
-        return GridFSStorage("tusfaults")
+        return GridFSStorage("tusfaults",
+                             chunk_size=int(os.environ.get("TUS_CHUNK_SIZE", 255 * 1024)))
     if kind == "filesystem":
         return FileSystemStorage(where, collection_name="tusfaults", fsync=True)
     endpoint, bucket = where.split("|")
@@ -53,8 +57,10 @@ def main() -> None:
         return True
 
     asyncassets.connect(host=uri)
-    app = Starlette(routes=[Mount("/uploads", tus_app(authorize,
-                                                      lease=dt.timedelta(seconds=2)))])
+    options: dict[str, Any] = {"lease": dt.timedelta(seconds=2)}
+    if os.environ.get("TUS_EXPIRES"):
+        options["expires"] = dt.timedelta(seconds=float(os.environ["TUS_EXPIRES"]))
+    app = Starlette(routes=[Mount("/uploads", tus_app(authorize, **options))])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
