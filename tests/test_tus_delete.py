@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from _tus import app_for, client, create, doc_class, make_storage, patch
 
 from asyncassets.storage import FileSystemStorage, GridFSStorage
+from asyncassets.storage.resumable import UploadSessions
 
 
 @pytest.fixture
@@ -48,3 +51,42 @@ async def test_a_finished_upload_cannot_be_terminated(setup):
         assert (await http.delete(location)).status_code == 409
     stored = await cls.objects(pk=doc.pk).first()
     assert await stored.file.read() == b"abc"
+
+
+@pytest.mark.parametrize("kind", ["gridfs", "filesystem"])
+async def test_a_write_cannot_start_once_a_termination_took_the_upload(
+    asyncassets_db, tmp_path, kind, monkeypatch
+):
+    """The race suite's case (tests/test_races_uploads.py, seed 11 under ``slow``):
+    a DELETE checked the upload (open, no write), then the last PATCH took it,
+    finished it and attached it, then the DELETE removed it and answered 204 too,
+    on GridFS removing chunks of the file being attached. Held between its
+    decision and the removal, the DELETE must have the upload already: the PATCH
+    is refused, nothing is attached, nothing stays."""
+    name = f"tus_term_race_{kind}"
+    cls = doc_class(GridFSStorage(name, chunk_size=1000) if kind == "gridfs"
+                    else FileSystemStorage(tmp_path, collection_name=name))
+    doc = cls(owner="ann")
+    await doc.save()
+    held, go = asyncio.Event(), asyncio.Event()
+    remove = UploadSessions.remove
+
+    async def held_remove(self, upload_id, session=None):
+        held.set()
+        await go.wait()
+        await remove(self, upload_id, session)
+
+    monkeypatch.setattr(UploadSessions, "remove", held_remove)
+    async with client(app_for(cls, chunk_size=1000)) as http:
+        location = (await create(http, doc, 10_000)).headers["location"]
+        assert (await patch(http, location, 0, b"y" * 4500)).status_code == 204
+        deleting = asyncio.ensure_future(http.delete(location))
+        await held.wait()
+        last = await patch(http, location, 4500, b"y" * 5500)
+        go.set()
+        assert (await deleting).status_code == 204
+        assert last.status_code in (404, 410), last.text
+        assert (await http.head(location)).status_code == 404
+    assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
+    for left in ("uploads", "uploads.staged", "files", "chunks"):
+        assert await asyncassets_db[f"{name}.{left}"].count_documents({}) == 0, left

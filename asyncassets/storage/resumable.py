@@ -229,7 +229,8 @@ class UploadSessions:
         cannot start.
 
         :raises UploadNotFound: there is none.
-        :raises UploadLocked: a write holds it, or it is being attached.
+        :raises UploadLocked: a write holds it, it is being attached, or it is
+            attached already.
         """
         now = _now()
         taken = await self.sessions.find_one_and_update(
@@ -244,13 +245,18 @@ class UploadSessions:
         )
         if taken is None:
             session = await self._find(upload_id)
-            if session.get("state") != DONE:
+            if session.get("state") == DONE:
+                # Attached by a finish that ran since the caller looked: that upload
+                # is its document's file now, not a termination's to answer for.
                 raise UploadLocked(
-                    f"upload {upload_id} is being written or attached; retry when that "
-                    "ends",
+                    f"upload {upload_id} is complete and attached; delete the file "
+                    "through its document instead",
                     upload_id=upload_id,
                 )
-            taken = session
+            raise UploadLocked(
+                f"upload {upload_id} is being written or attached; retry when that ends",
+                upload_id=upload_id,
+            )
         await self.remove(upload_id, taken)
 
     async def remove(self, upload_id: str, session: Mapping[str, Any] | None = None) -> None:
