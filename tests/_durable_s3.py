@@ -61,6 +61,20 @@ class UploadIds:
             lambda m: m.group(1) + self.current.get(m.group(2), m.group(2)), uri_or_query
         )
 
+    def as_clients_know(self, body: bytes) -> bytes:
+        """A response naming uploads (ListMultipartUploads, ListParts) with the ids
+        their clients know: a replayed upload's id of this run is never shown, as a
+        real S3 never changes an upload's id (else a client, or the orphan sweep
+        listing the bucket's uploads, takes a live upload for an unknown one)."""
+        known = {now: first for first, now in self.current.items() if now != first}
+        if not known:
+            return body
+        return _UPLOAD_ID.sub(
+            lambda m: b"<UploadId>" + known.get(m.group(1).decode(), m.group(1).decode())
+            .encode() + b"</UploadId>",
+            body,
+        )
+
 
 IDS = UploadIds()
 
@@ -86,11 +100,27 @@ class Durable:
         self.lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        # Logged as the client sent it: the replay maps the client's ids, never
+        # those of a run before.
+        sent_uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ["PATH_INFO"]
         for name in ("QUERY_STRING", "RAW_URI", "REQUEST_URI"):
             if environ.get(name) and "uploadId=" in environ[name]:
                 environ[name] = IDS.rewrite(environ[name])
         if environ.get("REQUEST_METHOD") not in WRITES:
-            return self.app(environ, start_response)
+            if not re.search(r"(^|&)(uploads|uploadId)(=|&|$)", environ.get("QUERY_STRING", "")):
+                return self.app(environ, start_response)
+            kept: dict[str, Any] = {}
+
+            def keep(status: str, headers: list[Any], exc_info: Any = None) -> Any:
+                kept["start"] = (status, headers, exc_info)
+                return lambda data: None
+
+            body = IDS.as_clients_know(b"".join(self.app(environ, keep)))
+            status, headers, exc_info = kept["start"]
+            headers = [(k, str(len(body)) if k.lower() == "content-length" else v)
+                       for k, v in headers]
+            start_response(status, headers, exc_info)
+            return [body]
         length = environ.get("CONTENT_LENGTH")
         stream = environ["wsgi.input"]
         body = stream.read(int(length)) if length else stream.read()
@@ -99,7 +129,7 @@ class Durable:
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         record = {
             "method": environ["REQUEST_METHOD"],
-            "uri": environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ["PATH_INFO"],
+            "uri": sent_uri,
             "headers": _headers(environ),
             "body": base64.b64encode(body).decode(),
         }
