@@ -1016,7 +1016,7 @@ class DirectRaces:
             await asyncio.to_thread(self.moto.kill)
             self.stats["direct: S3 (moto) SIGKILLed"] += 1
             await asyncio.sleep(rng.uniform(0.1, 0.5))
-            await asyncio.to_thread(start_moto, self.moto)
+            await asyncio.to_thread(self.moto.start)
 
     async def reader(self, rng: random.Random) -> None:
         while not self.stop.is_set():
@@ -1123,23 +1123,6 @@ class DirectRaces:
             self.violation("check(verify=True) finds something wrong", str(result)[:600])
 
 
-def start_moto(moto: Any) -> None:
-    """Start moto, and drain its stderr (request logs) into a file: a pipe nobody
-    reads fills up and stops the server."""
-    import threading
-
-    moto.start()
-    source, sink = moto._proc.stderr, open(moto.errors, "ab")
-
-    def drain() -> None:
-        with sink, contextlib.suppress(ValueError):  # closed when moto is stopped
-            for line in source:
-                sink.write(line)
-                sink.flush()
-
-    threading.Thread(target=drain, daemon=True).start()
-
-
 @contextlib.asynccontextmanager
 async def direct_site(tmp_path: Path) -> AsyncIterator[Any]:
     """moto behind its write-ahead log, a document class on it, and the app under
@@ -1150,9 +1133,15 @@ async def direct_site(tmp_path: Path) -> AsyncIterator[Any]:
     from asyncassets.testing import FAKE_CREDENTIALS, create_bucket
     from asyncassets.web.direct import DirectUploadIntent, direct_uploads_app
 
-    moto = DurableS3(tmp_path / "s3.log")
-    moto.errors = tmp_path / "s3.err"  # type: ignore[attr-defined]
-    start_moto(moto)
+    class LoggedS3(DurableS3):
+        """Its stderr (request log, tracebacks) to a file: a pipe nobody reads fills."""
+
+        def _command(self, port: int) -> list[str]:
+            argv = " ".join(super()._command(port))
+            return ["/bin/sh", "-c", f"exec {argv} 2>>{tmp_path / 's3.err'}"]
+
+    moto = LoggedS3(tmp_path / "s3.log")
+    moto.start()
     endpoint = moto.endpoint_url
     create_bucket("direct-races", endpoint, FAKE_CREDENTIALS["access_key_id"],
                   FAKE_CREDENTIALS["secret_access_key"], "us-east-1")
@@ -1219,7 +1208,10 @@ async def run_direct(plan: Plan, tmp_path: Path, db: Any, seeds: list[int]) -> N
 async def test_direct_uploads_race_finalizes_aborts_expiry_the_sweep_and_s3_kills(
     asyncassets_db: Any, tmp_path: Path
 ) -> None:
-    await run_direct(DEFAULT_DIRECT, tmp_path, asyncassets_db, [1])
+    plan = DEFAULT_DIRECT
+    if os.environ.get("RACES_DIRECT_KILLS"):
+        plan = Plan(**{**plan.__dict__, "kills": int(os.environ["RACES_DIRECT_KILLS"])})
+    await run_direct(plan, tmp_path, asyncassets_db, [1])
 
 
 @pytest.mark.slow
