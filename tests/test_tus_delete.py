@@ -90,3 +90,34 @@ async def test_a_write_cannot_start_once_a_termination_took_the_upload(
     assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
     for left in ("uploads", "uploads.staged", "files", "chunks"):
         assert await asyncassets_db[f"{name}.{left}"].count_documents({}) == 0, left
+
+
+async def test_a_delete_that_a_finish_overtook_is_409_and_the_file_stays(
+    asyncassets_db, tmp_path, monkeypatch
+):
+    """The race suite's other case (seed 11 under ``slow``, a directory and S3): the
+    DELETE found the upload open, the last PATCH attached it meanwhile, then the
+    DELETE answered 204 as if it had terminated it. A completed upload is 409."""
+    name = "tus_term_done"
+    cls = doc_class(FileSystemStorage(tmp_path, collection_name=name))
+    doc = cls(owner="ann")
+    await doc.save()
+    held, go = asyncio.Event(), asyncio.Event()
+    terminate = UploadSessions.terminate
+
+    async def held_terminate(self, upload_id):
+        held.set()
+        await go.wait()
+        await terminate(self, upload_id)
+
+    monkeypatch.setattr(UploadSessions, "terminate", held_terminate)
+    async with client(app_for(cls, chunk_size=1000)) as http:
+        location = (await create(http, doc, 3000)).headers["location"]
+        assert (await patch(http, location, 0, b"y" * 1500)).status_code == 204
+        deleting = asyncio.ensure_future(http.delete(location))
+        await held.wait()
+        assert (await patch(http, location, 1500, b"y" * 1500)).status_code == 204
+        go.set()
+        answer = await deleting
+        assert answer.status_code == 409 and "complete" in answer.text, answer.text
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == b"y" * 3000
