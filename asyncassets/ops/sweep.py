@@ -446,6 +446,14 @@ async def _sweep_leftovers(
         async for listed_batch in _batches(lister(cutoff), batch_size):
             # A live direct upload's multipart upload is not a dead writer's.
             batch = [i for i in listed_batch if getattr(i, "upload_id", None) not in skip]
+            if lister_name == "list_stale_uploads":
+                # Nor one whose key a writer reserved since the cutoff, by this
+                # catalogue's clock: the upload's own start time is the server's
+                # word (moto reports one fixed date for every upload), and a writer
+                # reserves its key before it starts its upload, so a reservation
+                # read after the listing covers every upload listed.
+                recent = await _reserved_since(store, [str(i.key) for i in batch], cutoff)
+                batch = [i for i in batch if str(i.key) not in recent]
             if not dry_run:
                 await _bounded([_leftover_handle(item) for item in batch], remover)
             for item in batch:
@@ -455,6 +463,18 @@ async def _sweep_leftovers(
                 record = StoredObject(alias, store.name, str(getattr(item, "key", item)), size)
                 if _keep(listed, record, max_ids):
                     report.truncated = True
+
+
+async def _reserved_since(store: ObjectStore, keys: list[str], cutoff: dt.datetime) -> set[str]:
+    """Which of ``keys`` a writer reserved (or confirmed) at or after ``cutoff``."""
+    if not keys:
+        return set()
+    reservations = store.reservations
+    ids = {reservations.id_of(key): key for key in keys}
+    found = reservations.collection.find(
+        {"_id": {"$in": list(ids)}, "at": {"$gte": cutoff}}, {"_id": 1}
+    )
+    return {ids[doc["_id"]] async for doc in found}
 
 
 def _leftover_handle(item: Any) -> Any:
