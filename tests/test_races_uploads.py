@@ -896,8 +896,10 @@ class DirectRaces:
                 signed = await self.call("POST",
                                          f"{self.url}/{mount}/{session['id']}/parts/{number}",
                                          json={"sha256": digest})
-                if signed.status_code in (404, 410):
-                    raise Gone(signed.text)
+                if signed.status_code in (404, 410) or (
+                    signed.status_code == 409 and "not open" in signed.text
+                ):
+                    raise Gone(signed.text)  # aborted, expired, swept
                 assert signed.status_code == 200, signed.text
                 answer = signed.json()
                 try:
@@ -1206,9 +1208,10 @@ async def run_direct(plan: Plan, tmp_path: Path, db: Any, seeds: list[int]) -> N
 
 
 def with_kills(plan: Plan) -> Plan:
-    """``RACES_DIRECT_KILLS`` moto kills instead of the plan's (a multipart upload
-    created after moto's restart can be aborted right away, not by its client;
-    not understood yet, so the default run kills none)."""
+    """``RACES_DIRECT_KILLS`` moto kills instead of the plan's. The plans kill none:
+    with kills, a finalize can find a part missing that S3 acknowledged before a
+    kill (``RACES_DIRECT_KILLS=12 -m slow``, seed 11: "parts missing: 1"), not
+    yet known to be the library's or tests/_durable_s3.py's replay."""
     kills = os.environ.get("RACES_DIRECT_KILLS")
     return plan if not kills else Plan(**{**plan.__dict__, "kills": int(kills)})
 
