@@ -726,7 +726,16 @@ def verdict(total: Counter[str], violations: list[str], kinds: Counter[str]) -> 
 # -- the tests: a directory, S3 ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("template", list(TEMPLATES))
+# The default run races the templates whose keys collide ({filename}, with and
+# without overwrite: the class of bug the key reservations close); {uuid} and
+# {field}/{filename} run with -m slow here and in the long run below.
+DEFAULT_TEMPLATES = [
+    t if t in ("filename", "filename-overwrite") else pytest.param(t, marks=pytest.mark.slow)
+    for t in TEMPLATES
+]
+
+
+@pytest.mark.parametrize("template", DEFAULT_TEMPLATES)
 async def test_racing_operations_on_a_directory_keep_every_invariant(
     asyncassets_server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template: str
 ) -> None:
@@ -740,7 +749,7 @@ async def test_racing_operations_on_a_directory_keep_every_invariant(
     verdict(*result)
 
 
-@pytest.mark.parametrize("template", list(TEMPLATES))
+@pytest.mark.parametrize("template", DEFAULT_TEMPLATES)
 async def test_racing_operations_on_s3_keep_every_invariant(
     asyncassets_server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     asyncassets_s3_bucket: Any, template: str,
