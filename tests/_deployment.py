@@ -38,7 +38,7 @@ Run it by hand, for as long as you like::
 
 (an on-disk SecantusDB of its own unless ``MONGODB_URI`` is set; moto unless
 ``S3_ENDPOINT_URL`` is set, in which case S3 is not killed), or as the slow test
-``pytest -m slow -k deployment -s`` (tests/test_deployment.py;
+``pytest -n 0 -m slow -k deployment -s`` (tests/test_deployment.py;
 ``DEPLOYMENT_SECONDS`` sets its duration, 60 by default).
 """
 

@@ -71,7 +71,7 @@ chunks or objects; see tests/_consistency.py):
   multipart upload, and ``asyncassets.check()`` reports nothing wrong.
 
 Violations are collected (the document is then quarantined and the run goes on),
-counted by kind, and fail the test at the end. ``pytest -s`` prints the counts.
+counted by kind, and fail the test at the end. ``pytest -n 0 -s`` prints the counts.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ storages' race suites, tests/test_races_storages.py); its docstring says what ru
 and which invariants are checked after every batch. Here they run on the default
 storage, a GridFS bucket with tiny chunks (every file of a few hundred bytes has
 several), where a files document is complete when its chunks add up to its length.
-``pytest -s`` prints the counts; ``RACES_SEED`` replays one plan; ``RACES_REPORT``
+``pytest -n 0 -s`` prints the counts; ``RACES_SEED`` replays one plan; ``RACES_REPORT``
 names a file that gets every violation in full.
 """
 

@@ -34,7 +34,7 @@ the issue's cases 1-8. These tests are how we know the suite can fail; they pass
 once the object-storage core (key reservations, a recorded object version checked
 on every read, walks with ``O_NOFOLLOW``) lands.
 
-``pytest -s`` prints the counts; ``RACES_SEED`` replays one plan; ``RACES_REPORT``
+``pytest -n 0 -s`` prints the counts; ``RACES_SEED`` replays one plan; ``RACES_REPORT``
 names a file that gets every violation in full. The long run (``-m slow``) races
 more than 10,000 operations across the storages.
 """

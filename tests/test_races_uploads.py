@@ -35,7 +35,7 @@ SHA-256), no entry or object or chunk that no document names, no upload session,
 staged chunk, key reservation or pending multipart upload left;
 ``check(verify=True)`` finds nothing wrong.
 
-``pytest -s`` prints the counts (operations, processes, kills, violations);
+``pytest -n 0 -s`` prints the counts (operations, processes, kills, violations);
 ``RACES_SEED`` replays one plan. The long run (``-m slow``) races thousands of
 operations with tens of kills.
 """

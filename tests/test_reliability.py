@@ -67,7 +67,7 @@ ALIAS = "reliability"
 BUCKET = "relfs"
 CHUNK = 1024  # small chunks: multi-chunk files stay cheap
 
-# What the suite did, printed at the end of each test (pytest -s shows it).
+# What the suite did, printed at the end of each test (pytest -n 0 -s shows it).
 STATS: Counter[str] = Counter()
 
 
