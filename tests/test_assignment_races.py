@@ -76,7 +76,14 @@ async def test_a_replacing_save_cancelled_at_every_step_never_dangles_nor_loses(
             # outcome; the document object holds the data again, and a retry stores it.
             assert doc.file.grid_id in (None, old_id) or doc.file.grid_id == held, step
             if doc.file.grid_id is None:
-                await doc.save()
+                try:
+                    await doc.save()
+                except FileConflict:
+                    # The cancelled save's update was on its way and the server
+                    # applied it after the read above (seen with two test workers
+                    # on two cores): the document holds that save's file now, and
+                    # this retry's upload was removed. No dangling, no loss.
+                    pass
                 held = await stored_file(Doc, doc.pk)
         loaded = await Doc.objects.get(pk=doc.pk)
         assert await loaded.file.read() == (new_bytes if held != old_id else old_bytes), step
