@@ -67,6 +67,7 @@ import ctypes
 import datetime
 import errno
 import functools
+import hashlib
 import os
 import re
 import secrets
@@ -83,7 +84,7 @@ from ..retry import Retry
 from ..sources import byte_view
 from .blobs import BlobInfo
 
-__all__ = ["FileSystemBlobWriter", "FileSystemBlobs"]
+__all__ = ["FileSystemBlobWriter", "FileSystemBlobs", "ResumableFileWriter"]
 
 T = TypeVar("T")
 
@@ -1284,3 +1285,199 @@ class FileSystemBlobWriter:
                 os.close(directory)
         if temp is not None:
             self._blobs._prune(self._directories)
+
+
+def resumable_temp_name(final_name: str, token: str) -> str:
+    """The temp file of a resumable upload whose key ends in ``final_name``: named
+    by the upload's ``token`` (hex), so any process finds it again."""
+    return f".{final_name[:_TEMP_STEM]}.{token[:16]}.part"
+
+
+class ResumableFileWriter(FileSystemBlobWriter):
+    """The temp file of a resumable upload, written at offsets over many requests
+    and processes, and put in place once complete.
+
+    Unlike a :class:`FileSystemBlobWriter`, its temp file is named by the upload's
+    ``token`` (:func:`resumable_temp_name`), is opened again where an earlier
+    writer left it, and outlives a failure: a write that fails or is cancelled
+    only closes the file. :meth:`sync` makes what was written durable, so the
+    caller can record the offset after it. :meth:`commit` puts the file in place
+    as a writer's commit does (version, fsync, link), once its size is the
+    upload's length.
+
+    :param position: where the next write goes (the upload's durable offset).
+    :param create: make the temp file when it is not there (the first write);
+        otherwise its absence means the upload lost its bytes
+        (:class:`~asyncassets.errors.StoredObjectMissing`).
+    :param hasher: a :mod:`hashlib` object fed every byte written, in a thread
+        beside the write (it is consistent once :meth:`sync` has returned).
+    """
+
+    def __init__(
+        self,
+        blobs: FileSystemBlobs,
+        key: str,
+        token: str,
+        *,
+        position: int,
+        create: bool,
+        hasher: Any = None,
+    ) -> None:
+        directories, name = _split(key)
+        super().__init__(blobs, key, directories, name, token)
+        self._position = position
+        self._create = create
+        self._hasher = hasher
+
+    async def _send(self, pieces: list[memoryview], doing: str) -> None:
+        # The running hash (``hasher``), if any, is fed in a thread beside the
+        # write: hashlib releases the GIL on large buffers, so both run at once.
+        if self._hasher is None or not pieces:
+            await super()._send(pieces, doing)
+            return
+        hashing = asyncio.ensure_future(asyncio.to_thread(_hash_all, self._hasher, pieces))
+        try:
+            await super()._send(pieces, doing)
+        finally:
+            await asyncio.wait([hashing])
+        hashing.result()
+
+    @property
+    def temp_path(self) -> str:
+        """The temp file's path relative to the root (as the sweep lists it)."""
+        return "/".join([*self._directories, resumable_temp_name(self._name, self._token)])
+
+    async def sync(self) -> int:
+        """Write what is buffered and fsync it; return the bytes now durable in the file
+        (the position the next write starts at)."""
+        self._check_writing("sync")
+        await self._send(self._take_pending(), "writing")
+        if self._blobs.fsync and self._fd is not None:
+            fd = self._fd
+            try:
+                await self._calls.run(functools.partial(os.fdatasync, fd))
+            except OSError as exc:
+                error = self._blobs._error(exc, "syncing", self.key, self._blobs._path(self.key))
+                await self._fail(error)
+                raise error from exc
+        return self._position
+
+    async def commit(self, *, overwrite: bool = False, length: int | None = None) -> None:
+        """Put the temp file in place under the key (see :meth:`FileSystemBlobWriter.commit`).
+
+        :param length: the size the file must have; a file of another size (cut
+            short or grown by someone else) raises
+            :class:`~asyncassets.errors.StoredObjectChanged`, and stays.
+        """
+        if length is not None:
+            await self._send([], "opening")
+            assert self._fd is not None
+            size = (await self._calls.run(functools.partial(os.fstat, self._fd))).st_size
+            if size != length:
+                raise StoredObjectChanged(
+                    f"{self._blobs.url}: the upload's temp file {self.temp_path!r} holds "
+                    f"{size} bytes, not {length}; start a new upload",
+                    storage=self._blobs.url,
+                    key=self.key,
+                )
+        await super().commit(overwrite=overwrite)
+
+    async def read_head(self, size: int) -> bytes:
+        """The first ``size`` bytes of the temp file (fewer if it holds fewer)."""
+        await self._send([], "opening")
+        assert self._fd is not None
+        return await self._calls.run(functools.partial(os.pread, self._fd, size, 0))
+
+    async def sha256(self, length: int) -> str:
+        """The SHA-256 of the first ``length`` bytes, read back in a thread."""
+        await self._send([], "opening")
+        assert self._fd is not None
+        return await self._calls.run(functools.partial(_hash_file, self._fd, length))
+
+    async def abort(self) -> None:
+        """Close the temp file, keeping it (it holds the upload's durable bytes);
+        :meth:`discard` removes it."""
+        if self._state != "committed":
+            self._state = "failed"
+        self._calls.when_idle(self._close_descriptors)
+        await self._calls.wait()
+
+    async def discard(self) -> bool:
+        """Close and remove the temp file; ``True`` if it was there."""
+        await self.abort()
+        remove = functools.partial(
+            self._blobs._remove, self._directories,
+            resumable_temp_name(self._name, self._token), None, temp=True,
+        )
+        try:
+            return await _in_thread(remove)
+        except OSError as exc:
+            raise self._blobs._error(exc, "deleting the temp file", self.temp_path,
+                                     self._blobs._path(self.temp_path)) from exc
+
+    async def _fail(self, error: StorageError) -> None:
+        await self.abort()
+
+    def _close_descriptors(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        self._release_directory()
+
+    def _open_temp(self) -> None:
+        """In a thread: walk to the key's directory (making it on the first write) and
+        open the upload's temp file there (making it on the first write)."""
+        blobs = self._blobs
+        temp = resumable_temp_name(self._name, self._token)
+        flags = os.O_RDWR | _NOFOLLOW | _CLOEXEC | (os.O_CREAT if self._create else 0)
+        for attempt in range(_PRUNED_RETRIES):
+            try:
+                fds = blobs._walk_to(self._directories, create=self._create)
+            except FileNotFoundError:
+                if self._create and attempt < _PRUNED_RETRIES - 1:
+                    continue
+                raise self._lost() from None
+            try:
+                fd = os.open(temp, flags, blobs.file_mode, dir_fd=fds[-1])
+            except FileNotFoundError:
+                _close_all(fds)
+                if self._create and attempt < _PRUNED_RETRIES - 1:
+                    continue
+                raise self._lost() from None
+            except BaseException:
+                _close_all(fds)
+                raise
+            if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                _close_all(fds)
+                raise self._lost()
+            self._fd = fd
+            self._dir_fd = fds.pop()
+            _close_all(fds)
+            self._temp = temp
+            return
+
+    def _lost(self) -> StoredObjectMissing:
+        return StoredObjectMissing(
+            f"{self._blobs.url}: the upload's temp file {self.temp_path!r} is gone "
+            "(removed by hand or by a sweep); start a new upload",
+            storage=self._blobs.url,
+            key=self.key,
+        )
+
+
+def _hash_all(hasher: Any, pieces: list[memoryview]) -> None:
+    for piece in pieces:
+        hasher.update(piece)
+
+
+def _hash_file(fd: int, length: int) -> str:
+    hasher = hashlib.sha256()
+    position = 0
+    while position < length:
+        piece = os.pread(fd, min(8 * 1024 * 1024, length - position), position)
+        if not piece:
+            break
+        hasher.update(piece)
+        position += len(piece)
+    return hasher.hexdigest()
