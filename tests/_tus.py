@@ -8,6 +8,7 @@ import base64
 import hashlib
 import itertools
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -110,3 +111,9 @@ async def patch(
     return await http.patch(
         location, headers={**OCTETS, "Upload-Offset": str(offset), **headers}, content=data
     )
+
+
+def temp_files(root: Any) -> list[Any]:
+    """The temp files (``.<name>.<hex>.part``) under a directory storage's root:
+    resumable uploads written in place, or writers that died."""
+    return sorted(p for p in Path(root).rglob(".*.part") if p.is_file())

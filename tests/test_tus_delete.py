@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from _tus import app_for, client, create, doc_class, make_storage, patch
+from _tus import app_for, client, create, doc_class, make_storage, patch, temp_files
 
 from asyncassets.storage import FileSystemStorage, GridFSStorage
 from asyncassets.storage.resumable import UploadSessions
@@ -31,7 +31,13 @@ async def test_termination_removes_the_session_and_its_bytes(asyncassets_db, tmp
     async with client(app_for(cls, chunk_size=1000)) as http:
         location = (await create(http, doc, 10_000)).headers["location"]
         assert (await patch(http, location, 0, b"y" * 4500)).status_code == 204
-        assert await asyncassets_db[where].count_documents({}) == 4
+        if kind == "gridfs":
+            assert await asyncassets_db[where].count_documents({}) == 4
+        else:
+            # Written in place, beside the key it reserved.
+            [temp] = temp_files(tmp_path)
+            assert temp.read_bytes() == b"y" * 4500
+            assert await asyncassets_db["asyncassets.keys"].count_documents({}) == 1
         answer = await http.delete(location)
         assert answer.status_code == 204
         assert answer.headers["tus-resumable"] == "1.0.0"
@@ -42,6 +48,9 @@ async def test_termination_removes_the_session_and_its_bytes(asyncassets_db, tmp
     assert await asyncassets_db[where].count_documents({}) == 0
     assert await asyncassets_db[f"{name}.files"].count_documents({}) == 0
     assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
+    if kind == "filesystem":
+        assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+        assert await asyncassets_db["asyncassets.keys"].count_documents({}) == 0
 
 
 async def test_a_finished_upload_cannot_be_terminated(setup):

@@ -9,7 +9,17 @@ import os
 from typing import Any
 
 import pytest
-from _tus import STORAGES, app_for, client, create, doc_class, make_storage, patch, sha256_header
+from _tus import (
+    STORAGES,
+    app_for,
+    client,
+    create,
+    doc_class,
+    make_storage,
+    patch,
+    sha256_header,
+    temp_files,
+)
 
 import asyncassets
 from asyncassets.storage import FileSystemStorage, GridFSStorage
@@ -109,12 +119,20 @@ async def test_a_checksum_mismatch_is_460_and_keeps_nothing_of_that_patch(
                           **{"Upload-Checksum": sha256_header(wrong)})
         assert bad.status_code == 460, bad.text
         assert (await http.head(location)).headers["upload-offset"] == "3000"
-        assert await staged(asyncassets_db, cls) == 2  # 2 chunks, the tail in the session
+        if kind == "gridfs":
+            assert await staged(asyncassets_db, cls) == 2  # 2 chunks, the tail in the session
+        else:
+            # Written in place: the temp file holds the kept bytes; what the refused
+            # PATCH wrote past them is written over by the next one.
+            assert await staged(asyncassets_db, cls) == 0
+            [temp] = temp_files(tmp_path)
+            assert temp.read_bytes()[:3000] == first
         done = await patch(http, location, 3000, second,
                            **{"Upload-Checksum": sha256_header(second)})
         assert done.status_code == 204
     assert await (await cls.objects(pk=doc.pk).first()).file.read() == first + second
     assert await staged(asyncassets_db, cls) == 0
+    assert temp_files(tmp_path) == []
 
 
 async def test_bytes_past_the_length_are_413(setup):
@@ -224,17 +242,25 @@ async def test_a_slow_patch_keeps_its_lease_past_the_lease_time(setup):
     assert await (await cls.objects(pk=doc.pk).first()).file.read() == piece * 10
 
 
-async def test_staged_bytes_lost_before_the_finish_are_410_and_nothing_is_attached(
-    asyncassets_db, tmp_path
+@pytest.mark.parametrize("lost", ["staged", "in place"])
+async def test_bytes_lost_before_the_finish_are_410_and_nothing_is_attached(
+    asyncassets_db, tmp_path, lost
 ):
-    cls = doc_class(FileSystemStorage(tmp_path, collection_name="tus_lost"))
+    # Staged in MongoDB (a directory that overwrites: no key of its own to write
+    # beside), or in place in a temp file beside the reserved key.
+    cls = doc_class(FileSystemStorage(tmp_path, collection_name="tus_lost",
+                                      overwrite=lost == "staged"))
     doc = cls(owner="ann")
     await doc.save()
     data = os.urandom(3 * 1024 * 1024)
     async with client(app_for(cls)) as http:
         location = (await create(http, doc, len(data))).headers["location"]
         assert (await patch(http, location, 0, data[:-10])).status_code == 204
-        await asyncassets_db["tus_lost.uploads.staged"].delete_many({"n": 1})
+        if lost == "staged":
+            await asyncassets_db["tus_lost.uploads.staged"].delete_many({"n": 1})
+        else:
+            [temp] = temp_files(tmp_path)
+            temp.unlink()
         last = await patch(http, location, len(data) - 10, data[-10:])
         assert last.status_code == 410, last.text
         assert (await http.head(location)).status_code == 404

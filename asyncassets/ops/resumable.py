@@ -14,19 +14,23 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from ..storage.objects.store import ObjectStore
 from ..storage.resumable import UploadSessions
 from .reports import SweepReport
 
-__all__ = ["sweep_resumable"]
+__all__ = ["live_in_store", "sweep_resumable"]
 
 
-async def sweep_resumable(db: Any, catalogue: str, *, dry_run: bool, report: SweepReport) -> None:
-    """Delete the expired upload sessions of ``catalogue`` and their staged bytes.
+async def sweep_resumable(
+    db: Any, catalogue: str, *, dry_run: bool, report: SweepReport, store: Any = None
+) -> None:
+    """Delete the expired upload sessions of ``catalogue`` and their staged bytes
+    (or, written in place in a directory, ``store``'s: their temp files and keys).
 
     Expiry is the grace of a resumable upload (``tus_app(expires=...)``), so the
     sweep's own ``grace`` does not delay it.
     """
-    sessions = UploadSessions(db, catalogue)
+    sessions = UploadSessions(db, catalogue, store=_directory(store))
     now = dt.datetime.now(dt.timezone.utc)
     for session in await sessions.expired(now):
         # Taken again as it is removed: a finish may have started since the listing.
@@ -38,6 +42,16 @@ async def sweep_resumable(db: Any, catalogue: str, *, dry_run: bool, report: Swe
     for upload_id in await sessions.headless_chunks():
         if not dry_run:
             await sessions.chunks.delete_many({"upload": upload_id})
+
+
+async def live_in_store(db: Any, store: ObjectStore) -> tuple[set[str], set[str]]:
+    """The keys and temp files of ``store``'s resumable uploads written in place
+    that are not done: not orphans, whatever their age."""
+    return await UploadSessions(db, store.name, store=_directory(store)).live_in_store()
+
+
+def _directory(store: Any) -> ObjectStore | None:
+    return store if isinstance(store, ObjectStore) else None
 
 
 async def live_upload_files(db: Any, catalogue: str, file_ids: list[Any]) -> set[Any]:

@@ -47,7 +47,7 @@ from .reports import (
     SweepReport,
     _keep,
 )
-from .resumable import live_upload_files, sweep_resumable
+from .resumable import live_in_store, live_upload_files, sweep_resumable
 from .scope import _plan, _prune, _Sharer, _Source, _Work
 
 __all__ = ["sweep_orphans"]
@@ -138,16 +138,19 @@ async def sweep_orphans(
             # multipart uploads are left to their session (ops/direct_sweep.py).
             await sweep_direct_sessions(store, bucket_alias, dry_run, max_ids, report)
             live_keys, live_uploads = await live_direct_uploads(store)
+            # Resumable uploads written in place: their keys and temp files.
+            tus_keys, tus_temps = await live_in_store(store.db, store)
             await _sweep_reservations(store, bucket_alias, work.sharers, cutoff, dry_run,
-                                      batch_size, max_ids, report, skip=live_keys)
+                                      batch_size, max_ids, report, skip=live_keys | tus_keys)
             await _sweep_objects(store, bucket_alias, work.sharers, cutoff, dry_run,
                                  batch_size, max_ids, report)
             await _sweep_leftovers(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
-                                   report, skip=live_uploads)
+                                   report, skip=live_uploads | tus_temps)
         elif isinstance(store, QueuedStore):
             await _sweep_queued(store, bucket_alias, work, cutoff, dry_run, batch_size,
                                 max_ids, report)
-        await sweep_resumable(get_db(bucket_alias), name, dry_run=dry_run, report=report)
+        await sweep_resumable(get_db(bucket_alias), name, dry_run=dry_run, report=report,
+                              store=store)
     report.duration = time.monotonic() - started
     return report
 
@@ -446,6 +449,8 @@ async def _sweep_leftovers(
         async for listed_batch in _batches(lister(cutoff), batch_size):
             # A live direct upload's multipart upload is not a dead writer's.
             batch = [i for i in listed_batch if getattr(i, "upload_id", None) not in skip]
+            # Nor a live resumable upload's temp file (named by its path).
+            batch = [i for i in batch if str(getattr(i, "key", "")) not in skip]
             if lister_name == "list_stale_uploads":
                 # Nor one whose key a writer reserved since the cutoff, by this
                 # catalogue's clock: the upload's own start time is the server's

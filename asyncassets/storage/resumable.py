@@ -60,6 +60,8 @@ from ..errors import (
     UploadTooLarge,
 )
 from .gridfs.spec import now_as_stored
+from .objects import inplace
+from .objects.store import ObjectStore
 
 if TYPE_CHECKING:
     from .gridfs.bucket import GridBucket
@@ -114,6 +116,10 @@ class UploadSessions:
     :param chunk_size: bytes per staged chunk.
     :param lease: how long a write's lease holds unless renewed; a write whose
         process died blocks others for at most this long.
+    :param store: the catalogue's store when it is a directory's (an
+        :class:`~asyncassets.storage.objects.store.ObjectStore`): the sessions
+        created ``into`` it write their bytes in place there
+        (:mod:`~asyncassets.storage.objects.inplace`).
     """
 
     def __init__(
@@ -123,6 +129,7 @@ class UploadSessions:
         *,
         chunk_size: int = DEFAULT_STAGING_CHUNK,
         lease: dt.timedelta = DEFAULT_LEASE,
+        store: ObjectStore | None = None,
     ) -> None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int, not {chunk_size!r}")
@@ -140,6 +147,7 @@ class UploadSessions:
         self._hashes: dict[str, tuple[int, Any]] = {}
         self.chunk_size = chunk_size
         self.lease = lease
+        self.store = store if inplace.writes_in_place(store) else None
         self._indexed = False
 
     async def ensure_indexes(self) -> None:
@@ -159,21 +167,30 @@ class UploadSessions:
         length: int,
         expires: dt.datetime,
         info: Mapping[str, Any] | None = None,
-        into: GridBucket | None = None,
+        into: GridBucket | ObjectStore | None = None,
+        filename: str | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Create a session for ``length`` bytes, valid until ``expires``; return it.
 
         ``info`` is kept as it is (the caller's: what the upload is for).
         The id is 32 random hex digits: unguessable. ``into``: the GridFS bucket
         of this catalogue, to write the chunks where the finished file has them
-        (finish with :meth:`complete_in_bucket`); else they are staged.
+        (finish with :meth:`complete_in_bucket`); or this catalogue's directory
+        store (the ``store`` given at construction), to reserve the file's key
+        (made from ``filename`` and ``context``, as a writer's) and write the bytes
+        in a temp file beside it (finish with :meth:`complete_in_store`); else
+        they are staged.
         """
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise ValueError(f"length must be an int >= 0, not {length!r}")
         await self.ensure_indexes()
-        if into is not None:
+        in_store = into is not None and into is self.store
+        if into is not None and not in_store:
+            if isinstance(into, ObjectStore):
+                raise ValueError(f"{into!r} is not this catalogue's directory store")
             await into.ensure_indexes()
-        session = {
+        session: dict[str, Any] = {
             "_id": secrets.token_hex(16),
             "length": length,
             "offset": 0,
@@ -185,6 +202,18 @@ class UploadSessions:
             "state": OPEN,
             "info": dict(info or {}),
         }
+        if in_store:
+            assert self.store is not None
+            session.update(await inplace.start_in_place(
+                self.store, filename=filename, context=context or {}
+            ))
+            try:
+                await self.sessions.insert_one(session)
+            except BaseException:
+                await asyncio.shield(spawn(inplace.remove_in_place(self.store, session)))
+                raise
+            self._hashes[session["_id"]] = (0, hashlib.sha256())
+            return session
         if into is not None:
             session["into"] = "gridfs"
             session["file_id"] = ObjectId()
@@ -270,6 +299,8 @@ class UploadSessions:
             session = found if found is not None else {"_id": upload_id}
         self._hashes.pop(upload_id, None)
         await self.chunks.delete_many({"upload": upload_id})
+        if session.get("into") == "directory" and session.get("state") != DONE:
+            await inplace.remove_in_place(self._store_of(session), session)
         if session.get("into") == "gridfs" and session.get("state") != DONE:
             # Never a file's whose files document exists (a finish that went that far).
             if await self.bucket_files.find_one({"_id": session["file_id"]}, {"_id": 1}) is None:
@@ -301,6 +332,14 @@ class UploadSessions:
         await self.remove(taken["_id"], taken)
         return True
 
+    def _store_of(self, session: Mapping[str, Any]) -> ObjectStore:
+        if self.store is None:
+            raise TypeError(
+                f"upload {session['_id']} is written in place in a directory; give "
+                f"UploadSessions its store (store=...) to write, finish or remove it"
+            )
+        return self.store
+
     # -- writing -----------------------------------------------------------------
 
     async def write(
@@ -329,6 +368,10 @@ class UploadSessions:
         session = await self._acquire(upload_id, offset, token)
         released = False
         try:
+            if session.get("into") == "directory":
+                after = await self._write_in_place(session, token, pieces, checksum)
+                released = "lease" not in after
+                return after
             inserts = _Inserts(self)
             try:
                 after = await self._write(session, token, pieces, checksum, inserts)
@@ -396,6 +439,7 @@ class UploadSessions:
             await self._drop_from(session, start_n)
         known = self._hashes.pop(upload_id, None)
         running = known[1] if known is not None and known[0] == session["offset"] else None
+        inserts.hasher = running
         buffer = bytearray(session["tail"])
         position = int(session["offset"])
         hasher = hashlib.new(checksum[0]) if checksum is not None else None
@@ -431,7 +475,8 @@ class UploadSessions:
             if hasher is not None:
                 hasher.update(view)
             if running is not None:
-                running.update(view)
+                # Hashed in a thread beside the insert of the batch it ends up in.
+                inserts.hash_later(view)
             # Cut into chunks as it comes, a batch inserted as soon as it fills:
             # a write holds a batch and a chunk, whatever the size of a piece.
             pos, end = 0, len(view)
@@ -481,8 +526,83 @@ class UploadSessions:
         if batch:
             await inserts.send(chunks, upload_id, batch)
         await inserts.wait()
+        await inserts.hash_rest()
         after = await self._commit(
             upload_id, token, n, n * size + len(buffer), bytes(buffer), release=failure is None
+        )
+        if running is not None and position == after["offset"]:
+            self._remember(upload_id, position, running)
+        if failure is not None:
+            raise failure
+        return after
+
+    async def _write_in_place(
+        self,
+        session: dict[str, Any],
+        token: str,
+        pieces: AsyncIterator[Any],
+        checksum: tuple[str, bytes] | None,
+    ) -> dict[str, Any]:
+        """:meth:`write` into the temp file of a directory upload: the bytes land at
+        their offset, and are synced before the offset is recorded. Bytes past the
+        recorded offset (a write that failed, was refused or died) are written
+        over by the next write."""
+        upload_id = session["_id"]
+        length = int(session["length"])
+        known = self._hashes.pop(upload_id, None)
+        running = known[1] if known is not None and known[0] == session["offset"] else None
+        # The running hash is fed by the writer, in a thread beside each write.
+        writer = inplace.writer_of(self._store_of(session), session, hasher=running)
+        hasher = hashlib.new(checksum[0]) if checksum is not None else None
+        position = committed = int(session["offset"])
+        renewed = time.monotonic()
+        renew_every = self.lease.total_seconds() / 3
+        failure: BaseException | None = None
+        iterator = pieces.__aiter__()
+        try:
+            while True:
+                try:
+                    piece = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    # The source failed (a dropped connection): keep what came,
+                    # unless it was to be checked whole.
+                    if hasher is not None:
+                        raise
+                    failure = exc
+                    break
+                view = memoryview(piece).cast("B")
+                if position + len(view) > length:
+                    raise UploadTooLarge(
+                        f"upload {upload_id} is {length} bytes long; this write goes "
+                        "past its end",
+                        upload_id=upload_id,
+                    )
+                position += len(view)
+                if hasher is not None:
+                    hasher.update(view)
+                await writer.write(view)
+                if time.monotonic() - renewed > renew_every or (
+                    hasher is None and position - committed >= _COMMIT_BYTES
+                ):
+                    if hasher is None:
+                        committed = await writer.sync()
+                        await self._commit(upload_id, token, 0, committed, b"")
+                    else:
+                        await self._renew(upload_id, token)
+                    renewed = time.monotonic()
+            if hasher is not None and checksum is not None and hasher.digest() != checksum[1]:
+                raise UploadChecksumMismatch(
+                    f"the bytes sent to upload {upload_id} do not match their "
+                    f"{checksum[0]}; nothing of them was kept: send them again",
+                    upload_id=upload_id,
+                )
+            committed = await writer.sync()
+        finally:
+            await writer.abort()
+        after = await self._commit(
+            upload_id, token, 0, committed, b"", release=failure is None
         )
         if running is not None and position == after["offset"]:
             self._remember(upload_id, position, running)
@@ -709,6 +829,38 @@ class UploadSessions:
             return dict(again)
         return doc
 
+    async def complete_in_store(
+        self, session: Mapping[str, Any], *, filename: str | None, metadata: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Make a complete session written in place in a directory a file of it: the
+        temp file put under the reserved key, then the catalogue entry; return the
+        entry. Again after a finish that died or failed, it completes the same file.
+
+        :raises StoredObjectMissing: its temp file is gone.
+        :raises KeyTaken: another tool put an object under its key.
+        """
+        known = self._hashes.get(session["_id"])
+        digest = None
+        if known is not None and known[0] == session["offset"]:
+            digest = known[1].hexdigest()
+        return await inplace.complete_in_place(
+            self._store_of(session), session, filename=filename, metadata=metadata,
+            sha256=digest,
+        )
+
+    async def live_in_store(self) -> tuple[set[str], set[str]]:
+        """The keys and temp files of this catalogue's directory uploads not done:
+        the orphan sweep leaves them to their uploads (and to :meth:`remove`)."""
+        if self.store is None:
+            return set(), set()
+        found = [
+            dict(s) async for s in self.sessions.find(
+                {"into": "directory", "state": {"$ne": DONE}},
+                {"into": 1, "key": 1, "token": 1},
+            )
+        ]
+        return inplace.live_in_place(found, self.store)
+
     async def _hash_back(self, session: Mapping[str, Any], n: int, size: int, tail: bytes) -> str:
         hasher = hashlib.sha256()
         expected = 0
@@ -731,6 +883,8 @@ class UploadSessions:
     async def head(self, session: Mapping[str, Any], size: int) -> bytes:
         """The first ``size`` bytes a session holds (fewer if it holds fewer), staged
         or written ``into`` a bucket."""
+        if session.get("into") == "directory":
+            return await inplace.head_in_place(self._store_of(session), session, size)
         out = bytearray()
         chunks, owner, value = self._where(session)
         cursor = chunks.find(
@@ -796,15 +950,37 @@ class UploadSessions:
 
 
 class _Inserts:
-    """The inserts of one write: one batch in flight while the next is cut."""
+    """The inserts of one write: one batch in flight while the next is cut.
+
+    With a ``hasher`` (the upload's running SHA-256), the bytes received since the
+    last batch (:meth:`hash_later`) are hashed in a thread beside that batch's
+    insert, in order: hashlib releases the GIL on large buffers, so the hash costs
+    the event loop nothing.
+    """
 
     def __init__(self, sessions: UploadSessions) -> None:
         self._sessions = sessions
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self.hasher: Any = None
+        self._unhashed: list[memoryview] = []
+
+    def hash_later(self, view: memoryview) -> None:
+        self._unhashed.append(view)
 
     async def send(self, chunks: Any, upload_id: str, batch: list[dict[str, Any]]) -> None:
         await self.wait()
-        self._task = spawn(self._sessions._insert(chunks, upload_id, batch))
+        insert = self._sessions._insert(chunks, upload_id, batch)
+        if self.hasher is not None and self._unhashed:
+            views, self._unhashed = self._unhashed, []
+            self._task = spawn(_gather(insert, asyncio.to_thread(_hash_all, self.hasher, views)))
+        else:
+            self._task = spawn(insert)
+
+    async def hash_rest(self) -> None:
+        """Hash what no batch took (the tail), after the last insert."""
+        if self.hasher is not None and self._unhashed:
+            views, self._unhashed = self._unhashed, []
+            await asyncio.to_thread(_hash_all, self.hasher, views)
 
     async def wait(self) -> None:
         """Wait for the insert in flight; raise its error."""
@@ -823,6 +999,15 @@ class _Inserts:
             await asyncio.wait([task])
             if not task.cancelled() and task.exception() is not None:
                 _logger.debug("an insert of a failed write failed too: %r", task.exception())
+
+
+async def _gather(*work: Any) -> None:
+    await asyncio.gather(*work)
+
+
+def _hash_all(hasher: Any, views: list[memoryview]) -> None:
+    for view in views:
+        hasher.update(view)
 
 
 def _lease_holds(session: Mapping[str, Any]) -> bool:

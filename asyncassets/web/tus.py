@@ -47,8 +47,10 @@ from ..errors import (
     CorruptFile,
     FileConflict,
     FileValidationError,
+    KeyTaken,
     ResumableUploadError,
     StorageError,
+    StoredObjectMissing,
     UploadChecksumMismatch,
     UploadExpired,
     UploadLocked,
@@ -59,8 +61,9 @@ from ..errors import (
 from ..files.proxy import FileProxy
 from ..files.rules import make_guard
 from ..files.sniffing import HEAD_SIZE
-from ..ops.scope import declared_storages
-from ..storage import GridFSStorage
+from ..ops.scope import declared_storage, declared_storages
+from ..storage import FileSystemStorage, GridFSStorage
+from ..storage.objects.store import ObjectStore
 from ..storage.resumable import DEFAULT_LEASE, DEFAULT_STAGING_CHUNK, DONE, UploadSessions
 
 __all__ = ["TUS_EXTENSIONS", "TusUpload", "UploadTarget", "tus_app"]
@@ -218,7 +221,10 @@ class _TusApp:
         key = (alias, catalogue, id(db.client))
         found = self._sessions.get(key)
         if found is None:
-            found = UploadSessions(db, catalogue, chunk_size=self.chunk_size, lease=self.lease)
+            storage = declared_storage(alias, catalogue)
+            store = storage.bind(db) if isinstance(storage, FileSystemStorage) else None
+            found = UploadSessions(db, catalogue, chunk_size=self.chunk_size, lease=self.lease,
+                                   store=store if isinstance(store, ObjectStore) else None)
             self._sessions[key] = found
         return found
 
@@ -316,7 +322,9 @@ class _TusApp:
             length=length,
             expires=dt.datetime.now(dt.timezone.utc) + self.expires,
             info=info,
-            into=proxy._bucket() if _writes_in_place(proxy) else None,  # type: ignore[arg-type]
+            into=_in_place_target(proxy, sessions),
+            filename=guard.filename,
+            context=proxy._upload_context(),
         )
         location = _location(request, alias, catalogue, session["_id"])
         headers = {"Location": location, "Upload-Expires": _http_date(session["expires"])}
@@ -468,6 +476,13 @@ class _TusApp:
         except ClientDisconnect:
             # What arrived is kept; no one is listening for an answer.
             raise _Refused(400, "the client went away") from None
+        except StoredObjectMissing as exc:
+            # The temp file of a directory upload is gone: its bytes are lost.
+            await sessions.remove(upload_id)
+            raise _Refused(410, str(exc)) from exc
+        except StorageError as exc:
+            raise _Refused(503, f"the storage failed ({exc}); resume from the upload's "
+                           "offset", {"Retry-After": "2"}) from exc
         if session["offset"] == session["length"]:
             await self._finish(sessions, session)
         return session
@@ -547,8 +562,8 @@ class _TusApp:
         if await _attached_already(proxy, upload_id):
             await sessions.mark_done(upload_id, proxy.grid_id)
             return
-        if session.get("into") == "gridfs":
-            await self._finish_in_bucket(sessions, session, proxy)
+        if session.get("into") in ("gridfs", "directory"):
+            await self._finish_in_place(sessions, session, proxy)
             return
         try:
             await proxy.replace(
@@ -575,11 +590,13 @@ class _TusApp:
                            {"Retry-After": "1"}) from exc
         await sessions.mark_done(upload_id, proxy.grid_id)
 
-    async def _finish_in_bucket(
+    async def _finish_in_place(
         self, sessions: UploadSessions, session: Mapping[str, Any], proxy: FileProxy
     ) -> None:
-        """The chunks are in the field's GridFS bucket already: check the first
-        bytes by the field's rules, write the files document, move the reference."""
+        """The bytes are where the file will have them already (the field's GridFS
+        bucket, or a temp file beside its reserved key in a directory): check the
+        first bytes by the field's rules, write the catalogue entry (putting the
+        temp file in place), move the reference."""
         upload_id = session["_id"]
         info = session.get("info") or {}
         try:
@@ -589,19 +606,25 @@ class _TusApp:
         except FileValidationError as exc:
             await sessions.remove(upload_id)
             raise _Refused(415, f"{exc}; the upload was dropped") from exc
-        bucket = proxy._bucket()
         try:
-            files_doc = await sessions.complete_in_bucket(
-                session, bucket, filename=guard.filename, metadata=guard.metadata  # type: ignore[arg-type]
-            )
+            if session.get("into") == "directory":
+                files_doc = await sessions.complete_in_store(
+                    session, filename=guard.filename, metadata=guard.metadata
+                )
+            else:
+                files_doc = await sessions.complete_in_bucket(
+                    session, proxy._bucket(), filename=guard.filename,  # type: ignore[arg-type]
+                    metadata=guard.metadata,
+                )
             await proxy.adopt(files_doc)
         except FileConflict as exc:
             await sessions.remove(upload_id)
             raise _Refused(409, f"{exc} The upload was dropped: upload again.") from exc
-        except CorruptFile as exc:
+        except (CorruptFile, StoredObjectMissing, KeyTaken) as exc:
+            # Its bytes are gone, or its key taken by another tool: nothing to attach.
             await sessions.remove(upload_id)
             raise _Refused(410, str(exc)) from exc
-        except PyMongoError as exc:
+        except (PyMongoError, StorageError) as exc:
             _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
             raise _Refused(503, f"the upload is complete but could not be attached yet "
                            f"({type(exc).__name__}); send the last PATCH again",
@@ -609,17 +632,21 @@ class _TusApp:
         await sessions.mark_done(upload_id, proxy.grid_id)
 
 
-def _writes_in_place(proxy: FileProxy) -> bool:
-    """Whether an upload to ``proxy``'s field writes its chunks where the finished
-    file has them: a plain file field (no image processing, no compression) on a
-    GridFS bucket. Other fields stage the bytes and store them through
-    :meth:`~asyncassets.files.proxy.FileProxy.replace` at the end."""
+def _in_place_target(proxy: FileProxy, sessions: UploadSessions) -> Any:
+    """Where an upload to ``proxy``'s field writes its bytes as the finished file
+    has them, if it can: a plain file field (no image processing, no compression)
+    on a GridFS bucket (its chunks, under the file's future ``_id``) or on a
+    directory (a temp file beside the file's reserved key). Other fields stage the
+    bytes and store them through
+    :meth:`~asyncassets.files.proxy.FileProxy.replace` at the end: ``None``."""
     rules = getattr(proxy._field, "rules", None)
-    return (
-        type(proxy) is FileProxy
-        and type(proxy.storage) is GridFSStorage
-        and getattr(rules, "compress", None) is None
-    )
+    if type(proxy) is not FileProxy or getattr(rules, "compress", None) is not None:
+        return None
+    if type(proxy.storage) is GridFSStorage:
+        return proxy._bucket()
+    if type(proxy.storage) is FileSystemStorage and sessions.store is not None:
+        return sessions.store
+    return None
 
 
 async def _attached_already(proxy: FileProxy, upload_id: str) -> bool:
