@@ -25,6 +25,12 @@ leaves the chunks of a live session alone (:meth:`UploadSessions.live_file_ids`)
 Its SHA-256 comes from the hash the writing process kept when every write of
 the upload went through it, else from reading the chunks back once.
 
+In front of a directory (a store given as ``store``), the session reserves its
+file's key at creation and writes the bytes into a temp file beside it, fsynced
+before each offset is recorded; finishing links it under the key
+(:meth:`UploadSessions.complete_in_store`, :mod:`.objects.inplace`). No byte is
+copied there either.
+
 This module knows nothing of documents: finishing (streaming the staged bytes into
 a field's storage, through the field's rules and the reference switch) is the
 caller's, with :meth:`UploadSessions.read` and :meth:`UploadSessions.mark_done`.
