@@ -31,6 +31,12 @@ so a switch never interleaves with the document's own write. The rules it owns:
   reference it through this path: after a confirmed switch, if no other live
   proxy holds it and it was not assigned by hand (an id from elsewhere may be
   referenced elsewhere; the sweep removes it once it is unreferenced).
+* **An upload's file is attached once.** Before a stored reference moves away
+  from a file that a resumable upload made (its metadata names the upload,
+  :data:`~asyncassets.storage.resumable.UPLOAD_MARK`), the upload's session is
+  marked done, if its finish did not get to it (killed after its switch). So a
+  session that is not done, and whose field does not hold its file, was never
+  attached: a retried finish attaches it then, and never over a later change.
 """
 
 from __future__ import annotations
@@ -50,11 +56,13 @@ from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
 
 from . import _driver
 from ._tasks import add_note, settle
+from .connection import get_db
 from .errors import FileConflict, FileValidationError, PendingFileMissing
 from .fields import FileField
 from .files.proxy import MISSING, FileProxy
 from .schema import cascade_fields, fields_with_files, holds_files
 from .storage.entries import is_file_id
+from .storage.resumable import UPLOAD_MARK, UploadSessions
 
 __all__ = [
     "AssignedFiles",
@@ -485,6 +493,12 @@ async def _update(
     else:
         query[dotted] = old
     element = path[-1][1]
+    if old is not None:
+        try:
+            await _before_leaving(proxy)
+        except BaseException:
+            await _drop_new(proxy, new)  # nothing changed: nothing references it
+            raise
     if new is not None:
         update: dict[str, Any] = {"$set": {dotted: new}}
     elif element:
@@ -507,6 +521,31 @@ async def _update(
         await _applier(proxy, old, new_doc)()
         return
     await _not_matched(root, proxy, path, old, new_doc)
+
+
+async def _before_leaving(proxy: FileProxy) -> None:
+    """Before a stored reference moves away from ``proxy``'s file: if a resumable
+    upload made that file (its metadata names it, :data:`UPLOAD_MARK`), mark the
+    upload's session done, as its finish does after the switch that attached it.
+
+    The stored document holds the file, so that switch applied; the finish may
+    have died before it recorded so. Recorded here, before the reference moves,
+    a retried finish of that upload answers complete and attaches nothing, whatever
+    the field holds by then. A file stored by other means costs nothing here when
+    its entry is loaded (as a query loads it), one read when it is not.
+    """
+    file_id = proxy.grid_id
+    if not is_file_id(file_id):
+        return
+    entry = proxy._files_doc
+    if entry is None:
+        entry = await proxy._bucket().find(file_id)
+    if not isinstance(entry, dict):
+        return  # missing: no upload to record
+    upload_id = (entry.get("metadata") or {}).get(UPLOAD_MARK)
+    if isinstance(upload_id, str):
+        sessions = UploadSessions(get_db(proxy.db_alias), proxy.collection_name)
+        await sessions.mark_done(upload_id, file_id)
 
 
 async def _not_matched(
@@ -1105,6 +1144,7 @@ async def upload_assigned(doc: Any, *, stored: bool) -> AssignedFiles | None:
         dotted = ".".join(part for part, _ in path)
         if old is not None and old.grid_id is not None:
             if not old._assigned and not old._pending:
+                await _before_leaving(old)  # before anything is uploaded: nothing to undo
                 assigned.conditions.append({dotted: old.grid_id})
         elif holder is doc:
             assigned.conditions.append(

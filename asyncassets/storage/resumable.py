@@ -34,6 +34,11 @@ copied there either.
 This module knows nothing of documents: finishing (streaming the staged bytes into
 a field's storage, through the field's rules and the reference switch) is the
 caller's, with :meth:`UploadSessions.read` and :meth:`UploadSessions.mark_done`.
+The file a finish stores names its upload in its metadata (:data:`UPLOAD_MARK`),
+and the session is marked done by whichever comes first: the finish, after its
+switch, or the reference writer (:mod:`asyncassets.references`), before it moves
+a reference away from such a file. So a session not done whose field does not
+hold its file was never attached (see :doc:`/uploads`).
 Staging in MongoDB works the same in front of every storage (GridFS, a directory,
 S3): the finished file is written by that storage's own writer, with its key
 reservations, versions and cleanup, once the bytes are complete.
@@ -75,8 +80,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_LEASE",
     "DEFAULT_STAGING_CHUNK",
+    "UPLOAD_MARK",
     "UploadSessions",
 ]
+
+#: The metadata key on a stored file that names the upload session it came from.
+UPLOAD_MARK = "tus_upload"
 
 #: Bytes per staged chunk.
 DEFAULT_STAGING_CHUNK = 1024 * 1024
@@ -916,12 +925,17 @@ class UploadSessions:
         return {s["file_id"] async for s in found}
 
     async def mark_done(self, upload_id: str, file_id: Any) -> None:
-        """Record that the session's bytes became file ``file_id``; drop the staged
-        bytes (a GridFS session's chunks are the file's now). The session stays
-        (answering with its full offset) until it expires."""
+        """Record that the session's bytes became file ``file_id``, a document's file;
+        drop the staged bytes (a GridFS session's chunks are the file's now). The
+        session stays (answering with its full offset) until it expires.
+
+        The first record stands (a session done stays as it is): the finish makes
+        it after its switch, the reference writer before it moves a reference away
+        from a file that names this upload (:data:`UPLOAD_MARK`), whichever comes
+        first. No session ``upload_id``: nothing to do."""
         self._hashes.pop(upload_id, None)
         before = await self.sessions.find_one_and_update(
-            {"_id": upload_id},
+            {"_id": upload_id, "state": {"$ne": DONE}},
             {"$set": {"state": DONE, "file_id": file_id, "tail": Binary(b"")},
              "$unset": {"lease": ""}},
             {"into": 1},

@@ -17,6 +17,14 @@ are kept durably as they arrive (:mod:`asyncassets.storage.resumable`); the
 ``PATCH`` that completes them stores them in the field's storage through the
 field's rules and moves the document's reference to them with the switch
 :meth:`~asyncassets.files.proxy.FileProxy.replace` uses. See :doc:`/uploads`.
+
+An upload is attached once. The file it stores names it (metadata
+``tus_upload``, :data:`~asyncassets.storage.resumable.UPLOAD_MARK`), and its
+session is marked done by the finish after the switch, or, if that finish died
+first, by the reference writer before any later change moves the field away
+from the file (:mod:`asyncassets.references`). A retried finish reads the document, then the
+session: the field holding the upload's file, or the session done, is complete
+(``204``) and attaches nothing; else the upload was never attached, and it is.
 """
 
 from __future__ import annotations
@@ -64,7 +72,13 @@ from ..files.sniffing import HEAD_SIZE
 from ..ops.scope import declared_storage, declared_storages
 from ..storage import FileSystemStorage, GridFSStorage
 from ..storage.objects.store import ObjectStore
-from ..storage.resumable import DEFAULT_LEASE, DEFAULT_STAGING_CHUNK, DONE, UploadSessions
+from ..storage.resumable import (
+    DEFAULT_LEASE,
+    DEFAULT_STAGING_CHUNK,
+    DONE,
+    UPLOAD_MARK,
+    UploadSessions,
+)
 
 __all__ = ["TUS_EXTENSIONS", "TusUpload", "UploadTarget", "tus_app"]
 
@@ -84,8 +98,6 @@ _NAME_KEYS = ("filename", "name")
 _TYPE_KEYS = ("filetype", "type", "contentType")
 #: The longest upload whatever the app allows (MongoDB stores 64-bit integers).
 MAX_LENGTH = 2**62
-#: The metadata key on the stored file that names the upload it came from.
-UPLOAD_MARK = "tus_upload"
 
 
 @dataclass(frozen=True)
@@ -559,8 +571,7 @@ class _TusApp:
         upload_id = session["_id"]
         info = session.get("info") or {}
         _document, proxy = await _load_target(info)
-        if await _attached_already(proxy, upload_id):
-            await sessions.mark_done(upload_id, proxy.grid_id)
+        if await _attached(sessions, upload_id, proxy):
             return
         if session.get("into") in ("gridfs", "directory"):
             await self._finish_in_place(sessions, session, proxy)
@@ -649,9 +660,25 @@ def _in_place_target(proxy: FileProxy, sessions: UploadSessions) -> Any:
     return None
 
 
+async def _attached(sessions: UploadSessions, upload_id: str, proxy: FileProxy) -> bool:
+    """Whether the upload was attached already (recording it if need be): the field
+    (``proxy``, just loaded) holds the file it made (an attach whose reply was lost,
+    or whose process died before it marked the session done: marked now), or its
+    session is done (the field moved away from that file since: the reference
+    writer marked it before it did). Read in that order, so a change racing this
+    retry is seen in one or the other. Neither: the upload was never attached."""
+    if await _attached_already(proxy, upload_id):
+        await sessions.mark_done(upload_id, proxy.grid_id)
+        return True
+    try:
+        session = await sessions.get(upload_id)
+    except UploadNotFound as exc:  # swept or terminated meanwhile
+        raise _Refused(410, str(exc)) from exc
+    return bool(session.get("state") == DONE)
+
+
 async def _attached_already(proxy: FileProxy, upload_id: str) -> bool:
-    """Whether the field holds the file this upload made (an attach whose reply
-    was lost, retried)."""
+    """Whether the field holds the file this upload made."""
     if proxy.grid_id is None:
         return False
     entry = await proxy._bucket().find(proxy.grid_id)
