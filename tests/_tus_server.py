@@ -9,13 +9,17 @@ field of ``TusFaultDoc`` (collection ``tus_fault_docs``) on the database of
 named by its ``doc`` metadata. The lease is 2 seconds, so an upload whose server
 was killed mid-PATCH is free again soon after the restart. The race suite
 (tests/test_races_uploads.py) sets ``TUS_EXPIRES`` (seconds an upload lives) and
-``TUS_CHUNK_SIZE`` (the GridFS chunk size).
+``TUS_CHUNK_SIZE`` (the GridFS chunk size). ``TUS_DIE_AT`` makes the process
+SIGKILL itself in the middle of an upload's finish: ``switch`` right before the
+reference switch that attaches the upload, ``done`` right after it (before the
+session is marked done).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import sys
 from typing import Any
 
@@ -42,6 +46,34 @@ def storage(kind: str, where: str) -> Storage:
                      collection_name="tusfaults")
 
 
+def die_at(point: str) -> None:
+    """SIGKILL this process at ``point`` of the next finish (see the docstring)."""
+    from asyncassets import references
+    from asyncassets.storage.resumable import UploadSessions
+    from asyncassets.web.tus import UPLOAD_MARK
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "switch":
+        update = references._update
+
+        async def dying_update(root: Any, proxy: Any, path: Any, old: Any, new: Any) -> Any:
+            if new is not None and UPLOAD_MARK in (new.get("metadata") or {}):
+                die()
+            return await update(root, proxy, path, old, new)
+
+        references._update = dying_update  # type: ignore[assignment]
+    elif point == "done":
+
+        async def dying_mark_done(self: Any, upload_id: str, file_id: Any) -> None:
+            die()
+
+        UploadSessions.mark_done = dying_mark_done  # type: ignore[method-assign]
+    else:
+        raise SystemExit(f"TUS_DIE_AT: no point {point!r}")
+
+
 def main() -> None:
     port, uri, kind = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     where = sys.argv[4] if len(sys.argv) > 4 else ""
@@ -56,6 +88,8 @@ def main() -> None:
             return None if doc is None else UploadTarget(doc, "file")
         return True
 
+    if os.environ.get("TUS_DIE_AT"):
+        die_at(os.environ["TUS_DIE_AT"])
     asyncassets.connect(host=uri)
     options: dict[str, Any] = {"lease": dt.timedelta(seconds=2)}
     if os.environ.get("TUS_EXPIRES"):

@@ -8,6 +8,11 @@ processes of their own, killed with SIGKILL:
 * the server killed mid-upload and started again loses nothing acknowledged;
 * two clients resuming the same upload at once: one wins, the other gets 409;
 
+* the server killed in the middle of a finish (``TUS_DIE_AT``): before the
+  switch, the retried last ``PATCH`` attaches the upload; after it, with the
+  file replaced, deleted or assigned and saved since, the retry is ``204`` and
+  the document keeps that change (GridFS and a directory);
+
 each on GridFS, a directory and S3 (moto), byte-exact, with the invariants
 checked after: the document references the complete file, ``check()`` finds
 nothing wrong, and after a sweep nothing is left staged or orphaned.
@@ -356,3 +361,169 @@ async def test_a_1_gib_upload_killed_at_half_resumes_byte_exact(big_world, tmp_p
     resumed_from = finish(client(server, path, store, doc, chunk=chunk))
     assert acknowledged <= resumed_from <= acknowledged + chunk
     await invariants(cls, doc, hasher.hexdigest(), db)
+
+
+# -- a server killed in the middle of a finish ---------------------------------------------
+
+
+@pytest.fixture
+async def finish_world(request, asyncassets_db, asyncassets_server_uri, tmp_path) -> Any:
+    """A document class on GridFS or a directory, and ``serve(die_at=None)``: a tus
+    server process that SIGKILLs itself at that point of a finish (tests/_tus_server.py)."""
+    kind = request.param
+    storage, where, env = storage_for(kind, tmp_path, None)
+
+    class TusFaultDoc(Document):
+        file = FileField(storage=storage)
+        meta = {"collection": "tus_fault_docs"}
+
+    uri = database_uri(asyncassets_server_uri, asyncassets_db.name)
+    servers: list[Server] = []
+
+    def serve(die_at: str | None = None) -> Server:
+        server = Server(uri, kind, where, {**env, **({"TUS_DIE_AT": die_at} if die_at else {})})
+        servers.append(server)
+        server.start()
+        return server
+
+    try:
+        yield kind, TusFaultDoc, serve, asyncassets_db, tmp_path / "files"
+    finally:
+        for server in servers:
+            server.kill()
+
+
+STAGED_AND_IN_PLACE = pytest.mark.parametrize(
+    "finish_world", ["gridfs", "filesystem"], indirect=True
+)
+TUS_HEADERS = {"Tus-Resumable": "1.0.0"}
+
+
+async def tus_create(http: Any, server: Server, doc: Any, length: int) -> str:
+    import base64
+
+    meta = "doc " + base64.b64encode(str(doc.pk).encode()).decode()
+    created = await http.post(server.url, headers={
+        **TUS_HEADERS, "Upload-Length": str(length), "Upload-Metadata": meta})
+    assert created.status_code == 201, created.text
+    return str(created.headers["location"])
+
+
+async def tus_patch(http: Any, location: str, offset: int, data: bytes) -> Any:
+    return await http.patch(location, content=data, headers={
+        **TUS_HEADERS, "Content-Type": "application/offset+octet-stream",
+        "Upload-Offset": str(offset)})
+
+
+def on(server: Server, location: str) -> str:
+    """The upload's URL on another server process (another port)."""
+    from urllib.parse import urlsplit
+
+    return f"http://127.0.0.1:{server.args[0]}{urlsplit(location).path}"
+
+
+async def last_patch_killing_the_server(http: Any, server: Server, location: str,
+                                        data: bytes) -> None:
+    """Send the last bytes: the server dies in the finish they start (no answer)."""
+    import httpx
+
+    assert (await tus_patch(http, location, 0, data[:-1000])).status_code == 204
+    with pytest.raises(httpx.TransportError):
+        await tus_patch(http, location, len(data) - 1000, data[-1000:])
+    assert server.proc is not None
+    assert server.proc.wait(timeout=10) == -signal.SIGKILL
+
+
+async def retry_last_patch(http: Any, location: str, length: int) -> Any:
+    """The client's retry of the last PATCH (empty, at the full offset), again while
+    the dead server's lease holds the upload (409), as tus-js-client does."""
+    import asyncio
+
+    deadline = time.monotonic() + 15
+    while True:
+        answer = await tus_patch(http, location, length, b"")
+        if answer.status_code != 409 or time.monotonic() > deadline:
+            return answer
+        await asyncio.sleep(0.25)
+
+
+async def nothing_left(kind: str, db: Any, root: Path, files: int) -> None:
+    """After a sweep (a killed attempt may leave an unreferenced file for it):
+    exactly ``files`` entries (objects, whole chunk sets), nothing staged, and
+    ``check()`` clean."""
+    await asyncassets.sweep_orphans(grace=0, buckets="tusfaults")
+    assert await db["tusfaults.files"].count_documents({}) == files
+    assert await db["tusfaults.uploads.staged"].count_documents({}) == 0
+    if kind == "gridfs":
+        ids = [d["_id"] async for d in db["tusfaults.files"].find({}, {"_id": 1})]
+        assert await db["tusfaults.chunks"].count_documents({"files_id": {"$nin": ids}}) == 0
+    else:
+        stored = [p for p in root.rglob("*") if p.is_file()]  # noqa: ASYNC240 (a few files)
+        assert len(stored) == files
+    report = await asyncassets.check(verify=True, buckets="tusfaults")
+    assert report.ok, str(report)
+
+
+@STAGED_AND_IN_PLACE
+@pytest.mark.parametrize("action", ["replace", "delete", "save"])
+async def test_a_finish_killed_after_the_switch_is_not_attached_again_after_a_change(
+    finish_world, action
+):
+    """The server dies after the switch attached the upload, before its session was
+    marked done; the user then replaces (or deletes, or assigns and saves) the file
+    through the document;
+    the client's retried last PATCH is complete (204, full offset) and attaches
+    nothing: the document keeps the user's change, nothing leaks."""
+    import httpx
+
+    kind, cls, serve, db, root = finish_world
+    doc = cls()
+    await doc.save()
+    if action != "delete":
+        await doc.file.put(b"the first file")  # the switch replaces a file
+    data = os.urandom(300_000)
+    async with httpx.AsyncClient(timeout=30) as http:
+        dying = serve(die_at="done")
+        location = await tus_create(http, dying, doc, len(data))
+        await last_patch_killing_the_server(http, dying, location, data)
+        stored = await cls.objects(pk=doc.pk).first()
+        assert await stored.file.read() == data  # the switch applied
+        if action == "replace":
+            await stored.file.replace(b"the user's own file")
+        elif action == "save":
+            stored.file = b"the user's own file"
+            await stored.save()
+        else:
+            await stored.file.delete()
+        answer = await retry_last_patch(http, on(serve(), location), len(data))
+    assert answer.status_code == 204, answer.text
+    assert answer.headers["upload-offset"] == str(len(data))
+    final = await cls.objects(pk=doc.pk).first()
+    if action == "delete":
+        assert final.file.grid_id is None
+    else:
+        assert await final.file.read() == b"the user's own file"
+    await nothing_left(kind, db, root, files=0 if action == "delete" else 1)
+
+
+@STAGED_AND_IN_PLACE
+async def test_a_finish_killed_before_the_switch_is_attached_by_the_retry(finish_world):
+    import httpx
+
+    kind, cls, serve, db, root = finish_world
+    doc = cls()
+    await doc.save()
+    await doc.file.put(b"the first file")
+    data = os.urandom(300_000)
+    async with httpx.AsyncClient(timeout=30) as http:
+        dying = serve(die_at="switch")
+        location = await tus_create(http, dying, doc, len(data))
+        await last_patch_killing_the_server(http, dying, location, data)
+        assert await (await cls.objects(pk=doc.pk).first()).file.read() == b"the first file"
+        answer = await retry_last_patch(http, on(serve(), location), len(data))
+        assert answer.status_code == 204, answer.text
+        assert answer.headers["upload-offset"] == str(len(data))
+        again = await tus_patch(http, on(serve(), location), len(data), b"")
+        assert again.status_code == 204, again.text
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == data
+    await nothing_left(kind, db, root, files=1)
