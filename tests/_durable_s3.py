@@ -13,7 +13,12 @@ middleware that makes it durable the simple way:
   bytes under the same ETags (an ETag is the MD5 of the body).
 
 A request logged but cut short by the kill is replayed as if it had been applied:
-to its client that is an unknown outcome, which S3 has too (a reply lost).
+to its client that is an unknown outcome, which S3 has too (a reply lost). A line
+the kill cut in the middle of its ``write()`` (a part is megabytes of JSON, and
+the kernel stops a large write at a fatal signal) was never run nor answered: the
+replay drops it and truncates the log to its last whole line before the server
+appends again, else the next run's first write would be glued to that fragment and
+lost at the replay after (an acknowledged UploadPart gone: "parts missing").
 Multipart uploads survive too: moto gives a replayed CreateMultipartUpload a new
 upload id, so each one's id as its client saw it is logged (a line of its own,
 after the request) and every later request naming it, replayed or live, is
@@ -91,6 +96,13 @@ def _headers(environ: dict[str, Any]) -> dict[str, str]:
     return headers
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is in the file (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class Durable:
     """The WSGI middleware: log each write, then run it alone."""
 
@@ -134,9 +146,9 @@ class Durable:
             "body": base64.b64encode(body).decode(),
         }
         with self.lock:
-            # One write() of the whole line: a kill cannot leave half of it after a
-            # whole one, only a last line cut short, which the replay skips.
-            os.write(self.fd, (json.dumps(record) + "\n").encode())
+            # A kill can only cut the last line short (the replay drops it and
+            # truncates the log there): nothing is answered before its line is whole.
+            _write_all(self.fd, (json.dumps(record) + "\n").encode())
             out: dict[str, Any] = {}
 
             def capture(status: str, headers: list[Any], exc_info: Any = None) -> Any:
@@ -149,7 +161,7 @@ class Durable:
                 found = _UPLOAD_ID.search(b"".join(chunks))
                 if found:  # this run's id is the one its client knows
                     line = json.dumps({"upload_id": found.group(1).decode()}) + "\n"
-                    os.write(self.fd, line.encode())
+                    _write_all(self.fd, line.encode())
                     IDS.current[found.group(1).decode()] = found.group(1).decode()
         status, headers, exc_info = out["start"]
         start_response(status, headers, exc_info)
@@ -162,13 +174,14 @@ def replay(app: Any, log: str) -> int:
         return 0
     client = Client(app)
     done = 0
+    whole = 0  # the log's length up to the end of its last whole line
     created: str | None = None  # this run's id of the upload just replayed
     with open(log, "rb") as lines:
         for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # the last line, cut short by a kill
+            if not line.endswith(b"\n"):
+                break  # the last line, cut short by a kill: never run, never answered
+            whole += len(line)
+            record = json.loads(line)
             if "upload_id" in record:
                 if created is not None:
                     IDS.current[record["upload_id"]] = created
@@ -188,6 +201,11 @@ def replay(app: Any, log: str) -> int:
             created = found.group(1).decode() if found and record["method"] == "POST" else None
             response.close()
             done += 1
+    cut = os.path.getsize(log) - whole
+    if cut:
+        # Appended to, a fragment would swallow the next run's first line.
+        os.truncate(log, whole)
+        print(f"dropped a last line cut short by a kill ({cut} bytes)", file=sys.stderr)
     return done
 
 
