@@ -593,6 +593,45 @@ async def test_a_small_file_of_another_length_than_declared_is_removed(
     assert await asyncassets_db[f"{doc.video.collection_name}.files"].count_documents({}) == 0
 
 
+async def test_an_abort_cut_by_the_storage_finishes_when_sent_again(
+    site: Site, asyncassets_db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the direct race with S3 kills (``RACES_DIRECT_KILLS=12 -m slow``,
+    seed 11: "neither finalize nor abort won"): an abort that claimed the session
+    (``aborting``) and then found S3 down answered 503, "try again"; the abort sent
+    again was refused (409 "the upload is aborting") and so was every finalize,
+    leaving the parts and the key reserved until the session expired. Sent again,
+    an abort now finishes the removal."""
+    from asyncassets.errors import StorageError
+    from asyncassets.storage.objects.direct import DirectUploads
+
+    doc = await new_doc(site)
+    data = payload(PART + 1)
+    session = (await site.create(doc, data)).json()
+    await site.send_all(session, data)
+    real = DirectUploads._abort_upload
+    failures = [StorageError("S3 is down", transient=True)]
+
+    async def flaky(self: Any, key: str, upload_id: str) -> None:
+        if failures:
+            raise failures.pop()
+        await real(self, key, upload_id)
+
+    monkeypatch.setattr(DirectUploads, "_abort_upload", flaky)
+    first = await site.http.delete(f"{site.url}/uploads/{session['id']}")
+    assert first.status_code == 503, first.text
+    assert bucket_state(site.bucket)[1] == ["media/" + session["key"]]  # not removed yet
+    fin = await site.finalize(session)
+    assert fin.status_code == 409 and "aborting" in fin.json()["error"]  # aborted is final
+    again = await site.http.delete(f"{site.url}/uploads/{session['id']}")
+    assert again.status_code == 204, again.text
+    assert bucket_state(site.bucket) == ([], [])
+    assert await reservations(asyncassets_db) == []
+    assert (await asyncassets_db[SESSIONS].find_one({"_id": session["id"]}))["state"] == "aborted"
+    fin = await site.finalize(session)
+    assert fin.status_code == 409 and "aborted" in fin.json()["error"]
+
+
 async def test_document_deleted_before_finalize_removes_the_upload(
     site: Site, asyncassets_db: Any
 ) -> None:

@@ -767,6 +767,11 @@ class DirectUploads:
     async def abort(self, session_id: Any) -> None:
         """Abort an open upload: its parts and its key reservation are removed.
 
+        Idempotent: an abort whose removal failed half-way (the storage down: a
+        503) left the session ``aborting``; aborting again finishes the removal
+        (each step of it may run twice) instead of refusing a session that can
+        no longer be finalized anyway.
+
         :raises DirectUploadError: no such session (404); being finalized or
             finalized already (409).
         """
@@ -774,7 +779,7 @@ class DirectUploads:
         if session.get("state") in ("aborted", "failed"):
             return
         claimed = await self.sessions.find_one_and_update(
-            {"_id": session["_id"], "state": "open"},
+            {"_id": session["_id"], "state": {"$in": ["open", "aborting"]}},
             {"$set": {"state": "aborting", "at": now_as_stored(self.sessions)}},
             return_document=ReturnDocument.AFTER,
         )
