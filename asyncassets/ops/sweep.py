@@ -130,6 +130,10 @@ async def sweep_orphans(
         store = work.storage.bind(get_db(bucket_alias))
         await _sweep_files(store, bucket_alias, work.judge, cutoff, dry_run, batch_size,
                            max_ids, report)
+        # Before the direct sessions: an expired resumable upload into S3 expires the
+        # direct session holding its multipart upload, which this sweep then removes.
+        await sweep_resumable(get_db(bucket_alias), name, dry_run=dry_run, report=report,
+                              store=store)
         if isinstance(store, GridBucket):
             await _sweep_chunks(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
                                 report)
@@ -149,8 +153,6 @@ async def sweep_orphans(
         elif isinstance(store, QueuedStore):
             await _sweep_queued(store, bucket_alias, work, cutoff, dry_run, batch_size,
                                 max_ids, report)
-        await sweep_resumable(get_db(bucket_alias), name, dry_run=dry_run, report=report,
-                              store=store)
     report.duration = time.monotonic() - started
     return report
 

@@ -74,6 +74,9 @@ from .gridfs.spec import now_as_stored
 from .objects import inplace
 from .objects.store import ObjectStore
 
+#: :data:`.objects.direct.SESSIONS`, named here so this module needs nothing of S3.
+DIRECT_SESSIONS = "asyncassets.direct_uploads"
+
 if TYPE_CHECKING:
     from .gridfs.bucket import GridBucket
 
@@ -156,6 +159,8 @@ class UploadSessions:
         #: A GridFS bucket's own chunks, where a session created ``into`` it writes.
         self.bucket_chunks = _driver.acknowledged(db[f"{catalogue}.chunks"])
         self.bucket_files = _driver.acknowledged(db[f"{catalogue}.files"])
+        #: The direct-upload sessions (:mod:`.objects.direct`) an ``s3`` session owns one of.
+        self.direct_sessions = _driver.acknowledged(db[DIRECT_SESSIONS])
         # The running SHA-256 of uploads whose every write went through this
         # object, by id: (offset hashed up to, hasher). Bounded; a miss means
         # reading the bytes back once at the end.
@@ -185,6 +190,7 @@ class UploadSessions:
         into: GridBucket | ObjectStore | None = None,
         filename: str | None = None,
         context: Mapping[str, Any] | None = None,
+        place: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Create a session for ``length`` bytes, valid until ``expires``; return it.
 
@@ -196,6 +202,9 @@ class UploadSessions:
         (made from ``filename`` and ``context``, as a writer's) and write the bytes
         in a temp file beside it (finish with :meth:`complete_in_store`); else
         they are staged.
+        ``place``: fields of a writer in place of its own, kept in the session
+        (``{"into": "s3", ...}``: :mod:`.objects.resumable_s3`, which writes such
+        a session; its staged chunks are its own).
         """
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise ValueError(f"length must be an int >= 0, not {length!r}")
@@ -232,6 +241,8 @@ class UploadSessions:
         if into is not None:
             session["into"] = "gridfs"
             session["file_id"] = ObjectId()
+        elif place is not None:
+            session.update(place)
         await self.sessions.insert_one(session)
         self._hashes[session["_id"]] = (0, hashlib.sha256())
         return session
@@ -316,6 +327,13 @@ class UploadSessions:
         await self.chunks.delete_many({"upload": upload_id})
         if session.get("into") == "directory" and session.get("state") != DONE:
             await inplace.remove_in_place(self._store_of(session), session)
+        if session.get("into") == "s3" and session.get("state") != DONE:
+            # Its multipart upload and key are its direct-upload session's: that
+            # expires now, so the orphan sweep aborts and releases them (a DELETE
+            # through tus_app does at once).
+            await self.direct_sessions.update_one(
+                {"_id": session.get("direct"), "state": "open"}, {"$set": {"expires": _now()}}
+            )
         if session.get("into") == "gridfs" and session.get("state") != DONE:
             # Never a file's whose files document exists (a finish that went that far).
             if await self.bucket_files.find_one({"_id": session["file_id"]}, {"_id": 1}) is None:

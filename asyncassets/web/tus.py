@@ -53,6 +53,7 @@ from .._tasks import spawn
 from ..connection import get_db
 from ..errors import (
     CorruptFile,
+    DirectUploadError,
     FileConflict,
     FileValidationError,
     KeyTaken,
@@ -70,7 +71,9 @@ from ..files.proxy import FileProxy
 from ..files.rules import make_guard
 from ..files.sniffing import HEAD_SIZE
 from ..ops.scope import declared_storage, declared_storages
-from ..storage import FileSystemStorage, GridFSStorage
+from ..storage import FileSystemStorage, GridFSStorage, S3Storage
+from ..storage.objects.resumable_s3 import INTO as INTO_S3
+from ..storage.objects.resumable_s3 import S3Parts
 from ..storage.objects.store import ObjectStore
 from ..storage.resumable import (
     DEFAULT_LEASE,
@@ -330,14 +333,19 @@ class _TusApp:
             "metadata": raw_metadata,
             "app": dict(target.info),
         }
-        session = await sessions.create(
-            length=length,
-            expires=dt.datetime.now(dt.timezone.utc) + self.expires,
-            info=info,
-            into=_in_place_target(proxy, sessions),
-            filename=guard.filename,
-            context=proxy._upload_context(),
-        )
+        expires = dt.datetime.now(dt.timezone.utc) + self.expires
+        if _writes_in_s3(proxy) and length > 0:
+            session = await self._create_in_s3(sessions, proxy, document, target, info,
+                                               guard, length, expires)
+        else:
+            session = await sessions.create(
+                length=length,
+                expires=expires,
+                info=info,
+                into=_in_place_target(proxy, sessions),
+                filename=guard.filename,
+                context=proxy._upload_context(),
+            )
         location = _location(request, alias, catalogue, session["_id"])
         headers = {"Location": location, "Upload-Expires": _http_date(session["expires"])}
         if request.headers.get("content-type") == _OCTETS and not self._full():
@@ -349,7 +357,7 @@ class _TusApp:
                 if refused.status == 413:
                     # More bytes than declared: no one learns this upload's URL
                     # from a 413, so it goes now rather than at its expiry.
-                    await sessions.remove(session["_id"])
+                    await self._remove(sessions, session)
                     raise
                 if refused.status not in (400, 460):
                     # Refused by the field, or complete but not attached: a 201
@@ -417,6 +425,8 @@ class _TusApp:
             raise _Refused(409, str(exc)) from exc
         except UploadNotFound as exc:
             raise _Refused(404, str(exc)) from exc
+        if session.get("into") == INTO_S3:
+            await self._abort_s3(sessions, session)
         return _empty(204, {})
 
     # -- PATCH ------------------------------------------------------------------------
@@ -469,7 +479,11 @@ class _TusApp:
             kept = await sessions.head(session, offset) if offset else b""
             pieces = self._sniffed(pieces, session, kept)
         try:
-            session = await sessions.write(upload_id, offset, pieces, checksum=checksum)
+            if session.get("into") == INTO_S3:
+                parts = self._s3_parts(sessions, session)
+                session = await parts.write(upload_id, offset, pieces, checksum=checksum)
+            else:
+                session = await sessions.write(upload_id, offset, pieces, checksum=checksum)
         except UploadChecksumMismatch as exc:
             raise _Refused(460, str(exc)) from exc
         except UploadOffsetMismatch as exc:
@@ -483,8 +497,10 @@ class _TusApp:
         except UploadNotFound as exc:
             raise _Refused(404, str(exc)) from exc
         except FileValidationError as exc:
-            await sessions.remove(upload_id)
+            await self._remove(sessions, session)
             raise _Refused(415, f"{exc}; the upload was dropped") from exc
+        except DirectUploadError as exc:
+            raise _Refused(410 if exc.status == 404 else exc.status, str(exc)) from exc
         except ClientDisconnect:
             # What arrived is kept; no one is listening for an answer.
             raise _Refused(400, "the client went away") from None
@@ -576,6 +592,9 @@ class _TusApp:
         if session.get("into") in ("gridfs", "directory"):
             await self._finish_in_place(sessions, session, proxy)
             return
+        if session.get("into") == INTO_S3:
+            await self._finish_in_s3(sessions, session, proxy)
+            return
         try:
             await proxy.replace(
                 sessions.read(session),
@@ -641,6 +660,118 @@ class _TusApp:
                            f"({type(exc).__name__}); send the last PATCH again",
                            {"Retry-After": "1"}) from exc
         await sessions.mark_done(upload_id, proxy.grid_id)
+
+    # -- in place on S3 (asyncassets.storage.objects.resumable_s3) -------------------------
+
+    async def _create_in_s3(
+        self,
+        sessions: UploadSessions,
+        proxy: FileProxy,
+        document: Any,
+        target: UploadTarget,
+        info: Mapping[str, Any],
+        guard: Any,
+        length: int,
+        expires: dt.datetime,
+    ) -> dict[str, Any]:
+        """A session that owns a multipart upload under a reserved key."""
+        store = proxy._bucket()
+        assert isinstance(store, ObjectStore)
+        try:
+            return await S3Parts(sessions, store).create(
+                length=length,
+                expires=expires,
+                info=info,
+                filename=guard.filename,
+                metadata=guard.metadata,
+                context=proxy._upload_context(),
+                target={"class": document._class_name, "pk": document.pk,
+                        "field": target.field},
+                alias=proxy.db_alias,
+            )
+        except DirectUploadError as exc:
+            raise _Refused(exc.status, str(exc)) from exc
+        except StorageError as exc:
+            raise _Refused(503, f"the storage failed ({exc}); retry",
+                           {"Retry-After": "1"}) from exc
+
+    def _s3_parts(self, sessions: UploadSessions, session: Mapping[str, Any]) -> S3Parts:
+        alias = str(session.get("alias"))
+        storage = declared_storage(alias, sessions.catalogue)
+        if type(storage) is not S3Storage:
+            raise _Refused(410, "this upload's S3 storage is no longer declared here; start "
+                           "a new upload")
+        store = storage.bind(get_db(alias))
+        return S3Parts(sessions, store)
+
+    async def _abort_s3(self, sessions: UploadSessions, session: Mapping[str, Any]) -> None:
+        """Abort a removed S3 session's multipart upload and release its key now; if
+        that fails, the sweep does at its (now past) expiry."""
+        try:
+            await self._s3_parts(sessions, session).abort(session)
+        except (_Refused, StorageError, PyMongoError) as exc:
+            _logger.warning("upload %s: its multipart upload is left to the sweep: %s",
+                            session["_id"], exc)
+
+    async def _remove(self, sessions: UploadSessions, session: Mapping[str, Any]) -> None:
+        await sessions.remove(session["_id"])
+        if session.get("into") == INTO_S3:
+            await self._abort_s3(sessions, session)
+
+    async def _finish_in_s3(
+        self, sessions: UploadSessions, session: Mapping[str, Any], proxy: FileProxy
+    ) -> None:
+        """Every part is in the multipart upload: check the first bytes by the
+        field's rules, complete it into a catalogue entry, move the reference."""
+        upload_id = session["_id"]
+        info = session.get("info") or {}
+        store = proxy._bucket()
+        if not isinstance(store, ObjectStore):
+            raise _Refused(410, "this field no longer stores in S3; start a new upload")
+        parts = S3Parts(sessions, store)
+        try:
+            guard = make_guard(proxy, info.get("content_type"), info.get("filename"),
+                               {UPLOAD_MARK: upload_id})
+            head = parts.head(session)
+            guard.check_head(head if head is not None
+                             else await sessions.head(session, HEAD_SIZE))
+        except FileValidationError as exc:
+            await self._remove(sessions, session)
+            raise _Refused(415, f"{exc}; the upload was dropped") from exc
+        try:
+            entry = await parts.complete(session, filename=guard.filename,
+                                         metadata=guard.metadata)
+            await proxy.adopt(entry)
+        except DirectUploadError as exc:
+            if exc.status in (409, 503):
+                raise _Refused(503, f"the upload is complete but could not be attached yet "
+                               f"({exc}); send the last PATCH again",
+                               {"Retry-After": "1"}) from exc
+            await self._remove(sessions, session)
+            raise _Refused(410, f"{exc}; start a new upload") from exc
+        except FileConflict as exc:
+            await parts.failed(session, str(exc))
+            await sessions.remove(upload_id)
+            raise _Refused(409, f"{exc} The upload was dropped: upload again.") from exc
+        except (PyMongoError, StorageError) as exc:
+            _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
+            raise _Refused(503, f"the upload is complete but could not be attached yet "
+                           f"({type(exc).__name__}); send the last PATCH again",
+                           {"Retry-After": "1"}) from exc
+        await sessions.mark_done(upload_id, proxy.grid_id)
+        await parts.done(session)
+
+
+def _writes_in_s3(proxy: FileProxy) -> bool:
+    """Whether an upload to ``proxy``'s field writes its parts into the S3 multipart
+    upload of the finished object: a plain file field (as :func:`_in_place_target`)
+    on an S3 bucket."""
+    rules = getattr(proxy._field, "rules", None)
+    return (
+        type(proxy) is FileProxy
+        and type(proxy.storage) is S3Storage
+        and getattr(rules, "compress", None) is None
+    )
 
 
 def _in_place_target(proxy: FileProxy, sessions: UploadSessions) -> Any:
