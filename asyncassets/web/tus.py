@@ -739,9 +739,17 @@ class _TusApp:
             await self._remove(sessions, session)
             raise _Refused(415, f"{exc}; the upload was dropped") from exc
         try:
+            # The last part, if S3 failed when the write that completed the bytes
+            # sent it (it was staged).
+            session = await parts.flush(dict(session), session["lease"]["token"])
             entry = await parts.complete(session, filename=guard.filename,
                                          metadata=guard.metadata)
             await proxy.adopt(entry)
+        except UploadExpired as exc:  # the multipart upload is gone
+            await self._remove(sessions, session)
+            raise _Refused(410, str(exc)) from exc
+        except UploadLocked as exc:
+            raise _Refused(409, str(exc)) from exc
         except DirectUploadError as exc:
             if exc.status in (409, 503):
                 raise _Refused(503, f"the upload is complete but could not be attached yet "

@@ -211,6 +211,17 @@ class S3Parts:
             raise
         return checksum
 
+    async def flush(self, session: dict[str, Any], token: str) -> dict[str, Any]:
+        """Send the last part of a complete session if it is staged (S3 failed when
+        the write that completed the bytes sent it), under the lease ``token`` (the
+        finish's); return the session after."""
+        write = _Write(self, session, token, None)
+        if not write.staged:
+            return session
+        await write._send_part(record=True)
+        assert write.last is not None
+        return write.last
+
     async def _direct(self, session: Mapping[str, Any]) -> dict[str, Any]:
         cached = session.get("_direct")
         if isinstance(cached, dict):
@@ -313,7 +324,7 @@ class _Write:
         self.parts = int(session["parts"])
         self.n = int(session["n"])
         self.tail = bytes(session["tail"])
-        self.base = self.parts * self.part_size
+        self.base = min(self.parts * self.part_size, self.length)
         self.staged = int(session["offset"]) - self.base
         self.start_parts = self.parts
         # This write's bytes of the current part, neither uploaded nor staged.
@@ -321,6 +332,8 @@ class _Write:
         # Uploaded, not yet recorded (a write with a checksum records at its end).
         self.pending: dict[str, str] = {}
         self.head: bytes | None = None
+        #: The session as last recorded.
+        self.last: dict[str, Any] | None = None
 
     def _chunk_no(self, i: int) -> int:
         return self.parts * self.per_part + i
@@ -334,6 +347,9 @@ class _Write:
             await sessions.chunks.delete_many({"upload": upload_id, "$or": [
                 {"n": {"$lt": self._chunk_no(0)}}, {"n": {"$gte": self._chunk_no(self.n)}},
             ]})
+        if self.staged and self.staged == self._whole():
+            # A whole part staged: S3 failed when a write sent it. Sent first.
+            await self._send_part(record=True)
         known = sessions._hashes.pop(upload_id, None)
         position = int(self.session["offset"])
         running = known[1] if known is not None and known[0] == position else None
@@ -366,7 +382,7 @@ class _Write:
                 running.update(view)
             pos = 0
             while pos < len(view):
-                whole = min(self.part_size, self.length - self.base)
+                whole = self._whole()
                 take = min(whole - self.staged - len(self.fresh), len(view) - pos)
                 self.fresh += view[pos : pos + take]
                 pos += take
@@ -423,13 +439,28 @@ class _Write:
             )
         return bytes(out)
 
+    def _whole(self) -> int:
+        """The size of the current part."""
+        return min(self.part_size, self.length - self.base)
+
     async def _send_part(self, *, record: bool) -> None:
         number = self.parts + 1
         staged = await self._staged_bytes()
+        before = len(staged)
         data = staged + self.fresh if staged else bytes(self.fresh)
-        self.fresh = bytearray()
+        self.fresh = bytearray()  # one copy of the part in memory while it is sent
         del staged
-        checksum = await self.owner.upload_part(self.session, number, data)
+        try:
+            checksum = await self.owner.upload_part(self.session, number, data)
+        except StorageError:
+            if record:
+                # S3 failed: the part is staged instead, and counted; the next
+                # write (or the finish) sends it.
+                self.fresh = bytearray(memoryview(data)[before:])
+                del data
+                await self._stage_fresh()
+                await self._record(self.base + self.staged, release=False)
+            raise
         if number == 1:
             self.head = data[:HEAD_BYTES]
         self.pending[str(number)] = checksum
@@ -492,4 +523,5 @@ class _Write:
             )
         self.pending.clear()
         self.head = None
-        return dict(after)
+        self.last = dict(after)
+        return self.last
