@@ -84,12 +84,14 @@ class Server:
 
 
 def client(
-    server: Server, path: Path, store: Path, doc: Any, retries: int = 3, chunk: int = CHUNK
+    server: Server, path: Path, store: Path, doc: Any, retries: int = 3, chunk: int = CHUNK,
+    go_at: float | None = None,
 ) -> Any:
+    env = {**os.environ, "TUS_GO_AT": str(go_at)} if go_at is not None else None
     return subprocess.Popen(
         [sys.executable, str(HERE / "_tus_client.py"), server.url, str(path), str(store),
          str(doc.pk), str(chunk), str(retries)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 
 
@@ -237,7 +239,10 @@ async def test_two_clients_resuming_at_once_one_wins_the_other_gets_409(
     first.send_signal(signal.SIGKILL)
     first.wait()
     time.sleep(2.5)  # the killed client's PATCH may hold the lease (2 s) # noqa: ASYNC251
-    racers = [client(server, path, store, doc, retries=0) for _ in range(2)]
+    # Both read the offset before either sends: on a loaded machine one client's
+    # start could otherwise come after the other's whole upload (both then end well).
+    go_at = time.time() + 5
+    racers = [client(server, path, store, doc, retries=0, go_at=go_at) for _ in range(2)]
     results = [racer.communicate(timeout=120) for racer in racers]
     codes = sorted(racer.returncode for racer in racers)
     assert codes[0] == 0 and codes[1] != 0, results
