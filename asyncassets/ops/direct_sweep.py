@@ -12,6 +12,13 @@ grace. So the sweep:
   that no catalogue entry names), releases the key, and deletes the session;
 * deletes expired sessions that ended (``done``, ``failed``, ``aborted``): a
   finished file is a catalogue entry like any other from then on.
+
+A session a resumable (tus) upload owns (``<catalogue>.uploads``, ``into: "s3"``)
+is that upload's to end: its expiry is the upload's, and the sweep's pass over
+resumable uploads (run first) removes an expired one and expires its direct
+session, unless a ``PATCH`` or a finish still holds it. Then its multipart
+upload stays too, for the next run, so the request that holds it ends as it
+would on any other storage.
 """
 
 from __future__ import annotations
@@ -27,21 +34,40 @@ from .reports import StoredObject, SweepReport, _keep
 __all__ = ["live_direct_uploads", "sweep_direct_sessions"]
 
 _UNFINISHED = ("open", "completing", "aborting")
+#: The states of a resumable upload (storage/resumable.py) that still owns its
+#: direct session: being written or finished.
+_OWNED = ["open", "finishing"]
 
 
 def _sessions(store: ObjectStore) -> Any:
     return acknowledged(store.db[SESSIONS])
 
 
+async def _owned(resumable: Any, session: Any) -> bool:
+    """Whether a resumable upload being written or finished owns the direct
+    ``session``."""
+    return await resumable.find_one(
+        {"into": "s3", "direct": session["_id"], "state": {"$in": _OWNED}}, {"_id": 1}
+    ) is not None
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
 async def live_direct_uploads(store: ObjectStore) -> tuple[set[str], set[str]]:
     """The keys and multipart upload ids of the store's sessions that have not
-    expired: the sweep must not take those over or abort them."""
+    expired, or that a resumable upload still holds: the sweep must not take those
+    over or abort them."""
     keys: set[str] = set()
     uploads: set[str] = set()
     now = dt.datetime.now(dt.timezone.utc)
-    query = {"catalogue": store.name, "state": {"$in": list(_UNFINISHED)},
-             "expires": {"$gt": now}}
-    async for session in _sessions(store).find(query, {"key": 1, "upload_id": 1}):
+    query = {"catalogue": store.name, "state": {"$in": list(_UNFINISHED)}}
+    resumable = acknowledged(store.db[f"{store.name}.uploads"])
+    async for session in _sessions(store).find(query, {"key": 1, "upload_id": 1,
+                                                       "expires": 1}):
+        if _utc(session["expires"]) <= now and not await _owned(resumable, session):
+            continue
         keys.add(str(session.get("key")))
         if session.get("upload_id"):
             uploads.add(str(session["upload_id"]))
@@ -62,7 +88,10 @@ async def sweep_direct_sessions(
     now = dt.datetime.now(dt.timezone.utc)
     expired = {"catalogue": store.name, "expires": {"$lte": now}}
     uploads = DirectUploads(store)
+    resumable = acknowledged(store.db[f"{store.name}.uploads"])
     async for session in sessions.find(expired):
+        if session.get("state") in _UNFINISHED and await _owned(resumable, session):
+            continue  # a resumable upload holds it: that one's sweep ends it
         if session.get("state") in _UNFINISHED:
             report.uploads_aborted += 1
             item = StoredObject(alias, store.name, str(session.get("key")), 0)
@@ -73,7 +102,7 @@ async def sweep_direct_sessions(
             # Take it over first: a finalize that is running keeps it.
             taken = await sessions.find_one_and_update(
                 {"_id": session["_id"], "state": session["state"],
-                 "at": session.get("at")},
+                 "at": session.get("at"), "expires": {"$lte": now}},
                 {"$set": {"state": "sweeping"}},
             )
             if taken is None:

@@ -1,0 +1,480 @@
+"""Hostile tests of tus uploads written in place into an S3 multipart upload
+(asyncassets/storage/objects/resumable_s3.py): PATCH sizes not aligned to parts,
+checksums failing across a part boundary, races (two PATCHes, DELETE, the sweep,
+the finish and ``replace()``), a process dying between UploadPart and its record,
+S3 failing mid-PATCH, expiry while a part is in flight.
+
+After each: the stored object byte-exact, no dangling reference, and once the
+upload expired and a grace-0 sweep ran, no multipart upload, no key reservation,
+no session, no staged chunk, ``check(verify=True)`` ok."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+from typing import Any
+
+import boto3
+import pytest
+from _tus import app_for, client, create, doc_class, patch, sha256_header
+
+import asyncassets
+from asyncassets.storage import S3Storage
+from asyncassets.storage.objects import resumable_s3
+from asyncassets.storage.objects.direct import SESSIONS
+from asyncassets.storage.objects.reservations import COLLECTION as RESERVATIONS
+
+MiB = 1024 * 1024
+PART = 8 * MiB
+CHUNK = 256 * 1024
+
+
+@pytest.fixture
+async def world(asyncassets_db, asyncassets_s3_bucket, request):
+    name = f"tusatk_{request.node.name[5:28]}"
+    storage = S3Storage(**asyncassets_s3_bucket.options, prefix=f"{name}/",
+                        collection_name=name)
+    cls = doc_class(storage)
+    doc = cls(owner="ann")
+    await doc.save()
+    s3 = boto3.client(
+        "s3", endpoint_url=asyncassets_s3_bucket.endpoint_url,
+        region_name=asyncassets_s3_bucket.region,
+        aws_access_key_id=asyncassets_s3_bucket.access_key_id,
+        aws_secret_access_key=asyncassets_s3_bucket.secret_access_key,
+    )
+    return cls, doc, name, s3, asyncassets_s3_bucket.name
+
+
+def pending_uploads(s3: Any, bucket: str, name: str) -> list[str]:
+    return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+            if u["Key"].startswith(f"{name}/")]
+
+
+async def stored_object(s3: Any, bucket: str, name: str, doc: Any, cls: Any) -> bytes:
+    stored = await cls.objects(pk=doc.pk).first()
+    assert stored.file.grid_id is not None
+    entry = await stored.file._bucket().find(stored.file.grid_id)
+    assert entry is not None, "dangling reference"
+    key = f"{name}/{entry['location']['key']}"
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+async def offset_of(http: Any, location: str) -> int:
+    return int((await http.head(location)).headers["upload-offset"])
+
+
+async def attached_exactly(s3: Any, bucket: str, name: str, doc: Any, cls: Any,
+                           data: bytes) -> None:
+    assert await stored_object(s3, bucket, name, doc, cls) == data
+    stored = await cls.objects(pk=doc.pk).first()
+    assert await stored.file.read() == data
+
+
+async def nothing_left_after_expiry(db: Any, s3: Any, bucket: str, name: str,
+                                    files: int | None = None) -> None:
+    """Expire every session, sweep with grace 0: nothing of the upload is left."""
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    await db[f"{name}.uploads"].update_many({}, {"$set": {"expires": past},
+                                                 "$unset": {"lease": ""}})
+    await asyncassets.sweep_orphans(grace=0, buckets=name)
+    # Direct sessions the first pass expired are removed by a second one at worst.
+    await asyncassets.sweep_orphans(grace=0, buckets=name)
+    assert pending_uploads(s3, bucket, name) == []
+    # A stored file keeps its key reserved; nothing else does.
+    assert await db[RESERVATIONS].count_documents({"catalogue": name}) == (
+        await db[f"{name}.files"].count_documents({}))
+    assert await db[SESSIONS].count_documents(
+        {"catalogue": name, "state": {"$in": ["open", "completing", "aborting", "sweeping"]}}
+    ) == 0
+    assert await db[f"{name}.uploads"].count_documents({}) == 0
+    assert await db[f"{name}.uploads.staged"].count_documents({}) == 0
+    if files is not None:
+        assert await db[f"{name}.files"].count_documents({}) == files
+    report = await asyncassets.check(verify=True, buckets=name)
+    assert report.ok, report
+
+
+# -- sizes not aligned to parts ---------------------------------------------------------
+
+
+async def test_patch_sizes_around_part_boundaries_end_byte_exact(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(3 * PART + 3)
+    # 1 byte; up to part-1; 2 bytes across the boundary; part+1; tiny ones across
+    # the next boundary; one byte short of the end; the last byte.
+    cuts = [0, 1, PART - 1, PART + 1, 2 * PART + 2]
+    cuts += [2 * PART + 2 + i for i in range(1, 6)]
+    cuts += [3 * PART - 3 + i for i in range(0, 5)]
+    cuts += [len(data) - 1, len(data)]
+    cuts = sorted(set(cuts))
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        for start, end in zip(cuts, cuts[1:]):
+            assert await offset_of(http, location) == start
+            answer = await patch(http, location, start, data[start:end])
+            assert answer.status_code == 204, (start, end, answer.text)
+            assert int(answer.headers["upload-offset"]) == end
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_a_file_smaller_than_a_part_in_one_byte_patches(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(40)
+    async with client(app_for(cls, chunk_size=16)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        for i in range(len(data)):
+            answer = await patch(http, location, i, data[i:i + 1])
+            assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+# -- Upload-Checksum across a part boundary ---------------------------------------------
+
+
+async def test_a_checksum_mismatch_across_a_part_boundary_keeps_nothing(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART + 100)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        start = 3 * MiB + 7
+        assert (await patch(http, location, 0, data[:start])).status_code == 204
+        staged_before = [c["n"] async for c in
+                         asyncassets_db[f"{name}.uploads.staged"].find({}, {"n": 1})]
+        # Corrupted bytes across two part boundaries, with the right bytes' checksum:
+        # parts 1 and 2 go to S3 with wrong bytes before the check fails.
+        end = 2 * PART + 50
+        bad = bytearray(data[start:end])
+        bad[PART] ^= 0xFF
+        answer = await patch(http, location, start, bytes(bad),
+                             **{"Upload-Checksum": sha256_header(data[start:end])})
+        assert answer.status_code == 460, answer.text
+        assert await offset_of(http, location) == start
+        session = await asyncassets_db[f"{name}.uploads"].find_one({})
+        assert session["parts"] == 0 and session["checksums"] == {}
+        assert sorted([c["n"] async for c in
+                       asyncassets_db[f"{name}.uploads.staged"].find({}, {"n": 1})]
+                      ) == sorted(staged_before)
+        # A checksum that does not match the (right) bytes: nothing kept either.
+        answer = await patch(http, location, start, data[start:end],
+                             **{"Upload-Checksum": sha256_header(b"other")})
+        assert answer.status_code == 460
+        assert await offset_of(http, location) == start
+        # Resumed in pieces that cross the boundaries elsewhere.
+        mid = PART + 5
+        assert (await patch(http, location, start, data[start:mid],
+                            **{"Upload-Checksum": sha256_header(data[start:mid])})
+                ).status_code == 204
+        answer = await patch(http, location, mid, data[mid:])
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_a_checksum_mismatch_on_the_last_patch_then_the_right_one(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 10)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:5])).status_code == 204
+        bad = bytearray(data[5:])
+        bad[-1] ^= 1
+        answer = await patch(http, location, 5, bytes(bad),
+                             **{"Upload-Checksum": sha256_header(data[5:])})
+        assert answer.status_code == 460
+        assert await offset_of(http, location) == 5
+        stored = await cls.objects(pk=doc.pk).first()
+        assert stored.file.grid_id is None
+        answer = await patch(http, location, 5, data[5:],
+                             **{"Upload-Checksum": sha256_header(data[5:])})
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+# -- a process dying between UploadPart and its record ----------------------------------
+
+
+async def test_killed_after_upload_part_before_recording_resumes_byte_exact(
+    asyncassets_db, world, monkeypatch
+):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART + 11)
+    real_record = resumable_s3._Write._record
+    dying = {"on": True}
+
+    class Killed(BaseException):
+        """What a SIGKILL looks like to the code after it: nothing runs."""
+
+    async def record(self: Any, offset: int, *, release: bool) -> Any:
+        if dying["on"] and self.pending:
+            dying["on"] = False
+            raise Killed
+        return await real_record(self, offset, release=release)
+
+    monkeypatch.setattr(resumable_s3._Write, "_record", record)
+    async with client(app_for(cls, chunk_size=CHUNK, lease=dt.timedelta(seconds=1))) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:MiB])).status_code == 204
+        # Part 1 goes to S3 with *other* bytes, then the process dies.
+        wrong = os.urandom(PART - MiB)
+        with pytest.raises(Killed):
+            await patch(http, location, MiB, wrong + data[PART:PART + 3])
+        # The lease the dead process held (it never gave it back).
+        await asyncassets_db[f"{name}.uploads"].update_one(
+            {}, {"$set": {"lease": {"token": "dead", "until": dt.datetime.now(
+                dt.timezone.utc) - dt.timedelta(seconds=1)}}})
+        assert await offset_of(http, location) == MiB
+        answer = await patch(http, location, MiB, data[MiB:])
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+# -- stale offsets and racing PATCHes ---------------------------------------------------
+
+
+async def test_a_stale_offset_is_refused_and_changes_nothing(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 3 * MiB)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:PART + MiB])).status_code == 204
+        for stale in (0, MiB, PART, PART + MiB - 1):
+            answer = await patch(http, location, stale, data[stale:stale + 2 * MiB])
+            assert answer.status_code == 409
+            assert answer.headers["upload-offset"] == str(PART + MiB)
+        # Past the offset too.
+        answer = await patch(http, location, PART + MiB + 1, data[PART + MiB + 1:])
+        assert answer.status_code == 409
+        answer = await patch(http, location, PART + MiB, data[PART + MiB:])
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+class SlowParts:
+    """Holds every UploadPart until released (a part in flight)."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+        real = resumable_s3.S3Parts.upload_part
+        outer = self
+
+        async def upload_part(self: Any, session: Any, number: int, data: bytes) -> str:
+            outer.started.set()
+            await outer.go.wait()
+            return await real(self, session, number, data)
+
+        monkeypatch.setattr(resumable_s3.S3Parts, "upload_part", upload_part)
+
+
+async def test_two_patches_at_one_offset_on_two_apps_one_wins(asyncassets_db, world,
+                                                             monkeypatch):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART + 9)
+    slow = SlowParts(monkeypatch)
+    slow.go.set()
+    async with client(app_for(cls, chunk_size=CHUNK)) as one, \
+            client(app_for(cls, chunk_size=CHUNK)) as two:
+        location = (await create(one, doc, len(data))).headers["location"]
+        assert (await patch(one, location, 0, data[:MiB])).status_code == 204
+        slow.go.clear()
+        first = asyncio.ensure_future(patch(one, location, MiB, data[MiB:PART + MiB]))
+        await slow.started.wait()
+        # The same bytes from another process while the first is uploading part 1.
+        second = await patch(two, location, MiB, data[MiB:])
+        assert second.status_code == 409, second.text
+        slow.go.set()
+        assert (await first).status_code == 204
+        offset = await offset_of(two, location)
+        assert offset == PART + MiB
+        answer = await patch(two, location, offset, data[offset:])
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_two_patches_released_together_end_byte_exact(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART + 9)
+    async with client(app_for(cls, chunk_size=CHUNK)) as one, \
+            client(app_for(cls, chunk_size=CHUNK)) as two:
+        location = (await create(one, doc, len(data))).headers["location"]
+        assert (await patch(one, location, 0, data[:MiB])).status_code == 204
+        answers = await asyncio.gather(
+            patch(one, location, MiB, data[MiB:]), patch(two, location, MiB, data[MiB:]))
+        codes = sorted(a.status_code for a in answers)
+        assert codes in ([204, 409], [204, 204]), codes
+        offset = await offset_of(one, location)
+        if offset < len(data):
+            assert (await patch(one, location, offset, data[offset:])).status_code == 204
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_delete_racing_a_patch_uploading_a_part(asyncassets_db, world, monkeypatch):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 2 * MiB)
+    slow = SlowParts(monkeypatch)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        writing = asyncio.ensure_future(patch(http, location, 0, data[:PART + MiB]))
+        await slow.started.wait()
+        assert (await http.delete(location)).status_code == 409
+        slow.go.set()
+        assert (await writing).status_code == 204
+        assert (await http.delete(location)).status_code == 204
+        assert (await http.head(location)).status_code == 404
+        assert pending_uploads(s3, bucket, name) == []
+        stored = await cls.objects(pk=doc.pk).first()
+        assert stored.file.grid_id is None
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=0)
+
+
+async def test_the_sweep_racing_a_live_patch_leaves_it(asyncassets_db, world, monkeypatch):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 2 * MiB)
+    slow = SlowParts(monkeypatch)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        writing = asyncio.ensure_future(patch(http, location, 0, data))
+        await slow.started.wait()
+        await asyncassets.sweep_orphans(grace=0, buckets=name)
+        slow.go.set()
+        answer = await writing
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_expiry_while_the_last_part_is_in_flight(asyncassets_db, world, monkeypatch):
+    """The upload expires while the PATCH that completes it uploads its last part,
+    and a sweep runs then: the sweep leaves a session a PATCH holds ("for the next
+    run"), so the PATCH ends as it would on GridFS or a directory: attached."""
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 2 * MiB)
+    slow = SlowParts(monkeypatch)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:MiB])).status_code == 204
+        writing = asyncio.ensure_future(patch(http, location, MiB, data[MiB:]))
+        await slow.started.wait()
+        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+        # Both expire together (the direct session was created with the same expiry).
+        await asyncassets_db[f"{name}.uploads"].update_many({}, {"$set": {"expires": past}})
+        await asyncassets_db[SESSIONS].update_many({"catalogue": name},
+                                                   {"$set": {"expires": past}})
+        report = await asyncassets.sweep_orphans(grace=0, buckets=name)
+        assert report.resumable_expired == 0  # held by the PATCH
+        slow.go.set()
+        answer = await writing
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_expiry_while_a_middle_part_is_in_flight_ends_clean(asyncassets_db, world,
+                                                                  monkeypatch):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART + 2 * MiB)
+    slow = SlowParts(monkeypatch)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        writing = asyncio.ensure_future(patch(http, location, 0, data[:PART + MiB]))
+        await slow.started.wait()
+        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+        await asyncassets_db[f"{name}.uploads"].update_many({}, {"$set": {"expires": past}})
+        await asyncassets_db[SESSIONS].update_many({"catalogue": name},
+                                                   {"$set": {"expires": past}})
+        await asyncassets.sweep_orphans(grace=0, buckets=name)
+        slow.go.set()
+        answer = await writing
+        assert answer.status_code in (204, 410), answer.text
+        # Expired: no more writes.
+        answer = await patch(http, location, PART + MiB, data[PART + MiB:])
+        assert answer.status_code in (404, 410), answer.text
+        stored = await cls.objects(pk=doc.pk).first()
+        assert stored.file.grid_id is None
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=0)
+
+
+# -- the finish against the document ----------------------------------------------------
+
+
+async def test_the_document_deleted_before_the_finish(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 5)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:PART - 1])).status_code == 204
+        await doc.delete()
+        answer = await patch(http, location, PART - 1, data[PART - 1:])
+        assert answer.status_code == 410, answer.text
+        answer = await patch(http, location, len(data), b"")
+        assert answer.status_code in (404, 410), answer.text
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=0)
+
+
+async def test_replace_racing_the_finish(asyncassets_db, world, monkeypatch):
+    """``replace()`` lands between the finish's read of the document and its switch:
+    one of the two files is the field's, whole; the other is gone after a sweep."""
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 5)
+    other = os.urandom(3000)
+    real_complete = resumable_s3.S3Parts.complete
+
+    async def complete(self: Any, session: Any, **kwargs: Any) -> Any:
+        entry = await real_complete(self, session, **kwargs)
+        racer = await cls.objects(pk=doc.pk).first()
+        await racer.file.replace(other, filename="other.bin")
+        return entry
+
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:PART - 1])).status_code == 204
+        monkeypatch.setattr(resumable_s3.S3Parts, "complete", complete)
+        answer = await patch(http, location, PART - 1, data[PART - 1:])
+        monkeypatch.setattr(resumable_s3.S3Parts, "complete", real_complete)
+        assert answer.status_code in (204, 409), answer.text
+        stored = await cls.objects(pk=doc.pk).first()
+        held = await stored.file.read()
+        assert held in (data, other)
+        if answer.status_code == 409:
+            assert held == other
+            retry = await patch(http, location, len(data), b"")
+            assert retry.status_code in (404, 409, 410, 204), retry.text
+            stored = await cls.objects(pk=doc.pk).first()
+            assert await stored.file.read() in (data, other)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_replace_right_after_the_finish_keeps_the_replacement(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 5)
+    other = os.urandom(3000)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        answers = await asyncio.gather(
+            patch(http, location, 0, data),
+            _replace_soon(cls, doc, other),
+        )
+        assert answers[0].status_code in (204, 409), answers[0].text
+        retry = await patch(http, location, len(data), b"")
+        assert retry.status_code in (204, 404, 409, 410)
+        stored = await cls.objects(pk=doc.pk).first()
+        assert await stored.file.read() in (data, other)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def _replace_soon(cls: Any, doc: Any, other: bytes) -> None:
+    await asyncio.sleep(0.3)
+    racer = await cls.objects(pk=doc.pk).first()
+    try:
+        await racer.file.replace(other, filename="other.bin")
+    except asyncassets.errors.FileConflict:
+        pass
