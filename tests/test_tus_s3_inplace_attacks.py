@@ -572,3 +572,154 @@ async def test_moto_killed_mid_patch_then_resumed_byte_exact(asyncassets_db, tmp
     finally:
         moto.kill()
         moto.wait()
+
+
+# -- a PATCH whose lease lapses while its part is in flight -----------------------------
+
+
+class StalledFirst:
+    """The first UploadPart waits for ``go``; the others run at once."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+        self.first = True
+        real = resumable_s3.S3Parts.upload_part
+        outer = self
+
+        async def upload_part(self: Any, session: Any, number: int, data: bytes) -> str:
+            if outer.first:
+                outer.first = False
+                outer.started.set()
+                await outer.go.wait()
+            return await real(self, session, number, data)
+
+        monkeypatch.setattr(resumable_s3.S3Parts, "upload_part", upload_part)
+
+
+async def test_a_stalled_part_landing_after_a_takeover_finished_changes_nothing(
+    asyncassets_db, world, monkeypatch
+):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART + 5)
+    stalled = StalledFirst(monkeypatch)
+    lease = dt.timedelta(seconds=1)
+    async with client(app_for(cls, chunk_size=CHUNK, lease=lease)) as one, \
+            client(app_for(cls, chunk_size=CHUNK, lease=lease)) as two:
+        location = (await create(one, doc, len(data))).headers["location"]
+        assert (await patch(one, location, 0, data[:MiB])).status_code == 204
+        first = asyncio.ensure_future(patch(one, location, MiB, data[MiB:]))
+        await stalled.started.wait()
+        await asyncio.sleep(1.3)  # its lease lapses
+        second = await patch(two, location, MiB, data[MiB:])
+        assert second.status_code == 204, second.text
+        await attached_exactly(s3, bucket, name, doc, cls, data)
+        stalled.go.set()
+        late = await first
+        assert late.status_code in (409, 410), late.text
+        assert (await one.head(location)).headers["upload-offset"] == str(len(data))
+        retry = await patch(one, location, len(data), b"")
+        assert retry.status_code == 204, retry.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_a_stalled_part_landing_after_a_takeover_moved_on(asyncassets_db, world,
+                                                                monkeypatch):
+    """The takeover records part 1 and stages part of part 2; the stalled write's
+    part 1 lands then (same bytes), its record is refused; the upload goes on."""
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART + 5)
+    stalled = StalledFirst(monkeypatch)
+    lease = dt.timedelta(seconds=1)
+    async with client(app_for(cls, chunk_size=CHUNK, lease=lease)) as one, \
+            client(app_for(cls, chunk_size=CHUNK, lease=lease)) as two:
+        location = (await create(one, doc, len(data))).headers["location"]
+        assert (await patch(one, location, 0, data[:MiB])).status_code == 204
+        first = asyncio.ensure_future(patch(one, location, MiB, data[MiB:PART + 2 * MiB]))
+        await stalled.started.wait()
+        await asyncio.sleep(1.3)
+        second = await patch(two, location, MiB, data[MiB:PART + MiB])
+        assert second.status_code == 204, second.text
+        stalled.go.set()
+        late = await first
+        assert late.status_code in (409, 410), late.text
+        offset = await offset_of(two, location)
+        assert offset == PART + MiB
+        answer = await patch(one, location, offset, data[offset:])
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_the_sweep_takes_an_expired_upload_whose_patch_lease_lapsed(
+    asyncassets_db, world, monkeypatch
+):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART)
+    stalled = StalledFirst(monkeypatch)
+    async with client(app_for(cls, chunk_size=CHUNK, lease=dt.timedelta(seconds=1))) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        writing = asyncio.ensure_future(patch(http, location, 0, data))
+        await stalled.started.wait()
+        await asyncio.sleep(1.3)
+        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+        await asyncassets_db[f"{name}.uploads"].update_many({}, {"$set": {"expires": past}})
+        await asyncassets_db[SESSIONS].update_many({"catalogue": name},
+                                                   {"$set": {"expires": past}})
+        report = await asyncassets.sweep_orphans(grace=0, buckets=name)
+        assert report.resumable_expired == 1
+        assert pending_uploads(s3, bucket, name) == []
+        stalled.go.set()
+        answer = await writing
+        assert answer.status_code in (404, 409, 410), answer.text
+        assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=0)
+
+
+# -- lengths on part boundaries, creation-with-upload, empty PATCHes --------------------
+
+
+@pytest.mark.parametrize("length", [1, PART, 2 * PART])
+async def test_lengths_on_part_boundaries(asyncassets_db, world, length):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(length)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        offset = 0
+        for size in (0, min(PART - 1, length - 1) or 0, 0, 1, PART):
+            if offset >= length:
+                break
+            answer = await patch(http, location, offset, data[offset:offset + size])
+            assert answer.status_code == 204, answer.text
+            offset = int(answer.headers["upload-offset"])
+            assert offset == min(length, offset)
+        if offset < length:
+            assert (await patch(http, location, offset, data[offset:])).status_code == 204
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_creation_with_upload_across_a_part_boundary(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART + 3)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        created = await create(http, doc, len(data), content=data[:PART + 1])
+        assert created.status_code == 201, created.text
+        assert created.headers["upload-offset"] == str(PART + 1)
+        location = created.headers["location"]
+        answer = await patch(http, location, PART + 1, data[PART + 1:])
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+async def test_creation_with_the_whole_upload(asyncassets_db, world):
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 3)
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        created = await create(http, doc, len(data), content=data)
+        assert created.status_code == 201, created.text
+        assert created.headers["upload-offset"] == str(len(data))
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
