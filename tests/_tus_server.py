@@ -12,7 +12,8 @@ was killed mid-PATCH is free again soon after the restart. The race suite
 ``TUS_CHUNK_SIZE`` (the GridFS chunk size). ``TUS_DIE_AT`` makes the process
 SIGKILL itself in the middle of an upload's finish: ``switch`` right before the
 reference switch that attaches the upload, ``done`` right after it (before the
-session is marked done).
+session is marked done); ``part`` right after an S3 UploadPart of a tus upload
+written in place returns, before the write records it (part 2 or later).
 """
 
 from __future__ import annotations
@@ -70,6 +71,18 @@ def die_at(point: str) -> None:
             die()
 
         UploadSessions.mark_done = dying_mark_done  # type: ignore[method-assign]
+    elif point == "part":
+        from asyncassets.storage.objects.resumable_s3 import S3Parts
+
+        upload_part = S3Parts.upload_part
+
+        async def dying_upload_part(self: Any, session: Any, number: int, data: bytes) -> str:
+            checksum = await upload_part(self, session, number, data)
+            if number >= 2:
+                die()
+            return checksum
+
+        S3Parts.upload_part = dying_upload_part  # type: ignore[method-assign]
     else:
         raise SystemExit(f"TUS_DIE_AT: no point {point!r}")
 

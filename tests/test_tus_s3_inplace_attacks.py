@@ -47,9 +47,10 @@ async def world(asyncassets_db, asyncassets_s3_bucket, request):
     return cls, doc, name, s3, asyncassets_s3_bucket.name
 
 
-def pending_uploads(s3: Any, bucket: str, name: str) -> list[str]:
+def pending_uploads(s3: Any, bucket: str, name: str, prefix: str | None = None) -> list[str]:
+    prefix = f"{name}/" if prefix is None else prefix
     return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-            if u["Key"].startswith(f"{name}/")]
+            if u["Key"].startswith(prefix)]
 
 
 async def stored_object(s3: Any, bucket: str, name: str, doc: Any, cls: Any) -> bytes:
@@ -73,7 +74,8 @@ async def attached_exactly(s3: Any, bucket: str, name: str, doc: Any, cls: Any,
 
 
 async def nothing_left_after_expiry(db: Any, s3: Any, bucket: str, name: str,
-                                    files: int | None = None) -> None:
+                                    files: int | None = None,
+                                    prefix: str | None = None) -> None:
     """Expire every session, sweep with grace 0: nothing of the upload is left."""
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
     await db[f"{name}.uploads"].update_many({}, {"$set": {"expires": past},
@@ -81,7 +83,7 @@ async def nothing_left_after_expiry(db: Any, s3: Any, bucket: str, name: str,
     await asyncassets.sweep_orphans(grace=0, buckets=name)
     # Direct sessions the first pass expired are removed by a second one at worst.
     await asyncassets.sweep_orphans(grace=0, buckets=name)
-    assert pending_uploads(s3, bucket, name) == []
+    assert pending_uploads(s3, bucket, name, prefix) == []
     # A stored file keeps its key reserved; nothing else does.
     assert await db[RESERVATIONS].count_documents({"catalogue": name}) == (
         await db[f"{name}.files"].count_documents({}))
@@ -723,3 +725,64 @@ async def test_creation_with_the_whole_upload(asyncassets_db, world):
         assert created.headers["upload-offset"] == str(len(data))
     await attached_exactly(s3, bucket, name, doc, cls, data)
     await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
+
+
+# -- a real SIGKILL between UploadPart and its record -----------------------------------
+
+
+async def test_server_sigkilled_after_upload_part_before_record_resumes_byte_exact(
+    asyncassets_db, asyncassets_server_uri, asyncassets_s3_bucket
+):
+    import httpx
+    from test_tus_faults import Server, storage_for, tus_create, tus_patch
+
+    from asyncassets import Document
+    from asyncassets.fields import FileField
+    from asyncassets.testing import database_uri
+
+    storage, where, env = storage_for("s3", None, asyncassets_s3_bucket)  # type: ignore[arg-type]
+
+    class TusFaultDoc(Document):
+        file = FileField(storage=storage)
+        meta = {"collection": "tus_fault_docs"}
+
+    uri = database_uri(asyncassets_server_uri, asyncassets_db.name)
+    dying = Server(uri, "s3", where, {**env, "TUS_DIE_AT": "part"})
+    dying.start()
+    healthy = Server(uri, "s3", where, env)
+    healthy.start()
+    try:
+        doc = TusFaultDoc()
+        await doc.save()
+        data = os.urandom(3 * PART + 1000)
+        async with httpx.AsyncClient(timeout=60) as http:
+            location = await tus_create(http, dying, doc, len(data))
+            assert (await tus_patch(http, location, 0, data[:MiB])).status_code == 204
+            with pytest.raises(httpx.TransportError):
+                await tus_patch(http, location, MiB, data[MiB:])
+            assert dying.proc is not None and dying.proc.wait(timeout=10) < 0
+            there = f"http://127.0.0.1:{healthy.args[0]}" + location.split(
+                f":{dying.args[0]}", 1)[1]
+            head = await http.head(there, headers={"Tus-Resumable": "1.0.0"})
+            offset = int(head.headers["upload-offset"])
+            assert offset == PART  # part 1 recorded; part 2 uploaded, not recorded
+            deadline = asyncio.get_running_loop().time() + 15
+            while True:  # the dead server's lease (2 s)
+                answer = await tus_patch(http, there, offset, data[offset:])
+                if answer.status_code != 409 or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.25)
+            assert answer.status_code == 204, answer.text
+        stored = await TusFaultDoc.objects(pk=doc.pk).first()
+        assert await stored.file.read() == data
+        s3 = boto3.client(
+            "s3", endpoint_url=asyncassets_s3_bucket.endpoint_url,
+            region_name=asyncassets_s3_bucket.region,
+            aws_access_key_id=asyncassets_s3_bucket.access_key_id,
+            aws_secret_access_key=asyncassets_s3_bucket.secret_access_key,
+        )
+        await nothing_left_after_expiry(asyncassets_db, s3, asyncassets_s3_bucket.name,
+                                        "tusfaults", files=1, prefix="")
+    finally:
+        dying.kill()
+        healthy.kill()
