@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import os
 from typing import Any
 
@@ -113,7 +114,7 @@ async def test_patch_sizes_around_part_boundaries_end_byte_exact(asyncassets_db,
     cuts = sorted(set(cuts))
     async with client(app_for(cls, chunk_size=CHUNK)) as http:
         location = (await create(http, doc, len(data))).headers["location"]
-        for start, end in zip(cuts, cuts[1:]):
+        for start, end in itertools.pairwise(cuts):
             assert await offset_of(http, location) == start
             answer = await patch(http, location, start, data[start:end])
             assert answer.status_code == 204, (start, end, answer.text)
