@@ -787,3 +787,60 @@ async def test_server_sigkilled_after_upload_part_before_record_resumes_byte_exa
     finally:
         dying.kill()
         healthy.kill()
+
+
+async def test_the_document_deleted_during_the_finish(asyncassets_db, world, monkeypatch):
+    """Deleted after the multipart upload is completed, before the switch: nothing
+    is attached, the completed object goes, nothing is left after the sweep."""
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(PART + 5)
+    real_complete = resumable_s3.S3Parts.complete
+
+    async def complete(self: Any, session: Any, **kwargs: Any) -> Any:
+        entry = await real_complete(self, session, **kwargs)
+        await (await cls.objects(pk=doc.pk).first()).delete()
+        return entry
+
+    async with client(app_for(cls, chunk_size=CHUNK)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:PART])).status_code == 204
+        monkeypatch.setattr(resumable_s3.S3Parts, "complete", complete)
+        answer = await patch(http, location, PART, data[PART:])
+        monkeypatch.setattr(resumable_s3.S3Parts, "complete", real_complete)
+        assert answer.status_code in (409, 410), answer.text
+        assert await cls.objects(pk=doc.pk).first() is None
+        retry = await patch(http, location, len(data), b"")
+        assert retry.status_code in (404, 410), retry.text
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=0)
+
+
+async def test_a_checksummed_patch_cut_across_a_part_keeps_nothing(asyncassets_db, world):
+    from test_tus_s3_inplace import cut_patch
+
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(2 * PART + 9)
+    app = app_for(cls, chunk_size=CHUNK)
+    async with client(app) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        path = "/uploads/" + location.split("/uploads/", 1)[1]
+        assert (await patch(http, location, 0, data[:MiB + 1])).status_code == 204
+        # The ASGI client of cut_patch sends no Upload-Checksum: wrap the app.
+
+        async def with_checksum(scope: Any, receive: Any, send: Any) -> None:
+            scope = dict(scope)
+            scope["headers"] = [*scope["headers"],
+                                (b"upload-checksum",
+                                 sha256_header(data[MiB + 1:]).encode())]
+            await app(scope, receive, send)
+
+        got = PART + 3 * MiB
+        pieces = [data[i:min(i + MiB, got)] for i in range(MiB + 1, got, MiB)]
+        status = await cut_patch(with_checksum, path, MiB + 1, pieces, len(data) - MiB - 1)
+        assert status == 400
+        assert await offset_of(http, location) == MiB + 1
+        session = await asyncassets_db[f"{name}.uploads"].find_one({})
+        assert session["parts"] == 0 and "lease" not in session
+        answer = await patch(http, location, MiB + 1, data[MiB + 1:])
+        assert answer.status_code == 204, answer.text
+    await attached_exactly(s3, bucket, name, doc, cls, data)
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
