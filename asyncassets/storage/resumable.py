@@ -615,22 +615,28 @@ class UploadSessions:
                 position += len(view)
                 if hasher is not None:
                     hasher.update(view)
+                # The bytes go into a file other requests open too: never on a
+                # lease that may have run out meanwhile (a client that stalled).
+                stale = time.monotonic() - renewed > renew_every
+                renewed = await self._fresh(upload_id, token, renewed, renew_every)
+                if stale and hasher is None:
+                    # The offset is recorded by time too (a slow client's bytes).
+                    committed = await writer.sync()
+                    await self._commit(upload_id, token, 0, committed, b"")
                 await writer.write(view)
-                if time.monotonic() - renewed > renew_every or (
-                    hasher is None and position - committed >= _COMMIT_BYTES
-                ):
-                    if hasher is None:
-                        committed = await writer.sync()
-                        await self._commit(upload_id, token, 0, committed, b"")
-                    else:
-                        await self._renew(upload_id, token)
-                    renewed = time.monotonic()
+                if hasher is None and position - committed >= _COMMIT_BYTES:
+                    started = time.monotonic()
+                    committed = await writer.sync()
+                    await self._commit(upload_id, token, 0, committed, b"")
+                    renewed = started
             if hasher is not None and checksum is not None and hasher.digest() != checksum[1]:
                 raise UploadChecksumMismatch(
                     f"the bytes sent to upload {upload_id} do not match their "
                     f"{checksum[0]}; nothing of them was kept: send them again",
                     upload_id=upload_id,
                 )
+            # What is buffered is written now: the lease must still hold.
+            await self._fresh(upload_id, token, renewed, renew_every)
             committed = await writer.sync()
         finally:
             await writer.abort()
@@ -642,6 +648,27 @@ class UploadSessions:
         if failure is not None:
             raise failure
         return after
+
+    async def _fresh(
+        self, upload_id: str, token: str, renewed: float, renew_every: float
+    ) -> float:
+        """Renew the lease of a write into a directory upload's temp file if it was
+        last renewed more than ``renew_every`` ago (a third of the lease); the time
+        it was renewed (``time.monotonic()``, taken before asking).
+
+        Another request takes an upload over only once its lease ran out, and then
+        writes, and finishes, in the same file (its inode becomes the object): a
+        write that stalled past its lease must not put a byte there afterwards.
+        Checked before each piece is written, a byte goes in at most a third of a
+        lease after the lease was known to hold.
+
+        :raises UploadLocked: the lease ran out and another request took it.
+        """
+        if time.monotonic() - renewed <= renew_every:
+            return renewed
+        started = time.monotonic()
+        await self._renew(upload_id, token)
+        return started
 
     def _remember(self, upload_id: str, offset: int, hasher: Any) -> None:
         if len(self._hashes) >= _HASHES_KEPT:

@@ -1,0 +1,586 @@
+"""Hostile tests of tus uploads written in place in a directory (a temp file beside
+the reserved key, linked under it at the finish): racing writes, DELETE and the
+sweep against writes and finishes, links and directories planted where the bytes
+go, a foreign file at the reserved key, repeated keys, the document deleted, the
+temp file cut or grown by hand, a server SIGKILLed mid-PATCH.
+
+After each: byte-exact reads, no dangling reference, and after the upload expires
+and a grace-0 sweep nothing is left (no temp file, object or reservation), and
+``check(verify=True)`` is ok."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from _tus import OCTETS, app_for, client, create, doc_class, patch, temp_files
+
+import asyncassets
+from asyncassets.storage import FileSystemStorage
+
+CAT = "tus_attack"
+LEASE = dt.timedelta(seconds=1)
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+async def setup(asyncassets_db: Any, tmp_path: Any) -> Any:
+    root = tmp_path / "files"
+    cls = doc_class(FileSystemStorage(root, collection_name=CAT, fsync=False))
+    doc = cls(owner="ann")
+    await doc.save()
+    return cls, doc, root
+
+
+def objects(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() or p.is_symlink())
+
+
+async def expire_and_sweep(db: Any) -> Any:
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    await db[f"{CAT}.uploads"].update_many({}, {"$set": {"expires": past}})
+    return await asyncassets.sweep_orphans(grace=0, buckets=CAT)
+
+
+async def nothing_left(db: Any, root: Path, *, kept: list[Path] = ()) -> None:
+    """After expiry and a grace-0 sweep: only the objects of referenced files."""
+    await expire_and_sweep(db)
+    assert temp_files(root) == []
+    named = {e["location"]["key"] async for e in db[f"{CAT}.files"].find({})}
+    assert sorted(str(p.relative_to(root)) for p in objects(root)) == sorted(
+        [str(p.relative_to(root)) for p in kept]) or {
+        str(p.relative_to(root)) for p in objects(root)} == named
+    reserved = {r["key"] async for r in db["asyncassets.keys"].find({})}
+    assert reserved == named, (reserved, named)
+    assert await db[f"{CAT}.uploads"].count_documents({}) == 0
+    report = await asyncassets.check(verify=True, buckets=CAT)
+    assert report.ok, str(report)
+
+
+async def reference_ok(cls: Any, doc: Any, data: bytes | None) -> None:
+    stored = await cls.objects(pk=doc.pk).first()
+    if data is None:
+        assert stored.file.grid_id is None
+        return
+    assert await stored.file.read() == data
+    assert stored.file.sha256 == hashlib.sha256(data).hexdigest()
+
+
+class Gate:
+    """A request body sent in pieces, each after its event is set."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+        self.go = [asyncio.Event() for _ in pieces]
+        self.sent = [asyncio.Event() for _ in pieces]
+
+    async def body(self):  # type: ignore[no-untyped-def]
+        for piece, go, sent in zip(self.pieces, self.go, self.sent, strict=True):
+            await go.wait()
+            yield piece
+            sent.set()
+
+
+async def gated_patch(http: httpx.AsyncClient, location: str, offset: int, gate: Gate) -> Any:
+    return await http.patch(location, headers={**OCTETS, "Upload-Offset": str(offset)},
+                            content=gate.body())
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+# -- racing writes ------------------------------------------------------------------
+
+
+async def test_two_patches_racing_at_one_offset_one_wins_and_no_byte_is_lost(
+    asyncassets_db, setup
+):
+    cls, doc, root = setup
+    data = os.urandom(3 * MIB + 7)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:MIB])).status_code == 204
+        first, second = await asyncio.gather(
+            patch(http, location, MIB, data[MIB:2 * MIB]),
+            patch(http, location, MIB, data[MIB:2 * MIB]),
+        )
+        assert sorted([first.status_code, second.status_code]) in ([204, 409], [204, 204]) or (
+            first.status_code, second.status_code) == (204, 409), (first.text, second.text)
+        offset = int((await http.head(location)).headers["upload-offset"])
+        assert offset == 2 * MIB
+        assert (await patch(http, location, offset, data[offset:])).status_code == 204
+    await reference_ok(cls, doc, data)
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_a_stalled_patch_whose_lease_ran_out_never_writes_into_the_finished_file(
+    asyncassets_db, setup
+):
+    """A PATCH stalls (a slow client) past its lease with its temp file open; the
+    client's retry takes the upload over at the same offset and finishes it (the
+    temp file is linked under the key: it IS the object now). Then the stalled
+    PATCH gets more bytes: they must not land in the committed object."""
+    cls, doc, root = setup
+    data = os.urandom(3 * MIB)
+    garbage = b"\xee" * (2 * MIB)
+    async with client(app_for(cls, lease=LEASE)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        # Its first MiB fills the writer's buffer: the temp file is open and written.
+        gate = Gate([data[:MIB], garbage])
+        gate.go[0].set()
+        stalled = asyncio.ensure_future(gated_patch(http, location, 0, gate))
+        await until(lambda: _some_temp(root))
+        await asyncio.sleep(LEASE.total_seconds() * 1.6)
+        retry = await patch(http, location, 0, data)
+        assert retry.status_code == 204, retry.text
+        await reference_ok(cls, doc, data)
+        gate.go[1].set()
+        answer = await stalled
+        assert answer.status_code in (409, 410), answer.text
+    await reference_ok(cls, doc, data)
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_a_stalled_patch_never_writes_over_bytes_a_takeover_committed(
+    asyncassets_db, setup
+):
+    """As above, but the takeover commits part of the upload only: the stalled
+    write's later bytes must not overwrite what the offset says is durable."""
+    cls, doc, root = setup
+    data = os.urandom(4 * MIB)
+    async with client(app_for(cls, lease=LEASE)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        gate = Gate([data[:MIB], b"\xee" * (2 * MIB)])
+        gate.go[0].set()
+        stalled = asyncio.ensure_future(gated_patch(http, location, 0, gate))
+        await until(lambda: _some_temp(root))
+        await asyncio.sleep(LEASE.total_seconds() * 1.6)
+        assert (await patch(http, location, 0, data[:3 * MIB])).status_code == 204
+        gate.go[1].set()
+        assert (await stalled).status_code in (409, 410)
+        assert (await patch(http, location, 3 * MIB, data[3 * MIB:])).status_code == 204
+    await reference_ok(cls, doc, data)
+    await nothing_left(asyncassets_db, root)
+
+
+async def _some_temp(root: Path) -> bool:
+    return any(p.stat().st_size > 0 for p in temp_files(root))
+
+
+# -- DELETE racing a PATCH and the finish -------------------------------------------
+
+
+async def test_delete_racing_a_patch_is_409_then_removes_everything(asyncassets_db, setup):
+    cls, doc, root = setup
+    data = os.urandom(2 * MIB)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        gate = Gate([data[:MIB], data[MIB:MIB + 1000]])
+        gate.go[0].set()
+        writing = asyncio.ensure_future(gated_patch(http, location, 0, gate))
+        await until(lambda: _some_temp(root))
+        assert (await http.delete(location)).status_code == 409
+        gate.go[1].set()
+        assert (await writing).status_code == 204
+        assert (await http.delete(location)).status_code == 204
+        assert (await http.head(location)).status_code == 404
+        assert (await patch(http, location, MIB + 1000, data[MIB + 1000:])).status_code == 404
+    assert temp_files(root) == [] and objects(root) == []
+    assert await asyncassets_db["asyncassets.keys"].count_documents({}) == 0
+    await reference_ok(cls, doc, None)
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_delete_racing_the_finish_never_leaves_a_file_with_bytes_missing(
+    asyncassets_db, setup, monkeypatch
+):
+    from asyncassets.storage.objects import inplace
+
+    cls, doc, root = setup
+    data = os.urandom(MIB + 5)
+    real = inplace.complete_in_place
+    linked, resume = asyncio.Event(), asyncio.Event()
+
+    async def slow(store: Any, session: Any, **kwargs: Any) -> Any:
+        linked.set()
+        await resume.wait()
+        return await real(store, session, **kwargs)
+
+    monkeypatch.setattr(inplace, "complete_in_place", slow)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        finishing = asyncio.ensure_future(patch(http, location, 0, data))
+        await linked.wait()
+        deleting = await http.delete(location)
+        resume.set()
+        finished = await finishing
+        assert (deleting.status_code, finished.status_code) in ((409, 204), (204, 410)), (
+            deleting.text, finished.text)
+        if finished.status_code == 204:
+            assert (await http.delete(location)).status_code == 409
+    await reference_ok(cls, doc, data if finished.status_code == 204 else None)
+    await nothing_left(asyncassets_db, root)
+
+
+# -- the sweep ----------------------------------------------------------------------
+
+
+async def test_a_sweep_without_grace_during_a_slow_patch_keeps_its_bytes(
+    asyncassets_db, setup
+):
+    cls, doc, root = setup
+    data = os.urandom(3 * MIB)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        gate = Gate([data[:MIB], data[MIB:]])
+        gate.go[0].set()
+        writing = asyncio.ensure_future(gated_patch(http, location, 0, gate))
+        await until(lambda: _some_temp(root))
+        [temp] = temp_files(root)
+        os.utime(temp, (1, 1))
+        # Old reservation too (by the sweep's clock): still the upload's.
+        await asyncassets_db["asyncassets.keys"].update_many(
+            {}, {"$set": {"at": dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)}})
+        report = await asyncassets.sweep_orphans(grace=0, buckets=CAT)
+        assert report.temps_deleted == 0 and report.reservations_released == 0
+        assert report.resumable_expired == 0
+        gate.go[1].set()
+        assert (await writing).status_code == 204
+    await reference_ok(cls, doc, data)
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_expiry_and_a_sweep_while_a_patch_streams(asyncassets_db, setup):
+    """The upload expires while a PATCH holds it: the sweep leaves it (the write's
+    lease); the PATCH ends either attaching the whole file or refusing cleanly."""
+    cls, doc, root = setup
+    data = os.urandom(2 * MIB + 3)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        gate = Gate([data[:MIB], data[MIB:]])
+        gate.go[0].set()
+        writing = asyncio.ensure_future(gated_patch(http, location, 0, gate))
+        await until(lambda: _some_temp(root))
+        report = await expire_and_sweep(asyncassets_db)
+        assert report.resumable_expired == 0
+        assert len(temp_files(root)) == 1
+        gate.go[1].set()
+        answer = await writing
+        assert answer.status_code in (204, 410), answer.text
+    await reference_ok(cls, doc, data if answer.status_code == 204 else None)
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_a_sweep_racing_the_finish_after_the_link(asyncassets_db, setup, monkeypatch):
+    """The finish has linked the temp file under the key, not yet inserted the
+    entry; a grace-0 sweep (even of an upload past its expiry) must leave it."""
+    from asyncassets.storage.objects import filesystem
+
+    cls, doc, root = setup
+    data = os.urandom(MIB + 11)
+    real = filesystem.ResumableFileWriter.commit
+    linked, resume = asyncio.Event(), asyncio.Event()
+
+    async def commit(self: Any, **kwargs: Any) -> None:
+        await real(self, **kwargs)
+        os.utime(root / self.key, ns=(1, (root / self.key).stat().st_mtime_ns))
+        linked.set()
+        await resume.wait()
+
+    monkeypatch.setattr(filesystem.ResumableFileWriter, "commit", commit)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        finishing = asyncio.ensure_future(patch(http, location, 0, data))
+        await linked.wait()
+        await asyncassets_db["asyncassets.keys"].update_many(
+            {}, {"$set": {"at": dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)}})
+        report = await asyncassets.sweep_orphans(grace=0, buckets=CAT)
+        assert report.objects_deleted == 0 and report.reservations_released == 0
+        resume.set()
+        assert (await finishing).status_code == 204
+    await reference_ok(cls, doc, data)
+    await nothing_left(asyncassets_db, root)
+
+
+# -- links and directories planted -------------------------------------------------
+
+
+def _temp_path_of(root: Path, session: dict[str, Any]) -> Path:
+    from asyncassets.storage.objects.filesystem import resumable_temp_name
+
+    key = session["key"]
+    parts = key.split("/")
+    return root.joinpath(*parts[:-1], resumable_temp_name(parts[-1], session["token"]))
+
+
+@pytest.mark.parametrize("when", ["before the first byte", "after some bytes"])
+async def test_a_link_planted_at_the_temp_path_is_never_followed(
+    asyncassets_db, setup, tmp_path, when
+):
+    cls, doc, root = setup
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"precious")
+    data = os.urandom(2 * MIB)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        session = await asyncassets_db[f"{CAT}.uploads"].find_one({})
+        temp = _temp_path_of(root, session)
+        offset = 0
+        if when == "after some bytes":
+            assert (await patch(http, location, 0, data[:MIB])).status_code == 204
+            offset = MIB
+            temp.unlink()
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        temp.symlink_to(outside)
+        answer = await patch(http, location, offset, data[offset:])
+        assert answer.status_code in (410, 503), answer.text
+        assert outside.read_bytes() == b"precious"
+        assert temp.is_symlink()
+        temp.unlink()
+    await reference_ok(cls, doc, None)
+    assert outside.read_bytes() == b"precious"
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_a_link_planted_at_the_keys_directory_is_never_followed(
+    asyncassets_db, tmp_path
+):
+    root = tmp_path / "files"
+    cls = doc_class(FileSystemStorage(root, collection_name=CAT, fsync=False,
+                                      key_template="up/{filename}"))
+    doc = cls(owner="ann")
+    await doc.save()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    data = os.urandom(MIB + 1)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data), filename="a.bin")).headers["location"]
+        assert (await patch(http, location, 0, data[:1000])).status_code == 204
+        # The directory moved out of the root, a link to it left in its place.
+        (root / "up").rename(outside / "up")
+        (root / "up").symlink_to(outside / "up")
+        answer = await patch(http, location, 1000, data[1000:])
+        assert answer.status_code in (410, 503), answer.text
+        assert not (outside / "up" / "a.bin").exists()
+        (root / "up").unlink()
+    await reference_ok(cls, doc, None)
+    assert [p.name for p in (outside / "up").iterdir()] != ["a.bin"]
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_a_directory_planted_at_the_temp_path(asyncassets_db, setup):
+    cls, doc, root = setup
+    data = os.urandom(1000)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        session = await asyncassets_db[f"{CAT}.uploads"].find_one({})
+        temp = _temp_path_of(root, session)
+        temp.mkdir(parents=True)
+        answer = await patch(http, location, 0, data)
+        assert answer.status_code in (410, 503), answer.text
+        assert temp.is_dir()
+        temp.rmdir()
+    await reference_ok(cls, doc, None)
+    await nothing_left(asyncassets_db, root)
+
+
+@pytest.mark.parametrize("planted", ["file", "link", "directory"])
+async def test_a_foreign_object_at_the_reserved_key_is_never_overwritten(
+    asyncassets_db, setup, tmp_path, planted
+):
+    cls, doc, root = setup
+    data = os.urandom(MIB + 3)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:1000])).status_code == 204
+        key = (await asyncassets_db[f"{CAT}.uploads"].find_one({}))["key"]
+        target = root / key
+        if planted == "file":
+            target.write_bytes(b"foreign")
+        elif planted == "link":
+            (tmp_path / "elsewhere").write_bytes(b"foreign")
+            target.symlink_to(tmp_path / "elsewhere")
+        else:
+            target.mkdir()
+        answer = await patch(http, location, 1000, data[1000:])
+        assert answer.status_code in (409, 410), answer.text
+        assert "key" in answer.text
+        if planted == "file":
+            assert target.read_bytes() == b"foreign"
+        elif planted == "link":
+            assert target.is_symlink() and (tmp_path / "elsewhere").read_bytes() == b"foreign"
+        else:
+            assert target.is_dir()
+    await reference_ok(cls, doc, None)
+    assert temp_files(root) == []
+    assert await asyncassets_db["asyncassets.keys"].count_documents({}) == 0
+    if planted == "directory":
+        target.rmdir()
+    elif planted == "link":
+        target.unlink()
+    await nothing_left(asyncassets_db, root)
+
+
+# -- repeated keys -----------------------------------------------------------------
+
+
+async def test_two_uploads_and_a_put_of_one_filename_get_their_own_bytes(
+    asyncassets_db, tmp_path
+):
+    root = tmp_path / "files"
+    cls = doc_class(FileSystemStorage(root, collection_name=CAT, fsync=False,
+                                      key_template="{filename}"))
+    docs = [cls(owner="ann") for _ in range(3)]
+    for doc in docs:
+        await doc.save()
+    datas = [os.urandom(MIB + i) for i in range(3)]
+    async with client(app_for(cls)) as http:
+        locations = [
+            (await create(http, doc, len(data), filename="same.bin")).headers["location"]
+            for doc, data in zip(docs[:2], datas[:2], strict=True)
+        ]
+        halves = [patch(http, loc, 0, data[:1000]) for loc, data in
+                  zip(locations, datas[:2], strict=True)]
+        assert [r.status_code for r in await asyncio.gather(*halves)] == [204, 204]
+        put = docs[2].file.put(datas[2], filename="same.bin")
+        rests = [patch(http, loc, 1000, data[1000:]) for loc, data in
+                 zip(locations, datas[:2], strict=True)]
+        results = await asyncio.gather(put, *rests)
+        assert [r.status_code for r in results[1:]] == [204, 204]
+        await docs[2].save()
+    keys = set()
+    for doc, data in zip(docs, datas, strict=True):
+        await reference_ok(cls, doc, data)
+        stored = await cls.objects(pk=doc.pk).first()
+        entry = await asyncassets_db[f"{CAT}.files"].find_one({"_id": stored.file.grid_id})
+        keys.add(entry["location"]["key"])
+        assert (root / entry["location"]["key"]).read_bytes() == data
+    assert len(keys) == 3
+    await nothing_left(asyncassets_db, root)
+
+
+# -- the document deleted, the temp file changed by hand ----------------------------
+
+
+async def test_the_document_deleted_before_the_finish(asyncassets_db, setup):
+    cls, doc, root = setup
+    data = os.urandom(MIB + 9)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:1000])).status_code == 204
+        await doc.delete()
+        answer = await patch(http, location, 1000, data[1000:])
+        assert answer.status_code == 410, answer.text
+        again = await patch(http, location, len(data), b"")
+        assert again.status_code == 410, again.text
+    assert await asyncassets_db[f"{CAT}.files"].count_documents({}) == 0
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_a_temp_file_grown_by_hand_is_refused_at_the_finish_and_cleared(
+    asyncassets_db, setup
+):
+    cls, doc, root = setup
+    data = os.urandom(MIB + 100)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:MIB])).status_code == 204
+        [temp] = temp_files(root)
+        with temp.open("ab") as out:
+            out.write(b"x" * 5000)
+        answer = await patch(http, location, MIB, data[MIB:])
+        # A clear, final answer: the bytes are not the upload's any more.
+        assert answer.status_code == 410, answer.text
+        again = await patch(http, location, len(data), b"")
+        assert again.status_code in (404, 410), again.text
+    await reference_ok(cls, doc, None)
+    await nothing_left(asyncassets_db, root)
+
+
+# -- the server SIGKILLed mid-PATCH -------------------------------------------------
+
+
+async def test_the_server_killed_mid_patch_keeps_a_durable_offset_and_resumes_exact(
+    asyncassets_db, asyncassets_server_uri, tmp_path
+):
+    """A PATCH streams slowly (its offset is recorded as it goes, by time); the
+    server is SIGKILLed mid-body. Restarted, the offset it reports is on the disk,
+    and resuming from it stores the exact bytes."""
+    import time
+
+    from test_tus_faults import Server, invariants, storage_for
+
+    from asyncassets import Document
+    from asyncassets.fields import FileField
+    from asyncassets.testing import database_uri
+
+    storage, where, env = storage_for("filesystem", tmp_path, None)
+    root = Path(where)
+
+    class TusFaultDoc(Document):
+        file = FileField(storage=storage)
+        meta = {"collection": "tus_fault_docs"}
+
+    server = Server(database_uri(asyncassets_server_uri, asyncassets_db.name), "filesystem",
+                    where, env)
+    server.start()
+    try:
+        doc = TusFaultDoc()
+        await doc.save()
+        data = os.urandom(6 * MIB + 77)
+        headers = {"Tus-Resumable": "1.0.0"}
+        async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+            made = await http.post(server.url, headers={
+                "Upload-Length": str(len(data)),
+                "Upload-Metadata": f"doc {__import__('base64').b64encode(str(doc.pk).encode()).decode()}",
+            })
+            assert made.status_code == 201, made.text
+            location = made.headers["location"]
+
+            async def body():  # type: ignore[no-untyped-def]
+                for start in range(0, 4 * MIB, MIB // 4):
+                    yield data[start:start + MIB // 4]
+                    await asyncio.sleep(0.25)  # the lease is 2 s: renewed by time
+                server.kill()
+                yield data[4 * MIB:4 * MIB + 1000]
+
+            with pytest.raises(httpx.HTTPError):
+                await http.patch(location, headers={**OCTETS, "Upload-Offset": "0"},
+                                 content=body())
+            server.start()
+            offset = int((await http.head(location)).headers["upload-offset"])
+            assert 0 < offset <= 4 * MIB
+            [temp] = temp_files(root)
+            assert temp.read_bytes()[:offset] == data[:offset]
+            deadline = time.monotonic() + 10
+            while True:  # the dead PATCH's lease (2 s) runs out
+                answer = await http.patch(
+                    location, headers={**OCTETS, "Upload-Offset": str(offset)},
+                    content=data[offset:])
+                if answer.status_code != 409 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.3)
+            assert answer.status_code == 204, answer.text
+        await invariants(TusFaultDoc, doc, data, asyncassets_db)
+        await expire_and_sweep_catalogue(asyncassets_db, "tusfaults")
+        assert temp_files(root) == []
+        assert await asyncassets_db["tusfaults.uploads"].count_documents({}) == 0
+        assert await asyncassets_db["asyncassets.keys"].count_documents({}) == 1
+    finally:
+        server.kill()
+
+
+async def expire_and_sweep_catalogue(db: Any, catalogue: str) -> Any:
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    await db[f"{catalogue}.uploads"].update_many({}, {"$set": {"expires": past}})
+    return await asyncassets.sweep_orphans(grace=0, buckets=catalogue)
