@@ -487,6 +487,27 @@ async def test_the_document_deleted_before_the_finish(asyncassets_db, setup):
     await nothing_left(asyncassets_db, root)
 
 
+async def test_a_temp_file_cut_short_by_hand_is_never_stored_with_a_hole(
+    asyncassets_db, setup
+):
+    """The temp file loses bytes below the durable offset (truncated by hand, a
+    disk repaired): the next write must not fill the gap with zeros and store a
+    file whose bytes are not the ones sent."""
+    cls, doc, root = setup
+    data = os.urandom(2 * MIB)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:MIB])).status_code == 204
+        [temp] = temp_files(root)
+        os.truncate(temp, 1000)
+        answer = await patch(http, location, MIB, data[MIB:])
+        assert answer.status_code in (410, 503), answer.text
+    stored = await cls.objects(pk=doc.pk).first()
+    if stored.file.grid_id is not None:
+        assert await stored.file.read() == data
+    await nothing_left(asyncassets_db, root)
+
+
 async def test_a_temp_file_grown_by_hand_is_refused_at_the_finish_and_cleared(
     asyncassets_db, setup
 ):

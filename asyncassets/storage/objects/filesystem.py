@@ -1305,7 +1305,8 @@ class ResumableFileWriter(FileSystemBlobWriter):
     as a writer's commit does (version, fsync, link), once its size is the
     upload's length.
 
-    :param position: where the next write goes (the upload's durable offset).
+    :param position: where the next write goes (the upload's durable offset); a
+        temp file holding fewer bytes lost some (:class:`~asyncassets.errors.StoredObjectMissing`).
     :param create: make the temp file when it is not there (the first write);
         otherwise its absence means the upload lost its bytes
         (:class:`~asyncassets.errors.StoredObjectMissing`).
@@ -1447,7 +1448,10 @@ class ResumableFileWriter(FileSystemBlobWriter):
             except BaseException:
                 _close_all(fds)
                 raise
-            if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat_module.S_ISREG(st.st_mode) or st.st_size < self._position:
+                # Not a file, or cut short below the durable offset (by hand, a
+                # repaired disk): writing on would leave a hole of zeros in it.
                 os.close(fd)
                 _close_all(fds)
                 raise self._lost()
@@ -1459,8 +1463,9 @@ class ResumableFileWriter(FileSystemBlobWriter):
 
     def _lost(self) -> StoredObjectMissing:
         return StoredObjectMissing(
-            f"{self._blobs.url}: the upload's temp file {self.temp_path!r} is gone "
-            "(removed by hand or by a sweep); start a new upload",
+            f"{self._blobs.url}: the upload's temp file {self.temp_path!r} is gone or "
+            "lost bytes (removed or cut short by hand, or removed by a sweep); start "
+            "a new upload",
             storage=self._blobs.url,
             key=self.key,
         )
