@@ -605,3 +605,53 @@ async def expire_and_sweep_catalogue(db: Any, catalogue: str) -> Any:
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
     await db[f"{catalogue}.uploads"].update_many({}, {"$set": {"expires": past}})
     return await asyncassets.sweep_orphans(grace=0, buckets=catalogue)
+
+
+async def test_a_finish_that_stalled_past_its_lease_never_touches_the_file_a_retry_attached(
+    asyncassets_db, setup, monkeypatch
+):
+    """A finish opens the temp file and stalls (cut off from MongoDB: its lease is
+    not renewed); the client's retried last PATCH takes the upload over and
+    attaches it (the temp file's inode is the object now). When the stalled finish
+    goes on, it must not restamp, link or remove that object."""
+    from pymongo.errors import AutoReconnect
+
+    from asyncassets.storage.objects import filesystem
+    from asyncassets.storage.resumable import UploadSessions
+
+    cls, doc, root = setup
+    data = os.urandom(MIB + 21)
+    real_commit = filesystem.ResumableFileWriter.commit
+    real_renew = UploadSessions.renew
+    opened, resume = asyncio.Event(), asyncio.Event()
+    calls = []
+
+    async def commit(self: Any, **kwargs: Any) -> None:
+        calls.append(self)
+        if len(calls) == 1:
+            await self._send([], "opening")  # what the real commit does first
+            opened.set()
+            await resume.wait()
+        await real_commit(self, **kwargs)
+
+    async def renew(self: Any, upload_id: str, token: str) -> None:
+        if opened.is_set() and not resume.is_set():
+            raise AutoReconnect("cut off")
+        await real_renew(self, upload_id, token)
+
+    monkeypatch.setattr(filesystem.ResumableFileWriter, "commit", commit)
+    monkeypatch.setattr(UploadSessions, "renew", renew)
+    async with client(app_for(cls, lease=LEASE)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        stalled = asyncio.ensure_future(patch(http, location, 0, data))
+        await opened.wait()
+        await asyncio.sleep(LEASE.total_seconds() * 1.6)
+        retry = await patch(http, location, len(data), b"")
+        assert retry.status_code == 204, retry.text
+        await reference_ok(cls, doc, data)
+        await asyncio.sleep(1.1)  # a version stamped now is another second's
+        resume.set()
+        late = await stalled
+        assert late.status_code in (204, 409, 410, 503), late.text
+    await reference_ok(cls, doc, data)
+    await nothing_left(asyncassets_db, root)

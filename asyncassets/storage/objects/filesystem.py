@@ -1383,6 +1383,25 @@ class ResumableFileWriter(FileSystemBlobWriter):
                 )
         await super().commit(overwrite=overwrite)
 
+    def _put_in_place(self, overwrite: bool) -> None:
+        """In a thread: as a writer's, once the file is known to be the upload's temp
+        file still: under its temp name, and under no other name. A finish that
+        stalled past its lease while another finished the upload holds the inode
+        that is the object now (linked under the key, its temp name gone): it must
+        not stamp a version on it, nor link or remove anything."""
+        assert self._fd is not None and self._temp is not None and self._dir_fd is not None
+        st = os.fstat(self._fd)
+        try:
+            named = os.stat(self._temp, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino) or (
+            st.st_nlink != 1
+        ):
+            self._temp = None  # not this writer's to remove
+            raise self._lost()
+        super()._put_in_place(overwrite)
+
     async def read_head(self, size: int) -> bytes:
         """The first ``size`` bytes of the temp file (fewer if it holds fewer)."""
         await self._send([], "opening")
