@@ -732,16 +732,6 @@ async def test_a_stored_file_named_like_a_temp_file_is_not_swept_as_one(
     await nothing_left(asyncassets_db, root)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "UploadSessions.create reserves the key (start_in_place) before it inserts the "
-    "session; a grace-0 sweep whose live-upload listing (live_in_store) falls "
-    "between the two takes the reservation as a dead writer's and releases it. "
-    "The upload then finishes without a reservation of its key (check() does not "
-    "notice; a {filename} template still refuses the key through the entry). Fix: "
-    "insert the session (with its token) before reserving and let the sweep skip "
-    "the reservations of live sessions' tokens, or have both sides check after "
-    "their write (the sweep for a session naming the key after take_over, the "
-    "creation for its reservation after the insert)"))
 async def test_a_sweep_between_the_key_reservation_and_the_session_insert(
     asyncassets_db, setup, monkeypatch
 ):

@@ -44,9 +44,9 @@ async def sweep_resumable(
             await sessions.chunks.delete_many({"upload": upload_id})
 
 
-async def live_in_store(db: Any, store: ObjectStore) -> tuple[set[str], set[str]]:
-    """The keys and temp files of ``store``'s resumable uploads written in place
-    that are not done: not orphans, whatever their age."""
+async def live_in_store(db: Any, store: ObjectStore) -> tuple[set[str], set[str], set[str]]:
+    """The keys, temp files and tokens of ``store``'s resumable uploads written in
+    place that are not done: not orphans, whatever their age."""
     return await UploadSessions(db, store.name, store=_directory(store)).live_in_store()
 
 

@@ -143,9 +143,10 @@ async def sweep_orphans(
             await sweep_direct_sessions(store, bucket_alias, dry_run, max_ids, report)
             live_keys, live_uploads = await live_direct_uploads(store)
             # Resumable uploads written in place: their keys and temp files.
-            tus_keys, tus_temps = await live_in_store(store.db, store)
+            tus_keys, tus_temps, tus_tokens = await live_in_store(store.db, store)
             await _sweep_reservations(store, bucket_alias, work.sharers, cutoff, dry_run,
-                                      batch_size, max_ids, report, skip=live_keys | tus_keys)
+                                      batch_size, max_ids, report, skip=live_keys | tus_keys,
+                                      skip_tokens=tus_tokens)
             await _sweep_objects(store, bucket_alias, work.sharers, cutoff, dry_run,
                                  batch_size, max_ids, report)
             await _sweep_leftovers(store, bucket_alias, cutoff, dry_run, batch_size, max_ids,
@@ -296,6 +297,7 @@ async def _sweep_reservations(
     max_ids: int | None,
     report: SweepReport,
     skip: set[str] = frozenset(),  # type: ignore[assignment]
+    skip_tokens: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> None:
     """Release the key reservations of writers that died, and delete what they left.
 
@@ -319,8 +321,8 @@ async def _sweep_reservations(
         for reservation in batch:
             if reservation["_id"] in alive or str(reservation.get("key")) in named:
                 continue  # a stored file's key
-            if str(reservation.get("key")) in skip:
-                continue  # a live direct upload's
+            if str(reservation.get("key")) in skip or reservation.get("token") in skip_tokens:
+                continue  # a live direct or resumable upload's
             if dry_run:
                 report.reservations_released += 1
                 continue

@@ -228,13 +228,22 @@ class UploadSessions:
         }
         if in_store:
             assert self.store is not None
-            session.update(await inplace.start_in_place(
-                self.store, filename=filename, context=context or {}
-            ))
+            # The session first, its key after: the sweep leaves the reservations
+            # of live sessions' tokens alone, so it never takes this one's key as
+            # a dead writer's, whenever it lists them.
+            session.update(inplace.new_in_place())
+            await self.sessions.insert_one(session)
             try:
-                await self.sessions.insert_one(session)
+                reserved = await inplace.start_in_place(
+                    self.store, filename=filename, context=context or {},
+                    file_id=session["file_id"], token=session["token"],
+                )
+                session["key"] = reserved["key"]
+                await self.sessions.update_one(
+                    {"_id": session["_id"]}, {"$set": {"key": session["key"]}}
+                )
             except BaseException:
-                await asyncio.shield(spawn(inplace.remove_in_place(self.store, session)))
+                await asyncio.shield(spawn(self._drop_created(session)))
                 raise
             self._hashes[session["_id"]] = (0, hashlib.sha256())
             return session
@@ -246,6 +255,12 @@ class UploadSessions:
         await self.sessions.insert_one(session)
         self._hashes[session["_id"]] = (0, hashlib.sha256())
         return session
+
+    async def _drop_created(self, session: Mapping[str, Any]) -> None:
+        """Undo a creation that failed: its key's reservation, then its session."""
+        assert self.store is not None
+        await inplace.remove_in_place(self.store, session)
+        await self.sessions.delete_one({"_id": session["_id"]})
 
     async def get(self, upload_id: str) -> dict[str, Any]:
         """The session ``upload_id``.
@@ -908,11 +923,12 @@ class UploadSessions:
             sha256=digest,
         )
 
-    async def live_in_store(self) -> tuple[set[str], set[str]]:
-        """The keys and temp files of this catalogue's directory uploads not done:
-        the orphan sweep leaves them to their uploads (and to :meth:`remove`)."""
+    async def live_in_store(self) -> tuple[set[str], set[str], set[str]]:
+        """The keys, temp files and tokens of this catalogue's directory uploads not
+        done: the orphan sweep leaves them (and the reservations the tokens made)
+        to their uploads (and to :meth:`remove`)."""
         if self.store is None:
-            return set(), set()
+            return set(), set(), set()
         found = [
             dict(s) async for s in self.sessions.find(
                 {"into": "directory", "state": {"$ne": DONE}},

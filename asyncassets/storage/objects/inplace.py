@@ -42,6 +42,7 @@ __all__ = [
     "complete_in_place",
     "head_in_place",
     "live_in_place",
+    "new_in_place",
     "remove_in_place",
     "start_in_place",
     "writer_of",
@@ -59,13 +60,29 @@ def writes_in_place(store: Any) -> bool:
     )
 
 
+def new_in_place() -> dict[str, Any]:
+    """The fields of a new upload's session before its key is reserved (``into``,
+    ``file_id``, ``token``): the session is stored with them first, so the sweep
+    knows the reservation its token makes next for a live upload's
+    (:func:`live_in_place`), however the two interleave."""
+    return {"into": "directory", "file_id": ObjectId(), "token": secrets.token_hex(16)}
+
+
 async def start_in_place(
-    store: ObjectStore, *, filename: str | None, context: Mapping[str, Any]
+    store: ObjectStore,
+    *,
+    filename: str | None,
+    context: Mapping[str, Any],
+    file_id: Any = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Reserve the key of a new upload's file; return the session's fields
-    (``into``, ``file_id``, ``key``, ``token``). Release with :func:`remove_in_place`."""
-    file_id = ObjectId()
-    token = secrets.token_hex(16)
+    (``into``, ``file_id``, ``key``, ``token``). Release with :func:`remove_in_place`.
+
+    :param file_id, token: the session's (:func:`new_in_place`); new ones if not given.
+    """
+    file_id = ObjectId() if file_id is None else file_id
+    token = secrets.token_hex(16) if token is None else token
     key = check_key(store.keys.make(file_id=file_id, filename=filename, context=context))
     await store.ensure_indexes()
     reserved: list[str] = []
@@ -192,8 +209,8 @@ async def remove_in_place(store: ObjectStore, session: Mapping[str, Any]) -> Non
     file, an object its finish put in place if no entry names it, and its key's
     reservation. An entry made for it (a finish that went that far) keeps its
     object and key: the orphan sweep judges it like any other file."""
-    if session.get("into") != "directory":
-        return
+    if session.get("into") != "directory" or "key" not in session:
+        return  # no key reserved: nothing written (a creation that died)
     if await store.files.find_one({"_id": session["file_id"]}, {"_id": 1}) is not None:
         return
     key, token = session["key"], session["token"]
@@ -207,15 +224,20 @@ async def remove_in_place(store: ObjectStore, session: Mapping[str, Any]) -> Non
 
 def live_in_place(
     sessions: Sequence[Mapping[str, Any]], store: ObjectStore
-) -> tuple[set[str], set[str]]:
-    """The keys and temp file paths of ``sessions`` (uploads not done), which the
-    orphan sweep must leave to them."""
+) -> tuple[set[str], set[str], set[str]]:
+    """The keys, temp file paths and tokens of ``sessions`` (uploads not done),
+    which the orphan sweep must leave to them: a reservation made by one of the
+    tokens is a live upload's, even one whose session does not name its key yet."""
     keys: set[str] = set()
     temps: set[str] = set()
+    tokens: set[str] = set()
     for session in sessions:
         if session.get("into") != "directory":
             continue
+        tokens.add(str(session["token"]))
+        if "key" not in session:
+            continue
         keys.add(str(session["key"]))
         temps.add(writer_of(store, {**session, "offset": 1}).temp_path)
-    return keys, temps
+    return keys, temps, tokens
 
