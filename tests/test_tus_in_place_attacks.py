@@ -794,3 +794,81 @@ async def test_a_temp_file_replaced_by_hand_is_never_stored_as_the_upload(
     else:
         assert answer.status_code in (410, 503), answer.text
     await nothing_left(asyncassets_db, root)
+
+
+async def test_the_sweep_of_an_expired_upload_whose_directory_became_a_link(
+    asyncassets_db, tmp_path
+):
+    """The key's directory replaced by a link (to a directory outside the root)
+    while the upload waits: the sweep of the expired upload follows nothing,
+    removes nothing outside, and neither fails nor leaves the session behind."""
+    root = tmp_path / "files"
+    cls = doc_class(FileSystemStorage(root, collection_name=CAT, fsync=False,
+                                      key_template="up/{filename}"))
+    doc = cls(owner="ann")
+    await doc.save()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, 5000, filename="a.bin")).headers["location"]
+        assert (await patch(http, location, 0, b"a" * 1000)).status_code == 204
+    (root / "up").rename(outside / "up")
+    (root / "up").symlink_to(outside / "up")
+    [temp] = list((outside / "up").iterdir())
+    report = await expire_and_sweep(asyncassets_db)
+    assert report.resumable_expired == 1
+    assert temp.exists() and temp.read_bytes() == b"a" * 1000  # outside: untouched
+    assert await asyncassets_db[f"{CAT}.uploads"].count_documents({}) == 0
+    assert await asyncassets_db["asyncassets.keys"].count_documents({}) == 0
+    (root / "up").unlink()
+    await nothing_left(asyncassets_db, root)
+
+
+@pytest.mark.parametrize("how", ["removed", "cut short"])
+async def test_a_temp_file_lost_before_the_first_bytes_were_sniffed(asyncassets_db, setup, how):
+    """The next PATCH reads the first bytes back to sniff them whole: a temp file
+    removed or cut short meanwhile is a clean 410, the upload dropped."""
+    cls, doc, root = setup
+    data = os.urandom(10_000)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:100])).status_code == 204
+        [temp] = temp_files(root)
+        if how == "removed":
+            temp.unlink()
+        else:
+            os.truncate(temp, 0)
+        answer = await patch(http, location, 100, data[100:])
+        assert answer.status_code == 410, answer.text
+        assert (await http.head(location)).status_code == 404
+    await reference_ok(cls, doc, None)
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_a_temp_file_lost_before_a_retried_finish(asyncassets_db, setup, monkeypatch):
+    """The finish failed (503) before putting the file in place; the temp file is
+    removed by hand; the retried last PATCH is a clean 410, the upload dropped."""
+    from pymongo.errors import AutoReconnect
+
+    from asyncassets.storage.objects import inplace
+
+    cls, doc, root = setup
+    data = os.urandom(3000)
+    real = inplace.complete_in_place
+    failures = [AutoReconnect("down")]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(inplace, "complete_in_place", flaky)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data)).status_code == 503
+        [temp] = temp_files(root)
+        temp.unlink()
+        again = await patch(http, location, len(data), b"")
+        assert again.status_code == 410, again.text
+    await reference_ok(cls, doc, None)
+    await nothing_left(asyncassets_db, root)

@@ -476,7 +476,15 @@ class _TusApp:
         pieces: AsyncIterator[Any] = request.stream()
         if offset < min(HEAD_SIZE, int(session["length"])):
             # The first bytes are not all in yet: sniff them with the ones kept.
-            kept = await sessions.head(session, offset) if offset else b""
+            try:
+                kept = await sessions.head(session, offset) if offset else b""
+            except StoredObjectMissing as exc:
+                # The temp file of a directory upload is gone: its bytes are lost.
+                await sessions.remove(upload_id)
+                raise _Refused(410, str(exc)) from exc
+            except StorageError as exc:
+                raise _Refused(503, f"the storage failed ({exc}); resume from the upload's "
+                               "offset", {"Retry-After": "2"}) from exc
             pieces = self._sniffed(pieces, session, kept)
         try:
             if session.get("into") == INTO_S3:
@@ -636,6 +644,15 @@ class _TusApp:
         except FileValidationError as exc:
             await sessions.remove(upload_id)
             raise _Refused(415, f"{exc}; the upload was dropped") from exc
+        except StoredObjectMissing as exc:
+            # Its bytes are gone (a temp file removed): nothing to attach.
+            await sessions.remove(upload_id)
+            raise _Refused(410, str(exc)) from exc
+        except (PyMongoError, StorageError) as exc:
+            _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
+            raise _Refused(503, f"the upload is complete but could not be attached yet "
+                           f"({type(exc).__name__}); send the last PATCH again",
+                           {"Retry-After": "1"}) from exc
         try:
             if session.get("into") == "directory":
                 files_doc = await sessions.complete_in_store(
