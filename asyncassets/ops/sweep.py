@@ -217,11 +217,19 @@ async def _sweep_files(
     )
     async for batch in _batches(cursor, batch_size):
         report.files_scanned += len(batch)
+        # An entry a resumable upload's finish made, before it moves the reference
+        # to it: the upload's session (not done) names it. Looked up before the
+        # references: a finish marks its session done only after the switch.
+        uploading: set[Any] = set()
+        if isinstance(bucket, (GridBucket, ObjectStore)):
+            uploading = await live_upload_files(
+                bucket.db, bucket.name, [doc["_id"] for doc in batch]
+            )
         referenced, parent_times = await _referenced_files(bucket, sources, batch)
         doomed: list[dict[str, Any]] = []
         for doc in batch:
             file_id = doc["_id"]
-            if _hashable(file_id) and file_id in referenced:
+            if _hashable(file_id) and (file_id in referenced or file_id in uploading):
                 continue
             # A thumbnail is as young as its parent: an image being stored (thumbnail
             # first, parent next, document last) keeps both within the grace period.
