@@ -941,7 +941,8 @@ async def test_uploads_deletes_and_puts_under_a_sweep_without_grace_in_a_loop(
         location = (await create(http, docs[i], len(data), filename="same.bin")
                     ).headers["location"]
         offset = 0
-        for n, cut in enumerate(sorted(rng.sample(range(1, len(data) + 1), 3)) + [len(data)]):
+        cuts = sorted(rng.sample(range(1, len(data) + 1), min(3, len(data))))
+        for n, cut in enumerate([*cuts, len(data)]):
             if i % 4 == 2 and n == 2:
                 assert (await http.delete(location)).status_code == 204
                 expected[i] = None
@@ -997,4 +998,67 @@ async def test_a_sweep_without_grace_between_the_entry_and_the_switch(
         resume.set()
         assert (await finishing).status_code == 204
     await reference_ok(cls, doc, data)
+    await nothing_left(asyncassets_db, root)
+
+
+async def test_racing_duplicate_and_stalling_patches_under_a_sweep_without_grace(
+    asyncassets_db, tmp_path
+):
+    """Clients resuming from HEAD, sending each piece once or twice at once, some
+    stalling past the lease mid-body, a grace-0 sweep all along: byte-exact."""
+    import random
+
+    root = tmp_path / "files"
+    cls = doc_class(FileSystemStorage(root, collection_name=CAT, fsync=False,
+                                      key_template="{filename}"))
+    rng = random.Random(11)
+    docs = [cls(owner="ann") for _ in range(6)]
+    for doc in docs:
+        await doc.save()
+    datas = [os.urandom(rng.randrange(1, 3 * MIB)) for _ in docs]
+    stop = asyncio.Event()
+
+    async def sweeping() -> None:
+        while not stop.is_set():
+            await asyncassets.sweep_orphans(grace=0, buckets=CAT)
+            await asyncio.sleep(0.01)
+
+    async def slow_body(data: bytes, pause: float):  # type: ignore[no-untyped-def]
+        half = len(data) // 2
+        yield data[:half]
+        await asyncio.sleep(pause)
+        yield data[half:]
+
+    async def upload(i: int, http: httpx.AsyncClient) -> None:
+        data = datas[i]
+        location = (await create(http, docs[i], len(data), filename="same.bin")
+                    ).headers["location"]
+        for _ in range(200):
+            head = await http.head(location)
+            offset = int(head.headers["upload-offset"])
+            if offset == len(data):
+                answer = await patch(http, location, offset, b"")
+                if answer.status_code == 204:
+                    return
+                await asyncio.sleep(0.2)
+                continue
+            cut = min(len(data), offset + rng.randrange(1, MIB))
+            piece = data[offset:cut]
+            racers = [http.patch(location, headers={**OCTETS, "Upload-Offset": str(offset)},
+                                 content=slow_body(piece, rng.choice([0, 0, 0.3, 1.5])))
+                      for _ in range(rng.choice([1, 2, 2]))]
+            for answer in await asyncio.gather(*racers):
+                assert answer.status_code in (204, 409), answer.text
+            await asyncio.sleep(rng.random() * 0.05)
+        raise AssertionError("never finished")
+
+    async with client(app_for(cls, lease=LEASE)) as http:
+        sweeper = asyncio.ensure_future(sweeping())
+        try:
+            await asyncio.gather(*(upload(i, http) for i in range(len(docs))))
+        finally:
+            stop.set()
+            await sweeper
+    for i, doc in enumerate(docs):
+        await reference_ok(cls, doc, datas[i])
     await nothing_left(asyncassets_db, root)
