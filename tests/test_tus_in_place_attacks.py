@@ -1062,3 +1062,34 @@ async def test_racing_duplicate_and_stalling_patches_under_a_sweep_without_grace
     for i, doc in enumerate(docs):
         await reference_ok(cls, doc, datas[i])
     await nothing_left(asyncassets_db, root)
+
+
+async def test_check_during_a_paused_upload_and_mid_finish_finds_nothing_wrong(
+    asyncassets_db, setup, monkeypatch
+):
+    from asyncassets.files.proxy import FileProxy
+
+    cls, doc, root = setup
+    data = os.urandom(MIB + 3)
+    real = FileProxy.adopt
+    inserted, resume = asyncio.Event(), asyncio.Event()
+
+    async def adopt(self: Any, *args: Any, **kwargs: Any) -> Any:
+        inserted.set()
+        await resume.wait()
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileProxy, "adopt", adopt)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        assert (await patch(http, location, 0, data[:1000])).status_code == 204
+        report = await asyncassets.check(verify=True, buckets=CAT)
+        assert report.ok, str(report)
+        finishing = asyncio.ensure_future(patch(http, location, 1000, data[1000:]))
+        await inserted.wait()
+        report = await asyncassets.check(verify=True, buckets=CAT)
+        resume.set()
+        assert (await finishing).status_code == 204
+        assert report.ok, str(report)
+    await reference_ok(cls, doc, data)
+    await nothing_left(asyncassets_db, root)

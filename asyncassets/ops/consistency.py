@@ -116,6 +116,7 @@ async def check(
       class, id, field path such as ``photos.2`` or ``items.0.scan``, file id);
     * orphaned files: files no document of a registered class references, whatever
       their age (:func:`~asyncassets.ops.sweep_orphans` deletes those older than its grace period);
+      not the file a resumable upload's finish is attaching;
     * orphaned chunks: chunks whose files document is missing;
     * files with missing, short, oversized or extra chunks;
     * for a directory or S3 storage (the fields' :class:`~asyncassets.storage.Storage`):
@@ -266,9 +267,18 @@ async def _check_files(
     async for batch in _batches(cursor, batch_size):
         report.files += len(batch)
         if claimed:
+            # A resumable upload's file between its finish's entry and its switch is
+            # the upload's (looked up first: the session is done after the switch).
+            uploading: set[Any] = set()
+            if isinstance(bucket, (GridBucket, ObjectStore)):
+                uploading = await live_upload_files(
+                    bucket.db, bucket.name, [doc["_id"] for doc in batch]
+                )
             referenced, _ = await _referenced_files(bucket, sources, batch)
             for doc in batch:
-                if not (_hashable(doc["_id"]) and doc["_id"] in referenced):
+                if not (_hashable(doc["_id"]) and (
+                    doc["_id"] in referenced or doc["_id"] in uploading
+                )):
                     report.orphaned_files += 1
                     item = BucketFile(alias, bucket.name, doc["_id"])
                     if _keep(report.orphaned_file_ids, item, max_ids):
