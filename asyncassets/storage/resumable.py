@@ -68,12 +68,12 @@ from ..errors import (
     UploadLocked,
     UploadNotFound,
     UploadOffsetMismatch,
-    UploadTooLarge,
 )
 from .gridfs.spec import now_as_stored
 from .gridfs.upload import chunk_windows
 from .objects import inplace
 from .objects.store import ObjectStore
+from .received import Received
 
 #: :data:`.objects.direct.SESSIONS`, named here so this module needs nothing of S3.
 DIRECT_SESSIONS = "asyncassets.direct_uploads"
@@ -493,42 +493,23 @@ class UploadSessions:
         running = known[1] if known is not None and known[0] == session["offset"] else None
         inserts.hasher = running
         buffer = bytearray(session["tail"])
-        position = int(session["offset"])
-        first = bytearray() if position == 0 else None
-        hasher = hashlib.new(checksum[0]) if checksum is not None else None
+
+        async def drop() -> None:
+            await inserts.settle()
+            await self._drop_from(session, start_n)
+
+        # Past the length: what was committed stays; what was not is removed by
+        # the next write.
+        received = Received(pieces, upload_id=upload_id, position=int(session["offset"]),
+                            length=length, checksum=checksum, dropped=drop)
+        first = bytearray() if received.position == 0 else None
         batch: list[dict[str, Any]] = []
         committed_n = start_n
         renewed = time.monotonic()
         renew_every = self.lease.total_seconds() / 3
-        failure: BaseException | None = None
-        iterator = pieces.__aiter__()
-        while True:
-            try:
-                piece = await iterator.__anext__()
-            except StopAsyncIteration:
-                break
-            except Exception as exc:
-                # The source failed (a dropped connection): keep what came, unless
-                # it was to be checked whole.
-                if hasher is not None:
-                    await inserts.settle()
-                    await self._drop_from(session, start_n)
-                    raise
-                failure = exc
-                break
-            view = memoryview(piece).cast("B")
-            if position + len(view) > length:
-                # What was committed stays; what was not is removed by the next write.
-                raise UploadTooLarge(
-                    f"upload {upload_id} is {length} bytes long; this write goes past "
-                    "its end",
-                    upload_id=upload_id,
-                )
-            position += len(view)
+        async for view in received:
             if first is not None and len(first) < HEAD_KEPT:
                 first += view[: HEAD_KEPT - len(first)]
-            if hasher is not None:
-                hasher.update(view)
             if running is not None:
                 # Hashed in a thread beside the insert of the batch it ends up in.
                 inserts.hash_later(view)
@@ -553,7 +534,7 @@ class UploadSessions:
                     # One batch in flight while the next is cut, as GridFS uploads do.
                     await inserts.send(chunks, upload_id, batch)
                     batch = []
-                    if hasher is None and (n - committed_n) * size >= _COMMIT_BYTES:
+                    if not received.checked and (n - committed_n) * size >= _COMMIT_BYTES:
                         # The bytes in memory (less than a chunk) are committed later.
                         await inserts.wait()
                         await self._commit(upload_id, token, n, n * size, b"")
@@ -564,20 +545,18 @@ class UploadSessions:
                     await inserts.send(chunks, upload_id, batch)
                     batch = []
                 await inserts.wait()
-                if hasher is None:
+                if not received.checked:
                     await self._commit(upload_id, token, n, n * size, b"")
                     committed_n = n
                 else:
                     await self._renew(upload_id, token)
                 renewed = time.monotonic()
-        if hasher is not None and checksum is not None and hasher.digest() != checksum[1]:
-            await inserts.settle()
-            await self._drop_from(session, start_n)
-            raise UploadChecksumMismatch(
-                f"the bytes sent to upload {upload_id} do not match their {checksum[0]}; "
-                "nothing of them was kept: send them again",
-                upload_id=upload_id,
-            )
+        try:
+            received.verify()
+        except UploadChecksumMismatch:
+            await drop()
+            raise
+        failure, position = received.failure, received.position
         if batch:
             await inserts.send(chunks, upload_id, batch)
         await inserts.wait()
@@ -609,63 +588,37 @@ class UploadSessions:
         running = known[1] if known is not None and known[0] == session["offset"] else None
         # The running hash is fed by the writer, in a thread beside each write.
         writer = inplace.writer_of(self._store_of(session), session, hasher=running)
-        hasher = hashlib.new(checksum[0]) if checksum is not None else None
-        position = committed = int(session["offset"])
-        first = bytearray() if position == 0 else None
+        committed = int(session["offset"])
+        received = Received(pieces, upload_id=upload_id, position=committed, length=length,
+                            checksum=checksum)
+        first = bytearray() if committed == 0 else None
         renewed = time.monotonic()
         renew_every = self.lease.total_seconds() / 3
-        failure: BaseException | None = None
-        iterator = pieces.__aiter__()
         try:
-            while True:
-                try:
-                    piece = await iterator.__anext__()
-                except StopAsyncIteration:
-                    break
-                except Exception as exc:
-                    # The source failed (a dropped connection): keep what came,
-                    # unless it was to be checked whole.
-                    if hasher is not None:
-                        raise
-                    failure = exc
-                    break
-                view = memoryview(piece).cast("B")
-                if position + len(view) > length:
-                    raise UploadTooLarge(
-                        f"upload {upload_id} is {length} bytes long; this write goes "
-                        "past its end",
-                        upload_id=upload_id,
-                    )
-                position += len(view)
+            async for view in received:
                 if first is not None and len(first) < HEAD_KEPT:
                     first += view[: HEAD_KEPT - len(first)]
-                if hasher is not None:
-                    hasher.update(view)
                 # The bytes go into a file other requests open too: never on a
                 # lease that may have run out meanwhile (a client that stalled).
                 stale = time.monotonic() - renewed > renew_every
                 renewed = await self._fresh(upload_id, token, renewed, renew_every)
-                if stale and hasher is None:
+                if stale and not received.checked:
                     # The offset is recorded by time too (a slow client's bytes).
                     committed = await writer.sync()
                     await self._commit(upload_id, token, 0, committed, b"")
                 await writer.write(view)
-                if hasher is None and position - committed >= _COMMIT_BYTES:
+                if not received.checked and received.position - committed >= _COMMIT_BYTES:
                     started = time.monotonic()
                     committed = await writer.sync()
                     await self._commit(upload_id, token, 0, committed, b"")
                     renewed = started
-            if hasher is not None and checksum is not None and hasher.digest() != checksum[1]:
-                raise UploadChecksumMismatch(
-                    f"the bytes sent to upload {upload_id} do not match their "
-                    f"{checksum[0]}; nothing of them was kept: send them again",
-                    upload_id=upload_id,
-                )
+            received.verify()
             # What is buffered is written now: the lease must still hold.
             await self._fresh(upload_id, token, renewed, renew_every)
             committed = await writer.sync()
         finally:
             await writer.abort()
+        failure, position = received.failure, received.position
         after = await self._commit(
             upload_id, token, 0, committed, b"", release=failure is None, head=first
         )

@@ -57,12 +57,11 @@ from ..._tasks import spawn
 from ...errors import (
     DirectUploadError,
     StorageError,
-    UploadChecksumMismatch,
     UploadExpired,
     UploadLocked,
-    UploadTooLarge,
 )
 from ..gridfs.spec import now_as_stored
+from ..received import Received
 from .direct import DirectUploads
 
 if TYPE_CHECKING:
@@ -351,33 +350,12 @@ class _Write:
             # A whole part staged: S3 failed when a write sent it. Sent first.
             await self._send_part(record=True)
         known = sessions._hashes.pop(upload_id, None)
-        position = int(self.session["offset"])
-        running = known[1] if known is not None and known[0] == position else None
-        hasher = hashlib.new(self.checksum[0]) if self.checksum is not None else None
+        received = Received(pieces, upload_id=upload_id, position=int(self.session["offset"]),
+                            length=self.length, checksum=self.checksum)
+        running = known[1] if known is not None and known[0] == received.position else None
         renewed = time.monotonic()
         renew_every = sessions.lease.total_seconds() / 3
-        failure: BaseException | None = None
-        iterator = pieces.__aiter__()
-        while True:
-            try:
-                piece = await iterator.__anext__()
-            except StopAsyncIteration:
-                break
-            except Exception as exc:
-                if hasher is not None:
-                    raise  # to be checked whole: nothing of it is kept
-                failure = exc  # a dropped connection: what came is kept
-                break
-            view = memoryview(piece).cast("B")
-            if position + len(view) > self.length:
-                raise UploadTooLarge(
-                    f"upload {upload_id} is {self.length} bytes long; this write goes past "
-                    "its end",
-                    upload_id=upload_id,
-                )
-            position += len(view)
-            if hasher is not None:
-                hasher.update(view)
+        async for view in received:
             if running is not None:
                 running.update(view)
             pos = 0
@@ -387,20 +365,14 @@ class _Write:
                 self.fresh += view[pos : pos + take]
                 pos += take
                 if self.staged + len(self.fresh) == whole:
-                    await self._send_part(record=hasher is None)
+                    await self._send_part(record=not received.checked)
                     renewed = time.monotonic()
             if time.monotonic() - renewed > renew_every:
                 # A slow client keeps the lease.
                 await sessions._renew(upload_id, self.token)
                 renewed = time.monotonic()
-        if hasher is not None and self.checksum is not None and (
-            hasher.digest() != self.checksum[1]
-        ):
-            raise UploadChecksumMismatch(
-                f"the bytes sent to upload {upload_id} do not match their "
-                f"{self.checksum[0]}; nothing of them was kept: send them again",
-                upload_id=upload_id,
-            )
+        received.verify()
+        failure, position = received.failure, received.position
         await self._stage_fresh()
         after = await self._record(position, release=failure is None)
         if self.parts > self.start_parts:
