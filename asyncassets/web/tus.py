@@ -622,10 +622,7 @@ class _TusApp:
         except (PyMongoError, StorageError) as exc:
             # Unknown outcome or storage failure: the staged bytes stay, and a
             # retried last PATCH finds out (the stored file names this upload).
-            _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
-            raise _Refused(503, f"the upload is complete but could not be attached yet "
-                           f"({type(exc).__name__}); send the last PATCH again",
-                           {"Retry-After": "1"}) from exc
+            raise _not_attached_yet(upload_id, exc) from exc
         await sessions.mark_done(upload_id, proxy.grid_id)
 
     async def _finish_in_place(
@@ -649,10 +646,7 @@ class _TusApp:
             await sessions.remove(upload_id)
             raise _Refused(410, str(exc)) from exc
         except (PyMongoError, StorageError) as exc:
-            _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
-            raise _Refused(503, f"the upload is complete but could not be attached yet "
-                           f"({type(exc).__name__}); send the last PATCH again",
-                           {"Retry-After": "1"}) from exc
+            raise _not_attached_yet(upload_id, exc) from exc
         try:
             if session.get("into") == "directory":
                 files_doc = await sessions.complete_in_store(
@@ -672,10 +666,7 @@ class _TusApp:
             await sessions.remove(upload_id)
             raise _Refused(410, str(exc)) from exc
         except (PyMongoError, StorageError) as exc:
-            _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
-            raise _Refused(503, f"the upload is complete but could not be attached yet "
-                           f"({type(exc).__name__}); send the last PATCH again",
-                           {"Retry-After": "1"}) from exc
+            raise _not_attached_yet(upload_id, exc) from exc
         await sessions.mark_done(upload_id, proxy.grid_id)
 
     # -- in place on S3 (asyncassets.storage.objects.resumable_s3) -------------------------
@@ -779,10 +770,7 @@ class _TusApp:
             await sessions.remove(upload_id)
             raise _Refused(409, f"{exc} The upload was dropped: upload again.") from exc
         except (PyMongoError, StorageError) as exc:
-            _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
-            raise _Refused(503, f"the upload is complete but could not be attached yet "
-                           f"({type(exc).__name__}); send the last PATCH again",
-                           {"Retry-After": "1"}) from exc
+            raise _not_attached_yet(upload_id, exc) from exc
         await sessions.mark_done(upload_id, proxy.grid_id)
         await parts.done(session)
 
@@ -797,6 +785,15 @@ def _writes_in_s3(proxy: FileProxy) -> bool:
         and type(proxy.storage) is S3Storage
         and getattr(rules, "compress", None) is None
     )
+
+
+def _not_attached_yet(upload_id: str, exc: BaseException) -> _Refused:
+    """The answer to a finish that met a database or storage error, or an unknown
+    outcome: the bytes stay, and a retried last PATCH finds out."""
+    _logger.warning("upload %s could not be attached yet: %s", upload_id, exc)
+    return _Refused(503, f"the upload is complete but could not be attached yet "
+                    f"({type(exc).__name__}); send the last PATCH again",
+                    {"Retry-After": "1"})
 
 
 def _in_place_target(proxy: FileProxy, sessions: UploadSessions) -> Any:
