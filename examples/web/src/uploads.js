@@ -35,11 +35,14 @@ async function sha256Base64(blob) {
 }
 
 // tus-js-client: options.onProgress(sent, total), returns {start, abort}.
+// options.headers go with every request (an app's own, such as Authorization: on
+// another origin, its CORS allow_headers must name them too).
 export function tusUpload(file, options) {
   const upload = new tus.Upload(file, {
     endpoint: options.endpoint,
+    headers: options.headers || {},
     chunkSize: options.chunkSize,
-    retryDelays: [0, 500, 1000, 3000],
+    retryDelays: options.retryDelays || [0, 500, 1000, 3000],
     metadata: { filename: file.name, filetype: file.type, ...options.metadata },
     storeFingerprintForResuming: true,
     removeFingerprintOnSuccess: true,
