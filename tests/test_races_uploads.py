@@ -245,11 +245,19 @@ class TusRaces:
         return httpx.URL(reply.headers["location"]).raw_path.decode()
 
     async def offset(self, rng: random.Random, location: str) -> int:
-        reply = await self.request(rng, "HEAD", location)
-        if reply.status_code in (404, 410):
-            raise Gone(str(reply.status_code))
-        assert reply.status_code == 200, reply.status_code
-        return int(reply.headers["upload-offset"])
+        """HEAD's offset, as a tus client asks it: again after a 409 or 503 (a HEAD
+        of a complete upload attaches it first, and says so while it cannot)."""
+        deadline = time.monotonic() + 60
+        while True:
+            reply = await self.request(rng, "HEAD", location)
+            if reply.status_code in (404, 410):
+                raise Gone(str(reply.status_code))
+            if reply.status_code == 200:
+                return int(reply.headers["upload-offset"])
+            assert reply.status_code in (409, 503), reply.status_code
+            assert time.monotonic() < deadline, f"HEAD {location}: {reply.status_code}"
+            self.stats[f"tus: HEAD {reply.status_code} then again"] += 1
+            await asyncio.sleep(0.25)
 
     async def patch(self, rng: random.Random, location: str, offset: int, data: bytes,
                     server: Server | None = None, slow: bool = False) -> httpx.Response:

@@ -401,6 +401,12 @@ class _TusApp:
 
     async def _head(self, request: Request, sessions: UploadSessions, upload_id: str) -> Response:
         session = await self._session(request, sessions, upload_id)
+        if session["offset"] == session["length"] and session.get("state") != DONE:
+            # Every byte is in but the upload is not attached (its finish failed,
+            # or its process died). A client that resumes reads HEAD, sees the whole
+            # offset and stops (tuspy, tus-js-client): so HEAD attaches it, as the
+            # last PATCH sent again would, and answers only once it is attached.
+            await self._finish(sessions, session, busy=503)
         headers = {
             "Upload-Offset": str(session["offset"]),
             "Upload-Length": str(session["length"]),
@@ -554,7 +560,12 @@ class _TusApp:
 
     # -- finishing ------------------------------------------------------------------------
 
-    async def _finish(self, sessions: UploadSessions, session: Mapping[str, Any]) -> None:
+    async def _finish(
+        self, sessions: UploadSessions, session: Mapping[str, Any], *, busy: int = 409
+    ) -> None:
+        """Attach a complete upload (once). ``busy``: the answer when another request
+        holds it (a write, or another finish): 409 to a PATCH; 503 to a HEAD, which
+        a client retries."""
         upload_id = session["_id"]
         if session.get("state") == DONE:
             return
@@ -562,6 +573,9 @@ class _TusApp:
             session = await sessions.begin_finish(upload_id)
         except UploadNotFound as exc:  # and UploadExpired: swept or terminated meanwhile
             raise _Refused(410, str(exc)) from exc
+        except UploadLocked as exc:
+            raise _Refused(busy, str(exc), {"Retry-After": "1"} if busy == 503 else None
+                           ) from exc
         except ResumableUploadError as exc:
             raise _Refused(409, str(exc)) from exc
         if session.get("state") == DONE:
