@@ -177,6 +177,34 @@ async def test_an_expired_upload_swept_leaves_no_multipart_upload_or_reservation
     assert (await asyncassets.check(buckets=name)).ok
 
 
+async def test_an_expired_upload_whose_finish_died_leaves_no_multipart_upload(
+    asyncassets_db, world
+):
+    """Found by the long tus race on S3 (servers killed at finishes): a finish that
+    died left its direct session ``completing`` with its expiry pushed an hour
+    on, and removing the expired upload expired only an ``open`` one, so its
+    multipart upload and key outlived the upload by that hour."""
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(9 * MiB)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data) + 1)).headers["location"]
+        assert (await patch(http, location, 0, data)).status_code == 204
+    upload = await asyncassets_db[f"{name}.uploads"].find_one({})
+    # What a finish SIGKILLed after claiming the direct session leaves.
+    now = dt.datetime.now(dt.timezone.utc)
+    await asyncassets_db[SESSIONS].update_one({"_id": upload["direct"]}, {"$set": {
+        "state": "completing", "lease": "dead", "at": now,
+        "expires": now + dt.timedelta(hours=1)}})
+    past = now - dt.timedelta(seconds=1)
+    await asyncassets_db[f"{name}.uploads"].update_many({}, {"$set": {"expires": past}})
+    report = await asyncassets.sweep_orphans(grace=0, buckets=name)
+    assert report.resumable_expired == 1
+    assert pending_uploads(s3, bucket) == []
+    assert await asyncassets_db[RESERVATIONS].count_documents({"catalogue": name}) == 0
+    assert await asyncassets_db[SESSIONS].count_documents({"catalogue": name}) == 0
+    assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
+
+
 async def test_a_terminated_upload_aborts_its_multipart_upload_at_once(asyncassets_db, world):
     cls, doc, name, s3, bucket = world
     async with client(app_for(cls)) as http:

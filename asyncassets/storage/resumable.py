@@ -349,9 +349,12 @@ class UploadSessions:
         if session.get("into") == "s3" and session.get("state") != DONE:
             # Its multipart upload and key are its direct-upload session's: that
             # expires now, so the orphan sweep aborts and releases them (a DELETE
-            # through tus_app does at once).
+            # through tus_app does at once). Whatever its state short of done: a
+            # finish that died or failed leaves it completing, pushed an hour on,
+            # and no finish runs now (this session is taken).
             await self.direct_sessions.update_one(
-                {"_id": session.get("direct"), "state": "open"}, {"$set": {"expires": _now()}}
+                {"_id": session.get("direct"), "state": {"$ne": "done"}},
+                {"$set": {"expires": _now()}},
             )
         if session.get("into") == "gridfs" and session.get("state") != DONE:
             # Never a file's whose files document exists (a finish that went that far).
