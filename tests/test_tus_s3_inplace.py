@@ -205,6 +205,39 @@ async def test_an_expired_upload_whose_finish_died_leaves_no_multipart_upload(
     assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
 
 
+async def test_a_finish_retried_after_one_that_died_completes_at_once(
+    asyncassets_db, world, monkeypatch
+):
+    """Found by the long tus race on S3 (a server killed at a finish, the upload
+    then 'stuck'): the dead finish left its direct session ``completing``, and
+    every retry was 503 until the direct uploads' own claim ran out (two
+    minutes). The resumable session's lease already makes a finish the only
+    one: the retry takes the dead claim over."""
+    from asyncassets.storage.objects.direct import DirectUploads
+
+    cls, doc, name, s3, bucket = world
+    data = os.urandom(9 * MiB)
+    real = DirectUploads._finish_object
+    deaths = [RuntimeError("the process dies here")]
+
+    async def dies_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if deaths:
+            raise deaths.pop()  # neither a storage nor a database error: a death
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DirectUploads, "_finish_object", dies_once)
+    async with client(app_for(cls)) as http:
+        location = (await create(http, doc, len(data))).headers["location"]
+        with pytest.raises(RuntimeError):
+            await patch(http, location, 0, data)
+        direct = await asyncassets_db[SESSIONS].find_one({})
+        assert direct["state"] == "completing"  # what a dead finish leaves
+        last = await patch(http, location, len(data), b"")
+        assert last.status_code == 204, last.text
+    assert await stored_object(s3, bucket, name, doc, cls) == data
+    assert pending_uploads(s3, bucket) == []
+
+
 async def test_a_terminated_upload_aborts_its_multipart_upload_at_once(asyncassets_db, world):
     cls, doc, name, s3, bucket = world
     async with client(app_for(cls)) as http:

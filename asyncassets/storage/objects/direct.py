@@ -381,7 +381,11 @@ class DirectUploads:
     # -- finalizing ---------------------------------------------------------------
 
     async def complete(
-        self, session_id: Any, *, check_head: Callable[[bytes], None] | None = None
+        self,
+        session_id: Any,
+        *,
+        check_head: Callable[[bytes], None] | None = None,
+        exclusive: bool = False,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Complete the upload, verify it, insert the catalogue entry.
 
@@ -390,6 +394,10 @@ class DirectUploads:
 
         :param check_head: called with the file's first bytes (up to 512); raising
             refuses the file (it is removed, the error propagates).
+        :param exclusive: the caller holds a lease of its own on this upload (a
+            resumable upload's finish), so no other finalize runs: one that died
+            (the session left ``completing``) is taken over at once rather than
+            after :data:`COMPLETING_LEASE`.
         :returns: ``(session, catalogue entry)``.
         :raises DirectUploadError: parts missing (409, the session stays open: send
             them and finalize again); the parts or length do not match what was
@@ -398,15 +406,19 @@ class DirectUploads:
             (503: finalize again).
         """
         session = await self.get(session_id)
-        return await asyncio.shield(spawn(self._complete(session, check_head)))
+        return await asyncio.shield(spawn(self._complete(session, check_head, exclusive)))
 
     async def _complete(
-        self, session: dict[str, Any], check_head: Callable[[bytes], None] | None
+        self,
+        session: dict[str, Any],
+        check_head: Callable[[bytes], None] | None,
+        exclusive: bool = False,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         if session.get("state") in ("stored", "done"):
             return session, await self._entry_of(session)
-        self._require_open_or_stale(session)
-        claimed = await self._claim(session)
+        if not (exclusive and session.get("state") == "completing"):
+            self._require_open_or_stale(session)
+        claimed = await self._claim(session, exclusive)
         lease = claimed["lease"]
         try:
             parts: list[dict[str, Any]] | None = []
@@ -461,11 +473,12 @@ class DirectUploads:
             return
         self._require_open(session, "finalize")
 
-    async def _claim(self, session: dict[str, Any]) -> dict[str, Any]:
-        """Make the session this finalize's (``completing``); one at a time."""
+    async def _claim(self, session: dict[str, Any], exclusive: bool = False) -> dict[str, Any]:
+        """Make the session this finalize's (``completing``); one at a time (with
+        ``exclusive``, the caller's own lease sees to that)."""
         lease = secrets.token_hex(8)
         now = now_as_stored(self.sessions)
-        stale = now - COMPLETING_LEASE
+        stale = now if exclusive else now - COMPLETING_LEASE
         claimed = await self.sessions.find_one_and_update(
             {
                 "_id": session["_id"],

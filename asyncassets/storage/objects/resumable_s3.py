@@ -273,7 +273,9 @@ class S3Parts:
                                      + _FINISHING]},
             }}],
         )
-        _direct, entry = await self.uploads.complete(session["direct"])
+        # The resumable session's lease (held by the caller's finish) makes this the
+        # one finalize: a completing claim a dead finish left is taken over at once.
+        _direct, entry = await self.uploads.complete(session["direct"], exclusive=True)
         return entry
 
     async def done(self, session: Mapping[str, Any]) -> None:
