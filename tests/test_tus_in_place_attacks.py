@@ -790,7 +790,10 @@ async def test_a_temp_file_replaced_by_hand_is_never_stored_as_the_upload(
         answer = await patch(http, location, MIB, data[MIB:])
     stored = await cls.objects(pk=doc.pk).first()
     if stored.file.grid_id is not None:
-        assert await stored.file.read() == data
+        # Digests, not the bytes: pytest's diff of two unequal 2 MiB byte strings
+        # runs for hours (difflib), and this test is expected to fail here.
+        got = await stored.file.read()
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
     else:
         assert answer.status_code in (410, 503), answer.text
     await nothing_left(asyncassets_db, root)
