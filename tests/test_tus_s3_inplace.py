@@ -19,7 +19,6 @@ import asyncassets
 from asyncassets.storage import S3Storage
 from asyncassets.storage.objects.direct import SESSIONS
 from asyncassets.storage.objects.reservations import COLLECTION as RESERVATIONS
-from asyncassets.storage.resumable import DIRECT_SESSIONS
 
 MiB = 1024 * 1024
 PART = 8 * MiB
@@ -61,10 +60,6 @@ async def stored_object(s3: Any, bucket: str, name: str, doc: Any, cls: Any) -> 
     entry = await stored.file._bucket().find(stored.file.grid_id)
     key = f"{name}/{entry['location']['key']}"
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-async def test_the_direct_sessions_collection_is_named_alike():
-    assert DIRECT_SESSIONS == SESSIONS
 
 
 async def test_patches_of_a_part_stage_nothing_during_or_after(asyncassets_db, world):

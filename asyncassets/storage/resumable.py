@@ -72,11 +72,10 @@ from ..errors import (
 from .gridfs.spec import now_as_stored
 from .gridfs.upload import chunk_windows
 from .objects import inplace
+from .objects.direct import SESSIONS as DIRECT_SESSIONS
 from .objects.store import ObjectStore
 from .received import Received
-
-#: :data:`.objects.direct.SESSIONS`, named here so this module needs nothing of S3.
-DIRECT_SESSIONS = "asyncassets.direct_uploads"
+from .sources import hash_views
 
 if TYPE_CHECKING:
     from .gridfs.bucket import GridBucket
@@ -1031,7 +1030,7 @@ class _Inserts:
         insert = self._sessions._insert(chunks, upload_id, batch)
         if self.hasher is not None and self._unhashed:
             views, self._unhashed = self._unhashed, []
-            self._task = spawn(_gather(insert, asyncio.to_thread(_hash_all, self.hasher, views)))
+            self._task = spawn(_gather(insert, asyncio.to_thread(hash_views, self.hasher, views)))
         else:
             self._task = spawn(insert)
 
@@ -1039,7 +1038,7 @@ class _Inserts:
         """Hash what no batch took (the tail), after the last insert."""
         if self.hasher is not None and self._unhashed:
             views, self._unhashed = self._unhashed, []
-            await asyncio.to_thread(_hash_all, self.hasher, views)
+            await asyncio.to_thread(hash_views, self.hasher, views)
 
     async def wait(self) -> None:
         """Wait for the insert in flight; raise its error."""
@@ -1062,11 +1061,6 @@ class _Inserts:
 
 async def _gather(*work: Any) -> None:
     await asyncio.gather(*work)
-
-
-def _hash_all(hasher: Any, views: list[memoryview]) -> None:
-    for view in views:
-        hasher.update(view)
 
 
 def _lease_holds(session: Mapping[str, Any]) -> bool:

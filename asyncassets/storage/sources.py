@@ -148,3 +148,10 @@ def _closed_error(source: Any) -> ValueError:
         f"the source {_source_name(source)} is closed: open it again (in binary mode) "
         "before uploading"
     )
+
+
+def hash_views(hasher: Any, views: list[memoryview]) -> None:
+    """Feed ``views`` to ``hasher`` in order (run in a thread: hashlib releases the
+    GIL on large buffers, so the hash runs beside the write of the same bytes)."""
+    for view in views:
+        hasher.update(view)

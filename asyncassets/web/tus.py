@@ -489,8 +489,7 @@ class _TusApp:
                 await sessions.remove(upload_id)
                 raise _Refused(410, str(exc)) from exc
             except StorageError as exc:
-                raise _Refused(503, f"the storage failed ({exc}); resume from the upload's "
-                               "offset", {"Retry-After": "2"}) from exc
+                raise _storage_failed(exc) from exc
             pieces = self._sniffed(pieces, session, kept)
         try:
             if session.get("into") == INTO_S3:
@@ -523,8 +522,7 @@ class _TusApp:
             await sessions.remove(upload_id)
             raise _Refused(410, str(exc)) from exc
         except StorageError as exc:
-            raise _Refused(503, f"the storage failed ({exc}); resume from the upload's "
-                           "offset", {"Retry-After": "2"}) from exc
+            raise _storage_failed(exc) from exc
         if session["offset"] == session["length"]:
             await self._finish(sessions, session)
         return session
@@ -789,16 +787,23 @@ class _TusApp:
         await parts.done(session)
 
 
+def _plain(proxy: FileProxy) -> bool:
+    """Whether ``proxy``'s field stores the bytes as they come (no image processing,
+    no compression): an upload to it can be written where the file keeps them."""
+    rules = getattr(proxy._field, "rules", None)
+    return type(proxy) is FileProxy and getattr(rules, "compress", None) is None
+
+
 def _writes_in_s3(proxy: FileProxy) -> bool:
     """Whether an upload to ``proxy``'s field writes its parts into the S3 multipart
-    upload of the finished object: a plain file field (as :func:`_in_place_target`)
-    on an S3 bucket."""
-    rules = getattr(proxy._field, "rules", None)
-    return (
-        type(proxy) is FileProxy
-        and type(proxy.storage) is S3Storage
-        and getattr(rules, "compress", None) is None
-    )
+    upload of the finished object: a plain field on an S3 bucket."""
+    return _plain(proxy) and type(proxy.storage) is S3Storage
+
+
+def _storage_failed(exc: BaseException) -> _Refused:
+    """The answer to a write the storage failed: what was recorded stays."""
+    return _Refused(503, f"the storage failed ({exc}); resume from the upload's offset",
+                    {"Retry-After": "2"})
 
 
 def _not_attached_yet(upload_id: str, exc: BaseException) -> _Refused:
@@ -817,8 +822,7 @@ def _in_place_target(proxy: FileProxy, sessions: UploadSessions) -> Any:
     directory (a temp file beside the file's reserved key). Other fields stage the
     bytes and store them through
     :meth:`~asyncassets.files.proxy.FileProxy.replace` at the end: ``None``."""
-    rules = getattr(proxy._field, "rules", None)
-    if type(proxy) is not FileProxy or getattr(rules, "compress", None) is not None:
+    if not _plain(proxy):
         return None
     if type(proxy.storage) is GridFSStorage:
         return proxy._bucket()

@@ -81,7 +81,7 @@ from typing import Any, TypeVar
 from ..._tasks import add_note, spawn
 from ...errors import KeyTaken, StorageError, StoredObjectChanged, StoredObjectMissing
 from ..retry import Retry
-from ..sources import byte_view
+from ..sources import byte_view, hash_views
 from .blobs import BlobInfo
 
 __all__ = ["FileSystemBlobWriter", "FileSystemBlobs", "ResumableFileWriter"]
@@ -1336,7 +1336,7 @@ class ResumableFileWriter(FileSystemBlobWriter):
         if self._hasher is None or not pieces:
             await super()._send(pieces, doing)
             return
-        hashing = asyncio.ensure_future(asyncio.to_thread(_hash_all, self._hasher, pieces))
+        hashing = asyncio.ensure_future(asyncio.to_thread(hash_views, self._hasher, pieces))
         try:
             await super()._send(pieces, doing)
         finally:
@@ -1488,11 +1488,6 @@ class ResumableFileWriter(FileSystemBlobWriter):
             storage=self._blobs.url,
             key=self.key,
         )
-
-
-def _hash_all(hasher: Any, pieces: list[memoryview]) -> None:
-    for piece in pieces:
-        hasher.update(piece)
 
 
 def _hash_file(fd: int, length: int) -> str:
