@@ -29,7 +29,8 @@ In front of a directory (a store given as ``store``), the session reserves its
 file's key at creation and writes the bytes into a temp file beside it, fsynced
 before each offset is recorded; finishing links it under the key
 (:meth:`UploadSessions.complete_in_store`, :mod:`.objects.inplace`). No byte is
-copied there either.
+copied there either. In front of S3, a session owns a multipart upload fed part
+by part (:mod:`.objects.resumable_s3`), only the bytes short of a part staged.
 
 This module knows nothing of documents: finishing (streaming the staged bytes into
 a field's storage, through the field's rules and the reference switch) is the
@@ -39,8 +40,9 @@ and the session is marked done by whichever comes first: the finish, after its
 switch, or the reference writer (:mod:`asyncassets.references`), before it moves
 a reference away from such a file. So a session not done whose field does not
 hold its file was never attached (see :doc:`/uploads`).
-Staging in MongoDB works the same in front of every storage (GridFS, a directory,
-S3): the finished file is written by that storage's own writer, with its key
+Staging in MongoDB works the same in front of every storage, for the fields whose
+bytes are transformed (images, compression) and directories that overwrite: the
+finished file is written by that storage's own writer, with its key
 reservations, versions and cleanup, once the bytes are complete.
 """
 
