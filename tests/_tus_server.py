@@ -13,7 +13,9 @@ was killed mid-PATCH is free again soon after the restart. The race suite
 SIGKILL itself in the middle of an upload's finish: ``switch`` right before the
 reference switch that attaches the upload, ``done`` right after it (before the
 session is marked done); ``part`` right after an S3 UploadPart of a tus upload
-written in place returns, before the write records it (part 2 or later).
+written in place returns, before the write records it (part 2 or later);
+``created`` right after an S3 upload's direct session (its key reserved, its
+multipart upload started) is stored, before the tus session that owns it.
 """
 
 from __future__ import annotations
@@ -83,6 +85,15 @@ def die_at(point: str) -> None:
             return checksum
 
         S3Parts.upload_part = dying_upload_part  # type: ignore[method-assign]
+    elif point == "created":
+
+        async def dying_create(self: Any, **kwargs: Any) -> Any:
+            if (kwargs.get("place") or {}).get("into") == "s3":
+                die()
+            return await create(self, **kwargs)
+
+        create = UploadSessions.create
+        UploadSessions.create = dying_create  # type: ignore[method-assign]
     else:
         raise SystemExit(f"TUS_DIE_AT: no point {point!r}")
 

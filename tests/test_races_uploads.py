@@ -684,6 +684,15 @@ class TusRaces:
         if held:
             await asyncio.sleep(LEASE + 0.2)  # a killed server's lease runs out
         await self.db[f"{CATALOGUE}.uploads"].update_many({}, {"$set": {"expires": past}})
+        if self.kind == "s3":
+            # A server killed between a direct session and the tus session owning
+            # it left that one unowned, living to its own expiry: time passes for
+            # it too. Owned ones are expired by the sweep of their tus session.
+            owners = await self.db[f"{CATALOGUE}.uploads"].distinct("direct")
+            unowned = await self.db[SESSIONS].update_many(
+                {"catalogue": CATALOGUE, "_id": {"$nin": owners}, "state": {"$ne": "done"}},
+                {"$set": {"expires": past}})
+            self.stats["direct sessions a kill left unowned"] += unowned.modified_count
         report = await sweep_orphans(grace=0, buckets=CATALOGUE)
         self.stats["final sweep: expired uploads removed"] += report.resumable_expired
         self.stats["final sweep: orphan files removed"] += report.files_deleted
@@ -691,6 +700,16 @@ class TusRaces:
             left = await self.db[f"{CATALOGUE}.{name}"].count_documents({})
             if left:
                 self.violation(f"left in {CATALOGUE}.{name} after expiry and sweep", str(left))
+        if self.kind == "s3":
+            unfinished = [
+                {k: d.get(k) for k in ("_id", "state", "upload_id", "expires", "at")}
+                async for d in self.db[SESSIONS].find(
+                    {"catalogue": CATALOGUE,
+                     "state": {"$in": ["open", "completing", "aborting", "sweeping"]}})
+            ]
+            if unfinished:  # each holds a multipart upload or a key
+                self.violation("direct sessions unfinished after expiry and sweep",
+                               repr(unfinished)[:600])
         referenced = {}
         async for raw in self.db[DOCS].find({}):
             ref = (raw.get("file") or {}).get("_id") if isinstance(raw.get("file"), dict) \

@@ -792,6 +792,65 @@ async def test_server_sigkilled_after_upload_part_before_record_resumes_byte_exa
         healthy.kill()
 
 
+async def test_server_sigkilled_between_the_direct_session_and_its_owner(
+    asyncassets_db, asyncassets_server_uri, asyncassets_s3_bucket
+):
+    """Killed after the direct session (key reserved, multipart upload started) is
+    stored and before the tus session naming it: the client got no location, the
+    direct session lives to its own expiry (the tus session's would-be one), then
+    the sweep aborts its multipart upload and releases its key."""
+    import base64
+
+    import httpx
+    from test_tus_faults import TUS_HEADERS, Server, storage_for
+
+    from asyncassets import Document
+    from asyncassets.fields import FileField
+    from asyncassets.testing import database_uri
+
+    storage, where, env = storage_for("s3", None, asyncassets_s3_bucket)  # type: ignore[arg-type]
+
+    class TusFaultDoc(Document):
+        file = FileField(storage=storage)
+        meta = {"collection": "tus_fault_docs"}
+
+    uri = database_uri(asyncassets_server_uri, asyncassets_db.name)
+    dying = Server(uri, "s3", where, {**env, "TUS_DIE_AT": "created"})
+    dying.start()
+    s3 = boto3.client(
+        "s3", endpoint_url=asyncassets_s3_bucket.endpoint_url,
+        region_name=asyncassets_s3_bucket.region,
+        aws_access_key_id=asyncassets_s3_bucket.access_key_id,
+        aws_secret_access_key=asyncassets_s3_bucket.secret_access_key,
+    )
+    bucket = asyncassets_s3_bucket.name
+    try:
+        doc = TusFaultDoc()
+        await doc.save()
+        meta = "doc " + base64.b64encode(str(doc.pk).encode()).decode()
+        async with httpx.AsyncClient(timeout=60) as http:
+            with pytest.raises(httpx.TransportError):
+                await http.post(dying.url, headers={
+                    **TUS_HEADERS, "Upload-Length": str(2 * PART), "Upload-Metadata": meta})
+        assert dying.proc is not None and dying.proc.wait(timeout=10) < 0
+        # The window is real: a multipart upload and its session, no tus session.
+        assert len(pending_uploads(s3, bucket, "tusfaults", prefix="")) == 1
+        assert await asyncassets_db["tusfaults.uploads"].count_documents({}) == 0
+        owned = {"catalogue": "tusfaults", "state": "open"}
+        assert await asyncassets_db[SESSIONS].count_documents(owned) == 1
+        # Before its expiry the sweep cannot tell it from a live direct upload.
+        await asyncassets.sweep_orphans(grace=0, buckets="tusfaults")
+        assert len(pending_uploads(s3, bucket, "tusfaults", prefix="")) == 1
+        # Time passes for every session.
+        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+        await asyncassets_db[SESSIONS].update_many({}, {"$set": {"expires": past}})
+        await nothing_left_after_expiry(asyncassets_db, s3, bucket, "tusfaults", files=0,
+                                        prefix="")
+        assert (await TusFaultDoc.objects(pk=doc.pk).first()).file.grid_id is None
+    finally:
+        dying.kill()
+
+
 async def test_the_document_deleted_during_the_finish(asyncassets_db, world, monkeypatch):
     """Deleted after the multipart upload is completed, before the switch: nothing
     is attached, the completed object goes, nothing is left after the sweep."""

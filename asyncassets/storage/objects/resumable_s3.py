@@ -35,7 +35,10 @@ direct upload's.
 Removing a session (a terminate, the sweep) expires its direct session
 (:meth:`~asyncassets.storage.resumable.UploadSessions.remove`), so the orphan
 sweep aborts the multipart upload and releases the key;
-:meth:`S3Parts.abort` does that at once.
+:meth:`S3Parts.abort` does that at once. The direct session is stored before
+the resumable one that owns it, with the same expiry: a process killed between
+the two leaves a direct session nobody was told of, which the sweep ends at that
+expiry, as it would have ended the upload abandoned.
 """
 
 from __future__ import annotations
