@@ -1003,6 +1003,7 @@ async def _kill_in_flight(server: Any, gate: Gate, op: str, point: str) -> dict[
                 and proof["pieces read"] < READ // KCHUNK)
         )  # fmt: skip
         server.kill()
+        killed_at = time.monotonic()
         STATS["kills (SIGKILL)"] += 1
         STATS["kills in flight"] += bool(in_flight)
         record["in flight"] = in_flight
@@ -1034,9 +1035,14 @@ async def _kill_in_flight(server: Any, gate: Gate, op: str, point: str) -> dict[
         observer = AsyncMongoClient(server.uri, serverSelectionTimeoutMS=1000)
         lost, dangling, orphans = await _verify_kill(expected)
         record.update({"lost bytes": lost, "dangling": dangling, "orphans before sweep": orphans})
+        # Chunk ids record whole seconds, and the sweep reads each as the end of its
+        # second (oid_time): with grace 0, a chunk written in the last second before
+        # the kill is still "recent". Past that second, every leftover is old.
+        await asyncio.sleep(max(0.0, killed_at + 1.05 - time.monotonic()))
         report = await ops.sweep_orphans(grace=0, buckets=KBUCKET, alias=ALIAS)
         record["swept files"] = report.files_deleted
         record["swept chunks"] = report.chunks_deleted
+        record["recent orphaned chunks"] = report.recent_orphaned_chunks
         lost2, dangling2, orphans2 = await _verify_kill(expected)
         STATS["lost bytes"] += lost + lost2
         STATS["dangling references"] += dangling + dangling2
