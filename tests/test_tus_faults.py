@@ -473,13 +473,14 @@ async def nothing_left(kind: str, db: Any, root: Path, files: int) -> None:
 
 
 @STAGED_AND_IN_PLACE
-@pytest.mark.parametrize("action", ["replace", "delete", "save"])
+@pytest.mark.parametrize("action", ["replace", "delete", "save", "update", "modify"])
 async def test_a_finish_killed_after_the_switch_is_not_attached_again_after_a_change(
     finish_world, action
 ):
     """The server dies after the switch attached the upload, before its session was
     marked done; the user then replaces (or deletes, or assigns and saves) the file
-    through the document;
+    through the document, or moves the field with a write that records nothing
+    (``update(unset__file=True)``, ``modify(set__file=<another document's file>)``);
     the client's retried last PATCH is complete (204, full offset) and attaches
     nothing: the document keeps the user's change, nothing leaks."""
     import httpx
@@ -501,17 +502,53 @@ async def test_a_finish_killed_after_the_switch_is_not_attached_again_after_a_ch
         elif action == "save":
             stored.file = b"the user's own file"
             await stored.save()
+        elif action == "update":
+            await cls.objects(pk=doc.pk).update(unset__file=True)
+        elif action == "modify":
+            other = cls()
+            await other.file.put(b"the user's own file")
+            await other.save()
+            await cls.objects(pk=doc.pk).modify(set__file=other.file.grid_id)
         else:
             await stored.file.delete()
         answer = await retry_last_patch(http, on(serve(), location), len(data))
     assert answer.status_code == 204, answer.text
     assert answer.headers["upload-offset"] == str(len(data))
     final = await cls.objects(pk=doc.pk).first()
-    if action == "delete":
+    if action in ("delete", "update"):
         assert final.file.grid_id is None
     else:
         assert await final.file.read() == b"the user's own file"
-    await nothing_left(kind, db, root, files=0 if action == "delete" else 1)
+    # What the writes that record nothing detached is an orphan the sweep removes.
+    await nothing_left(kind, db, root, files=0 if action in ("delete", "update") else 1)
+
+
+@STAGED_AND_IN_PLACE
+async def test_a_finish_killed_before_the_switch_is_not_attached_after_a_change(
+    finish_world
+):
+    """The server dies right before the switch; the user then replaces the file; the
+    retried last PATCH is complete (204) and attaches nothing: the field no longer
+    holds what the finish was switching from, so the later change stands."""
+    import httpx
+
+    kind, cls, serve, db, root = finish_world
+    doc = cls()
+    await doc.save()
+    await doc.file.put(b"the first file")
+    data = os.urandom(300_000)
+    async with httpx.AsyncClient(timeout=30) as http:
+        dying = serve(die_at="switch")
+        location = await tus_create(http, dying, doc, len(data))
+        await last_patch_killing_the_server(http, dying, location, data)
+        stored = await cls.objects(pk=doc.pk).first()
+        assert await stored.file.read() == b"the first file"
+        await stored.file.replace(b"the user's own file")
+        answer = await retry_last_patch(http, on(serve(), location), len(data))
+        assert answer.status_code == 204, answer.text
+        assert answer.headers["upload-offset"] == str(len(data))
+    assert await (await cls.objects(pk=doc.pk).first()).file.read() == b"the user's own file"
+    await nothing_left(kind, db, root, files=1)
 
 
 @STAGED_AND_IN_PLACE

@@ -114,6 +114,8 @@ _HASHES_KEPT = 10_000
 
 #: Session states: receiving bytes; complete and being attached; attached.
 OPEN, FINISHING, DONE = "open", "finishing", "done"
+#: What the field held when a finish was about to switch it (``{"id": ...}``).
+SWITCH_FROM = "switch_from"
 #: A session being removed by :meth:`UploadSessions.terminate` (no write may start).
 TERMINATING = "terminating"
 
@@ -785,6 +787,40 @@ class UploadSessions:
         :raises UploadLocked: the lease ran out and another request took it.
         """
         await self._renew(upload_id, token)
+
+    async def record_switch_from(self, upload_id: str, token: str, current: Any) -> Any:
+        """Record, once, what the field held when a finish of this upload was about
+        to switch it (``current``: the file id, or ``None``); return what is
+        recorded. The finish's switch is conditional on that value, so a retried
+        finish that finds the field holding something else knows the field changed
+        since: after the switch (the upload was attached, then moved away by a
+        write that records nothing: ``update()``, ``modify()``, an id assigned and
+        saved), or before it (the switch was refused). Either way the later change
+        stands.
+
+        :raises UploadLocked: the finish no longer holds the session's lease.
+        """
+        recorded = await self.sessions.find_one_and_update(
+            {"_id": upload_id, "lease.token": token},
+            [{"$set": {SWITCH_FROM: {"$ifNull": [f"${SWITCH_FROM}",
+                                                  {"id": {"$literal": current}}]}}}],
+            projection={SWITCH_FROM: 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        if recorded is None:
+            raise UploadLocked(
+                f"upload {upload_id} was taken over by another request while this one "
+                "attached it (its lease expired); send the last PATCH again",
+                upload_id=upload_id,
+            )
+        return recorded[SWITCH_FROM]["id"]
+
+    async def forget_switch_from(self, upload_id: str, token: str) -> None:
+        """A switch known refused (a staged upload keeps its bytes): the next finish
+        records what the field holds then, and switches from that."""
+        await self.sessions.update_one(
+            {"_id": upload_id, "lease.token": token}, {"$unset": {SWITCH_FROM: ""}}
+        )
 
     async def end_finish(self, upload_id: str, token: str) -> None:
         """Give back a finish's lease (an attach that failed: a retry may start)."""

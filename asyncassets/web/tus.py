@@ -22,9 +22,13 @@ An upload is attached once. The file it stores names it (metadata
 ``tus_upload``, :data:`~asyncassets.storage.resumable.UPLOAD_MARK`), and its
 session is marked done by the finish after the switch, or, if that finish died
 first, by the reference writer before any later change moves the field away
-from the file (:mod:`asyncassets.references`). A retried finish reads the document, then the
-session: the field holding the upload's file, or the session done, is complete
-(``204``) and attaches nothing; else the upload was never attached, and it is.
+from the file (:mod:`asyncassets.references`). Before its switch, a finish
+records in the session what the field holds (the value the switch is
+conditional on). A retried finish reads the document, then the session: the
+field holding the upload's file, the session done, or the field holding
+something other than what an earlier finish recorded (it changed since, by
+whatever write) is complete (``204``) and attaches nothing; else the upload was
+never attached, and it is.
 """
 
 from __future__ import annotations
@@ -609,6 +613,19 @@ class _TusApp:
         _document, proxy = await _load_target(info)
         if await _attached(sessions, upload_id, proxy):
             return
+        # What the switch below is conditional on, recorded before it: a finish
+        # retried after this one died finds the field holding something else if it
+        # changed since, whether or not this switch applied, and attaches nothing.
+        try:
+            before = await sessions.record_switch_from(
+                upload_id, session["lease"]["token"], proxy.grid_id)
+        except UploadLocked as exc:
+            raise _Refused(409, str(exc)) from exc
+        except PyMongoError as exc:
+            raise _not_attached_yet(upload_id, exc) from exc
+        if before != proxy.grid_id:
+            await sessions.mark_done(upload_id, session.get("file_id"))
+            return
         if session.get("into") in ("gridfs", "directory"):
             await self._finish_in_place(sessions, session, proxy)
             return
@@ -626,6 +643,8 @@ class _TusApp:
             await sessions.remove(upload_id)
             raise _Refused(415, f"{exc}; the upload was dropped") from exc
         except FileConflict as exc:
+            # Refused for sure: a retry switches from what the field holds then.
+            await sessions.forget_switch_from(upload_id, session["lease"]["token"])
             raise _Refused(409, f"{exc} (send the last PATCH again to retry)") from exc
         except UploadNotFound as exc:
             # Its staged bytes went meanwhile (terminated or swept): nothing to store.
