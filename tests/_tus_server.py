@@ -16,11 +16,28 @@ session is marked done); ``part`` right after an S3 UploadPart of a tus upload
 written in place returns, before the write records it (part 2 or later);
 ``created`` right after an S3 upload's direct session (its key reserved, its
 multipart upload started) is stored, before the tus session that owns it.
+
+The kill-point suite (tests/test_tus_kill_points.py) counts the I/O calls the
+process makes while it serves tus requests (from the first request on, so
+startup's index builds shift nothing; the ``authorize`` hook's own read is not
+counted): MongoDB collection operations (``AsyncCollection`` writes, reads,
+``find_one_and_*``, and each query or ``getMore`` a cursor sends), S3 requests
+(``S3Blobs._call``) and a directory's blocking calls (each call a writer runs in
+its thread, ``_Calls.run``: opening, ``pwrite``, ``fdatasync``, linking in place,
+hashing; and the blobs' ``_in_thread`` ones: ``stat``, removals). A call made
+inside a counted one (``find_one``'s cursor) is not counted again.
+``TUS_LOG_CALLS=PATH`` appends ``number kind what request`` per counted call,
+written before the call runs (``request``: ``<n>:<method>``, the nth request
+served); ``TUS_DIE_AT_CALL=N`` SIGKILLs the process right before
+the Nth call, or right after it returns with ``TUS_DIE_WHEN=after``. S3 parts are
+``TUS_PART_SIZE`` bytes when set (5 MiB at least).
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
+import functools
 import os
 import signal
 import sys
@@ -45,8 +62,139 @@ def storage(kind: str, where: str) -> Storage:
     if kind == "filesystem":
         return FileSystemStorage(where, collection_name="tusfaults", fsync=True)
     endpoint, bucket = where.split("|")
+    options: dict[str, Any] = {}
+    if os.environ.get("TUS_PART_SIZE"):
+        options["part_size"] = int(os.environ["TUS_PART_SIZE"])
     return S3Storage(bucket, endpoint_url=endpoint, region="us-east-1",
-                     collection_name="tusfaults")
+                     collection_name="tusfaults", **options)
+
+
+class Calls:
+    """Counts the I/O calls made while requests are served (module docstring)."""
+
+    def __init__(self, log: str | None, die_at: int | None, after: bool) -> None:
+        self.log = log
+        self.die_at = die_at
+        self.after = after
+        self.count = 0
+        self.counting = False
+        #: The request being served (the suite's are one at a time): number and method.
+        self.request = ""
+        self.requests = 0
+        #: Set inside a counted call (and the hook): calls made there are not counted.
+        self.inside: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            "tus_inside_call", default=False)
+
+    @property
+    def wanted(self) -> bool:
+        return self.log is not None or self.die_at is not None
+
+    def begin(self, kind: str, what: str) -> int | None:
+        """Count a call about to run (``None``: not counted); die before it if asked."""
+        if not self.counting or self.inside.get():
+            return None
+        self.count += 1
+        if self.log is not None:
+            with open(self.log, "a") as out:
+                out.write(f"{self.count} {kind} {what} {self.request}\n")
+        if self.count == self.die_at and not self.after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.count
+
+    def end(self, number: int | None) -> None:
+        if number is not None and number == self.die_at and self.after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def run(self, kind: str, what: str, call: Any) -> Any:
+        number = self.begin(kind, what)
+        if number is None:
+            return await call()
+        token = self.inside.set(True)
+        try:
+            result = await call()
+        finally:
+            self.inside.reset(token)
+        self.end(number)
+        return result
+
+    def patch(self) -> None:
+        from pymongo.asynchronous.collection import AsyncCollection
+        from pymongo.asynchronous.command_cursor import AsyncCommandCursor
+        from pymongo.asynchronous.cursor import AsyncCursor
+
+        from asyncassets.storage.objects import filesystem
+        from asyncassets.storage.objects.s3 import S3Blobs
+
+        calls = self
+
+        for name in ("insert_one", "insert_many", "update_one", "update_many", "replace_one",
+                     "delete_one", "delete_many", "find_one_and_update",
+                     "find_one_and_replace", "find_one_and_delete", "find_one",
+                     "count_documents", "distinct", "bulk_write", "aggregate"):
+            original = getattr(AsyncCollection, name)
+
+            def counted(original: Any, name: str) -> Any:
+                @functools.wraps(original)
+                async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+                    return await calls.run("mongo", f"{self.name}.{name}",
+                                           lambda: original(self, *args, **kwargs))
+                return method
+
+            setattr(AsyncCollection, name, counted(original, name))
+
+        for cursor_class, what in ((AsyncCursor, "find"), (AsyncCommandCursor, "getMore")):
+            refresh = cursor_class._refresh
+
+            def counted_refresh(refresh: Any, what: str) -> Any:
+                async def method(self: Any) -> int:
+                    if len(self._data) or self._killed or self._id == 0:
+                        return int(await refresh(self))  # no I/O
+                    label = what if self._id is None else "getMore"
+                    name = self._collection.name
+                    return int(await calls.run("mongo", f"{name}.{label}",
+                                               lambda: refresh(self)))
+                return method
+
+            cursor_class._refresh = counted_refresh(refresh, what)  # type: ignore[method-assign]
+
+        s3_call = S3Blobs._call
+
+        async def counted_call(self: Any, action: str, key: Any, request: Any,
+                               **kwargs: Any) -> Any:
+            return await calls.run("s3", action,
+                                   lambda: s3_call(self, action, key, request, **kwargs))
+
+        S3Blobs._call = counted_call  # type: ignore[method-assign]
+
+        def name_of(function: Any) -> str:
+            while isinstance(function, functools.partial):
+                function = function.func
+            return str(getattr(function, "__name__", function))
+
+        run = filesystem._Calls.run
+
+        async def counted_run(self: Any, function: Any) -> Any:
+            return await calls.run("fs", name_of(function), lambda: run(self, function))
+
+        filesystem._Calls.run = counted_run  # type: ignore[method-assign]
+        in_thread = filesystem._in_thread
+
+        async def counted_in_thread(function: Any) -> Any:
+            return await calls.run("fs", name_of(function), lambda: in_thread(function))
+
+        filesystem._in_thread = counted_in_thread  # type: ignore[assignment]
+
+    def wrap(self, app: Any) -> Any:
+        """The ASGI app, counting from its first HTTP request on."""
+
+        async def counting(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                self.counting = True
+                self.requests += 1
+                self.request = f"{self.requests}:{scope['method']}"
+            await app(scope, receive, send)
+
+        return counting
 
 
 def die_at(point: str) -> None:
@@ -106,9 +254,17 @@ def main() -> None:
         file = FileField(storage=storage(kind, where))
         meta = {"collection": "tus_fault_docs"}
 
+    die_at_call = os.environ.get("TUS_DIE_AT_CALL")
+    calls = Calls(os.environ.get("TUS_LOG_CALLS"), int(die_at_call) if die_at_call else None,
+                  os.environ.get("TUS_DIE_WHEN", "before") == "after")
+
     async def authorize(request: Request, upload: TusUpload) -> Any:
         if upload.id is None:
-            doc = await TusFaultDoc.objects(pk=upload.metadata.get("doc")).first()
+            token = calls.inside.set(True)  # the app's read, not the library's
+            try:
+                doc = await TusFaultDoc.objects(pk=upload.metadata.get("doc")).first()
+            finally:
+                calls.inside.reset(token)
             return None if doc is None else UploadTarget(doc, "file")
         return True
 
@@ -118,7 +274,10 @@ def main() -> None:
     options: dict[str, Any] = {"lease": dt.timedelta(seconds=2)}
     if os.environ.get("TUS_EXPIRES"):
         options["expires"] = dt.timedelta(seconds=float(os.environ["TUS_EXPIRES"]))
-    app = Starlette(routes=[Mount("/uploads", tus_app(authorize, **options))])
+    app: Any = Starlette(routes=[Mount("/uploads", tus_app(authorize, **options))])
+    if calls.wanted:
+        calls.patch()
+        app = calls.wrap(app)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
