@@ -851,6 +851,69 @@ async def test_server_sigkilled_between_the_direct_session_and_its_owner(
         dying.kill()
 
 
+async def test_a_finish_killed_before_the_switch_is_not_attached_after_a_change(
+    asyncassets_db, asyncassets_server_uri, asyncassets_s3_bucket
+):
+    """Killed right before the switch, the file replaced by the user, then the last
+    PATCH retried: 204, the user's file stays, and after expiry and the sweep only
+    that file is left (the upload's completed object is an orphan the sweep takes)."""
+    import httpx
+    from test_tus_faults import Server, storage_for, tus_create, tus_patch
+
+    from asyncassets import Document
+    from asyncassets.fields import FileField
+    from asyncassets.testing import database_uri
+
+    storage, where, env = storage_for("s3", None, asyncassets_s3_bucket)  # type: ignore[arg-type]
+
+    class TusFaultDoc(Document):
+        file = FileField(storage=storage)
+        meta = {"collection": "tus_fault_docs"}
+
+    uri = database_uri(asyncassets_server_uri, asyncassets_db.name)
+    dying = Server(uri, "s3", where, {**env, "TUS_DIE_AT": "switch"})
+    dying.start()
+    healthy = Server(uri, "s3", where, env)
+    healthy.start()
+    try:
+        doc = TusFaultDoc()
+        await doc.save()
+        await doc.file.put(b"the first file")
+        data = os.urandom(PART + 1000)
+        async with httpx.AsyncClient(timeout=60) as http:
+            location = await tus_create(http, dying, doc, len(data))
+            with pytest.raises(httpx.TransportError):
+                await tus_patch(http, location, 0, data)
+            assert dying.proc is not None and dying.proc.wait(timeout=10) < 0
+            stored = await TusFaultDoc.objects(pk=doc.pk).first()
+            assert await stored.file.read() == b"the first file"
+            await stored.file.replace(b"the user's own file")
+            there = f"http://127.0.0.1:{healthy.args[0]}" + location.split(
+                f":{dying.args[0]}", 1)[1]
+            deadline = asyncio.get_running_loop().time() + 15
+            while True:  # the dead server's lease (2 s)
+                answer = await tus_patch(http, there, len(data), b"")
+                if answer.status_code != 409 or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.25)
+            assert answer.status_code == 204, answer.text
+            assert answer.headers["upload-offset"] == str(len(data))
+        final = await TusFaultDoc.objects(pk=doc.pk).first()
+        assert await final.file.read() == b"the user's own file"
+        s3 = boto3.client(
+            "s3", endpoint_url=asyncassets_s3_bucket.endpoint_url,
+            region_name=asyncassets_s3_bucket.region,
+            aws_access_key_id=asyncassets_s3_bucket.access_key_id,
+            aws_secret_access_key=asyncassets_s3_bucket.secret_access_key,
+        )
+        await asyncio.sleep(1.1)  # the completed object's age, past grace 0
+        await nothing_left_after_expiry(asyncassets_db, s3, asyncassets_s3_bucket.name,
+                                        "tusfaults", files=1, prefix="")
+    finally:
+        dying.kill()
+        healthy.kill()
+
+
 async def test_the_document_deleted_during_the_finish(asyncassets_db, world, monkeypatch):
     """Deleted after the multipart upload is completed, before the switch: nothing
     is attached, the completed object goes, nothing is left after the sweep."""

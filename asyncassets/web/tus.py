@@ -625,6 +625,9 @@ class _TusApp:
             raise _not_attached_yet(upload_id, exc) from exc
         if before != proxy.grid_id:
             await sessions.mark_done(upload_id, session.get("file_id"))
+            if session.get("into") == INTO_S3:
+                # Its multipart upload, if not completed, goes now (else at expiry).
+                await self._abort_s3(sessions, session)
             return
         if session.get("into") in ("gridfs", "directory"):
             await self._finish_in_place(sessions, session, proxy)
