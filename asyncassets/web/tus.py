@@ -585,9 +585,21 @@ class _TusApp:
         # One finish at a time: it holds the session's lease, renewed while it runs
         # (a large staged file takes a while to store), given back at its end.
         token = session["lease"]["token"]
-        keeper = spawn(self._keep_lease(sessions, upload_id, token))
+        # The attach runs as a task of its own, which the keeper cancels when it
+        # cannot renew the lease before it runs out: another finish may take the
+        # upload over then, and this one must not switch after it.
+        attach = asyncio.ensure_future(self._attach(sessions, session))
+        lost: list[bool] = []
+        keeper = spawn(self._keep_lease(sessions, upload_id, token, attach, lost))
         try:
-            await self._attach(sessions, session)
+            try:
+                await attach
+            except asyncio.CancelledError:
+                if not lost:
+                    raise
+                raise _Refused(503, "the upload is complete but could not be attached yet "
+                               "(its finish lost its lease); send the last PATCH again",
+                               {"Retry-After": "1"}) from None
         finally:
             keeper.cancel()
             try:
@@ -597,15 +609,27 @@ class _TusApp:
                 _logger.warning("upload %s: the lease of its finish was not given back: "
                                 "%s", upload_id, exc)
 
-    async def _keep_lease(self, sessions: UploadSessions, upload_id: str, token: str) -> None:
+    async def _keep_lease(self, sessions: UploadSessions, upload_id: str, token: str,
+                          attach: asyncio.Future[Any], lost: list[bool]) -> None:
+        """Renew the finish's lease every third of it; a renewal that fails is tried
+        again at the next, unless the lease would run out before: then (or when it
+        was taken over) cancel ``attach`` before it can switch unowned."""
+        loop = asyncio.get_running_loop()
+        period = sessions.lease.total_seconds()
+        held_until = loop.time() + period
         while True:
-            await asyncio.sleep(sessions.lease.total_seconds() / 3)
+            await asyncio.sleep(period / 3)
             try:
                 await sessions.renew(upload_id, token)
             except (UploadLocked, PyMongoError) as exc:
                 _logger.warning("upload %s: the lease of its finish was not renewed: %s",
                                 upload_id, exc)
-                return
+                if isinstance(exc, UploadLocked) or loop.time() + period / 3 >= held_until:
+                    lost.append(True)
+                    attach.cancel()
+                    return
+                continue
+            held_until = loop.time() + period
 
     async def _attach(self, sessions: UploadSessions, session: Mapping[str, Any]) -> None:
         upload_id = session["_id"]
