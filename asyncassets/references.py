@@ -893,6 +893,7 @@ def _subclass(doc_cls: type, name: str) -> type:
 async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None:
     """Delete the cascading files held by these raw (deleted) documents."""
     groups: dict[tuple[str, str, type], set[Any]] = defaultdict(set)
+    held: dict[tuple[str, str, type], set[Any]] = defaultdict(set)
     proxies: dict[tuple[str, str, type], FileProxy] = {}
     for son in sons:
         cls = _subclass(doc_cls, son["_cls"]) if "_cls" in son else doc_cls
@@ -901,15 +902,39 @@ async def delete_files_of(doc_cls: type, sons: Sequence[dict[str, Any]]) -> None
             field = proxy._field
             if not is_file_id(proxy.grid_id) or (field is not None and not field.cascade):
                 continue  # no file, one that names no file (a dict...), or kept
-            if proxy._shared_elsewhere(proxy.grid_id):
-                continue  # a live document still holds it (copied): keep it
             # Keyed by proxy class too: an ImageProxy also deletes thumbnails.
             key = (proxy.db_alias, proxy.collection_name, type(proxy))
-            groups[key].add(proxy.grid_id)
             proxies[key] = proxy
+            held[key].add(proxy.grid_id)
+            if proxy._shared_elsewhere(proxy.grid_id):
+                continue  # a live document still holds it (copied): keep it
+            groups[key].add(proxy.grid_id)
+    for key, ids in held.items():
+        await _uploads_left(proxies[key], ids)
     for key, ids in groups.items():
         for file_id in ids:
             await proxies[key]._drop_replaced(file_id)
+
+
+async def _uploads_left(proxy: FileProxy, file_ids: set[Any]) -> None:
+    """The deleted documents held these files: mark done the sessions of the
+    resumable uploads that made any of them (:data:`UPLOAD_MARK`), as
+    :func:`_before_leaving` does for a switch. Else an upload whose finish died
+    after its switch would be attached by its retry to a document created again
+    with the same ``_id`` (a staged upload keeps its bytes until it is done). One
+    read per bucket and batch."""
+    ids = [file_id for file_id in file_ids if is_file_id(file_id)]
+    if not ids:
+        return
+    found = proxy._bucket().files.find(
+        {"_id": {"$in": ids}, f"metadata.{UPLOAD_MARK}": {"$type": "string"}},
+        {f"metadata.{UPLOAD_MARK}": 1},
+    )
+    marked = [(entry["_id"], entry["metadata"][UPLOAD_MARK]) async for entry in found]
+    if marked:
+        sessions = UploadSessions(get_db(proxy.db_alias), proxy.collection_name)
+        for file_id, upload_id in marked:
+            await sessions.mark_done(upload_id, file_id)
 
 
 # -- data assigned to file fields: uploaded by save() ---------------------------------
