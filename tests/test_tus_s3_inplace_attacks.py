@@ -731,14 +731,15 @@ async def test_creation_with_the_whole_upload(asyncassets_db, world):
     await nothing_left_after_expiry(asyncassets_db, s3, bucket, name, files=1)
 
 
-# -- a real SIGKILL between UploadPart and its record -----------------------------------
+# -- real SIGKILLs of the server process (tests/_tus_server.py) --------------------------
 
 
-async def test_server_sigkilled_after_upload_part_before_record_resumes_byte_exact(
-    asyncassets_db, asyncassets_server_uri, asyncassets_s3_bucket
-):
-    import httpx
-    from test_tus_faults import Server, storage_for, tus_create, tus_patch
+@pytest.fixture
+async def killed(asyncassets_db, asyncassets_server_uri, asyncassets_s3_bucket):
+    """``(serve, cls, s3, bucket)``: ``serve(die_at=None)`` starts a tus server
+    process on the test's bucket (``TUS_DIE_AT``: where it SIGKILLs itself), each
+    killed at the end; ``cls`` the document class it attaches uploads to."""
+    from test_tus_faults import Server, storage_for
 
     from asyncassets import Document
     from asyncassets.fields import FileField
@@ -751,49 +752,70 @@ async def test_server_sigkilled_after_upload_part_before_record_resumes_byte_exa
         meta = {"collection": "tus_fault_docs"}
 
     uri = database_uri(asyncassets_server_uri, asyncassets_db.name)
-    dying = Server(uri, "s3", where, {**env, "TUS_DIE_AT": "part"})
-    dying.start()
-    healthy = Server(uri, "s3", where, env)
-    healthy.start()
+    started: list[Any] = []
+
+    def serve(die_at: str | None = None) -> Any:
+        server = Server(uri, "s3", where, {**env, **({"TUS_DIE_AT": die_at} if die_at else {})})
+        started.append(server)
+        server.start()
+        return server
+
+    s3 = boto3.client(
+        "s3", endpoint_url=asyncassets_s3_bucket.endpoint_url,
+        region_name=asyncassets_s3_bucket.region,
+        aws_access_key_id=asyncassets_s3_bucket.access_key_id,
+        aws_secret_access_key=asyncassets_s3_bucket.secret_access_key,
+    )
     try:
-        doc = TusFaultDoc()
-        await doc.save()
-        data = os.urandom(3 * PART + 1000)
-        async with httpx.AsyncClient(timeout=60) as http:
-            location = await tus_create(http, dying, doc, len(data))
-            assert (await tus_patch(http, location, 0, data[:MiB])).status_code == 204
-            with pytest.raises(httpx.TransportError):
-                await tus_patch(http, location, MiB, data[MiB:])
-            assert dying.proc is not None and dying.proc.wait(timeout=10) < 0
-            there = f"http://127.0.0.1:{healthy.args[0]}" + location.split(
-                f":{dying.args[0]}", 1)[1]
-            head = await http.head(there, headers={"Tus-Resumable": "1.0.0"})
-            offset = int(head.headers["upload-offset"])
-            assert offset == PART  # part 1 recorded; part 2 uploaded, not recorded
-            deadline = asyncio.get_running_loop().time() + 15
-            while True:  # the dead server's lease (2 s)
-                answer = await tus_patch(http, there, offset, data[offset:])
-                if answer.status_code != 409 or asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.25)
-            assert answer.status_code == 204, answer.text
-        stored = await TusFaultDoc.objects(pk=doc.pk).first()
-        assert await stored.file.read() == data
-        s3 = boto3.client(
-            "s3", endpoint_url=asyncassets_s3_bucket.endpoint_url,
-            region_name=asyncassets_s3_bucket.region,
-            aws_access_key_id=asyncassets_s3_bucket.access_key_id,
-            aws_secret_access_key=asyncassets_s3_bucket.secret_access_key,
-        )
-        await nothing_left_after_expiry(asyncassets_db, s3, asyncassets_s3_bucket.name,
-                                        "tusfaults", files=1, prefix="")
+        yield serve, TusFaultDoc, s3, asyncassets_s3_bucket.name
     finally:
-        dying.kill()
-        healthy.kill()
+        for server in started:
+            server.kill()
+
+
+async def patch_once_free(http: Any, url: str, offset: int, data: bytes) -> Any:
+    """PATCH, again while the answer is 409 (a dead server's 2 s lease), up to 15 s."""
+    from test_tus_faults import tus_patch
+
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        answer = await tus_patch(http, url, offset, data)
+        if answer.status_code != 409 or asyncio.get_running_loop().time() > deadline:
+            return answer
+        await asyncio.sleep(0.25)
+
+
+async def test_server_sigkilled_after_upload_part_before_record_resumes_byte_exact(
+    asyncassets_db, killed
+):
+    import httpx
+    from test_tus_faults import on, tus_create, tus_patch
+
+    serve, cls, s3, bucket = killed
+    dying, healthy = serve("part"), serve()
+    doc = cls()
+    await doc.save()
+    data = os.urandom(3 * PART + 1000)
+    async with httpx.AsyncClient(timeout=60) as http:
+        location = await tus_create(http, dying, doc, len(data))
+        assert (await tus_patch(http, location, 0, data[:MiB])).status_code == 204
+        with pytest.raises(httpx.TransportError):
+            await tus_patch(http, location, MiB, data[MiB:])
+        assert dying.proc is not None and dying.proc.wait(timeout=10) < 0
+        there = on(healthy, location)
+        head = await http.head(there, headers={"Tus-Resumable": "1.0.0"})
+        offset = int(head.headers["upload-offset"])
+        assert offset == PART  # part 1 recorded; part 2 uploaded, not recorded
+        answer = await patch_once_free(http, there, offset, data[offset:])
+        assert answer.status_code == 204, answer.text
+    stored = await cls.objects(pk=doc.pk).first()
+    assert await stored.file.read() == data
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, "tusfaults", files=1,
+                                    prefix="")
 
 
 async def test_server_sigkilled_between_the_direct_session_and_its_owner(
-    asyncassets_db, asyncassets_server_uri, asyncassets_s3_bucket
+    asyncassets_db, killed
 ):
     """Killed after the direct session (key reserved, multipart upload started) is
     stored and before the tus session naming it: the client got no location, the
@@ -802,116 +824,65 @@ async def test_server_sigkilled_between_the_direct_session_and_its_owner(
     import base64
 
     import httpx
-    from test_tus_faults import TUS_HEADERS, Server, storage_for
+    from test_tus_faults import TUS_HEADERS
 
-    from asyncassets import Document
-    from asyncassets.fields import FileField
-    from asyncassets.testing import database_uri
-
-    storage, where, env = storage_for("s3", None, asyncassets_s3_bucket)  # type: ignore[arg-type]
-
-    class TusFaultDoc(Document):
-        file = FileField(storage=storage)
-        meta = {"collection": "tus_fault_docs"}
-
-    uri = database_uri(asyncassets_server_uri, asyncassets_db.name)
-    dying = Server(uri, "s3", where, {**env, "TUS_DIE_AT": "created"})
-    dying.start()
-    s3 = boto3.client(
-        "s3", endpoint_url=asyncassets_s3_bucket.endpoint_url,
-        region_name=asyncassets_s3_bucket.region,
-        aws_access_key_id=asyncassets_s3_bucket.access_key_id,
-        aws_secret_access_key=asyncassets_s3_bucket.secret_access_key,
-    )
-    bucket = asyncassets_s3_bucket.name
-    try:
-        doc = TusFaultDoc()
-        await doc.save()
-        meta = "doc " + base64.b64encode(str(doc.pk).encode()).decode()
-        async with httpx.AsyncClient(timeout=60) as http:
-            with pytest.raises(httpx.TransportError):
-                await http.post(dying.url, headers={
-                    **TUS_HEADERS, "Upload-Length": str(2 * PART), "Upload-Metadata": meta})
-        assert dying.proc is not None and dying.proc.wait(timeout=10) < 0
-        # The window is real: a multipart upload and its session, no tus session.
-        assert len(pending_uploads(s3, bucket, "tusfaults", prefix="")) == 1
-        assert await asyncassets_db["tusfaults.uploads"].count_documents({}) == 0
-        owned = {"catalogue": "tusfaults", "state": "open"}
-        assert await asyncassets_db[SESSIONS].count_documents(owned) == 1
-        # Before its expiry the sweep cannot tell it from a live direct upload.
-        await asyncassets.sweep_orphans(grace=0, buckets="tusfaults")
-        assert len(pending_uploads(s3, bucket, "tusfaults", prefix="")) == 1
-        # Time passes for every session.
-        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
-        await asyncassets_db[SESSIONS].update_many({}, {"$set": {"expires": past}})
-        await nothing_left_after_expiry(asyncassets_db, s3, bucket, "tusfaults", files=0,
-                                        prefix="")
-        assert (await TusFaultDoc.objects(pk=doc.pk).first()).file.grid_id is None
-    finally:
-        dying.kill()
+    serve, cls, s3, bucket = killed
+    dying = serve("created")
+    doc = cls()
+    await doc.save()
+    meta = "doc " + base64.b64encode(str(doc.pk).encode()).decode()
+    async with httpx.AsyncClient(timeout=60) as http:
+        with pytest.raises(httpx.TransportError):
+            await http.post(dying.url, headers={
+                **TUS_HEADERS, "Upload-Length": str(2 * PART), "Upload-Metadata": meta})
+    assert dying.proc is not None and dying.proc.wait(timeout=10) < 0
+    # The window is real: a multipart upload and its session, no tus session.
+    assert len(pending_uploads(s3, bucket, "tusfaults", prefix="")) == 1
+    assert await asyncassets_db["tusfaults.uploads"].count_documents({}) == 0
+    owned = {"catalogue": "tusfaults", "state": "open"}
+    assert await asyncassets_db[SESSIONS].count_documents(owned) == 1
+    # Before its expiry the sweep cannot tell it from a live direct upload.
+    await asyncassets.sweep_orphans(grace=0, buckets="tusfaults")
+    assert len(pending_uploads(s3, bucket, "tusfaults", prefix="")) == 1
+    # Time passes for every session.
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    await asyncassets_db[SESSIONS].update_many({}, {"$set": {"expires": past}})
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, "tusfaults", files=0,
+                                    prefix="")
+    assert (await cls.objects(pk=doc.pk).first()).file.grid_id is None
 
 
 async def test_a_finish_killed_before_the_switch_is_not_attached_after_a_change(
-    asyncassets_db, asyncassets_server_uri, asyncassets_s3_bucket
+    asyncassets_db, killed
 ):
     """Killed right before the switch, the file replaced by the user, then the last
     PATCH retried: 204, the user's file stays, and after expiry and the sweep only
     that file is left (the upload's completed object is an orphan the sweep takes)."""
     import httpx
-    from test_tus_faults import Server, storage_for, tus_create, tus_patch
+    from test_tus_faults import on, tus_create, tus_patch
 
-    from asyncassets import Document
-    from asyncassets.fields import FileField
-    from asyncassets.testing import database_uri
-
-    storage, where, env = storage_for("s3", None, asyncassets_s3_bucket)  # type: ignore[arg-type]
-
-    class TusFaultDoc(Document):
-        file = FileField(storage=storage)
-        meta = {"collection": "tus_fault_docs"}
-
-    uri = database_uri(asyncassets_server_uri, asyncassets_db.name)
-    dying = Server(uri, "s3", where, {**env, "TUS_DIE_AT": "switch"})
-    dying.start()
-    healthy = Server(uri, "s3", where, env)
-    healthy.start()
-    try:
-        doc = TusFaultDoc()
-        await doc.save()
-        await doc.file.put(b"the first file")
-        data = os.urandom(PART + 1000)
-        async with httpx.AsyncClient(timeout=60) as http:
-            location = await tus_create(http, dying, doc, len(data))
-            with pytest.raises(httpx.TransportError):
-                await tus_patch(http, location, 0, data)
-            assert dying.proc is not None and dying.proc.wait(timeout=10) < 0
-            stored = await TusFaultDoc.objects(pk=doc.pk).first()
-            assert await stored.file.read() == b"the first file"
-            await stored.file.replace(b"the user's own file")
-            there = f"http://127.0.0.1:{healthy.args[0]}" + location.split(
-                f":{dying.args[0]}", 1)[1]
-            deadline = asyncio.get_running_loop().time() + 15
-            while True:  # the dead server's lease (2 s)
-                answer = await tus_patch(http, there, len(data), b"")
-                if answer.status_code != 409 or asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.25)
-            assert answer.status_code == 204, answer.text
-            assert answer.headers["upload-offset"] == str(len(data))
-        final = await TusFaultDoc.objects(pk=doc.pk).first()
-        assert await final.file.read() == b"the user's own file"
-        s3 = boto3.client(
-            "s3", endpoint_url=asyncassets_s3_bucket.endpoint_url,
-            region_name=asyncassets_s3_bucket.region,
-            aws_access_key_id=asyncassets_s3_bucket.access_key_id,
-            aws_secret_access_key=asyncassets_s3_bucket.secret_access_key,
-        )
-        await asyncio.sleep(1.1)  # the completed object's age, past grace 0
-        await nothing_left_after_expiry(asyncassets_db, s3, asyncassets_s3_bucket.name,
-                                        "tusfaults", files=1, prefix="")
-    finally:
-        dying.kill()
-        healthy.kill()
+    serve, cls, s3, bucket = killed
+    dying, healthy = serve("switch"), serve()
+    doc = cls()
+    await doc.save()
+    await doc.file.put(b"the first file")
+    data = os.urandom(PART + 1000)
+    async with httpx.AsyncClient(timeout=60) as http:
+        location = await tus_create(http, dying, doc, len(data))
+        with pytest.raises(httpx.TransportError):
+            await tus_patch(http, location, 0, data)
+        assert dying.proc is not None and dying.proc.wait(timeout=10) < 0
+        stored = await cls.objects(pk=doc.pk).first()
+        assert await stored.file.read() == b"the first file"
+        await stored.file.replace(b"the user's own file")
+        answer = await patch_once_free(http, on(healthy, location), len(data), b"")
+        assert answer.status_code == 204, answer.text
+        assert answer.headers["upload-offset"] == str(len(data))
+    final = await cls.objects(pk=doc.pk).first()
+    assert await final.file.read() == b"the user's own file"
+    await asyncio.sleep(1.1)  # the completed object's age, past grace 0
+    await nothing_left_after_expiry(asyncassets_db, s3, bucket, "tusfaults", files=1,
+                                    prefix="")
 
 
 async def test_the_document_deleted_during_the_finish(asyncassets_db, world, monkeypatch):
