@@ -539,13 +539,13 @@ async def _before_leaving(proxy: FileProxy) -> None:
         return
     entry = proxy._files_doc
     if entry is None:
-        entry = await proxy._bucket().find(file_id)
+        await _uploads_left(proxy, {file_id})  # one read
+        return
     if not isinstance(entry, dict):
         return  # missing: no upload to record
     upload_id = (entry.get("metadata") or {}).get(UPLOAD_MARK)
     if isinstance(upload_id, str):
-        sessions = UploadSessions(get_db(proxy.db_alias), proxy.collection_name)
-        await sessions.mark_done(upload_id, file_id)
+        await _mark_done(proxy, [(file_id, upload_id)])
 
 
 async def _not_matched(
@@ -930,10 +930,16 @@ async def _uploads_left(proxy: FileProxy, file_ids: set[Any]) -> None:
         {"_id": {"$in": ids}, f"metadata.{UPLOAD_MARK}": {"$type": "string"}},
         {f"metadata.{UPLOAD_MARK}": 1},
     )
-    marked = [(entry["_id"], entry["metadata"][UPLOAD_MARK]) async for entry in found]
-    if marked:
+    await _mark_done(proxy, [(entry["_id"], entry["metadata"][UPLOAD_MARK])
+                             async for entry in found])
+
+
+async def _mark_done(proxy: FileProxy, made: list[tuple[Any, str]]) -> None:
+    """Mark done the sessions of the uploads that made these files of ``proxy``'s
+    catalogue (``(file id, upload id)`` pairs)."""
+    if made:
         sessions = UploadSessions(get_db(proxy.db_alias), proxy.collection_name)
-        for file_id, upload_id in marked:
+        for file_id, upload_id in made:
             await sessions.mark_done(upload_id, file_id)
 
 
